@@ -1,0 +1,220 @@
+"""The state of one `explain()` call, and the passes its methods share.
+
+`ExplainContext` resolves the target layer and targets once, and caches the forward pass with the layer's
+activation captured and the gradients of every target with respect to it, so all CAMs reuse one pass.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
+from .model_state import HookSet
+from .targets import resolve_targets
+
+
+def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the model and insist on (B, K) logits, with a message people can act on."""
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(
+            f"the model returned {type(out).__name__}, not a tensor of logits (batch, classes). Wrap it so that "
+            f"forward() returns the class scores."
+        )
+    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ModelError(f"the model must return logits of shape (batch, classes); for input {tuple(x.shape)} it returned {tuple(out.shape)}.")
+    return out
+
+
+@dataclass
+class LayerPass:
+    """One forward pass with the target layer's activation captured as a leaf of the graph above it."""
+
+    activation: torch.Tensor  # (B, C, *s), requires grad when the pass was built for gradients
+    logits: torch.Tensor  # (B, K), graph back to `activation` when built for gradients
+    head_input: Optional[torch.Tensor]  # input of the last Linear layer, (B, C'), for CAM
+    head: Optional[nn.Module]  # that Linear layer
+    with_graph: bool
+    _gradients: Optional[torch.Tensor] = None
+
+    def gradients(self, targets: torch.Tensor) -> torch.Tensor:
+        """d logit[b, targets[b, t]] / d activation for every slot t: (T, B, C, *s), from one partial backward."""
+        if self._gradients is None:
+            if not self.with_graph:
+                raise RuntimeError("this layer pass was built without a graph")
+            n_slots = targets.shape[1]
+            picked = self.logits.gather(1, targets)  # (B, T)
+            # One batched backward over the head only: the activation is a leaf, nothing below it is traced.
+            eye = torch.eye(n_slots, dtype=picked.dtype, device=picked.device)
+            grad_outputs = eye[:, None, :].expand(n_slots, picked.shape[0], n_slots)
+            try:
+                (grads,) = torch.autograd.grad(
+                    picked, self.activation, grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=True
+                )
+            except RuntimeError:
+                # Some ops have no batching rule: the same gradients, one slot at a time.
+                grads = torch.stack(
+                    [
+                        torch.autograd.grad(picked[:, t].sum(), self.activation, retain_graph=True)[0]
+                        for t in range(n_slots)
+                    ]
+                )
+            self._gradients = grads.detach()
+        return self._gradients
+
+
+class ExplainContext:
+    """Everything one call's methods share: the model, the input, the targets, the layer and cached passes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        hooks: HookSet,
+        *,
+        layer: LayerSpec = None,
+        targets: Any = None,
+        labels: Optional[Sequence[str]] = None,
+        multi_label: bool = False,
+        seed: Optional[int] = None,
+        need_layer_graph: bool = False,
+    ) -> None:
+        self.model = model
+        self.x = x
+        self.hooks = hooks
+        self.labels = list(labels) if labels else None
+        self.multi_label = multi_label
+        self.seed = seed
+        self._layer_spec = layer
+        self._layer: Optional[TargetLayer] = None
+        self._targets_spec = targets
+        self._targets: Optional[torch.Tensor] = None
+        self.target_note = ""
+        self._need_layer_graph = need_layer_graph
+        self._layer_pass: Optional[LayerPass] = None
+        self._logits: Optional[torch.Tensor] = None
+        self.cache: dict[Any, Any] = {}
+        self.notes: list[str] = []
+
+    # ----- shape helpers
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[2:])
+
+    @property
+    def is_3d(self) -> bool:
+        return self.x.dim() == 5
+
+    # ----- layer
+    @property
+    def layer(self) -> TargetLayer:
+        if self._layer is None:
+            self._layer = resolve_target_layer(self.model, self.x, self._layer_spec)
+        return self._layer
+
+    # ----- logits and targets
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            if self._need_layer_graph:
+                self._logits = self.layer_pass().logits.detach()
+            else:
+                with torch.inference_mode():
+                    self._logits = call_model(self.model, self.x).clone()
+        return self._logits
+
+    @property
+    def targets(self) -> torch.Tensor:
+        if self._targets is None:
+            self._targets, self.target_note = resolve_targets(
+                self._targets_spec, self.logits, self.labels, self.multi_label
+            )
+        return self._targets
+
+    # ----- shared passes
+    def layer_pass(self) -> LayerPass:
+        """The cached forward pass with the target layer captured (with a graph above it if any method needs one)."""
+        if self._layer_pass is None:
+            self._layer_pass = run_layer_pass(self.model, self.x, self.layer.module, self.hooks, self._need_layer_graph)
+            if self._logits is None:
+                self._logits = self._layer_pass.logits.detach()
+        return self._layer_pass
+
+    def derive(self, x: torch.Tensor) -> "ExplainContext":
+        """A context for a transformed input (augmentation): same model, layer and targets, fresh passes."""
+        child = ExplainContext(
+            self.model, x, self.hooks, layer=self.layer.module, targets=None, labels=self.labels,
+            multi_label=self.multi_label, seed=self.seed, need_layer_graph=self._need_layer_graph,
+        )
+        child._layer = self.layer
+        child._targets = self.targets
+        child.target_note = self.target_note
+        return child
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """A private random generator seeded from the call's seed (and a per-method salt); global RNG untouched."""
+        seed = 0 if self.seed is None else int(self.seed)
+        if salt:
+            seed = (seed * 1_000_003 + int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16)) % (2**63)
+        gen = torch.Generator(device=self.x.device)
+        gen.manual_seed(seed)
+        return gen
+
+
+def run_layer_pass(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module, hooks: HookSet, with_graph: bool
+) -> LayerPass:
+    captured: dict[str, Any] = {}
+    linear_inputs: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def capture(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise ModelError(
+                f"the target layer returns {type(output).__name__}, not a tensor; choose a layer that outputs a feature map."
+            )
+        if output.dim() < 3:
+            raise ModelError(
+                f"the target layer's output has shape {tuple(output.shape)}: it is not a spatial feature map. "
+                f"Choose a convolutional layer (layer=...)."
+            )
+        if not with_graph:
+            captured["activation"] = output.detach()
+            return None
+        leaf = output.detach().requires_grad_(True)
+        captured["activation"] = leaf
+        # A clone, so an in-place op that follows (ReLU(inplace=True)) does not touch the leaf itself.
+        return leaf.clone()
+
+    def capture_linear(module: nn.Module, inputs: Any) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            linear_inputs.append((module, inputs[0]))
+
+    local = HookSet()
+    try:
+        local.forward(layer, capture)
+        for m in model.modules():
+            if is_linear(m):
+                local.forward_pre(m, capture_linear)
+        if with_graph:
+            with torch.enable_grad():
+                logits = call_model(model, x)
+        else:
+            with torch.inference_mode():
+                logits = call_model(model, x)
+    finally:
+        local.remove()
+    if "activation" not in captured:
+        raise ModelError("the target layer was not used in the model's forward pass; choose a layer the model runs.")
+    head, head_input = (linear_inputs[-1] if linear_inputs else (None, None))
+    return LayerPass(
+        activation=captured["activation"],
+        logits=logits,
+        head_input=None if head_input is None else head_input.detach(),
+        head=head,
+        with_graph=with_graph,
+    )

@@ -1,0 +1,189 @@
+"""`explain()`: run any set of registered methods on a model, an input batch and targets, sharing passes.
+
+It checks the request, borrows the model for the call (hooks and changes undone afterwards), resolves
+targets once, runs each method on the shared context and returns a frozen `ExplanationResult`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import platform
+import secrets
+import time
+import weakref
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .context import ExplainContext
+from .errors import InputError, MethodError, ModelError
+from .layers import LayerSpec
+from .model_state import borrowed_model
+from .registry import MethodSpec, get_spec
+from .result import ExplanationResult
+
+MethodsArg = Union[str, Iterable[str]]
+
+
+def _method_names(methods: MethodsArg) -> list[str]:
+    if isinstance(methods, str):
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+    else:
+        names = [str(m).strip() for m in methods]
+    if not names:
+        raise MethodError("no method was given; pass methods='gradcam' or a list such as ['gradcam', 'layercam'].")
+    seen: list[str] = []
+    for name in names:
+        spec = get_spec(name)
+        if spec.name not in seen:
+            seen.append(spec.name)
+    return seen
+
+
+def check_input(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(
+            f"the input must be a torch.Tensor of shape (B, C, H, W) or (B, C, D, H, W), not {type(x).__name__}; "
+            f"use medlens.load_input(path, model) to read a file."
+        )
+    if x.dim() not in (4, 5):
+        raise InputError(
+            f"the input has shape {tuple(x.shape)}; expected (B, C, H, W) for 2-D or (B, C, D, H, W) for 3-D "
+            f"(add a batch axis with x[None] if needed)."
+        )
+    if not x.is_floating_point():
+        raise InputError(f"the input must be a floating-point tensor, not {x.dtype}; convert it with x.float().")
+    if x.shape[0] == 0 or any(s == 0 for s in x.shape):
+        raise InputError(f"the input has an empty axis: shape {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise InputError("the input contains NaN or infinite values; clean or re-read the image before explaining it.")
+    return x
+
+
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, str]]" = weakref.WeakKeyDictionary()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameters and buffers, cached until one of them changes."""
+    tensors = list(model.state_dict(keep_vars=True).values())
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+    cached = _DIGESTS.get(model)
+    if cached and cached[0] == key:
+        return cached[1]
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest = h.hexdigest()
+    _DIGESTS[model] = (key, digest)
+    return digest
+
+
+def tensor_digest(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _split_options(specs: list[MethodSpec], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    accepted = {k for s in specs for k in s.options}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        hints = "; ".join(f"{s.name}: {', '.join(s.options) or '(none)'}" for s in specs)
+        raise MethodError(f"option(s) {', '.join(unknown)} are not used by any requested method. Options by method: {hints}.")
+    per_method = {}
+    for s in specs:
+        opts = dict(s.options)
+        opts.update({k: v for k, v in options.items() if k in s.options})
+        per_method[s.name] = opts
+    return per_method
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "sha256": tensor_digest(value)[:16]} if value.numel() > 8 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    methods: MethodsArg = "gradcam",
+    targets: Any = None,
+    layer: LayerSpec = None,
+    seed: Optional[int] = None,
+    **options: Any,
+) -> ExplanationResult:
+    """Explain `model`'s outputs on `x` with one or several methods; see API.md for every argument."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}; load one with medlens.load_model().")
+    x = check_input(x)
+    names = _method_names(methods)
+    specs = [get_spec(n) for n in names]
+    per_method = _split_options(specs, options)
+    if x.dim() == 5:
+        flat = [s.name for s in specs if not s.supports_3d]
+        if flat:
+            raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(x.shape)}.")
+    if any(s.stochastic for s in specs) and seed is None:
+        seed = secrets.randbelow(2**31)
+    labels = getattr(model, "labels", None)
+    multi_label = bool(getattr(model, "multi_label", False))
+    param = next(model.parameters(), None)
+    if param is not None and param.device != x.device:
+        raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")
+
+    started = time.perf_counter()
+    maps: dict[str, torch.Tensor] = {}
+    timings: dict[str, float] = {}
+    method_notes: dict[str, Any] = {}
+    with borrowed_model(model) as hooks:
+        ctx = ExplainContext(
+            model, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
+            need_layer_graph=any(s.needs_layer and s.needs_gradients for s in specs),
+        )
+        t0 = time.perf_counter()
+        logits = ctx.logits
+        target_grid = ctx.targets
+        timings["forward_and_targets"] = time.perf_counter() - t0
+        for spec in specs:
+            t0 = time.perf_counter()
+            ctx.method_notes = {}
+            result = spec.run(ctx, per_method[spec.name])
+            expected = (x.shape[0], target_grid.shape[1], *x.shape[2:])
+            if tuple(result.shape) != expected:
+                raise RuntimeError(f"method {spec.name} returned shape {tuple(result.shape)}, expected {expected}")
+            maps[spec.name] = result.detach().to(dtype=torch.float32)
+            timings[spec.name] = time.perf_counter() - t0
+            if ctx.method_notes:
+                method_notes[spec.name] = ctx.method_notes
+        layer_info = None
+        if ctx._layer is not None:
+            layer_info = {"name": ctx.layer.name, "chosen_automatically": ctx.layer.chosen_automatically,
+                          "type": type(ctx.layer.module).__name__}
+    timings["total"] = time.perf_counter() - started
+
+    provenance = {
+        "medlens_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(x.device),
+        "methods": {s.name: {"family": s.family, "options": _jsonable(per_method[s.name]), **_jsonable(method_notes.get(s.name, {}))} for s in specs},
+        "targets": target_grid.tolist(),
+        "target_names": [[labels[t] for t in row] for row in target_grid.tolist()] if labels else None,
+        "target_rule": ctx.target_note,
+        "layer": layer_info,
+        "seed": seed,
+        "model": {"class": type(model).__name__, "sha256": model_digest(model), "mode_during_call": "eval"},
+        "input": {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": tensor_digest(x)},
+        "notes": list(ctx.notes),
+        "timings_s": {k: round(v, 6) for k, v in timings.items()},
+    }
+    return ExplanationResult(maps, logits.detach(), target_grid, provenance, labels=labels, multi_label=multi_label)

@@ -1,0 +1,1 @@
+"""Explanation methods, one module per family; importing a module registers its methods."""

@@ -1,0 +1,328 @@
+"""The CAM family: class activation maps from one target layer, all sharing one forward and one backward.
+
+Gradient CAMs differ only in how they weigh the captured activation with its gradients (`_WEIGHTS`);
+`cam` reads the linear head, EigenCAM needs no target, Score-CAM and Ablation-CAM run batched passes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..context import ExplainContext, LayerPass, call_model
+from ..errors import MethodError
+from ..registry import MethodSpec, register
+from ..spatial import spatial_dims, upsample_to
+
+CAM_OPTIONS = {"eigen_smooth": False, "aug_smooth": False, "aug_flip": False}
+EPS = 1e-7
+
+# ----------------------------------------------------------------------------------------------- weights
+# Each takes the activation A (B, 1, C, *s) and target gradients G (B, T, C, *s) and returns the
+# per-channel weighted activation (B, T, C, *s) whose channel sum is the map.
+Weigher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _gradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return g.mean(dim=spatial_dims(g, 3), keepdim=True) * a
+
+
+def _hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return g * a
+
+
+def _xgradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    dims = spatial_dims(g, 3)
+    weights = (g * a).sum(dim=dims, keepdim=True) / (a.sum(dim=dims, keepdim=True) + EPS)
+    return weights * a
+
+
+def _gradcam_plus_plus(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    dims = spatial_dims(g, 3)
+    g2 = g.pow(2)
+    g3 = g2 * g
+    sum_a = a.sum(dim=dims, keepdim=True)
+    alpha = g2 / (2 * g2 + sum_a * g3 + EPS)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    weights = (F.relu(g) * alpha).sum(dim=dims, keepdim=True)
+    return weights * a
+
+
+def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return F.relu(g) * a
+
+
+# ------------------------------------------------------------------------------------------- reductions
+def first_component(weighted: torch.Tensor) -> torch.Tensor:
+    """Project (B, T, C, *s) onto its first principal component over channels: (B, T, *s).
+
+    SVD signs are arbitrary; we orient each map to agree with the plain channel sum, so a method's
+    eigen-smoothed map keeps the sign of its ordinary map.
+    """
+    b, t, c = weighted.shape[:3]
+    spatial = weighted.shape[3:]
+    x = weighted.reshape(b * t, c, -1).transpose(1, 2).double()  # (BT, N, C)
+    x = x - x.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    projection = torch.einsum("bnc,bc->bn", x, vh[:, 0, :])
+    reference = weighted.reshape(b * t, c, -1).sum(dim=1).double()
+    reference = reference - reference.mean(dim=1, keepdim=True)
+    sign = torch.sign((projection * reference).sum(dim=1, keepdim=True))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (projection * sign).to(weighted.dtype).reshape(b, t, *spatial)
+
+
+def _reduce(weighted: torch.Tensor, eigen_smooth: bool) -> torch.Tensor:
+    return first_component(weighted) if eigen_smooth else weighted.sum(dim=2)
+
+
+# ---------------------------------------------------------------------------------------- augmentation
+def _augmentations(flip: bool, n_spatial: int) -> list[tuple[str, Callable, Callable]]:
+    """(name, transform input, map back to the original grid). Small scale and intensity changes only;
+    mirror flips only on request, since laterality matters in radiology."""
+
+    def scale(f: float):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            size = [max(8, round(s * f)) for s in x.shape[2:]]
+            return upsample_to(x, size)
+        return forward
+
+    def intensity(f: float):
+        return lambda x: x * f
+
+    identity_back = None  # maps are resized to the original grid by the caller
+    augs = [
+        ("identity", lambda x: x, identity_back),
+        ("scale_1.1", scale(1.1), identity_back),
+        ("scale_0.9", scale(0.9), identity_back),
+        ("intensity_1.1", intensity(1.1), identity_back),
+        ("intensity_0.9", intensity(0.9), identity_back),
+    ]
+    if flip:
+        augs.append(("flip", lambda x: torch.flip(x, dims=(x.dim() - 1,)), lambda m: torch.flip(m, dims=(m.dim() - 1,))))
+    return augs
+
+
+def _cam_runner(weighted_of: Callable[[ExplainContext, Mapping[str, Any]], torch.Tensor], *, always_eigen: bool = False):
+    """A registry runner from a function giving the weighted activation (B, T, C, *grid).
+
+    The channel sum (or, with eigen smoothing, the first principal component) is the map; `aug_smooth`
+    averages maps over small input changes; the result is upsampled to the input grid in torch.
+    """
+
+    def map_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+        weighted = weighted_of(ctx, options)
+        with torch.no_grad():
+            maps = _reduce(weighted, always_eigen or bool(options.get("eigen_smooth", False)))
+        return upsample_to(maps, ctx.spatial_shape)
+
+    def run(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+        if not options.get("aug_smooth", False):
+            return map_of(ctx, options)
+        augs = _augmentations(bool(options.get("aug_flip", False)), len(ctx.spatial_shape))
+        total = None
+        for name, forward, back in augs:
+            if name == "identity":
+                child = ctx
+            else:
+                key = ("aug", name)
+                if key not in ctx.cache:
+                    ctx.cache[key] = ctx.derive(forward(ctx.x))
+                child = ctx.cache[key]
+            m = upsample_to(map_of(child, options), ctx.spatial_shape)
+            if back is not None:
+                m = back(m)
+            total = m if total is None else total + m
+        ctx.method_notes["aug_smooth"] = [a[0] for a in augs]
+        return total / len(augs)
+
+    return run
+
+
+def _gradient_cam(weigh: Weigher):
+    def weighted_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+        lp = ctx.layer_pass()
+        grads = lp.gradients(ctx.targets).transpose(0, 1)  # (B, T, C, *s)
+        with torch.no_grad():
+            return weigh(lp.activation.detach()[:, None], grads)
+    return weighted_of
+
+
+def _eigencam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    a = ctx.layer_pass().activation.detach()
+    return a[:, None].expand(-1, ctx.targets.shape[1], *a.shape[1:])  # class-agnostic: same for every target
+
+
+def _channel_weighted(weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) channel weights times (B, C, *s) activation -> (B, T, C, *s)."""
+    return weights.reshape(*weights.shape, *([1] * (a.dim() - 2))) * a[:, None]
+
+
+def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    """Zhou et al.'s CAM: the linear head's class weights on the pooled feature map, no backward pass.
+
+    Scaled by 1/N (N grid positions) so the map's mean plus the bias is the logit, and the map equals
+    Grad-CAM's on a global-average-pool + linear head.
+    """
+    lp = ctx.layer_pass()
+    a = lp.activation.detach()
+    head, head_input = lp.head, lp.head_input
+    if head is None or head_input is None or head.in_features != a.shape[1] or head_input.shape != a.shape[:2]:
+        raise MethodError(
+            f"cam needs a global-average-pool + linear head right after the target layer ({ctx.layer.name}); this "
+            f"model's head does not have that form. Use gradcam, which gives the same map on such heads."
+        )
+    dims = spatial_dims(a, 2)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    if torch.allclose(a.mean(dim=dims), head_input, **tol):
+        features = a
+    elif torch.allclose(F.relu(a).mean(dim=dims), head_input, **tol):
+        features = F.relu(a)
+        ctx.method_notes["head"] = "a ReLU sits between the target layer and the pooling (as in DenseNet); applied"
+    else:
+        raise MethodError(
+            f"cam needs the target layer's map to be average-pooled straight into the last linear layer; the "
+            f"linear layer's input is not the spatial mean of {ctx.layer.name}'s output. Use gradcam instead."
+        )
+    weights = head.weight.detach()[ctx.targets] / a[0, 0].numel()  # (B, T, C)
+    return _channel_weighted(weights, features)
+
+
+# ------------------------------------------------------------------------------------ perturbation CAMs
+def _channel_chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _check_batch_size(options: Mapping[str, Any]) -> int:
+    size = options.get("batch_size", 32)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise MethodError(f"batch_size must be a positive integer, got {size!r}.")
+    return size
+
+
+def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
+    """Score-CAM: each channel, upsampled and min-max scaled, masks the input; the softmax over channels of
+    the masked target scores weighs the channels. Batched in inference mode, `batch_size` masks at a time."""
+    a = ctx.layer_pass().activation.detach()
+    b, c = a.shape[:2]
+    targets = ctx.targets
+    weights = torch.empty(b, targets.shape[1], c, dtype=a.dtype, device=a.device)
+    with torch.inference_mode():
+        for i in range(b):
+            scores = []
+            for lo, hi in _channel_chunks(c, batch_size):
+                masks = upsample_to(a[i : i + 1, lo:hi], ctx.spatial_shape).transpose(0, 1)  # (n, 1, *S)
+                flat = masks.flatten(1)
+                mn, mx = flat.min(dim=1).values, flat.max(dim=1).values
+                span = (mx - mn).view(-1, *([1] * (masks.dim() - 1)))
+                masks = torch.where(span > 0, (masks - mn.view_as(span)) / span.clamp_min(EPS), torch.zeros_like(masks))
+                scores.append(call_model(ctx.model, ctx.x[i : i + 1] * masks))  # (n, K)
+            scores = torch.cat(scores)  # (C, K)
+            weights[i] = torch.softmax(scores[:, targets[i]].T, dim=-1)
+    return _channel_weighted(weights, a)
+
+
+def _ablation_value(a: torch.Tensor) -> float:
+    # A channel is "off" at zero after a ReLU; for pre-activation maps (DenseNet's norm5) a value far
+    # below the minimum is off after the ReLU that follows (the convention of Desai & Ramaswamy's code).
+    return 0.0 if float(a.min()) >= 0 else float(a.min()) - 1e7
+
+
+def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
+    """Ablation-CAM: a channel's weight is how much the target score drops when that channel is ablated.
+
+    Uses the plain score difference (not divided by the score), so the sign stays right for negative
+    logits. The input is run once per chunk; the layer's output is swapped for the ablated copies, so the
+    layers below the target layer do no repeated work.
+    """
+    lp = ctx.layer_pass()
+    a = lp.activation.detach()
+    b, c = a.shape[:2]
+    targets = ctx.targets
+    base = ctx.logits.gather(1, targets)  # (B, T)
+    value = _ablation_value(a)
+    layer = ctx.layer.module
+    weights = torch.empty(b, targets.shape[1], c, dtype=a.dtype, device=a.device)
+    replacement: dict[str, torch.Tensor] = {}
+
+    def swap(_m, _i, out):
+        return replacement["act"]
+
+    with torch.inference_mode():
+        handle = layer.register_forward_hook(swap)
+        try:
+            for i in range(b):
+                drops = []
+                for lo, hi in _channel_chunks(c, batch_size):
+                    n = hi - lo
+                    ablated = a[i : i + 1].expand(n, *a.shape[1:]).clone()
+                    idx = torch.arange(n, device=a.device)
+                    ablated[idx, lo + idx] = value
+                    replacement["act"] = ablated
+                    try:
+                        out = call_model(ctx.model, ctx.x[i : i + 1])
+                    except Exception:
+                        out = None
+                    if out is None or out.shape[0] != n:
+                        # Something above the layer mixes in the input batch: run the input n times instead.
+                        out = call_model(ctx.model, ctx.x[i : i + 1].expand(n, *ctx.x.shape[1:]))
+                    drops.append(base[i][None, :] - out[:, targets[i]])  # (n, T)
+                weights[i] = torch.cat(drops).T
+        finally:
+            handle.remove()
+    return _channel_weighted(weights, a)
+
+
+def _perturbation_cam(fn):
+    def weighted_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+        size = _check_batch_size(options)
+        ctx.method_notes["batch_size"] = size
+        return fn(ctx, size)
+    return weighted_of
+
+
+# ----------------------------------------------------------------------------------------- registration
+_GRADIENT_CAMS = {
+    "gradcam": (_gradcam, "Grad-CAM: channel weights are the spatial mean of the target's gradient (Selvaraju et al. 2017)."),
+    "gradcam++": (_gradcam_plus_plus, "Grad-CAM++: higher-order gradient weights, better for several instances (Chattopadhay et al. 2018)."),
+    "xgradcam": (_xgradcam, "XGrad-CAM: gradient weights normalised by the activation, axiom-based (Fu et al. 2020)."),
+    "hirescam": (_hirescam, "HiResCAM: element-wise gradient x activation, faithful to the model's computation (Draelos & Carin 2020)."),
+    "layercam": (_layercam, "LayerCAM: positive gradients weigh each location, finer maps (Jiang et al. 2021)."),
+}
+
+register(MethodSpec(
+    name="cam", family="cam",
+    summary="CAM: the linear head's class weights on the last feature map, no backward pass (Zhou et al. 2016).",
+    run=_cam_runner(_cam), needs_gradients=False, needs_layer=True, cost="one forward", options=CAM_OPTIONS,
+))
+for _name, (_weigh, _summary) in _GRADIENT_CAMS.items():
+    register(MethodSpec(
+        name=_name, family="cam", summary=_summary, run=_cam_runner(_gradient_cam(_weigh)),
+        needs_gradients=True, needs_layer=True, cost="one forward + one partial backward", options=CAM_OPTIONS,
+    ))
+register(MethodSpec(
+    name="eigencam", family="cam",
+    summary="EigenCAM: first principal component of the feature map; class-agnostic (Muhammad & Yeasin 2020).",
+    run=_cam_runner(_eigencam, always_eigen=True), needs_gradients=False, needs_layer=True, cost="one forward",
+    options=CAM_OPTIONS,
+))
+register(MethodSpec(
+    name="eigengradcam", family="cam",
+    summary="Eigen-Grad-CAM: first principal component of gradient x activation; class-specific.",
+    run=_cam_runner(_gradient_cam(_hirescam), always_eigen=True), needs_gradients=True, needs_layer=True,
+    cost="one forward + one partial backward", options=CAM_OPTIONS,
+))
+register(MethodSpec(
+    name="scorecam", family="cam",
+    summary="Score-CAM: channels as input masks, weighted by the masked target score; gradient-free (Wang et al. 2020).",
+    run=_cam_runner(_perturbation_cam(_scorecam)), needs_gradients=False, needs_layer=True,
+    cost="one forward per channel, batched", options={**CAM_OPTIONS, "batch_size": 32},
+))
+register(MethodSpec(
+    name="ablationcam", family="cam",
+    summary="Ablation-CAM: a channel's weight is the target score's drop when it is ablated (Desai & Ramaswamy 2020).",
+    run=_cam_runner(_perturbation_cam(_ablationcam)), needs_gradients=False, needs_layer=True,
+    cost="one pass above the layer per channel, batched", options={**CAM_OPTIONS, "batch_size": 32},
+))

@@ -1,0 +1,144 @@
+"""Layers matched by role (convolution, linear, batch-norm, activation, pooling), and target-layer choice.
+
+Roles use `isinstance` on torch's base classes, so subclasses from torchvision, timm or MONAI count;
+the automatic target layer is the last module whose output is a spatial map before global pooling.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
+)
+
+
+def is_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd)
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def is_activation(m: nn.Module) -> bool:
+    return isinstance(m, _ACTIVATIONS)
+
+
+def is_pooling(m: nn.Module) -> bool:
+    return isinstance(
+        m,
+        (
+            nn.modules.pooling._AdaptiveAvgPoolNd,
+            nn.modules.pooling._AdaptiveMaxPoolNd,
+            nn.modules.pooling._AvgPoolNd,
+            nn.modules.pooling._MaxPoolNd,
+        ),
+    )
+
+
+def is_global_pooling(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd))
+
+
+LayerSpec = Union[None, str, nn.Module]
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    module: nn.Module
+    name: str
+    chosen_automatically: bool
+
+
+def module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    return None
+
+
+# model -> {(input ndim, spatial shape): dotted name}; weak so a dropped model frees its entry
+_AUTO_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def resolve_target_layer(model: nn.Module, x: torch.Tensor, layer: LayerSpec = None) -> TargetLayer:
+    """The layer whose activations CAM methods use: given by module or dotted name, or found automatically."""
+    if isinstance(layer, nn.Module):
+        name = module_name(model, layer)
+        if name is None:
+            raise ModelError("the layer given is not a submodule of this model; pass one of model.named_modules()")
+        return TargetLayer(layer, name or "<model>", False)
+    if isinstance(layer, str):
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            spatial = [n for n, m in modules.items() if n and (is_conv(m) or is_batchnorm(m))][-5:]
+            raise ModelError(
+                f"the model has no layer named {layer!r}. Give a dotted name from model.named_modules(), "
+                f"for example one of: {', '.join(spatial) or '(none)'}; or leave the layer out to choose it automatically."
+            )
+        return TargetLayer(modules[layer], layer, False)
+    if layer is not None:
+        raise ModelError(f"layer must be None, a dotted module name or a module, not {type(layer).__name__}")
+
+    key = (x.dim(), tuple(x.shape[2:]))
+    cached = _AUTO_CACHE.get(model, {}).get(key)
+    modules = dict(model.named_modules())
+    if cached is not None and cached in modules:
+        return TargetLayer(modules[cached], cached, True)
+    name = _find_last_spatial_layer(model, x)
+    _AUTO_CACHE.setdefault(model, {})[key] = name
+    return TargetLayer(modules[name], name, True)
+
+
+def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """Run one inference pass and return the last module (outermost on ties) with a spatial output."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[tuple[str, torch.Tensor]] = []  # (name, output); outputs kept alive so identity is exact
+    handles = []
+
+    def make_hook(name: str, module: nn.Module):
+        def hook(_m, _inp, out):
+            if (
+                name
+                and isinstance(out, torch.Tensor)
+                and out.dim() == x.dim()
+                and not is_global_pooling(module)
+                and int(torch.tensor(out.shape[2:]).prod()) > 1
+            ):
+                order.append((name, out))
+        return hook
+
+    for m, n in names.items():
+        handles.append(m.register_forward_hook(make_hook(n, m)))
+    was_training = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in was_training:
+            m.training = mode
+    if not order:
+        raise ModelError(
+            "the model has no layer with a spatial output (B, C, *spatial) before its global pooling, so CAM "
+            "methods cannot run on it. Use a gradient or perturbation method (e.g. saliency, occlusion), "
+            "or pass layer= with a convolutional layer."
+        )
+    last_out = order[-1][1]
+    # Several modules may return the same tensor (a container and its last child): take the outermost.
+    same = [n for n, out in order if out is last_out]
+    return min(same, key=lambda n: n.count("."))

@@ -1,0 +1,98 @@
+"""The one registry of explanation methods and their capability metadata.
+
+The CLI choices, the docs table, `medlens.methods()` and the parametrised tests all read it; a method
+family registers its entries with `register()` when its module under `medlens.families` is imported.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .errors import MethodError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .context import ExplainContext
+
+MethodRunner = Callable[["ExplainContext", Mapping[str, Any]], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is and what it needs; `run(ctx, options)` returns (B, T, *spatial) raw maps."""
+
+    name: str
+    family: str
+    summary: str
+    run: MethodRunner
+    needs_gradients: bool
+    needs_layer: bool
+    supports_3d: bool = True
+    stochastic: bool = False
+    cost: str = "one pass"
+    options: Mapping[str, Any] = field(default_factory=dict)  # option name -> default
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "family": self.family,
+            "summary": self.summary,
+            "needs_gradients": self.needs_gradients,
+            "needs_layer": self.needs_layer,
+            "supports_3d": self.supports_3d,
+            "stochastic": self.stochastic,
+            "cost": self.cost,
+            "options": dict(self.options),
+        }
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_LOADED = False
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the registry; names are unique."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_families() -> None:
+    """Import every module of `medlens.families` so each family registers its methods."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    package = importlib.import_module(__package__ + ".families")
+
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+
+
+def all_specs() -> Mapping[str, MethodSpec]:
+    _load_families()
+    return MappingProxyType(_REGISTRY)
+
+
+def get_spec(name: str) -> MethodSpec:
+    specs = all_specs()
+    key = name.strip().lower()
+    if key not in specs:
+        known = ", ".join(sorted(specs))
+        raise MethodError(f"unknown method {name!r}. Known methods: {known}. See `medlens methods`.")
+    return specs[key]
+
+
+def methods() -> list[str]:
+    """Every registered method name, in registration order."""
+    return list(all_specs())
+
+
+def method_info(name: str) -> Mapping[str, Any]:
+    """Capability metadata of one method: family, needs_gradients, needs_layer, supports_3d, stochastic, ..."""
+    return MappingProxyType(get_spec(name).info())

@@ -1,0 +1,81 @@
+"""The frozen result of `explain()`: maps per method, logits, targets and provenance.
+
+It behaves as a read-only mapping from method name to a (B, T, *spatial) float32 tensor.
+"""
+from __future__ import annotations
+
+import copy
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+
+class ExplanationResult(Mapping[str, torch.Tensor]):
+    """Raw, signed maps at input resolution, with what they explain and how they were made."""
+
+    __slots__ = ("_maps", "_logits", "_targets", "_provenance", "_labels", "_multi_label")
+
+    def __init__(
+        self,
+        maps: Mapping[str, torch.Tensor],
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        provenance: Mapping[str, Any],
+        labels: Optional[Sequence[str]] = None,
+        multi_label: bool = False,
+    ) -> None:
+        object.__setattr__(self, "_maps", MappingProxyType(dict(maps)))
+        object.__setattr__(self, "_logits", logits)
+        object.__setattr__(self, "_targets", targets)
+        object.__setattr__(self, "_provenance", dict(provenance))
+        object.__setattr__(self, "_labels", list(labels) if labels else None)
+        object.__setattr__(self, "_multi_label", multi_label)
+
+    def __getitem__(self, method: str) -> torch.Tensor:
+        try:
+            return self._maps[method]
+        except KeyError:
+            raise KeyError(f"{method!r} was not computed in this result; it holds: {', '.join(self._maps)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("an ExplanationResult is read-only")
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._logits
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self._targets
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return copy.deepcopy(self._provenance)
+
+    @property
+    def labels(self) -> Optional[list[str]]:
+        return list(self._labels) if self._labels else None
+
+    @property
+    def multi_label(self) -> bool:
+        return self._multi_label
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """Class probabilities: sigmoid for multi-label models, softmax otherwise."""
+        return torch.sigmoid(self._logits) if self._multi_label else torch.softmax(self._logits, dim=1)
+
+    def target_names(self) -> list[list[str]]:
+        """The class name (or index as text) of every (image, slot)."""
+        return [[self._labels[t] if self._labels else str(t) for t in row] for row in self._targets.tolist()]
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._maps.items())
+        return f"ExplanationResult({shapes}; targets {self._targets.tolist()})"
