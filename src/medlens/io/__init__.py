@@ -1,0 +1,1 @@
+"""Reading scans and models, preparing inputs to a model's spec, and writing results (the edges of medlens)."""
