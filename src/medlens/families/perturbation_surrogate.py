@@ -73,8 +73,8 @@ def segments_of(ctx: ExplainContext, image: int, options: Mapping[str, Any]) -> 
 
 def perturbed(xi: torch.Tensor, ri: torch.Tensor, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Inputs (n, C, *s) with feature j of image xi kept where z[:, j] == 1 and the baseline elsewhere."""
-    keep = z.to(xi.dtype)[:, labels].unsqueeze(1)  # (n, 1, *s)
-    return ri + (xi - ri) * keep
+    keep = torch.index_select(z.to(xi.dtype), 1, labels.reshape(-1)).reshape(z.shape[0], 1, *labels.shape)
+    return torch.addcmul(ri, xi - ri, keep)  # ri + (xi - ri) * keep, (n, C, *s)
 
 
 def _setup(ctx: ExplainContext, options: Mapping[str, Any], name: str) -> tuple[int, int, str, torch.Tensor]:
