@@ -174,7 +174,8 @@ class Progress:
 
     def __init__(self, total: int, desc: str, enabled: Optional[bool]) -> None:
         if enabled is None:
-            enabled = total >= PROGRESS_MIN_EVALS and sys.stderr.isatty()
+            isatty = getattr(sys.stderr, "isatty", None)
+            enabled = total >= PROGRESS_MIN_EVALS and bool(isatty and isatty())
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm

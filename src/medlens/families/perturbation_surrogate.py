@@ -150,7 +150,6 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
             ])
     ctx.method_notes.update(num_samples=num_samples, kernel_width=kernel_width, alpha=alpha, top_k=top_k,
                             model_evaluations=b * (num_samples - 1), **notes)
-    ctx.method_notes["segments_cache_key"] = "ctx.cache[('perturbation.segments', image, ...)]"
     return maps
 
 
