@@ -83,14 +83,14 @@ def _captum_occlusion(model, x, targets, window, stride, baseline):
     for t in range(targets.shape[1]):
         maps.append(occ.attribute(
             x, sliding_window_shapes=(c, *window), strides=(c, *stride), baselines=baseline,
-            target=targets[:, t].tolist(), perturbations_per_eval=16,
+            target=targets[:, t].tolist(), perturbations_per_eval=64,
         ))
     return torch.stack(maps, dim=1)[:, :, 0] if c == 1 else torch.stack(maps, dim=1)
 
 
-@pytest.mark.parametrize("baseline", ["zero", "mean", "blur", 0.5])
+@pytest.mark.parametrize("baseline", ["zero", "blur", 0.5])
 def test_occlusion_equals_captum_2d(tiny2d, baseline):
-    x = _x2d(2, 1, 26)  # (26 - 5) / 3 is not whole: the last window is cut at the edge, as in captum
+    x = _x2d(2, 1, 21)  # (21 - 5) / 3 is not whole: the last window is cut at the edge, as in captum
     targets = [[0, 2], [1, 0]]
     res = medlens.explain(tiny2d, x, "occlusion", targets=targets, window=5, stride=3, baseline=baseline, batch_size=17)
     ref, _ = resolve_baseline(x, baseline)
