@@ -15,7 +15,7 @@ from torch import nn
 import medlens
 from medlens.errors import MethodError
 from medlens.families.perturbation import resolve_baseline, window_starts
-from medlens.families.perturbation_surrogate import grid_segments, shapley_coalitions
+from medlens.families.perturbation_surrogate import grid_segments, shapley_coalitions, superpixels
 from medlens.model_state import hook_count
 
 PERTURBATION = ("occlusion", "rise", "lime", "kernelshap")
@@ -340,8 +340,15 @@ def test_lime_slic_on_grayscale_and_3d_and_top_regions(tiny2d, tiny3d):
     assert notes["n_features"][0] > 5 and notes["segmentation"] == "slic"
     top = notes["top_regions"][0][0]
     assert len(top["segments"]) == 3 and top["weights"] == sorted(top["weights"], reverse=True)
-    # the map is the coefficient of each pixel's superpixel: as many distinct values as superpixels
-    assert torch.unique(res["lime"][0, 0]).numel() <= notes["n_features"][0]
+    # the map is the coefficient of each pixel's superpixel, and the top regions can be rebuilt as a mask
+    labels = superpixels(phantom[0], 20, "slic", 0.3)
+    assert int(labels.max()) + 1 == notes["n_features"][0]
+    coef = torch.stack([res["lime"][0, 0][labels == j][0] for j in range(notes["n_features"][0])])
+    for j in range(notes["n_features"][0]):
+        assert torch.all(res["lime"][0, 0][labels == j] == coef[j])
+    assert top["segments"] == coef.topk(3).indices.tolist()
+    mask = torch.isin(labels, torch.tensor(top["segments"]))
+    assert float(mask.float().mean()) == pytest.approx(top["area_fraction"], abs=1e-6)
     vol = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     res3 = medlens.explain(tiny3d, vol, ["lime", "kernelshap"], targets=[0], seed=0, num_samples=60, n_segments=8)
     assert res3["lime"].shape == (1, 1, 16, 16, 16) and torch.isfinite(res3["kernelshap"]).all()

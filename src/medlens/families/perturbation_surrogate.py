@@ -53,21 +53,28 @@ def slic_segments(image: torch.Tensor, n_segments: int, compactness: float) -> t
     return torch.as_tensor(labels, dtype=torch.long, device=image.device)
 
 
+def superpixels(image: torch.Tensor, n_segments: int = 50, segmentation: str = "slic",
+                compactness: float = 0.3) -> torch.Tensor:
+    """The features lime and kernelshap use for one image (C, *spatial): labels 0..F-1 of shape (*spatial).
+
+    Public so that a caller can rebuild a region mask from the `top_regions` in lime's provenance:
+    `torch.isin(superpixels(x[i], ...), torch.tensor(segment_ids))` with the same options."""
+    if segmentation not in ("slic", "grid"):
+        raise MethodError(f"option segmentation must be 'slic' or 'grid', got {segmentation!r}.")
+    if segmentation == "grid":
+        labels = grid_segments(tuple(image.shape[1:]), n_segments, image.device)
+    else:
+        labels = slic_segments(image, n_segments, compactness)
+    _, labels = torch.unique(labels, return_inverse=True)  # contiguous 0..F-1
+    return labels.reshape(image.shape[1:])
+
+
 def segments_of(ctx: ExplainContext, image: int, options: Mapping[str, Any]) -> torch.Tensor:
     """Labels 0..F-1 (*spatial) for one image; cached in the call so lime and kernelshap share them."""
-    method = options["segmentation"]
-    if method not in ("slic", "grid"):
-        raise MethodError(f"option segmentation must be 'slic' or 'grid', got {method!r}.")
     n_segments = check_positive_int(options, "n_segments")
-    compactness = float(options["compactness"])
-    key = ("perturbation.segments", image, method, n_segments, compactness)
+    key = ("perturbation.segments", image, options["segmentation"], n_segments, float(options["compactness"]))
     if key not in ctx.cache:
-        if method == "grid":
-            labels = grid_segments(ctx.spatial_shape, n_segments, ctx.x.device)
-        else:
-            labels = slic_segments(ctx.x[image], n_segments, compactness)
-        _, labels = torch.unique(labels, return_inverse=True)  # contiguous 0..F-1
-        ctx.cache[key] = labels.reshape(ctx.spatial_shape)
+        ctx.cache[key] = superpixels(ctx.x[image], n_segments, options["segmentation"], float(options["compactness"]))
     return ctx.cache[key]
 
 
@@ -150,6 +157,10 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
             ])
     ctx.method_notes.update(num_samples=num_samples, kernel_width=kernel_width, alpha=alpha, top_k=top_k,
                             model_evaluations=b * (num_samples - 1), **notes)
+    ctx.method_notes["top_regions_mask"] = (
+        "torch.isin(medlens.families.perturbation_surrogate.superpixels(x[i], n_segments, segmentation, "
+        "compactness), torch.tensor(segments))"
+    )
     return maps
 
 
