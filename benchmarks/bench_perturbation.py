@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import math
 import os
 import platform
 import statistics
@@ -123,13 +122,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
     return time.perf_counter() - t0, out
-
-
-class CountingModel:
-    """Counts the images a peer library sends to the model."""
-
-    def __init__(self) -> None:
-        self.n = 0
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ oracle for kernelshap; linear and one-region models check what the maps must sho
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
