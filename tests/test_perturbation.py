@@ -383,3 +383,21 @@ def test_option_errors_speak_the_users_language(tiny2d):
         medlens.explain(tiny2d, x, "lime", segmentation="watershed")
     with pytest.raises(MethodError, match="output"):
         medlens.explain(tiny2d, x, "kernelshap", output="logits")
+
+
+def test_multi_label_probability_is_the_sigmoid(tiny2d):
+    tiny2d.multi_label = True
+    try:
+        x = _x2d(1, 1, 24, seed=12)
+        res = medlens.explain(tiny2d, x, "kernelshap", targets=[0, 1, 2], seed=0, num_samples=600, n_segments=4,
+                              segmentation="grid", baseline="zero", output="probability")
+    finally:
+        del tiny2d.multi_label
+    notes = res.provenance["methods"]["kernelshap"]
+    assert "sigmoid" in notes["f"]
+    with torch.no_grad():
+        f_b = torch.sigmoid(tiny2d(torch.zeros_like(x)))[0]
+    f_x = torch.sigmoid(res.logits[0])
+    for s in range(3):
+        assert abs(notes["output_gap"][0][s] - float(f_x[s] - f_b[s])) < 1e-5
+        assert abs(notes["attribution_sum"][0][s] - notes["output_gap"][0][s]) < 1e-6
