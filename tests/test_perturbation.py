@@ -13,7 +13,7 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.families.perturbation import resolve_baseline, window_starts
+from medlens.families.perturbation import resolve_baseline, rise_masks, window_starts
 from medlens.families.perturbation_surrogate import grid_segments, shapley_coalitions, superpixels
 from medlens.model_state import hook_count
 
@@ -401,3 +401,27 @@ def test_multi_label_probability_is_the_sigmoid(tiny2d):
     for s in range(3):
         assert abs(notes["output_gap"][0][s] - float(f_x[s] - f_b[s])) < 1e-5
         assert abs(notes["attribution_sum"][0][s] - notes["output_gap"][0][s]) < 1e-6
+
+
+def test_rise_equals_the_textbook_sum_over_masks(tiny2d):
+    """saliency = sum_i f(x * M_i) M_i / (N p), with the masks rebuilt from the same seeded draws."""
+    from medlens.context import ExplainContext
+    from medlens.model_state import HookSet
+
+    x = _x2d(1, 1, 20, seed=13)
+    n, p = 48, 0.4
+    res = medlens.explain(tiny2d, x, "rise", targets=[2, 0], seed=21, n_masks=n, p_keep=p, cell_size=5)
+    ctx = ExplainContext(tiny2d, x, HookSet(), seed=21)
+    gen = ctx.generator("rise")
+    grids = (torch.rand((n, 1, 5, 5), generator=gen) < p).float()
+    shifts = torch.stack([torch.randint(0, 5, (n,), generator=gen) for _ in range(2)], dim=1)
+    masks = rise_masks(grids, shifts, (5, 5), (20, 20))
+    assert float(masks.min()) >= 0 and float(masks.max()) <= 1 + 1e-6
+    expected = torch.zeros(2, 20, 20, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(n):
+            logits = tiny2d(x * masks[i : i + 1])[0]
+            for slot, target in enumerate([2, 0]):
+                expected[slot] += float(logits[target]) * masks[i, 0].double()
+    expected /= n * p
+    torch.testing.assert_close(res["rise"][0].double(), expected, rtol=1e-4, atol=1e-5)
