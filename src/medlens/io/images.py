@@ -17,8 +17,8 @@ Conventions (documented in the README's input section):
 """
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -285,7 +285,8 @@ def _apply_voi_lut_sequence(values: np.ndarray, item: Any) -> np.ndarray:
     bits = descriptor[2]
     data = item.LUTData
     if isinstance(data, (bytes, bytearray)):
-        lut = np.frombuffer(data, dtype=np.uint16 if bits > 8 else np.uint8)
+        # OW data: 16-bit words per entry (even for 8-bit LUTs); fall back to bytes when the length says so
+        lut = np.frombuffer(data, dtype="<u2" if len(data) >= 2 * n_entries else np.uint8)
     else:
         lut = np.asarray(data if hasattr(data, "__len__") else [data])
     lut = lut.astype(np.float32)[:n_entries]
@@ -300,7 +301,9 @@ def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
 
     notes: list[str] = []
     try:
-        ds = pydicom.dcmread(str(path))
+        with warnings.catch_warnings():  # pydicom warns about every oddity of a broken file; the error says it all
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path))
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InputError(
             f"{path}: not a valid DICOM file ({type(exc).__name__}: {exc}). The file may be corrupt or truncated; "
