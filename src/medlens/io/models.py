@@ -488,13 +488,14 @@ def _load_architecture(source: str, weights: Any, map_location: Any, num_classes
 
     else:
         raise ModelError(f"{source}: unknown architecture library {library!r}; use torchvision:<name> or timm:<name>.")
-    probe = build(None if num_classes is None else num_classes)
     if num_classes is None:
-        inferred = _classifier_out(probe, state)
-        if inferred is not None and inferred != _classifier_out(probe, probe.state_dict()):
-            probe = build(inferred)
+        with torch.device("meta"):  # a parameter-free skeleton, only to find the classifier's key
+            skeleton = build(None)
+        inferred = _classifier_out(skeleton, state)
+        if inferred is not None and inferred != _classifier_out(skeleton, skeleton.state_dict()):
+            num_classes = inferred
             notes.append(f"num_classes={inferred} read from the weights")
-    model = probe
+    model = build(num_classes)
     if library == "torchvision" and in_channels is not None:
         _replace_first_conv(model, int(in_channels))
     _check_state(model, state, weights_path, source)

@@ -32,12 +32,12 @@ OVERLAY_ALPHA = 0.5
 def ensure_writable(folder: PathLike) -> Path:
     """Create `folder` if needed and check a file can be written there; OutputError otherwise (before any work)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the output path {folder} exists and is not a folder; choose another folder with --out.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as exc:
         raise OutputError(f"the output folder {folder} cannot be created ({exc.strerror or exc}); choose another folder with --out.") from None
-    if not folder.is_dir():
-        raise OutputError(f"the output path {folder} exists and is not a folder; choose another folder with --out.")
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".medlens-write-test-")
         os.close(fd)
