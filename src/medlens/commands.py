@@ -199,6 +199,7 @@ def explain_command(
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """
+    import torch
     from tqdm import tqdm
 
     from .explainer import explain
@@ -241,6 +242,14 @@ def explain_command(
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise MedlensError(f"cannot use device {device!r} ({exc}); try --device cpu.") from None
+    if isinstance(model, torch.jit.ScriptModule):
+        hooked = [s.name for s in specs if s.needs_layer]
+        if hooked:
+            raise MethodError(
+                f"method(s) {', '.join(hooked)} read a layer's activations through hooks, which TorchScript models do not "
+                f"support. Load the model as a Python module instead (torch.save(model) or an architecture name with "
+                f"--weights), or use methods that need no layer (see `medlens methods`)."
+            )
     target_list = _parse_targets(targets)
     check_targets(target_list, model.labels)
     dims = model_dims(model)

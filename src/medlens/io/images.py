@@ -310,6 +310,11 @@ def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
             f"re-export it from the PACS or viewer."
         ) from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if "SOPClassUID" not in ds and "Modality" not in ds and "Rows" not in ds:
+            raise InputError(
+                f"{path}: not a valid DICOM file (no standard DICOM attributes and no pixel data could be read); it is "
+                f"corrupt or truncated. Re-export it from the PACS or viewer."
+            )
         raise InputError(f"{path}: the DICOM file holds no image (no PixelData); it may be a report or structured document.")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
