@@ -95,24 +95,33 @@ def test_write_explanation_files_npz_and_provenance(tmp_path, tiny2d):
     assert prov["targets"] == [[0, 2]] and set(prov["methods"]) == {"gradcam", "layercam"}
     assert set(prov["files"]) == set(names)
     with Image.open(out / "panel.png") as panel:
-        assert panel.size[0] > panel.size[1]  # 2 targets wide, 2 methods high, plus colour bars
+        # 2 targets wide (24 px enlarged 10x, 4 px apart), 2 methods high (title, map, colour bar)
+        assert panel.size == (2 * 240 + 4, 2 * (23 + 240 + 34))
 
 
 def test_overlay_colours_follow_the_map(tmp_path):
-    """The hot half of a non-negative map is drawn in inferno's bright end, the cold half in its dark end."""
+    """Where the map is 0 the image shows through unchanged; at its maximum the colour is inferno's top,
+    blended at the full overlay opacity; a signed map goes blue (negative) to red (positive) around 0."""
+    from matplotlib import colormaps
+
     amap = np.zeros((32, 32), dtype=np.float32)
-    amap[:, 16:] = 1.0
+    amap[:, 16:] = 2.0
     image = np.full((32, 32), 0.5, dtype=np.float32)
-    png = output.render_overlay(image, amap, title="t")
+    png = output.render_overlay(image, amap, title="gradcam: mass")
     (tmp_path / "o.png").write_bytes(png)
     rgb = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(float)
-    # locate the image area: the rows/cols where the plot is not white background
-    h, w, _ = rgb.shape
-    row = rgb[h // 2]
-    left = row[int(w * 0.2)]
-    right = row[int(w * 0.6)]
-    assert right.sum() > left.sum() + 150  # bright yellow-ish vs dark purple-ish over mid gray
-    assert right[0] > right[2]  # inferno's top is yellow (red > blue)
+    top = 6 + 17  # one header line; the 32 px map is enlarged 10x to 320 px
+    cold, hot = rgb[top + 160, 60], rgb[top + 160, 260]
+    np.testing.assert_allclose(cold, [127.5] * 3, atol=1)
+    a = output.OVERLAY_ALPHA
+    expected_hot = (1 - a) * 127.5 + a * np.array(colormaps["inferno"](1.0)[:3]) * 255
+    np.testing.assert_allclose(hot, expected_hot, atol=1.5)
+
+    signed = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
+    out = output.blend(np.full((1, 3), 0.5, dtype=np.float32), signed, color_scale(signed))
+    assert out[0, 0, 2] > out[0, 0, 0] + 40  # negative: blue
+    assert out[0, 2, 0] > out[0, 2, 2] + 40  # positive: red
+    np.testing.assert_allclose(out[0, 1], [128, 128, 128], atol=1)  # zero: the image itself
 
 
 def test_signed_maps_use_diverging_scale_and_panel_shares_scale_per_method(tmp_path):
@@ -129,18 +138,22 @@ def test_volume_result_draws_slice_with_largest_mass(tmp_path, monkeypatch):
     vol_map = torch.zeros(1, 1, 6, 8, 8)
     vol_map[0, 0, 4, 2:5, 2:5] = 1.0
     result = _result({"gradcam": vol_map}, torch.tensor([[0.1, 0.2, 3.0]]), torch.tensor([[2]]))
-    titles = []
-    real = output._draw
+    drawn, titles = [], []
+    real_blend, real_tile = output.blend, output._tile
 
-    def spy(ax, image, amap, cmap, vmin, vmax, title):
-        titles.append(title)
-        assert image.shape == (8, 8) and amap.shape == (8, 8)
-        assert amap.sum() == 9.0
-        return real(ax, image, amap, cmap, vmin, vmax, title)
+    def spy_blend(image, amap, scale, *args):
+        drawn.append((image.shape, amap.shape, float(amap.sum())))
+        return real_blend(image, amap, scale, *args)
 
-    monkeypatch.setattr(output, "_draw", spy)
+    def spy_tile(rgb, lines, *args):
+        titles.append(" / ".join(lines))
+        return real_tile(rgb, lines, *args)
+
+    monkeypatch.setattr(output, "blend", spy_blend)
+    monkeypatch.setattr(output, "_tile", spy_tile)
     write_explanation(result, tmp_path / "v", display=np.random.rand(6, 8, 8).astype(np.float32))
-    assert all("slice 4" in t for t in titles) and len(titles) == 2  # overlay + panel
+    assert drawn == [((8, 8), (8, 8), 9.0)] * 2  # overlay + panel, both on slice 4
+    assert len(titles) == 2 and all("slice 4" in t and "mass" in t for t in titles)
     with np.load(tmp_path / "v" / "maps.npz") as npz:
         assert npz["gradcam"].shape == (1, 1, 6, 8, 8)
 
