@@ -354,3 +354,27 @@ def test_bad_files_name_the_file(tmp_path, name, content, pattern):
 def test_folder_is_not_an_image(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         read_image(tmp_path)
+
+
+def test_pixel_count_limit_names_the_limit(tmp_path, monkeypatch):
+    Image.fromarray(gray8(20, 20)).save(tmp_path / "many.png")
+    monkeypatch.setattr(images, "HARD_PIXELS_2D", 100)
+    with pytest.raises(InputError, match=r"many\.png.*400 pixels.*limit of 100"):
+        read_image(tmp_path / "many.png")
+
+
+def test_enhanced_multiframe_dicom_functional_groups(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    transform, voi, group = Dataset(), Dataset(), Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    group.PixelValueTransformationSequence = Sequence([transform])
+    group.FrameVOILUTSequence = Sequence([voi])
+    frames = np.array([[[0, 1024]], [[1064, 2000]]], dtype=np.uint16)  # 2 frames of 1 x 2
+    path = make_dicom(tmp_path / "enhanced.dcm", frames, SharedFunctionalGroupsSequence=Sequence([group]))
+    hu = frames.astype(np.float64) - 1024
+    expected = np.clip((hu - 39.5) / 399 + 0.5, 0, 1)
+    np.testing.assert_allclose(read_image(path).pixels, expected, atol=1e-6)
+    np.testing.assert_allclose(read_image(path, window=False).pixels, hu)

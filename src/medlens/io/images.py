@@ -36,6 +36,8 @@ MAX_SIDE_2D = 4096  # above this a 2-D image is downsampled (with a note)
 HARD_SIDE_2D = 16384  # above this a 2-D image is refused
 MAX_SIDE_3D = 512  # above this a volume is downsampled (with a note)
 HARD_SIDE_3D = 2048  # above this a volume is refused
+HARD_PIXELS_2D = 16384 * 8192  # more pixels than this (about 134 million) are refused
+HARD_VOXELS_3D = 1024**3  # more voxels than this are refused
 
 RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
@@ -126,6 +128,14 @@ def _check_file(path: Path) -> None:
 
 
 def _check_side_limit(path: Path, shape: Sequence[int], volume: bool) -> None:
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    limit = HARD_VOXELS_3D if volume else HARD_PIXELS_2D
+    if n > limit:
+        what = "volume" if volume else "image"
+        raise InputError(
+            f"{path}: the {what} is {' x '.join(map(str, shape))} = {n:,} {'voxels' if volume else 'pixels'}, above medlens's "
+            f"limit of {limit:,} (HARD_{'VOXELS_3D' if volume else 'PIXELS_2D'}); crop or downsample it first."
+        )
     hard = HARD_SIDE_3D if volume else HARD_SIDE_2D
     if max(shape) > hard:
         what = "volume" if volume else "image"
@@ -175,7 +185,13 @@ def _read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
 
     notes: list[str] = []
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # medlens applies its own size limits (below), in the user's terms
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable {kind.upper()} image (the file is corrupt or has the wrong extension); re-export it.") from None
     except OSError as exc:
@@ -295,6 +311,24 @@ def _apply_voi_lut_sequence(values: np.ndarray, item: Any) -> np.ndarray:
     return (lut[index] / top).astype(np.float32)
 
 
+def _shared_functional_groups(ds: Any) -> dict[str, Any]:
+    """Rescale and window of an enhanced multi-frame DICOM, from its shared functional groups (if any)."""
+    found: dict[str, Any] = {}
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if not shared:
+        return found
+    group = shared[0]
+    transform = group.get("PixelValueTransformationSequence")
+    if transform:
+        for key in ("RescaleSlope", "RescaleIntercept"):
+            if key in transform[0]:
+                found[key] = transform[0][key].value
+    voi = group.get("FrameVOILUTSequence")
+    if voi and "WindowCenter" in voi[0] and "WindowWidth" in voi[0]:
+        found["WindowCenter"], found["WindowWidth"] = voi[0].WindowCenter, voi[0].WindowWidth
+    return found
+
+
 def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -348,8 +382,11 @@ def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
         nominal = (0.0, float(2**bits - 1))
         layout = "color"
     else:
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        groups = _shared_functional_groups(ds)
+        slope = float(ds.get("RescaleSlope", groups.get("RescaleSlope", 1)) or 1)
+        intercept = float(ds.get("RescaleIntercept", groups.get("RescaleIntercept", 0)) or 0)
+        if "WindowCenter" not in ds and "WindowCenter" in groups:
+            ds.WindowCenter, ds.WindowWidth = groups["WindowCenter"], groups["WindowWidth"]
         if slope != 1 or intercept != 0:
             values = values * np.float32(slope) + np.float32(intercept)
             notes.append(f"rescale slope {slope:g} and intercept {intercept:g} applied")
@@ -634,6 +671,7 @@ def load_input(
 
 
 __all__ = [
+    "HARD_PIXELS_2D",
     "HARD_SIDE_2D",
     "HARD_SIDE_3D",
     "MAX_SIDE_2D",
