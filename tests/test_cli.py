@@ -167,3 +167,24 @@ def test_torchscript_model_with_layer_method_is_explained_clearly(capsys, files,
         torch.jit.save(torch.jit.script(TinyCNN2d()), str(tmp_path / "ts.pt"))
     code, _, err = run(capsys, "explain", files / "chest.png", "--model", tmp_path / "ts.pt", "--out", tmp_path / "o")
     assert code == 2 and "TorchScript" in err and "Traceback" not in err
+
+
+def test_models_lists_bundled_models_from_the_zoo(capsys, monkeypatch):
+    import sys
+    import types
+
+    from medlens.io.spec import InputSpec
+
+    zoo = types.ModuleType("medlens.models.zoo")
+    spec = InputSpec(size=(128, 128), channels=1, labels=("glioma", "meningioma", "no tumor", "pituitary"))
+    zoo.bundled_models = lambda: {"brain-tumor-mri": {"labels": list(spec.labels), "input_spec": spec,
+                                                      "description": "ResNet-18 on brain MRI", "test_accuracy": 0.912}}
+    zoo.load_bundled = lambda name: None
+    package = types.ModuleType("medlens.models")
+    package.zoo, package.__path__ = zoo, []
+    monkeypatch.setitem(sys.modules, "medlens.models", package)
+    monkeypatch.setitem(sys.modules, "medlens.models.zoo", zoo)
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("brain-tumor-mri"))
+    assert "128 x 128" in row and "0.912" in row and "glioma, meningioma, no tumor, pituitary" in row and "single" in row

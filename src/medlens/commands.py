@@ -69,11 +69,16 @@ def models_command() -> None:
             size = getattr(spec, "size", None) if spec is not None else _info_get(info, "size")
             channels = getattr(spec, "channels", "") if spec is not None else _info_get(info, "channels", "")
             summary = _info_get(info, "summary") or _info_get(info, "description") or ""
-            rows.append((name, " x ".join(map(str, size)) if size else "any", str(channels), ", ".join(map(str, labels)), str(summary)))
+            accuracy = _info_get(info, "test_accuracy")
+            multi = _info_get(info, "multi_label", getattr(spec, "multi_label", False))
+            rows.append((name, " x ".join(map(str, size)) if size else "any", str(channels), "multi" if multi else "single",
+                         f"{accuracy:.3f}" if isinstance(accuracy, (int, float)) else "-", ", ".join(map(str, labels)), str(summary)))
         click.echo("Bundled models:")
-        click.echo(_table(rows, ("name", "input size", "channels", "labels", "summary")))
+        click.echo(_table(rows, ("name", "input size", "channels", "labels are", "test acc.", "labels", "summary")))
     else:
-        click.echo("Bundled models: none in this installation.")
+        from .io.models import BUNDLED_PROBLEM
+
+        click.echo("Bundled models: " + (f"unavailable ({BUNDLED_PROBLEM[0]})" if BUNDLED_PROBLEM else "none in this installation."))
     click.echo("")
     try:
         import torchxrayvision  # type: ignore[import-not-found]  # noqa: F401

@@ -60,15 +60,20 @@ def file_digest(path: PathLike) -> str:
     return h.hexdigest()
 
 
+BUNDLED_PROBLEM: list[str] = []  # why the bundled models could not be listed, shown by `medlens models`
+
+
 def _bundled() -> dict[str, Any]:
     """Bundled models from `medlens.models.zoo`, or none while that module does not exist."""
+    BUNDLED_PROBLEM.clear()
     try:
         from ..models import zoo  # type: ignore[attr-defined]
     except ImportError:
         return {}
     try:
         return dict(zoo.bundled_models())
-    except Exception:  # noqa: BLE001 - a broken zoo must not stop file and architecture loading
+    except Exception as exc:  # noqa: BLE001 - a broken zoo must not stop file and architecture loading
+        BUNDLED_PROBLEM.append(str(exc))
         return {}
 
 
@@ -588,7 +593,9 @@ def load_model(
         from ..models import zoo  # type: ignore[attr-defined]
 
         model = zoo.load_bundled(text)
-        return attach_metadata(model, text, kind="bundled", options=options, notes=notes)
+        weights_file = _info_get(bundled[text], "weights")
+        digest = file_digest(weights_file) if weights_file and Path(weights_file).is_file() else None
+        return attach_metadata(model, text, kind="bundled", options=options, notes=notes, digest=digest)
     path = Path(text).expanduser()
     if not path.exists():
         hint = f" Bundled models: {', '.join(sorted(bundled))}." if bundled else ""
