@@ -212,9 +212,12 @@ def test_dicom_rescale_then_window_multivalued(tmp_path):
 
 def test_dicom_monochrome1_inverted(tmp_path):
     raw = np.array([[0, 250], [500, 1000]], dtype=np.uint16)
-    path = make_dicom(tmp_path / "m1.dcm", raw, PhotometricInterpretation="MONOCHROME1")
+    path = make_dicom(tmp_path / "m1.dcm", raw, PhotometricInterpretation="MONOCHROME1", BitsStored=12, HighBit=11)
     scan = read_image(path)
-    np.testing.assert_allclose(scan.pixels, 1000.0 - raw)  # min + max - x
+    np.testing.assert_allclose(scan.pixels, 4095.0 - raw)  # inverted within the stored range 0..2^12-1
+    assert scan.nominal_range == (0.0, 4095.0)
+    ct = make_dicom(tmp_path / "m1ct.dcm", raw, PhotometricInterpretation="MONOCHROME1", RescaleIntercept=-1024)
+    np.testing.assert_allclose(read_image(ct).pixels, (-1024.0 + 1000.0 - 1024.0) - (raw - 1024.0))  # min + max - x
     assert any("MONOCHROME1" in n for n in scan.notes)
     windowed = make_dicom(tmp_path / "m1w.dcm", raw, PhotometricInterpretation="MONOCHROME1", WindowCenter=500, WindowWidth=1001)
     expected = 1.0 - np.clip((raw - 499.5) / 1000 + 0.5, 0, 1)
@@ -378,3 +381,13 @@ def test_enhanced_multiframe_dicom_functional_groups(tmp_path):
     expected = np.clip((hu - 39.5) / 399 + 0.5, 0, 1)
     np.testing.assert_allclose(read_image(path).pixels, expected, atol=1e-6)
     np.testing.assert_allclose(read_image(path, window=False).pixels, hu)
+
+
+def test_nifti_reorientation_is_independent_of_storage_order(tmp_path):
+    ras = np.random.RandomState(8).rand(5, 4, 3).astype(np.float32)
+    a = read_image(make_nifti(tmp_path / "ras.nii", ras))
+    # the same anatomy stored with x running right-to-left and z flipped (an LPI-like order)
+    flipped_affine = np.diag([-1.0, 1.0, -1.0, 1.0])
+    flipped_affine[0, 3], flipped_affine[2, 3] = 4.0, 2.0
+    b = read_image(make_nifti(tmp_path / "flipped.nii", ras[::-1, :, ::-1].copy(), affine=flipped_affine))
+    np.testing.assert_array_equal(a.pixels, b.pixels)

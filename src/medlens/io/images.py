@@ -400,6 +400,9 @@ def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
             if win is not None:
                 values = _apply_window(values, *win, function=str(ds.get("VOILUTFunction", "LINEAR")))
                 nominal = (0.0, 1.0)
+            elif slope == 1 and intercept == 0 and int(ds.get("PixelRepresentation", 0) or 0) == 0:
+                bits = int(ds.get("BitsStored", 16) or 16)
+                nominal = (0.0, float(2**bits - 1))  # stored values of an unsigned image: 0 .. 2^BitsStored - 1
         if photometric == "MONOCHROME1":
             if nominal is not None:
                 values = nominal[0] + nominal[1] - values
