@@ -391,3 +391,30 @@ def test_nifti_reorientation_is_independent_of_storage_order(tmp_path):
     flipped_affine[0, 3], flipped_affine[2, 3] = 4.0, 2.0
     b = read_image(make_nifti(tmp_path / "flipped.nii", ras[::-1, :, ::-1].copy(), affine=flipped_affine))
     np.testing.assert_array_equal(a.pixels, b.pixels)
+
+
+def test_tiff_16bit_rgb_pages_and_miniswhite(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    rgb = np.random.RandomState(9).randint(0, 65536, (6, 5, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb)
+    scan = read_image(tmp_path / "rgb16.tif")
+    assert scan.layout == "color" and scan.nominal_range == (0.0, 65535.0)
+    np.testing.assert_array_equal(scan.pixels, rgb.astype(np.float32))  # full 16-bit precision kept
+
+    pages = [Image.fromarray(np.full((4, 4), 10 * i, dtype=np.uint8)) for i in range(3)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    assert read_image(tmp_path / "pages.tif", frame=2).pixels.max() == 20.0
+    first = read_image(tmp_path / "pages.tif")
+    assert first.pixels.max() == 0.0 and any("3 frames" in n for n in first.notes)
+
+    white = np.array([[0, 100], [200, 255]], dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "white.tif", white, photometric="miniswhite")
+    np.testing.assert_array_equal(read_image(tmp_path / "white.tif").pixels, 255.0 - white)
+
+
+def test_corrupt_tiff(tmp_path):
+    Image.fromarray(gray8(64, 64)).save(tmp_path / "ok.tif")
+    data = (tmp_path / "ok.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[:200])
+    with pytest.raises(InputError, match=r"cut\.tif"):
+        read_image(tmp_path / "cut.tif")

@@ -180,9 +180,90 @@ def _finite_check(scan: ScanImage) -> None:
         )
 
 
+def _finish_raster(arr: np.ndarray, path: Path, kind: str, notes: list[str], nominal: Optional[tuple[float, float]]) -> ScanImage:
+    """Common to Pillow and tifffile: alpha dropped, equal RGB channels read as gray, float32 pixels."""
+    pixels = arr.astype(np.float32)
+    if pixels.ndim == 3:
+        if pixels.shape[2] in (2, 4):  # gray+alpha or RGB+alpha: the alpha channel is dropped
+            pixels = pixels[..., : pixels.shape[2] - 1]
+            notes.append("alpha channel dropped")
+        if pixels.shape[2] == 1:
+            pixels = pixels[..., 0]
+        elif pixels.shape[2] != 3:
+            raise InputError(f"{path}: the image has {arr.shape[2]} channels; medlens reads grayscale, RGB and RGBA images.")
+    if pixels.ndim == 3 and np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2]):
+        pixels = np.ascontiguousarray(pixels[..., 0])
+        notes.append("an RGB file with equal channels was read as grayscale")
+    if pixels.ndim not in (2, 3):
+        raise InputError(f"{path}: the image has shape {arr.shape}; medlens reads 2-D grayscale or colour images.")
+    layout = "color" if pixels.ndim == 3 else "gray"
+    return ScanImage(np.ascontiguousarray(pixels), path, kind, notes, None, layout, nominal)
+
+
+def _nominal_of(dtype: np.dtype, notes: list[str]) -> Optional[tuple[float, float]]:
+    if dtype == np.uint8:
+        return (0.0, 255.0)
+    if dtype == np.uint16:
+        notes.append("16-bit image")
+        return (0.0, 65535.0)
+    return None
+
+
+def _read_tiff(path: Path, frame: Optional[int]) -> Optional[ScanImage]:
+    """TIFF through tifffile (all bit depths, planar RGB, pages, MINISWHITE), or None to let Pillow try."""
+    try:
+        import tifffile
+    except ImportError:
+        return None
+    notes: list[str] = []
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            series = tf.series[0]
+            axes, shape = series.axes, tuple(series.shape)
+            if "Y" not in axes or "X" not in axes:
+                return None
+            _check_side_limit(path, (shape[axes.index("Y")], shape[axes.index("X")]), volume=False)
+            photometric = getattr(tf.pages[0].photometric, "name", str(tf.pages[0].photometric)).upper()
+            if photometric not in ("MINISBLACK", "MINISWHITE", "RGB"):
+                return None  # palette, YCbCr, CMYK ...: Pillow converts those
+            arr = np.asarray(series.asarray())
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - tifffile could not read it: Pillow tries, and reports if it cannot
+        return None
+    if "S" in axes:
+        arr = np.moveaxis(arr, axes.index("S"), -1)
+        axes = axes.replace("S", "") + "S"
+    leading = axes.index("Y")
+    if leading:
+        arr = arr.reshape((-1,) + arr.shape[leading:])
+        n_frames = arr.shape[0]
+        if frame is not None:
+            if not 0 <= frame < n_frames:
+                raise InputError(f"{path}: frame {frame} does not exist; the file has {n_frames} frame(s) (0..{n_frames - 1}).")
+            arr = arr[frame]
+            notes.append(f"frame {frame} of {n_frames}")
+        else:
+            arr = arr[0]
+            if n_frames > 1:
+                notes.append(f"the file has {n_frames} frames; the first was used (choose another with frame=/--frame)")
+    elif frame not in (None, 0):
+        raise InputError(f"{path}: frame {frame} does not exist; the file has 1 frame (0).")
+    nominal = _nominal_of(arr.dtype, notes)
+    if photometric == "MINISWHITE" and arr.ndim == 2:
+        low, high = nominal if nominal else (float(arr.min()), float(arr.max()))
+        arr = (low + high) - arr.astype(np.float64)
+        notes.append("MINISWHITE TIFF: intensities inverted so that bright means dense")
+    return _finish_raster(arr, path, "tiff", notes, nominal)
+
+
 def _read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if kind == "tiff":
+        scan = _read_tiff(path, frame)
+        if scan is not None:
+            return scan
     notes: list[str] = []
     try:
         with warnings.catch_warnings():  # medlens applies its own size limits (below), in the user's terms
@@ -213,52 +294,14 @@ def _read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
             mode = img.mode
             if mode in ("P", "PA"):
                 img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
-                mode = img.mode
-            elif mode == "CMYK" or mode == "YCbCr" or mode == "LAB" or mode == "HSV":
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                 img = img.convert("RGB")
-                mode = "RGB"
             elif mode == "1":
                 img = img.convert("L")
-                mode = "L"
             arr = np.asarray(img)
         except (OSError, ValueError, SyntaxError) as exc:
-            arr = _read_tiff_fallback(path, frame) if kind == "tiff" else None
-            if arr is None:
-                raise InputError(f"{path}: the image data cannot be decoded ({exc}); the file may be truncated or corrupt.") from None
-            mode = "tifffile"
-    if arr.dtype == np.uint8 or mode in ("L", "LA", "RGB", "RGBA"):
-        nominal: Optional[tuple[float, float]] = (0.0, 255.0)
-    elif arr.dtype == np.uint16 or mode.startswith("I;16"):
-        nominal = (0.0, 65535.0)
-        notes.append("16-bit image")
-    else:
-        nominal = None
-    pixels = arr.astype(np.float32)
-    if pixels.ndim == 3:
-        if pixels.shape[2] in (2, 4):  # gray+alpha or RGB+alpha: the alpha channel is dropped
-            pixels = pixels[..., : pixels.shape[2] - 1]
-            notes.append("alpha channel dropped")
-        if pixels.shape[2] == 1:
-            pixels = pixels[..., 0]
-        elif pixels.shape[2] != 3:
-            raise InputError(f"{path}: the image has {arr.shape[2]} channels; medlens reads grayscale, RGB and RGBA images.")
-    if pixels.ndim == 3 and np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2]):
-        pixels = np.ascontiguousarray(pixels[..., 0])
-        notes.append("an RGB file with equal channels was read as grayscale")
-    layout = "color" if pixels.ndim == 3 else "gray"
-    return ScanImage(pixels, path, kind, notes, None, layout, nominal)
-
-
-def _read_tiff_fallback(path: Path, frame: Optional[int]) -> Optional[np.ndarray]:
-    """Pillow cannot decode some TIFFs (16-bit RGB, some compressions); tifffile can, when installed."""
-    try:
-        import tifffile
-    except ImportError:
-        return None
-    try:
-        return np.asarray(tifffile.imread(str(path), key=frame or 0))
-    except Exception:  # noqa: BLE001 - any decoder failure becomes the caller's InputError
-        return None
+            raise InputError(f"{path}: the image data cannot be decoded ({exc}); the file may be truncated or corrupt.") from None
+    return _finish_raster(arr, path, kind, notes, _nominal_of(arr.dtype, notes))
 
 
 def _dicom_window(ds: Any, window: Any, notes: list[str]) -> Optional[tuple[float, float]]:
