@@ -354,8 +354,31 @@ def test_bad_files_name_the_file(tmp_path, name, content, pattern):
     assert name in str(info.value)
 
 
-def test_folder_is_not_an_image(tmp_path):
-    with pytest.raises(InputError, match="is a folder"):
+def test_folder_without_dicom_series(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(InputError, match="is a folder without DICOM images"):
+        read_image(tmp_path)
+
+
+def test_dicom_series_folder_is_a_volume_sorted_by_position(tmp_path):
+    from pydicom.uid import generate_uid
+
+    series = generate_uid()
+    z_positions = [30.0, 10.0, 40.0, 20.0]  # file order differs from anatomical order
+    for n, z in enumerate(z_positions):
+        raw = np.full((3, 4), int(z), dtype=np.uint16)
+        make_dicom(tmp_path / f"IM{n:04d}.dcm", raw, SeriesInstanceUID=series, InstanceNumber=n + 1,
+                   ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, z],
+                   RescaleSlope=1, RescaleIntercept=-5, WindowCenter=25, WindowWidth=100)
+    (tmp_path / "notes.txt").write_text("other files are skipped")
+    scan = read_image(tmp_path)
+    assert scan.layout == "volume" and scan.pixels.shape == (4, 3, 4)
+    hu = np.array([10.0, 20.0, 30.0, 40.0]) - 5  # sorted by position, rescaled
+    expected = np.clip((hu - 24.5) / 99 + 0.5, 0, 1)  # one window for the whole series
+    np.testing.assert_allclose(scan.pixels[:, 0, 0], expected, atol=1e-6)
+    assert scan.spacing == (10.0, 0.5, 0.7)
+    make_dicom(tmp_path / "other.dcm", np.zeros((3, 4), dtype=np.uint16), SeriesInstanceUID=generate_uid())
+    with pytest.raises(InputError, match="holds 2 DICOM series"):
         read_image(tmp_path)
 
 

@@ -200,7 +200,7 @@ def explain_command(
     device: str,
     option_items: Sequence[str],
 ) -> None:
-    """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI).
+    """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """

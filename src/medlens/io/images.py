@@ -7,6 +7,7 @@ Conventions (documented in the README's input section):
 - DICOM: the modality LUT (RescaleSlope/Intercept) is applied, then the VOI LUT or the first
   WindowCenter/Width (to [0, 1]), then MONOCHROME1 is inverted so that bright means dense everywhere.
   `window=False` keeps modality values (e.g. Hounsfield units); `window=(center, width)` sets one.
+- A folder holding one DICOM series is read as a volume, slices sorted by position along their normal.
 - NIfTI: reoriented to the closest canonical (RAS) orientation, stored as (D, H, W) = (z, y, x) with
   anterior at the top of each axial slice. A 2-D model gets one slice (`slice_index`, default the middle).
 - Size limits: a side above `MAX_SIDE_2D` (volumes: `MAX_SIDE_3D`) is downsampled with a note; a side
@@ -42,7 +43,7 @@ HARD_VOXELS_3D = 1024**3  # more voxels than this are refused
 RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-SUPPORTED = "PNG, JPEG, TIFF, BMP (.png .jpg .jpeg .tif .tiff .bmp), DICOM (.dcm or a file with a DICOM header), NIfTI (.nii, .nii.gz)"
+SUPPORTED = "PNG, JPEG, TIFF, BMP (.png .jpg .jpeg .tif .tiff .bmp), DICOM (.dcm or a file with a DICOM header, or a folder holding one series), NIfTI (.nii, .nii.gz)"
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights, used to turn RGB into grayscale
 
@@ -119,8 +120,6 @@ def _kind_of(path: Path) -> str:
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path}: no such file. Check the path (relative paths start from {Path.cwd()}).")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an image file; give the image files inside it (e.g. {path}/*.png).")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: the file cannot be read (permission denied); check its permissions.")
     if path.stat().st_size == 0:
@@ -470,6 +469,76 @@ def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     return ScanImage(np.ascontiguousarray(values, dtype=np.float32), path, "dicom", notes, spacing, layout, nominal)
 
 
+def _read_dicom_series(folder: Path, window: Any) -> ScanImage:
+    """A folder holding one DICOM series (one file per slice) as a volume, slices sorted by position."""
+    import pydicom
+
+    headers = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - other files in the folder (notes, DICOMDIR parts) are skipped
+            continue
+        if "Rows" in ds and "Columns" in ds:
+            headers.append((f, ds))
+    if not headers:
+        raise InputError(
+            f"{folder} is a folder without DICOM images; give an image file, or a folder holding the DICOM files of one series."
+        )
+    series: dict[str, list] = {}
+    for f, ds in headers:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    if len(series) > 1:
+        listing = "; ".join(f"{items[0][1].get('SeriesDescription', '') or uid[-12:]} ({len(items)} files)" for uid, items in series.items())
+        raise InputError(f"{folder} holds {len(series)} DICOM series ({listing}); give a folder with the files of one series.")
+    items = next(iter(series.values()))
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+    if len(shapes) > 1:
+        raise InputError(f"{folder}: the slices have different sizes {sorted(shapes)}; they do not form one volume.")
+    rows, cols = shapes.pop()
+    _check_side_limit(folder, (len(items), rows, cols), volume=True)
+
+    def position(ds: Any) -> Optional[float]:
+        try:
+            orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+            normal = np.cross(orientation[:3], orientation[3:])
+            return float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    positions = [position(ds) for _, ds in items]
+    if all(p is not None for p in positions):
+        order = np.argsort(positions, kind="stable")
+        how = "slice position"
+    else:
+        order = np.argsort([int(ds.get("InstanceNumber", 0) or 0) for _, ds in items], kind="stable")
+        how = "instance number"
+    ordered = [items[i][0] for i in order]
+    first = _read_dicom(ordered[0], None, window)
+    fixed = window
+    if window is True:
+        win = _dicom_window(pydicom.dcmread(str(ordered[0]), stop_before_pixels=True), True, [])
+        fixed = win if win is not None else False
+    planes = [first.pixels]
+    for f in ordered[1:]:
+        scan = _read_dicom(f, None, fixed)
+        if scan.layout != "gray":
+            raise InputError(f"{f}: a series volume needs single-frame grayscale slices; this file is {scan.layout}.")
+        planes.append(scan.pixels)
+    if first.layout != "gray":
+        raise InputError(f"{ordered[0]}: a series volume needs single-frame grayscale slices; this file is {first.layout}.")
+    pixels = np.stack(planes).astype(np.float32)
+    spacing = None
+    if first.spacing:
+        gaps = np.diff(np.sort([p for p in positions if p is not None])) if how == "slice position" else []
+        depth = float(np.median(gaps)) if len(gaps) else float(items[0][1].get("SliceThickness", 1.0) or 1.0)
+        spacing = (depth, *first.spacing)
+    notes = [f"DICOM series: {len(ordered)} slices sorted by {how} and read as a volume"] + first.notes
+    return ScanImage(pixels, folder, "dicom-series", notes, spacing, "volume", first.nominal_range)
+
+
 def _read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
     import nibabel as nib
 
@@ -514,7 +583,9 @@ def read_image(
     frame: Optional[int] = None,
     window: Any = True,
 ) -> ScanImage:
-    """Read a PNG/JPEG/TIFF/BMP, DICOM or NIfTI file into a `ScanImage` (float32, values checked finite).
+    """Read a PNG/JPEG/TIFF/BMP, DICOM or NIfTI file, or a folder holding one DICOM series, into a `ScanImage`.
+
+    Pixels are float32 and checked finite.
 
     slice_index: for a volume, return only that axial slice (a 2-D image).
     frame: for a multi-frame file (DICOM, TIFF, 4-D NIfTI), the frame to read; a multi-frame DICOM
@@ -523,9 +594,14 @@ def read_image(
         (center, width) applies that window.
     """
     path = Path(path)
-    _check_file(path)
-    kind = _kind_of(path)
-    if kind == "dicom":
+    if path.is_dir():
+        kind = "dicom-series"
+    else:
+        _check_file(path)
+        kind = _kind_of(path)
+    if kind == "dicom-series":
+        scan = _read_dicom_series(path, window)
+    elif kind == "dicom":
         scan = _read_dicom(path, frame, window)
     elif kind == "nifti":
         scan = _read_nifti(path, frame)
