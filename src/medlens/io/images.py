@@ -2,7 +2,7 @@
 
 numpy, Pillow, pydicom and nibabel live only here, at the file edge; `load_input` hands back a torch tensor.
 
-Conventions (documented in the README's input section):
+Conventions (the reference for the README's input section):
 - `ScanImage.pixels` is float32: (H, W) grayscale, (H, W, 3) colour, or (D, H, W) a volume.
 - DICOM: the modality LUT (RescaleSlope/Intercept) is applied, then the VOI LUT or the first
   WindowCenter/Width (to [0, 1]), then MONOCHROME1 is inverted so that bright means dense everywhere.
@@ -674,7 +674,7 @@ def spec_for(model: Any) -> InputSpec:
     channels = 1
     if conv is not None and getattr(conv, "weight", None) is not None:
         channels = int(conv.weight.shape[1]) * int(getattr(conv, "groups", 1) or 1)
-    return InputSpec(channels=channels if channels in (1, 3) else channels)
+    return InputSpec(channels=channels)
 
 
 def _scale(values: np.ndarray, scan: ScanImage, scale: str, notes: list[str]) -> np.ndarray:
@@ -716,6 +716,8 @@ def prepare(scan: ScanImage, spec: Optional[InputSpec] = None, *, dims: Optional
                 f"{scan.source}: the model takes 3-D volumes, but this file holds a 2-D image {scan.spatial_shape}; "
                 f"give a NIfTI or multi-frame DICOM volume."
             )
+        if slice_index is not None:
+            notes.append(f"slice {slice_index} was asked for, but the model takes whole volumes; the volume was used")
     elif scan.is_volume:
         scan = take_slice(scan, slice_index)
         notes = list(scan.notes)
