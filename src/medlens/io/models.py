@@ -22,7 +22,7 @@ import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
