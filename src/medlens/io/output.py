@@ -172,12 +172,32 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _tile(rgb: np.ndarray, lines: Sequence[str], min_side: int = MIN_TILE_SIDE) -> Any:
-    """A PIL image: the enlarged overlay under a header with `lines` of text."""
+def _wrap(lines: Sequence[str], width: int) -> list[str]:
+    """`lines` broken at spaces so that each fits in `width` pixels (a word longer than that stays whole)."""
+    font = _font()
+    out: list[str] = []
+    for line in lines:
+        current = ""
+        for word in line.split(" "):
+            candidate = f"{current} {word}" if current else word
+            if current and font.getlength(candidate) > width - 8:
+                out.append(current)
+                current = word
+            else:
+                current = candidate
+        out.append(current)
+    return out
+
+
+def _tile(rgb: np.ndarray, lines: Sequence[str], min_side: int = MIN_TILE_SIDE, n_lines: int = 0) -> Any:
+    """A PIL image: the enlarged overlay under a header with `lines` of text (wrapped to the tile's width;
+    padded to `n_lines` so the tiles of a panel row line up)."""
     from PIL import Image, ImageDraw
 
     body = Image.fromarray(_enlarge(rgb, min_side))
     font = _font()
+    lines = _wrap(lines, body.width)
+    lines = lines + [""] * max(0, n_lines - len(lines))
     header = 6 + 17 * len(lines)
     tile = Image.new("RGB", (body.width, body.height + header), "white")
     draw = ImageDraw.Draw(tile)
@@ -249,12 +269,15 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
     rows = []
     for name, per_target in maps.items():
         scale = (scales or {}).get(name) or color_scale(per_target)
-        tiles = []
+        cells = []
         for col in range(len(per_target)):
             amap = per_target[col]
             img2d, map2d, k = _plane(_display_ready(image, amap.shape), amap)
             lines = [f"{name}: {titles[col]}"] + ([f"slice {k} (largest map mass)"] if k is not None else [])
-            tiles.append(_tile(blend(img2d, map2d, scale), lines, MIN_PANEL_TILE_SIDE))
+            rgb = blend(img2d, map2d, scale)
+            cells.append((rgb, lines, len(_wrap(lines, _enlarge(rgb, MIN_PANEL_TILE_SIDE).shape[1]))))
+        n_lines = max(c[2] for c in cells)
+        tiles = [_tile(rgb, lines, MIN_PANEL_TILE_SIDE, n_lines) for rgb, lines, _ in cells]
         width = sum(t.width for t in tiles) + 4 * (len(tiles) - 1)
         row = Image.new("RGB", (width, max(t.height for t in tiles)), "white")
         x = 0
