@@ -188,3 +188,11 @@ def test_models_lists_bundled_models_from_the_zoo(capsys, monkeypatch):
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("brain-tumor-mri"))
     assert "128 x 128" in row and "0.912" in row and "glioma, meningioma, no tumor, pituitary" in row and "single" in row
+
+
+def test_all_targets(capsys, files, tmp_path):
+    code, out, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--targets", "all",
+                         "--methods", "cam", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "wrote results for 1 image(s)" in out
+    assert sorted(p.name for p in (tmp_path / "o" / "chest").glob("cam_*.png")) == [f"cam_{l}.png" for l in sorted(LABELS)]

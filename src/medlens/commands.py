@@ -169,7 +169,7 @@ def _warn_line(message: warnings.WarningMessage) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, torchvision:ARCH (with --weights) or xrv:NAME.")
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated method names (see `medlens methods`).")
-@click.option("--targets", default=None, help="Comma-separated class indices or names; default: top-1 (multi-label: p >= 0.5).")
+@click.option("--targets", default=None, help="Comma-separated class indices or names, or 'all'; default: top-1 (multi-label: p >= 0.5).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created if needed).")
 @click.option("--layer", default=None, help="Target layer by dotted name (default: chosen automatically).")
 @click.option("--seed", type=int, default=None, help="Seed for stochastic methods (recorded in provenance).")
@@ -255,7 +255,10 @@ def explain_command(
                 f"support. Load the model as a Python module instead (torch.save(model) or an architecture name with "
                 f"--weights), or use methods that need no layer (see `medlens methods`)."
             )
-    target_list = _parse_targets(targets)
+    if targets is not None and targets.strip().lower() == "all":
+        target_list: Any = list(range(len(model.labels)))
+    else:
+        target_list = _parse_targets(targets)
     check_targets(target_list, model.labels)
     dims = model_dims(model)
     flat = [s.name for s in specs if dims == 3 and not s.supports_3d]
@@ -287,7 +290,7 @@ def explain_command(
     if failures:
         n_ok = len(images) - len(failures)
         raise InputError(f"{len(failures)} of {len(images)} image(s) could not be explained (the other {n_ok} were written to {out}): " + " | ".join(failures))
-    click.echo(f"wrote results for {len(images)} image(s) to {out}", err=True)
+    click.echo(f"wrote results for {len(images)} image(s) to {out}")
 
 
 COMMANDS = [methods_command, models_command, explain_command]
