@@ -101,7 +101,7 @@ def safe_name(text: str) -> str:
 # maps): a 6-method x 14-finding chest X-ray renders in about a second instead of the better part of a
 # minute with one matplotlib figure per overlay.
 
-MIN_TILE_SIDE = 320  # small inputs are enlarged (nearest neighbour, whole factors) to at least this size
+MIN_TILE_SIDE = 224  # small inputs are enlarged (nearest neighbour, whole factors) to at least this size
 MIN_PANEL_TILE_SIDE = 224  # the same for each cell of a panel
 
 
@@ -241,7 +241,7 @@ def _stack(parts: Sequence[Any]) -> Any:
 
 def _png(img: Any) -> bytes:
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", compress_level=3)
+    img.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -391,7 +391,7 @@ def write_explanation(
         arrays["labels"] = np.array(result.labels, dtype=str)
 
     def save_npz(fh: Any) -> None:
-        np.savez_compressed(fh, **arrays)
+        np.savez(fh, **arrays)  # uncompressed: float maps barely compress, and writing stays fast
 
     written.append(atomic_write(folder / "maps.npz", save_npz))
 
