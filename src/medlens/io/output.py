@@ -402,7 +402,14 @@ def write_explanation(
     provenance["image_index"] = i
     if input_file is not None:
         path = Path(input_file)
-        provenance["input_file"] = {"path": str(path.resolve()), "sha256": file_sha256(path) if path.is_file() else None}
+        if path.is_dir():  # a DICOM series folder: the digest of its files' names and digests, in order
+            h = hashlib.sha256()
+            for f in sorted(p for p in path.iterdir() if p.is_file()):
+                h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+            digest: Optional[str] = h.hexdigest()
+        else:
+            digest = file_sha256(path) if path.is_file() else None
+        provenance["input_file"] = {"path": str(path.resolve()), "sha256": digest}
     provenance["loading_notes"] = list(loading_notes)
     if model_source is not None:
         provenance["model_source"] = dict(model_source)
