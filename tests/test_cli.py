@@ -196,3 +196,19 @@ def test_all_targets(capsys, files, tmp_path):
     assert code == 0, err
     assert "wrote results for 1 image(s)" in out
     assert sorted(p.name for p in (tmp_path / "o" / "chest").glob("cam_*.png")) == [f"cam_{l}.png" for l in sorted(LABELS)]
+
+
+def test_dicom_series_folder_end_to_end(capsys, files, tmp_path):
+    from pydicom.uid import generate_uid
+
+    series, folder = generate_uid(), tmp_path / "series1"
+    folder.mkdir()
+    for n, z in enumerate([2.0, 0.0, 1.0]):
+        make_dicom(folder / f"s{n}.dcm", np.random.RandomState(n).randint(0, 500, (20, 20)).astype(np.uint16),
+                   SeriesInstanceUID=series, ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, z])
+    code, _, err = run(capsys, "explain", folder, "--model", files / "tiny.pt", "--out", tmp_path / "o")
+    assert code == 0, err
+    prov = json.loads((tmp_path / "o" / "series1" / "provenance.json").read_text())
+    assert len(prov["input_file"]["sha256"]) == 64
+    assert any("3 slices sorted by slice position" in n for n in prov["loading_notes"])
+    assert any("middle slice 1" in n for n in prov["loading_notes"])
