@@ -441,3 +441,20 @@ def test_corrupt_tiff(tmp_path):
     (tmp_path / "cut.tif").write_bytes(data[:200])
     with pytest.raises(InputError, match=r"cut\.tif"):
         read_image(tmp_path / "cut.tif")
+
+
+def test_volume_resized_to_3d_spec_by_block_means(tmp_path):
+    data = np.random.RandomState(10).rand(8, 8, 6).astype(np.float32)  # (x, y, z) -> volume (6, 8, 8)
+    scan = read_image(make_nifti(tmp_path / "v.nii", data))
+    prepared = prepare(scan, InputSpec(size=(3, 4, 4), scale="none"))
+    v = scan.pixels
+    blocks = v.reshape(3, 2, 4, 2, 4, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(prepared.tensor[0, 0].numpy(), blocks, atol=1e-6)
+    assert prepared.display.shape == (3, 4, 4)
+
+
+def test_reading_leaves_global_state_alone(tmp_path):
+    Image.fromarray(gray8()).save(tmp_path / "a.png")
+    before = (Image.MAX_IMAGE_PIXELS, list(__import__("warnings").filters))
+    read_image(tmp_path / "a.png")
+    assert (Image.MAX_IMAGE_PIXELS, list(__import__("warnings").filters)) == before
