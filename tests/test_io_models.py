@@ -169,31 +169,42 @@ def test_model_own_spec_is_kept_and_3d_inferred(tiny3d):
     assert medlens.load_input.__module__ == "medlens"
 
 
-def _fake_xrv(monkeypatch, tmp_path, with_file: bool):
+def _fake_xrv(monkeypatch, tmp_path):
+    """A stand-in for torchxrayvision with its structure: model_urls, a module-level download() that its
+    weight lookup calls when the cache file is missing, and DenseNet(weights=name)."""
+    downloads = []
+    cache = tmp_path / "models_data"
+
+    def download(url, filename):
+        downloads.append(url)
+
     class FakeDenseNet(nn.Module):
         def __init__(self, weights=None):
             super().__init__()
+            url = models_mod.model_urls[weights]["weights_url"]
+            local = cache / url.rsplit("/", 1)[-1]
+            if not local.is_file():
+                print("Downloading weights...")
+                models_mod.download(url, str(local))
             self.features = nn.Conv2d(1, 4, 3)
             self.classifier = nn.Linear(4, 3)
-            self.pathologies = ["Atelectasis", "", "Effusion"]
-            self.op_threshs = [0.1, 0.2, 0.3]
-            self.loaded_from = weights
+            self.targets = self.pathologies = ["Atelectasis", "", "Effusion"]
+            self.register_buffer("op_threshs", torch.tensor([0.1, 0.2, 0.3]))
 
         def forward(self, x):
-            return self.classifier(self.features(x).mean(dim=(2, 3)))
+            out = self.classifier(self.features(x).mean(dim=(2, 3)))
+            return torch.sigmoid(out) if self.op_threshs is not None else out
 
     models_mod = types.SimpleNamespace(
         model_urls={"densenet121-res224-all": {"weights_url": "https://example.invalid/v1/all-weights.pt"}},
         DenseNet=FakeDenseNet,
         ResNet=FakeDenseNet,
+        download=download,
     )
-    utils_mod = types.SimpleNamespace(get_cache_dir=lambda: str(tmp_path / "cache"))
     fake = types.ModuleType("torchxrayvision")
-    fake.models, fake.utils = models_mod, utils_mod
+    fake.models = models_mod
     monkeypatch.setitem(sys.modules, "torchxrayvision", fake)
-    if with_file:
-        (tmp_path / "cache").mkdir()
-        (tmp_path / "cache" / "all-weights.pt").write_bytes(b"x")
+    return cache, downloads, models_mod
 
 
 def test_xrv_without_package_names_the_cache_path(monkeypatch):
@@ -206,16 +217,20 @@ def test_xrv_without_package_names_the_cache_path(monkeypatch):
     assert "never downloads" in message
 
 
-def test_xrv_with_package_checks_local_file_then_loads(monkeypatch, tmp_path):
-    _fake_xrv(monkeypatch, tmp_path, with_file=False)
-    with pytest.raises(ModelError, match=r"not in TorchXRayVision's local cache: .*cache/all-weights\.pt"):
+def test_xrv_never_downloads_and_loads_from_cache(monkeypatch, tmp_path, capsys):
+    cache, downloads, models_mod = _fake_xrv(monkeypatch, tmp_path)
+    with pytest.raises(ModelError, match=r"not in TorchXRayVision's local cache: .*models_data/all-weights\.pt"):
         load_model("xrv:densenet121-res224-all")
+    assert downloads == [] and models_mod.download.__name__ == "download"  # never called, and restored
+    assert "Downloading" not in capsys.readouterr().out
     with pytest.raises(ModelError, match="unknown TorchXRayVision weights"):
         load_model("xrv:densenet121-res224-alll")
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "all-weights.pt").write_bytes(b"x")
+    cache.mkdir()
+    (cache / "all-weights.pt").write_bytes(b"x")
     model = load_model("xrv:densenet121-res224-all")
     assert model.op_threshs is None  # logits, not calibrated probabilities
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(model(x), model.classifier(model.features(x).mean(dim=(2, 3))))
     assert model.multi_label and model.labels == ["Atelectasis", "unused 1", "Effusion"]
     spec = model.input_spec
     assert spec.size == (224, 224) and spec.scale == "uint8"

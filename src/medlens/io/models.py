@@ -511,7 +511,11 @@ def _load_architecture(source: str, weights: Any, map_location: Any, num_classes
 # --------------------------------------------------------------------------------------------- TorchXRayVision
 
 
-def _load_xrv(source: str, notes: list[str]) -> tuple[nn.Module, Path]:
+def _load_xrv(source: str, notes: list[str]) -> nn.Module:
+    """A TorchXRayVision model whose weights are already in its local cache; its downloader is disabled."""
+    import contextlib
+    import io as _io
+
     name = source.split(":", 1)[1].strip()
     try:
         import torchxrayvision as xrv  # type: ignore[import-not-found]
@@ -527,32 +531,44 @@ def _load_xrv(source: str, notes: list[str]) -> tuple[nn.Module, Path]:
     if name not in urls:
         close = difflib.get_close_matches(name, list(urls), n=4)
         raise ModelError(f"{source}: unknown TorchXRayVision weights {name!r}. Known: {', '.join(sorted(urls)) or '(none)'}." + (f" Did you mean {', '.join(close)}?" if close else ""))
-    fname = os.path.basename(urls[name]["weights_url"])
-    cache = Path(os.path.expanduser(str(XRV_CACHE)))
-    try:
-        cache = Path(xrv.utils.get_cache_dir())
-    except Exception:  # noqa: BLE001 - older versions have no get_cache_dir
-        pass
-    local = cache / fname
-    if not local.is_file():
+
+    def refuse(url: str, filename: str, *args: Any, **kwargs: Any) -> None:
         raise ModelError(
-            f"{source}: the weights file is not in TorchXRayVision's local cache: {local}. medlens never downloads; "
-            f"copy the file there (it is {urls[name]['weights_url']})."
+            f"{source}: the weights file is not in TorchXRayVision's local cache: {filename}. medlens never downloads; "
+            f"copy the file there (it is {url})."
         )
-    if "resnet" in name:
-        model = xrv.models.ResNet(weights=name)
-    else:
-        model = xrv.models.DenseNet(weights=name)
+
+    patched = [(mod, getattr(mod, "download")) for mod in (xrv.models, getattr(xrv, "utils", None)) if mod is not None and hasattr(mod, "download")]
+    for mod, _ in patched:
+        mod.download = refuse
+    try:
+        with contextlib.redirect_stdout(_io.StringIO()):  # TorchXRayVision prints progress and hints on stdout
+            if hasattr(xrv.models, "get_model"):
+                model = xrv.models.get_model(name)
+            elif "resnet" in name:
+                model = xrv.models.ResNet(weights=name)
+            else:
+                model = xrv.models.DenseNet(weights=name)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged cache file, an incompatible version ...
+        raise ModelError(f"{source}: TorchXRayVision could not load these weights ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    finally:
+        for mod, original in patched:
+            mod.download = original
     if getattr(model, "op_threshs", None) is not None:
         model.op_threshs = None  # explain raw logits, not TorchXRayVision's calibrated probabilities
         notes.append("TorchXRayVision calibration (op_threshs) turned off so the model returns logits")
+    if getattr(model, "apply_sigmoid", False):
+        model.apply_sigmoid = False
     size = 512 if "512" in name else 224
-    labels = [p if p else f"unused {i}" for i, p in enumerate(getattr(model, "pathologies", []))]
+    raw = list(getattr(model, "targets", None) or getattr(model, "pathologies", None) or [])
+    labels = [p if p else f"unused {i}" for i, p in enumerate(raw)]
     model.pathologies = labels
     # TorchXRayVision expects [-1024, 1024] from 8-bit images: x / 255 * 2048 - 1024 = (x/255 - 0.5) / (1/2048)
     model.input_spec = InputSpec(size=(size, size), channels=1, scale="uint8", mean=(0.5,), std=(1 / 2048,),
                                  labels=tuple(labels), multi_label=True, modality="chest X-ray")
-    return model, local
+    return model
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -581,7 +597,7 @@ def load_model(
     text = str(source)
     lowered = text.lower()
     if lowered.startswith("xrv:"):
-        model, local = _load_xrv(text, notes)
+        model = _load_xrv(text, notes)
         return attach_metadata(model, text, kind="torchxrayvision", options=options, notes=notes, digest=None)
     if lowered.startswith(("torchvision:", "timm:")):
         model = _load_architecture(text, weights, map_location, num_classes, in_channels, notes)
