@@ -32,8 +32,8 @@ def _register_commands() -> None:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                continue  # the module (or its package) does not exist yet
             raise
         for command in getattr(module, attr, ()):
             cli.add_command(command)

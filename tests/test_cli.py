@@ -1,0 +1,214 @@
+"""The command line end to end: methods, models, explain on a tiny model file; every bad input exits 2 cleanly."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medlens
+from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
+from medlens.cli import main
+from medlens.io.models import PickleWarning
+from test_io_images import make_dicom, make_nifti
+
+LABELS = ["normal", "effusion", "mass"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = _randomise_bn(TinyCNN2d(), 0)
+    torch.save(model, root / "tiny.pt")
+    (root / "tiny.pt.json").write_text(json.dumps({"labels": LABELS, "size": [32, 32]}))
+    rng = np.random.RandomState(0)
+    Image.fromarray(rng.randint(0, 256, (40, 36)).astype(np.uint8)).save(root / "chest.png")
+    make_dicom(root / "ct.dcm", rng.randint(0, 2000, (30, 30)).astype(np.uint16), RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    corrupt = root / "corrupt.dcm"
+    corrupt.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00broken" * 10)
+    (root / "report.txt").write_text("not an image")
+    Image.fromarray(np.zeros((4, 16385), dtype=np.uint8)).save(root / "huge.png")
+    nan = np.ones((16, 16), dtype=np.float32)
+    nan[3, 3] = np.nan
+    Image.fromarray(nan, mode="F").save(root / "nan.tif")
+    (root / "not_a_model.pt").write_bytes(b"just some bytes")
+    (root / "blocker").write_text("a file where a folder should be")
+    return root
+
+
+def run(capsys, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_methods_table_lists_the_registry(capsys):
+    code, out, err = run(capsys, "methods")
+    assert code == 0
+    header = out.splitlines()[0].split()
+    assert header[:7] == ["name", "family", "gradients", "layer", "3-D", "stochastic", "cost"]
+    listed = {line.split()[0] for line in out.splitlines()[2:] if line.strip()}
+    assert listed == set(medlens.methods())
+
+
+def test_models_explains_sources(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "xrv:" in out and ".torchxrayvision/models_data" in out and "torchvision:ARCH" in out
+
+
+def test_explain_two_images_end_to_end(capsys, files, tmp_path):
+    out_dir = tmp_path / "results"
+    code, out, err = run(capsys, "explain", files / "chest.png", files / "ct.dcm", "--model", files / "tiny.pt",
+                         "--methods", "gradcam,cam", "--targets", "0,mass", "--out", out_dir, "--seed", "3")
+    assert code == 0, err
+    assert "Traceback" not in err and "runs code" in err  # the pickle warning, as one line
+    assert "2/2" in err  # the progress bar over several images
+    for stem in ("chest", "ct"):
+        folder = out_dir / stem
+        expected = {f"{m}_{t}.png" for m in ("gradcam", "cam") for t in ("normal", "mass")} | {"panel.png", "maps.npz", "provenance.json"}
+        assert {p.name for p in folder.iterdir()} == expected
+        prov = json.loads((folder / "provenance.json").read_text())
+        assert prov["target_names"] == [["normal", "mass"]] and prov["seed"] == 3
+        assert prov["input_file"]["path"].endswith(f"{stem}.png" if stem == "chest" else "ct.dcm")
+        assert prov["model_source"]["from"]["labels"].startswith("sidecar")
+        with np.load(folder / "maps.npz") as npz:
+            assert npz["gradcam"].shape == (1, 2, 32, 32)
+            np.testing.assert_array_equal(npz["targets"], [[0, 2]])
+    ct_notes = json.loads((out_dir / "ct" / "provenance.json").read_text())["loading_notes"]
+    assert any("window center 40" in n for n in ct_notes) and any("resized" in n for n in ct_notes)
+    # the CLI's raw maps are exactly what the Python API gives on the same file
+    with pytest.warns(PickleWarning):
+        model = medlens.load_model(files / "tiny.pt")
+    x = medlens.load_input(files / "chest.png", model)
+    api = medlens.explain(model, x, methods=["gradcam", "cam"], targets=[0, "mass"])
+    with np.load(out_dir / "chest" / "maps.npz") as npz:
+        for m in ("gradcam", "cam"):
+            np.testing.assert_allclose(npz[m], api[m].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_explain_volume_with_3d_model(capsys, tmp_path):
+    torch.manual_seed(0)
+    torch.save(_randomise_bn(TinyCNN3d(), 0), tmp_path / "tiny3d.pt")
+    make_nifti(tmp_path / "brain.nii.gz", np.random.RandomState(1).rand(16, 16, 8).astype(np.float32))
+    code, out, err = run(capsys, "explain", tmp_path / "brain.nii.gz", "--model", tmp_path / "tiny3d.pt",
+                         "--input-size", "8,16,16", "--out", tmp_path / "o")
+    assert code == 0, err
+    with np.load(tmp_path / "o" / "brain" / "maps.npz") as npz:
+        assert npz["gradcam"].shape == (1, 1, 8, 16, 16)
+
+
+def test_2d_model_on_volume_uses_chosen_slice(capsys, files, tmp_path):
+    make_nifti(tmp_path / "vol.nii", np.random.RandomState(2).rand(20, 20, 6).astype(np.float32))
+    code, _, err = run(capsys, "explain", tmp_path / "vol.nii", "--model", files / "tiny.pt", "--slice", "4", "--out", tmp_path / "o")
+    assert code == 0, err
+    notes = json.loads((tmp_path / "o" / "vol" / "provenance.json").read_text())["loading_notes"]
+    assert "slice 4 of 6" in notes
+
+
+BAD_CASES = {
+    "missing file": (["missing.png"], [], "missing.png: no such file"),
+    "corrupt DICOM": (["corrupt.dcm"], [], "corrupt.dcm: not a valid DICOM"),
+    "unsupported format": (["report.txt"], [], "unsupported file type '.txt'"),
+    "too large": (["huge.png"], [], "16384"),
+    "NaN pixels": (["nan.tif"], [], "NaN or infinite"),
+    "not a model": (["chest.png"], ["--model", "{root}/not_a_model.pt"], "not_a_model.pt is not a model file"),
+    "target out of range": (["chest.png"], ["--targets", "7"], "target index 7 is out of range"),
+    "unknown class": (["chest.png"], ["--targets", "pneumonia"], "unknown class name 'pneumonia'"),
+    "unwritable output": (["chest.png"], ["--out", "{root}/blocker/out"], "cannot be created"),
+    "unknown method": (["chest.png"], ["--methods", "gradcma"], "unknown method 'gradcma'"),
+    "bad option": (["chest.png"], ["--option", "nonsense=1"], "nonsense"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_exits_2_with_a_message(capsys, files, tmp_path, case):
+    images, extra, expected = BAD_CASES[case]
+    extra = [e.format(root=files) for e in extra]
+    args = ["explain", *[files / i for i in images]]
+    if "--model" not in extra:
+        args += ["--model", files / "tiny.pt"]
+    if "--out" not in extra:
+        args += ["--out", tmp_path / "out"]
+    code, out, err = run(capsys, *args, *extra)
+    assert code == 2
+    assert "Traceback" not in err + out
+    assert err.startswith("medlens: error:") or "\nmedlens: error:" in err
+    assert expected in err
+    out_dir = tmp_path / "out"
+    if out_dir.exists():  # nothing half-written, nothing at all for a single failing image
+        assert [p for p in out_dir.rglob("*") if p.is_file()] == []
+    assert (files / "blocker").read_text() == "a file where a folder should be"
+
+
+def test_one_bad_image_among_several_keeps_the_good_ones(capsys, files, tmp_path):
+    code, _, err = run(capsys, "explain", files / "chest.png", files / "corrupt.dcm", "--model", files / "tiny.pt",
+                       "--out", tmp_path / "o")
+    assert code == 2 and "Traceback" not in err
+    assert "1 of 2 image(s) could not be explained" in err and "corrupt.dcm" in err
+    assert (tmp_path / "o" / "chest" / "provenance.json").is_file()
+    assert not (tmp_path / "o" / "corrupt").exists()
+
+
+def test_usage_errors_exit_2_without_traceback(capsys, files, tmp_path):
+    code, out, err = run(capsys, "explain", files / "chest.png", "--out", tmp_path / "o")
+    assert code == 2 and "--model" in err and "Traceback" not in err
+
+
+def test_torchscript_model_with_layer_method_is_explained_clearly(capsys, files, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(TinyCNN2d()), str(tmp_path / "ts.pt"))
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", tmp_path / "ts.pt", "--out", tmp_path / "o")
+    assert code == 2 and "TorchScript" in err and "Traceback" not in err
+
+
+def test_models_lists_bundled_models_from_the_zoo(capsys, monkeypatch):
+    import sys
+    import types
+
+    from medlens.io.spec import InputSpec
+
+    zoo = types.ModuleType("medlens.models.zoo")
+    spec = InputSpec(size=(128, 128), channels=1, labels=("glioma", "meningioma", "no tumor", "pituitary"))
+    zoo.bundled_models = lambda: {"brain-tumor-mri": {"labels": list(spec.labels), "input_spec": spec,
+                                                      "description": "ResNet-18 on brain MRI", "test_accuracy": 0.912}}
+    zoo.load_bundled = lambda name: None
+    package = types.ModuleType("medlens.models")
+    package.zoo, package.__path__ = zoo, []
+    monkeypatch.setitem(sys.modules, "medlens.models", package)
+    monkeypatch.setitem(sys.modules, "medlens.models.zoo", zoo)
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("brain-tumor-mri"))
+    assert "128 x 128" in row and "0.912" in row and "glioma, meningioma, no tumor, pituitary" in row and "single" in row
+
+
+def test_all_targets(capsys, files, tmp_path):
+    code, out, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--targets", "all",
+                         "--methods", "cam", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "wrote results for 1 image(s)" in out
+    assert sorted(p.name for p in (tmp_path / "o" / "chest").glob("cam_*.png")) == [f"cam_{l}.png" for l in sorted(LABELS)]
+
+
+def test_dicom_series_folder_end_to_end(capsys, files, tmp_path):
+    from pydicom.uid import generate_uid
+
+    series, folder = generate_uid(), tmp_path / "series1"
+    folder.mkdir()
+    for n, z in enumerate([2.0, 0.0, 1.0]):
+        make_dicom(folder / f"s{n}.dcm", np.random.RandomState(n).randint(0, 500, (20, 20)).astype(np.uint16),
+                   SeriesInstanceUID=series, ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, z])
+    code, _, err = run(capsys, "explain", folder, "--model", files / "tiny.pt", "--out", tmp_path / "o")
+    assert code == 0, err
+    prov = json.loads((tmp_path / "o" / "series1" / "provenance.json").read_text())
+    assert len(prov["input_file"]["sha256"]) == 64
+    assert any("3 slices sorted by slice position" in n for n in prov["loading_notes"])
+    assert any("middle slice 1" in n for n in prov["loading_notes"])

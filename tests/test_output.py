@@ -1,0 +1,173 @@
+"""Writing results: atomic files, writability check, colour scales, raw maps in .npz, provenance, 3-D slices."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medlens
+from medlens.errors import OutputError
+from medlens.io import output
+from medlens.io.output import atomic_write, best_slice, color_scale, ensure_writable, write_explanation
+from medlens.result import ExplanationResult
+
+
+def _leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write(target, '{"v": 1}')
+    assert json.loads(target.read_text()) == {"v": 1}
+
+    def half_then_fail(fh):
+        fh.write(b'{"v": 2, "half')
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, half_then_fail)
+    assert json.loads(target.read_text()) == {"v": 1}  # the old file is intact
+    assert _leftovers(tmp_path) == []  # and no temporary file is left behind
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "new.bin", half_then_fail)
+    assert not (tmp_path / "new.bin").exists() and _leftovers(tmp_path) == []
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match=r"file\.txt/out cannot be created.*--out"):
+        ensure_writable(blocker / "out")
+    with pytest.raises(OutputError, match="not a folder"):
+        ensure_writable(blocker)
+    assert ensure_writable(tmp_path / "new" / "deep") == tmp_path / "new" / "deep"
+    assert _leftovers(tmp_path / "new" / "deep") == []
+
+
+def test_color_scales():
+    assert color_scale(np.array([0.0, 0.5, 2.0])) == ("inferno", 0.0, 2.0)
+    assert color_scale(np.array([-3.0, 1.0])) == ("RdBu_r", -3.0, 3.0)  # centred at 0
+    assert color_scale(np.zeros(4)) == ("inferno", 0.0, 1.0)
+
+
+def test_best_slice_is_largest_mass():
+    vol = np.zeros((5, 4, 4), dtype=np.float32)
+    vol[1] = 0.2
+    vol[3, 0, 0] = -10.0  # mass counts magnitude
+    assert best_slice(vol) == 3
+
+
+def _result(maps, logits, targets, labels=("normal", "effusion", "mass"), provenance=None):
+    return ExplanationResult(maps, logits, targets, provenance or {"methods": {}}, labels=list(labels))
+
+
+def test_write_explanation_files_npz_and_provenance(tmp_path, tiny2d):
+    image = tmp_path / "scan.png"
+    arr = np.random.RandomState(0).randint(0, 256, (24, 24)).astype(np.uint8)
+    Image.fromarray(arr).save(image)
+    tiny2d.labels = ["normal", "effusion", "mass"]
+    x, notes = medlens.load_input(image, tiny2d, return_notes=True)
+    result = medlens.explain(tiny2d, x, methods=["gradcam", "layercam"], targets=[0, "mass"])
+    out = tmp_path / "out" / "scan"
+    written = write_explanation(result, out, display=x[0, 0].numpy(), input_file=image, loading_notes=notes + ["a note"])
+    names = sorted(p.name for p in written)
+    assert names == sorted([
+        "gradcam_normal.png", "gradcam_mass.png", "layercam_normal.png", "layercam_mass.png",
+        "panel.png", "maps.npz", "provenance.json",
+    ])
+    assert _leftovers(out) == []
+    with np.load(out / "maps.npz") as npz:
+        for m in ("gradcam", "layercam"):
+            np.testing.assert_array_equal(npz[m], result[m].numpy())  # raw, not normalised
+            assert npz[m].shape == (1, 2, 24, 24)
+        np.testing.assert_array_equal(npz["targets"], [[0, 2]])
+        np.testing.assert_array_equal(npz["logits"], result.logits.numpy())
+        assert list(npz["labels"]) == ["normal", "effusion", "mass"]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["input_file"]["sha256"] == output.file_sha256(image)
+    assert prov["loading_notes"][-1] == "a note"
+    assert prov["medlens_version"] == medlens.__version__
+    assert prov["targets"] == [[0, 2]] and set(prov["methods"]) == {"gradcam", "layercam"}
+    assert set(prov["files"]) == set(names)
+    with Image.open(out / "panel.png") as panel:
+        # 2 targets wide (24 px enlarged 10x, 4 px apart), 2 methods high (title, map, colour bar)
+        assert panel.size == (2 * 240 + 4, 2 * (23 + 240 + 34))
+
+
+def test_overlay_colours_follow_the_map(tmp_path):
+    """Where the map is 0 the image shows through unchanged; at its maximum the colour is inferno's top,
+    blended at the full overlay opacity; a signed map goes blue (negative) to red (positive) around 0."""
+    from matplotlib import colormaps
+
+    amap = np.zeros((32, 32), dtype=np.float32)
+    amap[:, 16:] = 2.0
+    image = np.full((32, 32), 0.5, dtype=np.float32)
+    png = output.render_overlay(image, amap, title="gradcam: mass")
+    (tmp_path / "o.png").write_bytes(png)
+    rgb = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(float)
+    top = 6 + 17  # one header line; the 32 px map is enlarged 7x to 224 px
+    assert rgb.shape[1] == 32 * 7
+    cold, hot = rgb[top + 112, 60], rgb[top + 112, 180]
+    np.testing.assert_allclose(cold, [127.5] * 3, atol=1)
+    a = output.OVERLAY_ALPHA
+    expected_hot = (1 - a) * 127.5 + a * np.array(colormaps["inferno"](1.0)[:3]) * 255
+    np.testing.assert_allclose(hot, expected_hot, atol=1.5)
+
+    signed = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
+    out = output.blend(np.full((1, 3), 0.5, dtype=np.float32), signed, color_scale(signed))
+    assert out[0, 0, 2] > out[0, 0, 0] + 40  # negative: blue
+    assert out[0, 2, 0] > out[0, 2, 2] + 40  # positive: red
+    np.testing.assert_allclose(out[0, 1], [128, 128, 128], atol=1)  # zero: the image itself
+
+
+def test_signed_maps_use_diverging_scale_and_panel_shares_scale_per_method(tmp_path):
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    maps = {"saliency": torch.tensor([[[[-1.0, 2.0], [0.5, 0.0]], [[0.1, 0.1], [0.1, 0.2]]]])}
+    result = _result(maps, logits, torch.tensor([[0, 2]]))
+    write_explanation(result, tmp_path, display=np.zeros((2, 2), dtype=np.float32))
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    scale = prov["rendering"]["colour_maps"]["saliency"]
+    assert scale == {"cmap": "RdBu_r", "vmin": -2.0, "vmax": 2.0}  # one scale for both targets
+
+
+def test_volume_result_draws_slice_with_largest_mass(tmp_path, monkeypatch):
+    vol_map = torch.zeros(1, 1, 6, 8, 8)
+    vol_map[0, 0, 4, 2:5, 2:5] = 1.0
+    result = _result({"gradcam": vol_map}, torch.tensor([[0.1, 0.2, 3.0]]), torch.tensor([[2]]))
+    drawn, titles = [], []
+    real_blend, real_tile = output.blend, output._tile
+
+    def spy_blend(image, amap, scale, *args):
+        drawn.append((image.shape, amap.shape, float(amap.sum())))
+        return real_blend(image, amap, scale, *args)
+
+    def spy_tile(rgb, lines, *args):
+        titles.append(" / ".join(lines))
+        return real_tile(rgb, lines, *args)
+
+    monkeypatch.setattr(output, "blend", spy_blend)
+    monkeypatch.setattr(output, "_tile", spy_tile)
+    write_explanation(result, tmp_path / "v", display=np.random.rand(6, 8, 8).astype(np.float32))
+    assert drawn == [((8, 8), (8, 8), 9.0)] * 2  # overlay + panel, both on slice 4
+    assert len(titles) == 2 and all("slice 4" in t and "mass" in t for t in titles)
+    with np.load(tmp_path / "v" / "maps.npz") as npz:
+        assert npz["gradcam"].shape == (1, 1, 6, 8, 8)
+
+
+def test_failure_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    result = _result({"gradcam": torch.rand(1, 1, 4, 4)}, torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[1]]))
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.np, "savez", boom)
+    with pytest.raises(OutputError, match="maps.npz"):
+        write_explanation(result, tmp_path / "f")
+    files = sorted(os.listdir(tmp_path / "f"))
+    assert "maps.npz" not in files and "provenance.json" not in files
+    assert _leftovers(tmp_path / "f") == []
