@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..context import call_model
 from ..errors import InputError
+from ..model_state import borrowed_model
 
 Baseline = Union[str, float, torch.Tensor]
 
@@ -62,12 +63,12 @@ def check_batch(x: torch.Tensor, maps: Optional[torch.Tensor] = None, targets: O
 def model_scores(
     model: nn.Module, x: torch.Tensor, output: str = "probability", chunk: int = 64
 ) -> torch.Tensor:
-    """(N, K) scores of `model` on `x` in inference mode, in chunks: probabilities (softmax, or sigmoid when
-    `model.multi_label`) or raw logits (`output="logit"`)."""
+    """(N, K) scores of `model` on `x` in eval and inference mode (the model's modes are restored), in
+    chunks: probabilities (softmax, or sigmoid when `model.multi_label`) or raw logits (`output="logit"`)."""
     if output not in ("probability", "logit"):
         raise InputError(f"output must be 'probability' or 'logit', not {output!r}.")
     outs = []
-    with torch.inference_mode():
+    with borrowed_model(model), torch.inference_mode():
         for start in range(0, x.shape[0], max(1, int(chunk))):
             logits = call_model(model, x[start:start + chunk]).float()
             if output == "probability":
@@ -230,16 +231,31 @@ def insertion(
 
 
 # --------------------------------------------------------------------------------------------- ROAD
-def _neighbour_kernel(n_spatial: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Weights of the neighbours in the linear imputation: in 2-D the ROAD weights (edge neighbours 1/6,
+def _neighbour_offsets(n_spatial: int) -> list[tuple[tuple[int, ...], float]]:
+    """Neighbours and weights of the linear imputation: in 2-D the ROAD weights (edge neighbours 1/6,
     diagonal 1/12); in 3-D face neighbours 2, edge neighbours 1, corners 0 (only ratios matter)."""
-    if n_spatial == 2:
-        k = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
-    else:
-        grid = torch.stack(torch.meshgrid(*[torch.arange(3) - 1] * 3, indexing="ij"))
-        nonzero = (grid != 0).sum(0)
-        k = torch.where(nonzero == 1, 2.0, torch.where(nonzero == 2, 1.0, 0.0))
-    return k.to(dtype=dtype, device=device)[None, None]
+    import itertools
+
+    out = []
+    for off in itertools.product((-1, 0, 1), repeat=n_spatial):
+        k = sum(o != 0 for o in off)
+        if k == 0:
+            continue
+        w = (1 / 6 if k == 1 else 1 / 12) if n_spatial == 2 else (2.0 if k == 1 else 1.0 if k == 2 else 0.0)
+        if w:
+            out.append((off, w))
+    return out
+
+
+def _neighbour_sum(v: torch.Tensor, offsets: list[tuple[tuple[int, ...], float]]) -> torch.Tensor:
+    """sum_o w_o * v[i + o] for (N, C, *s), zero outside the image (shifted slices, no convolution)."""
+    n_spatial = v.dim() - 2
+    padded = F.pad(v, [1, 1] * n_spatial)
+    out = torch.zeros_like(v)
+    for off, w in offsets:
+        index = [slice(None), slice(None)] + [slice(1 + o, 1 + o + n) for o, n in zip(off, v.shape[2:])]
+        out.add_(padded[tuple(index)], alpha=w)
+    return out
 
 
 def linear_impute(
@@ -247,54 +263,52 @@ def linear_impute(
     removed: torch.Tensor,
     noise: float = 0.01,
     generator: Optional[torch.Generator] = None,
-    tol: float = 1e-7,
-    max_iter: int = 5000,
+    tol: float = 1e-5,
+    max_iter: int = 2000,
 ) -> torch.Tensor:
     """ROAD's noisy linear imputation (Rong et al., ICML 2022), in torch for 2-D and 3-D.
 
     Every removed pixel takes the weighted mean of its in-bounds neighbours (known or removed), which is a
-    sparse symmetric positive-definite system; it is solved by Jacobi-preconditioned conjugate gradients,
-    batched over images, then Gaussian noise of standard deviation `noise` is added to the removed pixels.
+    sparse symmetric positive-definite system; it is solved by Jacobi-preconditioned conjugate gradients
+    (relative residual <= tol, float32 unless x is float64), batched over images, then Gaussian noise of standard deviation `noise` is added to the removed pixels.
     x: (N, C, *s); removed: (N, *s) or (N, 1, *s) boolean. When every pixel is removed there is nothing to
     interpolate from and the removed pixels become 0 (plus noise)."""
-    n_spatial = x.dim() - 2
-    conv = F.conv2d if n_spatial == 2 else F.conv3d
     N, C = x.shape[:2]
-    u = removed.reshape(N, 1, *x.shape[2:]).to(torch.float64)
-    xd = x.to(torch.float64)
-    kernel = _neighbour_kernel(n_spatial, torch.float64, x.device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = removed.reshape(N, 1, *x.shape[2:]).to(dtype)
+    xd = x.to(dtype)
+    offsets = _neighbour_offsets(x.dim() - 2)
 
     def nb(v: torch.Tensor) -> torch.Tensor:  # weighted neighbour sum, zero outside the image
-        flat = v.reshape(-1, 1, *v.shape[2:])
-        return conv(flat, kernel, padding=1).reshape(v.shape)
+        return _neighbour_sum(v, offsets)
 
-    s = nb(torch.ones_like(u)).expand(N, C, *x.shape[2:])
-    uu = u.expand(N, C, *x.shape[2:])
-    rhs = nb(xd * (1 - u)) * uu
-    diag = torch.where(uu > 0, s, torch.ones_like(s))
+    uu = u.expand(N, C, *x.shape[2:]).contiguous()
+    s = nb(torch.ones_like(uu))
+    rhs = nb(xd * (1 - uu)).mul_(uu)
+    inv_diag = torch.where(uu > 0, 1 / s.clamp_min(1e-12), torch.zeros_like(s))
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        return (s * v - nb(v * uu)) * uu
+        return (s * v).sub_(nb(v)).mul_(uu)
 
     dims = tuple(range(2, x.dim()))
     sol = torch.zeros_like(rhs)
     r = rhs.clone()
-    z = r / diag
+    z = r * inv_diag
     p = z.clone()
     rz = (r * z).sum(dims, keepdim=True)
-    bnorm = rhs.flatten(2).norm(dim=2)[..., None].clamp_min(1e-30)
+    bnorm = rhs.flatten(2).norm(dim=2).clamp_min(1e-30)
     for _ in range(max_iter):
-        if ((r.flatten(2).norm(dim=2)[..., None] / bnorm) <= tol).all():
+        if ((r.flatten(2).norm(dim=2) / bnorm) <= tol).all():
             break
         Ap = apply(p)
         pAp = (p * Ap).sum(dims, keepdim=True)
-        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-300), torch.zeros_like(pAp))
-        sol = sol + alpha * p
-        r = r - alpha * Ap
-        z = r / diag
+        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-30), torch.zeros_like(pAp))
+        sol.addcmul_(alpha.expand_as(p), p)
+        r.sub_(alpha * Ap)
+        z = r * inv_diag
         rz_new = (r * z).sum(dims, keepdim=True)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
-        p = z + beta * p
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = p.mul_(beta).add_(z)
         rz = rz_new
     out = torch.where(uu > 0, sol, xd).to(x.dtype)
     if noise:

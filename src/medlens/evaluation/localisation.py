@@ -10,7 +10,7 @@ Maps are never NaN-producing: constant and all-zero maps give the defined values
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -30,9 +30,10 @@ def _nan_where_empty(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(empty[:, None], torch.full_like(values, float("nan")), values)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15.0) -> torch.Tensor:
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: Optional[float] = None) -> torch.Tensor:
     """1 if the map's maximum lies within `tolerance` pixels (Euclidean, in pixel units) of the region,
-    else 0 (Zhang et al., 2016; TorchRay uses 15 px). Ties for the maximum are resolved as the first
+    else 0 (Zhang et al., 2016). The default, None, is TorchRay's 15 px on a 224 px input scaled to this
+    map: 15 / 224 of its largest side (15 px at 224, about 4.3 px at 64). 0 asks for a hit inside. Ties for the maximum are resolved as the first
     maximal pixel in raster order (row-major), so a constant or all-zero map points at the top-left
     corner. Higher is better; compare with `baseline:center`."""
     masks = _check(maps, masks)
@@ -49,7 +50,8 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 15
     d2 = ((grid[None, None] - point[:, :, None]) ** 2).sum(-1)  # (B, T, P)
     inside = masks.flatten(1)[:, None, :].expand_as(d2)
     nearest = torch.where(inside, d2, torch.full_like(d2, float("inf"))).amin(dim=2)
-    hit = (nearest <= float(tolerance) ** 2).float()
+    tol = 15.0 * max(spatial) / 224.0 if tolerance is None else float(tolerance)
+    hit = (nearest <= tol ** 2 + 1e-9).float()
     return _nan_where_empty(hit, masks)
 
 

@@ -402,8 +402,7 @@ def evaluate(
             for group in groups.values():
                 x = torch.stack([s.x for s in group]).to(device)
                 masks = torch.stack([s.mask for s in group]).to(device)
-                with torch.inference_mode():
-                    logits = model(x)
+                logits = F.model_scores(model, x, "logit", chunk=batch_size)
                 tgt = []
                 for s, row in zip(group, logits):
                     idx = _label_index(s.label, labels, logits.shape[1])
