@@ -13,6 +13,7 @@ import medlens
 from medlens.errors import InputError
 from medlens.evaluation import runner as R
 from medlens.io.spec import InputSpec
+from medlens.model_state import hook_count
 
 from conftest import TinyCNN2d, _randomise_bn
 
@@ -114,9 +115,14 @@ def test_evaluate_is_deterministic_and_limit_picks_a_seeded_subset(tmp_path):
     data = write_folder(tmp_path / "data")
     model = tiny_model()
     kw = dict(metrics="road_morf,pointing_game,sparseness", limit=4, seed=3, metric_options={"road_morf": {"fractions": (0.5,)}})
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     a = R.evaluate(model, data, "gradcam", **kw)
     b = R.evaluate(model, data, "gradcam", **kw)
     assert a == b
+    # the model comes back as it was: train mode, same weights and BN statistics, no hooks, no grads
+    assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert hook_count(model) == 0 and all(p.grad is None and p.requires_grad for p in model.parameters())
     assert {r["n"] for r in a if r["target"] == "all"} == {4}
     # localisation baselines: the centre map is evaluated on the same images
     assert any(r["method"] == "baseline:center" and r["metric"] == "pointing_game" for r in a)
