@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import medlens
 from medlens.errors import InputError
 from medlens.evaluation import faithfulness as F
 from medlens.evaluation import localisation as L
