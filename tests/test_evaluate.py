@@ -197,3 +197,20 @@ def test_medlens_evaluate_command_end_to_end(tmp_path, monkeypatch):
     assert all(r["n"] == "3" for r in rows if r["target"] == "all")
     assert main(["evaluate", "--model", str(path), "--data", str(data), "--methods", "gradcam",
                  "--metrics", "nonsense", "--out", str(out)]) == 2
+
+
+def test_folder_reader_on_the_shared_figshare_layout():
+    from conftest import shared_dataset
+
+    root = shared_dataset("brain-tumor-figshare")
+    data = R.FolderDataset(root, InputSpec(size=(64, 64), channels=1, scale="uint8"))
+    classes = {cls for _, cls in data.items}
+    assert classes == {"glioma", "meningioma", "pituitary"} and len(data) > 1000
+    first = next(i for i, (_, cls) in enumerate(data.items) if cls == "pituitary")
+    sample = data[first]
+    assert sample.x.shape == (1, 64, 64) and 0 <= float(sample.x.min()) and float(sample.x.max()) <= 1
+    _, xc, yc, w, h = (float(v) for v in data.items[first][0].with_suffix(".txt").read_text().split()[:5])
+    rows, cols = torch.nonzero(sample.mask, as_tuple=True)
+    assert sample.mask.any() and sample.label == "pituitary"
+    assert abs((cols.float().mean() + 0.5) / 64 - xc) < 1.5 / 64 and abs((rows.float().mean() + 0.5) / 64 - yc) < 1.5 / 64
+    assert abs(sample.mask.sum() / 64 ** 2 - w * h) < (w + h) * 2 / 64 + 2 / 64 ** 2
