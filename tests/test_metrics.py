@@ -428,3 +428,17 @@ def test_bad_shapes_raise_user_errors():
         L.pointing_game(torch.ones(1, 1, 2, 2), torch.ones(1, 3, 3, dtype=torch.bool))
     with pytest.raises(InputError):
         F.road(model, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.tensor([[0]]), order="sideways")
+
+
+def test_multi_label_models_are_scored_with_sigmoid():
+    model = LinearToy([4, 3, 2, 1])
+    x = torch.ones(1, 1, 2, 2)
+    maps = torch.tensor([1.0, 4.0, 2.0, 3.0]).view(1, 1, 2, 2).repeat(1, 2, 1, 1)
+    t = torch.tensor([[0, 1]])  # two findings explained at once
+    model.multi_label = True
+    d = F.deletion(model, x, maps, t, steps=4, baseline="zero")
+    assert d.curves[0, 0].tolist() == pytest.approx([sig(v) for v in (10, 7, 6, 4, 0)], abs=1e-6)
+    assert d.curves[0, 1].tolist() == pytest.approx([0.5] * 5)  # sigmoid(0), independent of class 0
+    model.multi_label = False
+    s = F.deletion(model, x, maps, t, steps=4, baseline="zero")
+    assert torch.allclose(s.curves[0, 0] + s.curves[0, 1], torch.ones(5))  # softmax: the two share the mass
