@@ -214,3 +214,13 @@ def test_folder_reader_on_the_shared_figshare_layout():
     assert sample.mask.any() and sample.label == "pituitary"
     assert abs((cols.float().mean() + 0.5) / 64 - xc) < 1.5 / 64 and abs((rows.float().mean() + 0.5) / 64 - yc) < 1.5 / 64
     assert abs(sample.mask.sum() / 64 ** 2 - w * h) < (w + h) * 2 / 64 + 2 / 64 ** 2
+
+
+def test_include_restricts_the_folder_to_a_listed_split(tmp_path):
+    data = write_folder(tmp_path / "data")
+    listing = tmp_path / "test.txt"
+    listing.write_text("glioma/2.jpg\nmeningioma/13.jpg\n")
+    rows = R.evaluate(tiny_model(), data, "gradcam", "sparseness", include=listing)
+    assert {(r["target"], r["n"]) for r in rows} == {("all", 2), ("glioma", 1), ("meningioma", 1)}
+    with pytest.raises(InputError, match="not under"):
+        R.evaluate(tiny_model(), data, "gradcam", "sparseness", include=["glioma/99.jpg"])

@@ -22,8 +22,11 @@ from .runner import METRICS
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the subset, noise, randomisation and bootstrap.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images explained together.")
 @click.option("--layer", default=None, help="Target layer name for layer-based methods (default: chosen automatically).")
+@click.option("--include", "include_file", default=None, type=click.Path(dir_okay=False),
+              help="A text file listing the images to use, one class/N.jpg per line (e.g. the test split).")
 def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: str, out_dir: str,
-                     limit: Optional[int], seed: int, batch_size: int, layer: Optional[str]) -> None:
+                     limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
+                     include_file: Optional[str]) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
     import medlens
 
@@ -31,7 +34,7 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
 
     model = medlens.load_model(model_source)
     rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
-                    batch_size=batch_size, layer=layer, progress=True)
+                    batch_size=batch_size, layer=layer, progress=True, include=include_file)
     click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")
 
 

@@ -122,7 +122,7 @@ class FolderDataset:
     """A folder with one sub-folder per class, each image `N.jpg` with its box file `N.txt` beside it
     (the layout of ../shared/data/brain-tumor-figshare). Images are prepared with the model's InputSpec."""
 
-    def __init__(self, root: Union[str, Path], spec: Any) -> None:
+    def __init__(self, root: Union[str, Path], spec: Any, include: Optional[Iterable[str]] = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise InputError(f"the data folder {self.root} does not exist; give a folder with one sub-folder per class.")
@@ -131,6 +131,14 @@ class FolderDataset:
         for cls in sorted(p for p in self.root.iterdir() if p.is_dir()):
             for img in sorted((p for p in cls.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key):
                 self.items.append((img, cls.name))
+        if include is not None:
+            wanted = {str(w).strip().replace("\\", "/") for w in include if str(w).strip()}
+            present = {f"{cls}/{img.name}" for img, cls in self.items}
+            missing = sorted(wanted - present)
+            if missing:
+                raise InputError(f"{len(missing)} listed image(s) are not under {self.root}, e.g. {missing[0]}; "
+                                 f"list paths as class/N.jpg relative to the data folder.")
+            self.items = [(img, cls) for img, cls in self.items if f"{cls}/{img.name}" in wanted]
         if not self.items:
             raise InputError(f"no images found under {self.root}: expected sub-folders per class holding .jpg/.png files.")
 
@@ -309,6 +317,7 @@ def evaluate(
     layer: Optional[str] = None,
     metric_options: Optional[dict[str, dict[str, Any]]] = None,
     progress: bool = False,
+    include: Union[str, Path, Iterable[str], None] = None,
 ) -> list[dict[str, Any]]:
     """Run every (method, metric) pair over `dataset` and return the summary rows
     {method, metric, target, n, value, ci_low, ci_high}; with `out`, also write the files.
@@ -317,7 +326,8 @@ def evaluate(
     samples (dicts with 'image' (C, *s), 'mask' (*s), 'label'). Each image is explained for its true class
     when the class name is one of the model's labels, otherwise for the predicted class (recorded in
     run.json). `target` in the rows is the explained class name, plus `all` over every image. Localisation
-    metrics also get rows for `baseline:center` and `baseline:prior`."""
+    metrics also get rows for `baseline:center` and `baseline:prior`. `include` (a list, or a text file with
+    one `class/N.jpg` per line) restricts a folder to those images, e.g. a model's held-out test split."""
     from ..explainer import explain
     from ..registry import get_spec
 
@@ -334,7 +344,14 @@ def evaluate(
         raise InputError(f"metric_options names unknown metric(s) {', '.join(bad)}.")
 
     spec = _spec_of(model)
-    data = FolderDataset(dataset, spec) if isinstance(dataset, (str, Path)) else dataset
+    if isinstance(include, (str, Path)):
+        path = Path(include)
+        if not path.is_file():
+            raise InputError(f"the image list {path} does not exist; give a text file with one class/N.jpg per line.")
+        include = path.read_text().splitlines()
+    if include is not None:
+        include = [str(i) for i in include if str(i).strip()]
+    data = FolderDataset(dataset, spec, include) if isinstance(dataset, (str, Path)) else dataset
     order = list(range(len(data)))
     if limit is not None:
         if int(limit) < 1:
@@ -493,7 +510,7 @@ def evaluate(
         settings = {
             "data": str(dataset) if isinstance(dataset, (str, Path)) else type(dataset).__name__,
             "n_images": n_images, "seed": int(seed), "methods": method_names, "metrics": metric_names,
-            "limit": limit, "layer": layer, "targets": target_rules, "metric_notes": notes,
+            "limit": limit, "layer": layer, "include": None if include is None else len(list(include)), "targets": target_rules, "metric_notes": notes,
             "metric_options": {k: {kk: repr(vv) for kk, vv in v.items()} for k, v in opts.items() if v},
             "seconds_per_image": per_image, "elapsed_s": round(elapsed, 3),
             "probabilities": "sigmoid" if getattr(model, "multi_label", False) else "softmax",
