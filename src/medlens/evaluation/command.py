@@ -1,0 +1,41 @@
+"""The `medlens evaluate` command: every (method, metric) pair over a folder, with a progress bar.
+
+It loads the model with `medlens.load_model`, calls `evaluate()` and prints where the files went.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from .runner import METRICS
+
+
+@click.command("evaluate")
+@click.option("--model", "model_source", required=True, help="A bundled model name or a model file (with its sidecar JSON).")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="A folder with one sub-folder per class; each image N.jpg has a YOLO box file N.txt beside it.")
+@click.option("--methods", required=True, help="Comma-separated method names, e.g. gradcam,layercam (see `medlens methods`).")
+@click.option("--metrics", default=",".join(METRICS), show_default=True, help="Comma-separated metric names.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for metrics.csv, metrics.md and plots.")
+@click.option("--limit", type=int, default=None, help="Evaluate a seeded random subset of N images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the subset, noise, randomisation and bootstrap.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images explained together.")
+@click.option("--layer", default=None, help="Target layer name for layer-based methods (default: chosen automatically).")
+@click.option("--include", "include_file", default=None, type=click.Path(dir_okay=False),
+              help="A text file listing the images to use, one class/N.jpg per line (e.g. the test split).")
+def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: str, out_dir: str,
+                     limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
+                     include_file: Optional[str]) -> None:
+    """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
+    import medlens
+
+    from .runner import evaluate
+
+    model = medlens.load_model(model_source)
+    rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
+                    batch_size=batch_size, layer=layer, progress=True, include=include_file)
+    click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")
+
+
+COMMANDS = [evaluate_command]

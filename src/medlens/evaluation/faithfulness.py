@@ -1,0 +1,407 @@
+"""Faithfulness metrics: does removing what a map calls important change the model's output?
+
+Deletion / insertion AUC, ROAD (most- and least-relevant first, noisy linear imputation), Average Drop
+and Increase in Confidence. All are batched over images and targets, work on 2-D and 3-D inputs, and score
+the model's probability of each target by default (softmax, or sigmoid when `model.multi_label`).
+
+Conventions shared by every function here:
+- `x` is (B, C, *s), `maps` is (B, T, *s), `targets` is (B, T) class indices.
+- Pixels (voxels) are ranked by the map's raw value, highest first; ties are broken by raster order
+  (a stable sort), so a constant map removes pixels top-left first. All channels of a pixel go together.
+- Model calls run under `torch.inference_mode()` in chunks of at most `chunk` perturbed inputs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from ..context import call_model
+from ..errors import InputError
+from ..model_state import borrowed_model
+
+Baseline = Union[str, float, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CurveResult:
+    """A score per (image, target) plus the curve it summarises.
+
+    values: (B, T) the summary (area under the curve, or its mean for ROAD).
+    curves: (B, T, K) the model's score after each perturbation step.
+    fractions: (K,) the fraction of pixels removed (or inserted) at each step.
+    baseline: how removed pixels were filled, recorded for provenance.
+    """
+
+    values: torch.Tensor
+    curves: torch.Tensor
+    fractions: torch.Tensor
+    baseline: str
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def check_batch(x: torch.Tensor, maps: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> None:
+    """Insist on (B, C, *s) inputs, (B, T, *s) maps and (B, T) targets that agree with each other."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        raise InputError(f"x must be a (B, C, H, W) or (B, C, D, H, W) tensor, got {getattr(x, 'shape', type(x))}.")
+    if maps is not None:
+        if maps.dim() != x.dim() or maps.shape[0] != x.shape[0] or tuple(maps.shape[2:]) != tuple(x.shape[2:]):
+            raise InputError(
+                f"maps must have shape (B, T, *spatial) matching x {tuple(x.shape)}; got {tuple(maps.shape)}. "
+                f"Pass result[method] from medlens.explain()."
+            )
+    if targets is not None:
+        if targets.dim() != 2 or targets.shape[0] != x.shape[0] or (maps is not None and targets.shape[1] != maps.shape[1]):
+            raise InputError(f"targets must be (B, T) class indices matching the maps; got {tuple(targets.shape)}.")
+
+
+def model_scores(
+    model: nn.Module, x: torch.Tensor, output: str = "probability", chunk: int = 64
+) -> torch.Tensor:
+    """(N, K) scores of `model` on `x` in eval and inference mode (the model's modes are restored), in
+    chunks: probabilities (softmax, or sigmoid when `model.multi_label`) or raw logits (`output="logit"`)."""
+    if output not in ("probability", "logit"):
+        raise InputError(f"output must be 'probability' or 'logit', not {output!r}.")
+    outs = []
+    with borrowed_model(model), torch.inference_mode():
+        for start in range(0, x.shape[0], max(1, int(chunk))):
+            logits = call_model(model, x[start:start + chunk]).float()
+            if output == "probability":
+                logits = torch.sigmoid(logits) if getattr(model, "multi_label", False) else torch.softmax(logits, dim=1)
+            outs.append(logits)
+    return torch.cat(outs)
+
+
+def pick(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scores (B, K), targets (B, T) -> (B, T)."""
+    return scores.gather(1, targets.to(scores.device))
+
+
+def relevance_rank(maps: torch.Tensor) -> torch.Tensor:
+    """(B, T, P) position of each pixel in the most-relevant-first order (0 = highest value).
+
+    Ties are broken by raster order (stable sort), so the result is deterministic for constant maps."""
+    flat = maps.flatten(2)
+    flat = torch.nan_to_num(flat, nan=float("-inf"))
+    order = torch.argsort(flat, dim=2, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    positions = torch.arange(flat.shape[2], device=flat.device).expand_as(order)
+    rank.scatter_(2, order, positions)
+    return rank
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, *s) in torch, reflect-padded, for 2-D and 3-D."""
+    if sigma <= 0:
+        return x.clone()
+    radius = max(1, int(math.ceil(3 * sigma)))
+    coords = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    n_spatial = x.dim() - 2
+    channels = x.shape[1]
+    out = x
+    conv = F.conv2d if n_spatial == 2 else F.conv3d
+    for axis in range(n_spatial):
+        size = out.shape[2 + axis]
+        r = min(radius, size - 1)
+        k = kernel[radius - r: radius + r + 1]
+        k = k / k.sum()
+        shape = [1] * n_spatial
+        shape[axis] = k.numel()
+        weight = k.view(1, 1, *shape).repeat(channels, 1, *([1] * n_spatial))
+        pad = [0, 0] * n_spatial
+        # F.pad lists pads from the last axis backwards.
+        pad[2 * (n_spatial - 1 - axis)] = r
+        pad[2 * (n_spatial - 1 - axis) + 1] = r
+        mode = "reflect" if r > 0 else "constant"
+        out = conv(F.pad(out, pad, mode=mode), weight, groups=channels)
+    return out
+
+
+def make_baseline(x: torch.Tensor, baseline: Baseline, blur_sigma: Optional[float] = None) -> tuple[torch.Tensor, str]:
+    """The reference image that replaces removed pixels, and a description of it for provenance.
+
+    "zero": all zeros (the dataset mean for standardised inputs); "mean": each image's per-channel mean;
+    "blur": a Gaussian blur of the image (sigma defaults to 1/20 of the smallest spatial side);
+    a number: that constant; a tensor broadcastable to x: used as is."""
+    if isinstance(baseline, torch.Tensor):
+        return torch.broadcast_to(baseline.to(x), x.shape).clone(), "tensor"
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return torch.full_like(x, float(baseline)), f"constant {float(baseline):g}"
+    if baseline == "zero":
+        return torch.zeros_like(x), "zero"
+    if baseline == "mean":
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x).clone(), "per-image channel mean"
+    if baseline == "blur":
+        sigma = blur_sigma if blur_sigma is not None else max(1.0, min(x.shape[2:]) / 20.0)
+        return gaussian_blur(x, float(sigma)), f"gaussian blur sigma={float(sigma):g}px"
+    raise InputError(f"unknown baseline {baseline!r}; use 'zero', 'mean', 'blur', a number or a tensor.")
+
+
+def _trapezoid(curves: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    return torch.trapezoid(curves, fractions.to(curves), dim=-1)
+
+
+def _counts(fractions: torch.Tensor, n_pixels: int) -> torch.Tensor:
+    return torch.round(fractions.double() * n_pixels).long()
+
+
+def _perturbation_curve(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    start: torch.Tensor,
+    fill: torch.Tensor,
+    counts: torch.Tensor,
+    order: str,
+    output: str,
+    chunk: int,
+) -> torch.Tensor:
+    """Scores (B, T, K): at step k the first counts[k] pixels in `order` take their value from `fill`,
+    the others from `start`."""
+    B, T = targets.shape
+    K = counts.numel()
+    rank = relevance_rank(maps if order == "morf" else -maps)  # (B, T, P)
+    spatial = x.shape[2:]
+    jobs = [(b, t, k) for b in range(B) for t in range(T) for k in range(K)]
+    scores = torch.empty(B, T, K, dtype=torch.float32, device=x.device)
+    step = max(1, int(chunk))
+    for i in range(0, len(jobs), step):
+        part = jobs[i:i + step]
+        bs = torch.tensor([j[0] for j in part], device=x.device)
+        ts = torch.tensor([j[1] for j in part], device=x.device)
+        ks = torch.tensor([j[2] for j in part], device=x.device)
+        changed = rank[bs, ts] < counts.to(x.device)[ks][:, None]  # (n, P)
+        changed = changed.view(len(part), 1, *spatial)
+        batch = torch.where(changed, fill[bs], start[bs])
+        s = model_scores(model, batch, output, chunk=step)
+        scores[bs, ts, ks] = s.gather(1, targets.to(x.device)[bs, ts][:, None]).squeeze(1)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------- deletion / insertion
+def deletion(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int = 20,
+    baseline: Baseline = "zero",
+    blur_sigma: Optional[float] = None,
+    output: str = "probability",
+    chunk: int = 64,
+) -> CurveResult:
+    """Deletion AUC (Petsiuk et al., RISE, 2018): remove pixels most-relevant first, replacing them by the
+    baseline, and integrate the target's score over the fraction removed (trapezoid on [0, 1],
+    steps + 1 points). Lower is better: a faithful map makes the score fall early."""
+    check_batch(x, maps, targets)
+    ref, desc = make_baseline(x, baseline, blur_sigma)
+    P = int(torch.tensor(x.shape[2:]).prod())
+    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    curves = _perturbation_curve(model, x, maps, targets, x, ref, _counts(fractions, P), "morf", output, chunk)
+    return CurveResult(_trapezoid(curves, fractions), curves, fractions.float(), desc, {"output": output})
+
+
+def insertion(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int = 20,
+    baseline: Baseline = "blur",
+    blur_sigma: Optional[float] = None,
+    output: str = "probability",
+    chunk: int = 64,
+) -> CurveResult:
+    """Insertion AUC (RISE): start from the baseline (a blurred image by default) and put the original
+    pixels back most-relevant first; integrate the target's score. Higher is better."""
+    check_batch(x, maps, targets)
+    ref, desc = make_baseline(x, baseline, blur_sigma)
+    P = int(torch.tensor(x.shape[2:]).prod())
+    fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    curves = _perturbation_curve(model, x, maps, targets, ref, x, _counts(fractions, P), "morf", output, chunk)
+    return CurveResult(_trapezoid(curves, fractions), curves, fractions.float(), desc, {"output": output})
+
+
+# --------------------------------------------------------------------------------------------- ROAD
+def _neighbour_offsets(n_spatial: int) -> list[tuple[tuple[int, ...], float]]:
+    """Neighbours and weights of the linear imputation: in 2-D the ROAD weights (edge neighbours 1/6,
+    diagonal 1/12); in 3-D face neighbours 2, edge neighbours 1, corners 0 (only ratios matter)."""
+    import itertools
+
+    out = []
+    for off in itertools.product((-1, 0, 1), repeat=n_spatial):
+        k = sum(o != 0 for o in off)
+        if k == 0:
+            continue
+        w = (1 / 6 if k == 1 else 1 / 12) if n_spatial == 2 else (2.0 if k == 1 else 1.0 if k == 2 else 0.0)
+        if w:
+            out.append((off, w))
+    return out
+
+
+def _neighbour_sum(v: torch.Tensor, offsets: list[tuple[tuple[int, ...], float]]) -> torch.Tensor:
+    """sum_o w_o * v[i + o] for (N, C, *s), zero outside the image (shifted slices, no convolution)."""
+    n_spatial = v.dim() - 2
+    padded = F.pad(v, [1, 1] * n_spatial)
+    out = torch.zeros_like(v)
+    for off, w in offsets:
+        index = [slice(None), slice(None)] + [slice(1 + o, 1 + o + n) for o, n in zip(off, v.shape[2:])]
+        out.add_(padded[tuple(index)], alpha=w)
+    return out
+
+
+def linear_impute(
+    x: torch.Tensor,
+    removed: torch.Tensor,
+    noise: float = 0.01,
+    generator: Optional[torch.Generator] = None,
+    tol: float = 1e-5,
+    max_iter: int = 2000,
+) -> torch.Tensor:
+    """ROAD's noisy linear imputation (Rong et al., ICML 2022), in torch for 2-D and 3-D.
+
+    Every removed pixel takes the weighted mean of its in-bounds neighbours (known or removed), which is a
+    sparse symmetric positive-definite system; it is solved by Jacobi-preconditioned conjugate gradients
+    (relative residual <= tol, float32 unless x is float64), batched over images, then Gaussian noise of standard deviation `noise` is added to the removed pixels.
+    x: (N, C, *s); removed: (N, *s) or (N, 1, *s) boolean. When every pixel is removed there is nothing to
+    interpolate from and the removed pixels become 0 (plus noise)."""
+    N, C = x.shape[:2]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = removed.reshape(N, 1, *x.shape[2:]).to(dtype)
+    xd = x.to(dtype)
+    offsets = _neighbour_offsets(x.dim() - 2)
+
+    def nb(v: torch.Tensor) -> torch.Tensor:  # weighted neighbour sum, zero outside the image
+        return _neighbour_sum(v, offsets)
+
+    uu = u.expand(N, C, *x.shape[2:]).contiguous()
+    s = nb(torch.ones_like(uu))
+    rhs = nb(xd * (1 - uu)).mul_(uu)
+    inv_diag = torch.where(uu > 0, 1 / s.clamp_min(1e-12), torch.zeros_like(s))
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return (s * v).sub_(nb(v)).mul_(uu)
+
+    dims = tuple(range(2, x.dim()))
+    sol = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = r * inv_diag
+    p = z.clone()
+    rz = (r * z).sum(dims, keepdim=True)
+    bnorm = rhs.flatten(2).norm(dim=2).clamp_min(1e-30)
+    for _ in range(max_iter):
+        if ((r.flatten(2).norm(dim=2) / bnorm) <= tol).all():
+            break
+        Ap = apply(p)
+        pAp = (p * Ap).sum(dims, keepdim=True)
+        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-30), torch.zeros_like(pAp))
+        sol.addcmul_(alpha.expand_as(p), p)
+        r.sub_(alpha * Ap)
+        z = r * inv_diag
+        rz_new = (r * z).sum(dims, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = p.mul_(beta).add_(z)
+        rz = rz_new
+    out = torch.where(uu > 0, sol, xd).to(x.dtype)
+    if noise:
+        eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu").to(out.device)
+        out = out + noise * eps * uu.to(out.dtype)
+    return out
+
+
+def road(
+    model: nn.Module,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    targets: torch.Tensor,
+    order: str = "morf",
+    fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    noise: float = 0.01,
+    seed: int = 0,
+    output: str = "probability",
+    chunk: int = 64,
+) -> CurveResult:
+    """ROAD: Remove And Debias (Rong et al., 2022). For each fraction f, remove the top-f (order="morf",
+    most relevant first) or bottom-f (order="lerf", least relevant first) pixels of the map, fill them by
+    noisy linear imputation, and score the target. The value is the mean score over the fractions.
+    MoRF: lower is better; LeRF: higher is better. Noise is drawn from a generator seeded with `seed`."""
+    check_batch(x, maps, targets)
+    if order not in ("morf", "lerf"):
+        raise InputError(f"order must be 'morf' or 'lerf', not {order!r}.")
+    fr = torch.tensor([float(f) for f in fractions], dtype=torch.float64)
+    if fr.numel() == 0 or (fr < 0).any() or (fr > 1).any():
+        raise InputError(f"fractions must lie in [0, 1]; got {list(fractions)}.")
+    B, T = targets.shape
+    P = int(torch.tensor(x.shape[2:]).prod())
+    counts = _counts(fr, P).to(x.device)
+    rank = relevance_rank(maps if order == "morf" else -maps)
+    gen = torch.Generator().manual_seed(int(seed))
+    jobs = [(b, t, k) for b in range(B) for t in range(T) for k in range(fr.numel())]
+    scores = torch.empty(B, T, fr.numel(), dtype=torch.float32, device=x.device)
+    step = max(1, int(chunk))
+    for i in range(0, len(jobs), step):
+        part = jobs[i:i + step]
+        bs = torch.tensor([j[0] for j in part], device=x.device)
+        ts = torch.tensor([j[1] for j in part], device=x.device)
+        ks = torch.tensor([j[2] for j in part], device=x.device)
+        removed = (rank[bs, ts] < counts[ks][:, None]).view(len(part), *x.shape[2:])
+        imputed = linear_impute(x[bs], removed, noise=noise, generator=gen)
+        s = model_scores(model, imputed, output, chunk=step)
+        scores[bs, ts, ks] = s.gather(1, targets.to(x.device)[bs, ts][:, None]).squeeze(1)
+    return CurveResult(scores.mean(dim=2), scores, fr.float(), f"noisy linear imputation (noise={noise:g})",
+                       {"order": order, "output": output, "seed": int(seed)})
+
+
+def road_morf(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, **kw: Any) -> CurveResult:
+    """ROAD, most relevant first (lower is better)."""
+    return road(model, x, maps, targets, order="morf", **kw)
+
+
+def road_lerf(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, **kw: Any) -> CurveResult:
+    """ROAD, least relevant first (higher is better)."""
+    return road(model, x, maps, targets, order="lerf", **kw)
+
+
+# --------------------------------------------------------------------------------------------- Average Drop / IC
+def _explanation_scores(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, output: str, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Y (B, T): the score on x; O (B, T): the score on x * m, where m is the map's positive part divided by
+    its maximum (an all-zero or non-positive map gives m = 0, i.e. an all-zero image)."""
+    check_batch(x, maps, targets)
+    B, T = targets.shape
+    pos = maps.clamp_min(0).flatten(2)
+    peak = pos.amax(dim=2, keepdim=True)
+    m = torch.where(peak > 0, pos / peak.clamp_min(1e-30), torch.zeros_like(pos)).view(B, T, 1, *x.shape[2:])
+    masked = (x[:, None] * m).reshape(B * T, *x.shape[1:])
+    y = pick(model_scores(model, x, output, chunk), targets)
+    o = model_scores(model, masked, output, chunk).view(B, T, -1)
+    o = o.gather(2, targets.to(o.device)[..., None]).squeeze(2)
+    return y, o
+
+
+def average_drop(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, output: str = "probability", chunk: int = 64
+) -> torch.Tensor:
+    """Average Drop (Chattopadhay et al., Grad-CAM++, 2018), per (image, target): max(0, Y - O) / Y, a
+    fraction in [0, 1] (the paper reports its mean in percent). Y is the target's probability on the image,
+    O on the image multiplied by the map rescaled to [0, 1]. Lower is better."""
+    y, o = _explanation_scores(model, x, maps, targets, output, chunk)
+    return (y - o).clamp_min(0) / y.abs().clamp_min(1e-12)
+
+
+def increase_in_confidence(
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, output: str = "probability", chunk: int = 64
+) -> torch.Tensor:
+    """Increase in Confidence (Grad-CAM++): 1 where O > Y, else 0, per (image, target); its mean is the
+    fraction of images whose score rises when only the explanation is shown. Higher is better."""
+    y, o = _explanation_scores(model, x, maps, targets, output, chunk)
+    return (o > y).float()
