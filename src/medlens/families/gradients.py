@@ -35,22 +35,23 @@ from ..spatial import spatial_dims, upsample_to
 def target_gradients(picked: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """d picked[:, t] / d input for every slot t of picked (B, T): one (T, *input.shape) per input.
 
-    One batched backward when the graph supports it (vmap over the grad outputs), else one backward
+    Inputs the outputs do not depend on get zeros. One batched backward when the graph supports it (vmap over the grad outputs), else one backward
     per slot with the graph retained. Images of the batch are independent (eval mode), so the gradient of
     the batch sum of slot t gives each image's own gradient.
     """
     n_slots = picked.shape[1]
     if n_slots == 1:
-        grads = torch.autograd.grad(picked[:, 0].sum(), list(inputs))
+        grads = torch.autograd.grad(picked[:, 0].sum(), list(inputs), allow_unused=True, materialize_grads=True)
         return [g.unsqueeze(0) for g in grads]
     eye = torch.eye(n_slots, dtype=picked.dtype, device=picked.device)
     grad_outputs = eye[:, None, :].expand(n_slots, picked.shape[0], n_slots)
     try:
         grads = torch.autograd.grad(picked, list(inputs), grad_outputs=grad_outputs, is_grads_batched=True,
-                                    retain_graph=True)
+                                    retain_graph=True, allow_unused=True, materialize_grads=True)
         return list(grads)
     except (RuntimeError, NotImplementedError):
-        per_slot = [torch.autograd.grad(picked[:, t].sum(), list(inputs), retain_graph=t < n_slots - 1)
+        per_slot = [torch.autograd.grad(picked[:, t].sum(), list(inputs), retain_graph=t < n_slots - 1,
+                                        allow_unused=True, materialize_grads=True)
                     for t in range(n_slots)]
         return [torch.stack([g[i] for g in per_slot]) for i in range(len(inputs))]
 
