@@ -161,13 +161,13 @@ def blurred(x: torch.Tensor, sigma: Optional[float] = None) -> torch.Tensor:
         size = out.shape[2 + axis]
         r = min(radius, size - 1)
         k = kernel[radius - r: radius + r + 1]
-        shape = [channels, 1] + [1] * dims
+        shape = [1, 1] + [1] * dims
         shape[2 + axis] = k.numel()
         pad = [0, 0] * dims
         pad[2 * (dims - 1 - axis)] = r
         pad[2 * (dims - 1 - axis) + 1] = r
         padded = F.pad(out, pad, mode="reflect") if r > 0 else out
-        out = conv(padded, k.reshape(shape).expand(shape).contiguous(), groups=channels)
+        out = conv(padded, k.reshape(shape).expand(channels, *shape[1:]).contiguous(), groups=channels)
     return out
 
 
