@@ -204,12 +204,14 @@ def _positive_int(options: Mapping[str, Any], name: str) -> int:
 
 def integrated_gradients(
     model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any],
-    baseline: Optional[torch.Tensor] = None,
+    baseline: Optional[torch.Tensor] = None, baseline_logits: Optional[list] = None,
 ) -> torch.Tensor:
     """(x - baseline) * integral of the gradient along the straight path, Gauss-Legendre in n_steps points.
 
     The path points of all images go through the model in chunks of at most `batch_size` inputs; every
-    chunk is one forward and one batched backward for all targets. Returns (T, N, C, *s).
+    chunk is one forward and one batched backward for all targets. Returns (T, N, C, *s). When
+    `baseline_logits` is a list, the baseline images ride along in the first chunk's forward (no extra
+    model call) and their logits (N, K) are appended to it, for the completeness check.
     """
     n_steps = _positive_int(options, "n_steps")
     batch_size = _positive_int(options, "batch_size")
@@ -229,7 +231,15 @@ def integrated_gradients(
         w = weights[start:start + steps_per_chunk]
         k = a.numel()
         points = (baseline[None] + a.view(view) * delta[None]).reshape(k * n, *x.shape[1:])
-        grads, _ = input_gradients(model, points, targets.repeat(k, 1))  # (T, k*n, C, *s)
+        extra = baseline_logits is not None and start == 0
+        with torch.enable_grad():
+            leaf = (torch.cat([points, baseline]) if extra else points).requires_grad_(True)
+            logits = call_model(model, leaf)
+            picked = logits[: k * n].gather(1, targets.repeat(k, 1))
+            (grads,) = target_gradients(picked, [leaf])  # (T, k*n (+n), C, *s)
+        if extra:
+            baseline_logits.append(logits[k * n:].detach())
+            grads = grads[:, : k * n]
         grads = grads.reshape(grads.shape[0], k, n, *x.shape[1:])
         total += (grads * w.view(1, -1, *([1] * x.dim()))).sum(dim=1)
     return total * delta[None]
@@ -285,9 +295,9 @@ def _run_guidedgradcam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch
 def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     x = ctx.x.detach()
     baseline = make_baseline(x, options["baseline"])
-    attributions = integrated_gradients(ctx.model, x, ctx.targets, options, baseline=baseline)
-    with torch.inference_mode():
-        base_logits = call_model(ctx.model, baseline).clone()
+    collected: list[torch.Tensor] = []
+    attributions = integrated_gradients(ctx.model, x, ctx.targets, options, baseline=baseline, baseline_logits=collected)
+    base_logits = collected[0]
     output_gap = ctx.logits.gather(1, ctx.targets) - base_logits.gather(1, ctx.targets)  # (B, T)
     attribution_sum = attributions.flatten(2).sum(dim=2).transpose(0, 1)  # (B, T)
     relative = (attribution_sum - output_gap).abs() / output_gap.abs().clamp_min(1e-12)
