@@ -165,7 +165,7 @@ def test_smoothgrad_is_seeded_noise_scaled_and_wraps_bases(tiny2d):
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) * 0.15
     assert sigma == pytest.approx(span.tolist())
     # no noise: every sample is the input, so SmoothGrad is its base method
-    for base in ("saliency", "inputxgradient", "guidedbackprop"):
+    for base in ("saliency", "inputxgradient", "guidedbackprop", "lrp"):
         s = medlens.explain(tiny2d, x, "smoothgrad", targets=[0, 1], seed=1, n_samples=3, noise=0.0, base=base)
         ref = medlens.explain(tiny2d, x, base, targets=[0, 1])[base]
         torch.testing.assert_close(s["smoothgrad"], ref, rtol=1e-5, atol=1e-7)

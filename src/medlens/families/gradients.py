@@ -310,12 +310,19 @@ def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) ->
     return _slots_first_to_maps(attributions)
 
 
+def _lrp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    from .lrp import lrp_relevance  # imported here: the LRP package builds on this module
+
+    return lrp_relevance(model, x, targets, "epsilon_plus_flat").relevance
+
+
 # The methods SmoothGrad can wrap: name -> per-batch function returning (T, N, C, *s).
 SMOOTHABLE: dict[str, Callable[..., torch.Tensor]] = {
     "saliency": _saliency,
     "inputxgradient": _inputxgradient,
     "guidedbackprop": _guidedbackprop,
     "integratedgradients": _integratedgradients,
+    "lrp": _lrp,  # with its default composite, epsilon_plus_flat
 }
 _BASE_DEFAULTS = {"integratedgradients": {"n_steps": 50, "baseline": "zero"}}
 
