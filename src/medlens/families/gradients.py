@@ -1,0 +1,397 @@
+"""The gradient family: saliency, input x gradient, guided backprop, guided Grad-CAM, integrated gradients, SmoothGrad.
+
+All targets of a batch come from one forward and one batched backward (`target_gradients`); the plain
+input gradients are cached in `ctx.cache` so several methods of one call share them.
+
+Conventions (documented for users in `medlens methods`):
+- every map is the signed attribution summed over input channels, shape (B, T, *spatial): for a one-channel
+  image it is the attribution itself; for RGB it is the per-pixel sum of the three channel attributions
+  (signed, so completeness still holds: the map sums to what the channels sum to);
+- `saliency` is the signed gradient (not its absolute value; take `abs()` when rendering if you want it);
+- guided backprop swaps the ReLU backward for the guided one (positive gradient through positive inputs)
+  *during the call only*: `nn.ReLU` modules and functional `F.relu` / `torch.relu` / `Tensor.relu` (as in
+  torchvision's DenseNet forward) are patched by `guided_relu()`, a context manager that always restores
+  the originals, also on error. The patch is process-global for the duration of the call (not thread safe),
+  and an in-place ReLU whose return value is ignored by the model code is not supported.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import ExplainContext, call_model
+from ..errors import MethodError
+from ..registry import MethodSpec, register
+from ..spatial import spatial_dims, upsample_to
+
+# ------------------------------------------------------------------------------------------ shared pass
+
+
+def target_gradients(picked: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """d picked[:, t] / d input for every slot t of picked (B, T): one (T, *input.shape) per input.
+
+    Inputs the outputs do not depend on get zeros. One batched backward when the graph supports it (vmap over the grad outputs), else one backward
+    per slot with the graph retained. Images of the batch are independent (eval mode), so the gradient of
+    the batch sum of slot t gives each image's own gradient.
+    """
+    n_slots = picked.shape[1]
+    if n_slots == 1:
+        grads = torch.autograd.grad(picked[:, 0].sum(), list(inputs), allow_unused=True, materialize_grads=True)
+        return [g.unsqueeze(0) for g in grads]
+    eye = torch.eye(n_slots, dtype=picked.dtype, device=picked.device)
+    grad_outputs = eye[:, None, :].expand(n_slots, picked.shape[0], n_slots)
+    try:
+        grads = torch.autograd.grad(picked, list(inputs), grad_outputs=grad_outputs, is_grads_batched=True,
+                                    retain_graph=True, allow_unused=True, materialize_grads=True)
+        return list(grads)
+    except (RuntimeError, NotImplementedError):
+        per_slot = [torch.autograd.grad(picked[:, t].sum(), list(inputs), retain_graph=t < n_slots - 1,
+                                        allow_unused=True, materialize_grads=True)
+                    for t in range(n_slots)]
+        return [torch.stack([g[i] for g in per_slot]) for i in range(len(inputs))]
+
+
+def input_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradients (T, B, C, *s), logits (B, K)) of every target logit with respect to the input x."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        logits = call_model(model, leaf)
+        picked = logits.gather(1, targets)
+        (grads,) = target_gradients(picked, [leaf])
+    return grads.detach(), logits.detach()
+
+
+def _slots_first_to_maps(values: torch.Tensor) -> torch.Tensor:
+    """(T, B, C, *s) attributions -> (B, T, *s) channel-summed maps."""
+    return values.sum(dim=2).transpose(0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------- guided ReLU
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward passes only positive gradients through positive inputs (Springenberg et al.)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (out > 0).to(grad.dtype)
+
+
+def _guided(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # `inplace` is ignored on purpose: the guided ReLU returns a new tensor, and model code uses the return value.
+    return _GuidedReLU.apply(x)
+
+
+@contextlib.contextmanager
+def guided_relu() -> Iterator[None]:
+    """Swap every ReLU entry point (nn.ReLU via F.relu, F.relu_, torch.relu(_), Tensor.relu(_)) for the guided one.
+
+    Everything is put back in `finally`, so an error inside the block leaves torch exactly as it was.
+    """
+    patched = [(F, "relu"), (F, "relu_"), (torch, "relu"), (torch, "relu_"), (torch.Tensor, "relu"),
+               (torch.Tensor, "relu_")]
+    # (owner, name, own attribute or None when inherited): inherited ones are deleted again, not copied in.
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name in patched]
+    try:
+        for owner, name, _ in saved:
+            setattr(owner, name, _guided)
+        yield
+    finally:
+        for owner, name, original in saved:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+# ------------------------------------------------------------------------------------ per-batch methods
+# Each takes (model, x (N, C, *s), targets (N, T), options) and returns raw attributions (T, N, C, *s).
+def _saliency(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    return input_gradients(model, x, targets)[0]
+
+
+def _inputxgradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    return input_gradients(model, x, targets)[0] * x.detach()[None]
+
+
+def _guidedbackprop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    with guided_relu():
+        return input_gradients(model, x, targets)[0]
+
+
+def gauss_legendre(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Legendre nodes and weights on [0, 1] (Golub-Welsch: eigen-decomposition of the Jacobi matrix)."""
+    if n == 1:
+        return torch.tensor([0.5], dtype=dtype), torch.tensor([1.0], dtype=dtype)
+    k = torch.arange(1, n, dtype=torch.float64)
+    beta = k / torch.sqrt(4 * k * k - 1)
+    jacobi = torch.diag(beta, 1) + torch.diag(beta, -1)
+    nodes, vectors = torch.linalg.eigh(jacobi)
+    weights = 2 * vectors[0] ** 2
+    return ((nodes + 1) / 2).to(dtype), (weights / 2).to(dtype)
+
+
+def blurred(x: torch.Tensor, sigma: Optional[float] = None) -> torch.Tensor:
+    """A strongly Gaussian-blurred copy of x (separable, reflect padding), 2-D and 3-D alike.
+
+    sigma defaults to a tenth of the smallest spatial side (at least 1 voxel): fine structure is gone,
+    the coarse intensity layout stays, which is what a "blurred baseline" is meant to keep.
+    """
+    dims = x.dim() - 2
+    if sigma is None:
+        sigma = max(1.0, min(x.shape[2:]) / 10.0)
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = x
+    channels = x.shape[1]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    for axis in range(dims):
+        size = out.shape[2 + axis]
+        r = min(radius, size - 1)
+        k = kernel[radius - r: radius + r + 1]
+        shape = [1, 1] + [1] * dims
+        shape[2 + axis] = k.numel()
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - axis)] = r
+        pad[2 * (dims - 1 - axis) + 1] = r
+        padded = F.pad(out, pad, mode="reflect") if r > 0 else out
+        out = conv(padded, k.reshape(shape).expand(channels, *shape[1:]).contiguous(), groups=channels)
+    return out
+
+
+def make_baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
+    """The integrated-gradients baseline for x: "zero", "blur", a float, or a tensor broadcastable to x."""
+    if isinstance(baseline, str):
+        key = baseline.strip().lower()
+        if key == "zero":
+            return torch.zeros_like(x)
+        if key == "blur":
+            return blurred(x)
+        raise MethodError(f"unknown baseline {baseline!r}; use 'zero', 'blur', a number, or a tensor shaped like the input.")
+    if isinstance(baseline, bool):
+        raise MethodError("baseline must be 'zero', 'blur', a number, or a tensor, not a boolean.")
+    if isinstance(baseline, (int, float)):
+        return torch.full_like(x, float(baseline))
+    if isinstance(baseline, torch.Tensor):
+        try:
+            return torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape).clone()
+        except RuntimeError:
+            raise MethodError(
+                f"the baseline tensor has shape {tuple(baseline.shape)}, which does not broadcast to the input "
+                f"{tuple(x.shape)}; give one shaped like the input (or like one image)."
+            ) from None
+    raise MethodError(f"baseline must be 'zero', 'blur', a number, or a tensor, not {type(baseline).__name__}.")
+
+
+def _positive_int(options: Mapping[str, Any], name: str) -> int:
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MethodError(f"option {name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def integrated_gradients(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any],
+    baseline: Optional[torch.Tensor] = None, baseline_logits: Optional[list] = None,
+) -> torch.Tensor:
+    """(x - baseline) * integral of the gradient along the straight path, Gauss-Legendre in n_steps points.
+
+    The path points of all images go through the model in chunks of at most `batch_size` inputs; every
+    chunk is one forward and one batched backward for all targets. Returns (T, N, C, *s). When
+    `baseline_logits` is a list, the baseline images ride along in the first chunk's forward (no extra
+    model call) and their logits (N, K) are appended to it, for the completeness check.
+    """
+    n_steps = _positive_int(options, "n_steps")
+    batch_size = _positive_int(options, "batch_size")
+    if baseline is None:
+        baseline = make_baseline(x, options.get("baseline", "zero"))
+    x = x.detach()
+    n = x.shape[0]
+    alphas, weights = gauss_legendre(n_steps)
+    alphas = alphas.to(device=x.device, dtype=x.dtype)
+    weights = weights.to(device=x.device, dtype=x.dtype)
+    delta = x - baseline
+    steps_per_chunk = max(1, batch_size // n)
+    total = torch.zeros((targets.shape[1],) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    view = (-1,) + (1,) * x.dim()
+    for start in range(0, n_steps, steps_per_chunk):
+        a = alphas[start:start + steps_per_chunk]
+        w = weights[start:start + steps_per_chunk]
+        k = a.numel()
+        points = (baseline[None] + a.view(view) * delta[None]).reshape(k * n, *x.shape[1:])
+        extra = baseline_logits is not None and start == 0
+        with torch.enable_grad():
+            leaf = (torch.cat([points, baseline]) if extra else points).requires_grad_(True)
+            logits = call_model(model, leaf)
+            picked = logits[: k * n].gather(1, targets.repeat(k, 1))
+            (grads,) = target_gradients(picked, [leaf])  # (T, k*n (+n), C, *s)
+        if extra:
+            baseline_logits.append(logits[k * n:].detach())
+            grads = grads[:, : k * n]
+        grads = grads.reshape(grads.shape[0], k, n, *x.shape[1:])
+        total += (grads * w.view(1, -1, *([1] * x.dim()))).sum(dim=1)
+    return total * delta[None]
+
+
+def _integratedgradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    return integrated_gradients(model, x, targets, options)
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def _cached_plain_gradients(ctx: ExplainContext) -> torch.Tensor:
+    key = ("gradients", "input")
+    if key not in ctx.cache:
+        ctx.cache[key] = input_gradients(ctx.model, ctx.x, ctx.targets)[0]
+    return ctx.cache[key]
+
+
+def _run_saliency(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    return _slots_first_to_maps(_cached_plain_gradients(ctx))
+
+
+def _run_inputxgradient(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    return _slots_first_to_maps(_cached_plain_gradients(ctx) * ctx.x.detach()[None])
+
+
+def _cached_guided(ctx: ExplainContext) -> torch.Tensor:
+    key = ("gradients", "guided")
+    if key not in ctx.cache:
+        ctx.cache[key] = _guidedbackprop(ctx.model, ctx.x, ctx.targets, {})
+    return ctx.cache[key]
+
+
+def _run_guidedbackprop(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    return _slots_first_to_maps(_cached_guided(ctx))
+
+
+def gradcam_maps(ctx: ExplainContext) -> torch.Tensor:
+    """Grad-CAM at ctx.layer from the shared layer pass, ReLU'd and upsampled: (B, T, *input spatial)."""
+    lp = ctx.layer_pass()
+    grads = lp.gradients(ctx.targets)  # (T, B, C, *s)
+    activation = lp.activation.detach()[None]
+    weights = grads.mean(dim=spatial_dims(grads, 3), keepdim=True)
+    cam = F.relu((weights * activation).sum(dim=2)).transpose(0, 1)  # (B, T, *s)
+    return upsample_to(cam, ctx.spatial_shape)
+
+
+def _run_guidedgradcam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    ctx.method_notes["layer"] = ctx.layer.name
+    ctx.method_notes["upsampling"] = "bilinear/trilinear Grad-CAM (ReLU'd) times the channel-summed guided backprop"
+    return _slots_first_to_maps(_cached_guided(ctx)) * gradcam_maps(ctx)
+
+
+def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    x = ctx.x.detach()
+    baseline = make_baseline(x, options["baseline"])
+    collected: list[torch.Tensor] = []
+    attributions = integrated_gradients(ctx.model, x, ctx.targets, options, baseline=baseline, baseline_logits=collected)
+    base_logits = collected[0]
+    output_gap = ctx.logits.gather(1, ctx.targets) - base_logits.gather(1, ctx.targets)  # (B, T)
+    attribution_sum = attributions.flatten(2).sum(dim=2).transpose(0, 1)  # (B, T)
+    relative = (attribution_sum - output_gap).abs() / output_gap.abs().clamp_min(1e-12)
+    ctx.method_notes["quadrature"] = f"Gauss-Legendre, {options['n_steps']} points"
+    ctx.method_notes["completeness"] = {
+        "attribution_sum": attribution_sum.tolist(),
+        "output_gap": output_gap.tolist(),
+        "relative_gap": relative.tolist(),
+    }
+    return _slots_first_to_maps(attributions)
+
+
+def _lrp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    from .lrp import lrp_relevance  # imported here: the LRP package builds on this module
+
+    return lrp_relevance(model, x, targets, "epsilon_plus_flat").relevance
+
+
+# The methods SmoothGrad can wrap: name -> per-batch function returning (T, N, C, *s).
+SMOOTHABLE: dict[str, Callable[..., torch.Tensor]] = {
+    "saliency": _saliency,
+    "inputxgradient": _inputxgradient,
+    "guidedbackprop": _guidedbackprop,
+    "integratedgradients": _integratedgradients,
+    "lrp": _lrp,  # with its default composite, epsilon_plus_flat
+}
+_BASE_DEFAULTS = {"integratedgradients": {"n_steps": 50, "baseline": "zero"}}
+
+
+def _run_smoothgrad(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    base = str(options["base"]).strip().lower()
+    if base not in SMOOTHABLE:
+        raise MethodError(f"smoothgrad cannot wrap {options['base']!r}; base must be one of {', '.join(SMOOTHABLE)}.")
+    n_samples = _positive_int(options, "n_samples")
+    batch_size = _positive_int(options, "batch_size")
+    noise = float(options["noise"])
+    if not noise >= 0:
+        raise MethodError(f"noise must be a non-negative fraction of the input's range, got {options['noise']!r}.")
+    x = ctx.x.detach()
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    sigma = noise * (flat.amax(dim=1) - flat.amin(dim=1))  # per image
+    gen = ctx.generator("smoothgrad")
+    eps = torch.randn((n_samples,) + tuple(x.shape), generator=gen, device=x.device, dtype=x.dtype)
+    noisy = (x[None] + eps * sigma.view(1, b, *([1] * (x.dim() - 1)))).reshape(n_samples * b, *x.shape[1:])
+    targets = ctx.targets.repeat(n_samples, 1)
+    base_options = {**_BASE_DEFAULTS.get(base, {}), "batch_size": batch_size}
+    fn = SMOOTHABLE[base]
+    chunk = max(b, (batch_size // b) * b) if base != "integratedgradients" else b
+    total = None
+    for start in range(0, noisy.shape[0], chunk):
+        part = fn(ctx.model, noisy[start:start + chunk], targets[start:start + chunk], base_options)
+        part = part.reshape(part.shape[0], -1, b, *x.shape[1:]).sum(dim=1)  # (T, B, C, *s)
+        total = part if total is None else total + part
+    ctx.method_notes["noise_sigma"] = sigma.tolist()
+    ctx.method_notes["base"] = base
+    return _slots_first_to_maps(total / n_samples)
+
+
+# --------------------------------------------------------------------------------------------- registry
+_CHANNELS = " Multi-channel inputs: signed sum over channels."
+register(MethodSpec(
+    name="saliency", family="gradient",
+    summary="Saliency: the signed gradient of the target logit with respect to the input (Simonyan et al. 2014)." + _CHANNELS,
+    run=_run_saliency, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
+))
+register(MethodSpec(
+    name="inputxgradient", family="gradient",
+    summary="Input x gradient (Shrikumar et al. 2016); equals LRP-0 on ReLU networks." + _CHANNELS,
+    run=_run_inputxgradient, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
+))
+register(MethodSpec(
+    name="guidedbackprop", family="gradient",
+    summary="Guided backpropagation: only positive gradients pass through positive ReLUs, module or functional "
+            "(Springenberg et al. 2015)." + _CHANNELS,
+    run=_run_guidedbackprop, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
+))
+register(MethodSpec(
+    name="guidedgradcam", family="gradient",
+    summary="Guided Grad-CAM: guided backprop times the upsampled Grad-CAM of the target layer (Selvaraju et al. 2017).",
+    run=_run_guidedgradcam, needs_gradients=True, needs_layer=True, cost="two forwards + two backwards",
+))
+register(MethodSpec(
+    name="integratedgradients", family="gradient",
+    summary="Integrated gradients along the straight path from a baseline (Sundararajan et al. 2017); the "
+            "completeness gap is recorded in provenance." + _CHANNELS,
+    run=_run_integratedgradients, needs_gradients=True, needs_layer=False, cost="n_steps forwards + backwards, batched",
+    options={"n_steps": 50, "baseline": "zero", "batch_size": 16},
+))
+register(MethodSpec(
+    name="smoothgrad", family="gradient",
+    summary="SmoothGrad: a gradient method averaged over noisy copies of the input; noise is a fraction of the "
+            "input's range (Smilkov et al. 2017)." + _CHANNELS,
+    run=_run_smoothgrad, needs_gradients=True, needs_layer=False, stochastic=True,
+    cost="n_samples forwards + backwards, batched",
+    options={"n_samples": 25, "noise": 0.15, "base": "saliency", "batch_size": 16},
+))
