@@ -96,3 +96,27 @@ def methods() -> list[str]:
 def method_info(name: str) -> Mapping[str, Any]:
     """Capability metadata of one method: family, needs_gradients, needs_layer, supports_3d, stochastic, ..."""
     return MappingProxyType(get_spec(name).info())
+
+
+def markdown_table() -> str:
+    """The methods table of docs/methods.md, generated from the registry (a test keeps the file current)."""
+    rows = ["| method | family | gradients | target layer | 3-D | stochastic | cost | options |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    yes = {True: "yes", False: "-"}
+    for spec in all_specs().values():
+        options = ", ".join(f"`{k}`" for k in spec.options) or "-"
+        rows.append(
+            f"| `{spec.name}` | {spec.family} | {yes[spec.needs_gradients]} | {yes[spec.needs_layer]} | "
+            f"{yes[spec.supports_3d]} | {yes[spec.stochastic]} | {spec.cost} | {options} |"
+        )
+    lines = ["# Methods", "", "Generated from the registry (`python -m medlens.registry > docs/methods.md`);",
+             "`tests/test_registry.py` fails when this file falls behind.", "", *rows, "", "## What each method does", ""]
+    lines += [f"- `{s.name}`: {s.summary}" for s in all_specs().values()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # Run as a script this file is a second module object; the families register into medlens.registry.
+    from medlens.registry import markdown_table as _table
+
+    print(_table(), end="")

@@ -1,0 +1,110 @@
+"""Every registered method, the day it is registered: runs in 2-D (and 3-D where it says so), returns
+raw finite maps of the right shape, leaves the model exactly as found, and is reproducible under a seed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import medlens
+from medlens.model_state import hook_count
+from medlens.registry import all_specs, markdown_table
+
+from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
+
+# Small settings so each method runs in well under a second on a tiny model.
+FAST = {
+    "n_steps": 8, "n_samples": 3, "num_samples": 64, "n_masks": 64, "n_segments": 8,
+    "batch_size": 16, "window": 4, "stride": 4,
+}
+REQUIRED_INFO = {"family", "needs_gradients", "needs_layer", "supports_3d", "stochastic"}
+
+
+def _options(name: str) -> dict:
+    accepted = all_specs()[name].options
+    return {k: v for k, v in FAST.items() if k in accepted}
+
+
+def _snapshot(model: torch.nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        [p.grad for p in model.parameters()],
+    )
+
+
+def _assert_unchanged(model, before):
+    state, modes, flags, grads = before
+    after = model.state_dict()
+    assert state.keys() == after.keys()
+    for k in state:
+        assert torch.equal(state[k], after[k]), k
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(a is b for a, b in zip((p.grad for p in model.parameters()), grads))
+    assert hook_count(model) == 0
+
+
+def test_registry_lists_every_api_method_with_metadata():
+    expected = {"cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam",
+                "scorecam", "ablationcam", "saliency", "inputxgradient", "guidedbackprop", "guidedgradcam",
+                "integratedgradients", "smoothgrad", "lrp", "occlusion", "rise", "lime", "kernelshap"}
+    assert expected <= set(medlens.methods())
+    for name in medlens.methods():
+        assert REQUIRED_INFO <= set(medlens.method_info(name))
+
+
+def test_docs_methods_table_is_current():
+    path = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    assert path.read_text() == markdown_table(), "regenerate: python -m medlens.registry > docs/methods.md"
+
+
+@pytest.mark.parametrize("name", list(medlens.methods()))
+def test_every_method_2d(name):
+    torch.manual_seed(1)
+    model = _randomise_bn(TinyCNN2d(in_channels=1, num_classes=3), 1)
+    model.train()  # the call must use eval mode and give the training flag back
+    model.fc.weight.grad = torch.ones_like(model.fc.weight)
+    x = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    before = _snapshot(model)
+    result = medlens.explain(model, x, methods=name, targets=[0, 2], seed=7, **_options(name))
+    _assert_unchanged(model, before)
+    maps = result[name]
+    assert maps.shape == (2, 2, 24, 24) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all()
+    assert maps.abs().sum() > 0, "an all-zero map on a non-degenerate model"
+    assert result.targets.tolist() == [[0, 2], [0, 2]]
+    with torch.no_grad():
+        model.eval()
+        assert torch.allclose(result.logits, model(x), atol=1e-5)
+        model.train()
+    if medlens.method_info(name)["stochastic"]:
+        again = medlens.explain(model, x, methods=name, targets=[0, 2], seed=7, **_options(name))[name]
+        assert torch.equal(maps, again), "same seed, different map"
+        assert result.provenance["seed"] == 7
+
+
+@pytest.mark.parametrize("name", [n for n in medlens.methods() if medlens.method_info(n)["supports_3d"]])
+def test_every_3d_method_on_a_volume(name):
+    torch.manual_seed(2)
+    model = _randomise_bn(TinyCNN3d(in_channels=1, num_classes=3), 2)
+    x = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(1))
+    before = _snapshot(model)
+    maps = medlens.explain(model, x, methods=name, targets=1, seed=3, **_options(name))[name]
+    _assert_unchanged(model, before)
+    assert maps.shape == (1, 1, 12, 12, 12)
+    assert torch.isfinite(maps).all() and maps.abs().sum() > 0
+
+
+def test_several_methods_in_one_call_equal_separate_calls():
+    torch.manual_seed(3)
+    model = _randomise_bn(TinyCNN2d(in_channels=1, num_classes=3), 3)
+    x = torch.rand(1, 1, 24, 24, generator=torch.Generator().manual_seed(2))
+    names = ["gradcam", "layercam", "saliency", "occlusion"]
+    options = {k: v for n in names for k, v in _options(n).items()}
+    together = medlens.explain(model, x, methods=names, targets=[0, 1], **options)
+    for n in names:
+        alone = medlens.explain(model, x, methods=n, targets=[0, 1], **_options(n))[n]
+        assert torch.allclose(together[n], alone, atol=1e-6), n
