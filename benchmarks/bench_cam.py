@@ -1,7 +1,7 @@
 """Benchmark: medlens' CAM family against pytorch-grad-cam, in one run, on the CPU.
 
 Interleaved repetitions, medians and ratios; Score-CAM's time and peak memory in a fresh process per run.
-Usage: PYTHONPATH=src python benchmarks/bench_cam.py [--reps 5] [--reps-many 2] [--reps-score 2] [--threads 2]
+Usage: PYTHONPATH=src python benchmarks/bench_cam.py [--reps 5] [--reps-many 2] [--reps-score 2] [--threads 1]
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="repetitions for (a) and the plain forward")
     parser.add_argument("--reps-many", type=int, default=2, help="repetitions for (b), 6 CAMs x 14 targets")
     parser.add_argument("--reps-score", type=int, default=2, help="repetitions for (c), Score-CAM (fresh process each)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-scorecam", action="store_true")
     parser.add_argument("--child-scorecam", choices=["medlens", "pytorch-grad-cam"], help=argparse.SUPPRESS)

@@ -338,3 +338,26 @@ def test_aug_smooth_never_mirrors_unless_asked(tiny2d):
     assert "flip" in flipped.provenance["methods"]["gradcam"]["aug_smooth"]
     # The flipped view's map is flipped back onto the original grid, so it still follows the original.
     assert corr(flipped["gradcam"][0, 0], plain) > corr(flipped["gradcam"][0, 0], plain.flip(-1))
+
+
+# ------------------------------------------------------------------------------------------------ Score-CAM
+def test_scorecam_matches_a_slow_textbook_loop_with_dead_channels(tiny2d):
+    with torch.no_grad():
+        tiny2d.features[4].bias[:3] = -100.0  # three channels dead after the ReLU: constant, all-zero masks
+    x = _input(24, batch=2, seed=11)[:, :1]
+    r = medlens.explain(tiny2d, x, "scorecam", targets=[2, 0], batch_size=5)
+    assert r.provenance["methods"]["scorecam"]["constant_channels_scored_once"] == 6  # 3 per image
+    a = _captured(tiny2d, tiny2d.features, x)
+    for b in range(2):
+        for slot, t in enumerate([2, 0]):
+            scores = []
+            for ch in range(a.shape[1]):
+                mask = F.interpolate(a[b : b + 1, ch : ch + 1], size=(24, 24), mode="bilinear", align_corners=False)
+                span = mask.max() - mask.min()
+                mask = (mask - mask.min()) / span if span > 0 else torch.zeros_like(mask)
+                with torch.no_grad():
+                    scores.append(tiny2d(x[b : b + 1] * mask)[0, t])
+            w = torch.softmax(torch.stack(scores), dim=0)
+            textbook = (w[:, None, None] * a[b]).sum(dim=0)
+            expected = F.interpolate(textbook[None, None], size=(24, 24), mode="bilinear", align_corners=False)[0, 0]
+            torch.testing.assert_close(r["scorecam"][b, slot], expected, rtol=1e-4, atol=1e-6)

@@ -57,15 +57,21 @@ def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def first_component(weighted: torch.Tensor) -> torch.Tensor:
     """Project (B, T, C, *s) onto its first principal component over channels: (B, T, *s).
 
-    SVD signs are arbitrary; we orient each map to agree with the plain channel sum, so a method's
+    Singular-vector signs are arbitrary; we orient each map to agree with the plain channel sum, so a method's
     eigen-smoothed map keeps the sign of its ordinary map.
     """
     b, t, c = weighted.shape[:3]
     spatial = weighted.shape[3:]
     x = weighted.reshape(b * t, c, -1).transpose(1, 2).double()  # (BT, N, C)
     x = x - x.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    projection = torch.einsum("bnc,bc->bn", x, vh[:, 0, :])
+    # The projection on the first right singular vector, X v1 = s1 u1, from the smaller Gram matrix's top
+    # eigenvector: the same values as an SVD (up to sign) and about 8x faster on CPU for a 7x7x1024 map.
+    if x.shape[1] <= x.shape[2]:
+        values, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # (BT, N, N), ascending
+        projection = vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()
+    else:
+        _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (BT, C, C)
+        projection = torch.einsum("bnc,bc->bn", x, vectors[..., -1])
     reference = weighted.reshape(b * t, c, -1).sum(dim=1).double()
     reference = reference - reference.mean(dim=1, keepdim=True)
     sign = torch.sign((projection * reference).sum(dim=1, keepdim=True))
