@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-scorecam", action="store_true")
+    parser.add_argument("--only-scorecam", action="store_true", help="run (c) only")
     parser.add_argument("--child-scorecam", choices=["medlens", "pytorch-grad-cam"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_scorecam:
@@ -173,11 +174,14 @@ def main() -> None:
     import pytorch_grad_cam  # noqa: F401
 
     torch.set_num_threads(args.threads)
+    rows = []
+    if args.only_scorecam:
+        _report(args, rows, None, None, _scorecam_runs(args))
+        return
     ours_model = _model("densenet121", 14)
     their_model = copy.deepcopy(ours_model)  # theirs leaves .grad and hooks' side effects on its copy only
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     layer = their_model.features[-1]
-    rows = []
 
     # warm-up (kernels, medlens' automatic-layer cache for this model and input shape)
     _ours(ours_model, x, "gradcam", [0])
@@ -213,29 +217,36 @@ def main() -> None:
     rows.append(("(b) 6 gradient CAMs x 14 targets, densenet121", med_b["medlens"], med_b["theirs"], med_b["forward"],
                  "theirs >= 20x ours; ours <= 1.5x forward"))
 
-    score = None
-    if not args.skip_scorecam:
-        runs = {"medlens": [], "pytorch-grad-cam": []}
-        for r in range(args.reps_score):
-            order = ["medlens", "pytorch-grad-cam"] if r % 2 == 0 else ["pytorch-grad-cam", "medlens"]
-            for tool in order:
-                runs[tool].append(_run_child(tool, args.threads, args.size))
-        score = {tool: {"seconds": statistics.median(r["seconds"] for r in v),
-                        "peak_rss_mib": max(r["maxrss_mib"] for r in v),
-                        "extra_mib": max(r["peak_rss_mib"] - r["start_rss_mib"] for r in v)}
-                 for tool, v in runs.items()}
+    _report(args, rows, ours_b, fwd_b, None if args.skip_scorecam else _scorecam_runs(args))
+
+
+def _scorecam_runs(args) -> dict:
+    runs = {"medlens": [], "pytorch-grad-cam": []}
+    for r in range(args.reps_score):
+        order = ["medlens", "pytorch-grad-cam"] if r % 2 == 0 else ["pytorch-grad-cam", "medlens"]
+        for tool in order:
+            runs[tool].append(_run_child(tool, args.threads, args.size))
+    return {tool: {"seconds": statistics.median(r["seconds"] for r in v),
+                   "peak_rss_mib": max(r["maxrss_mib"] for r in v),
+                   "extra_mib": max(r["peak_rss_mib"] - r["start_rss_mib"] for r in v)}
+            for tool, v in runs.items()}
+
+
+def _report(args, rows, ours_b, fwd_b, score) -> None:
+    import medlens
 
     print(f"\nMachine: {_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
           f"{args.threads} threads, Python {platform.python_version()}; medlens {medlens.__version__}, "
           f"pytorch-grad-cam {_grad_cam_version()}; input 1x3x{args.size}x{args.size}, random weights, 14 classes.")
     print(f"Repetitions: (a) {args.reps}; (b) medlens and forward {args.reps}, pytorch-grad-cam {args.reps_many}; "
           f"(c) {args.reps_score} per tool, each in a fresh process (interleaved; medians).\n")
-    print("| case | medlens (s) | pytorch-grad-cam (s) | speed-up | plain forward (s) | medlens / forward | goal |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name, ours, theirs, fwd, goal in rows:
-        print(f"| {name} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x | {fwd:.3f} | {ours / fwd:.2f} | {goal} |")
-    print(f"\nmedlens (b) over a plain forward, per interleaved pair: median "
-          f"{statistics.median(o / f for o, f in zip(ours_b, fwd_b)):.2f} over {len(ours_b)} pairs.")
+    if rows:
+        print("| case | medlens (s) | pytorch-grad-cam (s) | speed-up | plain forward (s) | medlens / forward | goal |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for name, ours, theirs, fwd, goal in rows:
+            print(f"| {name} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x | {fwd:.3f} | {ours / fwd:.2f} | {goal} |")
+        print(f"\nmedlens (b) over a plain forward, per interleaved pair: median "
+              f"{statistics.median(o / f for o, f in zip(ours_b, fwd_b)):.2f} over {len(ours_b)} pairs.")
     if score:
         m, g = score["medlens"], score["pytorch-grad-cam"]
         print("\n| (c) Score-CAM, resnet18, 1 target | time (s) | process peak RSS (MiB) | RSS added by the call (MiB) |")
