@@ -74,9 +74,21 @@ def _input(size: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=gen)
 
 
+def _blas_one_thread():
+    """pytorch-grad-cam's numpy SVDs with OpenBLAS threads next to torch's threads oversubscribe a small CI
+    machine (50x slower); one BLAS thread during their calls keeps the oracle tests fast."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _theirs(method: str, model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list[int]) -> torch.Tensor:
     kwargs = {"batch_size": 64} if method == "ablationcam" else {}
-    with THEIRS[method](model=model, target_layers=[layer], **kwargs) as cam:
+    with _blas_one_thread(), THEIRS[method](model=model, target_layers=[layer], **kwargs) as cam:
         if method == "scorecam":
             cam.batch_size = 64
         out = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
