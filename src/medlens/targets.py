@@ -77,7 +77,7 @@ def resolve_targets(
         if targets.is_floating_point():
             raise TargetError("targets must be class indices (integers), not floats.")
         targets = targets.tolist()
-    if isinstance(targets, (int, str)) or (hasattr(targets, "__index__") and not isinstance(targets, (list, tuple))):
+    if isinstance(targets, (int, float, str)) or (hasattr(targets, "__index__") and not isinstance(targets, (list, tuple))):
         targets = [targets]
     if not isinstance(targets, (list, tuple)) or len(targets) == 0:
         raise TargetError("targets must be None, a class, a list of classes, or one list of classes per image; got an empty or unknown value.")

@@ -57,15 +57,21 @@ def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def first_component(weighted: torch.Tensor) -> torch.Tensor:
     """Project (B, T, C, *s) onto its first principal component over channels: (B, T, *s).
 
-    SVD signs are arbitrary; we orient each map to agree with the plain channel sum, so a method's
+    Singular-vector signs are arbitrary; we orient each map to agree with the plain channel sum, so a method's
     eigen-smoothed map keeps the sign of its ordinary map.
     """
     b, t, c = weighted.shape[:3]
     spatial = weighted.shape[3:]
     x = weighted.reshape(b * t, c, -1).transpose(1, 2).double()  # (BT, N, C)
     x = x - x.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    projection = torch.einsum("bnc,bc->bn", x, vh[:, 0, :])
+    # The projection on the first right singular vector, X v1 = s1 u1, from the smaller Gram matrix's top
+    # eigenvector: the same values as an SVD (up to sign) and about 8x faster on CPU for a 7x7x1024 map.
+    if x.shape[1] <= x.shape[2]:
+        values, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # (BT, N, N), ascending
+        projection = vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()
+    else:
+        _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (BT, C, C)
+        projection = torch.einsum("bnc,bc->bn", x, vectors[..., -1])
     reference = weighted.reshape(b * t, c, -1).sum(dim=1).double()
     reference = reference - reference.mean(dim=1, keepdim=True)
     sign = torch.sign((projection * reference).sum(dim=1, keepdim=True))
@@ -162,7 +168,7 @@ def _channel_weighted(weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     """Zhou et al.'s CAM: the linear head's class weights on the pooled feature map, no backward pass.
 
-    Scaled by 1/N (N grid positions) so the map's mean plus the bias is the logit, and the map equals
+    Scaled by 1/N (N grid positions) so the map's sum over the layer grid plus the bias is the logit, and the map equals
     Grad-CAM's on a global-average-pool + linear head.
     """
     lp = ctx.layer_pass()
@@ -177,6 +183,8 @@ def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     tol = dict(rtol=1e-4, atol=1e-5)
     if torch.allclose(a.mean(dim=dims), head_input, **tol):
         features = a
+        if lp.inplace_relu:
+            ctx.method_notes["head"] = "an in-place ReLU sits between the target layer and the pooling (as in DenseNet); applied"
     elif torch.allclose(F.relu(a).mean(dim=dims), head_input, **tol):
         features = F.relu(a)
         ctx.method_notes["head"] = "a ReLU sits between the target layer and the pooling (as in DenseNet); applied"
@@ -190,38 +198,81 @@ def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ perturbation CAMs
+SCORECAM_BATCH = 8  # masked inputs per pass: on a CPU small batches are fastest per image (resnet18, 224 px) and use less memory
+ABLATIONCAM_BATCH = 256  # ablated copies of the layer's output per pass (only the head above the layer runs on them)
+
+
 def _channel_chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(n, start + size)
 
 
-def _check_batch_size(options: Mapping[str, Any]) -> int:
-    size = options.get("batch_size", 32)
+def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
+    size = options.get("batch_size", default)
+    if size is None:
+        return default
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise MethodError(f"batch_size must be a positive integer, got {size!r}.")
+        raise MethodError(f"batch_size must be a positive integer (how many perturbed copies run per pass), got {size!r}.")
     return size
+
+
+def _fast_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same values in channels-last memory order, which CPU convolutions run markedly faster on."""
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
+def _scores(ctx: ExplainContext, batch: torch.Tensor, state: dict) -> torch.Tensor:
+    """Logits of a batch of perturbed inputs (inference mode): channels-last unless the model rejects it."""
+    if state.get("layout", True):
+        try:
+            return call_model(ctx.model, _fast_layout(batch))
+        except RuntimeError:  # e.g. a .view() on a non-contiguous tensor inside the model
+            state["layout"] = False
+            ctx.method_notes["channels_last"] = False
+    return call_model(ctx.model, batch.contiguous())
 
 
 def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
     """Score-CAM: each channel, upsampled and min-max scaled, masks the input; the softmax over channels of
-    the masked target scores weighs the channels. Batched in inference mode, `batch_size` masks at a time."""
+    the masked target scores weighs the channels.
+
+    Batched in inference mode with `batch_size` masked inputs per pass, masks upsampled per chunk (memory
+    stays bounded). A channel that is constant over space gives an all-zero mask, so all such channels
+    share the score of one zero input: computed once.
+    """
     a = ctx.layer_pass().activation.detach()
     b, c = a.shape[:2]
     targets = ctx.targets
     weights = torch.empty(b, targets.shape[1], c, dtype=a.dtype, device=a.device)
+    state: dict = {}
+    zero_scores: Optional[torch.Tensor] = None
+    skipped = 0
     with torch.inference_mode():
         for i in range(b):
-            scores = []
-            for lo, hi in _channel_chunks(c, batch_size):
-                masks = upsample_to(a[i : i + 1, lo:hi], ctx.spatial_shape).transpose(0, 1)  # (n, 1, *S)
-                flat = masks.flatten(1)
-                mn, mx = flat.min(dim=1).values, flat.max(dim=1).values
-                span = (mx - mn).view(-1, *([1] * (masks.dim() - 1)))
-                masks = torch.where(span > 0, (masks - mn.view_as(span)) / span.clamp_min(EPS), torch.zeros_like(masks))
-                scores.append(call_model(ctx.model, ctx.x[i : i + 1] * masks))  # (n, K)
-            scores = torch.cat(scores)  # (C, K)
-            weights[i] = torch.softmax(scores[:, targets[i]].T, dim=-1)
-    return _channel_weighted(weights, a)
+            flat = a[i].flatten(1)
+            varying = torch.nonzero(flat.amax(dim=1) > flat.amin(dim=1)).flatten()
+            scores = torch.empty(c, targets.shape[1], dtype=a.dtype, device=a.device)
+            if varying.numel() < c:
+                if zero_scores is None:
+                    zero_scores = _scores(ctx, torch.zeros_like(ctx.x[:1]), state)[0]
+                scores[:] = zero_scores[targets[i]]
+                skipped += c - varying.numel()
+            for lo, hi in _channel_chunks(varying.numel(), batch_size):
+                idx = varying[lo:hi]
+                masks = upsample_to(a[i : i + 1, idx], ctx.spatial_shape).transpose(0, 1)  # (n, 1, *S)
+                m = masks.flatten(1)
+                mn = m.amin(dim=1).view(-1, *([1] * (masks.dim() - 1)))
+                mx = m.amax(dim=1).view_as(mn)
+                masks = (masks - mn) / (mx - mn).clamp_min(EPS)
+                out = _scores(ctx, ctx.x[i : i + 1] * masks, state)  # (n, K)
+                scores[idx] = out[:, targets[i]]
+            weights[i] = torch.softmax(scores.T, dim=-1)
+    ctx.method_notes["constant_channels_scored_once"] = skipped
+    return _channel_weighted(weights.clone(), a)
 
 
 def _ablation_value(a: torch.Tensor) -> float:
@@ -234,8 +285,9 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
     """Ablation-CAM: a channel's weight is how much the target score drops when that channel is ablated.
 
     Uses the plain score difference (not divided by the score), so the sign stays right for negative
-    logits. The input is run once per chunk; the layer's output is swapped for the ablated copies, so the
-    layers below the target layer do no repeated work.
+    logits. Per chunk of `batch_size` channels, the image runs once (batch 1) through the layers below
+    the target layer, and a forward hook swaps the layer's output for the chunk's ablated copies, so only
+    the layers above it run on the whole chunk.
     """
     lp = ctx.layer_pass()
     a = lp.activation.detach()
@@ -246,9 +298,22 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
     layer = ctx.layer.module
     weights = torch.empty(b, targets.shape[1], c, dtype=a.dtype, device=a.device)
     replacement: dict[str, torch.Tensor] = {}
+    n_classes = ctx.logits.shape[1]
 
     def swap(_m, _i, out):
         return replacement["act"]
+
+    def head_scores(i: int, n: int) -> torch.Tensor:
+        if not ctx.method_notes.get("input_repeated"):
+            try:
+                out = ctx.model(ctx.x[i : i + 1])
+            except RuntimeError:  # e.g. DenseNet's torch.cat of the layer's n copies with batch-1 features
+                out = None
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (n, n_classes):
+                return out
+        # Something above the layer ties its batch to the input's: run the image n times instead.
+        ctx.method_notes["input_repeated"] = True
+        return call_model(ctx.model, ctx.x[i : i + 1].expand(n, *ctx.x.shape[1:]))
 
     with torch.inference_mode():
         handle = layer.register_forward_hook(swap)
@@ -257,27 +322,22 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
                 drops = []
                 for lo, hi in _channel_chunks(c, batch_size):
                     n = hi - lo
-                    ablated = a[i : i + 1].expand(n, *a.shape[1:]).clone()
+                    ablated = a[i : i + 1].repeat(n, *([1] * (a.dim() - 1)))
                     idx = torch.arange(n, device=a.device)
                     ablated[idx, lo + idx] = value
                     replacement["act"] = ablated
-                    try:
-                        out = call_model(ctx.model, ctx.x[i : i + 1])
-                    except Exception:
-                        out = None
-                    if out is None or out.shape[0] != n:
-                        # Something above the layer mixes in the input batch: run the input n times instead.
-                        out = call_model(ctx.model, ctx.x[i : i + 1].expand(n, *ctx.x.shape[1:]))
+                    out = head_scores(i, n)
                     drops.append(base[i][None, :] - out[:, targets[i]])  # (n, T)
                 weights[i] = torch.cat(drops).T
         finally:
             handle.remove()
-    return _channel_weighted(weights, a)
+            replacement.clear()
+    return _channel_weighted(weights.clone(), a)
 
 
-def _perturbation_cam(fn):
+def _perturbation_cam(fn, default_batch: int):
     def weighted_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
-        size = _check_batch_size(options)
+        size = _check_batch_size(options, default_batch)
         ctx.method_notes["batch_size"] = size
         return fn(ctx, size)
     return weighted_of
@@ -317,12 +377,12 @@ register(MethodSpec(
 register(MethodSpec(
     name="scorecam", family="cam",
     summary="Score-CAM: channels as input masks, weighted by the masked target score; gradient-free (Wang et al. 2020).",
-    run=_cam_runner(_perturbation_cam(_scorecam)), needs_gradients=False, needs_layer=True,
-    cost="one forward per channel, batched", options={**CAM_OPTIONS, "batch_size": 32},
+    run=_cam_runner(_perturbation_cam(_scorecam, SCORECAM_BATCH)), needs_gradients=False, needs_layer=True,
+    cost="one forward per channel, batched", options={**CAM_OPTIONS, "batch_size": SCORECAM_BATCH},
 ))
 register(MethodSpec(
     name="ablationcam", family="cam",
     summary="Ablation-CAM: a channel's weight is the target score's drop when it is ablated (Desai & Ramaswamy 2020).",
-    run=_cam_runner(_perturbation_cam(_ablationcam)), needs_gradients=False, needs_layer=True,
-    cost="one pass above the layer per channel, batched", options={**CAM_OPTIONS, "batch_size": 32},
+    run=_cam_runner(_perturbation_cam(_ablationcam, ABLATIONCAM_BATCH)), needs_gradients=False, needs_layer=True,
+    cost="one pass above the layer per channel, batched", options={**CAM_OPTIONS, "batch_size": ABLATIONCAM_BATCH},
 ))

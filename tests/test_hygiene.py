@@ -1,0 +1,152 @@
+"""Model hygiene around `explain()`: hooks, train/eval flags, requires_grad, .grad and buffers as found.
+
+Checked after successful calls and after calls that raise part-way, for every CAM method.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import medlens
+from medlens.errors import MedlensError, MethodError
+from medlens.model_state import hook_count
+
+from conftest import TinyCNN2d, _randomise_bn
+
+CAMS = [n for n in medlens.methods() if medlens.method_info(n)["family"] == "cam"]
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomise_bn(TinyCNN2d(num_classes=3), seed)
+
+
+def _x(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "hooks": hook_count(model),
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "grad_ids": [(n, None if p.grad is None else id(p.grad)) for n, p in model.named_parameters()],
+        "grad_values": [(n, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def _assert_same(model: nn.Module, before: dict) -> None:
+    after = _snapshot(model)
+    assert after["hooks"] == before["hooks"], "hooks left on the model"
+    assert after["training"] == before["training"], "train/eval flags changed"
+    assert after["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
+    assert after["grad_ids"] == before["grad_ids"], ".grad tensors replaced"
+    for (name, g0), (_, g1) in zip(before["grad_values"], after["grad_values"]):
+        if g0 is None:
+            assert g1 is None, f"{name}.grad appeared"
+        else:
+            assert torch.equal(g0, g1), f"{name}.grad changed"
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), f"{k} changed (parameters or batch-norm statistics)"
+
+
+def _dirty(model: nn.Module) -> None:
+    """Mixed modes, frozen parameters and existing .grad tensors, as a training loop leaves them."""
+    model.train()
+    model.features[1].eval()  # one BN in eval mode, the rest training
+    model.features[0].weight.requires_grad_(False)  # frozen
+    model.features[0].bias.requires_grad_(False)
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 0.25)
+    model.features[4].weight.grad = torch.randn_like(model.features[4].weight)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_every_cam_leaves_the_model_as_found(mode):
+    model = _model()
+    if mode == "train":
+        _dirty(model)
+    else:
+        model.fc.bias.grad = torch.ones_like(model.fc.bias)
+    before = _snapshot(model)
+    x = _x()
+    result = medlens.explain(model, x, CAMS, targets=[0, 2])
+    _assert_same(model, before)
+    assert x.grad is None and not x.requires_grad
+    # The call ran in eval mode: the same maps as on an eval-mode copy (batch-norm statistics used, not
+    # the batch's), so train mode did not leak into the explanation.
+    reference = _model()
+    reference.eval()
+    again = medlens.explain(reference, x, CAMS, targets=[0, 2])
+    for name in CAMS:
+        torch.testing.assert_close(result[name], again[name], msg=name)
+
+
+class _FailsAfter(nn.Module):
+    """Wraps a model and raises on its n-th forward call (a method failing part-way)."""
+
+    def __init__(self, inner: nn.Module, n: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.n = n
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls >= self.n:
+            raise RuntimeError("boom in forward")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam"])
+def test_model_restored_when_a_method_raises_midway(method):
+    wrapped = _FailsAfter(_model(), n=3)  # 1: automatic layer, 2: shared pass, 3: first perturbation/aug pass
+    _dirty(wrapped.inner)
+    before = _snapshot(wrapped)
+    with pytest.raises(RuntimeError, match="boom"):
+        medlens.explain(wrapped, _x(), method, targets=1, **({"aug_smooth": True} if method == "gradcam" else {}))
+    assert wrapped.calls >= 3
+    _assert_same(wrapped, before)
+
+
+def test_model_restored_when_a_user_error_is_raised_inside_the_call():
+    # gradcam runs (hooks, a graph), then cam fails on VGG-like heads: model restored, clear error.
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).eval()
+    model[3].weight.grad = torch.zeros_like(model[3].weight)
+    before = _snapshot(model)
+    with pytest.raises(MethodError, match="cam needs"):
+        medlens.explain(model, torch.randn(1, 1, 8, 8), ["gradcam", "cam"], targets=0)
+    _assert_same(model, before)
+    # Bad options and bad targets also leave no trace.
+    for kwargs in ({"batch_size": 0, "methods": "scorecam"}, {"targets": [7], "methods": "gradcam"},
+                   {"targets": [[0], [1]], "methods": "gradcam"}, {"methods": "gradcam", "bogus": 1}):
+        with pytest.raises(MedlensError):
+            medlens.explain(model, torch.randn(1, 1, 8, 8), **kwargs)
+        _assert_same(model, before)
+
+
+def test_in_place_relus_give_the_same_maps_as_out_of_place():
+    inplace = _model()
+    outplace = _model()
+    for m in outplace.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x = _x()
+    a = medlens.explain(inplace, x, CAMS, targets=[0, 1])
+    b = medlens.explain(outplace, x, CAMS, targets=[0, 1])
+    for name in CAMS:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+def test_repeated_calls_leave_no_hooks_and_are_deterministic():
+    model = _model()
+    x = _x()
+    first = medlens.explain(model, x, CAMS, targets=1)
+    for _ in range(3):
+        again = medlens.explain(model, x, CAMS, targets=1)
+    assert hook_count(model) == 0
+    for name in CAMS:
+        assert torch.equal(first[name], again[name]), name
