@@ -38,7 +38,9 @@ def test_demo_runs_end_to_end(tmp_path):
     # CAMs of the lesion model concentrate on the lesion far above a uniform map's share
     assert lesion["energy_in_lesion"]["gradcam"]["mean"] > 3 * lesion["mean_lesion_area_fraction"]
     sc = summary["shortcut"]
-    assert sc["energy_on_marker"]["gradcam"]["mean"] > 0.5 > 10 * sc["marker_zone_area_fraction"]
+    assert sc["energy_on_marker"]["gradcam"]["mean"] > 4 * sc["marker_zone_area_fraction"]
+    assert sc["energy_on_marker"]["gradcam"]["mean"] > sc["energy_in_lesion"]["gradcam"]["mean"]
+    assert 0.0 <= sc["peak_on_marker"]["gradcam"] <= 1.0 and 0.0 <= lesion["peak_in_lesion"]["gradcam"] <= 1.0
     assert sc["decorrelated_marker"]["prediction_follows_marker"] > 0.9
     html = (out / "summary.html").read_text()
     assert "energy on marker" in html and "gradcam" in html and 'src="summary.png"' in html

@@ -97,7 +97,7 @@ def test_shared_dataset_split_is_disjoint_by_blocks():
 
 def test_shared_dataset_boxes_make_masks_on_the_tumour():
     root = shared_dataset("brain-tumor-figshare")
-    items = [s for s in scan_folder(root, splits=["test"])][:40]
+    items = scan_folder(root, splits=["test"])[::16]
     brighter = 0
     for s in items:
         img = read_image(s.image_path)[0].float()

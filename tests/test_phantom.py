@@ -53,13 +53,13 @@ def test_deterministic_under_seed_and_case_independent_of_n():
 
 
 def test_shortcut_marker_tracks_the_class_and_is_exact():
-    s = shortcut_set(24, size=64, seed=3)
+    s = shortcut_set(12, size=48, seed=3)
     assert torch.equal(s.has_marker, s.labels.bool())
     on = s.marker_masks
     assert bool((s.images[on] == 0.7).all())
     # the tag sits in the top-left corner, away from the lesion
     rows, cols = torch.nonzero(on[s.has_marker][0, 0], as_tuple=True)
-    assert rows.max() < 64 // 6 and cols.max() < 64 // 6
+    assert rows.max() < 48 // 6 and cols.max() < 48 // 6
     assert not (s.marker_masks & s.lesion_masks).any()
     # masks still exact with the marker painted in both image and background
     assert torch.equal(s.images != s.backgrounds, s.lesion_masks)

@@ -87,9 +87,14 @@ def test_shortcut_model_follows_and_points_at_the_marker():
     x = phantom_prepare(s.images[pos])
     result = medlens.explain(model, x, methods=["gradcam"], targets=1)
     zone = marker_zone(s.marker_masks[pos])
-    energy = energy_inside(result["gradcam"][:, 0], zone)
+    maps = result["gradcam"][:, 0]
+    energy = energy_inside(maps, zone)
     area = float(zone.flatten(1).float().mean())
-    assert float(energy.mean()) > 0.5 > 10 * area, (energy, area)
+    lesion_energy = energy_inside(maps, s.lesion_masks[pos][:, 0])
+    # a stride-4 CAM is blurry, so the test asks for a clear concentration, not a perfect fit:
+    assert float(energy.mean()) > 4 * area and bool((energy > lesion_energy).all()), (energy, area, lesion_energy)
+    peaks = maps.flatten(1).argmax(1)
+    assert bool(((peaks // 64 < 24) & (peaks % 64 < 24)).all()), peaks  # every peak in the top-left corner
     # the model predicts from the marker: lesion cases without it read as normal, normal cases with it as lesion
     never = phantom_2d(40, size=64, seed=778, marker="never", lesion_contrast=(0.06, 0.1), positive_rate=1.0)
     always = phantom_2d(40, size=64, seed=779, marker="always", lesion_contrast=(0.06, 0.1), positive_rate=0.0)

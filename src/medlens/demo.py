@@ -42,8 +42,18 @@ def energy_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
 
 
-def marker_zone(marker_masks: torch.Tensor, margin: int = 2) -> torch.Tensor:
-    """The marker's bounding square grown by `margin` pixels (N, H, W) bool: where 'on the marker' is scored."""
+def peak_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Whether each map's maximum lies inside its mask (the pointing game), (N,) bool."""
+    flat = maps.float().flatten(1)
+    idx = flat.argmax(1)
+    return masks.flatten(1).gather(1, idx[:, None])[:, 0]
+
+
+def marker_zone(marker_masks: torch.Tensor, margin: int = 4) -> torch.Tensor:
+    """The marker's bounding square grown by `margin` pixels (N, H, W) bool: where 'on the marker' is scored.
+
+    The margin (4 px) is one cell of the phantom models' last feature map (stride 4), the resolution of a CAM.
+    """
     m = marker_masks.reshape(marker_masks.shape[0], *marker_masks.shape[-2:]).float()
     grown = torch.nn.functional.max_pool2d(m[:, None], 2 * margin + 1, stride=1, padding=margin)[:, 0] > 0
     out = torch.zeros_like(grown)
@@ -157,6 +167,7 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
     maps, seconds, errors = _explain_each(lesion_model, x, names, lesion_idx, seed)
     masks = cases.lesion_masks[:, 0]
     lesion_energy = {n: energy_inside(m, masks) for n, m in maps.items()}
+    lesion_peak = {n: peak_inside(m, masks) for n, m in maps.items()}
     area = masks.flatten(1).float().mean(1)
     for i in range(n_cases):
         _case_figure(cases.images[i, 0], {n: m[i] for n, m in maps.items()}, masks[i],
@@ -175,6 +186,7 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
     zone = marker_zone(sc_cases.marker_masks[keep])
     sc_lesion = sc_cases.lesion_masks[keep][:, 0]
     marker_energy = {n: energy_inside(m, zone) for n, m in sc_maps.items()}
+    marker_peak = {n: peak_inside(m, zone) for n, m in sc_maps.items()}
     sc_lesion_energy = {n: energy_inside(m, sc_lesion) for n, m in sc_maps.items()}
     for i in range(len(keep)):
         _case_figure(sc_cases.images[keep[i], 0], {n: m[i] for n, m in sc_maps.items()}, zone[i],
@@ -194,12 +206,14 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
             "model": "phantom-lesion", "n_cases": n_cases, "mean_lesion_area_fraction": float(area.mean()),
             "p_lesion": probs.tolist(),
             "energy_in_lesion": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in lesion_energy.items()},
+            "peak_in_lesion": {n: float(p.float().mean()) for n, p in lesion_peak.items()},
             "seconds": seconds, "errors": errors,
         },
         "shortcut": {
             "model": "phantom-shortcut", "n_cases": int(len(keep)), "marker_zone_area_fraction": float(zone.flatten(1).float().mean()),
             "p_lesion": sc_probs.tolist(),
             "energy_on_marker": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in marker_energy.items()},
+            "peak_on_marker": {n: float(p.float().mean()) for n, p in marker_peak.items()},
             "energy_in_lesion": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in sc_lesion_energy.items()},
             "decorrelated_marker": {"n": 200, "prediction_follows_marker": follows_marker, "accuracy": follows_label},
             "seconds": sc_seconds, "errors": sc_errors,
@@ -217,12 +231,18 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
 
 
 def _text_table(s: dict[str, Any]) -> str:
-    rows = [f"{'method':<22}{'in lesion':>10}{'on marker':>11}"]
+    rows = ["energy = share of the map's positive part inside the region; peak = share of cases whose maximum is inside",
+            f"{'method':<22}{'energy in lesion':>17}{'peak in lesion':>15}{'energy on marker':>17}{'peak on marker':>15}"]
     for n in s["methods"]:
         le = s["lesion"]["energy_in_lesion"].get(n, {}).get("mean", math.nan)
+        lp = s["lesion"]["peak_in_lesion"].get(n, math.nan)
         me = s["shortcut"]["energy_on_marker"].get(n, {}).get("mean", math.nan)
-        rows.append(f"{n:<22}{le:>10.1%}{me:>11.1%}")
-    rows.append(f"{'(uniform map)':<22}{s['lesion']['mean_lesion_area_fraction']:>10.1%}{s['shortcut']['marker_zone_area_fraction']:>11.1%}")
+        mp = s["shortcut"]["peak_on_marker"].get(n, math.nan)
+        rows.append(f"{n:<22}{le:>17.1%}{lp:>15.0%}{me:>17.1%}{mp:>15.0%}")
+    rows.append(f"{'(uniform map)':<22}{s['lesion']['mean_lesion_area_fraction']:>17.1%}{'':>15}"
+                f"{s['shortcut']['marker_zone_area_fraction']:>17.1%}")
+    errors = {**s["lesion"]["errors"], **s["shortcut"]["errors"]}
+    rows += [f"{n}: failed ({e})" for n, e in errors.items()]
     return "\n".join(rows)
 
 
@@ -265,7 +285,9 @@ def _write_summary_html(out: Path, s: dict[str, Any]) -> None:
         b = sc["energy_on_marker"].get(n)
         c = sc["energy_in_lesion"].get(n)
         err = le["errors"].get(n) or sc["errors"].get(n)
-        cells = [f"{a['mean']:.1%}" if a else "-", f"{b['mean']:.1%}" if b else "-", f"{c['mean']:.1%}" if c else "-",
+        pa, pb = le["peak_in_lesion"].get(n), sc["peak_on_marker"].get(n)
+        cells = [f"{a['mean']:.1%}" if a else "-", f"{pa:.0%}" if pa is not None else "-",
+                 f"{b['mean']:.1%}" if b else "-", f"{pb:.0%}" if pb is not None else "-", f"{c['mean']:.1%}" if c else "-",
                  f"{le['seconds'].get(n, 0) + sc['seconds'].get(n, 0):.2f} s"]
         rows.append(f"<tr><td><code>{esc(n)}</code></td>" + "".join(f"<td>{v}</td>" for v in cells)
                     + f"<td>{esc(err) if err else ''}</td></tr>")
@@ -278,14 +300,15 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,td
 </head><body><h1>medlens demo</h1>
 <p>Synthetic MRI-like phantoms with exact ground truth (seed {s['seed']}), explained with {len(s['methods'])} methods from
 the registry. Scores are the share of each map's positive part that falls inside a region (a uniform map scores the
-region's area share). Run time {s['seconds_total']:.1f} s.</p>
+region's area share); "peak" is the share of cases whose map maximum lies inside the region. The marker region is
+the tag's square grown by 4 pixels, one cell of the models' last feature map. Run time {s['seconds_total']:.1f} s.</p>
 <img src="summary.png" alt="summary chart">
 <h2>Scores per method</h2>
-<table><tr><th>method</th><th>phantom-lesion: energy in lesion (mean of {le['n_cases']})</th>
-<th>phantom-shortcut: energy on marker (mean of {sc['n_cases']})</th><th>phantom-shortcut: energy in lesion</th>
+<table><tr><th>method</th><th>phantom-lesion: energy in lesion (mean of {le['n_cases']})</th><th>peak in lesion</th>
+<th>phantom-shortcut: energy on marker (mean of {sc['n_cases']})</th><th>peak on marker</th><th>phantom-shortcut: energy in lesion</th>
 <th>time</th><th>note</th></tr>
 {''.join(rows)}
-<tr><td>(uniform map)</td><td>{le['mean_lesion_area_fraction']:.1%}</td><td>{sc['marker_zone_area_fraction']:.1%}</td><td></td><td></td><td></td></tr>
+<tr><td>(uniform map)</td><td>{le['mean_lesion_area_fraction']:.1%}</td><td></td><td>{sc['marker_zone_area_fraction']:.1%}</td><td></td><td></td><td></td><td></td></tr>
 </table>
 <h2>The shortcut model</h2>
 <p><code>phantom-shortcut</code> was trained on phantoms where a corner tag appears exactly on the lesion cases and the
