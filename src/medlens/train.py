@@ -437,11 +437,16 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
               f"- Best epoch chosen by validation accuracy (best validation accuracy {metrics['best_val_accuracy']:.4f}).",
               f"- Wall time: {metrics['train_seconds'] / 60:.1f} min with {metrics['threads']} CPU thread(s). {note}".rstrip(),
               f"- Reproduce: `medlens train {name}"
-              + (" --data ../shared/data/brain-tumor-figshare" if name == "brain-tumor-mri" else "") + " --out trained` "
+              + (" --data ../shared/data/brain-tumor-figshare" if name == "brain-tumor-mri" else "")
+              + f" --threads {metrics['threads']} --out trained` "
               "(fixed seed; bit-for-bit equality across machines and thread counts is not guaranteed).", "",
               f"## Results on the test split ({test['n']} {'slices' if name == 'brain-tumor-mri' else 'phantoms'})", "",
               f"Overall accuracy: **{test['accuracy']:.2%}** ({round(test['accuracy'] * test['n'])}/{test['n']}).", "",
               _confusion_table(test), ""]
+    if name == "brain-tumor-mri":
+        met = test["accuracy"] >= 0.92
+        lines += [f"Project goal: at least 92% test accuracy: **{'met' if met else 'not met'}** "
+                  f"({test['accuracy']:.2%}).", ""]
     if "val" in metrics:
         lines += [f"Validation accuracy of the chosen checkpoint: {metrics['val']['accuracy']:.2%} (n = {metrics['val']['n']}).", ""]
     if name == "phantom-shortcut":
