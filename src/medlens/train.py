@@ -22,9 +22,9 @@ PathLike = Union[str, Path]
 
 # ----------------------------------------------------------------------------------------------- recipes
 BRAIN_RECIPE: dict[str, Any] = {
-    "size": 96,
-    "widths": (24, 48, 96, 192),
-    "epochs": 20,
+    "size": 128,
+    "widths": (32, 64, 128, 256),
+    "epochs": 24,
     "batch_size": 32,
     "lr": 3e-3,
     "weight_decay": 0.05,
