@@ -1,0 +1,104 @@
+"""The network classes behind the bundled models: a reduced-width ResNet-18 for brain MRI, small CNNs for phantoms.
+
+Both use torchvision building blocks and torchvision's attribute names, so layer auto-selection works on them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+
+class SmallResNet(nn.Module):
+    """ResNet-18 layout (torchvision `BasicBlock`, [2, 2, 2, 2]) with configurable width and input channels.
+
+    Attribute names match `torchvision.models.resnet18` (conv1, bn1, relu, maxpool, layer1-4, avgpool, fc);
+    `widths=(64, 128, 256, 512)` and `in_channels=3` give exactly torchvision's resnet18.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_channels: int = 1,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        blocks: Sequence[int] = (2, 2, 2, 2),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        widths = [int(w) for w in widths]
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(widths[0], blocks[0], stride=1)
+        self.layer2 = self._make_layer(widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(widths[3], blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # zero-init the last BN of each residual branch (stabler small-data training)
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, n)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+class PhantomCNN(nn.Module):
+    """A small CNN for phantom images (2-D or 3-D): conv-BN-ReLU blocks with pooling, then GAP and a linear head.
+
+    The last conv block (`features[-1]`'s ReLU output, module `features`) is the natural CAM layer.
+    """
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64), dims: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        pool = nn.MaxPool2d if dims == 2 else nn.MaxPool3d
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, w in enumerate(widths):
+            if i > 0:
+                layers.append(pool(2))
+            layers += [conv(prev, w, 3, padding=1, bias=False), bn(w), nn.ReLU(inplace=True)]
+            layers += [conv(w, w, 3, padding=1, bias=False), bn(w), nn.ReLU(inplace=True)]
+            prev = w
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1) if dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN}
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    """Instantiate an architecture by its class name (as written in the weights spec JSON)."""
+    if arch not in ARCHITECTURES:
+        from ..errors import ModelError
+
+        raise ModelError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}.")
+    return ARCHITECTURES[arch](**kwargs)
