@@ -53,11 +53,9 @@ def bundled_models() -> dict[str, dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..io.output import file_sha256  # one implementation of file hashing
+
+    return file_sha256(path)
 
 
 def load_state_dict_checked(model: nn.Module, path: Union[str, Path], what: str) -> nn.Module:
