@@ -31,6 +31,7 @@ BRAIN_RECIPE: dict[str, Any] = {
     "label_smoothing": 0.1,
     "mean": 0.15,
     "std": 0.2,
+    "ema_decay": 0.995,
     "seed": 0,
 }
 
@@ -110,10 +111,32 @@ def _augment_2d(x01: torch.Tensor, gen: torch.Generator, rotate_deg: float = 12.
     return (out.clamp(0, 1) ** gamma * contrast).clamp(0, 1)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters and float buffers (BatchNorm statistics included).
+
+    Evaluating and checkpointing the average rather than the last step gives a steadier model on small data."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+
 def train_brain(
     data_root: PathLike,
     out_dir: PathLike,
     epochs: Optional[int] = None,
+    size: Optional[int] = None,
     seed: int = 0,
     threads: int = 2,
     cache_dir: Optional[PathLike] = None,
@@ -129,6 +152,8 @@ def train_brain(
     r = dict(BRAIN_RECIPE, seed=seed)
     if epochs is not None:
         r["epochs"] = int(epochs)
+    if size is not None:
+        r["size"] = int(size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "brain-tumor-mri.train.log"
@@ -148,6 +173,8 @@ def train_brain(
     torch.manual_seed(r["seed"])
     gen = torch.Generator().manual_seed(r["seed"])
     model = SmallResNet(num_classes=len(CLASSES), in_channels=1, widths=r["widths"])
+    average = WeightAverage(model, r["ema_decay"]) if r.get("ema_decay") else None
+    eval_model = SmallResNet(num_classes=len(CLASSES), in_channels=1, widths=r["widths"]) if average else model
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     xtr, ytr = data["train"]["images"], data["train"]["labels"]
     steps_per_epoch = math.ceil(len(ytr) / r["batch_size"])
@@ -173,19 +200,23 @@ def train_brain(
             loss.backward()
             opt.step()
             sched.step()
+            if average is not None:
+                average.update(model)
             total_loss += float(loss) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        model.eval()
+        if average is not None:  # validate and checkpoint the weight average
+            average.copy_to(eval_model)
+        eval_model.eval()
         with torch.no_grad():
-            vlogits = torch.cat([model(xval[i : i + 64]) for i in range(0, len(xval), 64)])
+            vlogits = torch.cat([eval_model(xval[i : i + 64]) for i in range(0, len(xval), 64)])
         vloss = float(F.cross_entropy(vlogits, data["val"]["labels"]))
         vacc = float((vlogits.argmax(1) == data["val"]["labels"]).float().mean())
         improved = (vacc, -vloss) > (best[0], -best[1])
         if improved:
             best = (vacc, vloss)
-            _atomic_save(model.state_dict(), out_dir / "brain-tumor-mri.pt")
+            _atomic_save(eval_model.state_dict(), out_dir / "brain-tumor-mri.pt")
         history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen, "val_loss": vloss, "val_acc": vacc})
         say(
             f"epoch {epoch:3d}/{r['epochs']} train loss {total_loss / seen:.4f} acc {correct / seen:.4f} | "
@@ -498,14 +529,17 @@ def export_bundled(name: str, trained_dir: PathLike, note: str = "") -> Path:
 @click.option("--data", "data_root", type=click.Path(), default=None, help="Dataset folder (brain-tumor-mri: the figshare brain tumour set).")
 @click.option("--out", "out_dir", type=click.Path(), default="trained", show_default=True, help="Where weights, metrics and the log go.")
 @click.option("--epochs", type=int, default=None, help="Override the recipe's number of epochs.")
+@click.option("--size", type=int, default=None, help="brain-tumor-mri only: override the recipe's input size in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
-def train_command(model_name: str, data_root: Optional[str], out_dir: str, epochs: Optional[int], seed: int, threads: int) -> None:
+def train_command(model_name: str, data_root: Optional[str], out_dir: str, epochs: Optional[int], size: Optional[int],
+                  seed: int, threads: int) -> None:
     """Reproduce a bundled model from data with a fixed seed (progress bar, epoch log, best-by-validation)."""
     if model_name == "brain-tumor-mri":
         if data_root is None:
             raise InputError("brain-tumor-mri needs --data DIR: a copy of the figshare brain tumour set (one folder per class).")
-        summary = train_brain(data_root, out_dir, epochs=epochs, seed=seed, threads=threads, cache_dir=Path(out_dir) / "cache")
+        summary = train_brain(data_root, out_dir, epochs=epochs, size=size, seed=seed, threads=threads,
+                              cache_dir=Path(out_dir) / "cache")
         click.echo(f"wrote {Path(out_dir) / 'brain-tumor-mri.pt'} (test accuracy {summary['test']['accuracy']:.4f})")
     else:
         names = ["phantom-lesion", "phantom-shortcut"] if model_name == "all-phantoms" else [model_name]
