@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import medlens
+from medlens.errors import MethodError
 from medlens.model_state import hook_count
 from medlens.registry import all_specs, markdown_table
 
@@ -108,3 +109,23 @@ def test_several_methods_in_one_call_equal_separate_calls():
     for n in names:
         alone = medlens.explain(model, x, methods=n, targets=[0, 1], **_options(n))[n]
         assert torch.allclose(together[n], alone, atol=1e-6), n
+
+
+@pytest.mark.parametrize("name", medlens.methods())
+def test_torchscript_model_gives_the_eager_result_or_a_clear_refusal(tiny2d, name):
+    """A method that only calls the model must give the same maps on the TorchScript version of it; one that
+    hooks a layer or patches functions must refuse up front with a MethodError (never a silent plain gradient)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(tiny2d), buffer)
+    buffer.seek(0)
+    scripted = torch.jit.load(buffer)
+    x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(3))
+    if medlens.method_info(name)["supports_torchscript"]:
+        eager = medlens.explain(tiny2d, x, name, targets=[1], seed=5, **_options(name))[name]
+        script = medlens.explain(scripted, x, name, targets=[1], seed=5, **_options(name))[name]
+        torch.testing.assert_close(script, eager, rtol=1e-4, atol=1e-5)
+    else:
+        with pytest.raises(MethodError, match="TorchScript"):
+            medlens.explain(scripted, x, name, targets=[1], seed=5)

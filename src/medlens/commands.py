@@ -248,12 +248,12 @@ def explain_command(
     except (RuntimeError, AssertionError) as exc:
         raise MedlensError(f"cannot use device {device!r} ({exc}); try --device cpu.") from None
     if isinstance(model, torch.jit.ScriptModule):
-        hooked = [s.name for s in specs if s.needs_layer]
+        hooked = [s.name for s in specs if not s.supports_torchscript]
         if hooked:
             raise MethodError(
-                f"method(s) {', '.join(hooked)} read a layer's activations through hooks, which TorchScript models do not "
-                f"support. Load the model as a Python module instead (torch.save(model) or an architecture name with "
-                f"--weights), or use methods that need no layer (see `medlens methods`)."
+                f"method(s) {', '.join(hooked)} hook a layer or patch the model's functions, which TorchScript models do "
+                f"not allow. Load the model as a Python module instead (torch.save(model) or an architecture name with "
+                f"--weights), or use methods that only call the model (the TorchScript column of `medlens methods`)."
             )
     if targets is not None and targets.strip().lower() == "all":
         target_list: Any = list(range(len(model.labels)))

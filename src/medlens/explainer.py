@@ -21,7 +21,7 @@ from .context import ExplainContext
 from .errors import InputError, MethodError, ModelError
 from .layers import LayerSpec
 from .model_state import borrowed_model
-from .registry import MethodSpec, get_spec
+from .registry import MethodSpec, all_specs, get_spec
 from .result import ExplanationResult
 
 MethodsArg = Union[str, Iterable[str]]
@@ -131,6 +131,15 @@ def explain(
         flat = [s.name for s in specs if not s.supports_3d]
         if flat:
             raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(x.shape)}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        hooked = [s.name for s in specs if not s.supports_torchscript]
+        if hooked:
+            raise MethodError(
+                f"method(s) {', '.join(hooked)} need to hook a layer or patch the model's functions, which a TorchScript "
+                f"model does not allow. Load the model as a Python module instead (torch.save(model), or an architecture "
+                f"name with weights), or use a method that only calls the model: "
+                f"{', '.join(n for n, sp in all_specs().items() if sp.supports_torchscript)}."
+            )
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
     labels = getattr(model, "labels", None)

@@ -35,6 +35,13 @@ class MethodSpec:
     stochastic: bool = False
     cost: str = "one pass"
     options: Mapping[str, Any] = field(default_factory=dict)  # option name -> default
+    #: whether the method runs on a TorchScript model: it may only call the model, never hook a layer or
+    #: patch its functions (None: every method that needs no target layer, unless it says otherwise)
+    torchscript: bool | None = None
+
+    @property
+    def supports_torchscript(self) -> bool:
+        return (not self.needs_layer) if self.torchscript is None else self.torchscript
 
     def info(self) -> dict[str, Any]:
         return {
@@ -45,6 +52,7 @@ class MethodSpec:
             "needs_layer": self.needs_layer,
             "supports_3d": self.supports_3d,
             "stochastic": self.stochastic,
+            "supports_torchscript": self.supports_torchscript,
             "cost": self.cost,
             "options": dict(self.options),
         }
@@ -100,14 +108,14 @@ def method_info(name: str) -> Mapping[str, Any]:
 
 def markdown_table() -> str:
     """The methods table of docs/methods.md, generated from the registry (a test keeps the file current)."""
-    rows = ["| method | family | gradients | target layer | 3-D | stochastic | cost | options |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| method | family | gradients | target layer | 3-D | stochastic | TorchScript | cost | options |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     yes = {True: "yes", False: "-"}
     for spec in all_specs().values():
         options = ", ".join(f"`{k}`" for k in spec.options) or "-"
         rows.append(
             f"| `{spec.name}` | {spec.family} | {yes[spec.needs_gradients]} | {yes[spec.needs_layer]} | "
-            f"{yes[spec.supports_3d]} | {yes[spec.stochastic]} | {spec.cost} | {options} |"
+            f"{yes[spec.supports_3d]} | {yes[spec.stochastic]} | {yes[spec.supports_torchscript]} | {spec.cost} | {options} |"
         )
     lines = ["# Methods", "", "Generated from the registry (`python -m medlens.registry > docs/methods.md`);",
              "`tests/test_registry.py` fails when this file falls behind.", "", *rows, "", "## What each method does", ""]

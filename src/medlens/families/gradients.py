@@ -125,6 +125,10 @@ def _inputxgradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, op
 
 
 def _guidedbackprop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    if isinstance(model, torch.jit.ScriptModule):  # its ReLUs run inside TorchScript: patching would not reach them
+        raise MethodError("guided backpropagation cannot run on a TorchScript model: its ReLUs run inside TorchScript, "
+                          "where medlens cannot swap their backward (the result would silently be the plain gradient). "
+                          "Load the model as a Python module, or use saliency / integratedgradients.")
     with guided_relu():
         return input_gradients(model, x, targets)[0]
 
@@ -374,6 +378,7 @@ register(MethodSpec(
     summary="Guided backpropagation: only positive gradients pass through positive ReLUs, module or functional "
             "(Springenberg et al. 2015)." + _CHANNELS,
     run=_run_guidedbackprop, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
+    torchscript=False,
 ))
 register(MethodSpec(
     name="guidedgradcam", family="gradient",
