@@ -55,26 +55,31 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=32)
     parser.add_argument("--ig-batch", type=int, default=16, help="inputs per forward, the same for both libraries")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--only", choices=["lrp", "ig"], default=None, help="run one of the two comparisons")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import captum.attr
-    import zennit
+    device = args.device
+    torch.manual_seed(0)
+    rows = []
+    if args.only != "ig":
+        rows += _lrp_rows(args, device)
+    if args.only != "lrp":
+        rows += _ig_rows(args, device)
+    _print(args, device, rows)
+
+
+def _lrp_rows(args, device) -> list:
+    """LRP: ResNet50, epsilon-plus-flat, against zennit."""
+    import medlens
+    from medlens.families.lrp import lrp_relevance
+    from medlens.model_state import borrowed_model
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer
 
-    import medlens
-    from medlens.families.gradients import integrated_gradients
-    from medlens.families.lrp import lrp_relevance
-    from medlens.model_state import borrowed_model
-
-    device = args.device
-    torch.manual_seed(0)
     rows = []
-
-    # ------------------------------------------------------------------ LRP: ResNet50, epsilon-plus-flat
     model = torchvision.models.resnet50(weights=None, num_classes=1000).eval().to(device)
     x = torch.randn(1, 3, args.lrp_size, args.lrp_size, device=device)
     target = 7
@@ -113,7 +118,19 @@ def main() -> None:
         rows.append((f"LRP epsilon-plus-flat, ResNet50 {args.lrp_size}px, 1 image", name, t, "zennit", z_time,
                      _corr(out, z_out)))
 
-    # ------------------------------------------------------------------ integrated gradients vs captum
+    return rows
+
+
+def _ig_rows(args, device) -> list:
+    """Integrated gradients against captum, equal steps and batch."""
+    import captum.attr
+
+    import medlens
+    from medlens.families.gradients import integrated_gradients
+    from medlens.model_state import borrowed_model
+
+    rows = []
+    torch.manual_seed(0)
     ig_model = getattr(torchvision.models, args.ig_model)(weights=None, num_classes=1000).eval().to(device)
     xi = torch.randn(1, 3, args.ig_size, args.ig_size, device=device)
     ig_target = 3
@@ -138,6 +155,12 @@ def main() -> None:
         t, out = res[name]
         rows.append((f"IG {args.ig_steps} steps, batch {args.ig_batch}, {args.ig_model} {args.ig_size}px, 1 image",
                      name, t, "captum", c_time, _corr(out, c_out)))
+    return rows
+
+
+def _print(args, device, rows) -> None:
+    import captum
+    import zennit
 
     cpu = platform.processor() or platform.machine()
     try:

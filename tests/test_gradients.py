@@ -144,6 +144,46 @@ def test_integrated_gradients_equal_captum(baseline):
     torch.testing.assert_close(r["integratedgradients"], ref, rtol=1e-3, atol=1e-5)
 
 
+class _InputUsedThrice(nn.Module):
+    """The first conv reads the input twice (shared weights) and the input is also added further on: the
+    input-layer shortcut of integrated gradients must intercept both conv calls and keep the direct use."""
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.stem = conv(1, 4, 3, padding=1)
+        self.body = conv(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x)) + 0.5 * torch.tanh(self.stem(x)) + x
+        h = torch.relu(self.body(h))
+        return self.head(h.flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_integrated_gradients_input_layer_shortcut_is_exact(dims):
+    torch.manual_seed(0)
+    model = _InputUsedThrice(dims).eval()
+    x = torch.randn((2, 1) + (10,) * dims)
+    base = torch.full_like(x, 0.2)
+    r = medlens.explain(model, x, "integratedgradients", targets=[0, 2], n_steps=24, baseline=0.2, batch_size=10)
+    assert r.provenance["methods"]["integratedgradients"]["input_layers_run_once"] == ["stem"]
+    ref = _per_target(captum_attr.IntegratedGradients, model, x, r.targets, baselines=base, n_steps=24,
+                      method="gausslegendre")
+    torch.testing.assert_close(r["integratedgradients"], ref, rtol=1e-4, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the interception is undone
+
+
+def test_integrated_gradients_shortcut_on_resnet_stem_matches_captum():
+    model = torchvision_model("resnet18")
+    x = torch.randn(1, 3, 40, 40)
+    r = medlens.explain(model, x, "integratedgradients", targets=[2], n_steps=16, batch_size=8)
+    assert r.provenance["methods"]["integratedgradients"]["input_layers_run_once"] == ["conv1"]
+    ref = _per_target(captum_attr.IntegratedGradients, model, x, r.targets, n_steps=16, internal_batch_size=8)
+    torch.testing.assert_close(r["integratedgradients"], ref, rtol=1e-3, atol=1e-5)
+
+
 def test_integrated_gradients_batching_does_not_change_the_result(tiny3d):
     x = torch.randn(2, 1, 6, 8, 8)
     a = medlens.explain(tiny3d, x, "integratedgradients", targets=[0, 1], n_steps=10, batch_size=2)

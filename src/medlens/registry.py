@@ -70,6 +70,9 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+_FAMILY_MODULES: list[str] = []
+
+
 def _load_families() -> None:
     """Import every module of `medlens.families` so each family registers its methods."""
     global _LOADED
@@ -79,12 +82,25 @@ def _load_families() -> None:
     package = importlib.import_module(__package__ + ".families")
 
     for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        _FAMILY_MODULES.append(module.name)
         importlib.import_module(module.name)
+
+
+def _canonical_position(spec: MethodSpec) -> int:
+    # The module that defines the method's runner, in the families package's walk order: the order of the
+    # registry is the same whichever family module a program happens to import first.
+    module = getattr(spec.run, "__module__", "") or ""
+    for i, name in enumerate(_FAMILY_MODULES):
+        if module == name:
+            return i
+    return len(_FAMILY_MODULES)
 
 
 def all_specs() -> Mapping[str, MethodSpec]:
     _load_families()
-    return MappingProxyType(_REGISTRY)
+    names = list(_REGISTRY)
+    ordered = sorted(names, key=lambda n: (_canonical_position(_REGISTRY[n]), names.index(n)))
+    return MappingProxyType({n: _REGISTRY[n] for n in ordered})
 
 
 def get_spec(name: str) -> MethodSpec:

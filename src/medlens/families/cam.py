@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..context import ExplainContext, LayerPass, call_model
 from ..errors import MethodError
 from ..registry import MethodSpec, register
-from ..spatial import spatial_dims, upsample_to
+from ..spatial import channels_last, spatial_dims, upsample_to
 
 CAM_OPTIONS = {"eigen_smooth": False, "aug_smooth": False, "aug_flip": False}
 EPS = 1e-7
@@ -216,20 +216,11 @@ def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
     return size
 
 
-def _fast_layout(t: torch.Tensor) -> torch.Tensor:
-    """The same values in channels-last memory order, which CPU convolutions run markedly faster on."""
-    if t.dim() == 4:
-        return t.contiguous(memory_format=torch.channels_last)
-    if t.dim() == 5:
-        return t.contiguous(memory_format=torch.channels_last_3d)
-    return t
-
-
 def _scores(ctx: ExplainContext, batch: torch.Tensor, state: dict) -> torch.Tensor:
     """Logits of a batch of perturbed inputs (inference mode): channels-last unless the model rejects it."""
     if state.get("layout", True):
         try:
-            return call_model(ctx.model, _fast_layout(batch))
+            return call_model(ctx.model, channels_last(batch))
         except RuntimeError:  # e.g. a .view() on a non-contiguous tensor inside the model
             state["layout"] = False
             ctx.method_notes["channels_last"] = False
