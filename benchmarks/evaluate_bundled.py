@@ -1,0 +1,185 @@
+"""The evaluation tables of docs/evaluation.md: every registered method on the bundled models.
+
+Parts (each writes metrics.csv, metrics.md, run.json and plots to OUT/<part>/):
+
+- brain-fast: the 17 methods that cost at most a few passes (CAM, gradient, LRP families), all 15 metrics,
+  on a seeded subset of the figshare *test* split (never an image the model was trained on);
+- brain-perturbation: occlusion, RISE, LIME, KernelSHAP at their defaults on a smaller subset, every metric
+  except randomisation and max-sensitivity (each of those re-explains an image 8 times: minutes per image);
+- phantom-lesion: every method and metric on fresh phantom cases (seed 3, the model card's test seed) with
+  the exact lesion masks (perturbation methods again on a smaller subset, without the two re-explaining metrics);
+- phantom-shortcut: the shortcut model on lesion cases of its own kind (marker present), localisation scored
+  twice: against the burned-in marker (a method that exposes the shortcut scores high) and against the lesion.
+
+    python benchmarks/evaluate_bundled.py brain-fast --data ../shared/data/brain-tumor-figshare --limit 40
+    python benchmarks/evaluate_bundled.py phantom-lesion phantom-shortcut
+
+Run parts in parallel processes on a multi-core machine; each uses one torch thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+PERTURBATION = ["occlusion", "rise", "lime", "kernelshap"]
+REEXPLAINING = {"randomization", "max_sensitivity"}
+
+
+def _fast_methods() -> list[str]:
+    import medlens
+
+    return [m for m in medlens.methods() if m not in PERTURBATION]
+
+
+def _all_metrics() -> list[str]:
+    from medlens.evaluation.runner import METRICS
+
+    return list(METRICS)
+
+
+def _brain(args, part: str) -> None:
+    import medlens
+    from medlens.data.figshare import scan_folder
+    from medlens.evaluation import evaluate
+
+    if args.data is None or not Path(args.data).is_dir():
+        raise SystemExit(f"{part}: needs --data, a copy of the figshare brain tumour set (not found: {args.data}).")
+    model = medlens.load_model("brain-tumor-mri")
+    test = [f"{s.class_name}/{s.image_path.name}" for s in scan_folder(args.data, splits=["test"])]
+    if part == "brain-fast":
+        methods, metrics, limit = _fast_methods(), _all_metrics(), args.limit
+    else:
+        methods, metrics, limit = PERTURBATION, [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
+    evaluate(model, args.data, methods=methods, metrics=metrics, limit=limit, seed=args.seed,
+             out=Path(args.out) / part, include=test, progress=True)
+
+
+def _phantom_samples(name: str, n: int, marker_masks: bool = False) -> list[dict]:
+    from medlens.train import phantom_data, phantom_prepare
+
+    cases = phantom_data(name, "test", n=n)
+    x = phantom_prepare(cases.images)
+    samples = []
+    for i in range(len(cases)):
+        label = cases.label_names[int(cases.labels[i])]
+        if marker_masks:
+            if not bool(cases.has_marker[i]):
+                continue
+            mask = cases.marker_masks[i, 0]
+        else:
+            mask = cases.lesion_masks[i, 0]
+        samples.append({"image": x[i], "mask": mask, "label": label})
+    return samples
+
+
+def _phantom(args, part: str) -> None:
+    import medlens
+    from medlens.evaluation import evaluate
+    from medlens.evaluation.runner import LOCALISATION
+
+    name = part
+    model = medlens.load_model(name)
+    out = Path(args.out) / part
+    slow_metrics = [m for m in _all_metrics() if m not in REEXPLAINING]
+    if name == "phantom-lesion":
+        samples = _phantom_samples(name, args.phantoms)
+        evaluate(model, samples, methods=_fast_methods(), metrics=_all_metrics(), seed=args.seed, out=out / "fast",
+                 progress=True)
+        evaluate(model, samples, methods=PERTURBATION, metrics=slow_metrics, limit=args.limit_slow, seed=args.seed,
+                 out=out / "perturbation", progress=True)
+        return
+    # the shortcut model: lesion cases carry the marker; localisation against the marker, then the lesion
+    lesion_cases = [s for s in _phantom_samples(name, args.phantoms) if s["label"] == "lesion"]
+    marker_cases = _phantom_samples(name, args.phantoms, marker_masks=True)
+    loc = list(LOCALISATION)
+    for region, samples in (("marker", marker_cases), ("lesion", lesion_cases)):
+        evaluate(model, samples, methods=_fast_methods(), metrics=loc, seed=args.seed, out=out / f"{region}-fast",
+                 progress=True)
+        evaluate(model, samples, methods=PERTURBATION, metrics=loc, limit=args.limit_slow, seed=args.seed,
+                 out=out / f"{region}-perturbation", progress=True)
+
+
+ARROWS = {"deletion": "↓", "insertion": "↑", "road_morf": "↓", "road_lerf": "↑", "average_drop": "↓",
+          "increase_in_confidence": "↑", "pointing_game": "↑", "energy_in_box": "↑", "iou": "↑", "dice": "↑",
+          "auprc": "↑", "randomization": "↓", "completeness": "↓", "max_sensitivity": "↓", "sparseness": "↑"}
+SHORT = {"increase_in_confidence": "incr. conf.", "average_drop": "avg drop", "pointing_game": "pointing",
+         "energy_in_box": "energy", "randomization": "random.", "max_sensitivity": "max sens.",
+         "completeness": "complet."}
+
+
+def summary_table(folders: list[Path], metrics: list[str], label: str = "") -> str:
+    """One compact Markdown table (means over all images; n and 95% intervals are in each metrics.csv)."""
+    import csv
+
+    values: dict[str, dict[str, str]] = {}
+    n: dict[str, dict[str, str]] = {}
+    seconds: dict[str, float] = {}
+    for folder in folders:
+        earlier = set(values)  # the baselines of the first folder are kept (same data, more images)
+        with open(folder / "metrics.csv") as fh:
+            for row in csv.DictReader(fh):
+                if row["target"] == "all" and row["method"] not in earlier:
+                    values.setdefault(row["method"], {})[row["metric"]] = row["value"]
+                    n.setdefault(row["method"], {})[row["metric"]] = row["n"]
+        seconds.update(json.loads((folder / "run.json").read_text())["seconds_per_image"])
+    metrics = [m for m in metrics if any(m in v for v in values.values())]
+    head = "| method | " + " | ".join(f"{SHORT.get(m, m)} {ARROWS[m]}" for m in metrics) + " | s/image | n |"
+    lines = [head, "|---" + "|---:" * (len(metrics) + 2) + "|"]
+    for method, vals in values.items():
+        cells = []
+        for m in metrics:
+            v = vals.get(m, "")
+            cells.append(f"{float(v):.3f}" if v not in ("", "nan") else "")
+        sec = f"{seconds[method]:.2f}" if method in seconds else ""
+        counts = sorted({int(c) for c in n[method].values()})
+        lines.append(f"| {label}{method} | " + " | ".join(cells) + f" | {sec} | {'/'.join(map(str, counts))} |")
+    return "\n".join(lines)
+
+
+def summarise(out: Path) -> None:
+    metrics = list(ARROWS)
+    parts = {
+        "brain (figshare test split)": [out / "brain-fast", out / "brain-perturbation"],
+        "phantom-lesion": [out / "phantom-lesion" / "fast", out / "phantom-lesion" / "perturbation"],
+        "phantom-shortcut, localisation against the marker": [out / "phantom-shortcut" / "marker-fast",
+                                                              out / "phantom-shortcut" / "marker-perturbation"],
+        "phantom-shortcut, localisation against the lesion": [out / "phantom-shortcut" / "lesion-fast",
+                                                              out / "phantom-shortcut" / "lesion-perturbation"],
+    }
+    for title, folders in parts.items():
+        folders = [f for f in folders if (f / "metrics.csv").is_file()]
+        if folders:
+            print(f"### {title}\n\n{summary_table(folders, metrics)}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="+",
+                        choices=["brain-fast", "brain-perturbation", "phantom-lesion", "phantom-shortcut", "summary"])
+    parser.add_argument("--data", default=None, help="the figshare brain tumour folder (brain parts)")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--limit", type=int, default=40, help="test-split images for the fast brain methods")
+    parser.add_argument("--limit-slow", type=int, default=10, help="images for the perturbation methods")
+    parser.add_argument("--phantoms", type=int, default=100, help="phantom test cases (about half with a lesion)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for part in args.parts:
+        if part == "summary":
+            summarise(Path(args.out))
+            continue
+        t0 = time.perf_counter()
+        (_brain if part.startswith("brain") else _phantom)(args, part)
+        seconds = time.perf_counter() - t0
+        Path(args.out, part).mkdir(parents=True, exist_ok=True)
+        Path(args.out, part, "wall.json").write_text(json.dumps({"part": part, "seconds": seconds}) + "\n")
+        print(f"{part}: {seconds / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
