@@ -18,7 +18,7 @@ from medlens.train import brain_prepare, phantom_prepare, predict
 PHANTOM_LESION_MIN_ACCURACY = 0.9
 
 EXPECTED = {
-    "brain-tumor-mri": {"labels": ["pituitary", "meningioma", "glioma"], "size": (128, 128), "max_mb": 25},
+    "brain-tumor-mri": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "phantom-lesion": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
     "phantom-shortcut": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
 }

@@ -22,9 +22,9 @@ PathLike = Union[str, Path]
 
 # ----------------------------------------------------------------------------------------------- recipes
 BRAIN_RECIPE: dict[str, Any] = {
-    "size": 128,
+    "size": 160,
     "widths": (32, 64, 128, 256),
-    "epochs": 24,
+    "epochs": 36,
     "batch_size": 32,
     "lr": 3e-3,
     "weight_decay": 0.05,
