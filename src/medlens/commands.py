@@ -204,10 +204,9 @@ def explain_command(
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """
-    import torch
     from tqdm import tqdm
 
-    from .explainer import explain
+    from .explainer import check_torchscript_support, explain
     from .io.images import model_dims, prepare, read_image
     from .io.models import load_model
     from .io.output import ensure_writable, write_explanation
@@ -247,14 +246,7 @@ def explain_command(
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise MedlensError(f"cannot use device {device!r} ({exc}); try --device cpu.") from None
-    if isinstance(model, torch.jit.ScriptModule):
-        hooked = [s.name for s in specs if not s.supports_torchscript]
-        if hooked:
-            raise MethodError(
-                f"method(s) {', '.join(hooked)} hook a layer or patch the model's functions, which TorchScript models do "
-                f"not allow. Load the model as a Python module instead (torch.save(model) or an architecture name with "
-                f"--weights), or use methods that only call the model (the TorchScript column of `medlens methods`)."
-            )
+    check_torchscript_support(model, specs)
     if targets is not None and targets.strip().lower() == "all":
         target_list: Any = list(range(len(model.labels)))
     else:

@@ -111,6 +111,20 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def check_torchscript_support(model: nn.Module, specs: Iterable[MethodSpec]) -> None:
+    """Refuse, before any work, the methods that hook a layer or patch functions when the model is TorchScript."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return
+    hooked = [s.name for s in specs if not s.supports_torchscript]
+    if hooked:
+        raise MethodError(
+            f"method(s) {', '.join(hooked)} need to hook a layer or patch the model's functions, which a TorchScript "
+            f"model does not allow. Load the model as a Python module instead (torch.save(model), or an architecture "
+            f"name with its weights file: --weights on the command line), or use a method that only calls the model: "
+            f"{', '.join(n for n, sp in all_specs().items() if sp.supports_torchscript)}."
+        )
+
+
 def explain(
     model: nn.Module,
     x: torch.Tensor,
@@ -131,15 +145,7 @@ def explain(
         flat = [s.name for s in specs if not s.supports_3d]
         if flat:
             raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(x.shape)}.")
-    if isinstance(model, torch.jit.ScriptModule):
-        hooked = [s.name for s in specs if not s.supports_torchscript]
-        if hooked:
-            raise MethodError(
-                f"method(s) {', '.join(hooked)} need to hook a layer or patch the model's functions, which a TorchScript "
-                f"model does not allow. Load the model as a Python module instead (torch.save(model), or an architecture "
-                f"name with weights), or use a method that only calls the model: "
-                f"{', '.join(n for n, sp in all_specs().items() if sp.supports_torchscript)}."
-            )
+    check_torchscript_support(model, specs)
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
     labels = getattr(model, "labels", None)
