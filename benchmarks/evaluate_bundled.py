@@ -140,6 +140,37 @@ def summary_table(folders: list[Path], metrics: list[str], label: str = "") -> s
     return "\n".join(lines)
 
 
+def shortcut_table(out: Path) -> str:
+    """Per method: where the shortcut model's map falls, on the marker or on the lesion (same lesion cases)."""
+    import csv
+
+    rows: dict[str, dict[str, float]] = {}
+    for region in ("marker", "lesion"):
+        for kind in ("fast", "perturbation"):
+            path = out / "phantom-shortcut" / f"{region}-{kind}" / "metrics.csv"
+            if not path.is_file():
+                continue
+            with open(path) as fh:
+                for row in csv.DictReader(fh):
+                    if row["target"] == "all" and row["metric"] in ("pointing_game", "energy_in_box"):
+                        key = (region, row["metric"])
+                        rows.setdefault(row["method"], {}).setdefault(key, float(row["value"]))
+    lines = ["| method | pointing: marker | pointing: lesion | energy: marker | energy: lesion | exposes the shortcut |",
+             "|---|---:|---:|---:|---:|---|"]
+    for method, v in rows.items():
+        cells = [v.get(("marker", "pointing_game")), v.get(("lesion", "pointing_game")),
+                 v.get(("marker", "energy_in_box")), v.get(("lesion", "energy_in_box"))]
+        text = " | ".join("" if c is None else f"{c:.3f}" for c in cells)
+        verdict = ""
+        if not method.startswith("baseline") and None not in cells:
+            if cells[2] <= cells[3]:
+                verdict = "no"
+            else:  # more of the map on the marker than on the lesion; "yes" when its peak is on the marker too
+                verdict = "yes" if cells[0] >= 0.5 else "partly (peak beside the marker)"
+        lines.append(f"| {method} | {text} | {verdict} |")
+    return "\n".join(lines)
+
+
 def summarise(out: Path) -> None:
     metrics = list(ARROWS)
     parts = {
@@ -154,6 +185,7 @@ def summarise(out: Path) -> None:
         folders = [f for f in folders if (f / "metrics.csv").is_file()]
         if folders:
             print(f"### {title}\n\n{summary_table(folders, metrics)}\n")
+    print(f"### phantom-shortcut: marker or lesion?\n\n{shortcut_table(out)}\n")
 
 
 def main() -> None:
