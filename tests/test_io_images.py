@@ -144,6 +144,53 @@ def test_resize_to_spec_size_and_display_aligned(tmp_path):
     assert any("aspect ratio changed" in n for n in prepared.notes)
 
 
+@pytest.mark.parametrize("n_in, n_out", [((512, 515), (160, 161)), ((100, 37), (37, 100)), ((9, 9), (9, 9)), ((10, 23), (23, 10))])
+def test_area_resample_equals_pillows_box_filter(n_in, n_out):
+    # Pillow's BOX filter is the reference (the bundled brain model was trained on Pillow BOX-resized slices);
+    # float images ("F" mode) so that Pillow does not round in between its two passes.
+    arr = np.random.default_rng(0).uniform(0, 255, n_in).astype(np.float32)
+    expected = np.asarray(Image.fromarray(arr, mode="F").resize(n_out[::-1], Image.BOX))
+    got = images.box_resize(torch.from_numpy(arr)[None, None], n_out)[0, 0].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    weights = images.box_weights(n_in[0], n_out[0])
+    assert torch.allclose(weights.sum(dim=1), torch.ones(n_out[0], dtype=weights.dtype))
+
+
+def test_area_resample_in_3d_is_the_block_mean_for_whole_factors():
+    vol = torch.arange(4 * 6 * 8, dtype=torch.float32).view(1, 1, 4, 6, 8)
+    expected = vol.view(1, 1, 2, 2, 3, 2, 4, 2).mean(dim=(3, 5, 7))
+    assert torch.allclose(images.box_resize(vol, (2, 3, 4)), expected)
+
+
+def test_spec_resample_area_reproduces_the_brain_models_training_input(tmp_path):
+    # what `medlens explain` and `medlens evaluate` feed the bundled brain model is what it was trained on:
+    # Pillow BOX resize, then per-image min-max, then (x - mean) / std (up to the 8-bit rounding of training)
+    from medlens.data.figshare import read_image as read_slice
+    from medlens.train import brain_prepare
+
+    rng = np.random.default_rng(1)
+    arr = (rng.uniform(0, 1, (512, 512)) ** 2 * 255).astype(np.uint8)
+    arr[:40] = 0
+    Image.fromarray(arr).save(tmp_path / "slice.png")
+    model = medlens.load_model("brain-tumor-mri")
+    assert model.input_spec.resample == "area"
+    x_io = images.load_input(tmp_path / "slice.png", model)
+    slice_u8 = read_slice(tmp_path / "slice.png", 160)  # Pillow rounds to 8 bits after each of its two passes
+    x_train = brain_prepare(slice_u8[None].float())
+    assert x_io.shape == x_train.shape == (1, 1, 160, 160)
+    step = 1 / float(slice_u8.max() - slice_u8.min()) / model.input_spec.std[0]  # one 8-bit level, normalised
+    assert float((x_io - x_train).abs().max()) <= 1.01 * step
+    bilinear = prepare(read_image(tmp_path / "slice.png"), InputSpec(size=(160, 160), mean=(0.15,), std=(0.2,))).tensor
+    assert float((bilinear - x_train).abs().max()) > 5 * step  # the other filter would not have matched
+
+
+def test_unknown_resample_mode_is_refused():
+    with pytest.raises(InputError, match="resample"):
+        InputSpec(resample="lanczos")
+    with pytest.raises(InputError, match="resample"):
+        InputSpec.from_dict({"size": [8, 8], "resample": "cubic"})
+
+
 def test_jpeg_is_read_close_to_original(tmp_path):
     arr = np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1))
     Image.fromarray(arr).save(tmp_path / "j.jpg", quality=95)

@@ -20,7 +20,7 @@ Model sources for --model:
   FILE.pt / FILE.pth  TorchScript (torch.jit.save) or a pickled module (torch.save(model); loading runs code, so
                       medlens warns). Labels and input spec come from the model, a sidecar JSON beside the file
                       (FILE.pt.json or FILE.json with InputSpec fields: labels, size, channels, scale, mean, std,
-                      multi_label), or --labels/--input-size/--multi-label; defaults: labels "class 0".."class K-1",
+                      multi_label, resample: bilinear or area), or --labels/--input-size/--multi-label; defaults: labels "class 0".."class K-1",
                       softmax, the scan's own size, min-max intensities.
   torchvision:ARCH    a torchvision architecture with a local state_dict: --weights FILE (num_classes and input
                       channels are read from the weights)

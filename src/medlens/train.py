@@ -385,6 +385,7 @@ def bundled_entry(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
             size=(r["size"], r["size"]), channels=1, scale="minmax", mean=(r["mean"],), std=(r["std"],),
             labels=CLASSES, multi_label=False, modality="MRI, T1-weighted contrast-enhanced, axial/coronal/sagittal slice",
             notes="Whole slice resized to the input size (area filter), per-image min-max to [0, 1], then (x - mean) / std.",
+            resample="area",
             extra={"dataset": "figshare brain tumour (Cheng et al.), doi:10.6084/m9.figshare.1512427, CC BY 4.0",
                    "label_ids": {c: i for i, c in enumerate(CLASSES)}},
         )
@@ -436,7 +437,7 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
              f"- Weights: `{entry['weights']}`, {size_mb:.2f} MB (float32 state dict), SHA-256 `{digest}`",
              "- Load offline: `medlens.load_model(\"" + name + "\")` (eval mode, with `.labels`, `.multi_label`, `.input_spec`)", "",
              "## Input spec", "", "| field | value |", "|---|---|"]
-    for key in ("size", "channels", "scale", "mean", "std", "labels", "multi_label", "modality", "notes"):
+    for key in ("size", "channels", "scale", "resample", "mean", "std", "labels", "multi_label", "modality", "notes"):
         lines.append(f"| {key} | {spec[key]} |")
     lines += ["", "## Data", ""]
     if name == "brain-tumor-mri":

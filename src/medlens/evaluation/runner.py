@@ -67,31 +67,15 @@ def _spec_of(model: nn.Module) -> Any:
 
 
 def prepare_image(path: Path, spec: Any) -> torch.Tensor:
-    """Read an image with Pillow and prepare it as the model's InputSpec says: (C, H, W) float32."""
-    from PIL import Image
+    """Read an image and prepare it as the model's InputSpec says, through the same reader and preparation as
+    `medlens explain` (`medlens.io`): (C, H, W) float32."""
+    from ..io.images import prepare, read_image
+    from ..io.spec import InputSpec
 
-    channels = int(getattr(spec, "channels", 1) or 1)
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        size = getattr(spec, "size", None)
-        if size:
-            h, w = int(size[-2]), int(size[-1])
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR)
-        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float()
-        w, h = img.size
-    x = data.view(h, w, -1).permute(2, 0, 1).contiguous()
-    scale = getattr(spec, "scale", "minmax")
-    if scale == "uint8":
-        x = x / 255.0
-    elif scale == "minmax":
-        lo, hi = x.min(), x.max()
-        x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-    mean = torch.tensor(list(getattr(spec, "mean", (0.0,))), dtype=torch.float32)
-    std = torch.tensor(list(getattr(spec, "std", (1.0,))), dtype=torch.float32)
-    mean = mean.expand(channels) if mean.numel() == 1 else mean
-    std = std.expand(channels) if std.numel() == 1 else std
-    return (x - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+    if not isinstance(spec, InputSpec):
+        spec = InputSpec.from_dict(spec) if isinstance(spec, dict) else InputSpec()
+    dims = len(spec.size) if spec.size else 2
+    return prepare(read_image(path), spec, dims=dims).tensor[0]
 
 
 def box_mask(box_file: Optional[Path], size: tuple[int, int]) -> torch.Tensor:

@@ -694,10 +694,41 @@ def _scale(values: np.ndarray, scan: ScanImage, scale: str, notes: list[str]) ->
     return (values - lo) / (hi - lo)
 
 
-def _resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """t: (N, C, *spatial) float32 -> resized (bilinear with antialias in 2-D, trilinear / area in 3-D)."""
+def box_weights(n_in: int, n_out: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(n_out, n_in) weights of Pillow's BOX filter along one axis: output pixel i is the mean of the input
+    pixels j whose centres fall in its footprint, -1/2 < (j + 1/2 - c) / f <= 1/2 with c = (i + 1/2) s,
+    s = n_in / n_out and f = max(s, 1) (when enlarging: the input pixel under c). Rows sum to 1."""
+    s = n_in / n_out
+    f = max(s, 1.0)
+    centre = (torch.arange(n_out, dtype=torch.float64)[:, None] + 0.5) * s
+    j = torch.arange(n_in, dtype=torch.float64)[None, :]
+    v = (j - centre + 0.5) * (1.0 / f)
+    lo = (centre - 0.5 * f + 0.5).floor().clamp_min(0)  # Pillow's xmin / xmax window, same rounding
+    hi = (centre + 0.5 * f + 0.5).floor().clamp_max(n_in)
+    inside = ((v > -0.5) & (v <= 0.5) & (j >= lo) & (j < hi)).to(torch.float64)
+    return (inside / inside.sum(dim=1, keepdim=True)).to(dtype)
+
+
+def box_resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """t: (N, C, *spatial) -> (N, C, *size) by Pillow's BOX filter, axis by axis (2-D and 3-D), in float."""
+    out = t
+    for axis, n_out in enumerate(size):
+        dim = 2 + axis
+        n_in = out.shape[dim]
+        if n_in == n_out:
+            continue
+        w = box_weights(n_in, n_out, out.dtype).to(out.device)
+        out = torch.movedim(torch.movedim(out, dim, -1) @ w.T, -1, dim)
+    return out.contiguous()
+
+
+def _resize(t: torch.Tensor, size: tuple[int, ...], resample: str = "bilinear") -> torch.Tensor:
+    """t: (N, C, *spatial) float32 -> resized as the spec's `resample` says ("area": Pillow's BOX filter;
+    "bilinear": bilinear with antialias in 2-D, area average when shrinking and trilinear when enlarging in 3-D)."""
     if tuple(t.shape[2:]) == tuple(size):
         return t
+    if resample == "area":
+        return box_resize(t, size)
     if len(size) == 2:
         return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
     if all(n <= s for n, s in zip(size, t.shape[2:])):
@@ -735,9 +766,8 @@ def prepare(scan: ScanImage, spec: Optional[InputSpec] = None, *, dims: Optional
         stack = np.moveaxis(scan.pixels, -1, 0)
     else:
         stack = scan.pixels[None]
-    scaled = _scale(stack.astype(np.float32), scan, spec.scale, notes).astype(np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(scaled))[None]  # (1, c, *spatial)
-    if spec.size:
+    t = torch.from_numpy(np.ascontiguousarray(stack.astype(np.float32)))[None]  # (1, c, *spatial)
+    if spec.size:  # resize first, so a min-max scale sees exactly the pixels the model gets
         size = tuple(int(s) for s in spec.size)
         if len(size) != dims:
             raise InputError(f"the model's input size {size} does not match a {dims}-D input.")
@@ -745,11 +775,14 @@ def prepare(scan: ScanImage, spec: Optional[InputSpec] = None, *, dims: Optional
         if old != size:
             ratio_old = old[-1] / old[-2]
             ratio_new = size[-1] / size[-2]
-            t = _resize(t, size)
+            t = _resize(t, size, spec.resample)
             note = f"resized from {' x '.join(map(str, old))} to {' x '.join(map(str, size))}"
+            note += " (box filter)" if spec.resample == "area" else ""
             if abs(ratio_old / ratio_new - 1) > 0.01:
                 note += " (aspect ratio changed)"
             notes.append(note)
+    scaled = _scale(t[0].numpy(), scan, spec.scale, notes).astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(scaled))[None]
     display_src = t.mean(dim=1)[0] if t.shape[1] > 1 else t[0, 0]
     display = display_src.numpy().astype(np.float32)
     lo, hi = float(display.min()), float(display.max())

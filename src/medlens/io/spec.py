@@ -9,6 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..errors import InputError
+
+
+RESAMPLE_MODES = ("bilinear", "area")
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -20,6 +25,11 @@ class InputSpec:
         (divide by 255), or "none".
     mean, std: per-channel normalisation after scaling: (x - mean) / std.
     value_range: the [low, high] of the normalised input (used by LRP's z^B rule and baselines).
+    resample: how a scan is resized to `size`: "bilinear" (antialiased bilinear in 2-D; area average when
+        shrinking a volume, trilinear when enlarging it) or "area" (Pillow's BOX filter: every output pixel is
+        the mean of the input pixels whose centres fall inside it; what the
+        bundled brain model was trained with).
+        Resizing happens before intensity scaling, so a min-max scale sees the pixels the model sees.
     """
 
     size: Optional[tuple[int, ...]] = None
@@ -32,6 +42,13 @@ class InputSpec:
     modality: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    resample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resample not in RESAMPLE_MODES:
+            raise InputError(
+                f"unknown resample mode {self.resample!r} in an input spec; use one of {', '.join(RESAMPLE_MODES)}."
+            )
 
     @property
     def value_range(self) -> tuple[float, float]:
