@@ -209,6 +209,55 @@ def test_conservation_and_canonized_output_on_bn_architectures(name):
     torch.testing.assert_close(r.logits, reference, rtol=1e-4, atol=1e-4)
 
 
+def _xrv_style_densenet() -> nn.Module:
+    """TorchXRayVision's DenseNet layout: torchvision's DenseNet121 with a 1-channel stem and 18 outputs."""
+    model = torchvision_model("densenet121", num_classes=18)
+    torch.manual_seed(1)
+    model.features.conv0 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+@pytest.mark.parametrize("name", ["brain-tumor-mri", "phantom-lesion", "xrv-densenet"])
+def test_conservation_on_the_bundled_models_and_the_xrv_densenet_layout(name):
+    if name == "xrv-densenet":
+        model, x = _xrv_style_densenet().eval(), torch.randn(2, 1, 64, 64)
+    else:
+        model = copy.deepcopy(medlens.load_model(name))
+        x = torch.randn(2, 1, *model.input_spec.size)
+    original = medlens.explain(model, x, "lrp", targets=[0, 1], composite="epsilon_plus_flat")
+    notes = original.provenance["methods"]["lrp"]
+    assert torch.isfinite(original["lrp"]).all() and notes["conservation"]["fraction_reaching_input"]
+    model = _bias_free(model)
+    r = medlens.explain(model, x, "lrp", targets=[0, 1], composite="epsilon", epsilon=1e-9)
+    torch.testing.assert_close(r["lrp"].flatten(2).sum(2), r.logits.gather(1, r.targets), rtol=1e-3, atol=1e-5)
+
+
+def test_epsilon_alpha2_beta1_composite_assigns_alpha_beta_to_convolutions_and_epsilon_to_dense(vgg16):
+    plan = plan_model(vgg16, torch.randn(1, 3, 32, 32))
+    rules, _ = assign_rules(plan, "epsilon_alpha2_beta1", 0.25, 0.25, (0.0, 1.0))
+    for module in plan.order:
+        rule = rules[module]
+        if isinstance(module, nn.Conv2d):
+            assert isinstance(rule, AlphaBeta) and (rule.alpha, rule.beta) == (2.0, 1.0), module
+        else:
+            assert isinstance(module, nn.Linear) and type(rule) is Epsilon, module
+    # end to end on conv -> ReLU -> dense: epsilon on the dense layer, then alpha2-beta1 on the convolution
+    torch.manual_seed(0)
+    conv, dense = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3 * 5 * 5, 4)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), dense).eval()
+    x = torch.rand(1, 2, 5, 5) * 4 - 2
+    r = medlens.explain(model, x, "lrp", targets=[2], composite="epsilon_alpha2_beta1", epsilon=0.1)
+    matrix = _dense_of_conv(conv, (2, 5, 5))
+    bias = conv.bias.detach().double().repeat_interleave(25)
+    hidden = (x[0].double().flatten() @ matrix + bias).clamp(min=0)
+    y = hidden @ dense.weight.detach().double().T + dense.bias.detach().double()
+    top = torch.zeros(4, dtype=torch.float64)
+    top[2] = y[2]
+    r_hidden = textbook("epsilon", hidden, dense.weight.detach().T, dense.bias.detach(), top, eps=0.1)
+    want = textbook("alphabeta", x[0].flatten(), matrix, bias, r_hidden, alpha=2.0, beta=1.0)
+    torch.testing.assert_close(r["lrp"][0, 0].double().flatten(), want.view(2, 25).sum(0), rtol=1e-4, atol=1e-6)
+
+
 def test_densenet_bn_relu_conv_counts_as_merge_into_following_conv():
     """BN -> ReLU -> conv with positive and negative BN scales: relevance equals that of the explicitly rewritten
     net (scale moved into the conv, sign flip and shift before the ReLU), checked on one dense block."""
