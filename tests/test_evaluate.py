@@ -224,3 +224,29 @@ def test_include_restricts_the_folder_to_a_listed_split(tmp_path):
     assert {(r["target"], r["n"]) for r in rows} == {("all", 2), ("glioma", 1), ("meningioma", 1)}
     with pytest.raises(InputError, match="not under"):
         R.evaluate(tiny_model(), data, "gradcam", "sparseness", include=["glioma/99.jpg"])
+
+
+def test_completeness_checks_what_each_method_claims(tmp_path):
+    # LRP claims conservation (sum = f(x)), integrated gradients f(x) - f(its baseline); a CAM claims nothing
+    # and keeps the metric's default; a baseline given in the metric's options wins for every method
+    assert R.completeness_options("lrp", {}) == {"baseline": None}
+    assert R.completeness_options("integratedgradients", {"rtol": 0.1}) == {"rtol": 0.1, "baseline": "zero"}
+    assert R.completeness_options("kernelshap", {}) == {"baseline": "mean"}
+    assert R.completeness_options("gradcam", {}) == {}
+    assert R.completeness_options("lrp", {"baseline": "blur"}) == {"baseline": "blur"}
+    data = write_folder(tmp_path / "data", per_class=2)
+    model = tiny_model()
+    R.evaluate(model, data, "lrp,integratedgradients", "completeness", seed=0, out=tmp_path / "out")
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["metric_notes"]["completeness"]["reference"] == {
+        "lrp": "f(x) (conservation)", "integratedgradients": "f(x) - f(zero)"}
+    _, rows = read_csv(tmp_path / "out" / "metrics.csv")
+    value = {r["method"]: float(r["value"]) for r in rows if r["target"] == "all"}
+    assert value["integratedgradients"] < 0.05  # IG's completeness holds at its default 50 steps
+    # LRP's value is 1 - the fraction of the logit that reached the input (its own provenance record)
+    samples = R.FolderDataset(data, model.input_spec)
+    x = torch.stack([samples[i].x for i in range(len(samples))])
+    targets = [[LABELS.index(samples[i].label)] for i in range(len(samples))]
+    r = medlens.explain(model, x, "lrp", targets=targets)
+    fraction = torch.tensor(r.provenance["methods"]["lrp"]["conservation"]["fraction_reaching_input"]).flatten()
+    assert value["lrp"] == pytest.approx(float((fraction - 1).abs().mean()), rel=1e-3, abs=1e-4)

@@ -38,6 +38,9 @@ class MethodSpec:
     #: whether the method runs on a TorchScript model: it may only call the model, never hook a layer or
     #: patch its functions (None: every method that needs no target layer, unless it says otherwise)
     torchscript: bool | None = None
+    #: what the map's sum claims to equal, for the completeness metric: "conservation" (the target logit f(x), as
+    #: LRP), "baseline" (f(x) - f(baseline) with the method's own `baseline` option), or None (no such claim)
+    completeness: str | None = None
 
     @property
     def supports_torchscript(self) -> bool:
@@ -54,6 +57,7 @@ class MethodSpec:
             "stochastic": self.stochastic,
             "supports_torchscript": self.supports_torchscript,
             "cost": self.cost,
+            "completeness": self.completeness,
             "options": dict(self.options),
         }
 

@@ -66,6 +66,25 @@ def _spec_of(model: nn.Module) -> Any:
     return spec if spec is not None else InputSpec()
 
 
+def completeness_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The completeness check each method claims: LRP's conservation (sum = f(x)), f(x) - f(baseline) with the
+    method's own default baseline (integrated gradients, KernelSHAP), else the metric's default (zero). A
+    `baseline` given in the metric's options wins for every method."""
+    from ..registry import get_spec
+
+    if "baseline" in options:
+        return dict(options)
+    try:
+        spec = get_spec(method)
+    except (MethodError, AttributeError):  # a user-supplied callable, not a registered name
+        return dict(options)
+    if spec.completeness == "conservation":
+        return {**options, "baseline": None}
+    if spec.completeness == "baseline":
+        return {**options, "baseline": spec.options.get("baseline", "zero")}
+    return dict(options)
+
+
 def prepare_image(path: Path, spec: Any) -> torch.Tensor:
     """Read an image and prepare it as the model's InputSpec says, through the same reader and preparation as
     `medlens explain` (`medlens.io`): (C, H, W) float32."""
@@ -454,7 +473,10 @@ def evaluate(
                             rc["count"] += B * targets.shape[1]
                             notes.setdefault(metric, {"similarity": "Spearman of |map| after the full cascade", "threshold": res.threshold})
                         elif metric == "completeness":
-                            add(m, metric, names, TR.completeness(model, x, maps, targets, **o).values)
+                            co = completeness_options(m, o)
+                            res = TR.completeness(model, x, maps, targets, **co)
+                            add(m, metric, names, res.values)
+                            notes.setdefault(metric, {"reference": {}})["reference"][m] = res.reference
                         elif metric == "max_sensitivity":
                             add(m, metric, names, TR.max_sensitivity(model, x, targets, m, layer=layer, original=maps, **{"seed": int(seed), **o}))
                         elif metric == "sparseness":

@@ -483,6 +483,7 @@ register(MethodSpec(
             "completeness gap is recorded in provenance." + _CHANNELS,
     run=_run_integratedgradients, needs_gradients=True, needs_layer=False, cost="n_steps forwards + backwards, batched",
     options={"n_steps": 50, "baseline": "zero", "batch_size": 16},
+    completeness="baseline",
 ))
 register(MethodSpec(
     name="smoothgrad", family="gradient",

@@ -304,4 +304,5 @@ register(MethodSpec(
     run=_kernelshap, needs_gradients=False, needs_layer=False, supports_3d=True, stochastic=True,
     cost="one forward per coalition (num_samples), batched",
     options={"num_samples": 2000, **SURROGATE},
+    completeness="baseline",
 ))

@@ -66,4 +66,5 @@ register(MethodSpec(
             "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
     options={"composite": "epsilon_plus_flat", "epsilon": 1e-6, "gamma": 0.25},
+    completeness="conservation",
 ))
