@@ -520,6 +520,9 @@ def export_bundled(name: str, trained_dir: PathLike, note: str = "") -> Path:
     specs[name] = entry
     _atomic_write_text(json.dumps(dict(sorted(specs.items())), indent=2) + "\n", zoo.SPEC_FILE)
     _atomic_write_text(render_card(name, metrics, entry, dest, note) + "\n", zoo.CARDS_DIR / entry["card"])
+    for record in (f"{name}.metrics.json", f"{name}.train.log"):  # the run's own record goes beside its card
+        if (trained_dir / record).is_file():
+            _atomic_write_text((trained_dir / record).read_text(), zoo.CARDS_DIR / record)
     zoo._specs.cache_clear()
     return dest
 
