@@ -128,17 +128,21 @@ def method_info(name: str) -> Mapping[str, Any]:
 
 def markdown_table() -> str:
     """The methods table of docs/methods.md, generated from the registry (a test keeps the file current)."""
-    rows = ["| method | family | gradients | target layer | 3-D | stochastic | TorchScript | cost | options |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| method | family | gradients | target layer | 3-D | stochastic | TorchScript | map sums to | cost | options |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sums = {"conservation": "f(x)", "baseline": "f(x) - f(baseline)", None: "-"}
     yes = {True: "yes", False: "-"}
     for spec in all_specs().values():
         options = ", ".join(f"`{k}`" for k in spec.options) or "-"
         rows.append(
             f"| `{spec.name}` | {spec.family} | {yes[spec.needs_gradients]} | {yes[spec.needs_layer]} | "
-            f"{yes[spec.supports_3d]} | {yes[spec.stochastic]} | {yes[spec.supports_torchscript]} | {spec.cost} | {options} |"
+            f"{yes[spec.supports_3d]} | {yes[spec.stochastic]} | {yes[spec.supports_torchscript]} | "
+            f"{sums[spec.completeness]} | {spec.cost} | {options} |"
         )
     lines = ["# Methods", "", "Generated from the registry (`python -m medlens.registry > docs/methods.md`);",
-             "`tests/test_registry.py` fails when this file falls behind.", "", *rows, "", "## What each method does", ""]
+             "`tests/test_registry.py` fails when this file falls behind. \"map sums to\" is what the method claims its",
+             "map's sum equals (for the target logit f); `medlens evaluate`'s completeness metric checks that claim.", "",
+             *rows, "", "## What each method does", ""]
     lines += [f"- `{s.name}`: {s.summary}" for s in all_specs().values()]
     return "\n".join(lines) + "\n"
 
