@@ -6,8 +6,10 @@ Parts (each writes metrics.csv, metrics.md, run.json and plots to OUT/<part>/):
   on a seeded subset of the figshare *test* split (never an image the model was trained on);
 - brain-perturbation: occlusion, RISE, LIME, KernelSHAP at their defaults on a smaller subset, every metric
   except randomisation and max-sensitivity (each of those re-explains an image 8 times: minutes per image);
+- brain-subset: the 17 fast methods on that same smaller subset and metrics, so all 21 compare on equal images;
 - phantom-lesion: every method and metric on fresh phantom cases (seed 3, the model card's test seed) with
   the exact lesion masks (perturbation methods again on a smaller subset, without the two re-explaining metrics);
+- phantom-lesion-perturbation: only the perturbation half of phantom-lesion (`--limit-slow 0`: every phantom);
 - phantom-shortcut: the shortcut model on lesion cases of its own kind (marker present), localisation scored
   twice: against the burned-in marker (a method that exposes the shortcut scores high) and against the lesion.
 
@@ -52,6 +54,8 @@ def _brain(args, part: str) -> None:
     test = [f"{s.class_name}/{s.image_path.name}" for s in scan_folder(args.data, splits=["test"])]
     if part == "brain-fast":
         methods, metrics, limit = _fast_methods(), _all_metrics(), args.limit
+    elif part == "brain-subset":  # the fast methods again, on the perturbation methods' images and metrics
+        methods, metrics, limit = _fast_methods(), [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
     else:
         methods, metrics, limit = PERTURBATION, [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
     evaluate(model, args.data, methods=methods, metrics=metrics, limit=limit, seed=args.seed,
@@ -81,10 +85,14 @@ def _phantom(args, part: str) -> None:
     from medlens.evaluation import evaluate
     from medlens.evaluation.runner import LOCALISATION
 
-    name = part
+    name = "phantom-lesion" if part == "phantom-lesion-perturbation" else part
     model = medlens.load_model(name)
     out = Path(args.out) / part
     slow_metrics = [m for m in _all_metrics() if m not in REEXPLAINING]
+    if part == "phantom-lesion-perturbation":  # the perturbation methods alone (e.g. on more phantoms)
+        evaluate(model, _phantom_samples("phantom-lesion", args.phantoms), methods=PERTURBATION, metrics=slow_metrics,
+                 limit=args.limit_slow, seed=args.seed, out=Path(args.out) / "phantom-lesion" / "perturbation", progress=True)
+        return
     if name == "phantom-lesion":
         samples = _phantom_samples(name, args.phantoms)
         evaluate(model, samples, methods=_fast_methods(), metrics=_all_metrics(), seed=args.seed, out=out / "fast",
@@ -174,7 +182,9 @@ def shortcut_table(out: Path) -> str:
 def summarise(out: Path) -> None:
     metrics = list(ARROWS)
     parts = {
-        "brain (figshare test split)": [out / "brain-fast", out / "brain-perturbation"],
+        "brain (figshare test split), fast methods, every metric": [out / "brain-fast"],
+        "brain (figshare test split), every method on the perturbation subset": [out / "brain-subset",
+                                                                                  out / "brain-perturbation"],
         "phantom-lesion": [out / "phantom-lesion" / "fast", out / "phantom-lesion" / "perturbation"],
         "phantom-shortcut, localisation against the marker": [out / "phantom-shortcut" / "marker-fast",
                                                               out / "phantom-shortcut" / "marker-perturbation"],
@@ -191,15 +201,18 @@ def summarise(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="+",
-                        choices=["brain-fast", "brain-perturbation", "phantom-lesion", "phantom-shortcut", "summary"])
+                        choices=["brain-fast", "brain-subset", "brain-perturbation", "phantom-lesion", "phantom-lesion-perturbation",
+                                 "phantom-shortcut", "summary"])
     parser.add_argument("--data", default=None, help="the figshare brain tumour folder (brain parts)")
     parser.add_argument("--out", default="results")
     parser.add_argument("--limit", type=int, default=40, help="test-split images for the fast brain methods")
-    parser.add_argument("--limit-slow", type=int, default=10, help="images for the perturbation methods")
+    parser.add_argument("--limit-slow", type=int, default=10,
+                        help="images for the perturbation methods (0: all; phantoms: of the --phantoms cases)")
     parser.add_argument("--phantoms", type=int, default=100, help="phantom test cases (about half with a lesion)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    args.limit_slow = None if args.limit_slow == 0 else args.limit_slow
     torch.set_num_threads(args.threads)
     for part in args.parts:
         if part == "summary":
