@@ -137,10 +137,16 @@ def summary_table(folders: list[Path], metrics: list[str], label: str = "") -> s
     metrics = [m for m in metrics if any(m in v for v in values.values())]
     head = "| method | " + " | ".join(f"{SHORT.get(m, m)} {ARROWS[m]}" for m in metrics) + " | s/image | n |"
     lines = [head, "|---" + "|---:" * (len(metrics) + 2) + "|"]
+    from medlens.registry import all_specs
+
+    claims = {name: spec.completeness for name, spec in all_specs().items()}
     for method, vals in values.items():
         cells = []
         for m in metrics:
             v = vals.get(m, "")
+            if m == "completeness" and v not in ("", "nan") and claims.get(method) is None:
+                cells.append("–")  # the method claims no completeness: its value (against zero) means nothing
+                continue
             cells.append(f"{float(v):.3f}" if v not in ("", "nan") else "")
         sec = f"{seconds[method]:.2f}" if method in seconds else ""
         counts = sorted({int(c) for c in n[method].values()})

@@ -225,6 +225,13 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def _line_style(i: int) -> dict[str, Any]:
+    """A distinct colour and dash for the i-th method (20 colours, then a new dash), so 20+ lines stay apart."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "linestyle": ("-", "--", ":", "-.")[(i // 20) % 4]}
+
+
 def _plots(out: Path, rows: Sequence[dict[str, Any]], curves: dict[str, dict[str, Any]], random_curves: dict[str, Any]) -> list[str]:
     import matplotlib
 
@@ -236,14 +243,15 @@ def _plots(out: Path, rows: Sequence[dict[str, Any]], curves: dict[str, dict[str
         names = [k for k in ("deletion", "insertion") if any(k in c for c in curves.values())]
         fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
         for ax, metric in zip(axes[0], names):
-            for method, c in curves.items():
+            for i, (method, c) in enumerate(curves.items()):
                 if metric in c:
                     fr, total, count = c[metric]
-                    ax.plot(fr.numpy(), (total / max(count, 1)).numpy(), label=method)
+                    ax.plot(fr.numpy(), (total / max(count, 1)).numpy(), label=method, **_line_style(i))
             ax.set_xlabel("fraction of pixels " + ("removed" if metric == "deletion" else "inserted"))
             ax.set_ylabel("mean score of the target")
             ax.set_title(f"{metric} curves")
-            ax.legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.tight_layout()
         _save_figure(fig, out / "deletion_curves.png")
         plt.close(fig)
         written.append("deletion_curves.png")
@@ -271,16 +279,16 @@ def _plots(out: Path, rows: Sequence[dict[str, Any]], curves: dict[str, dict[str
     if random_curves:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), squeeze=False)
         for key, ax in zip(("spearman", "ssim"), axes[0]):
-            for method, c in random_curves.items():
+            for i, (method, c) in enumerate(random_curves.items()):
                 total, count, names = c[key], c["count"], c["layers"]
-                ax.plot(range(len(names)), (total / max(count, 1)).numpy(), marker="o", label=method)
+                ax.plot(range(len(names)), (total / max(count, 1)).numpy(), marker="o", label=method, **_line_style(i))
                 ax.set_xticks(range(len(names)))
                 ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
             ax.set_ylim(-1.05 if key == "spearman" else -0.05, 1.05)
             ax.set_xlabel("randomised down to (cumulative, top first)")
             ax.set_ylabel(f"{key} to the original map")
             ax.set_title("cascading randomisation")
-            ax.legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         _save_figure(fig, out / "randomization_curves.png")
         plt.close(fig)
