@@ -131,17 +131,23 @@ def test_integrated_gradients_complete_at_64_steps(tiny2d, tiny3d, baseline):
 
 
 @pytest.mark.parametrize("baseline", ["zero", "blur", 0.3])
-def test_integrated_gradients_equal_captum(baseline):
-    model = torchvision_model("resnet18")
-    x = torch.randn(2, 3, 32, 32)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_integrated_gradients_equal_captum(baseline, dtype):
+    # In float64 the two libraries agree to rounding. In float32 a path point that lands within rounding of a
+    # ReLU or max-pool kink may fall on either side in either library (and medlens computes the stem of a ResNet
+    # once, in float64, not per path point), so there a few pixels may differ and the check is correlation.
+    model = torchvision_model("resnet18").to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
     r = medlens.explain(model, x, "integratedgradients", targets=[1, 4], n_steps=64, baseline=baseline, batch_size=64)
+    assert r.provenance["methods"]["integratedgradients"]["input_layers_run_once"] == ["conv1"]
     base = {"zero": torch.zeros_like(x), "blur": blurred(x), 0.3: torch.full_like(x, 0.3)}[baseline]
     ref = _per_target(captum_attr.IntegratedGradients, model, x, r.targets, baselines=base, n_steps=64,
-                      internal_batch_size=64)
+                      internal_batch_size=64).float()
     for b in range(2):
         for t in range(2):
             assert _corr(r["integratedgradients"][b, t], ref[b, t]) >= 0.99
-    torch.testing.assert_close(r["integratedgradients"], ref, rtol=1e-3, atol=1e-5)
+    if dtype == torch.float64:
+        torch.testing.assert_close(r["integratedgradients"], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
 
 
 class _InputUsedThrice(nn.Module):

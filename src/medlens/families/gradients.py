@@ -210,6 +210,15 @@ def _positive_int(options: Mapping[str, Any], name: str) -> int:
 _STOCK_AFFINE_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
 
 
+def _affine_forward64(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """A stock convolution or dense layer applied in float64 (float64 copies of its weight and bias)."""
+    weight = module.weight.detach().double()
+    bias = None if module.bias is None else module.bias.detach().double()
+    if isinstance(module, nn.Linear):
+        return F.linear(inp, weight, bias)
+    return module._conv_forward(inp, weight, bias)
+
+
 class _AffineInputLayers:
     """The input-layer shortcut of integrated gradients, exact for any model.
 
@@ -240,14 +249,16 @@ class _AffineInputLayers:
             if inp is not self.points or args or kwargs:
                 return original(inp, *args, **kwargs)
             if module not in self.ends:
-                with torch.no_grad():
-                    ends = original(torch.cat([self.baseline, self.x]))
+                with torch.no_grad():  # the two ends in float64, rounded once: more exact than the layer per point
+                    ends = _affine_forward64(module, torch.cat([self.baseline, self.x]).double())
                 n = self.x.shape[0]
-                self.ends[module] = (ends[:n], ends[n:] - ends[:n])
+                self.ends[module] = (ends[:n].to(self.x.dtype), (ends[n:] - ends[:n]).to(self.x.dtype))
             y_b, dy = self.ends[module]
-            anchor = y_b[self.image_rows].requires_grad_(True)  # indexing made a new tensor: a fresh leaf
+            alpha = self.alpha_rows.view(-1, *([1] * (dy.dim() - 1)))
+            out = y_b[self.image_rows] + alpha * dy[self.image_rows]
+            anchor = out.requires_grad_(True)  # a fresh leaf: its gradient is the gradient at the layer's output
             self.calls.append((module, anchor))
-            return anchor + self.alpha_rows.view(-1, *([1] * (dy.dim() - 1))) * dy[self.image_rows]
+            return anchor
 
         return forward
 
@@ -269,10 +280,10 @@ class _AffineInputLayers:
         for module, g in self.weighted.items():
             t, n = g.shape[:2]
             with torch.enable_grad():
-                probe = torch.zeros((t * n,) + tuple(shape[1:]), dtype=self.x.dtype, device=self.x.device, requires_grad=True)
-                out = type(module).forward(module, probe)
-                (back,) = torch.autograd.grad(out, probe, grad_outputs=g.reshape(t * n, *g.shape[2:]))
-            back = back.reshape(t, n, *shape[1:])
+                probe = torch.zeros((t * n,) + tuple(shape[1:]), dtype=torch.float64, device=self.x.device, requires_grad=True)
+                out = _affine_forward64(module, probe)
+                (back,) = torch.autograd.grad(out, probe, grad_outputs=g.reshape(t * n, *g.shape[2:]).double())
+            back = back.reshape(t, n, *shape[1:]).to(self.x.dtype)
             total = back if total is None else total + back
         return total
 
