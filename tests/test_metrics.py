@@ -442,3 +442,42 @@ def test_multi_label_models_are_scored_with_sigmoid():
     model.multi_label = False
     s = F.deletion(model, x, maps, t, steps=4, baseline="zero")
     assert torch.allclose(s.curves[0, 0] + s.curves[0, 1], torch.ones(5))  # softmax: the two share the mass
+
+
+@pytest.mark.parametrize("fill", [0.0, 0.7], ids=["zero map", "constant map"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_metric_is_finite_on_zero_and_constant_maps(fill, dims):
+    # no division by zero anywhere: faithfulness, localisation, trust; values defined as documented
+    from conftest import TinyCNN3d
+
+    torch.manual_seed(0)
+    shape = (8, 8) if dims == 2 else (4, 6, 6)
+    model = (TinyCNN2d(in_channels=1, num_classes=2) if dims == 2 else TinyCNN3d(in_channels=1, num_classes=2)).eval()
+    x = torch.rand(2, 1, *shape)
+    targets = torch.tensor([[0], [1]])
+    maps = torch.full((2, 1, *shape), fill)
+    masks = torch.zeros(2, *shape, dtype=torch.bool)
+    masks[:, 1:3, 1:3] = True
+    values = {
+        "deletion": F.deletion(model, x, maps, targets, steps=4).values,
+        "insertion": F.insertion(model, x, maps, targets, steps=4).values,
+        "road_morf": F.road_morf(model, x, maps, targets, fractions=(0.25, 0.5)).values,
+        "road_lerf": F.road_lerf(model, x, maps, targets, fractions=(0.25, 0.5)).values,
+        "average_drop": F.average_drop(model, x, maps, targets),
+        "increase_in_confidence": F.increase_in_confidence(model, x, maps, targets),
+        "pointing_game": L.pointing_game(maps, masks),
+        "energy_in_box": L.energy_in_box(maps, masks),
+        "iou": L.iou(maps, masks),
+        "dice": L.dice(maps, masks),
+        "auprc": L.auprc(maps, masks),
+        "completeness": TR.completeness(model, x, maps, targets).values,
+        "sparseness": TR.sparseness(maps),
+        "randomization": TR.randomization(model, x, targets, lambda m, xx, t: torch.full((2, 1, *shape), fill),
+                                          max_steps=2, seed=0).values,
+    }
+    for name, v in values.items():
+        assert torch.isfinite(v).all(), (name, v)
+    assert (values["sparseness"] == 0).all()  # Gini of a constant (or empty) map
+    area = float(masks[0].float().mean())
+    for name in ("energy_in_box", "auprc"):  # a map that prefers no pixel scores chance level: the area fraction
+        torch.testing.assert_close(values[name], torch.full_like(values[name], area))
