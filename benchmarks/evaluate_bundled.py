@@ -87,16 +87,13 @@ def _phantom(args, part: str) -> None:
 
     name = "phantom-lesion" if part == "phantom-lesion-perturbation" else part
     model = medlens.load_model(name)
-    out = Path(args.out) / part
+    out = Path(args.out) / name
     slow_metrics = [m for m in _all_metrics() if m not in REEXPLAINING]
-    if part == "phantom-lesion-perturbation":  # the perturbation methods alone (e.g. on more phantoms)
-        evaluate(model, _phantom_samples("phantom-lesion", args.phantoms), methods=PERTURBATION, metrics=slow_metrics,
-                 limit=args.limit_slow, seed=args.seed, out=Path(args.out) / "phantom-lesion" / "perturbation", progress=True)
-        return
-    if name == "phantom-lesion":
+    if name == "phantom-lesion":  # phantom-lesion-perturbation: only the second half (e.g. on more phantoms)
         samples = _phantom_samples(name, args.phantoms)
-        evaluate(model, samples, methods=_fast_methods(), metrics=_all_metrics(), seed=args.seed, out=out / "fast",
-                 progress=True)
+        if part == "phantom-lesion":
+            evaluate(model, samples, methods=_fast_methods(), metrics=_all_metrics(), seed=args.seed, out=out / "fast",
+                     progress=True)
         evaluate(model, samples, methods=PERTURBATION, metrics=slow_metrics, limit=args.limit_slow, seed=args.seed,
                  out=out / "perturbation", progress=True)
         return
@@ -123,6 +120,8 @@ def summary_table(folders: list[Path], metrics: list[str], label: str = "") -> s
     """One compact Markdown table (means over all images; n and 95% intervals are in each metrics.csv)."""
     import csv
 
+    from medlens.registry import all_specs
+
     values: dict[str, dict[str, str]] = {}
     n: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
@@ -137,8 +136,6 @@ def summary_table(folders: list[Path], metrics: list[str], label: str = "") -> s
     metrics = [m for m in metrics if any(m in v for v in values.values())]
     head = "| method | " + " | ".join(f"{SHORT.get(m, m)} {ARROWS[m]}" for m in metrics) + " | s/image | n |"
     lines = [head, "|---" + "|---:" * (len(metrics) + 2) + "|"]
-    from medlens.registry import all_specs
-
     claims = {name: spec.completeness for name, spec in all_specs().items()}
     for method, vals in values.items():
         cells = []

@@ -72,12 +72,9 @@ def completeness_options(method: str, options: dict[str, Any]) -> dict[str, Any]
     `baseline` given in the metric's options wins for every method."""
     from ..registry import get_spec
 
-    if "baseline" in options:
+    if "baseline" in options or not isinstance(method, str):  # a user-supplied callable claims nothing
         return dict(options)
-    try:
-        spec = get_spec(method)
-    except (MethodError, AttributeError):  # a user-supplied callable, not a registered name
-        return dict(options)
+    spec = get_spec(method)
     if spec.completeness == "conservation":
         return {**options, "baseline": None}
     if spec.completeness == "baseline":
