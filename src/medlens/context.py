@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .inference import FastForward, fast_forward
 from .layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
 from .model_state import HookSet
 from .targets import resolve_targets
@@ -160,6 +161,12 @@ class ExplainContext:
                 self._logits = self._layer_pass.logits.detach()
         return self._layer_pass
 
+    def fast_forward(self) -> FastForward:
+        """The module for forward-only passes on inputs like x (a BatchNorm-folded copy when it applies), built once per call."""
+        if "fast_forward" not in self.cache:
+            self.cache["fast_forward"] = fast_forward(self.model, self.x, self.logits)
+        return self.cache["fast_forward"]
+
     def derive(self, x: torch.Tensor) -> "ExplainContext":
         """A context for a transformed input (augmentation): same model, layer and targets, fresh passes."""
         child = ExplainContext(
@@ -167,6 +174,8 @@ class ExplainContext:
             multi_label=self.multi_label, seed=self.seed, need_layer_graph=self._need_layer_graph,
         )
         child._layer = self.layer
+        if "fast_forward" in self.cache:  # same model: the same folded copy
+            child.cache["fast_forward"] = self.cache["fast_forward"]
         child._targets = self.targets
         child.target_note = self.target_note
         return child

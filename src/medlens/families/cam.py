@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from ..context import ExplainContext, LayerPass, call_model
 from ..errors import MethodError
+from ..inference import AGREEMENT, relative_gap
 from ..registry import MethodSpec, register
-from ..spatial import channels_last, spatial_dims, upsample_to
+from ..spatial import spatial_dims, upsample_to
+from .masked_stem import build_masked_stem
 
 CAM_OPTIONS = {"eigen_smooth": False, "aug_smooth": False, "aug_flip": False}
 EPS = 1e-7
@@ -198,7 +200,7 @@ def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ perturbation CAMs
-SCORECAM_BATCH = 8  # masked inputs per pass: on a CPU small batches are fastest per image (resnet18, 224 px) and use less memory
+SCORECAM_BATCH = 16  # masked inputs per pass: fastest per image for resnet18 at 224 px with the precomputed first convolution (8 is 3% slower)
 ABLATIONCAM_BATCH = 256  # ablated copies of the layer's output per pass (only the head above the layer runs on them)
 
 
@@ -216,32 +218,25 @@ def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
     return size
 
 
-def _scores(ctx: ExplainContext, batch: torch.Tensor, state: dict) -> torch.Tensor:
-    """Logits of a batch of perturbed inputs (inference mode): channels-last unless the model rejects it."""
-    if state.get("layout", True):
-        try:
-            return call_model(ctx.model, channels_last(batch))
-        except RuntimeError:  # e.g. a .view() on a non-contiguous tensor inside the model
-            state["layout"] = False
-            ctx.method_notes["channels_last"] = False
-    return call_model(ctx.model, batch.contiguous())
-
-
 def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
     """Score-CAM: each channel, upsampled and min-max scaled, masks the input; the softmax over channels of
     the masked target scores weighs the channels.
 
-    Batched in inference mode with `batch_size` masked inputs per pass, masks upsampled per chunk (memory
-    stays bounded). A channel that is constant over space gives an all-zero mask, so all such channels
-    share the score of one zero input: computed once.
+    Batched in inference mode with `batch_size` masked inputs per pass, masks made per chunk (memory stays
+    bounded), through a per-call copy of the model with BatchNorm folded (`inference.fast_forward`). A
+    channel that is constant over space gives an all-zero mask, so all such channels share the score of one
+    zero input: computed once. When the input goes straight into a convolution, that convolution's output on
+    each masked input is a combination of precomputed values (`masked_stem`), checked on the first mask.
     """
     a = ctx.layer_pass().activation.detach()
     b, c = a.shape[:2]
+    grid = tuple(a.shape[2:])
     targets = ctx.targets
     weights = torch.empty(b, targets.shape[1], c, dtype=a.dtype, device=a.device)
-    state: dict = {}
+    fast = ctx.fast_forward()
     zero_scores: Optional[torch.Tensor] = None
     skipped = 0
+    stem_note = ""
     with torch.inference_mode():
         for i in range(b):
             flat = a[i].flatten(1)
@@ -249,20 +244,38 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
             scores = torch.empty(c, targets.shape[1], dtype=a.dtype, device=a.device)
             if varying.numel() < c:
                 if zero_scores is None:
-                    zero_scores = _scores(ctx, torch.zeros_like(ctx.x[:1]), state)[0]
+                    zero_scores = fast(torch.zeros_like(ctx.x[:1]))[0]
                 scores[:] = zero_scores[targets[i]]
                 skipped += c - varying.numel()
+            stem = None
+            if varying.numel():
+                stem, why = build_masked_stem(fast, ctx.x[i : i + 1], grid)
+                if stem is None:
+                    stem_note = f"not used: {why}"
             for lo, hi in _channel_chunks(varying.numel(), batch_size):
                 idx = varying[lo:hi]
-                masks = upsample_to(a[i : i + 1, idx], ctx.spatial_shape).transpose(0, 1)  # (n, 1, *S)
-                m = masks.flatten(1)
-                mn = m.amin(dim=1).view(-1, *([1] * (masks.dim() - 1)))
-                mx = m.amax(dim=1).view_as(mn)
-                masks = (masks - mn) / (mx - mn).clamp_min(EPS)
-                out = _scores(ctx, ctx.x[i : i + 1] * masks, state)  # (n, K)
+                maps = a[i, idx]  # (n, *grid)
+                up = upsample_to(maps.unsqueeze(0), ctx.spatial_shape)[0].flatten(1)  # (n, prod S)
+                mn = up.amin(dim=1, keepdim=True)
+                scale = (up.amax(dim=1, keepdim=True) - mn).clamp_min(EPS)
+                if stem is not None:
+                    out = stem.logits((maps.flatten(1) - mn) / scale)
+                    if lo == 0:  # the shortcut must give what the masked input gives
+                        masked = ctx.x[i : i + 1] * ((up[:1] - mn[:1]) / scale[:1]).view(1, 1, *ctx.spatial_shape)
+                        gap = relative_gap(out[:1], fast(masked))
+                        if not gap <= AGREEMENT:
+                            stem, stem_note = None, f"not used: it differed from the masked input's logits by {gap:.1e}"
+                        else:
+                            stem_note = f"used ({gap:.1e} relative from the masked input's logits on the first mask)"
+                if stem is None:
+                    masks = ((up - mn) / scale).view(-1, 1, *ctx.spatial_shape)
+                    out = fast(ctx.x[i : i + 1] * masks)  # (n, K)
                 scores[idx] = out[:, targets[i]]
             weights[i] = torch.softmax(scores.T, dim=-1)
     ctx.method_notes["constant_channels_scored_once"] = skipped
+    ctx.method_notes.update(fast.note)
+    if stem_note:
+        ctx.method_notes["first_convolution_precomputed"] = stem_note
     return _channel_weighted(weights.clone(), a)
 
 

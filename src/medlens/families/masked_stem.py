@@ -1,0 +1,183 @@
+"""Score-CAM's masked inputs through the model's first convolution without running it on each of them.
+
+Every mask is a (bi/tri)linear upsampling of a map on the target layer's grid, so conv(x * mask) is a sum over
+grid points g of map[g] * conv(x * basis_g); near any output only 2-3 grid points per axis reach the
+receptive field, so the output splits into tiles, each a small matrix product over precomputed values.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..inference import FastForward
+from ..spatial import upsample_to
+
+MAX_TERMS_PER_AXIS = 3  # grid points a tile may combine along one axis (bands are merged up to this)
+MAX_TILE_MEMORY = 256 * 2**20  # bytes of precomputed values per image; above it the convolution simply runs
+
+
+@dataclass
+class _Tile:
+    region: tuple[slice, ...]  # output positions, one slice per spatial axis
+    grid_index: torch.Tensor  # (K + 1,) flat indices of the grid points that reach them, then the bias slot
+    values: torch.Tensor  # (K + 1, *region sizes, C_out): conv(x * basis_g) there, channels last; then the bias
+
+
+class MaskedStem:
+    """The first convolution's output on x * U(w) for any maps w on the grid, and the rest of the model."""
+
+    def __init__(self, conv: nn.Module, tail: fx.GraphModule, tiles: list[_Tile], out_shape: Sequence[int]) -> None:
+        self.conv = conv
+        self.tail = tail
+        self.tiles = tiles
+        self.out_shape = tuple(out_shape)  # (C_out, *O)
+        self._buffer: Optional[torch.Tensor] = None
+
+    def outputs(self, weights: torch.Tensor) -> torch.Tensor:
+        """conv(x * U(w)) for w of shape (n, G): (n, C_out, *O), channels-last strides.
+
+        The result lives in a buffer that the next call overwrites (the model may apply an in-place ReLU to it).
+        """
+        n = weights.shape[0]
+        c, spatial = self.out_shape[0], self.out_shape[1:]
+        if self._buffer is None or self._buffer.shape[0] < n:
+            self._buffer = weights.new_empty(n, *spatial, c)
+        out = self._buffer[:n]
+        with_bias = torch.cat([weights, weights.new_ones(n, 1)], dim=1)  # the last slot weighs the bias row
+        for tile in self.tiles:
+            k = tile.values.shape[0]
+            part = with_bias[:, tile.grid_index] @ tile.values.view(k, -1)
+            out[(slice(None), *tile.region)] = part.view(n, *tile.values.shape[1:])
+        return out.movedim(-1, 1)
+
+    def logits(self, weights: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.outputs(weights))
+
+
+def _first_convolution(gm: fx.GraphModule, n_spatial: int) -> tuple[Optional[fx.Node], Optional[nn.Module], str]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None, None, "the model's forward takes more than one argument"
+    users = list(placeholders[0].users)
+    conv_type = {2: nn.Conv2d, 3: nn.Conv3d}.get(n_spatial)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None, None, "the input does not go straight into a convolution"
+    module = gm.get_submodule(users[0].target)
+    if conv_type is None or type(module) is not conv_type or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None, None, "the input does not go straight into a zero-padded convolution"
+    return users[0], module, ""
+
+
+def _tail(gm: fx.GraphModule, conv_node: fx.Node) -> fx.GraphModule:
+    """The model from the first convolution's output on: its graph with that node turned into the input."""
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    stem = graph.placeholder("stem_output")
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node is conv_node:
+            values[node] = stem
+            continue
+        values[node] = graph.node_copy(node, lambda n: values[n])
+    return fx.GraphModule(gm, graph)
+
+
+def _bands(support: list[range], size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int):
+    """Runs of output positions along one axis, each with the grid points whose basis reaches their receptive fields."""
+    def reaching(o: int) -> set[int]:
+        lo = max(o * stride - padding, 0)
+        hi = min(o * stride - padding + dilation * (kernel - 1), size - 1)
+        return {g for g, r in enumerate(support) if r.start <= hi and lo < r.stop}
+
+    bands: list[tuple[int, int, list[int]]] = []
+    start, current = 0, reaching(0)
+    for o in range(1, out_size):
+        merged = current | reaching(o)
+        if len(merged) <= MAX_TERMS_PER_AXIS:
+            current = merged
+        else:
+            bands.append((start, o, sorted(current)))
+            start, current = o, reaching(o)
+    bands.append((start, out_size, sorted(current)))
+    return bands
+
+
+def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -> tuple[Optional[MaskedStem], str]:
+    """For one image x (1, C, *S) and masks upsampled from `grid`: the shortcut, or None and the reason it does not apply."""
+    gm = fast.graph_module
+    if gm is None:
+        if isinstance(fast.module, torch.jit.ScriptModule):
+            return None, "TorchScript model"
+        try:
+            gm = fx.symbolic_trace(fast.module)  # shares the model's modules; nothing is changed
+        except Exception as error:  # noqa: BLE001 - untraceable models run the plain way
+            return None, f"the model could not be traced ({type(error).__name__})"
+    spatial = tuple(x.shape[2:])
+    grid = tuple(int(g) for g in grid)
+    if grid == spatial:
+        return None, "the masks are not upsampled"
+    conv_node, conv, why = _first_convolution(gm, len(spatial))
+    if conv is None:
+        return None, why
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    out = [(spatial[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(len(spatial))]
+    bands_per_axis = []
+    for a, (g, size) in enumerate(zip(grid, spatial)):
+        one_d = F.interpolate(torch.eye(g, dtype=torch.float64)[:, None, :], size=size, mode="linear", align_corners=False)[:, 0]
+        support = []
+        for row in one_d:
+            nz = torch.nonzero(row).flatten()
+            support.append(range(int(nz[0]), int(nz[-1]) + 1) if nz.numel() else range(0))
+        bands_per_axis.append(_bands(support, size, out[a], k[a], s[a], p[a], d[a]))
+    terms = 1
+    for bands in bands_per_axis:
+        terms *= max(len(b[2]) for b in bands)
+    conv_cost = conv.in_channels // conv.groups * int(torch.tensor(k).prod())
+    if conv_cost < 4 * terms:
+        return None, f"the first convolution is cheap ({conv_cost} multiply-adds per output against {terms} terms)"
+    c_out = conv.out_channels
+    strides = [int(torch.tensor(grid[a + 1:]).prod()) for a in range(len(grid))]
+    n_grid = int(torch.tensor(grid).prod())
+    tiles: list[_Tile] = []
+    memory = 0
+    for combo in itertools.product(*bands_per_axis):
+        region = tuple(slice(lo, hi) for lo, hi, _ in combo)
+        flat = [sum(i * st for i, st in zip(point, strides)) for point in itertools.product(*(b[2] for b in combo))]
+        sizes = [hi - lo for lo, hi, _ in combo]
+        memory += len(flat) * int(torch.tensor(sizes).prod()) * c_out * x.element_size()
+        if memory > MAX_TILE_MEMORY:
+            return None, f"the precomputed values would exceed {MAX_TILE_MEMORY // 2**20} MiB"
+        values = x.new_empty(len(flat) + 1, *sizes, c_out)
+        values[-1] = 0 if conv.bias is None else conv.bias.detach()
+        tiles.append(_Tile(region, torch.tensor(flat + [n_grid], device=x.device), values))
+    uses: dict[int, list[tuple[_Tile, int]]] = {}
+    for tile in tiles:
+        for j, g in enumerate(tile.grid_index.tolist()[:-1]):
+            uses.setdefault(g, []).append((tile, j))
+    conv_fn = F.conv2d if len(spatial) == 2 else F.conv3d
+    with torch.inference_mode():
+        for g, used in uses.items():
+            one_hot = torch.zeros(n_grid, dtype=x.dtype, device=x.device)
+            one_hot[g] = 1
+            basis = upsample_to(one_hot.view(1, 1, *grid), spatial)  # (1, 1, *S)
+            # Only the outputs of the tiles that use g are needed: convolve just the input window they see.
+            first = [min(t.region[a].start for t, _ in used) for a in range(len(spatial))]
+            last = [max(t.region[a].stop for t, _ in used) for a in range(len(spatial))]
+            window, pads = [], []
+            for a in range(len(spatial)):
+                lo = first[a] * s[a] - p[a]
+                hi = (last[a] - 1) * s[a] - p[a] + d[a] * (k[a] - 1) + 1
+                window.append(slice(max(lo, 0), min(hi, spatial[a])))
+                pads.append((max(0, -lo), max(0, hi - spatial[a])))
+            part = (x * basis)[(slice(None), slice(None), *window)]
+            part = F.pad(part, [v for pair in reversed(pads) for v in pair])
+            z = conv_fn(part, conv.weight, None, conv.stride, 0, conv.dilation, conv.groups)[0].movedim(0, -1)
+            for tile, j in used:
+                tile.values[j] = z[tuple(slice(r.start - f, r.stop - f) for r, f in zip(tile.region, first))]
+    return MaskedStem(conv, _tail(gm, conv_node), tiles, (c_out, *out)), ""

@@ -1,0 +1,197 @@
+"""The forward-only fast paths: BatchNorm folding on a trace (inference.py) and Score-CAM's precomputed first
+convolution (families/masked_stem.py), checked in float64 against the direct computation and a textbook loop.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import medlens
+from medlens import inference
+from medlens.families import masked_stem
+from medlens.families.masked_stem import build_masked_stem
+from medlens.inference import FastForward, fast_forward
+from medlens.spatial import upsample_to
+
+from conftest import TinyCNN2d, _randomise_bn, torchvision_model
+
+
+def _state(model: nn.Module) -> tuple:
+    """Everything about a model that a call must leave as it was: tensors, module tree, attributes."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tree = [(name, type(m), id(m), sorted(vars(m).keys())) for name, m in model.named_modules()]
+    return tensors, tree
+
+
+def _same_state(model: nn.Module, before: tuple) -> bool:
+    tensors, tree = _state(model)
+    return tree == before[1] and tensors.keys() == before[0].keys() and all(torch.equal(tensors[k], before[0][k]) for k in tensors)
+
+
+# ------------------------------------------------------------------------------------ BatchNorm folding
+@pytest.mark.parametrize("arch, expected", [("resnet18", 20), ("densenet121", 59)])
+def test_folded_trace_agrees_and_leaves_the_model_as_it_was(arch, expected):
+    model = _randomise_bn(torchvision_model(arch, num_classes=4, seed=3), 3)
+    before = _state(model)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fast = fast_forward(model, x)
+    assert f"{expected} BatchNorm layer(s) folded" in fast.note["forward_passes"]
+    def batchnorms(m: nn.Module) -> int:
+        return sum(isinstance(b, nn.modules.batchnorm._BatchNorm) for b in m.modules())
+
+    # DenseNet's norm1 layers come before their convolution and stay; every BatchNorm after one is gone
+    assert batchnorms(fast.module) == batchnorms(model) - expected
+    with torch.inference_mode():
+        reference = model(x)
+        got = fast(x)
+    assert inference.relative_gap(got, reference) < 1e-5
+    assert _same_state(model, before)  # folded convolutions are new modules on the trace, not in the model
+
+
+def test_folding_in_float64_is_exact_to_rounding():
+    model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=5), 5).double()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fast = fast_forward(model, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-11, atol=1e-11)
+
+
+class _Untraceable(TinyCNN2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 10:  # data-dependent control flow: fx cannot trace it
+            x = x * 0
+        return super().forward(x)
+
+
+def test_models_that_cannot_be_rewritten_run_as_given_with_a_note(tiny2d):
+    x = torch.randn(2, 1, 16, 16)
+    untraceable = _randomise_bn(_Untraceable(), 0)
+    cases = {
+        "could not be traced": untraceable,
+        "TorchScript": torch.jit.script(tiny2d),
+        "no BatchNorm": nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval(),
+    }
+    for why, model in cases.items():
+        fast = fast_forward(model, x)
+        assert fast.module is model and fast.graph_module is None
+        assert why in fast.note["forward_passes"]
+    training = _randomise_bn(TinyCNN2d(), 0).train()
+    assert "training mode" in fast_forward(training, x).note["forward_passes"] and training.training
+
+
+def test_a_rewrite_that_disagrees_is_not_used(tiny2d, monkeypatch):
+    monkeypatch.setattr(inference, "AGREEMENT", 0.0)  # any rounding difference now counts as disagreement
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    fast = fast_forward(tiny2d, x)
+    assert fast.module is tiny2d and "differed" in fast.note["forward_passes"]
+
+
+# ------------------------------------------------------------------------------ precomputed first convolution
+class _StemNet(nn.Module):
+    """The input goes straight into `conv`, then ReLU, pooling and a linear head."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        n = 2 if isinstance(conv, nn.Conv2d) else 3
+        self.pool = (nn.AdaptiveAvgPool2d if n == 2 else nn.AdaptiveAvgPool3d)(2)
+        self.head = nn.Linear(conv.out_channels * 2**n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+STEMS = {  # the first convolution, input size, grid of the masks
+    "resnet-like 7x7 stride 2": (lambda: nn.Conv2d(3, 8, 7, stride=2, padding=3), (40, 40), (5, 5)),
+    "dilated, unpadded": (lambda: nn.Conv2d(2, 4, 5, padding=0, dilation=2), (33, 29), (4, 3)),
+    "grouped, no bias, anisotropic": (lambda: nn.Conv2d(8, 6, (3, 5), stride=(2, 3), padding=(1, 4), groups=2, bias=False), (31, 37), (3, 6)),
+    "3-D": (lambda: nn.Conv3d(2, 4, 5, stride=2, padding=2), (20, 24, 18), (3, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(STEMS))
+def test_precomputed_first_convolution_equals_the_convolution_of_the_masked_input(case):
+    torch.manual_seed(0)
+    make, size, grid = STEMS[case]
+    conv = make()
+    model = _StemNet(conv).double().eval()
+    x = torch.randn(1, conv.in_channels, *size, dtype=torch.float64)
+    stem, why = build_masked_stem(FastForward(module=model), x, grid)
+    assert stem is not None, why
+    w = torch.rand(6, int(torch.tensor(grid).prod()), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    masked = x * upsample_to(w.view(1, 6, *grid), size).transpose(0, 1)
+    with torch.inference_mode():
+        torch.testing.assert_close(stem.outputs(w), conv(masked), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stem.logits(w), model(masked), rtol=1e-12, atol=1e-12)
+        assert stem.outputs(w[:2]).shape[0] == 2  # a smaller chunk reuses the buffer
+
+
+def test_tiles_combine_few_grid_points_each():
+    make, size, grid = STEMS["resnet-like 7x7 stride 2"]
+    model = _StemNet(make()).eval()
+    stem, _ = build_masked_stem(FastForward(module=model), torch.randn(1, 3, *size), grid)
+    # each tile combines at most 3 grid points per axis (plus the bias row): 10 terms, not 26
+    assert max(t.values.shape[0] for t in stem.tiles) <= masked_stem.MAX_TERMS_PER_AXIS**2 + 1
+
+
+def test_the_shortcut_declines_when_it_cannot_help_or_apply():
+    x = torch.randn(1, 1, 32, 32)
+    cheap = _StemNet(nn.Conv2d(1, 4, 3, padding=1)).eval()
+    assert "cheap" in build_masked_stem(FastForward(module=cheap), x, (4, 4))[1]
+    assert "not upsampled" in build_masked_stem(FastForward(module=cheap), x, (32, 32))[1]
+
+    class Scaled(_StemNet):
+        def forward(self, x):
+            return super().forward(x * 2)
+
+    scaled = Scaled(nn.Conv2d(1, 8, 7, stride=2, padding=3)).eval()
+    assert "straight into" in build_masked_stem(FastForward(module=scaled), x, (4, 4))[1]
+
+
+# ----------------------------------------------------------------------------------------- Score-CAM
+def _textbook_scorecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """One image, one target, one masked forward per channel, straight from the paper (float64)."""
+    captured = {}
+    handle = layer.register_forward_hook(lambda m, i, o: captured.setdefault("a", o.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    a = captured["a"]
+    scores = []
+    for ch in range(a.shape[1]):
+        mask = F.interpolate(a[:, ch : ch + 1], size=x.shape[2:], mode="bilinear", align_corners=False)
+        span = mask.max() - mask.min()
+        mask = (mask - mask.min()) / span if span > 0 else torch.zeros_like(mask)
+        with torch.no_grad():
+            scores.append(model(x * mask)[0, target])
+    w = torch.softmax(torch.stack(scores), dim=0)
+    return F.interpolate((w[:, None, None] * a[0]).sum(0)[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
+
+
+@pytest.fixture(scope="module")
+def resnet64():
+    return _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=7), 7).double()
+
+
+def test_scorecam_with_folding_and_precomputed_stem_matches_the_textbook(resnet64):
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = _state(resnet64)
+    r = medlens.explain(resnet64, x, "scorecam", targets=2, layer="layer2", batch_size=5)
+    notes = r.provenance["methods"]["scorecam"]
+    assert "20 BatchNorm layer(s) folded" in notes["forward_passes"]
+    assert notes["first_convolution_precomputed"].startswith("used")
+    expected = _textbook_scorecam(resnet64, resnet64.layer2, x, 2)
+    torch.testing.assert_close(r["scorecam"][0, 0].double(), expected, rtol=1e-5, atol=1e-7)
+    assert _same_state(resnet64, before)
+
+
+def test_scorecam_drops_a_shortcut_that_disagrees_and_still_matches(resnet64, monkeypatch):
+    real = masked_stem.MaskedStem.outputs
+    monkeypatch.setattr(masked_stem.MaskedStem, "outputs", lambda self, w: real(self, w) * 1.01)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    r = medlens.explain(resnet64, x, "scorecam", targets=1, layer="layer2")
+    assert r.provenance["methods"]["scorecam"]["first_convolution_precomputed"].startswith("not used: it differed")
+    expected = _textbook_scorecam(resnet64, resnet64.layer2, x, 1)
+    torch.testing.assert_close(r["scorecam"][0, 0].double(), expected, rtol=1e-5, atol=1e-7)
