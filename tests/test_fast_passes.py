@@ -65,42 +65,55 @@ class _Untraceable(TinyCNN2d):
         return super().forward(x)
 
 
-def test_models_that_cannot_be_rewritten_run_as_given_with_a_note(tiny2d):
+class _Counting(TinyCNN2d):
+    """Python-side state in forward: a trace would freeze `calls` and drop the branch on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x) * (1 if self.calls < 3 else 0)
+
+
+def _conv_bn_net() -> nn.Sequential:
+    return _randomise_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), 1)
+
+
+def test_models_that_cannot_be_rewritten_run_as_given_with_a_note(tiny2d, monkeypatch):
     x = torch.randn(2, 1, 16, 16)
-    untraceable = _randomise_bn(_Untraceable(), 0)
     cases = {
-        "could not be traced": untraceable,
         "TorchScript": torch.jit.script(tiny2d),
+        "_Counting is not from torch": _randomise_bn(_Counting(), 0),
         "no BatchNorm": nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval(),
     }
     for why, model in cases.items():
         fast = fast_forward(model, x)
         assert fast.module is model and fast.graph_module is None
         assert why in fast.note["forward_passes"]
-    training = _randomise_bn(TinyCNN2d(), 0).train()
+    training = _conv_bn_net().train()
     assert "training mode" in fast_forward(training, x).note["forward_passes"] and training.training
+    # A model whose code were trusted but has data-dependent control flow: fx refuses, the model runs as given.
+    monkeypatch.setattr(inference, "LIBRARY_PACKAGES", (*inference.LIBRARY_PACKAGES, __name__, "conftest"))
+    untraceable = _randomise_bn(_Untraceable(), 0)
+    fast = fast_forward(untraceable, x)
+    assert fast.module is untraceable and "could not be traced" in fast.note["forward_passes"]
 
 
-def test_a_rewrite_that_disagrees_is_not_used(tiny2d, monkeypatch):
+def test_a_rewrite_that_disagrees_is_not_used(monkeypatch):
     monkeypatch.setattr(inference, "AGREEMENT", 0.0)  # any rounding difference now counts as disagreement
-    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    fast = fast_forward(tiny2d, x)
-    assert fast.module is tiny2d and "differed" in fast.note["forward_passes"]
+    model = _conv_bn_net()
+    fast = fast_forward(model, torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)))
+    assert fast.module is model and "differed" in fast.note["forward_passes"]
 
 
 # ------------------------------------------------------------------------------ precomputed first convolution
-class _StemNet(nn.Module):
-    """The input goes straight into `conv`, then ReLU, pooling and a linear head."""
-
-    def __init__(self, conv: nn.Module) -> None:
-        super().__init__()
-        self.conv = conv
-        n = 2 if isinstance(conv, nn.Conv2d) else 3
-        self.pool = (nn.AdaptiveAvgPool2d if n == 2 else nn.AdaptiveAvgPool3d)(2)
-        self.head = nn.Linear(conv.out_channels * 2**n, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
+def _StemNet(conv: nn.Module) -> nn.Sequential:
+    """The input goes straight into `conv`, then ReLU, pooling and a linear head (all torch.nn: traceable)."""
+    n = 2 if isinstance(conv, nn.Conv2d) else 3
+    pool = (nn.AdaptiveAvgPool2d if n == 2 else nn.AdaptiveAvgPool3d)(2)
+    return nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), nn.Linear(conv.out_channels * 2**n, 3))
 
 
 STEMS = {  # the first convolution, input size, grid of the masks
@@ -142,12 +155,9 @@ def test_the_shortcut_declines_when_it_cannot_help_or_apply():
     assert "cheap" in build_masked_stem(FastForward(module=cheap), x, (4, 4))[1]
     assert "not upsampled" in build_masked_stem(FastForward(module=cheap), x, (32, 32))[1]
 
-    class Scaled(_StemNet):
-        def forward(self, x):
-            return super().forward(x * 2)
-
-    scaled = Scaled(nn.Conv2d(1, 8, 7, stride=2, padding=3)).eval()
-    assert "straight into" in build_masked_stem(FastForward(module=scaled), x, (4, 4))[1]
+    pooled_first = nn.Sequential(nn.AvgPool2d(1), *_StemNet(nn.Conv2d(1, 8, 7, stride=2, padding=3))).eval()
+    assert "straight into" in build_masked_stem(FastForward(module=pooled_first), x, (4, 4))[1]
+    assert "not from torch" in build_masked_stem(FastForward(module=_randomise_bn(TinyCNN2d(), 0)), x, (4, 4))[1]
 
 
 # ----------------------------------------------------------------------------------------- Score-CAM
@@ -195,3 +205,21 @@ def test_scorecam_drops_a_shortcut_that_disagrees_and_still_matches(resnet64, mo
     assert r.provenance["methods"]["scorecam"]["first_convolution_precomputed"].startswith("not used: it differed")
     expected = _textbook_scorecam(resnet64, resnet64.layer2, x, 1)
     torch.testing.assert_close(r["scorecam"][0, 0].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ perturbation family
+@pytest.mark.parametrize("method, options", [
+    ("occlusion", {"window": 16, "stride": 16}),
+    ("rise", {"n_masks": 24, "cell_size": 16}),
+    ("kernelshap", {"num_samples": 40, "n_segments": 12}),
+])
+def test_perturbation_methods_give_the_same_maps_through_the_folded_trace(method, options, monkeypatch):
+    model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=9), 9)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    fast = medlens.explain(model, x, method, targets=1, seed=0, **options)
+    assert "20 BatchNorm layer(s) folded" in fast.provenance["methods"][method]["forward_passes"]
+    monkeypatch.setattr(inference, "LIBRARY_PACKAGES", ())  # nothing is traced: the model runs as given
+    plain = medlens.explain(model, x, method, targets=1, seed=0, **options)
+    assert "not rewritten" in plain.provenance["methods"][method]["forward_passes"]
+    scale = plain[method].abs().max()
+    torch.testing.assert_close(fast[method], plain[method], rtol=0, atol=float(scale) * 1e-4)

@@ -18,6 +18,10 @@ from .spatial import channels_last
 # bound: folding changes float rounding only, about 1e-6 of the logits' scale on torchvision ResNets.
 AGREEMENT = 1e-4
 
+# A trace replays the tensor operations of one forward call; Python-side state in a forward (a counter, a flag,
+# Python's random) is frozen at its value during tracing. Only forwards written in these packages are traced.
+LIBRARY_PACKAGES = ("torch", "torchvision", "timm", "monai", "medlens")
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
 
@@ -42,6 +46,19 @@ class FastForward:
                 self.layout = False
                 self.note["channels_last"] = False
         return call_model(self.module, batch.contiguous())
+
+
+def untraceable_reason(model: nn.Module) -> str:
+    """Why the model's forward is not traced ("" when it may be): TorchScript, or a module class from outside
+    `LIBRARY_PACKAGES` (user code, whose forward may keep Python-side state)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return "TorchScript model"
+    for module in model.modules():
+        package = type(module).__module__.split(".")[0]
+        if package not in LIBRARY_PACKAGES:
+            return (f"its module class {type(module).__name__} is not from {', '.join(LIBRARY_PACKAGES)}; "
+                    f"a trace would freeze any Python-side state in its forward")
+    return ""
 
 
 def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,13 +106,15 @@ def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tenso
 
     The trace shares every module it does not replace with the model and changes none of them: each folded
     convolution is a new module on the trace's own root. It is used only when it agrees with the model on
-    `x` (relative gap at most `AGREEMENT`); otherwise, or when the model cannot be traced (TorchScript, data-dependent control flow), the model itself runs and the note says why.
+    `x` (relative gap at most `AGREEMENT`); otherwise, or when the model may not or cannot be traced
+    (`untraceable_reason`, data-dependent control flow), the model itself runs and the note says why.
     `logits`, the model's output on `x` when the caller has it, saves a forward pass.
     """
     plain = FastForward(module=model)
     key = "forward_passes"
-    if isinstance(model, torch.jit.ScriptModule):
-        plain.note[key] = "the model as given (TorchScript: not rewritten)"
+    why = untraceable_reason(model)
+    if why:
+        plain.note[key] = f"the model as given (not rewritten: {why})"
         return plain
     if model.training:
         plain.note[key] = "the model as given (in training mode: not rewritten)"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..inference import FastForward
+from ..inference import FastForward, untraceable_reason
 from ..spatial import upsample_to
 
 MAX_TERMS_PER_AXIS = 3  # grid points a tile may combine along one axis (bands are merged up to this)
@@ -112,8 +112,9 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
     """For one image x (1, C, *S) and masks upsampled from `grid`: the shortcut, or None and the reason it does not apply."""
     gm = fast.graph_module
     if gm is None:
-        if isinstance(fast.module, torch.jit.ScriptModule):
-            return None, "TorchScript model"
+        why = untraceable_reason(fast.module)
+        if why:
+            return None, why
         try:
             gm = fx.symbolic_trace(fast.module)  # shares the model's modules; nothing is changed
         except Exception as error:  # noqa: BLE001 - untraceable models run the plain way

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..context import ExplainContext, call_model
+from ..context import ExplainContext
 from ..errors import MethodError
 from ..registry import MethodSpec, register
 
@@ -210,10 +210,12 @@ def evaluate(
     `consume(lo, hi, scores)` (then returns None) so that nothing of size n x input is kept.
     """
     out = [] if consume is None else None
+    forward = ctx.fast_forward()  # BatchNorm folded, channels-last: the model's values to float rounding
+    ctx.method_notes.update(forward.note)
     with torch.inference_mode():
         for lo, hi in chunks(n, batch_size):
             batch = make_batch(lo, hi)
-            s = scores_of(ctx, call_model(ctx.model, batch), image, output).to(torch.float64)
+            s = scores_of(ctx, forward(batch), image, output).to(torch.float64)
             if consume is None:
                 out.append(s)
             else:
@@ -342,13 +344,15 @@ def _rise(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     n_pix = math.prod(spatial)
     saliency = torch.zeros(b, t, n_pix, dtype=torch.float64, device=x.device)
 
+    forward = ctx.fast_forward()  # BatchNorm folded, channels-last: the model's values to float rounding
+    ctx.method_notes.update(forward.note)
     with Progress(b * n_masks, "rise", options.get("progress")) as progress, torch.inference_mode():
         for lo, hi in chunks(n_masks, batch_size):
             masks = rise_masks(grids[lo:hi], shifts[lo:hi], cell, spatial)  # (n, 1, *S), reused by every image
             flat = masks.reshape(hi - lo, n_pix).double()
             for i in range(b):
                 batch = ref[i] + (x[i] - ref[i]) * masks
-                s = scores_of(ctx, call_model(ctx.model, batch), i, output).double()  # (n, T)
+                s = scores_of(ctx, forward(batch), i, output).double()  # (n, T)
                 saliency[i] += s.T @ flat
                 progress.update(hi - lo)
     saliency = saliency / (n_masks * p_keep)
