@@ -226,10 +226,13 @@ def _scorecam_runs(args) -> dict:
         order = ["medlens", "pytorch-grad-cam"] if r % 2 == 0 else ["pytorch-grad-cam", "medlens"]
         for tool in order:
             runs[tool].append(_run_child(tool, args.threads, args.size))
-    return {tool: {"seconds": statistics.median(r["seconds"] for r in v),
-                   "peak_rss_mib": max(r["maxrss_mib"] for r in v),
-                   "extra_mib": max(r["peak_rss_mib"] - r["start_rss_mib"] for r in v)}
-            for tool, v in runs.items()}
+    summary = {tool: {"seconds": statistics.median(r["seconds"] for r in v),
+                      "all_seconds": [r["seconds"] for r in v],
+                      "peak_rss_mib": max(r["maxrss_mib"] for r in v),
+                      "extra_mib": max(r["peak_rss_mib"] - r["start_rss_mib"] for r in v)}
+               for tool, v in runs.items()}
+    summary["pair_ratios"] = [g["seconds"] / m["seconds"] for m, g in zip(runs["medlens"], runs["pytorch-grad-cam"])]
+    return summary
 
 
 def _report(args, rows, ours_b, fwd_b, score) -> None:
@@ -255,6 +258,10 @@ def _report(args, rows, ours_b, fwd_b, score) -> None:
         print(f"| pytorch-grad-cam | {g['seconds']:.2f} | {g['peak_rss_mib']:.0f} | {g['extra_mib']:.0f} |")
         print(f"| ratio (theirs / ours) | {g['seconds'] / m['seconds']:.2f}x | {g['peak_rss_mib'] / m['peak_rss_mib']:.2f}x | "
               f"{g['extra_mib'] / max(m['extra_mib'], 1.0):.2f}x |")
+        ratios = score["pair_ratios"]
+        print(f"\n(c) per run: medlens {', '.join(f'{t:.2f}' for t in m['all_seconds'])} s; pytorch-grad-cam "
+              f"{', '.join(f'{t:.2f}' for t in g['all_seconds'])} s; ratio per interleaved pair: median "
+              f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x.")
 
 
 def _grad_cam_version() -> str:
