@@ -119,6 +119,11 @@ def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tenso
     if model.training:
         plain.note[key] = "the model as given (in training mode: not rewritten)"
         return plain
+    if x.device.type != "cpu":
+        # Measured on an H200 (30 Nov 2026): Score-CAM took 190 ms with the rewrite against 119 ms without, and
+        # TF32 convolutions (cuDNN's default) differ from the folded ones by about 3e-4 anyway.
+        plain.note[key] = f"the model as given (on {x.device.type}, where the rewrite does not pay)"
+        return plain
     probe = x[:1]
     try:
         gm = fx.symbolic_trace(model)

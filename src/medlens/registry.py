@@ -145,14 +145,15 @@ def markdown_table() -> str:
              *rows, "", "## What each method does", ""]
     lines += [f"- `{s.name}`: {s.summary}" for s in all_specs().values()]
     lines += ["", "## Forward-only passes", "",
-              "Score-CAM, occlusion, RISE, LIME and KernelSHAP run hundreds of forward passes without gradients. They run",
-              "them through a per-call trace of the model (torch.fx) with every BatchNorm that follows a convolution or",
+              "Score-CAM, occlusion, RISE, LIME and KernelSHAP run hundreds of forward passes without gradients. On the CPU",
+              "they run them through a per-call trace of the model (torch.fx) with every BatchNorm that follows a convolution or",
               "linear layer folded into it, on channels-last inputs; the trace is used only when its logits on the input",
               "agree with the model's to 1e-4 (relative), and only for models whose module classes come from torch,",
               "torchvision, timm, MONAI or medlens (a trace freezes Python-side state in a forward). Score-CAM also",
               "computes the first convolution of every masked input from precomputed values when the input goes straight",
               "into one (its masks are linear upsamplings of the layer's grid), checked on the first mask. The model is",
-              "never changed; provenance (`forward_passes`, `first_convolution_precomputed`) says what ran."]
+              "never changed; provenance (`forward_passes`, `first_convolution_precomputed`) says what ran. On a GPU the",
+              "model runs as given: there the rewrite was slower (and TF32 convolutions differ from folded ones by ~3e-4)."]
     return "\n".join(lines) + "\n"
 
 

@@ -110,6 +110,8 @@ def _bands(support: list[range], size: int, out_size: int, kernel: int, stride: 
 
 def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -> tuple[Optional[MaskedStem], str]:
     """For one image x (1, C, *S) and masks upsampled from `grid`: the shortcut, or None and the reason it does not apply."""
+    if x.device.type != "cpu":
+        return None, f"on {x.device.type} the convolution is cheaper than the combination's many small products"
     gm = fast.graph_module
     if gm is None:
         why = untraceable_reason(fast.module)
