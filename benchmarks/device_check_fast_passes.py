@@ -1,8 +1,7 @@
-"""Device check (CUDA): the folded trace and Score-CAM's precomputed first convolution on a GPU.
+"""Device check (CUDA) of the forward-only fast paths, as run on 30 Nov 2026 (figures in docs/benchmarks.md).
 
-Agreement with the CPU path and with the model as given, exactness of the stem in float64, and timings.
-Since the run of 30 Nov 2026 (in docs/benchmarks.md) medlens uses neither on a GPU, so the notes now say
-"the model as given"; the functions are still called directly here to check them on CUDA.
+That run used the first version (an fx trace); since then medlens uses neither the folded copy nor the
+precomputed stem on a GPU, so on CUDA this script now mostly shows "the model as given".
 Usage (on a machine with CUDA): PYTHONPATH=src python benchmarks/device_check_fast_passes.py
 """
 from __future__ import annotations

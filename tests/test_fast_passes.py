@@ -1,5 +1,5 @@
-"""The forward-only fast paths: BatchNorm folding on a trace (inference.py) and Score-CAM's precomputed first
-convolution (families/masked_stem.py), checked in float64 against the direct computation and a textbook loop.
+"""The forward-only fast paths: BatchNorm folding in a structural copy (inference.py) and Score-CAM's precomputed
+first convolution (families/masked_stem.py), checked in float64 against the direct computation and a textbook loop.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import medlens
 from medlens import inference
 from medlens.families import masked_stem
 from medlens.families.masked_stem import build_masked_stem
-from medlens.inference import FastForward, fast_forward
+from medlens.inference import fast_forward
 from medlens.spatial import upsample_to
 
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
@@ -58,15 +58,8 @@ def test_folding_in_float64_is_exact_to_rounding():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-11, atol=1e-11)
 
 
-class _Untraceable(TinyCNN2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.mean() > 10:  # data-dependent control flow: fx cannot trace it
-            x = x * 0
-        return super().forward(x)
-
-
-class _Counting(TinyCNN2d):
-    """Python-side state in forward: a trace would freeze `calls` and drop the branch on it."""
+class _Branching(TinyCNN2d):
+    """Data-dependent control flow and Python-side state: the copy runs this forward code itself."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,37 +67,69 @@ class _Counting(TinyCNN2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return super().forward(x) * (1 if self.calls < 3 else 0)
+        if x.mean() > 0:
+            x = x * 2
+        return super().forward(x)
 
 
 def _conv_bn_net() -> nn.Sequential:
     return _randomise_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), 1)
 
 
-def test_models_that_cannot_be_rewritten_run_as_given_with_a_note(tiny2d, monkeypatch):
+def test_the_copy_runs_the_models_own_forward_code_and_hooks():
+    model = _randomise_bn(_Branching(), 0)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    fast = fast_forward(model, x)
+    assert "2 BatchNorm layer(s) folded" in fast.note["forward_passes"]
+    with torch.inference_mode():
+        for sign in (1, -1):  # both branches of the data-dependent `if`
+            y = sign * x.abs()
+            assert inference.relative_gap(fast(y), model(y)) < 1e-5
+    fired = []
+    model.pool.register_forward_hook(lambda m, i, o: fired.append(1))  # a user's hook, added after the copy was made
+    with torch.inference_mode():
+        fast(x)
+    assert fired == [1]  # the copy shares hooks with the model's modules
+
+
+def test_models_that_are_not_rewritten_run_as_given_with_a_note(tiny2d, monkeypatch):
     x = torch.randn(2, 1, 16, 16)
     cases = {
         "TorchScript": torch.jit.script(tiny2d),
-        "_Counting is not from torch": _randomise_bn(_Counting(), 0),
         "no BatchNorm": nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval(),
     }
     for why, model in cases.items():
         fast = fast_forward(model, x)
-        assert fast.module is model and fast.graph_module is None
-        assert why in fast.note["forward_passes"]
+        assert fast.module is model and why in fast.note["forward_passes"]
     training = _conv_bn_net().train()
     assert "training mode" in fast_forward(training, x).note["forward_passes"] and training.training
-    # A model whose code were trusted but has data-dependent control flow: fx refuses, the model runs as given.
-    monkeypatch.setattr(inference, "LIBRARY_PACKAGES", (*inference.LIBRARY_PACKAGES, __name__, "conftest"))
-    untraceable = _randomise_bn(_Untraceable(), 0)
-    fast = fast_forward(untraceable, x)
-    assert fast.module is untraceable and "could not be traced" in fast.note["forward_passes"]
+    hooked = _conv_bn_net()
+    hooked[1].register_forward_pre_hook(lambda m, a: None)  # a BatchNorm with a hook of its own is not folded away
+    assert fast_forward(hooked, x).module is hooked
+    monkeypatch.setattr(inference, "ENABLED", False)
+    assert "ENABLED is False" in fast_forward(_conv_bn_net(), x).note["forward_passes"]
+
+
+def test_a_layer_changed_in_place_before_its_batchnorm_is_not_folded():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.relu_()  # between the layer and its BatchNorm: folding would be wrong
+            return self.fc(self.bn(y).mean(dim=(2, 3)))
+
+    model = _randomise_bn(InPlace(), 2)
+    fast = fast_forward(model, torch.randn(2, 1, 12, 12))
+    assert fast.module is model and "no BatchNorm reads" in fast.note["forward_passes"]
 
 
 def test_a_rewrite_that_disagrees_is_not_used(monkeypatch):
     monkeypatch.setattr(inference, "AGREEMENT", 0.0)  # any rounding difference now counts as disagreement
-    model = _conv_bn_net()
-    fast = fast_forward(model, torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)))
+    model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=2), 2)
+    fast = fast_forward(model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
     assert fast.module is model and "differed" in fast.note["forward_passes"]
 
 
@@ -131,20 +156,25 @@ def test_precomputed_first_convolution_equals_the_convolution_of_the_masked_inpu
     conv = make()
     model = _StemNet(conv).double().eval()
     x = torch.randn(1, conv.in_channels, *size, dtype=torch.float64)
-    stem, why = build_masked_stem(FastForward(module=model), x, grid)
+    before = _state(model)
+    stem, why = build_masked_stem(fast_forward(model, x), x, grid)
     assert stem is not None, why
+    assert _same_state(model, before)  # the swap happens in a copy
     w = torch.rand(6, int(torch.tensor(grid).prod()), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     masked = x * upsample_to(w.view(1, 6, *grid), size).transpose(0, 1)
     with torch.inference_mode():
         torch.testing.assert_close(stem.outputs(w), conv(masked), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(stem.logits(w), model(masked), rtol=1e-12, atol=1e-12)
+        logits, used = stem.logits(w, masked)
+        assert used
+        torch.testing.assert_close(logits, model(masked), rtol=1e-12, atol=1e-12)
         assert stem.outputs(w[:2]).shape[0] == 2  # a smaller chunk reuses the buffer
 
 
 def test_tiles_combine_few_grid_points_each():
     make, size, grid = STEMS["resnet-like 7x7 stride 2"]
     model = _StemNet(make()).eval()
-    stem, _ = build_masked_stem(FastForward(module=model), torch.randn(1, 3, *size), grid)
+    x = torch.randn(1, 3, *size)
+    stem, _ = build_masked_stem(fast_forward(model, x), x, grid)
     # each tile combines at most 3 grid points per axis (plus the bias row): 10 terms, not 26
     assert max(t.values.shape[0] for t in stem.tiles) <= masked_stem.MAX_TERMS_PER_AXIS**2 + 1
 
@@ -152,12 +182,14 @@ def test_tiles_combine_few_grid_points_each():
 def test_the_shortcut_declines_when_it_cannot_help_or_apply():
     x = torch.randn(1, 1, 32, 32)
     cheap = _StemNet(nn.Conv2d(1, 4, 3, padding=1)).eval()
-    assert "cheap" in build_masked_stem(FastForward(module=cheap), x, (4, 4))[1]
-    assert "not upsampled" in build_masked_stem(FastForward(module=cheap), x, (32, 32))[1]
+    assert "cheap" in build_masked_stem(fast_forward(cheap, x), x, (4, 4))[1]
+    assert "not upsampled" in build_masked_stem(fast_forward(cheap, x), x, (32, 32))[1]
 
     pooled_first = nn.Sequential(nn.AvgPool2d(1), *_StemNet(nn.Conv2d(1, 8, 7, stride=2, padding=3))).eval()
-    assert "straight into" in build_masked_stem(FastForward(module=pooled_first), x, (4, 4))[1]
-    assert "not from torch" in build_masked_stem(FastForward(module=_randomise_bn(TinyCNN2d(), 0)), x, (4, 4))[1]
+    assert "receives the model's input unchanged" in build_masked_stem(fast_forward(pooled_first, x), x, (4, 4))[1]
+    hooked = _StemNet(nn.Conv2d(1, 8, 7, stride=2, padding=3)).eval()
+    hooked[0].register_forward_hook(lambda m, i, o: None)  # a hook on it must keep firing: no swap
+    assert "receives the model's input unchanged" in build_masked_stem(fast_forward(hooked, x), x, (4, 4))[1]
 
 
 # ----------------------------------------------------------------------------------------- Score-CAM
@@ -213,13 +245,36 @@ def test_scorecam_drops_a_shortcut_that_disagrees_and_still_matches(resnet64, mo
     ("rise", {"n_masks": 24, "cell_size": 16}),
     ("kernelshap", {"num_samples": 40, "n_segments": 12}),
 ])
-def test_perturbation_methods_give_the_same_maps_through_the_folded_trace(method, options, monkeypatch):
+def test_perturbation_methods_give_the_same_maps_through_the_folded_copy(method, options, monkeypatch):
     model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=9), 9)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     fast = medlens.explain(model, x, method, targets=1, seed=0, **options)
     assert "20 BatchNorm layer(s) folded" in fast.provenance["methods"][method]["forward_passes"]
-    monkeypatch.setattr(inference, "LIBRARY_PACKAGES", ())  # nothing is traced: the model runs as given
+    monkeypatch.setattr(inference, "ENABLED", False)  # the model runs as given
     plain = medlens.explain(model, x, method, targets=1, seed=0, **options)
-    assert "not rewritten" in plain.provenance["methods"][method]["forward_passes"]
+    assert "as given" in plain.provenance["methods"][method]["forward_passes"]
     scale = plain[method].abs().max()
     torch.testing.assert_close(fast[method], plain[method], rtol=0, atol=float(scale) * 1e-4)
+
+
+class _ViewNet(nn.Module):
+    """A .view() after the first convolution: channels-last outputs make it fail; the plain path retries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 16, 2)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_scorecam_falls_back_when_the_model_rejects_channels_last_outputs():
+    torch.manual_seed(0)
+    model = _ViewNet().double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    r = medlens.explain(model, x, "scorecam", targets=1, layer="conv2")
+    assert r.provenance["methods"]["scorecam"]["first_convolution_precomputed"].startswith("not used")
+    torch.testing.assert_close(r["scorecam"][0, 0].double(), _textbook_scorecam(model, model.conv2, x, 1), rtol=1e-5, atol=1e-7)

@@ -1,37 +1,38 @@
 """Forward-only versions of a model for the hundreds of no-grad passes of the perturbation methods.
 
-`fast_forward()` traces the model for one call and folds each BatchNorm into the convolution before it (new
-modules on the trace's own root, channels-last), checked against the model; the caller's model is untouched.
+`fast_forward()` watches one forward pass, then builds a copy of the module tree (sharing every tensor) in which
+each BatchNorm that reads a convolution's output is folded into it; checked against the model, CPU only.
 """
 from __future__ import annotations
 
+import copy
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .spatial import channels_last
 
-# The fast version is used only when its logits on the call's input agree with the model's to this (relative)
-# bound: folding changes float rounding only, about 1e-6 of the logits' scale on torchvision ResNets.
+# The copy is used only when its logits on the call's input agree with the model's to this (relative) bound:
+# folding changes float rounding only, about 1e-6 of the logits' scale on torchvision ResNets.
 AGREEMENT = 1e-4
-
-# A trace replays the tensor operations of one forward call; Python-side state in a forward (a counter, a flag,
-# Python's random) is frozen at its value during tracing. Only forwards written in these packages are traced.
-LIBRARY_PACKAGES = ("torch", "torchvision", "timm", "monai", "medlens")
+ENABLED = True  # False: every forward-only pass runs the model as given (for comparisons and debugging)
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+_CONVS = (nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
 class FastForward:
-    """The module the forward-only passes run, and what was done to get it (for provenance)."""
+    """The module the forward-only passes run, and what was learnt about the model while building it."""
 
     module: nn.Module
-    graph_module: Optional[fx.GraphModule] = None  # the rewritten trace, when one is used
+    folded: int = 0
+    first_convolution: Optional[str] = None  # the convolution that receives the model's input unchanged, if one does
     layout: bool = True  # feed channels-last inputs
     note: dict[str, Any] = field(default_factory=dict)
 
@@ -48,107 +49,144 @@ class FastForward:
         return call_model(self.module, batch.contiguous())
 
 
-def untraceable_reason(model: nn.Module) -> str:
-    """Why the model's forward is not traced ("" when it may be): TorchScript, or a module class from outside
-    `LIBRARY_PACKAGES` (user code, whose forward may keep Python-side state)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        return "TorchScript model"
-    for module in model.modules():
-        package = type(module).__module__.split(".")[0]
-        if package not in LIBRARY_PACKAGES:
-            return (f"its module class {type(module).__name__} is not from {', '.join(LIBRARY_PACKAGES)}; "
-                    f"a trace would freeze any Python-side state in its forward")
-    return ""
-
-
 def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| over max(|b|, 1): how far two sets of logits are apart, on the scale of the reference b."""
     a, b = a.float(), b.float()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
 
 
-def _add_module(gm: fx.GraphModule, module: nn.Module) -> str:
-    """Register a new module on the trace's own root (never inside the caller's model) and return its name."""
-    name = f"medlens_fast_{sum(1 for _ in gm.children())}"
-    while hasattr(gm, name):
-        name += "_"
-    gm.add_module(name, module)
-    return name
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose children can be replaced without touching the original.
+
+    Every module object is copied shallowly (its forward code, hooks, parameters and buffers are the same
+    objects); only the dictionaries of children are new.
+    """
+    new = copy.copy(module)
+    new._modules = OrderedDict(
+        (name, None if child is None else structural_copy(child)) for name, child in module._modules.items()
+    )
+    return new
 
 
-def _fold_batchnorms(gm: fx.GraphModule, layout: bool) -> int:
-    """Fold every eval-mode BatchNorm whose input is a convolution (or linear layer) used by nothing else."""
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        bn = gm.get_submodule(node.target)
-        src = node.args[0]
-        if not isinstance(bn, _BATCHNORMS) or not isinstance(src, fx.Node) or src.op != "call_module":
-            continue
-        layer = gm.get_submodule(src.target)
-        if _FOLDABLE.get(type(layer)) is not type(bn) or len(src.users) != 1 or src.kwargs or len(src.args) != 1:
-            continue
-        if bn.training or layer.training or not bn.track_running_stats or bn.running_mean is None:
-            continue
-        fused = fuse_conv_bn_eval(layer, bn) if isinstance(layer, nn.modules.conv._ConvNd) else fuse_linear_bn_eval(layer, bn)
-        if layout and isinstance(fused, nn.Conv2d):
-            fused = fused.to(memory_format=torch.channels_last)
-        src.target = _add_module(gm, fused)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-        folded += 1
-    return folded
+def replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+@dataclass
+class _Observation:
+    pairs: list[tuple[str, str]]  # (convolution or linear layer, the BatchNorm that reads its output)
+    first_convolution: Optional[str]
+
+
+def observe(model: nn.Module, probe: torch.Tensor) -> _Observation:
+    """One forward pass with hooks that see which BatchNorm reads which layer's untouched output, and which
+    convolution receives the input itself. Modules called more than once, or with hooks of their own, are left out."""
+    if torch.is_inference(probe):
+        probe = probe.clone()
+    names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    calls: Counter = Counter()
+    produced: dict[int, tuple[str, torch.Tensor, int]] = {}
+    reads: list[tuple[str, str]] = []
+    takes_input: list[str] = []
+    handles = []
+
+    def after_layer(module: nn.Module, _args: Any, out: Any) -> None:
+        calls[names[module]] += 1
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = (names[module], out, out._version)
+
+    def before_batchnorm(module: nn.Module, args: Any) -> None:
+        calls[names[module]] += 1
+        t = args[0] if args else None
+        entry = produced.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if entry is not None and entry[1] is t and t._version == entry[2]:  # the same tensor, not changed in place
+            reads.append((entry[0], names[module]))
+
+    def before_layer(module: nn.Module, args: Any) -> None:
+        if args and args[0] is probe:
+            takes_input.append(names[module])
+
+    try:
+        for module in names:
+            if _has_hooks(module):
+                continue
+            if type(module) in _FOLDABLE:
+                handles.append(module.register_forward_pre_hook(before_layer))
+                handles.append(module.register_forward_hook(after_layer))
+            elif isinstance(module, _BATCHNORMS):
+                handles.append(module.register_forward_pre_hook(before_batchnorm))
+        with torch.no_grad():  # not inference mode: version counters show in-place changes between layer and BatchNorm
+            model(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules(remove_duplicate=False))
+    pairs = [
+        (layer, bn) for layer, bn in reads
+        if calls[layer] == 1 and calls[bn] == 1 and _FOLDABLE[type(modules[layer])] is type(modules[bn])
+        and not modules[bn].training and modules[bn].track_running_stats and modules[bn].running_mean is not None
+        and sum(1 for _, b in reads if b == bn) == 1 and sum(1 for l, _ in reads if l == layer) == 1
+    ]
+    first = takes_input[0] if len(takes_input) == 1 and isinstance(modules[takes_input[0]], _CONVS) else None
+    return _Observation(pairs, first if first is not None and calls[first] == 1 else None)
 
 
 def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> FastForward:
-    """The model, or a rewritten trace of it, for forward-only passes on inputs like `x`.
+    """The model, or a structural copy with BatchNorms folded, for forward-only passes on inputs like `x`.
 
-    The trace shares every module it does not replace with the model and changes none of them: each folded
-    convolution is a new module on the trace's own root. It is used only when it agrees with the model on
-    `x` (relative gap at most `AGREEMENT`); otherwise, or when the model may not or cannot be traced
-    (`untraceable_reason`, data-dependent control flow), the model itself runs and the note says why.
-    `logits`, the model's output on `x` when the caller has it, saves a forward pass.
+    The copy runs the model's own forward code (hooks and Python-side state included); it is used only when
+    it agrees with the model on `x` (relative gap at most `AGREEMENT`). `logits`, the model's output on `x`
+    when the caller has it, saves a forward pass. On a GPU the model runs as given (see docs/benchmarks.md).
     """
     plain = FastForward(module=model)
     key = "forward_passes"
-    why = untraceable_reason(model)
-    if why:
-        plain.note[key] = f"the model as given (not rewritten: {why})"
+    if not ENABLED:
+        plain.note[key] = "the model as given (medlens.inference.ENABLED is False)"
+        return plain
+    if isinstance(model, torch.jit.ScriptModule):
+        plain.note[key] = "the model as given (TorchScript)"
         return plain
     if model.training:
-        plain.note[key] = "the model as given (in training mode: not rewritten)"
+        plain.note[key] = "the model as given (in training mode)"
         return plain
     if x.device.type != "cpu":
         # Measured on an H200 (30 Nov 2026): Score-CAM took 190 ms with the rewrite against 119 ms without, and
         # TF32 convolutions (cuDNN's default) differ from the folded ones by about 3e-4 anyway.
         plain.note[key] = f"the model as given (on {x.device.type}, where the rewrite does not pay)"
         return plain
-    probe = x[:1]
+    probe = channels_last(x[:1]) if x.dim() in (4, 5) else x[:1]
     try:
-        gm = fx.symbolic_trace(model)
-        folded = _fold_batchnorms(gm, layout=x.dim() == 4)
-        if not folded:
-            plain.note[key] = "the model as given (no BatchNorm after a convolution or linear layer to fold)"
-            return plain
-        gm.graph.lint()
-        gm.delete_all_unused_submodules()  # the folded BatchNorms (from the trace's own tree, not the model's)
-        gm.recompile()
-        with torch.inference_mode():
-            reference = model(probe) if logits is None else logits[:1]
-            candidate = FastForward(module=gm, graph_module=gm)(probe)
-    except Exception as error:  # noqa: BLE001 - any failure to trace or rewrite means "run the model as it is"
-        plain.note[key] = f"the model as given (it could not be traced: {type(error).__name__})"
+        seen = observe(model, probe)
+    except RuntimeError:  # e.g. a .view() that needs contiguous tensors
+        probe = x[:1].contiguous()
+        seen = observe(model, probe)
+        plain.layout = False
+    plain.first_convolution = seen.first_convolution
+    if not seen.pairs:
+        plain.note[key] = "the model as given (no BatchNorm reads a convolution's or linear layer's output)"
         return plain
-    if not isinstance(reference, torch.Tensor) or reference.shape != candidate.shape:
-        plain.note[key] = "the model as given (the trace's output differs in kind from the model's)"
-        return plain
-    gap = relative_gap(candidate, reference)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    fast = structural_copy(model)
+    for layer_name, bn_name in seen.pairs:
+        layer, bn = modules[layer_name], modules[bn_name]
+        fused = fuse_conv_bn_eval(layer, bn) if isinstance(layer, nn.modules.conv._ConvNd) else fuse_linear_bn_eval(layer, bn)
+        if isinstance(fused, nn.Conv2d):
+            fused = fused.to(memory_format=torch.channels_last)
+        replace_submodule(fast, layer_name, fused)
+        replace_submodule(fast, bn_name, nn.Identity())
+    candidate = FastForward(module=fast, folded=len(seen.pairs), first_convolution=seen.first_convolution, layout=plain.layout)
+    with torch.inference_mode():
+        reference = model(probe) if logits is None else logits[:1]
+        got = candidate(probe)
+    gap = relative_gap(got, reference)
     if not gap <= AGREEMENT:
-        plain.note[key] = f"the model as given (the rewritten trace's logits differed by {gap:.1e} relative)"
+        plain.note[key] = f"the model as given (the folded copy's logits differed by {gap:.1e} relative)"
         return plain
-    return FastForward(
-        module=gm, graph_module=gm,
-        note={key: f"a trace of the model with {folded} BatchNorm layer(s) folded into the layer before them "
-              f"(logits on the input agree to {gap:.1e} relative)"},
-    )
+    candidate.note[key] = (f"a copy of the model with {len(seen.pairs)} BatchNorm layer(s) folded into the layer "
+                           f"before them (logits on the input agree to {gap:.1e} relative)")
+    return candidate

@@ -258,18 +258,25 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
                 up = upsample_to(maps.unsqueeze(0), ctx.spatial_shape)[0].flatten(1)  # (n, prod S)
                 mn = up.amin(dim=1, keepdim=True)
                 scale = (up.amax(dim=1, keepdim=True) - mn).clamp_min(EPS)
+                masked = ctx.x[i : i + 1] * ((up - mn) / scale).view(-1, 1, *ctx.spatial_shape)
+                out = None
                 if stem is not None:
-                    out = stem.logits((maps.flatten(1) - mn) / scale)
-                    if lo == 0:  # the shortcut must give what the masked input gives
-                        masked = ctx.x[i : i + 1] * ((up[:1] - mn[:1]) / scale[:1]).view(1, 1, *ctx.spatial_shape)
-                        gap = relative_gap(out[:1], fast(masked))
+                    try:
+                        out, used = stem.logits((maps.flatten(1) - mn) / scale, masked)
+                    except RuntimeError:  # e.g. a .view() that needs contiguous tensors
+                        out, used = None, False
+                    if out is None:
+                        stem, stem_note = None, "not used: the model failed on the channels-last precomputed output"
+                    elif not used:  # the model changed its input before the convolution: it ran as usual
+                        stem, stem_note = None, "not used: the first convolution did not receive the masked input itself"
+                    elif lo == 0:  # the shortcut must give what the masked input gives
+                        gap = relative_gap(out[:1], fast(masked[:1]))
                         if not gap <= AGREEMENT:
-                            stem, stem_note = None, f"not used: it differed from the masked input's logits by {gap:.1e}"
+                            stem, stem_note, out = None, f"not used: it differed from the masked input's logits by {gap:.1e}", None
                         else:
                             stem_note = f"used ({gap:.1e} relative from the masked input's logits on the first mask)"
-                if stem is None:
-                    masks = ((up - mn) / scale).view(-1, 1, *ctx.spatial_shape)
-                    out = fast(ctx.x[i : i + 1] * masks)  # (n, K)
+                if out is None:
+                    out = fast(masked)  # (n, K)
                 scores[idx] = out[:, targets[i]]
             weights[i] = torch.softmax(scores.T, dim=-1)
     ctx.method_notes["constant_channels_scored_once"] = skipped

@@ -1,8 +1,9 @@
 """Score-CAM's masked inputs through the model's first convolution without running it on each of them.
 
 Every mask is a (bi/tri)linear upsampling of a map on the target layer's grid, so conv(x * mask) is a sum over
-grid points g of map[g] * conv(x * basis_g); near any output only 2-3 grid points per axis reach the
-receptive field, so the output splits into tiles, each a small matrix product over precomputed values.
+grid points g of map[g] * conv(x * basis_g); near any output only 2-3 grid points per axis reach the receptive
+field, so the output splits into tiles, each a small matrix product over precomputed values. The model runs
+with that convolution swapped, in a structural copy, for a module that hands back the precomputed output.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from ..inference import FastForward, untraceable_reason
+from ..inference import FastForward, replace_submodule, structural_copy
+from ..spatial import channels_last
 from ..spatial import upsample_to
 
 MAX_TERMS_PER_AXIS = 3  # grid points a tile may combine along one axis (bands are merged up to this)
@@ -28,12 +30,32 @@ class _Tile:
     values: torch.Tensor  # (K + 1, *region sizes, C_out): conv(x * basis_g) there, channels last; then the bias
 
 
-class MaskedStem:
-    """The first convolution's output on x * U(w) for any maps w on the grid, and the rest of the model."""
+class _Precomputed(nn.Module):
+    """Stands in for the first convolution: returns the precomputed output when it receives the very input it
+    was prepared for, and otherwise runs the convolution (so a model that changes its input first stays exact)."""
 
-    def __init__(self, conv: nn.Module, tail: fx.GraphModule, tiles: list[_Tile], out_shape: Sequence[int]) -> None:
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
         self.conv = conv
-        self.tail = tail
+        self.expected: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None
+        self.hits = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.value is not None and x is self.expected:
+            value, self.value, self.expected = self.value, None, None
+            self.hits += 1
+            return value
+        return self.conv(x)
+
+
+class MaskedStem:
+    """The first convolution's output on x * U(w) for any maps w on the grid, and the model run around it."""
+
+    def __init__(self, conv: nn.Module, model: nn.Module, swap: _Precomputed, tiles: list[_Tile], out_shape: Sequence[int]) -> None:
+        self.conv = conv
+        self.model = model  # a structural copy whose first convolution is `swap`
+        self.swap = swap
         self.tiles = tiles
         self.out_shape = tuple(out_shape)  # (C_out, *O)
         self._buffer: Optional[torch.Tensor] = None
@@ -55,37 +77,19 @@ class MaskedStem:
             out[(slice(None), *tile.region)] = part.view(n, *tile.values.shape[1:])
         return out.movedim(-1, 1)
 
-    def logits(self, weights: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.outputs(weights))
+    def logits(self, weights: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The model's logits on `masked` (= x * U(weights)) with the first convolution precomputed; the flag says
+        whether the precomputed output was used (False: the model changed its input first, the convolution ran)."""
+        from ..context import call_model
 
-
-def _first_convolution(gm: fx.GraphModule, n_spatial: int) -> tuple[Optional[fx.Node], Optional[nn.Module], str]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return None, None, "the model's forward takes more than one argument"
-    users = list(placeholders[0].users)
-    conv_type = {2: nn.Conv2d, 3: nn.Conv3d}.get(n_spatial)
-    if len(users) != 1 or users[0].op != "call_module":
-        return None, None, "the input does not go straight into a convolution"
-    module = gm.get_submodule(users[0].target)
-    if conv_type is None or type(module) is not conv_type or module.padding_mode != "zeros" or isinstance(module.padding, str):
-        return None, None, "the input does not go straight into a zero-padded convolution"
-    return users[0], module, ""
-
-
-def _tail(gm: fx.GraphModule, conv_node: fx.Node) -> fx.GraphModule:
-    """The model from the first convolution's output on: its graph with that node turned into the input."""
-    graph = fx.Graph()
-    values: dict[fx.Node, fx.Node] = {}
-    stem = graph.placeholder("stem_output")
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node is conv_node:
-            values[node] = stem
-            continue
-        values[node] = graph.node_copy(node, lambda n: values[n])
-    return fx.GraphModule(gm, graph)
+        masked = channels_last(masked)
+        self.swap.expected, self.swap.value = masked, self.outputs(weights)
+        hits = self.swap.hits
+        try:
+            out = call_model(self.model, masked)
+        finally:
+            self.swap.expected = self.swap.value = None
+        return out, self.swap.hits > hits
 
 
 def _bands(support: list[range], size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int):
@@ -112,22 +116,18 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
     """For one image x (1, C, *S) and masks upsampled from `grid`: the shortcut, or None and the reason it does not apply."""
     if x.device.type != "cpu":
         return None, f"on {x.device.type} the convolution is cheaper than the combination's many small products"
-    gm = fast.graph_module
-    if gm is None:
-        why = untraceable_reason(fast.module)
-        if why:
-            return None, why
-        try:
-            gm = fx.symbolic_trace(fast.module)  # shares the model's modules; nothing is changed
-        except Exception as error:  # noqa: BLE001 - untraceable models run the plain way
-            return None, f"the model could not be traced ({type(error).__name__})"
     spatial = tuple(x.shape[2:])
     grid = tuple(int(g) for g in grid)
     if grid == spatial:
         return None, "the masks are not upsampled"
-    conv_node, conv, why = _first_convolution(gm, len(spatial))
-    if conv is None:
-        return None, why
+    if fast.first_convolution is None:
+        return None, "no convolution (called once, without hooks) receives the model's input unchanged"
+    conv = fast.module.get_submodule(fast.first_convolution)
+    swap = conv if isinstance(conv, _Precomputed) else None  # left in place by an earlier image of the call
+    conv = swap.conv if swap is not None else conv
+    conv_type = {2: nn.Conv2d, 3: nn.Conv3d}.get(len(spatial))
+    if type(conv) is not conv_type or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None, "the first convolution is not a zero-padded convolution of the input's dimension"
     k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     out = [(spatial[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(len(spatial))]
     bands_per_axis = []
@@ -183,4 +183,9 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
             z = conv_fn(part, conv.weight, None, conv.stride, 0, conv.dilation, conv.groups)[0].movedim(0, -1)
             for tile, j in used:
                 tile.values[j] = z[tuple(slice(r.start - f, r.stop - f) for r, f in zip(tile.region, first))]
-    return MaskedStem(conv, _tail(gm, conv_node), tiles, (c_out, *out)), ""
+    if swap is None:
+        if not fast.folded:  # never swap inside the caller's model: make the fast module a copy first
+            fast.module = structural_copy(fast.module)
+        swap = _Precomputed(conv)
+        replace_submodule(fast.module, fast.first_convolution, swap)
+    return MaskedStem(conv, fast.module, swap, tiles, (c_out, *out)), ""
