@@ -146,14 +146,15 @@ def markdown_table() -> str:
     lines += [f"- `{s.name}`: {s.summary}" for s in all_specs().values()]
     lines += ["", "## Forward-only passes", "",
               "Score-CAM, occlusion, RISE, LIME and KernelSHAP run hundreds of forward passes without gradients. On the CPU",
-              "they run them through a per-call trace of the model (torch.fx) with every BatchNorm that follows a convolution or",
-              "linear layer folded into it, on channels-last inputs; the trace is used only when its logits on the input",
-              "agree with the model's to 1e-4 (relative), and only for models whose module classes come from torch,",
-              "torchvision, timm, MONAI or medlens (a trace freezes Python-side state in a forward). Score-CAM also",
-              "computes the first convolution of every masked input from precomputed values when the input goes straight",
-              "into one (its masks are linear upsamplings of the layer's grid), checked on the first mask. The model is",
-              "never changed; provenance (`forward_passes`, `first_convolution_precomputed`) says what ran. On a GPU the",
-              "model runs as given: there the rewrite was slower (and TF32 convolutions differ from folded ones by ~3e-4)."]
+              "they run them through a copy of the model's module tree (the same parameters, forward code and hooks) in which",
+              "each BatchNorm that reads a convolution's or linear layer's output unchanged is folded into that layer (one",
+              "observed forward pass finds them), on channels-last inputs; the copy is used only when its logits on the input",
+              "agree with the model's to 1e-4 (relative). Score-CAM also hands the model's first convolution a precomputed",
+              "output when that convolution receives the masked input itself (the masks are linear upsamplings of the layer's",
+              "grid), checked on the first mask. The model is never changed, but Python-side state that a forward changes (a",
+              "counter) changes on the copy. Provenance (`forward_passes`, `first_convolution_precomputed`) says what ran;",
+              "`medlens.inference.ENABLED = False` turns both off. On a GPU the model runs as given: there the rewrite was",
+              "slower (and TF32 convolutions differ from folded ones by ~3e-4)."]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,7 @@ from ..context import ExplainContext, LayerPass, call_model
 from ..errors import MethodError
 from ..inference import AGREEMENT, relative_gap
 from ..registry import MethodSpec, register
-from ..spatial import spatial_dims, upsample_to
+from ..spatial import channels_last, spatial_dims, upsample_to
 from .masked_stem import build_masked_stem
 
 CAM_OPTIONS = {"eigen_smooth": False, "aug_smooth": False, "aug_flip": False}
@@ -247,6 +247,7 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
                     zero_scores = fast(torch.zeros_like(ctx.x[:1]))[0]
                 scores[:] = zero_scores[targets[i]]
                 skipped += c - varying.numel()
+            image = channels_last(ctx.x[i : i + 1])
             stem = None
             if varying.numel():
                 stem, why = build_masked_stem(fast, ctx.x[i : i + 1], grid)
@@ -258,7 +259,7 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
                 up = upsample_to(maps.unsqueeze(0), ctx.spatial_shape)[0].flatten(1)  # (n, prod S)
                 mn = up.amin(dim=1, keepdim=True)
                 scale = (up.amax(dim=1, keepdim=True) - mn).clamp_min(EPS)
-                masked = ctx.x[i : i + 1] * ((up - mn) / scale).view(-1, 1, *ctx.spatial_shape)
+                masked = image * ((up - mn) / scale).view(-1, 1, *ctx.spatial_shape)  # channels-last, like `image`
                 out = None
                 if stem is not None:
                     try:
