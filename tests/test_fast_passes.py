@@ -278,3 +278,74 @@ def test_scorecam_falls_back_when_the_model_rejects_channels_last_outputs():
     r = medlens.explain(model, x, "scorecam", targets=1, layer="conv2")
     assert r.provenance["methods"]["scorecam"]["first_convolution_precomputed"].startswith("not used")
     torch.testing.assert_close(r["scorecam"][0, 0].double(), _textbook_scorecam(model, model.conv2, x, 1), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------- odd models a review found (the copy must be exact or unused)
+class _Gated(nn.Module):
+    """The convolution's output is used twice: by its BatchNorm and by a gate (folding would change the gate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = torch.sigmoid(y.mean(dim=(1, 2, 3), keepdim=True))
+        return self.fc((torch.relu(self.bn(y)) * gate).mean(dim=(2, 3)))
+
+
+class _Aliased(nn.Module):
+    """One encoder registered at two paths; the head reads what the encoder cached on itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Module()
+        self.head.enc = self.enc
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.head.enc(x).mean(dim=(2, 3)))
+
+
+class _InPlaceInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x.sub_(0.5)  # changes the caller's tensor: the first convolution no longer sees the masked input itself
+        return self.fc(self.net(x).mean(dim=(2, 3)))
+
+
+class _LinearThenBatchNormOnAnotherAxis(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.lin, self.bn, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(16 * 16, 4), nn.BatchNorm1d(6), nn.Linear(24, 3)
+
+    def forward(self, x):
+        t = self.lin(self.conv(x).flatten(2))  # (B, 6, 4): BatchNorm1d normalises the 6 channels, not the 4 features
+        return self.fc(self.bn(t).flatten(1))
+
+
+def _weight_normed() -> nn.Module:
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 7, stride=2, padding=3))
+    return nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("make", [_Gated, _Aliased, _InPlaceInput, _LinearThenBatchNormOnAnotherAxis, _weight_normed])
+@pytest.mark.parametrize("method, layer", [("scorecam", None), ("occlusion", None)])
+def test_odd_models_give_the_same_maps_as_the_model_as_given(make, method, layer, monkeypatch):
+    torch.manual_seed(0)
+    model = _randomise_bn(make(), 4).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    options = {"window": 4, "stride": 4} if method == "occlusion" else {}
+    spec = {"layer": next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))} if method == "scorecam" else {}
+    before = _state(model)
+    fast = medlens.explain(model, x.clone(), method, targets=1, seed=0, **spec, **options)
+    assert _same_state(model, before)
+    monkeypatch.setattr(inference, "ENABLED", False)
+    plain = medlens.explain(model, x.clone(), method, targets=1, seed=0, **spec, **options)
+    torch.testing.assert_close(fast[method], plain[method], rtol=1e-5, atol=1e-6 * float(plain[method].abs().max()))

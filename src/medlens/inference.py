@@ -5,7 +5,6 @@ each BatchNorm that reads a convolution's output is folded into it; checked agai
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -43,7 +42,7 @@ class FastForward:
         if self.layout and batch.dim() in (4, 5):
             try:
                 return call_model(self.module, channels_last(batch))
-            except RuntimeError:  # e.g. a .view() on a non-contiguous tensor inside the model
+            except Exception:  # noqa: BLE001 - e.g. a .view() or an assert on contiguous tensors inside the model
                 self.layout = False
                 self.note["channels_last"] = False
         return call_model(self.module, batch.contiguous())
@@ -61,9 +60,17 @@ def structural_copy(module: nn.Module) -> nn.Module:
     Every module object is copied shallowly (its forward code, hooks, parameters and buffers are the same
     objects); only the dictionaries of children are new.
     """
-    new = copy.copy(module)
+    return _structural_copy(module, {})
+
+
+def _structural_copy(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in memo:  # a module registered at several paths stays one object in the copy
+        return memo[id(module)]
+    new = module.__class__.__new__(module.__class__)  # not copy.copy: parametrized modules refuse to be pickled
+    new.__dict__ = dict(module.__dict__)
+    memo[id(module)] = new
     new._modules = OrderedDict(
-        (name, None if child is None else structural_copy(child)) for name, child in module._modules.items()
+        (name, None if child is None else _structural_copy(child, memo)) for name, child in module._modules.items()
     )
     return new
 
@@ -88,27 +95,59 @@ def observe(model: nn.Module, probe: torch.Tensor) -> _Observation:
     convolution receives the input itself. Modules called more than once, or with hooks of their own, are left out."""
     if torch.is_inference(probe):
         probe = probe.clone()
-    names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    paths: dict[nn.Module, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(m, []).append(n)
+    names = {m: p[0] for m, p in paths.items() if len(p) == 1}  # modules at several paths are left alone
     calls: Counter = Counter()
     produced: dict[int, tuple[str, torch.Tensor, int]] = {}
-    reads: list[tuple[str, str]] = []
+    other_uses: Counter = Counter()  # uses of a layer's output by anything but the BatchNorm that reads it
+    reads: list[tuple[str, str, tuple]] = []
     takes_input: list[str] = []
     handles = []
+    inside: list[int] = []  # ids of the tensors whose BatchNorm is running now
+    paused = [False]  # our own hooks' looks at a tensor are not uses
+    probe_version = probe._version
 
+    class CountUses(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for t in () if paused[0] else torch.utils._pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(t, torch.Tensor) and id(t) in produced and produced[id(t)][1] is t and id(t) not in inside:
+                    other_uses[id(t)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def not_a_use(hook):
+        def run(*a):
+            paused[0] = True
+            try:
+                hook(*a)
+            finally:
+                paused[0] = False
+        return run
+
+    @not_a_use
     def after_layer(module: nn.Module, _args: Any, out: Any) -> None:
         calls[names[module]] += 1
         if isinstance(out, torch.Tensor):
             produced[id(out)] = (names[module], out, out._version)
 
+    @not_a_use
     def before_batchnorm(module: nn.Module, args: Any) -> None:
         calls[names[module]] += 1
         t = args[0] if args else None
         entry = produced.get(id(t)) if isinstance(t, torch.Tensor) else None
         if entry is not None and entry[1] is t and t._version == entry[2]:  # the same tensor, not changed in place
-            reads.append((entry[0], names[module]))
+            reads.append((entry[0], names[module], (id(t), tuple(t.shape))))
+            inside.append(id(t))
 
+    @not_a_use
+    def after_batchnorm(module: nn.Module, args: Any, _out: Any) -> None:
+        if inside and args and isinstance(args[0], torch.Tensor) and inside[-1] == id(args[0]):
+            inside.pop()
+
+    @not_a_use
     def before_layer(module: nn.Module, args: Any) -> None:
-        if args and args[0] is probe:
+        if args and args[0] is probe and probe._version == probe_version:  # the input itself, unchanged
             takes_input.append(names[module])
 
     try:
@@ -120,18 +159,27 @@ def observe(model: nn.Module, probe: torch.Tensor) -> _Observation:
                 handles.append(module.register_forward_hook(after_layer))
             elif isinstance(module, _BATCHNORMS):
                 handles.append(module.register_forward_pre_hook(before_batchnorm))
-        with torch.no_grad():  # not inference mode: version counters show in-place changes between layer and BatchNorm
+                handles.append(module.register_forward_hook(after_batchnorm))
+        # not inference mode: version counters show in-place changes between layer and BatchNorm
+        with torch.no_grad(), CountUses():
             model(probe)
     finally:
         for handle in handles:
             handle.remove()
     modules = dict(model.named_modules(remove_duplicate=False))
-    pairs = [
-        (layer, bn) for layer, bn in reads
-        if calls[layer] == 1 and calls[bn] == 1 and _FOLDABLE[type(modules[layer])] is type(modules[bn])
-        and not modules[bn].training and modules[bn].track_running_stats and modules[bn].running_mean is not None
-        and sum(1 for _, b in reads if b == bn) == 1 and sum(1 for l, _ in reads if l == layer) == 1
-    ]
+
+    def foldable(layer: str, bn: str, tensor: tuple) -> bool:
+        lay, norm = modules[layer], modules[bn]
+        shape = tensor[1]
+        return (
+            calls[layer] == 1 and calls[bn] == 1 and other_uses[tensor[0]] == 0
+            and _FOLDABLE[type(lay)] is type(norm) and len(shape) >= 2 and shape[1] == norm.num_features
+            and (not isinstance(lay, nn.Linear) or len(shape) == 2)
+            and not norm.training and norm.track_running_stats and norm.running_mean is not None
+            and sum(1 for _, b, _ in reads if b == bn) == 1 and sum(1 for l, _, _ in reads if l == layer) == 1
+        )
+
+    pairs = [(layer, bn) for layer, bn, tensor in reads if foldable(layer, bn, tensor)]
     first = takes_input[0] if len(takes_input) == 1 and isinstance(modules[takes_input[0]], _CONVS) else None
     return _Observation(pairs, first if first is not None and calls[first] == 1 else None)
 
@@ -162,7 +210,7 @@ def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tenso
     probe = channels_last(x[:1]) if x.dim() in (4, 5) else x[:1]
     try:
         seen = observe(model, probe)
-    except RuntimeError:  # e.g. a .view() that needs contiguous tensors
+    except Exception:  # noqa: BLE001 - e.g. a .view() or an assert that needs contiguous tensors
         probe = x[:1].contiguous()
         seen = observe(model, probe)
         plain.layout = False
@@ -171,18 +219,22 @@ def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tenso
         plain.note[key] = "the model as given (no BatchNorm reads a convolution's or linear layer's output)"
         return plain
     modules = dict(model.named_modules(remove_duplicate=False))
-    fast = structural_copy(model)
-    for layer_name, bn_name in seen.pairs:
-        layer, bn = modules[layer_name], modules[bn_name]
-        fused = fuse_conv_bn_eval(layer, bn) if isinstance(layer, nn.modules.conv._ConvNd) else fuse_linear_bn_eval(layer, bn)
-        if isinstance(fused, nn.Conv2d):
-            fused = fused.to(memory_format=torch.channels_last)
-        replace_submodule(fast, layer_name, fused)
-        replace_submodule(fast, bn_name, nn.Identity())
-    candidate = FastForward(module=fast, folded=len(seen.pairs), first_convolution=seen.first_convolution, layout=plain.layout)
-    with torch.inference_mode():
-        reference = model(probe) if logits is None else logits[:1]
-        got = candidate(probe)
+    try:
+        fast = structural_copy(model)
+        for layer_name, bn_name in seen.pairs:
+            layer, bn = modules[layer_name], modules[bn_name]
+            fused = fuse_conv_bn_eval(layer, bn) if isinstance(layer, nn.modules.conv._ConvNd) else fuse_linear_bn_eval(layer, bn)
+            if isinstance(fused, nn.Conv2d):
+                fused = fused.to(memory_format=torch.channels_last)
+            replace_submodule(fast, layer_name, fused)
+            replace_submodule(fast, bn_name, nn.Identity())
+        candidate = FastForward(module=fast, folded=len(seen.pairs), first_convolution=seen.first_convolution, layout=plain.layout)
+        with torch.inference_mode():
+            reference = model(probe) if logits is None else logits[:1]
+            got = candidate(probe)
+    except Exception as error:  # noqa: BLE001 - a copy that cannot be built or run: the model runs as given
+        plain.note[key] = f"the model as given (the folded copy failed: {type(error).__name__})"
+        return plain
     gap = relative_gap(got, reference)
     if not gap <= AGREEMENT:
         plain.note[key] = f"the model as given (the folded copy's logits differed by {gap:.1e} relative)"
