@@ -1,7 +1,8 @@
 """Device check (CUDA) of the forward-only fast paths, as run on 30 Nov 2026 (figures in docs/benchmarks.md).
 
-That run used the first version (an fx trace); since then medlens uses neither the folded copy nor the
-precomputed stem on a GPU, so on CUDA this script now mostly shows "the model as given".
+That run used the first version (an fx trace, with the folded model and the stem also called directly);
+since then medlens uses neither on a GPU, so this script now checks that the GPU path runs the model as
+given, agrees with the CPU, and what the switch `medlens.inference.ENABLED` costs there.
 Usage (on a machine with CUDA): PYTHONPATH=src python benchmarks/device_check_fast_passes.py
 """
 from __future__ import annotations
@@ -13,9 +14,6 @@ import torchvision
 
 import medlens
 from medlens import inference
-from medlens.families.masked_stem import build_masked_stem
-from medlens.inference import FastForward, fast_forward
-from medlens.spatial import upsample_to
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,24 +50,10 @@ def main() -> None:
     print("cudnn.allow_tf32 =", torch.backends.cudnn.allow_tf32, "(TF32 convolutions round to about 1e-3)")
     print("scorecam cuda vs cpu correlation:", [round(corr(gpu["scorecam"][i, 0].cpu(), cpu["scorecam"][i, 0]), 6) for i in range(2)])
 
-    torch.backends.cudnn.allow_tf32 = False  # full float32: the folded trace must now agree and be used
+    torch.backends.cudnn.allow_tf32 = False  # full float32
     tf32_off = medlens.explain(gpu_model, gx, "scorecam", targets=[3, 5])
-    notes = tf32_off.provenance["methods"]["scorecam"]
-    print("without TF32:", notes["forward_passes"], "|", notes["first_convolution_precomputed"])
+    print("without TF32:", tf32_off.provenance["methods"]["scorecam"]["forward_passes"])
     print("  scorecam cuda vs cpu max |diff| / max:", float((tf32_off["scorecam"].cpu() - cpu["scorecam"]).abs().max() / cpu["scorecam"].abs().max()))
-    fast = fast_forward(gpu_model, gx)
-    with torch.inference_mode():
-        print("folded trace vs model on cuda, relative gap:", inference.relative_gap(fast(gx), gpu_model(gx)))
-
-    model64 = torchvision.models.resnet18(weights=None, num_classes=4).double().eval().to(dev)
-    x64 = torch.randn(1, 3, 64, 64, dtype=torch.float64, device=dev)
-    stem, why = build_masked_stem(FastForward(module=model64), x64, (4, 4))
-    w = torch.rand(5, 16, dtype=torch.float64, device=dev)
-    masked = x64 * upsample_to(w.view(1, 5, 4, 4), (64, 64)).transpose(0, 1)
-    with torch.inference_mode():
-        err = float((stem.outputs(w) - model64.conv1(masked)).abs().max())
-        err_logits = float((stem.logits(w) - model64(masked)).abs().max())
-    print("stem float64 on cuda: max error of conv1 outputs", err, "of logits", err_logits)
 
     for method, options in (("occlusion", {"window": 32, "stride": 16}), ("rise", {"n_masks": 512})):
         a = medlens.explain(gpu_model, gx, method, targets=3, seed=0, **options)[method]
@@ -79,13 +63,12 @@ def main() -> None:
             line += f"; cuda vs cpu max |diff| / max: {float((a.cpu() - b).abs().max() / b.abs().max()):.1e}"
         print(line)
 
-    library = inference.LIBRARY_PACKAGES
-    for label, packages in (("folded trace + stem", library), ("model as given", ())):
-        inference.LIBRARY_PACKAGES = packages
+    for label, enabled in (("fast passes enabled", True), ("medlens.inference.ENABLED = False", False)):
+        inference.ENABLED = enabled
         medlens.explain(gpu_model, gx[:1], "scorecam", targets=3)
         t = timed(lambda: medlens.explain(gpu_model, gx[:1], "scorecam", targets=3))
         print(f"scorecam on cuda, 1 image, 1 target, {label}: {t * 1000:.1f} ms")
-    inference.LIBRARY_PACKAGES = library
+    inference.ENABLED = True
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ class ExplainContext:
         self._logits: Optional[torch.Tensor] = None
         self.cache: dict[Any, Any] = {}
         self.notes: list[str] = []
+        self.method_notes: dict[str, Any] = {}  # provenance notes of the method running now (reset per method)
 
     # ----- shape helpers
     @property
@@ -162,10 +163,13 @@ class ExplainContext:
         return self._layer_pass
 
     def fast_forward(self) -> FastForward:
-        """The module for forward-only passes on inputs like x (a BatchNorm-folded copy when it applies), built once per call."""
+        """The module for forward-only passes on inputs like x (a BatchNorm-folded copy when it applies), built once
+        per call; what it is goes into the asking method's provenance notes."""
         if "fast_forward" not in self.cache:
             self.cache["fast_forward"] = fast_forward(self.model, self.x, self.logits)
-        return self.cache["fast_forward"]
+        forward = self.cache["fast_forward"]
+        self.method_notes.update(forward.note)
+        return forward
 
     def derive(self, x: torch.Tensor) -> "ExplainContext":
         """A context for a transformed input (augmentation): same model, layer and targets, fresh passes."""

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..context import ExplainContext, LayerPass, call_model
+from ..context import ExplainContext, call_model
 from ..errors import MethodError
 from ..inference import AGREEMENT, relative_gap
 from ..registry import MethodSpec, register
@@ -281,7 +281,6 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
                 scores[idx] = out[:, targets[i]]
             weights[i] = torch.softmax(scores.T, dim=-1)
     ctx.method_notes["constant_channels_scored_once"] = skipped
-    ctx.method_notes.update(fast.note)
     if stem_note:
         ctx.method_notes["first_convolution_precomputed"] = stem_note
     return _channel_weighted(weights.clone(), a)

@@ -52,8 +52,7 @@ class _Precomputed(nn.Module):
 class MaskedStem:
     """The first convolution's output on x * U(w) for any maps w on the grid, and the model run around it."""
 
-    def __init__(self, conv: nn.Module, model: nn.Module, swap: _Precomputed, tiles: list[_Tile], out_shape: Sequence[int]) -> None:
-        self.conv = conv
+    def __init__(self, model: nn.Module, swap: _Precomputed, tiles: list[_Tile], out_shape: Sequence[int]) -> None:
         self.model = model  # a structural copy whose first convolution is `swap`
         self.swap = swap
         self.tiles = tiles
@@ -188,4 +187,4 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
             fast.module = structural_copy(fast.module)
         swap = _Precomputed(conv)
         replace_submodule(fast.module, fast.first_convolution, swap)
-    return MaskedStem(conv, fast.module, swap, tiles, (c_out, *out)), ""
+    return MaskedStem(fast.module, swap, tiles, (c_out, *out)), ""

@@ -211,7 +211,6 @@ def evaluate(
     """
     out = [] if consume is None else None
     forward = ctx.fast_forward()  # BatchNorm folded, channels-last: the model's values to float rounding
-    ctx.method_notes.update(forward.note)
     with torch.inference_mode():
         for lo, hi in chunks(n, batch_size):
             batch = make_batch(lo, hi)
@@ -345,7 +344,6 @@ def _rise(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     saliency = torch.zeros(b, t, n_pix, dtype=torch.float64, device=x.device)
 
     forward = ctx.fast_forward()  # BatchNorm folded, channels-last: the model's values to float rounding
-    ctx.method_notes.update(forward.note)
     with Progress(b * n_masks, "rise", options.get("progress")) as progress, torch.inference_mode():
         for lo, hi in chunks(n_masks, batch_size):
             masks = rise_masks(grids[lo:hi], shifts[lo:hi], cell, spatial)  # (n, 1, *S), reused by every image
