@@ -82,7 +82,9 @@ def model_digest(model: nn.Module) -> str:
 
 
 def tensor_digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    """sha256 of the tensor's bytes (any dtype, bfloat16 included: numpy has none, so the bytes are read as uint8)."""
+    flat = x.detach().cpu().contiguous().view(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
 
 
 def _split_options(specs: list[MethodSpec], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -158,7 +160,12 @@ def explain(
     maps: dict[str, torch.Tensor] = {}
     timings: dict[str, float] = {}
     method_notes: dict[str, Any] = {}
-    with borrowed_model(model) as hooks:
+    # The caller's grad mode must not decide whether a method can run: gradients are switched on and
+    # inference mode off for the call (both restored on exit), and an inference tensor input is copied
+    # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
+    with torch.inference_mode(False), torch.enable_grad(), borrowed_model(model) as hooks:
+        if x.is_inference():
+            x = x.clone()
         ctx = ExplainContext(
             model, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
             need_layer_graph=any(s.needs_layer and s.needs_gradients for s in specs),
