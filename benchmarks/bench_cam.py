@@ -107,8 +107,9 @@ class _PeakSampler:
         self.peak = max(self.peak, _rss_mib())
 
 
-def scorecam_child(tool: str, threads: int, size: int) -> None:
-    """In a fresh process: set up, warm up, then run Score-CAM once; print time and RSS figures as JSON."""
+def scorecam_child(tool: str, threads: int, size: int, batch: int | None = None) -> None:
+    """In a fresh process: set up, warm up, then run Score-CAM once; print time, CPU time, minor page faults
+    and RSS figures as JSON. `batch`: medlens's chunk (masked inputs per pass); None is its default."""
     import resource
 
     torch.set_num_threads(threads)
@@ -121,25 +122,32 @@ def scorecam_child(tool: str, threads: int, size: int) -> None:
 
     if tool == "medlens":
         _ours(model, x, "gradcam", [3])  # warms the automatic-layer cache (one forward)
+    options = {} if batch is None else {"batch_size": batch}
     start = _rss_mib()
     with _PeakSampler() as sampler:
+        before = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         if tool == "medlens":
-            _ours(model, x, "scorecam", [3])
+            _ours(model, x, "scorecam", [3], **options)
         else:
             _theirs(model, model.layer4[-1], x, ["scorecam"], [3])
         seconds = time.perf_counter() - t0
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    maxrss = after.ru_maxrss / 1024
     print(json.dumps({"tool": tool, "seconds": seconds, "start_rss_mib": start, "peak_rss_mib": sampler.peak,
-                      "maxrss_mib": maxrss}))
+                      "maxrss_mib": maxrss, "user_s": after.ru_utime - before.ru_utime,
+                      "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt}))
 
 
 def _run_child(tool: str, threads: int, size: int) -> dict:
+    """`tool`: "pytorch-grad-cam", "medlens", or "medlens:N" for medlens with a chunk of N masked inputs."""
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    name, _, batch = tool.partition(":")
     out = subprocess.run(
-        [sys.executable, __file__, "--child-scorecam", tool, "--threads", str(threads), "--size", str(size)],
+        [sys.executable, __file__, "--child-scorecam", name, "--threads", str(threads), "--size", str(size)]
+        + (["--child-batch", batch] if batch else []),
         check=True, capture_output=True, text=True, env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -164,10 +172,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--skip-scorecam", action="store_true")
     parser.add_argument("--only-scorecam", action="store_true", help="run (c) only")
+    parser.add_argument("--score-batches", default="",
+                        help="(c) also runs medlens with these chunks, e.g. 12,16 (interleaved with the default)")
     parser.add_argument("--child-scorecam", choices=["medlens", "pytorch-grad-cam"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-batch", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_scorecam:
-        scorecam_child(args.child_scorecam, args.threads, args.size)
+        scorecam_child(args.child_scorecam, args.threads, args.size, args.child_batch)
         return
 
     import medlens
@@ -221,13 +232,16 @@ def main() -> None:
 
 
 def _scorecam_runs(args) -> dict:
-    runs = {"medlens": [], "pytorch-grad-cam": []}
+    tools = ["medlens", "pytorch-grad-cam"] + [f"medlens:{b}" for b in args.score_batches.split(",") if b.strip()]
+    runs = {tool: [] for tool in tools}
     for r in range(args.reps_score):
-        order = ["medlens", "pytorch-grad-cam"] if r % 2 == 0 else ["pytorch-grad-cam", "medlens"]
-        for tool in order:
+        for tool in (tools if r % 2 == 0 else tools[::-1]):
             runs[tool].append(_run_child(tool, args.threads, args.size))
     summary = {tool: {"seconds": statistics.median(r["seconds"] for r in v),
                       "all_seconds": [r["seconds"] for r in v],
+                      "cpu_s": statistics.median(r["user_s"] + r["system_s"] for r in v),
+                      "system_s": statistics.median(r["system_s"] for r in v),
+                      "minor_faults": statistics.median(r["minor_faults"] for r in v),
                       "peak_rss_mib": max(r["maxrss_mib"] for r in v),
                       "extra_mib": max(r["peak_rss_mib"] - r["start_rss_mib"] for r in v)}
                for tool, v in runs.items()}
@@ -262,6 +276,12 @@ def _report(args, rows, ours_b, fwd_b, score) -> None:
         print(f"\n(c) per run: medlens {', '.join(f'{t:.2f}' for t in m['all_seconds'])} s; pytorch-grad-cam "
               f"{', '.join(f'{t:.2f}' for t in g['all_seconds'])} s; ratio per interleaved pair: median "
               f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x.")
+        print("\n| (c) run | time (s) | CPU time (s) | of which system (s) | minor page faults | RSS added (MiB) | runs (s) |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        for tool, v in score.items():
+            if isinstance(v, dict):
+                print(f"| {tool} | {v['seconds']:.2f} | {v['cpu_s']:.2f} | {v['system_s']:.2f} | {v['minor_faults']:.0f} | "
+                      f"{v['extra_mib']:.0f} | {', '.join(f'{t:.2f}' for t in v['all_seconds'])} |")
 
 
 def _grad_cam_version() -> str:

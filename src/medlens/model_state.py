@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator
 
-import torch
 from torch import nn
 
 

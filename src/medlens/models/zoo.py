@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Union

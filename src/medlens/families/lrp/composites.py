@@ -6,7 +6,7 @@ mapping {layer name: rule} sets rules by name and leaves every other layer on ep
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 from torch import nn
 
