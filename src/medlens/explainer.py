@@ -19,6 +19,7 @@ from torch import nn
 from . import __version__
 from .context import ExplainContext
 from .errors import InputError, MethodError, ModelError
+from .heap import steady_heap
 from .layers import LayerSpec
 from .model_state import borrowed_model
 from .registry import MethodSpec, all_specs, get_spec
@@ -163,7 +164,8 @@ def explain(
     # The caller's grad mode must not decide whether a method can run: gradients are switched on and
     # inference mode off for the call (both restored on exit), and an inference tensor input is copied
     # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
-    with torch.inference_mode(False), torch.enable_grad(), borrowed_model(model) as hooks:
+    # steady_heap: chunked passes reuse the C heap's pages instead of faulting them in again (heap.py).
+    with torch.inference_mode(False), torch.enable_grad(), steady_heap(), borrowed_model(model) as hooks:
         if x.is_inference():
             x = x.clone()
         ctx = ExplainContext(

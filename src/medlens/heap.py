@@ -1,0 +1,101 @@
+"""Keeps the C heap's freed pages in the process for the length of one call (glibc on Linux only).
+
+PyTorch's CPU tensors come from malloc, with no cache of its own. glibc gives freed memory at the top of its
+heap back to the kernel once it exceeds a trim threshold. A method that runs the model on chunk after chunk
+of inputs (Score-CAM, occlusion, RISE, LIME, KernelSHAP) then frees and re-faults the same tens of MB in every
+chunk: Score-CAM on resnet18 at 224 px took 370-470k page faults and 0.7-0.8 s of system time for that
+(benchmarks/bench_cam.py, docs/benchmarks.md).
+
+`steady_heap()` sets the two thresholds for the call: no trimming, and allocations under 32 MiB from the
+heap. On the way out it sets the trim threshold to 64 MiB, twice the mmap threshold, which is glibc's own
+rule once it has adapted to 32 MiB tensors. It then calls `malloc_trim(0)`, so the memory goes back to the
+kernel at the end of the call. The maps are the same either way: only where the memory comes from changes.
+
+The effect outlasts the call in one way: glibc stops adapting its thresholds once a program sets them.
+They stay at 32/64 MiB, the values glibc would have settled on for large tensors anyway.
+
+It does nothing:
+- when `ENABLED` is False;
+- off glibc;
+- when the user tuned malloc (`MALLOC_*_` variables, `glibc.malloc` tunables, or a preloaded allocator).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+from typing import Iterator, Optional
+
+ENABLED = True
+
+M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc's dynamic threshold reaches on 64-bit systems
+TRIM_DURING_CALL = 2**31 - 1  # mallopt takes an int: about 2 GiB, i.e. never during the call
+TRIM_AFTER_CALL = 2 * MMAP_THRESHOLD
+
+_lock = threading.Lock()
+_depth = 0
+_LIBC: Optional[ctypes.CDLL] = None
+_LIBC_LOOKED_UP = False
+_USER_ENV_KEYS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+                  "MALLOC_ARENA_MAX")
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    global _LIBC, _LIBC_LOOKED_UP
+    if not _LIBC_LOOKED_UP:
+        _LIBC_LOOKED_UP = True
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None)
+                libc.gnu_get_libc_version  # only glibc has it (musl's mallopt does nothing)
+                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                _LIBC = libc
+            except (OSError, AttributeError):
+                _LIBC = None
+    return _LIBC
+
+
+def user_tuned_malloc() -> bool:
+    """Whether the environment already chooses malloc's behaviour (then medlens leaves it alone)."""
+    if any(key in os.environ for key in _USER_ENV_KEYS):
+        return True
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return True
+    preload = os.environ.get("LD_PRELOAD", "").lower()
+    return any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
+def active() -> bool:
+    """Whether `steady_heap()` changes anything in this process."""
+    return ENABLED and _glibc() is not None and not user_tuned_malloc()
+
+
+@contextlib.contextmanager
+def steady_heap() -> Iterator[None]:
+    """For the block: freed heap memory stays with the process; on exit it goes back (see the module's docstring).
+
+    Re-entrant and thread-safe: the thresholds are set by the first block to enter and reset by the last to leave.
+    """
+    global _depth
+    libc = _glibc() if active() else None
+    if libc is None:
+        yield
+        return
+    with _lock:
+        if _depth == 0:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, TRIM_DURING_CALL)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER_CALL)
+                libc.malloc_trim(0)
