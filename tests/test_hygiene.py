@@ -150,3 +150,99 @@ def test_repeated_calls_leave_no_hooks_and_are_deterministic():
     assert hook_count(model) == 0
     for name in CAMS:
         assert torch.equal(first[name], again[name]), name
+
+
+# ------------------------------------------------------------------------------------------ threads
+def _in_threads(fn, n: int) -> list:
+    import threading
+
+    errors: list = []
+    start = threading.Barrier(n)
+
+    def run(i):
+        try:
+            start.wait()
+            fn(i)
+        except Exception as error:  # noqa: BLE001 - collected and asserted on
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_threads_explaining_one_model_leave_it_as_found_and_get_the_same_maps():
+    model = _model().train()
+    model.features[0].weight.requires_grad_(False)
+    before = _snapshot(model)
+    x = _x()
+    model.eval()
+    reference = medlens.explain(model, x, ["gradcam", "scorecam"], targets=[1])
+    model.train()
+    results: dict = {}
+
+    def work(i):
+        for _ in range(5):
+            results[i] = medlens.explain(model, x, ["gradcam", "scorecam"], targets=[1])
+
+    assert _in_threads(work, 3) == []
+    _assert_same(model, before)
+    assert model.training
+    for r in results.values():
+        for name in ("gradcam", "scorecam"):
+            torch.testing.assert_close(r[name], reference[name])
+
+
+def test_guided_relu_acts_only_in_the_threads_that_asked_for_it():
+    import torch.nn.functional as F
+
+    from medlens.families.gradients import guided_relu
+
+    originals = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, "relu" in torch.Tensor.__dict__)
+    model = _model()
+    x = _x()
+    reference = medlens.explain(model, x, "guidedbackprop", targets=[1])["guidedbackprop"]
+    wrong: list = []
+
+    def work(i):
+        if i < 2:  # two threads explain with guided backprop over and over...
+            for _ in range(10):
+                got = medlens.explain(model, x, "guidedbackprop", targets=[1])["guidedbackprop"]
+                torch.testing.assert_close(got, reference)
+        else:  # ...while another thread, outside medlens, differentiates through plain ReLUs
+            for _ in range(300):
+                a = torch.tensor([-1.0, 2.0], requires_grad=True)
+                (-3 * F.relu(a)).sum().backward()
+                if a.grad.tolist() != [0.0, -3.0]:
+                    wrong.append(a.grad.tolist())
+            with guided_relu():  # and this thread's own guided block is guided
+                a = torch.tensor([-1.0, 2.0], requires_grad=True)
+                (-3 * torch.relu(a)).sum().backward()
+                assert a.grad.tolist() == [0.0, 0.0]
+
+    assert _in_threads(work, 3) == []
+    assert wrong == []
+    assert (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, "relu" in torch.Tensor.__dict__) == originals
+
+
+def test_first_calls_from_two_threads_see_every_method():
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, medlens\n"
+        "errors = []\n"
+        "def run():\n"
+        "    try:\n"
+        "        medlens.method_info('saliency'); medlens.method_info('lrp')\n"
+        "    except Exception as e:\n"
+        "        errors.append(repr(e))\n"
+        "ts = [threading.Thread(target=run) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(len(medlens.methods()), errors)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == f"{len(medlens.methods())} []"

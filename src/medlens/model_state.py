@@ -2,10 +2,12 @@
 
 `borrowed_model()` puts the model in eval mode with frozen parameters for the call, collects every hook
 handle, and on exit (also on error) removes them and restores modes, `requires_grad` flags and `.grad`.
+Borrowing is serialised across threads: calls from several threads run one at a time.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterator
 
 from torch import nn
@@ -35,6 +37,11 @@ class HookSet:
             self._handles.pop().remove()
 
 
+# One lock for every borrow in the process, re-entrant for nested borrows in one thread. Per model would not do:
+# two models can share modules, and some methods swap process-wide functions for the call.
+_BORROW_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def borrowed_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[HookSet]:
     """Borrow `model` for one call and give it back exactly as it was found.
@@ -42,6 +49,13 @@ def borrowed_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[Hook
     Inside the block the model is in eval mode (when `eval_mode`) and no parameter requires grad, so no
     method accumulates into `.grad` or builds a graph over the weights it does not need.
     """
+    with _BORROW_LOCK:
+        with _borrowed(model, eval_mode) as hooks:
+            yield hooks
+
+
+@contextlib.contextmanager
+def _borrowed(model: nn.Module, eval_mode: bool) -> Iterator[HookSet]:
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -64,6 +65,8 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _LOADED = False
+_LOADING = False
+_LOAD_LOCK = threading.RLock()  # re-entrant: a family module's import may ask the registry again
 
 
 def register(spec: MethodSpec) -> MethodSpec:
@@ -79,15 +82,22 @@ _FAMILY_MODULES: list[str] = []
 
 def _load_families() -> None:
     """Import every module of `medlens.families` so each family registers its methods."""
-    global _LOADED
+    global _LOADED, _LOADING
     if _LOADED:
         return
-    _LOADED = True
-    package = importlib.import_module(__package__ + ".families")
-
-    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        _FAMILY_MODULES.append(module.name)
-        importlib.import_module(module.name)
+    with _LOAD_LOCK:  # two threads' first calls: the second waits until every family is registered
+        if _LOADED or _LOADING:  # _LOADING: this thread is importing the families (a family asked the registry)
+            return
+        _LOADING = True
+        package = importlib.import_module(__package__ + ".families")
+        names = [module.name for module in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+        _FAMILY_MODULES[:] = names
+        try:
+            for name in names:
+                importlib.import_module(name)
+            _LOADED = True
+        finally:
+            _LOADING = False
 
 
 def _canonical_position(spec: MethodSpec) -> int:

@@ -11,13 +11,15 @@ Conventions (documented for users in `medlens methods`):
 - guided backprop swaps the ReLU backward for the guided one (positive gradient through positive inputs)
   *during the call only*: `nn.ReLU` modules and functional `F.relu` / `torch.relu` / `Tensor.relu` (as in
   torchvision's DenseNet forward) are patched by `guided_relu()`, a context manager that always restores
-  the originals, also on error. The patch is process-global for the duration of the call (not thread safe),
-  and an in-place ReLU whose return value is ignored by the model code is not supported.
+  the originals, also on error. While any thread is inside it the entry points are dispatchers that run the
+  guided ReLU for the threads inside and the original for all others; an in-place ReLU whose return value is
+  ignored by the model code is not supported.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -93,26 +95,56 @@ def _guided(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return _GuidedReLU.apply(x)
 
 
+_RELU_ENTRY_POINTS = [(F, "relu"), (F, "relu_"), (torch, "relu"), (torch, "relu_"), (torch.Tensor, "relu"),
+                      (torch.Tensor, "relu_")]
+_guided_threads = threading.local()  # .depth: how many guided blocks the current thread is inside
+_patch_lock = threading.Lock()
+_patch_users = 0
+_patch_saved: list[tuple[Any, str, Any]] = []
+
+
+def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+    def relu(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if getattr(_guided_threads, "depth", 0):
+            return _guided(x, *args, **kwargs)
+        return original(x, *args, **kwargs)
+
+    relu.__wrapped__ = original  # type: ignore[attr-defined]
+    return relu
+
+
 @contextlib.contextmanager
 def guided_relu() -> Iterator[None]:
-    """Swap every ReLU entry point (nn.ReLU via F.relu, F.relu_, torch.relu(_), Tensor.relu(_)) for the guided one.
+    """Swap every ReLU entry point (nn.ReLU via F.relu, F.relu_, torch.relu(_), Tensor.relu(_)) for the guided one,
+    in the calling thread only.
 
-    Everything is put back in `finally`, so an error inside the block leaves torch exactly as it was.
+    The entry points are replaced by dispatchers while any thread is inside a block (installed by the first to
+    enter, removed by the last to leave, under a lock); a dispatcher runs the guided ReLU only for a thread that
+    is inside a block, and the original for every other thread. Everything is put back in `finally`, so an
+    error inside the block leaves torch exactly as it was.
     """
-    patched = [(F, "relu"), (F, "relu_"), (torch, "relu"), (torch, "relu_"), (torch.Tensor, "relu"),
-               (torch.Tensor, "relu_")]
-    # (owner, name, own attribute or None when inherited): inherited ones are deleted again, not copied in.
-    saved = [(owner, name, owner.__dict__.get(name)) for owner, name in patched]
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            # (owner, name, own attribute or None when inherited): inherited ones are deleted again, not copied in.
+            _patch_saved[:] = [(owner, name, owner.__dict__.get(name)) for owner, name in _RELU_ENTRY_POINTS]
+            for owner, name, _ in _patch_saved:
+                setattr(owner, name, _dispatcher(getattr(owner, name)))
+        _patch_users += 1
+    _guided_threads.depth = getattr(_guided_threads, "depth", 0) + 1
     try:
-        for owner, name, _ in saved:
-            setattr(owner, name, _guided)
         yield
     finally:
-        for owner, name, original in saved:
-            if original is None:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
+        _guided_threads.depth -= 1
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                for owner, name, original in _patch_saved:
+                    if original is None:
+                        delattr(owner, name)
+                    else:
+                        setattr(owner, name, original)
+                _patch_saved.clear()
 
 
 # ------------------------------------------------------------------------------------ per-batch methods
