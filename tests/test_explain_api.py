@@ -116,3 +116,115 @@ def test_shared_pass_one_forward_for_all_gradient_cams(model):
     finally:
         handle.remove()
     assert calls["n"] == 1
+
+
+# ------------------------------------------------------------------ requests that used to escape as raw errors
+class _ShiftsItsInput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN2d()
+
+    def forward(self, x):
+        x.sub_(0.5)  # writes into the tensor it is given
+        return self.net(x)
+
+
+def test_the_callers_tensor_is_never_changed_nor_differentiated(model):
+    x = torch.randn(1, 1, 24, 24, requires_grad=True)
+    kept = x.detach().clone()
+    for method in ("gradcam", "saliency", "lime", "kernelshap", "occlusion"):
+        medlens.explain(model, x, method, targets=[0], seed=0, **({"num_samples": 30} if method in ("lime", "kernelshap") else {}))
+    assert x.grad is None and torch.equal(x.detach(), kept)
+    shifting = _ShiftsItsInput().eval()
+    y = torch.randn(1, 1, 24, 24)
+    y0 = y.clone()
+    result = medlens.explain(shifting, y, "ablationcam", targets=[0])
+    assert torch.equal(y, y0)
+    import hashlib
+    assert result.provenance["input"]["sha256"] == hashlib.sha256(y0.numpy().tobytes()).hexdigest()
+    with pytest.raises(medlens.MedlensError, match="changes its input in place"):
+        medlens.explain(shifting, y, "saliency", targets=[0])
+
+
+@pytest.mark.parametrize("option", ["eigen_smooth", "aug_smooth", "aug_flip"])
+def test_cam_flags_must_be_booleans(model, option):
+    with pytest.raises(MethodError, match=f"option {option} must be True or False, got 'false'"):
+        medlens.explain(model, torch.randn(1, 1, 24, 24), "gradcam", **{option: "false"})
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("integratedgradients", {"baseline": float("nan")}, "baseline must be a finite number"),
+    ("occlusion", {"baseline": "blur", "blur_sigma": -1}, "blur_sigma must be above 0"),
+    ("rise", {"baseline": "blur", "blur_sigma": "x", "n_masks": 8}, "blur_sigma must be a number"),
+    ("smoothgrad", {"noise": float("inf")}, "noise must be a finite number"),
+    ("smoothgrad", {"noise": None}, "noise must be a number"),
+    ("lime", {"kernel_width": "x"}, "kernel_width must be a number"),
+    ("lime", {"compactness": "x"}, "compactness must be a number"),
+    ("kernelshap", {"compactness": 0}, "compactness must be above 0"),
+])
+def test_numeric_options_are_checked(model, method, options, message):
+    with pytest.raises(MethodError, match=message):
+        medlens.explain(model, torch.randn(1, 1, 24, 24), method, targets=[0], seed=0, **options)
+
+
+@pytest.mark.parametrize("seed", [1.9, "3", True, [1]])
+def test_seed_must_be_an_integer(model, seed):
+    with pytest.raises(InputError, match="seed must be an integer"):
+        medlens.explain(model, torch.randn(1, 1, 24, 24), "rise", seed=seed, n_masks=8)
+
+
+def test_integer_like_seeds_are_recorded_as_ints(model):
+    import json
+
+    import numpy as np
+
+    x = torch.randn(1, 1, 24, 24)
+    a = medlens.explain(model, x, "rise", seed=np.int64(5), n_masks=8)
+    b = medlens.explain(model, x, "rise", seed=torch.tensor(5), n_masks=8)
+    assert a.provenance["seed"] == b.provenance["seed"] == 5 and torch.equal(a["rise"], b["rise"])
+    json.dumps(b.provenance)
+
+
+def test_model_and_input_mismatches_are_model_or_input_errors(model):
+    with pytest.raises(InputError, match=r"the input is torch.float64 but the model's parameters are torch.float32"):
+        medlens.explain(model, torch.randn(1, 1, 24, 24, dtype=torch.float64), "gradcam")
+    with pytest.raises(medlens.MedlensError, match=r"the model failed on the input of shape \(1, 3, 24, 24\)"):
+        medlens.explain(model, torch.randn(1, 3, 24, 24), "saliency")
+    nan_model = TinyCNN2d().eval()
+    with torch.no_grad():
+        nan_model.fc.bias.fill_(float("nan"))
+    with pytest.raises(medlens.MedlensError, match="non-finite logits"):
+        medlens.explain(nan_model, torch.randn(1, 1, 24, 24), "occlusion")
+    with pytest.raises(MethodError, match="no method was given"):
+        medlens.explain(model, torch.randn(1, 1, 24, 24), None)
+
+
+def test_a_layer_that_is_not_a_feature_map_like_the_input_is_refused():
+    class Tokens(torch.nn.Module):  # a (B, N, C) token layer, as in a vision transformer
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Conv2d(1, 8, 4, stride=4)
+            self.mix = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))
+            return self.head(tokens.mean(1))
+
+    with pytest.raises(medlens.MedlensError, match="not a spatial feature map"):
+        medlens.explain(Tokens().eval(), torch.randn(1, 1, 32, 32), "gradcam", layer="mix")
+
+
+def test_result_keys_are_found_whatever_their_case(model):
+    result = medlens.explain(model, torch.randn(1, 1, 24, 24), "GradCAM")
+    assert torch.equal(result["GradCAM"], result["gradcam"])
+
+
+def test_a_compiled_model_is_explained_through_its_original_module(model):
+    compiled = torch.compile(model)  # not run here: wrapping is enough, and compiling would take a while
+    x = torch.randn(1, 1, 24, 24)
+    got = medlens.explain(compiled, x, ["gradcam", "scorecam"], targets=[0])
+    want = medlens.explain(model, x, ["gradcam", "scorecam"], targets=[0])
+    for name in ("gradcam", "scorecam"):
+        assert torch.equal(got[name], want[name])
+    assert any("torch.compile" in note for note in got.provenance["notes"])

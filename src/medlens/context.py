@@ -205,9 +205,10 @@ def run_layer_pass(
             raise ModelError(
                 f"the target layer returns {type(output).__name__}, not a tensor; choose a layer that outputs a feature map."
             )
-        if output.dim() < 3:
+        if output.dim() != x.dim():
             raise ModelError(
-                f"the target layer's output has shape {tuple(output.shape)}: it is not a spatial feature map. "
+                f"the target layer's output has shape {tuple(output.shape)}: it is not a spatial feature map (batch, "
+                f"channels, {'depth, ' if x.dim() == 5 else ''}height, width) like the input {tuple(x.shape)}. "
                 f"Choose a convolutional layer (layer=...)."
             )
         # The model goes on with a copy, so an in-place op that follows (ReLU(inplace=True)) cannot change

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import operator
 import platform
 import secrets
 import time
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import __version__
 from .context import ExplainContext
-from .errors import InputError, MethodError, ModelError
+from .errors import InputError, MedlensError, MethodError, ModelError
 from .heap import steady_heap
 from .layers import LayerSpec
 from .model_state import borrowed_model
@@ -29,6 +30,8 @@ MethodsArg = Union[str, Iterable[str]]
 
 
 def _method_names(methods: MethodsArg) -> list[str]:
+    if methods is None:
+        raise MethodError("no method was given; pass methods='gradcam' or a list such as ['gradcam', 'layercam'].")
     if isinstance(methods, str):
         names = [m.strip() for m in methods.split(",") if m.strip()]
     else:
@@ -128,6 +131,36 @@ def check_torchscript_support(model: nn.Module, specs: Iterable[MethodSpec]) -> 
         )
 
 
+def _check_seed(seed: Any) -> Optional[int]:
+    if seed is None:
+        return None
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        return operator.index(seed)  # int, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise InputError(f"seed must be an integer or None, got {seed!r}.") from None
+
+
+def _first_pass(ctx: ExplainContext) -> torch.Tensor:
+    """The model's logits on the input: where a model that cannot take this input fails, said in those terms."""
+    try:
+        logits = ctx.logits
+    except MedlensError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelError(
+            f"the model failed on the input of shape {tuple(ctx.x.shape)} ({ctx.x.dtype}): {first_line}. Check that "
+            f"the input is what the model expects (channels, size, intensity range); medlens.load_input(path, model) "
+            f"prepares a file for a model that carries its input spec."
+        ) from error
+    if not torch.isfinite(logits).all():
+        raise ModelError(f"the model returned non-finite logits (NaN or infinite) for the input of shape "
+                         f"{tuple(ctx.x.shape)}; no explanation of them would mean anything. Check the model's weights.")
+    return logits
+
+
 def explain(
     model: nn.Module,
     x: torch.Tensor,
@@ -140,7 +173,12 @@ def explain(
     """Explain `model`'s outputs on `x` with one or several methods; see API.md for every argument."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}; load one with medlens.load_model().")
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module) and type(model).__name__ == "OptimizedModule":
+        # A torch.compile'd graph does not run the hooks medlens adds; its original module has the same parameters.
+        model = compiled
     x = check_input(x)
+    seed = _check_seed(seed)
     names = _method_names(methods)
     specs = [get_spec(n) for n in names]
     per_method = _split_options(specs, options)
@@ -156,6 +194,10 @@ def explain(
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
         raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")
+    if param is not None and param.is_floating_point() and param.dtype != x.dtype:
+        raise InputError(f"the input is {x.dtype} but the model's parameters are {param.dtype}; convert the input "
+                         f"(x.to({param.dtype})) or the model (model.to({x.dtype})).")
+    input_digest = tensor_digest(x)  # before any pass: a model that changes its input in place cannot alter it
 
     started = time.perf_counter()
     maps: dict[str, torch.Tensor] = {}
@@ -166,20 +208,33 @@ def explain(
     # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
     # steady_heap: chunked passes reuse the C heap's pages instead of faulting them in again (heap.py).
     with torch.inference_mode(False), torch.enable_grad(), steady_heap(), borrowed_model(model) as hooks:
-        if x.is_inference():
-            x = x.clone()
+        # A copy of its own, detached: the caller's tensor is never changed or differentiated (a model that
+        # writes into its input, an input that requires grad), and an inference tensor becomes a normal one.
+        x = x.detach().clone()
         ctx = ExplainContext(
             model, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
             need_layer_graph=any(s.needs_layer and s.needs_gradients for s in specs),
         )
+        if compiled is not None and model is compiled:
+            ctx.notes.append("a torch.compile'd model: explained through its original module (the same parameters), "
+                             "since a compiled graph does not run the hooks the methods need")
         t0 = time.perf_counter()
-        logits = ctx.logits
+        logits = _first_pass(ctx)
         target_grid = ctx.targets
         timings["forward_and_targets"] = time.perf_counter() - t0
         for spec in specs:
             t0 = time.perf_counter()
             ctx.method_notes = {}
-            result = spec.run(ctx, per_method[spec.name])
+            try:
+                result = spec.run(ctx, per_method[spec.name])
+            except RuntimeError as error:
+                if "leaf Variable that requires grad is being used in an in-place operation" not in str(error):
+                    raise
+                raise ModelError(
+                    f"{spec.name} needs the gradient with respect to the input, but the model changes its input in "
+                    f"place (an in-place operation such as x.sub_() at the start of forward). Let the model work on a "
+                    f"copy (x = x.clone() or x = x - mean), or use a method that only runs the model (occlusion, rise)."
+                ) from error
             expected = (x.shape[0], target_grid.shape[1], *x.shape[2:])
             if tuple(result.shape) != expected:
                 raise RuntimeError(f"method {spec.name} returned shape {tuple(result.shape)}, expected {expected}")
@@ -206,7 +261,7 @@ def explain(
         "layer": layer_info,
         "seed": seed,
         "model": {"class": type(model).__name__, "sha256": model_digest(model), "mode_during_call": "eval"},
-        "input": {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": tensor_digest(x)},
+        "input": {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": input_digest},
         "notes": list(ctx.notes),
         "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }

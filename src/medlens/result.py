@@ -36,6 +36,8 @@ class ExplanationResult(Mapping[str, torch.Tensor]):
         try:
             return self._maps[method]
         except KeyError:
+            if isinstance(method, str) and method.strip().lower() in self._maps:  # "GradCAM" as for explain()
+                return self._maps[method.strip().lower()]
             raise KeyError(f"{method!r} was not computed in this result; it holds: {', '.join(self._maps)}") from None
 
     def __iter__(self) -> Iterator[str]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..context import ExplainContext, call_model
 from ..errors import MethodError
 from ..inference import AGREEMENT, relative_gap
+from ..option_checks import flag
 from ..registry import MethodSpec, register
 from ..spatial import channels_last, spatial_dims, upsample_to
 from .masked_stem import build_masked_stem
@@ -122,13 +123,15 @@ def _cam_runner(weighted_of: Callable[[ExplainContext, Mapping[str, Any]], torch
     def map_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
         weighted = weighted_of(ctx, options)
         with torch.no_grad():
-            maps = _reduce(weighted, always_eigen or bool(options.get("eigen_smooth", False)))
+            maps = _reduce(weighted, always_eigen or flag(options, "eigen_smooth"))
         return upsample_to(maps, ctx.spatial_shape)
 
     def run(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
-        if not options.get("aug_smooth", False):
+        for name in CAM_OPTIONS:  # checked before any pass, also the ones this request does not use
+            flag(options, name)
+        if not flag(options, "aug_smooth"):
             return map_of(ctx, options)
-        augs = _augmentations(bool(options.get("aug_flip", False)), len(ctx.spatial_shape))
+        augs = _augmentations(flag(options, "aug_flip"), len(ctx.spatial_shape))
         total = None
         for name, forward, back in augs:
             if name == "identity":

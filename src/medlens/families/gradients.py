@@ -28,6 +28,7 @@ from torch import nn
 
 from ..context import ExplainContext, call_model
 from ..errors import MethodError
+from ..option_checks import finite_float
 from ..registry import MethodSpec, register
 from ..spatial import spatial_dims, upsample_to
 
@@ -220,7 +221,7 @@ def make_baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
     if isinstance(baseline, bool):
         raise MethodError("baseline must be 'zero', 'blur', a number, or a tensor, not a boolean.")
     if isinstance(baseline, (int, float)):
-        return torch.full_like(x, float(baseline))
+        return torch.full_like(x, finite_float({"baseline": baseline}, "baseline"))
     if isinstance(baseline, torch.Tensor):
         try:
             return torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape).clone()
@@ -472,9 +473,7 @@ def _run_smoothgrad(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Te
         raise MethodError(f"smoothgrad cannot wrap {options['base']!r}; base must be one of {', '.join(SMOOTHABLE)}.")
     n_samples = _positive_int(options, "n_samples")
     batch_size = _positive_int(options, "batch_size")
-    noise = float(options["noise"])
-    if not noise >= 0:
-        raise MethodError(f"noise must be a non-negative fraction of the input's range, got {options['noise']!r}.")
+    noise = finite_float(options, "noise", minimum=0.0)  # a fraction of the input's range
     x = ctx.x.detach()
     b = x.shape[0]
     flat = x.reshape(b, -1)

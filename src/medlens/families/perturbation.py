@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..context import ExplainContext
 from ..errors import MethodError
+from ..option_checks import finite_float
 from ..registry import MethodSpec, register
 
 BaselineSpec = Union[str, float, int, torch.Tensor]
@@ -150,7 +151,8 @@ def resolve_baseline(
         notes["baseline_values"] = [[round(float(v), 6) for v in row] for row in ref.reshape(b, c)]
         return ref, notes
     if name == "blur":
-        sigma = float(blur_sigma) if blur_sigma is not None else 0.05 * min(x.shape[2:])
+        sigma = (finite_float({"blur_sigma": blur_sigma}, "blur_sigma", above=0.0) if blur_sigma is not None
+                 else 0.05 * min(x.shape[2:]))
         notes["blur_sigma"] = round(sigma, 4)
         return gaussian_blur(x, sigma), notes
     raise MethodError(f"baseline must be one of {', '.join(BASELINE_NAMES)}, a number or a tensor, got {baseline!r}.")

@@ -13,6 +13,7 @@ import torch
 
 from ..context import ExplainContext
 from ..errors import MethodError
+from ..option_checks import finite_float
 from ..registry import MethodSpec, register
 from .perturbation import (
     COMMON,
@@ -72,9 +73,9 @@ def superpixels(image: torch.Tensor, n_segments: int = 50, segmentation: str = "
 def segments_of(ctx: ExplainContext, image: int, options: Mapping[str, Any]) -> torch.Tensor:
     """Labels 0..F-1 (*spatial) for one image; cached in the call so lime and kernelshap share them."""
     n_segments = check_positive_int(options, "n_segments")
-    key = ("perturbation.segments", image, options["segmentation"], n_segments, float(options["compactness"]))
+    key = ("perturbation.segments", image, options["segmentation"], n_segments, finite_float(options, "compactness", above=0.0))
     if key not in ctx.cache:
-        ctx.cache[key] = superpixels(ctx.x[image], n_segments, options["segmentation"], float(options["compactness"]))
+        ctx.cache[key] = superpixels(ctx.x[image], n_segments, options["segmentation"], finite_float(options, "compactness", above=0.0))
     return ctx.cache[key]
 
 
@@ -119,8 +120,8 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     b = x.shape[0]
     t = ctx.targets.shape[1]
     num_samples, batch_size, output, ref = _setup(ctx, options, "lime")
-    kernel_width = float(options["kernel_width"])
-    alpha = float(options["alpha"])
+    kernel_width = finite_float(options, "kernel_width")
+    alpha = finite_float(options, "alpha", minimum=0.0)
     top_k = check_positive_int(options, "top_k")
     if kernel_width <= 0 or alpha < 0:
         raise MethodError(f"kernel_width must be > 0 and alpha >= 0, got {kernel_width!r} and {alpha!r}.")
