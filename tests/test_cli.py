@@ -37,6 +37,11 @@ def files(tmp_path_factory):
     Image.fromarray(nan, mode="F").save(root / "nan.tif")
     (root / "not_a_model.pt").write_bytes(b"just some bytes")
     (root / "blocker").write_text("a file where a folder should be")
+    make_dicom(root / "badslope.dcm", rng.randint(0, 2000, (30, 30)).astype(np.uint16), RescaleSlope="7.25")
+    (root / "badslope.dcm").write_bytes((root / "badslope.dcm").read_bytes().replace(b"7.25", b"x1y2"))
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval(), root / "nopad.pt")
+    Image.fromarray(np.full((2, 2), 9, dtype=np.uint8)).save(root / "speck.png")
     return root
 
 
@@ -124,6 +129,10 @@ BAD_CASES = {
     "unwritable output": (["chest.png"], ["--out", "{root}/blocker/out"], "cannot be created"),
     "unknown method": (["chest.png"], ["--methods", "gradcma"], "unknown method 'gradcma'"),
     "bad option": (["chest.png"], ["--option", "nonsense=1"], "nonsense"),
+    "unreadable DICOM header value": (["badslope.dcm"], [], "badslope.dcm: a DICOM header value could not be read"),
+    "input size not a number": (["chest.png"], ["--input-size", "abc"], "input size 'abc' must be"),
+    "image the model cannot take": (["speck.png"], ["--model", "{root}/nopad.pt", "--methods", "saliency"],
+                                    "the model failed on the input of shape (1, 1, 2, 2)"),
 }
 
 
@@ -212,3 +221,95 @@ def test_dicom_series_folder_end_to_end(capsys, files, tmp_path):
     assert len(prov["input_file"]["sha256"]) == 64
     assert any("3 slices sorted by slice position" in n for n in prov["loading_notes"])
     assert any("middle slice 1" in n for n in prov["loading_notes"])
+
+
+def test_an_image_the_model_fails_on_is_skipped_and_the_rest_written(capsys, files, tmp_path):
+    code, _, err = run(capsys, "explain", files / "chest.png", files / "speck.png", files / "badslope.dcm",
+                       "--model", files / "nopad.pt", "--methods", "saliency", "--out", tmp_path / "o")
+    assert code == 2 and "Traceback" not in err
+    assert "2 of 3 image(s) could not be explained" in err
+    assert f"skipped {files / 'speck.png'}: the model failed" in err and "badslope.dcm" in err
+    assert (tmp_path / "o" / "chest" / "provenance.json").is_file()
+    assert not (tmp_path / "o" / "speck").exists() or not any((tmp_path / "o" / "speck").iterdir())
+
+
+def test_a_second_run_into_the_same_folder_replaces_the_first(capsys, files, tmp_path):
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--methods",
+                       "gradcam,layercam", "--targets", "all", "--out", out)
+    assert code == 0, err
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--methods", "gradcam",
+                       "--targets", "1", "--out", out)
+    assert code == 0, err
+    folder = out / "chest"
+    listed = json.loads((folder / "provenance.json").read_text())["files"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(listed)  # no layercam_*, no other targets left
+    assert "gradcam_effusion.png" in listed and not any(n.startswith("layercam") for n in listed)
+
+
+def test_a_failed_write_leaves_the_folder_as_it_was(files, tmp_path, monkeypatch):
+    from medlens.errors import OutputError
+    from medlens.io import output
+
+    model = torch.load(files / "tiny.pt", weights_only=False)
+    result = medlens.explain(model, torch.randn(1, 1, 32, 32), ["gradcam", "saliency"], targets=[0, 1])
+    folder = tmp_path / "o"
+    output.write_explanation(result, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output.np, "savez", disk_full)  # the overlays and the panel are written by then
+    result2 = medlens.explain(model, torch.randn(1, 1, 32, 32), ["layercam"], targets=[2])
+    with pytest.raises(OutputError):
+        output.write_explanation(result2, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing new, nothing lost, no staging
+
+
+def test_long_class_names_give_short_unique_file_names(files, tmp_path):
+    from medlens.io.output import safe_name
+
+    a, b = safe_name("x" * 300 + "a"), safe_name("x" * 300 + "b")
+    assert len(a) <= 80 and len(b) <= 80 and a != b
+    assert safe_name("Pleural Effusion") == "Pleural_Effusion"
+
+
+def test_labels_in_a_sidecar_may_be_one_comma_separated_string(files, tmp_path):
+    torch.save(torch.load(files / "tiny.pt", weights_only=False), tmp_path / "m.pt")
+    (tmp_path / "m.pt.json").write_text(json.dumps({"labels": "a, b,c"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert medlens.load_model(tmp_path / "m.pt").labels == ["a", "b", "c"]
+    (tmp_path / "m.pt.json").write_text(json.dumps({"std": [0]}))
+    with pytest.raises(medlens.MedlensError, match="positive standard deviations"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            medlens.load_model(tmp_path / "m.pt")
+
+
+def test_class_names_that_differ_only_in_case():
+    from medlens.errors import TargetError
+    from medlens.targets import _index
+
+    labels = ["a", "A", "b"]
+    assert _index("A", labels, 3) == 1 and _index("a", labels, 3) == 0 and _index("B", labels, 3) == 2
+    with pytest.raises(TargetError, match="matches 'Mass', 'MASS' when case is ignored"):
+        _index("mass", ["Mass", "MASS", "Nodule"], 3)
+
+
+def test_weights_with_a_model_that_has_its_own_are_refused(tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(medlens.MedlensError, match="comes with its own weights"):
+        medlens.load_model("xrv:densenet121-res224-all", weights=tmp_path / "w.pt")
+
+
+def test_evaluate_checks_the_output_folder_first(capsys, files, tmp_path):
+    code, out, err = run(capsys, "evaluate", "--model", files / "tiny.pt", "--data", tmp_path, "--methods", "gradcam",
+                         "--metrics", "iou", "--out", files / "blocker" / "sub")
+    assert code == 2 and "Traceback" not in err and "--out" in err
+
+
+def test_demo_refuses_an_unknown_method(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--methods", "gradcamm,layercam", "--out", tmp_path / "d")
+    assert code == 2 and "unknown method 'gradcamm'" in err

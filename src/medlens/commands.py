@@ -274,14 +274,17 @@ def explain_command(
                 loading_notes=prepared.notes,
                 model_source=getattr(model, "medlens_source", None),
             )
-        except InputError as exc:
+        except MedlensError as exc:  # one image's problem (its file, the model on it, writing it): go on with the rest
             if len(images) == 1:
                 raise
-            failures.append(str(exc))
-            progress.write(f"medlens: skipped {path}: {exc}", file=sys.stderr)
+            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+            failures.append(message)
+            progress.write(f"medlens: skipped {message}", file=sys.stderr)
     if failures:
         n_ok = len(images) - len(failures)
-        raise InputError(f"{len(failures)} of {len(images)} image(s) could not be explained (the other {n_ok} were written to {out}): " + " | ".join(failures))
+        raise InputError(
+            f"{len(failures)} of {len(images)} image(s) could not be explained (the other {n_ok} were written to {out}): "
+            + " | ".join(failures))
     click.echo(f"wrote results for {len(images)} image(s) to {out}")
 
 

@@ -150,7 +150,12 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
     except OSError as exc:
         raise OutputError(f"cannot write the demo's results to {out}: {exc}; pass another folder with --out.") from None
     available = set(medlens.methods())
-    wanted = list(methods) if methods is not None else list(DEMO_METHODS)
+    if methods is not None:  # the user's names must all exist (get_spec says which are close); the default list may
+        from .registry import get_spec  # name methods a reduced installation lacks
+
+        wanted = [get_spec(m).name for m in methods]
+    else:
+        wanted = list(DEMO_METHODS)
     names = [m for m in wanted if m in available]
     if not names:
         raise MedlensError(f"none of the demo's methods {wanted} is registered; registered: {sorted(available)}.")

@@ -19,11 +19,17 @@ def _index(item: Any, labels: Optional[Sequence[str]], n_classes: int) -> int:
                 f"target {item!r} is a class name, but the model carries no labels; give class indices "
                 f"0..{n_classes - 1}, or give the model labels (a sidecar JSON or --labels)."
             )
-        lookup = {str(l).lower(): i for i, l in enumerate(labels)}
-        key = item.strip().lower()
-        if key not in lookup:
+        name = item.strip()
+        exact = [i for i, l in enumerate(labels) if str(l) == name]
+        if exact:  # an exact match wins: labels may differ only in case
+            return exact[0]
+        folded = [i for i, l in enumerate(labels) if str(l).lower() == name.lower()]
+        if len(folded) > 1:
+            raise TargetError(f"class name {item!r} matches {', '.join(repr(labels[i]) for i in folded)} when case is "
+                              f"ignored; give it exactly as the model spells it, or give the index.")
+        if not folded:
             raise TargetError(f"unknown class name {item!r}. This model's classes are: {', '.join(map(str, labels))}.")
-        return lookup[key]
+        return folded[0]
     if isinstance(item, bool) or not isinstance(item, (int,)) and not (
         isinstance(item, torch.Tensor) and item.dim() == 0 and not item.is_floating_point()
     ):

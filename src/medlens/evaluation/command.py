@@ -30,8 +30,13 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
     import medlens
 
+    from ..errors import MethodError
+    from ..io.output import ensure_writable
     from .runner import evaluate
 
+    ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
+    if batch_size < 1:
+        raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
     model = medlens.load_model(model_source)
     rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
                     batch_size=batch_size, layer=layer, progress=True, include=include_file)

@@ -379,10 +379,9 @@ def evaluate(
                 path, _ = data.items[i]
                 size = tuple(spec.size[-2:]) if getattr(spec, "size", None) else None
                 if size is None:
-                    from PIL import Image
+                    from ..io.images import read_image
 
-                    with Image.open(path) as im:
-                        size = (im.size[1], im.size[0])
+                    size = read_image(path).spatial_shape[-2:]  # a file that cannot be read: an InputError, not a traceback
                 mask = box_mask(path.with_suffix(".txt"), size)
             else:
                 mask = _as_sample(data[i]).mask

@@ -372,6 +372,17 @@ def _shared_functional_groups(ds: Any) -> dict[str, Any]:
 
 
 def _read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
+    try:
+        return _read_dicom_dataset(path, frame, window)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        # A header value that does not parse (RescaleSlope "x", NumberOfFrames "x", a window centre "ab"...).
+        raise InputError(
+            f"{path}: a DICOM header value could not be read ({type(exc).__name__}: {exc}); the file is not valid "
+            f"DICOM. Re-export it from the PACS or viewer, or fix the named attribute."
+        ) from None
+
+
+def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import pickle
 import warnings
@@ -107,13 +108,19 @@ def _as_size(value: Any) -> Optional[tuple[int, ...]]:
         return None
     if isinstance(value, int):
         return (value, value)
+    given = value
     if isinstance(value, str):
         value = [v for v in value.replace("x", ",").split(",") if v.strip()]
-    size = tuple(int(v) for v in value)
+    try:
+        if isinstance(value, bool) or any(isinstance(v, bool) for v in value):
+            raise ValueError
+        size = tuple(int(str(v).strip()) for v in value)
+    except (TypeError, ValueError):
+        size = ()
     if len(size) == 1:
         size = (size[0], size[0])
     if len(size) not in (2, 3) or any(s <= 0 for s in size):
-        raise ModelError(f"input size {value!r} must be one positive number, (H, W) or (D, H, W).")
+        raise ModelError(f"input size {given!r} must be one positive number, H,W or D,H,W (e.g. 224 or 224,224).")
     return size
 
 
@@ -203,7 +210,7 @@ def attach_metadata(
             notes.append(f"sidecar fields not used: {', '.join(unknown)}")
         for key, value in sidecar.items():
             if key in InputSpec.__dataclass_fields__ and key not in origin and value is not None:
-                fields[key] = value
+                fields[key] = _as_labels(value) if key == "labels" else value  # "a,b,c" as on the command line
                 origin[key] = f"sidecar {sidecar_path.name if sidecar_path else ''}".strip()
     explicit = {
         "labels": _as_labels(options.pop("labels", None)),
@@ -238,8 +245,15 @@ def attach_metadata(
         fields["mean"], fields["std"] = (0.0,), (1.0,)
     try:
         spec = InputSpec.from_dict(fields)
+        std = [float(v) for v in spec.std]
+        mean = [float(v) for v in spec.mean]
     except (TypeError, ValueError) as exc:
         raise ModelError(f"{source}: the input spec is not valid ({exc}).") from None
+    if not all(math.isfinite(v) and v > 0 for v in std) or not all(math.isfinite(v) for v in mean):
+        raise ModelError(f"{source}: the input normalisation must have finite means and positive standard deviations, "
+                         f"got mean {list(spec.mean)} and std {list(spec.std)} ({origin.get('std', origin.get('mean', ''))}).")
+    if any(not str(label).strip() for label in spec.labels):
+        raise ModelError(f"{source}: a class label is empty ({list(spec.labels)}); give a name for every class.")
     if int(spec.channels) not in (1, 3) and not conv_channels:
         raise ModelError(f"{source}: channels must be 1 or 3, not {spec.channels}.")
 
@@ -596,6 +610,9 @@ def load_model(
         raise ModelError(f"a model source must be a name, a path or an nn.Module, not {type(source).__name__}.")
     text = str(source)
     lowered = text.lower()
+    if weights is not None and not lowered.startswith(("torchvision:", "timm:")) and (lowered.startswith("xrv:") or text in _bundled()):
+        raise ModelError(f"weights= is only used with an architecture name (torchvision:<arch> or timm:<arch>); {text!r} "
+                         f"comes with its own weights. To explain other weights, give the architecture and the file.")
     if lowered.startswith("xrv:"):
         model = _load_xrv(text, notes)
         return attach_metadata(model, text, kind="torchxrayvision", options=options, notes=notes, digest=None)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -93,7 +94,12 @@ def file_sha256(path: PathLike) -> str:
 def safe_name(text: str) -> str:
     """A file-name-safe version of a class or method name ("Pleural Effusion" -> "Pleural_Effusion")."""
     cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._")
+    if len(cleaned) > MAX_NAME_PART:  # file systems cap names at 255 bytes; keep it readable and unique
+        cleaned = cleaned[: MAX_NAME_PART - 9] + "-" + hashlib.sha256(str(text).encode()).hexdigest()[:8]
     return cleaned or "unnamed"
+
+
+MAX_NAME_PART = 80  # characters of a class or method name in a file name
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -358,12 +364,51 @@ def write_explanation(
 ) -> list[Path]:
     """Write one image's results into `out_dir`: `<method>_<target>.png` per method and target, `panel.png`,
     `maps.npz` (per method (1, T, *spatial) raw maps, plus `targets`, `logits`, `probabilities`, `labels`) and
-    `provenance.json` last. Each file is written atomically. Returns the paths written.
+    `provenance.json` last. The set is written atomically: all files or, on an error, the folder as it was; the
+    files of an earlier run in the folder that this run does not write are removed. Returns the paths written.
 
     `display` is the grayscale image (values in [0, 1]) at the maps' spatial size; without it the maps are
     drawn on a blank background.
     """
     folder = ensure_writable(out_dir)
+    # Every file goes to a staging folder first; only when all of them are written do they move into `folder`
+    # (provenance.json last), and files of an earlier run there that this one does not write are removed. A
+    # failure part-way (a full disk) leaves `folder` as it was.
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
+    try:
+        staged = _write_staged(result, staging, image_index, display, input_file, loading_notes, model_source,
+                               extra_provenance)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    earlier = _files_of_earlier_run(folder)
+    written = []
+    try:
+        for path in staged:
+            target = folder / path.name
+            os.replace(path, target)
+            written.append(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in earlier - {p.name for p in written}:
+        stale = folder / name
+        if stale.is_file() and stale.parent == folder:
+            stale.unlink()
+    return written
+
+
+def _files_of_earlier_run(folder: Path) -> set[str]:
+    """The files an earlier write_explanation put in `folder`, as its provenance.json lists them."""
+    try:
+        files = json.loads((folder / "provenance.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str) and f == Path(f).name}
+
+
+def _write_staged(result: Any, folder: Path, image_index: int, display: Optional[np.ndarray],
+                  input_file: Optional[PathLike], loading_notes: Sequence[str],
+                  model_source: Optional[Mapping[str, Any]], extra_provenance: Optional[Mapping[str, Any]]) -> list[Path]:
     methods = list(result)
     i = image_index
     raw = {m: result[m][i].detach().float().cpu().numpy() for m in methods}  # (T, *spatial)
