@@ -164,8 +164,8 @@ def test_precomputed_first_convolution_equals_the_convolution_of_the_masked_inpu
     masked = x * upsample_to(w.view(1, 6, *grid), size).transpose(0, 1)
     with torch.inference_mode():
         torch.testing.assert_close(stem.outputs(w), conv(masked), rtol=1e-12, atol=1e-12)
-        logits, used = stem.logits(w, masked)
-        assert used
+        logits, used, gap = stem.logits(w, masked, check=True)
+        assert used and gap < 1e-12
         torch.testing.assert_close(logits, model(masked), rtol=1e-12, atol=1e-12)
         assert stem.outputs(w[:2]).shape[0] == 2  # a smaller chunk reuses the buffer
 
@@ -176,7 +176,7 @@ def test_tiles_combine_few_grid_points_each():
     x = torch.randn(1, 3, *size)
     stem, _ = build_masked_stem(fast_forward(model, x), x, grid)
     # each tile combines at most 3 grid points per axis (plus the bias row): 10 terms, not 26
-    assert max(t.values.shape[0] for t in stem.tiles) <= masked_stem.MAX_TERMS_PER_AXIS**2 + 1
+    assert max(t.grid_index.numel() for t in stem.tiles) <= masked_stem.MAX_TERMS_PER_AXIS**2 + 1
 
 
 def test_the_shortcut_declines_when_it_cannot_help_or_apply():
@@ -234,7 +234,7 @@ def test_scorecam_drops_a_shortcut_that_disagrees_and_still_matches(resnet64, mo
     monkeypatch.setattr(masked_stem.MaskedStem, "outputs", lambda self, w: real(self, w) * 1.01)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     r = medlens.explain(resnet64, x, "scorecam", targets=1, layer="layer2")
-    assert r.provenance["methods"]["scorecam"]["first_convolution_precomputed"].startswith("not used: it differed")
+    assert r.provenance["methods"]["scorecam"]["first_convolution_precomputed"].startswith("not used: it differed from the convolution")
     expected = _textbook_scorecam(resnet64, resnet64.layer2, x, 1)
     torch.testing.assert_close(r["scorecam"][0, 0].double(), expected, rtol=1e-5, atol=1e-7)
 

@@ -27,7 +27,9 @@ MAX_TILE_MEMORY = 256 * 2**20  # bytes of precomputed values per image; above it
 class _Tile:
     region: tuple[slice, ...]  # output positions, one slice per spatial axis
     grid_index: torch.Tensor  # (K + 1,) flat indices of the grid points that reach them, then the bias slot
-    values: torch.Tensor  # (K + 1, *region sizes, C_out): conv(x * basis_g) there, channels last; then the bias
+    # (K + 1, *region sizes, C_out): conv(x * basis_g) there, channels last, then the bias; while building only
+    values: Optional[torch.Tensor]
+    rows: Optional[torch.Tensor] = None  # the same as (*leading sizes, H size, K + 1, W size * C_out), for bmm
 
 
 class _Precomputed(nn.Module):
@@ -71,24 +73,43 @@ class MaskedStem:
         out = self._buffer[:n]
         with_bias = torch.cat([weights, weights.new_ones(n, 1)], dim=1)  # the last slot weighs the bias row
         for tile in self.tiles:
-            k = tile.values.shape[0]
-            part = with_bias[:, tile.grid_index] @ tile.values.view(k, -1)
-            out[(slice(None), *tile.region)] = part.view(n, *tile.values.shape[1:])
+            coefficients = with_bias[:, tile.grid_index]  # (n, K + 1)
+            # The products go straight into the buffer: per position along the leading axes, a batch over the
+            # H axis of (n, K + 1) @ (K + 1, W * C), whose output rows are strided views of the buffer.
+            block = out[(slice(None), *tile.region)].movedim(0, -3)  # (*leading, H size, n, W size, C)
+            rows = tile.rows
+            assert rows is not None
+            for lead in itertools.product(*(range(r) for r in rows.shape[:-3])):
+                target = block[lead].flatten(-2)
+                torch.bmm(coefficients.expand(target.shape[0], -1, -1), rows[lead], out=target)
         return out.movedim(-1, 1)
 
-    def logits(self, weights: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def logits(self, weights: torch.Tensor, masked: torch.Tensor,
+               check: bool = False) -> tuple[Optional[torch.Tensor], bool, Optional[float]]:
         """The model's logits on `masked` (= x * U(weights)) with the first convolution precomputed; the flag says
-        whether the precomputed output was used (False: the model changed its input first, the convolution ran)."""
+        whether the precomputed output was used (False: the model changed its input first, the convolution ran).
+
+        With `check`, the precomputed output for the first masked input is first compared with the convolution run
+        on it; the gap (relative) comes back third, and above `AGREEMENT` the model is not run (logits None). With the
+        flag, that covers the whole pass: the convolution got exactly that input, the rest of the model is its own.
+        """
         from ..context import call_model
+        from ..inference import AGREEMENT, relative_gap
 
         masked = channels_last(masked)
-        self.swap.expected, self.swap.value = masked, self.outputs(weights)
+        value = self.outputs(weights)
+        gap = None
+        if check:
+            gap = relative_gap(value[:1], self.swap.conv(masked[:1]))
+            if not gap <= AGREEMENT:
+                return None, False, gap
+        self.swap.expected, self.swap.value = masked, value
         hits = self.swap.hits
         try:
             out = call_model(self.model, masked)
         finally:
             self.swap.expected = self.swap.value = None
-        return out, self.swap.hits > hits
+        return out, self.swap.hits > hits, gap
 
 
 def _bands(support: list[range], size: int, out_size: int, kernel: int, stride: int, padding: int, dilation: int):
@@ -182,6 +203,10 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
             z = conv_fn(part, conv.weight, None, conv.stride, 0, conv.dilation, conv.groups)[0].movedim(0, -1)
             for tile, j in used:
                 tile.values[j] = z[tuple(slice(r.start - f, r.stop - f) for r, f in zip(tile.region, first))]
+    for tile in tiles:
+        moved = tile.values.movedim(0, -3)  # (*leading, H size, K + 1, W size, C)
+        tile.rows = moved.reshape(*moved.shape[:-2], -1).contiguous()
+        tile.values = None
     if swap is None:
         if not fast.folded:  # never swap inside the caller's model: make the fast module a copy first
             fast.module = structural_copy(fast.module)
