@@ -75,6 +75,7 @@ def test_explain_two_images_end_to_end(capsys, files, tmp_path):
     assert code == 0, err
     assert "Traceback" not in err and "runs code" in err  # the pickle warning, as one line
     assert "2/2" in err  # the progress bar over several images
+    assert "medlens: note: not marked multi-label" in err  # how the model's outputs are read, on the console too
     for stem in ("chest", "ct"):
         folder = out_dir / stem
         expected = {f"{m}_{t}.png" for m in ("gradcam", "cam") for t in ("normal", "mass")} | {"panel.png", "maps.npz", "provenance.json"}

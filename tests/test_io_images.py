@@ -505,3 +505,15 @@ def test_reading_leaves_global_state_alone(tmp_path):
     before = (Image.MAX_IMAGE_PIXELS, list(__import__("warnings").filters))
     read_image(tmp_path / "a.png")
     assert (Image.MAX_IMAGE_PIXELS, list(__import__("warnings").filters)) == before
+
+
+def test_a_single_slice_nifti_is_a_2d_image_with_2d_limits(tmp_path):
+    rng = np.random.RandomState(5)
+    data = rng.rand(64, 48).astype(np.float32)
+    flat = read_image(make_nifti(tmp_path / "flat.nii.gz", data[:, :, None]))
+    plain = read_image(make_nifti(tmp_path / "plain.nii.gz", data))
+    assert flat.layout == "gray" and flat.pixels.shape == (48, 64)
+    np.testing.assert_array_equal(flat.pixels, plain.pixels)
+    assert "NIfTI with a single slice: read as a 2-D image" in flat.notes
+    wide = read_image(make_nifti(tmp_path / "wide.nii.gz", np.zeros((3000, 40, 1), dtype=np.float32)))
+    assert wide.pixels.shape == (40, 3000)  # a 2-D side limit, not the 3-D one (2048) a volume gets

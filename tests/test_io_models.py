@@ -260,3 +260,15 @@ def test_bundled_model_through_zoo(monkeypatch):
     assert model.labels == ["a", "b", "c"] and model.medlens_source["kind"] == "bundled"
     with pytest.raises(ModelError, match="Bundled models: tiny-test"):
         load_model("tiny-tset")
+
+
+def test_a_one_output_model_is_read_as_one_findings_logit():
+    one = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(2, 1)).eval()
+    model = medlens.load_model(one)
+    assert model.multi_label is True
+    assert any("one output" in n for n in model.medlens_source["notes"])
+    # a softmax over one output would say p = 1 for every image; the sigmoid does not
+    result = medlens.explain(model, torch.randn(1, 1, 16, 16), "gradcam")
+    assert 0 < float(result.probabilities[0, 0]) < 1
+    assert medlens.load_model(one, multi_label=False).multi_label is False

@@ -242,6 +242,8 @@ def explain_command(
     for w in caught:
         if issubclass(w.category, UserWarning) and not issubclass(w.category, (DeprecationWarning, FutureWarning)):
             _warn_line(w)
+    for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
+        click.echo(f"medlens: note: {note}", err=True)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:

@@ -268,7 +268,13 @@ def attach_metadata(
         labels = [f"class {i}" for i in range(n_classes)]
         origin["labels"] = "default"
         notes.append(f"no labels were given: classes are named 'class 0'..'class {n_classes - 1}' (give --labels or a sidecar JSON)")
-    if "multi_label" not in origin:
+    if "multi_label" not in origin and n_classes == 1:
+        # A softmax over one output is 1 for every input; one output is a binary finding's logit.
+        origin["multi_label"] = "default for one output"
+        spec = replace(spec, multi_label=True)
+        notes.append("one output: read as the logit of one finding, probability = sigmoid (use --single-label to "
+                     "override)")
+    elif "multi_label" not in origin:
         origin["multi_label"] = "default"
         notes.append("not marked multi-label: probabilities are a softmax over classes (use --multi-label for sigmoid outputs)")
     if not spec.size:
