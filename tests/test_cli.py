@@ -314,3 +314,9 @@ def test_evaluate_checks_the_output_folder_first(capsys, files, tmp_path):
 def test_demo_refuses_an_unknown_method(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--methods", "gradcamm,layercam", "--out", tmp_path / "d")
     assert code == 2 and "unknown method 'gradcamm'" in err
+
+
+def test_a_run_that_writes_nothing_leaves_no_new_folder(capsys, files, tmp_path):
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--targets", "7",
+                       "--out", tmp_path / "new" / "out")
+    assert code == 2 and not (tmp_path / "new" / "out").exists()

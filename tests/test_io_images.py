@@ -517,3 +517,11 @@ def test_a_single_slice_nifti_is_a_2d_image_with_2d_limits(tmp_path):
     assert "NIfTI with a single slice: read as a 2-D image" in flat.notes
     wide = read_image(make_nifti(tmp_path / "wide.nii.gz", np.zeros((3000, 40, 1), dtype=np.float32)))
     assert wide.pixels.shape == (40, 3000)  # a 2-D side limit, not the 3-D one (2048) a volume gets
+
+
+def test_frame_on_a_3d_nifti_and_an_invalid_dicom_window_are_said(tmp_path):
+    vol = make_nifti(tmp_path / "vol.nii.gz", np.random.RandomState(1).rand(8, 8, 4).astype(np.float32))
+    with pytest.raises(InputError, match="--frame picks a volume of a 4-D NIfTI"):
+        read_image(vol, frame=2)
+    dcm = make_dicom(tmp_path / "w0.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8), WindowCenter=30, WindowWidth=0)
+    assert any("width 0) was not used" in n for n in read_image(dcm).notes)

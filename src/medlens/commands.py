@@ -204,16 +204,32 @@ def explain_command(
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """
+    from .io.output import ensure_writable
+
+    # Cheap checks first, so that no work is wasted: output folder, method names and options, image files.
+    created = not Path(out_dir).exists()
+    out = ensure_writable(out_dir)
+    try:
+        _explain_into(out, images, model_source, methods, targets, layer, seed, labels, input_size, channels,
+                      multi_label, weights, slice_index, frame, device, option_items)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a run that wrote nothing leaves no empty folder
+            out.rmdir()
+        raise
+
+
+def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods: str, targets: Optional[str],
+                  layer: Optional[str], seed: Optional[int], labels: Optional[str], input_size: Optional[str],
+                  channels: Optional[int], multi_label: Optional[bool], weights: Optional[Path],
+                  slice_index: Optional[int], frame: Optional[int], device: str, option_items: Sequence[str]) -> None:
     from tqdm import tqdm
 
     from .explainer import check_torchscript_support, explain
     from .io.images import model_dims, prepare, read_image
     from .io.models import load_model
-    from .io.output import ensure_writable, write_explanation
+    from .io.output import write_explanation
     from .registry import get_spec
 
-    # Cheap checks first, so that no work is wasted: output folder, method names and options, image files.
-    out = ensure_writable(out_dir)
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_names:
         raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")

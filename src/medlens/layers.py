@@ -134,9 +134,10 @@ def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
             m.training = mode
     if not order:
         raise ModelError(
-            "the model has no layer with a spatial output (B, C, *spatial) before its global pooling, so CAM "
-            "methods cannot run on it. Use a gradient or perturbation method (e.g. saliency, occlusion), "
-            "or pass layer= with a convolutional layer."
+            f"the model has no layer with a spatial output (B, C, *spatial) before its global pooling on an input of "
+            f"size {' x '.join(map(str, x.shape[2:]))}, so CAM methods cannot run on it. If the model downsamples a "
+            f"small input to a single position, give a larger input (--input-size); otherwise use a gradient or "
+            f"perturbation method (e.g. saliency, occlusion), or pass layer= with a convolutional layer."
         )
     last_out = order[-1][1]
     # Several modules may return the same tensor (a container and its last child): take the outermost.

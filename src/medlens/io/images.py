@@ -322,6 +322,8 @@ def _dicom_window(ds: Any, window: Any, notes: list[str]) -> Optional[tuple[floa
         if width >= 1:
             notes.append(f"window center {center:g}, width {width:g} (from the file)")
             return center, width
+        notes.append(f"the file's window (center {center:g}, width {width:g}) was not used: a width below 1 is not "
+                     f"valid DICOM; intensities are scaled over the image's range instead")
     return None
 
 
@@ -565,6 +567,9 @@ def _read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
     _check_side_limit(path, shape[:2] if flat else shape[:3], volume=not flat and len(shape) >= 3)
     try:
         img = nib.as_closest_canonical(img) if len(shape) >= 3 else img
+        if frame is not None and len(shape) < 4:
+            raise InputError(f"{path}: --frame picks a volume of a 4-D NIfTI, and this image is {len(shape)}-D {shape}; "
+                             f"use --slice to pick a slice of a volume for a 2-D model.")
         if len(shape) == 4:
             t = frame or 0
             if not 0 <= t < shape[3]:
