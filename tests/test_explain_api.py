@@ -228,3 +228,12 @@ def test_a_compiled_model_is_explained_through_its_original_module(model):
     for name in ("gradcam", "scorecam"):
         assert torch.equal(got[name], want[name])
     assert any("torch.compile" in note for note in got.provenance["notes"])
+
+
+@pytest.mark.parametrize("method,options", [("smoothgrad", {"n_samples": 4}), ("lime", {"num_samples": 40}),
+                                            ("kernelshap", {"num_samples": 40}), ("rise", {"n_masks": 16})])
+def test_a_seeded_random_map_does_not_depend_on_the_rest_of_the_batch(model, method, options):
+    x = torch.randn(3, 1, 24, 24, generator=torch.Generator().manual_seed(7))
+    batch = medlens.explain(model, x, method, targets=[0], seed=11, **options)[method]
+    alone = medlens.explain(model, x[2:3], method, targets=[0], seed=11, **options)[method]
+    torch.testing.assert_close(alone[0], batch[2], rtol=1e-5, atol=1e-6)

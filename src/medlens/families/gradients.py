@@ -478,8 +478,10 @@ def _run_smoothgrad(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Te
     b = x.shape[0]
     flat = x.reshape(b, -1)
     sigma = noise * (flat.amax(dim=1) - flat.amin(dim=1))  # per image
-    gen = ctx.generator("smoothgrad")
-    eps = torch.randn((n_samples,) + tuple(x.shape), generator=gen, device=x.device, dtype=x.dtype)
+    # Each image's noise comes from its own generator, seeded alike: an image's map does not depend on the others
+    # in the batch, nor on its place there.
+    eps = torch.stack([torch.randn((n_samples,) + tuple(x.shape[1:]), generator=ctx.generator("smoothgrad"),
+                                   device=x.device, dtype=x.dtype) for _ in range(b)], dim=1)
     noisy = (x[None] + eps * sigma.view(1, b, *([1] * (x.dim() - 1)))).reshape(n_samples * b, *x.shape[1:])
     targets = ctx.targets.repeat(n_samples, 1)
     base_options = {**_BASE_DEFAULTS.get(base, {}), "batch_size": batch_size}

@@ -126,7 +126,6 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     if kernel_width <= 0 or alpha < 0:
         raise MethodError(f"kernel_width must be > 0 and alpha >= 0, got {kernel_width!r} and {alpha!r}.")
     f_x = base_scores(ctx, output)
-    gen = ctx.generator("lime")
     maps = torch.empty((b, t) + ctx.spatial_shape, dtype=torch.float32, device=x.device)
     notes: dict[str, list] = {"n_features": [], "r2": [], "intercept": [], "top_regions": []}
     with Progress(b * (num_samples - 1), "lime", options.get("progress")) as progress:
@@ -134,7 +133,8 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
             labels = segments_of(ctx, i, options)
             n_feat = int(labels.max()) + 1
             # Row 0 is the image itself (all features on), as in lime_image; the others are fair coin flips.
-            z = (torch.rand(num_samples, n_feat, generator=gen, device=x.device) < 0.5).double()
+            # One generator per image, seeded alike: the map does not depend on the other images of the batch.
+            z = (torch.rand(num_samples, n_feat, generator=ctx.generator("lime"), device=x.device) < 0.5).double()
             z[0] = 1.0
             y = torch.empty(num_samples, t, dtype=torch.float64, device=x.device)
             y[0] = f_x[i]
@@ -253,7 +253,6 @@ def _kernelshap(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor
     t = ctx.targets.shape[1]
     num_samples, batch_size, output, ref = _setup(ctx, options, "kernelshap")
     f_x = base_scores(ctx, output)
-    gen = ctx.generator("kernelshap")
     maps = torch.empty((b, t) + ctx.spatial_shape, dtype=torch.float32, device=x.device)
     notes: dict[str, list] = {"n_features": [], "exact": [], "attribution_sum": [], "output_gap": [],
                               "baseline_output": [], "model_evaluations": []}
@@ -261,7 +260,8 @@ def _kernelshap(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor
     for i in range(b):
         labels = segments_of(ctx, i, options)
         m = int(labels.max()) + 1
-        z, w, exact = shapley_coalitions(m, num_samples, gen, x.device)
+        # One generator per image, seeded alike: the map does not depend on the other images of the batch.
+        z, w, exact = shapley_coalitions(m, num_samples, ctx.generator("kernelshap"), x.device)
         plans.append((labels, m, z, w, exact))
     total = sum(p[2].shape[0] + 1 for p in plans)
     with Progress(total, "kernelshap", options.get("progress")) as progress:
