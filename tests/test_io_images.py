@@ -525,3 +525,26 @@ def test_frame_on_a_3d_nifti_and_an_invalid_dicom_window_are_said(tmp_path):
         read_image(vol, frame=2)
     dcm = make_dicom(tmp_path / "w0.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8), WindowCenter=30, WindowWidth=0)
     assert any("width 0) was not used" in n for n in read_image(dcm).notes)
+
+
+def test_a_dicom_without_pixels_is_called_truncated_or_a_report(tmp_path):
+    full = make_dicom(tmp_path / "ct.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8))
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(full.read_bytes()[:400])
+    with pytest.raises(InputError, match="probably truncated"):
+        read_image(cut)
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: a report, no image
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report = Dataset()
+    report.file_meta = meta
+    report.SOPClassUID = meta.MediaStorageSOPClassUID
+    report.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    report.Modality = "SR"
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    with pytest.raises(InputError, match="may be a report"):
+        read_image(tmp_path / "sr.dcm")

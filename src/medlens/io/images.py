@@ -404,6 +404,11 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
                 f"{path}: not a valid DICOM file (no standard DICOM attributes and no pixel data could be read); it is "
                 f"corrupt or truncated. Re-export it from the PACS or viewer."
             )
+        sop_class = str(getattr(getattr(ds, "SOPClassUID", None), "name", "") or "")
+        if ("Rows" in ds and "Columns" in ds) or "Image" in sop_class:  # an image's header without its pixels
+            what = f"a {ds.get('Rows')} x {ds.get('Columns')} image" if "Rows" in ds else f"an image ({sop_class})"
+            raise InputError(f"{path}: the DICOM header describes {what} but the file holds no pixel data; it is "
+                             f"probably truncated. Re-export it from the PACS or viewer.")
         raise InputError(f"{path}: the DICOM file holds no image (no PixelData); it may be a report or structured document.")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
