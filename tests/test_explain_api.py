@@ -237,3 +237,22 @@ def test_a_seeded_random_map_does_not_depend_on_the_rest_of_the_batch(model, met
     batch = medlens.explain(model, x, method, targets=[0], seed=11, **options)[method]
     alone = medlens.explain(model, x[2:3], method, targets=[0], seed=11, **options)[method]
     torch.testing.assert_close(alone[0], batch[2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_torchscript_failure_is_told_by_its_cause():
+    import warnings
+
+    class Flat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(Flat())
+    with pytest.raises(medlens.MedlensError, match=r"cannot be multiplied") as info:
+        medlens.explain(scripted, torch.zeros(1, 1, 8, 8), "saliency")
+    assert "Traceback" not in str(info.value) and "\n" not in str(info.value)

@@ -30,3 +30,15 @@ class MethodError(MedlensError):
 
 class OutputError(MedlensError):
     """Results could not be written where the user asked."""
+
+
+def short_message(error: BaseException, limit: int = 300) -> str:
+    """One line of a library error for a person: the first line of the message, or for TorchScript (whose message
+    is its own traceback, with the cause last) the last line; cut at a word boundary near `limit` characters."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[-1] if "Traceback of TorchScript" in str(error) else lines[0]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import __version__
 from .context import ExplainContext
-from .errors import InputError, MedlensError, MethodError, ModelError
+from .errors import InputError, MedlensError, MethodError, ModelError, short_message
 from .heap import steady_heap
 from .layers import LayerSpec
 from .model_state import borrowed_model
@@ -149,9 +149,8 @@ def _first_pass(ctx: ExplainContext) -> torch.Tensor:
     except MedlensError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ModelError(
-            f"the model failed on the input of shape {tuple(ctx.x.shape)} ({ctx.x.dtype}): {first_line}. Check that "
+            f"the model failed on the input of shape {tuple(ctx.x.shape)} ({ctx.x.dtype}): {short_message(error)}. Check that "
             f"the input is what the model expects (channels, size, intensity range); medlens.load_input(path, model) "
             f"prepares a file for a model that carries its input spec."
         ) from error

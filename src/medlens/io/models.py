@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, short_message
 from .spec import InputSpec
 
 PathLike = Union[str, os.PathLike]
@@ -163,7 +163,7 @@ def _probe(model: nn.Module, spec: InputSpec, dims: int, source: str) -> int:
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - any failure means the spec does not fit the model
         raise ModelError(
-            f"{source}: the model could not run on a {tuple(x.shape)} input ({type(exc).__name__}: {str(exc)[:200]}). "
+            f"{source}: the model could not run on a {tuple(x.shape)} input ({type(exc).__name__}: {short_message(exc)}). "
             f"Tell medlens what it takes: --input-size and --channels, or a sidecar JSON with size and channels."
         ) from None
     finally:
