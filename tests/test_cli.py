@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +134,7 @@ BAD_CASES = {
     "unreadable DICOM header value": (["badslope.dcm"], [], "badslope.dcm: a DICOM header value could not be read"),
     "input size not a number": (["chest.png"], ["--input-size", "abc"], "input size 'abc' must be"),
     "image the model cannot take": (["speck.png"], ["--model", "{root}/nopad.pt", "--methods", "saliency"],
-                                    "the model failed on the input of shape (1, 1, 2, 2)"),
+                                    "forward pass failed on the input of shape (1, 1, 2, 2)"),
 }
 
 
@@ -229,7 +230,7 @@ def test_an_image_the_model_fails_on_is_skipped_and_the_rest_written(capsys, fil
                        "--model", files / "nopad.pt", "--methods", "saliency", "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
     assert "2 of 3 image(s) could not be explained" in err
-    assert f"skipped {files / 'speck.png'}: the model failed" in err and "badslope.dcm" in err
+    assert f"skipped {files / 'speck.png'}: the model's forward pass failed" in err and "badslope.dcm" in err
     assert (tmp_path / "o" / "chest" / "provenance.json").is_file()
     assert not (tmp_path / "o" / "speck").exists() or not any((tmp_path / "o" / "speck").iterdir())
 
@@ -320,3 +321,54 @@ def test_a_run_that_writes_nothing_leaves_no_new_folder(capsys, files, tmp_path)
     code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--targets", "7",
                        "--out", tmp_path / "new" / "out")
     assert code == 2 and not (tmp_path / "new" / "out").exists()
+
+
+def test_a_move_that_fails_puts_the_earlier_set_back(files, tmp_path, monkeypatch):
+    from medlens.errors import OutputError
+    from medlens.io import output
+
+    model = torch.load(files / "tiny.pt", weights_only=False)
+    first = medlens.explain(model, torch.randn(1, 1, 32, 32), ["gradcam", "saliency"], targets=[0])
+    folder = tmp_path / "o"
+    output.write_explanation(first, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_replace = output.os.replace
+    moves = []
+
+    def replace(src, dst):  # the third file moved in from staging is held open elsewhere
+        if Path(src).parent.name.startswith(".medlens-staging") and Path(dst).parent == folder:
+            moves.append(dst)
+            if len(moves) == 3:
+                raise PermissionError(13, "Permission denied")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", replace)
+    second = medlens.explain(model, torch.randn(1, 1, 32, 32), ["gradcam", "saliency"], targets=[1])
+    with pytest.raises(OutputError, match="keeps what it had"):
+        output.write_explanation(second, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_stale_files_are_matched_without_case(files, tmp_path, monkeypatch):
+    from medlens.io import output
+
+    model = torch.load(files / "tiny.pt", weights_only=False)
+    result = medlens.explain(model, torch.randn(1, 1, 32, 32), "gradcam", targets=[0])
+    folder = tmp_path / "o"
+    written = output.write_explanation(result, folder)
+    overlay = next(p.name for p in written if p.name.startswith("gradcam_"))
+    prov = json.loads((folder / "provenance.json").read_text())
+    prov["files"].append(overlay.upper())  # as if an earlier run had written the same name in other case
+    (folder / "provenance.json").write_text(json.dumps(prov))
+    monkeypatch.setattr(Path, "is_file", lambda self: True)  # a case-insensitive file system would say so
+    unlinked = []
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: unlinked.append(self.name))
+    output.write_explanation(result, folder)
+    assert overlay.upper() not in unlinked
+
+
+def test_an_error_that_would_fail_every_image_ends_the_run_at_once(capsys, files, tmp_path):
+    code, _, err = run(capsys, "explain", files / "chest.png", files / "ct.dcm", "--model", files / "tiny.pt",
+                       "--methods", "lime", "--option", "kernel_width=-1", "--out", tmp_path / "o")
+    assert code == 2 and "Traceback" not in err
+    assert "kernel_width must be" in err and "could not be explained" not in err

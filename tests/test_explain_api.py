@@ -186,9 +186,19 @@ def test_integer_like_seeds_are_recorded_as_ints(model):
 
 
 def test_model_and_input_mismatches_are_model_or_input_errors(model):
-    with pytest.raises(InputError, match=r"the input is torch.float64 but the model's parameters are torch.float32"):
+    with pytest.raises(medlens.MedlensError, match=r"The input is torch.float64 but the model's parameters are torch.float32"):
         medlens.explain(model, torch.randn(1, 1, 24, 24, dtype=torch.float64), "gradcam")
-    with pytest.raises(medlens.MedlensError, match=r"the model failed on the input of shape \(1, 3, 24, 24\)"):
+
+    class CastsItsInput(torch.nn.Module):  # converts its own input: a float64 tensor from numpy is fine
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x.float())
+
+    medlens.explain(CastsItsInput().eval(), torch.randn(1, 1, 24, 24, dtype=torch.float64), "occlusion")
+    with pytest.raises(medlens.MedlensError, match=r"forward pass failed on the input of shape \(1, 3, 24, 24\)"):
         medlens.explain(model, torch.randn(1, 3, 24, 24), "saliency")
     nan_model = TinyCNN2d().eval()
     with torch.no_grad():
@@ -256,3 +266,12 @@ def test_a_torchscript_failure_is_told_by_its_cause():
     with pytest.raises(medlens.MedlensError, match=r"cannot be multiplied") as info:
         medlens.explain(scripted, torch.zeros(1, 1, 8, 8), "saliency")
     assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_out_of_memory_is_said_as_such(model):
+    class Greedy(torch.nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(medlens.MedlensError, match="out of memory running the model.*fewer images"):
+        medlens.explain(Greedy(), torch.randn(1, 1, 8, 8), "occlusion")

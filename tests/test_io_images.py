@@ -514,7 +514,11 @@ def test_a_single_slice_nifti_is_a_2d_image_with_2d_limits(tmp_path):
     plain = read_image(make_nifti(tmp_path / "plain.nii.gz", data))
     assert flat.layout == "gray" and flat.pixels.shape == (48, 64)
     np.testing.assert_array_equal(flat.pixels, plain.pixels)
-    assert "NIfTI with a single slice: read as a 2-D image" in flat.notes
+    assert "NIfTI with a single axial slice: read as a 2-D image" in flat.notes
+    coronal_affine = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # j and k swapped
+    coronal = read_image(make_nifti(tmp_path / "cor.nii.gz", data[:, :, None], affine=coronal_affine))
+    assert coronal.layout == "gray" and coronal.pixels.shape == (48, 64)
+    assert "NIfTI with a single coronal slice: read as a 2-D image" in coronal.notes
     wide = read_image(make_nifti(tmp_path / "wide.nii.gz", np.zeros((3000, 40, 1), dtype=np.float32)))
     assert wide.pixels.shape == (40, 3000)  # a 2-D side limit, not the 3-D one (2048) a volume gets
 

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from .errors import InputError, MedlensError, MethodError, TargetError
+from .errors import InputError, MedlensError, MethodError, ModelError, TargetError
 
 EPILOG_MODELS = """\
 Model sources for --model:
@@ -292,7 +292,8 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
                 loading_notes=prepared.notes,
                 model_source=getattr(model, "medlens_source", None),
             )
-        except MedlensError as exc:  # one image's problem (its file, the model on it, writing it): go on with the rest
+        except (InputError, ModelError) as exc:  # this image's file, or the model on this image: go on with the rest
+            # (a bad option, target or output folder would fail every image alike: those end the run at once)
             if len(images) == 1:
                 raise
             message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"

@@ -5,6 +5,7 @@ targets once, runs each method on the shared context and returns a frozen `Expla
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import operator
@@ -142,17 +143,30 @@ def _check_seed(seed: Any) -> Optional[int]:
         raise InputError(f"seed must be an integer or None, got {seed!r}.") from None
 
 
+_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", MemoryError), MemoryError)
+
+
 def _first_pass(ctx: ExplainContext) -> torch.Tensor:
     """The model's logits on the input: where a model that cannot take this input fails, said in those terms."""
     try:
         logits = ctx.logits
     except MedlensError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+    except _OUT_OF_MEMORY as error:
         raise ModelError(
-            f"the model failed on the input of shape {tuple(ctx.x.shape)} ({ctx.x.dtype}): {short_message(error)}. Check that "
-            f"the input is what the model expects (channels, size, intensity range); medlens.load_input(path, model) "
-            f"prepares a file for a model that carries its input spec."
+            f"out of memory running the model on the input of shape {tuple(ctx.x.shape)} on {ctx.x.device}: "
+            f"{short_message(error)}. Explain fewer images at a time, or use the CPU (--device cpu)."
+        ) from error
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+        param = next(ctx.model.parameters(), None)
+        hint = ""
+        if param is not None and param.is_floating_point() and param.dtype != ctx.x.dtype:
+            hint = (f" The input is {ctx.x.dtype} but the model's parameters are {param.dtype}: convert the input "
+                    f"(x.to({param.dtype})) or the model (model.to({ctx.x.dtype})).")
+        raise ModelError(
+            f"the model's forward pass failed on the input of shape {tuple(ctx.x.shape)} ({ctx.x.dtype}): "
+            f"{short_message(error)}.{hint} If the input is not what the model expects (channels, size, intensity "
+            f"range), medlens.load_input(path, model) prepares a file for a model that carries its input spec."
         ) from error
     if not torch.isfinite(logits).all():
         raise ModelError(f"the model returned non-finite logits (NaN or infinite) for the input of shape "
@@ -193,9 +207,6 @@ def explain(
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
         raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")
-    if param is not None and param.is_floating_point() and param.dtype != x.dtype:
-        raise InputError(f"the input is {x.dtype} but the model's parameters are {param.dtype}; convert the input "
-                         f"(x.to({param.dtype})) or the model (model.to({x.dtype})).")
     input_digest = tensor_digest(x)  # before any pass: a model that changes its input in place cannot alter it
 
     started = time.perf_counter()
@@ -205,8 +216,10 @@ def explain(
     # The caller's grad mode must not decide whether a method can run: gradients are switched on and
     # inference mode off for the call (both restored on exit), and an inference tensor input is copied
     # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
-    # steady_heap: chunked passes reuse the C heap's pages instead of faulting them in again (heap.py).
-    with torch.inference_mode(False), torch.enable_grad(), steady_heap(), borrowed_model(model) as hooks:
+    # Chunked passes (methods with a batch_size) reuse the C heap's pages instead of faulting them in again (heap.py).
+    chunked = any("batch_size" in s.options for s in specs)
+    heap_block = steady_heap() if chunked else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), heap_block, borrowed_model(model) as hooks:
         # A copy of its own, detached: the caller's tensor is never changed or differentiated (a model that
         # writes into its input, an input that requires grad), and an inference tensor becomes a normal one.
         x = x.detach().clone()

@@ -1,4 +1,4 @@
-"""Keeps the C heap's freed pages in the process for the length of one call (glibc on Linux only).
+"""Keeps the C heap's freed pages in the process while a call runs its model in chunks (glibc on Linux only).
 
 PyTorch's CPU tensors come from malloc, with no cache of its own. glibc gives freed memory at the top of its
 heap back to the kernel once it exceeds a trim threshold. A method that runs the model on chunk after chunk
@@ -6,18 +6,21 @@ of inputs (Score-CAM, occlusion, RISE, LIME, KernelSHAP) then frees and re-fault
 chunk: Score-CAM on resnet18 at 224 px took 370-470k page faults and 0.7-0.8 s of system time for that
 (benchmarks/bench_cam.py, docs/benchmarks.md).
 
-`steady_heap()` sets the two thresholds for the call: no trimming, and allocations under 32 MiB from the
-heap. On the way out it sets the trim threshold to 64 MiB, twice the mmap threshold, which is glibc's own
-rule once it has adapted to 32 MiB tensors. It then calls `malloc_trim(0)`, so the memory goes back to the
-kernel at the end of the call. The maps are the same either way: only where the memory comes from changes.
+`steady_heap()` sets two thresholds for the block: no trimming, and allocations under 32 MiB from the heap.
+On the way out it sets the trim threshold to 64 MiB. glibc itself moves to that value once it has freed a
+32 MiB block, but here medlens imposes it. glibc then hands memory back lazily, at the next large free, as
+usual; an eager `malloc_trim` would make the next call fault everything in again. The maps are the same
+either way: only where the memory comes from changes.
 
-The effect outlasts the call in one way: glibc stops adapting its thresholds once a program sets them.
-They stay at 32/64 MiB, the values glibc would have settled on for large tensors anyway.
+The effect outlasts the block in one way: glibc stops adapting its thresholds once a program sets them, so
+they stay at 32/64 MiB. A program that set its own with `mallopt()` cannot be detected and gets these.
 
 It does nothing:
 - when `ENABLED` is False;
 - off glibc;
 - when the user tuned malloc (`MALLOC_*_` variables, `glibc.malloc` tunables, or a preloaded allocator).
+
+`explain()` uses it only when a requested method runs chunked passes (one with a `batch_size` option).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ ENABLED = True
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc's dynamic threshold reaches on 64-bit systems
+MMAP_THRESHOLD = 32 * 2**20  # the largest value glibc's own adaptive threshold reaches on 64-bit systems
 TRIM_DURING_CALL = 2**31 - 1  # mallopt takes an int: about 2 GiB, i.e. never during the call
 TRIM_AFTER_CALL = 2 * MMAP_THRESHOLD
 
@@ -53,7 +56,6 @@ def _glibc() -> Optional[ctypes.CDLL]:
                 libc = ctypes.CDLL(None)
                 libc.gnu_get_libc_version  # only glibc has it (musl's mallopt does nothing)
                 libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                libc.malloc_trim.argtypes = [ctypes.c_size_t]
                 _LIBC = libc
             except (OSError, AttributeError):
                 _LIBC = None
@@ -77,7 +79,7 @@ def active() -> bool:
 
 @contextlib.contextmanager
 def steady_heap() -> Iterator[None]:
-    """For the block: freed heap memory stays with the process; on exit it goes back (see the module's docstring).
+    """For the block: freed heap memory stays with the process; after it, glibc trims as usual (module docstring).
 
     Re-entrant and thread-safe: the thresholds are set by the first block to enter and reset by the last to leave.
     """
@@ -98,4 +100,3 @@ def steady_heap() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER_CALL)
-                libc.malloc_trim(0)

@@ -38,7 +38,8 @@ class HookSet:
 
 
 # One lock for every borrow in the process, re-entrant for nested borrows in one thread. Per model would not do:
-# two models can share modules, and some methods swap process-wide functions for the call.
+# two models can share modules, and guided backprop swaps torch's ReLU process-wide for its call. (A model whose
+# forward waits on another thread that calls medlens.explain would deadlock; README says so.)
 _BORROW_LOCK = threading.RLock()
 
 

@@ -11,9 +11,9 @@ Conventions (documented for users in `medlens methods`):
 - guided backprop swaps the ReLU backward for the guided one (positive gradient through positive inputs)
   *during the call only*: `nn.ReLU` modules and functional `F.relu` / `torch.relu` / `Tensor.relu` (as in
   torchvision's DenseNet forward) are patched by `guided_relu()`, a context manager that always restores
-  the originals, also on error. While any thread is inside it the entry points are dispatchers that run the
-  guided ReLU for the threads inside and the original for all others; an in-place ReLU whose return value is
-  ignored by the model code is not supported.
+  the originals, also on error. The swap is process-wide for the length of the call (so threads the model
+  starts are guided too; explain() calls run one at a time), and an in-place ReLU whose return value is ignored
+  by the model code is not supported.
 """
 from __future__ import annotations
 
@@ -98,31 +98,19 @@ def _guided(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
 
 _RELU_ENTRY_POINTS = [(F, "relu"), (F, "relu_"), (torch, "relu"), (torch, "relu_"), (torch.Tensor, "relu"),
                       (torch.Tensor, "relu_")]
-_guided_threads = threading.local()  # .depth: how many guided blocks the current thread is inside
 _patch_lock = threading.Lock()
 _patch_users = 0
 _patch_saved: list[tuple[Any, str, Any]] = []
 
 
-def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
-    def relu(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if getattr(_guided_threads, "depth", 0):
-            return _guided(x, *args, **kwargs)
-        return original(x, *args, **kwargs)
-
-    relu.__wrapped__ = original  # type: ignore[attr-defined]
-    return relu
-
-
 @contextlib.contextmanager
 def guided_relu() -> Iterator[None]:
-    """Swap every ReLU entry point (nn.ReLU via F.relu, F.relu_, torch.relu(_), Tensor.relu(_)) for the guided one,
-    in the calling thread only.
+    """Swap every ReLU entry point (nn.ReLU via F.relu, F.relu_, torch.relu(_), Tensor.relu(_)) for the guided one.
 
-    The entry points are replaced by dispatchers while any thread is inside a block (installed by the first to
-    enter, removed by the last to leave, under a lock); a dispatcher runs the guided ReLU only for a thread that
-    is inside a block, and the original for every other thread. Everything is put back in `finally`, so an
-    error inside the block leaves torch exactly as it was.
+    Process-wide, so that a model running parts of its forward in other threads (nn.DataParallel, checkpointing
+    on a GPU) is guided too. The swap is installed by the first block to enter and undone by the last to leave,
+    under a lock, so concurrent blocks never save each other's swap as "the original". Everything is put back in
+    `finally`, so an error inside the block leaves torch exactly as it was.
     """
     global _patch_users
     with _patch_lock:
@@ -130,13 +118,11 @@ def guided_relu() -> Iterator[None]:
             # (owner, name, own attribute or None when inherited): inherited ones are deleted again, not copied in.
             _patch_saved[:] = [(owner, name, owner.__dict__.get(name)) for owner, name in _RELU_ENTRY_POINTS]
             for owner, name, _ in _patch_saved:
-                setattr(owner, name, _dispatcher(getattr(owner, name)))
+                setattr(owner, name, _guided)
         _patch_users += 1
-    _guided_threads.depth = getattr(_guided_threads, "depth", 0) + 1
     try:
         yield
     finally:
-        _guided_threads.depth -= 1
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:

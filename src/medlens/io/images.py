@@ -568,8 +568,10 @@ def _read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
         raise InputError(f"{path}: not a valid NIfTI file ({type(exc).__name__}: {exc}); re-export it.") from None
     if len(shape) < 2 or len(shape) > 4:
         raise InputError(f"{path}: the NIfTI image has {len(shape)} dimensions {shape}; medlens reads 2-D, 3-D or 4-D (first volume) images.")
-    flat = len(shape) >= 3 and shape[2] == 1  # one slice: the usual way to keep a 2-D image in NIfTI
-    _check_side_limit(path, shape[:2] if flat else shape[:3], volume=not flat and len(shape) >= 3)
+    # One slice along any axis: the usual way to keep a 2-D image in NIfTI (axial, coronal or sagittal).
+    flat = len(shape) >= 3 and sorted(shape[:3])[0] == 1 and sorted(shape[:3])[1] > 1
+    in_plane = tuple(s for s in shape[:3] if s != 1) if flat else shape[:3]
+    _check_side_limit(path, in_plane, volume=not flat and len(shape) >= 3)
     try:
         img = nib.as_closest_canonical(img) if len(shape) >= 3 else img
         if frame is not None and len(shape) < 4:
@@ -584,9 +586,12 @@ def _read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
         else:
             data = img.get_fdata(dtype=np.float32)  # nibabel applies scl_slope/scl_inter
         zooms = tuple(float(z) for z in img.header.get_zooms()[: min(3, data.ndim)])
-        if flat and data.ndim == 3 and data.shape[2] == 1:
-            data, zooms = data[:, :, 0], zooms[:2]
-            notes.append("NIfTI with a single slice: read as a 2-D image")
+        if flat and data.ndim == 3 and 1 in data.shape:
+            # after reorientation to RAS the slice axis may have moved: drop it wherever it is
+            axis = data.shape.index(1)
+            data = np.take(data, 0, axis=axis)
+            zooms = tuple(z for a, z in enumerate(zooms) if a != axis)
+            notes.append(f"NIfTI with a single {('sagittal', 'coronal', 'axial')[axis]} slice: read as a 2-D image")
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -6,6 +6,7 @@ Images are composed with numpy and Pillow; matplotlib supplies only its colour m
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -364,8 +365,10 @@ def write_explanation(
 ) -> list[Path]:
     """Write one image's results into `out_dir`: `<method>_<target>.png` per method and target, `panel.png`,
     `maps.npz` (per method (1, T, *spatial) raw maps, plus `targets`, `logits`, `probabilities`, `labels`) and
-    `provenance.json` last. The set is written atomically: all files or, on an error, the folder as it was; the
-    files of an earlier run in the folder that this run does not write are removed. Returns the paths written.
+    `provenance.json` last. The set is written as one: every file is first written to a staging folder, then the
+    files are moved in (those they replace set aside until all are in, and put back on an error), so on an error
+    the folder keeps what it had; a crash during the moves (renames only) can still leave a mix. Files of an
+    earlier run in the folder that this run does not write are removed. Returns the paths written.
 
     `display` is the grayscale image (values in [0, 1]) at the maps' spatial size; without it the maps are
     drawn on a blank background.
@@ -382,17 +385,35 @@ def write_explanation(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     earlier = _files_of_earlier_run(folder)
-    written = []
+    previous = staging / ".previous"  # files this run replaces wait here until every new file is in place
+    written: list[Path] = []
+    set_aside: list[Path] = []
     try:
+        previous.mkdir()
         for path in staged:
             target = folder / path.name
+            if target.exists():
+                os.replace(target, previous / path.name)
+                set_aside.append(target)
             os.replace(path, target)
             written.append(target)
+    except OSError as exc:  # e.g. a file held open by a viewer (Windows): put the earlier set back
+        for target in written:
+            with contextlib.suppress(OSError):
+                target.unlink()
+        for target in set_aside:
+            with contextlib.suppress(OSError):
+                os.replace(previous / target.name, target)
+        raise OutputError(f"cannot write the results into {folder} ({exc.strerror or exc}); the folder keeps what it "
+                          f"had. Close any program that holds its files open, or choose another folder with --out.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name in earlier - {p.name for p in written}:
+    # Files of the earlier run that this one did not write. Compared without case: on a case-insensitive file
+    # system "gradcam_Mass.png" and "gradcam_mass.png" are one file, which this run has just written.
+    kept = {p.name.casefold() for p in written}
+    for name in earlier:
         stale = folder / name
-        if stale.is_file() and stale.parent == folder:
+        if name.casefold() not in kept and stale.is_file() and stale.parent == folder:
             stale.unlink()
     return written
 
