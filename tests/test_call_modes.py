@@ -5,6 +5,7 @@ inside inference mode; none of that may stop a gradient method or change a map.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import pytest
@@ -48,10 +49,17 @@ def test_maps_do_not_depend_on_the_callers_grad_mode(tiny2d, method):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", ["gradcam", "scorecam", "integratedgradients", "lrp", "occlusion"])
 def test_half_and_double_precision_models_are_explained(tiny2d, dtype, method):
-    model = tiny2d.to(dtype)
-    x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x32 = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(2))
+    reference = _explain(tiny2d, x32, method)[method]
+    model = copy.deepcopy(tiny2d).to(dtype)
+    x = x32.to(dtype)
     result = _explain(model, x, method)
-    assert result[method].dtype == torch.float32 and torch.isfinite(result[method]).all()
+    got = result[method]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    if dtype == torch.float64:  # the same map as in float32, to float32 rounding
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+    else:  # half precision: the same map up to its rounding (correlation over pixels)
+        assert torch.corrcoef(torch.stack([got.flatten(), reference.flatten()]))[0, 1] > 0.99
     raw = x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     assert result.provenance["input"]["sha256"] == hashlib.sha256(raw).hexdigest()
     assert result.provenance["input"]["dtype"] == str(dtype)

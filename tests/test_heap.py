@@ -118,13 +118,3 @@ def test_freed_memory_is_reused_without_page_faults_on_glibc():
     # Outside, glibc usually hands the burst back to the kernel each round (a third to all of `fresh`, depending
     # on the thresholds it has adapted to so far); inside, the pages stay with the process.
     assert inside < fresh // 20 and inside <= outside, (inside, outside, fresh)
-
-
-def test_maps_are_the_same_with_and_without(tiny2d, monkeypatch):
-    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    on = medlens.explain(tiny2d, x, ["scorecam", "occlusion"], targets=[0])
-    monkeypatch.setattr(heap, "ENABLED", False)
-    off = medlens.explain(tiny2d, x, ["scorecam", "occlusion"], targets=[0])
-    for name in ("scorecam", "occlusion"):
-        assert torch.equal(on[name], off[name])
-

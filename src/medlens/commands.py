@@ -161,8 +161,17 @@ def _image_folder_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def _warn_line(message: warnings.WarningMessage) -> None:
-    click.echo(f"medlens: warning: {message.message}", err=True)
+def load_model_for_cli(source: str, **options: Any) -> Any:
+    """`medlens.load_model`, its warnings (a pickled module runs code) printed as one line each, not Python's form."""
+    import medlens
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = medlens.load_model(source, **options)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and not issubclass(w.category, (DeprecationWarning, FutureWarning)):
+            click.echo(f"medlens: warning: {w.message}", err=True)
+    return model
 
 
 @click.command("explain")
@@ -226,7 +235,6 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
 
     from .explainer import check_torchscript_support, explain
     from .io.images import model_dims, prepare, read_image
-    from .io.models import load_model
     from .io.output import write_explanation
     from .registry import get_spec
 
@@ -252,12 +260,9 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
         model_options["channels"] = channels
     if multi_label is not None:
         model_options["multi_label"] = multi_label
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = load_model(model_source, weights=weights, **model_options) if weights is not None else load_model(model_source, **model_options)
-    for w in caught:
-        if issubclass(w.category, UserWarning) and not issubclass(w.category, (DeprecationWarning, FutureWarning)):
-            _warn_line(w)
+    if weights is not None:
+        model_options["weights"] = weights
+    model = load_model_for_cli(model_source, **model_options)
     for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
         click.echo(f"medlens: note: {note}", err=True)
     try:

@@ -186,10 +186,9 @@ def explain(
     """Explain `model`'s outputs on `x` with one or several methods; see API.md for every argument."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}; load one with medlens.load_model().")
-    compiled = getattr(model, "_orig_mod", None)
-    if isinstance(compiled, nn.Module) and type(model).__name__ == "OptimizedModule":
-        # A torch.compile'd graph does not run the hooks medlens adds; its original module has the same parameters.
-        model = compiled
+    was_compiled = type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    if was_compiled:  # a torch.compile'd graph does not run the hooks medlens adds; the original has the same parameters
+        model = model._orig_mod
     x = check_input(x)
     seed = _check_seed(seed)
     names = _method_names(methods)
@@ -227,7 +226,7 @@ def explain(
             model, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
             need_layer_graph=any(s.needs_layer and s.needs_gradients for s in specs),
         )
-        if compiled is not None and model is compiled:
+        if was_compiled:
             ctx.notes.append("a torch.compile'd model: explained through its original module (the same parameters), "
                              "since a compiled graph does not run the hooks the methods need")
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -41,25 +42,21 @@ TRIM_AFTER_CALL = 2 * MMAP_THRESHOLD
 
 _lock = threading.Lock()
 _depth = 0
-_LIBC: Optional[ctypes.CDLL] = None
-_LIBC_LOOKED_UP = False
 _USER_ENV_KEYS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
                   "MALLOC_ARENA_MAX")
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc() -> Optional[ctypes.CDLL]:
-    global _LIBC, _LIBC_LOOKED_UP
-    if not _LIBC_LOOKED_UP:
-        _LIBC_LOOKED_UP = True
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None)
-                libc.gnu_get_libc_version  # only glibc has it (musl's mallopt does nothing)
-                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                _LIBC = libc
-            except (OSError, AttributeError):
-                _LIBC = None
-    return _LIBC
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # only glibc has it (musl's mallopt does nothing)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def user_tuned_malloc() -> bool:

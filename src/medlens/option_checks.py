@@ -1,5 +1,5 @@
-"""Checks for method options that every family shares: real booleans and finite numbers, with messages that
-name the option, the value given and what is allowed (a MethodError, never a raw ValueError)."""
+"""Checks for method options that every family shares: real booleans, counts and finite numbers, with messages
+that name the option, the value given and what is allowed (a MethodError, never a raw ValueError)."""
 from __future__ import annotations
 
 import math
@@ -18,10 +18,17 @@ def flag(options: Mapping[str, Any], name: str) -> bool:
     return value
 
 
-def finite_float(options: Mapping[str, Any], name: str, *, minimum: Optional[float] = None,
-                 above: Optional[float] = None) -> float:
-    """A finite number option, at least `minimum` or strictly above `above` when given."""
-    value = options.get(name)
+def positive_int(options: Mapping[str, Any], name: str, minimum: int = 1) -> int:
+    """A count option (a batch size, a number of samples): an int (not a bool), at least `minimum`."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise MethodError(f"option {name} must be {allowed}, got {value!r}.")
+    return int(value)
+
+
+def finite_number(value: Any, name: str, *, minimum: Optional[float] = None, above: Optional[float] = None) -> float:
+    """`value` as a finite float, at least `minimum` or strictly above `above` when given; `name` is for the message."""
     try:
         if isinstance(value, (bool, str)) or value is None:
             raise TypeError
@@ -35,3 +42,9 @@ def finite_float(options: Mapping[str, Any], name: str, *, minimum: Optional[flo
     if above is not None and number <= above:
         raise MethodError(f"option {name} must be above {above:g}, got {value!r}.")
     return number
+
+
+def finite_float(options: Mapping[str, Any], name: str, *, minimum: Optional[float] = None,
+                 above: Optional[float] = None) -> float:
+    """The option `name` as a finite float (see `finite_number`)."""
+    return finite_number(options.get(name), name, minimum=minimum, above=above)

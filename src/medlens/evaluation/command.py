@@ -28,8 +28,7 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
                      include_file: Optional[str]) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
-    import medlens
-
+    from ..commands import load_model_for_cli
     from ..errors import MethodError
     from ..io.output import ensure_writable
     from .runner import evaluate
@@ -37,14 +36,7 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     if batch_size < 1:
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:  # a pickled model's warning, as one line like `explain`
-        warnings.simplefilter("always")
-        model = medlens.load_model(model_source)
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            click.echo(f"medlens: warning: {w.message}", err=True)
+    model = load_model_for_cli(model_source)  # a pickled model's warning as one line, as for `explain`
     rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
                     batch_size=batch_size, layer=layer, progress=True, include=include_file)
     click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")

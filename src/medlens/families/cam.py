@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..context import ExplainContext, call_model
 from ..errors import MethodError
-from ..option_checks import flag
+from ..option_checks import flag, positive_int
 from ..registry import MethodSpec, register
 from ..spatial import channels_last, spatial_dims, upsample_to
 from .masked_stem import build_masked_stem
@@ -212,12 +212,9 @@ def _channel_chunks(n: int, size: int):
 
 
 def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
+    """`batch_size` (how many perturbed copies run per pass); None means the method's default."""
     size = options.get("batch_size", default)
-    if size is None:
-        return default
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise MethodError(f"batch_size must be a positive integer (how many perturbed copies run per pass), got {size!r}.")
-    return size
+    return default if size is None else positive_int({"batch_size": size}, "batch_size")
 
 
 def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..context import ExplainContext, call_model
 from ..errors import MethodError
-from ..option_checks import finite_float
+from ..option_checks import finite_float, finite_number, positive_int
 from ..registry import MethodSpec, register
 from ..spatial import spatial_dims, upsample_to
 
@@ -207,7 +207,7 @@ def make_baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
     if isinstance(baseline, bool):
         raise MethodError("baseline must be 'zero', 'blur', a number, or a tensor, not a boolean.")
     if isinstance(baseline, (int, float)):
-        return torch.full_like(x, finite_float({"baseline": baseline}, "baseline"))
+        return torch.full_like(x, finite_number(baseline, "baseline"))
     if isinstance(baseline, torch.Tensor):
         try:
             return torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape).clone()
@@ -217,13 +217,6 @@ def make_baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
                 f"{tuple(x.shape)}; give one shaped like the input (or like one image)."
             ) from None
     raise MethodError(f"baseline must be 'zero', 'blur', a number, or a tensor, not {type(baseline).__name__}.")
-
-
-def _positive_int(options: Mapping[str, Any], name: str) -> int:
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MethodError(f"option {name} must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 _STOCK_AFFINE_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
@@ -322,8 +315,8 @@ def integrated_gradients(
     """
     from .lrp.canonizers import override_forward
 
-    n_steps = _positive_int(options, "n_steps")
-    batch_size = _positive_int(options, "batch_size")
+    n_steps = positive_int(options, "n_steps")
+    batch_size = positive_int(options, "batch_size")
     if baseline is None:
         baseline = make_baseline(x, options.get("baseline", "zero"))
     x = x.detach()
@@ -457,8 +450,8 @@ def _run_smoothgrad(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Te
     base = str(options["base"]).strip().lower()
     if base not in SMOOTHABLE:
         raise MethodError(f"smoothgrad cannot wrap {options['base']!r}; base must be one of {', '.join(SMOOTHABLE)}.")
-    n_samples = _positive_int(options, "n_samples")
-    batch_size = _positive_int(options, "batch_size")
+    n_samples = positive_int(options, "n_samples")
+    batch_size = positive_int(options, "batch_size")
     noise = finite_float(options, "noise", minimum=0.0)  # a fraction of the input's range
     x = ctx.x.detach()
     b = x.shape[0]

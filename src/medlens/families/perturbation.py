@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..context import ExplainContext
 from ..errors import MethodError
-from ..option_checks import finite_float
+from ..option_checks import finite_number, positive_int
 from ..registry import MethodSpec, register
 
 BaselineSpec = Union[str, float, int, torch.Tensor]
@@ -33,13 +33,6 @@ PROGRESS_MIN_EVALS = 256  # below this many model evaluations no progress bar is
 
 
 # ------------------------------------------------------------------------------------------- options
-def check_positive_int(options: Mapping[str, Any], name: str, minimum: int = 1) -> int:
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MethodError(f"option {name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def check_output(options: Mapping[str, Any]) -> str:
     output = options.get("output", "logit")
     if output not in ("logit", "probability"):
@@ -151,7 +144,7 @@ def resolve_baseline(
         notes["baseline_values"] = [[round(float(v), 6) for v in row] for row in ref.reshape(b, c)]
         return ref, notes
     if name == "blur":
-        sigma = (finite_float({"blur_sigma": blur_sigma}, "blur_sigma", above=0.0) if blur_sigma is not None
+        sigma = (finite_number(blur_sigma, "blur_sigma", above=0.0) if blur_sigma is not None
                  else 0.05 * min(x.shape[2:]))
         notes["blur_sigma"] = round(sigma, 4)
         return gaussian_blur(x, sigma), notes
@@ -255,7 +248,7 @@ def _occlusion(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     nd = len(spatial)
     window = per_axis(options["window"], nd, "window", spatial)
     stride = per_axis(options["stride"] if options["stride"] is not None else options["window"], nd, "stride", spatial)
-    batch_size = check_positive_int(options, "batch_size")
+    batch_size = positive_int(options, "batch_size")
     output = check_output(options)
     ref, notes = resolve_baseline(x, options["baseline"], options.get("blur_sigma"))
     ref = ref.expand_as(x)
@@ -319,8 +312,8 @@ def _rise(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     b, c = x.shape[:2]
     spatial = ctx.spatial_shape
     nd = len(spatial)
-    n_masks = check_positive_int(options, "n_masks")
-    batch_size = check_positive_int(options, "batch_size")
+    n_masks = positive_int(options, "n_masks")
+    batch_size = positive_int(options, "batch_size")
     output = check_output(options)
     p_keep = options["p_keep"]
     if isinstance(p_keep, bool) or not isinstance(p_keep, (int, float)) or not 0 < p_keep <= 1:

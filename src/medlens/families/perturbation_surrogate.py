@@ -13,14 +13,13 @@ import torch
 
 from ..context import ExplainContext
 from ..errors import MethodError
-from ..option_checks import finite_float
+from ..option_checks import finite_float, positive_int
 from ..registry import MethodSpec, register
 from .perturbation import (
     COMMON,
     Progress,
     base_scores,
     check_output,
-    check_positive_int,
     common_notes,
     evaluate,
     resolve_baseline,
@@ -72,10 +71,11 @@ def superpixels(image: torch.Tensor, n_segments: int = 50, segmentation: str = "
 
 def segments_of(ctx: ExplainContext, image: int, options: Mapping[str, Any]) -> torch.Tensor:
     """Labels 0..F-1 (*spatial) for one image; cached in the call so lime and kernelshap share them."""
-    n_segments = check_positive_int(options, "n_segments")
-    key = ("perturbation.segments", image, options["segmentation"], n_segments, finite_float(options, "compactness", above=0.0))
+    n_segments = positive_int(options, "n_segments")
+    compactness = finite_float(options, "compactness", above=0.0)
+    key = ("perturbation.segments", image, options["segmentation"], n_segments, compactness)
     if key not in ctx.cache:
-        ctx.cache[key] = superpixels(ctx.x[image], n_segments, options["segmentation"], finite_float(options, "compactness", above=0.0))
+        ctx.cache[key] = superpixels(ctx.x[image], n_segments, options["segmentation"], compactness)
     return ctx.cache[key]
 
 
@@ -86,8 +86,8 @@ def perturbed(xi: torch.Tensor, ri: torch.Tensor, labels: torch.Tensor, z: torch
 
 
 def _setup(ctx: ExplainContext, options: Mapping[str, Any], name: str) -> tuple[int, int, str, torch.Tensor]:
-    num_samples = check_positive_int(options, "num_samples", 2)
-    batch_size = check_positive_int(options, "batch_size")
+    num_samples = positive_int(options, "num_samples", 2)
+    batch_size = positive_int(options, "batch_size")
     output = check_output(options)
     ref, notes = resolve_baseline(ctx.x, options["baseline"], options.get("blur_sigma"))
     common_notes(ctx, options, notes)
@@ -120,11 +120,9 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     b = x.shape[0]
     t = ctx.targets.shape[1]
     num_samples, batch_size, output, ref = _setup(ctx, options, "lime")
-    kernel_width = finite_float(options, "kernel_width")
+    kernel_width = finite_float(options, "kernel_width", above=0.0)
     alpha = finite_float(options, "alpha", minimum=0.0)
-    top_k = check_positive_int(options, "top_k")
-    if kernel_width <= 0 or alpha < 0:
-        raise MethodError(f"kernel_width must be > 0 and alpha >= 0, got {kernel_width!r} and {alpha!r}.")
+    top_k = positive_int(options, "top_k")
     f_x = base_scores(ctx, output)
     maps = torch.empty((b, t) + ctx.spatial_shape, dtype=torch.float32, device=x.device)
     notes: dict[str, list] = {"n_features": [], "r2": [], "intercept": [], "top_regions": []}

@@ -616,9 +616,10 @@ def load_model(
         raise ModelError(f"a model source must be a name, a path or an nn.Module, not {type(source).__name__}.")
     text = str(source)
     lowered = text.lower()
-    if weights is not None and not lowered.startswith(("torchvision:", "timm:")) and (lowered.startswith("xrv:") or text in _bundled()):
+    if weights is not None and not lowered.startswith(("torchvision:", "timm:")):
         raise ModelError(f"weights= is only used with an architecture name (torchvision:<arch> or timm:<arch>); {text!r} "
-                         f"comes with its own weights. To explain other weights, give the architecture and the file.")
+                         f"(a bundled name, xrv: or a model file) comes with its own weights. To explain other weights, "
+                         f"give the architecture and the file.")
     if lowered.startswith("xrv:"):
         model = _load_xrv(text, notes)
         return attach_metadata(model, text, kind="torchxrayvision", options=options, notes=notes, digest=None)
@@ -644,8 +645,6 @@ def load_model(
         )
     if path.is_dir():
         raise ModelError(f"{path} is a folder; give the model file inside it.")
-    if weights is not None:
-        raise ModelError(f"weights= is only used with an architecture name (torchvision:<arch>); {path} is already a model file.")
     model, kind = _load_file(path, map_location, allow_pickle, notes)
     sidecar, sidecar_path = read_sidecar(path)
     return attach_metadata(model, str(path), kind=kind, sidecar=sidecar, sidecar_path=sidecar_path,

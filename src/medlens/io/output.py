@@ -374,9 +374,6 @@ def write_explanation(
     drawn on a blank background.
     """
     folder = ensure_writable(out_dir)
-    # Every file goes to a staging folder first; only when all of them are written do they move into `folder`
-    # (provenance.json last), and files of an earlier run there that this one does not write are removed. A
-    # failure part-way (a full disk) leaves `folder` as it was.
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
     try:
         staged = _write_staged(result, staging, image_index, display, input_file, loading_notes, model_source,
