@@ -1,7 +1,7 @@
 """Benchmark: the perturbation methods' forward passes through the folded copy against the model as given.
 
 Same call, same inputs, interleaved (ABBA), medians and ratios; "as given" is forced with
-`medlens.inference.ENABLED = False`.
+`medlens.accel.fast_forward.ENABLED = False`.
 Usage: PYTHONPATH=src python benchmarks/bench_fast_forward.py [--reps 3] [--threads 1]
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     import torchvision
 
     import medlens
-    from medlens import inference
+    from medlens.accel import fast_forward as inference
 
     cases = [
         ("resnet18", "occlusion", {"window": 32, "stride": 16}),

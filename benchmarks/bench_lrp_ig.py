@@ -74,7 +74,7 @@ def _lrp_rows(args, device) -> list:
     """LRP: ResNet50, epsilon-plus-flat, against zennit."""
     import medlens
     from medlens.families.lrp import lrp_relevance
-    from medlens.model_state import borrowed_model
+    from medlens.core.model_state import borrowed_model
     from zennit.attribution import Gradient
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer
@@ -127,7 +127,7 @@ def _ig_rows(args, device) -> list:
 
     import medlens
     from medlens.families.gradients import integrated_gradients
-    from medlens.model_state import borrowed_model
+    from medlens.core.model_state import borrowed_model
 
     rows = []
     torch.manual_seed(0)

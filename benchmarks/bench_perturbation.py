@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import medlens
-from medlens.families.perturbation_surrogate import slic_segments
+from medlens.families.surrogate import slic_segments
 
 SIZE = 224
 

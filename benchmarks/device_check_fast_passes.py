@@ -2,7 +2,7 @@
 
 That run used the first version (an fx trace, with the folded model and the stem also called directly);
 since then medlens uses neither on a GPU, so this script now checks that the GPU path runs the model as
-given, agrees with the CPU, and what the switch `medlens.inference.ENABLED` costs there.
+given, agrees with the CPU, and what the switch `medlens.accel.fast_forward.ENABLED` costs there.
 Usage (on a machine with CUDA): PYTHONPATH=src python benchmarks/device_check_fast_passes.py
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import medlens
-from medlens import inference
+from medlens.accel import fast_forward as inference
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,7 +63,7 @@ def main() -> None:
             line += f"; cuda vs cpu max |diff| / max: {float((a.cpu() - b).abs().max() / b.abs().max()):.1e}"
         print(line)
 
-    for label, enabled in (("fast passes enabled", True), ("medlens.inference.ENABLED = False", False)):
+    for label, enabled in (("fast passes enabled", True), ("medlens.accel.fast_forward.ENABLED = False", False)):
         inference.ENABLED = enabled
         medlens.explain(gpu_model, gx[:1], "scorecam", targets=3)
         t = timed(lambda: medlens.explain(gpu_model, gx[:1], "scorecam", targets=3))

@@ -63,7 +63,7 @@ def _brain(args, part: str) -> None:
 
 
 def _phantom_samples(name: str, n: int, marker_masks: bool = False) -> list[dict]:
-    from medlens.train import phantom_data, phantom_prepare
+    from medlens.training.train import phantom_data, phantom_prepare
 
     cases = phantom_data(name, "test", n=n)
     x = phantom_prepare(cases.images)
@@ -120,7 +120,7 @@ def summary_table(folders: list[Path], metrics: list[str], label: str = "") -> s
     """One compact Markdown table (means over all images; n and 95% intervals are in each metrics.csv)."""
     import csv
 
-    from medlens.registry import all_specs
+    from medlens.core.registry import all_specs
 
     values: dict[str, dict[str, str]] = {}
     n: dict[str, dict[str, str]] = {}

@@ -12,7 +12,7 @@ from PIL import Image
 
 import medlens
 from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
-from medlens.cli import main
+from medlens.cli.group import main
 from medlens.io.models import PickleWarning
 from test_io_images import make_dicom, make_nifti
 
@@ -184,7 +184,7 @@ def test_models_lists_bundled_models_from_the_zoo(capsys, monkeypatch):
     import sys
     import types
 
-    from medlens.io.spec import InputSpec
+    from medlens.core.input_spec import InputSpec
 
     zoo = types.ModuleType("medlens.models.zoo")
     spec = InputSpec(size=(128, 128), channels=1, labels=("glioma", "meningioma", "no tumor", "pituitary"))
@@ -292,7 +292,7 @@ def test_labels_in_a_sidecar_may_be_one_comma_separated_string(files, tmp_path):
 
 def test_class_names_that_differ_only_in_case():
     from medlens.errors import TargetError
-    from medlens.targets import _index
+    from medlens.core.targets import _index
 
     labels = ["a", "A", "b"]
     assert _index("A", labels, 3) == 1 and _index("a", labels, 3) == 0 and _index("B", labels, 3) == 2

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import medlens
-from medlens.demo import demo_command, energy_inside, marker_zone, run_demo
+from medlens.cli.demo import demo_command, energy_inside, marker_zone, run_demo
 from medlens.errors import OutputError
 
 

@@ -12,8 +12,8 @@ import torch
 import medlens
 from medlens.errors import InputError
 from medlens.evaluation import runner as R
-from medlens.io.spec import InputSpec
-from medlens.model_state import hook_count
+from medlens.core.input_spec import InputSpec
+from medlens.core.model_state import hook_count
 
 from conftest import TinyCNN2d, _randomise_bn
 
@@ -182,7 +182,7 @@ def test_medlens_evaluate_command_end_to_end(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(medlens, "load_model", lambda source, **kw: calls.append(source) or load_sidecar_model(source))
 
-    from medlens.cli import main
+    from medlens.cli.group import main
 
     out = tmp_path / "out"
     code = main(["evaluate", "--model", str(path), "--data", str(data), "--methods", "gradcam",

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import medlens
-from medlens import inference
-from medlens.families import masked_stem
-from medlens.families.masked_stem import build_masked_stem
-from medlens.inference import fast_forward
-from medlens.spatial import upsample_to
+from medlens.accel import fast_forward as inference
+from medlens.accel import masked_stem
+from medlens.accel.masked_stem import build_masked_stem
+from medlens.accel.fast_forward import fast_forward
+from medlens.core.spatial import upsample_to
 
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
 

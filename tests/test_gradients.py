@@ -10,7 +10,7 @@ from torch import nn
 import medlens
 from medlens.errors import MethodError
 from medlens.families.gradients import blurred, gauss_legendre, guided_relu
-from medlens.model_state import hook_count
+from medlens.core.model_state import hook_count
 
 from conftest import torchvision_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import medlens
-from medlens import heap
+from medlens.accel import heap
 
 
 class FakeLibc:

@@ -10,7 +10,7 @@ from torch import nn
 
 import medlens
 from medlens.errors import MedlensError, MethodError
-from medlens.model_state import hook_count
+from medlens.core.model_state import hook_count
 
 from conftest import TinyCNN2d, _randomise_bn
 

@@ -12,7 +12,7 @@ import medlens
 from medlens.errors import InputError
 from medlens.io import images
 from medlens.io.images import prepare, read_image
-from medlens.io.spec import InputSpec
+from medlens.core.input_spec import InputSpec
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -166,7 +166,7 @@ def test_spec_resample_area_reproduces_the_brain_models_training_input(tmp_path)
     # what `medlens explain` and `medlens evaluate` feed the bundled brain model is what it was trained on:
     # Pillow BOX resize, then per-image min-max, then (x - mean) / std (up to the 8-bit rounding of training)
     from medlens.data.figshare import read_image as read_slice
-    from medlens.train import brain_prepare
+    from medlens.training.train import brain_prepare
 
     rng = np.random.default_rng(1)
     arr = (rng.uniform(0, 1, (512, 512)) ** 2 * 255).astype(np.uint8)

@@ -14,7 +14,7 @@ import medlens
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
 from medlens.errors import ModelError
 from medlens.io.models import PickleWarning, load_model
-from medlens.io.spec import InputSpec
+from medlens.core.input_spec import InputSpec
 
 
 def _tiny(seed: int = 0, num_classes: int = 3) -> nn.Module:

@@ -10,7 +10,7 @@ from torch import nn
 
 import medlens
 from medlens.errors import ModelError
-from medlens.layers import is_activation, is_batchnorm, is_conv, is_global_pooling, is_linear, resolve_target_layer
+from medlens.core.layers import is_activation, is_batchnorm, is_conv, is_global_pooling, is_linear, resolve_target_layer
 
 from conftest import torchvision_model
 

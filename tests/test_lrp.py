@@ -11,11 +11,11 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.io.spec import InputSpec
+from medlens.core.input_spec import InputSpec
 from medlens.families.lrp import (AlphaBeta, Epsilon, Flat, Gamma, Pass, WSquare, ZBox, ZPlus, Zero, lrp_model,
                                   lrp_relevance, plan_model, assign_rules)
 from medlens.families.lrp.engine import _CallState
-from medlens.model_state import hook_count
+from medlens.core.model_state import hook_count
 
 from conftest import torchvision_model
 

@@ -12,7 +12,7 @@ from medlens.evaluation import faithfulness as F
 from medlens.evaluation import localisation as L
 from medlens.evaluation import trust as TR
 from medlens.evaluation.stats import bootstrap_ci
-from medlens.model_state import hook_count
+from medlens.core.model_state import hook_count
 
 from conftest import TinyCNN2d, _randomise_bn
 

@@ -13,7 +13,7 @@ import medlens
 from medlens.errors import OutputError
 from medlens.io import output
 from medlens.io.output import atomic_write, best_slice, color_scale, ensure_writable, write_explanation
-from medlens.result import ExplanationResult
+from medlens.core.result import ExplanationResult
 
 
 def _leftovers(folder):

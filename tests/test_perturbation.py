@@ -14,8 +14,8 @@ from torch import nn
 import medlens
 from medlens.errors import MethodError
 from medlens.families.perturbation import resolve_baseline, rise_masks, window_starts
-from medlens.families.perturbation_surrogate import grid_segments, shapley_coalitions, superpixels
-from medlens.model_state import hook_count
+from medlens.families.surrogate import grid_segments, shapley_coalitions, superpixels
+from medlens.core.model_state import hook_count
 
 PERTURBATION = ("occlusion", "rise", "lime", "kernelshap")
 SMALL = {
@@ -405,8 +405,8 @@ def test_multi_label_probability_is_the_sigmoid(tiny2d):
 
 def test_rise_equals_the_textbook_sum_over_masks(tiny2d):
     """saliency = sum_i f(x * M_i) M_i / (N p), with the masks rebuilt from the same seeded draws."""
-    from medlens.context import ExplainContext
-    from medlens.model_state import HookSet
+    from medlens.core.context import ExplainContext
+    from medlens.core.model_state import HookSet
 
     x = _x2d(1, 1, 20, seed=13)
     n, p = 48, 0.4

@@ -9,8 +9,8 @@ import torch
 
 import medlens
 from medlens.errors import MethodError
-from medlens.model_state import hook_count
-from medlens.registry import all_specs, markdown_table
+from medlens.core.model_state import hook_count
+from medlens.core.registry import all_specs, markdown_table
 
 from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
 
@@ -59,7 +59,7 @@ def test_registry_lists_every_api_method_with_metadata():
 
 def test_docs_methods_table_is_current():
     path = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-    assert path.read_text() == markdown_table(), "regenerate: python -m medlens.registry > docs/methods.md"
+    assert path.read_text() == markdown_table(), "regenerate: python -m medlens.core.registry > docs/methods.md"
 
 
 @pytest.mark.parametrize("name", list(medlens.methods()))

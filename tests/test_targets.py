@@ -10,7 +10,7 @@ import torch
 
 import medlens
 from medlens.errors import TargetError
-from medlens.targets import resolve_targets
+from medlens.core.targets import resolve_targets
 
 from conftest import TinyCNN2d, _randomise_bn
 

@@ -8,11 +8,11 @@ import torch
 
 from conftest import shared_dataset
 from medlens.data.phantom import phantom_2d, shortcut_set
-from medlens.demo import energy_inside, marker_zone
+from medlens.cli.demo import energy_inside, marker_zone
 from medlens.errors import ModelError
 from medlens.models import zoo
 from medlens.models.architectures import PhantomCNN
-from medlens.train import brain_prepare, phantom_prepare, predict
+from medlens.training.train import brain_prepare, phantom_prepare, predict
 
 #: the documented floor for phantom-lesion on fresh phantoms (its card reports the accuracy on its test seed)
 PHANTOM_LESION_MIN_ACCURACY = 0.9

@@ -6,24 +6,24 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from medlens.version import __version__  # noqa: E402
 
-from .errors import MedlensError  # noqa: E402
-from .explainer import explain  # noqa: E402
-from .registry import method_info, methods  # noqa: E402
-from .result import ExplanationResult  # noqa: E402
+from medlens.errors import MedlensError  # noqa: E402
+from medlens.core.explain import explain  # noqa: E402
+from medlens.core.registry import method_info, methods  # noqa: E402
+from medlens.core.result import ExplanationResult  # noqa: E402
 
 
 def load_model(source: Any, **options: Any):
     """A bundled model name, a file path, or "xrv:<weights name>" -> nn.Module with .labels and .multi_label."""
-    from .io.models import load_model as _load_model
+    from medlens.io.models import load_model as _load_model
 
     return _load_model(source, **options)
 
 
 def load_input(path: Any, model: Any = None, **options: Any):
     """Read an image or volume file and prepare it for `model`: a (1, C, *spatial) float tensor."""
-    from .io.images import load_input as _load_input
+    from medlens.io.images import load_input as _load_input
 
     return _load_input(path, model, **options)
 

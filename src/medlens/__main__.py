@@ -1,6 +1,6 @@
 """`python -m medlens` runs the command line."""
 import sys
 
-from .cli import main
+from medlens.cli.group import main
 
 sys.exit(main())

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..errors import InputError
+from medlens.errors import InputError
 
 #: class names in the order of the dataset's label ids (the box files' first field) and of the model's outputs
 CLASSES: tuple[str, ...] = ("pituitary", "meningioma", "glioma")

@@ -18,7 +18,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from medlens.errors import InputError
 
 LABELS: tuple[str, ...] = ("normal", "lesion")
 MARKER_MODES = ("none", "correlated", "random", "always", "never")

@@ -4,12 +4,12 @@ Metrics are pure functions of (model, x, maps, targets[, masks]); `evaluate()` r
 """
 from __future__ import annotations
 
-from .faithfulness import (CurveResult, average_drop, deletion, increase_in_confidence, insertion, linear_impute,
+from medlens.evaluation.faithfulness import (CurveResult, average_drop, deletion, increase_in_confidence, insertion, linear_impute,
                            road, road_lerf, road_morf)
-from .localisation import auprc, center_map, dice, energy_in_box, iou, pointing_game, prior_maps
-from .runner import METRICS, evaluate
-from .stats import bootstrap_ci
-from .trust import completeness, max_sensitivity, randomization, sparseness
+from medlens.evaluation.localisation import auprc, center_map, dice, energy_in_box, iou, pointing_game, prior_maps
+from medlens.evaluation.runner import METRICS, evaluate
+from medlens.evaluation.stats import bootstrap_ci
+from medlens.evaluation.trust import completeness, max_sensitivity, randomization, sparseness
 
 __all__ = [
     "CurveResult", "METRICS", "auprc", "average_drop", "bootstrap_ci", "center_map", "completeness", "deletion",

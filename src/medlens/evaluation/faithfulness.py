@@ -20,9 +20,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ..context import call_model
-from ..errors import InputError
-from ..model_state import borrowed_model
+from medlens.core.context import call_model
+from medlens.errors import InputError
+from medlens.core.model_state import borrowed_model
 
 Baseline = Union[str, float, torch.Tensor]
 

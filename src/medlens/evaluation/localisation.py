@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..errors import InputError
+from medlens.errors import InputError
 
 
 def _check(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import InputError, MethodError, OutputError
-from . import faithfulness as F
-from . import localisation as L
-from . import trust as TR
-from .stats import bootstrap_ci
+from medlens.errors import InputError, MethodError, OutputError
+from medlens.evaluation import faithfulness as F
+from medlens.evaluation import localisation as L
+from medlens.evaluation import trust as TR
+from medlens.evaluation.stats import bootstrap_ci
 
 METRICS = (
     "deletion", "insertion", "road_morf", "road_lerf", "average_drop", "increase_in_confidence",
@@ -60,7 +60,7 @@ def _natural_key(path: Path) -> tuple:
 
 
 def _spec_of(model: nn.Module) -> Any:
-    from ..io.spec import InputSpec
+    from medlens.core.input_spec import InputSpec
 
     spec = getattr(model, "input_spec", None)
     return spec if spec is not None else InputSpec()
@@ -70,7 +70,7 @@ def completeness_options(method: str, options: dict[str, Any]) -> dict[str, Any]
     """The completeness check each method claims: LRP's conservation (sum = f(x)), f(x) - f(baseline) with the
     method's own default baseline (integrated gradients, KernelSHAP), else the metric's default (zero). A
     `baseline` given in the metric's options wins for every method."""
-    from ..registry import get_spec
+    from medlens.core.registry import get_spec
 
     if "baseline" in options or not isinstance(method, str):  # a user-supplied callable claims nothing
         return dict(options)
@@ -85,8 +85,8 @@ def completeness_options(method: str, options: dict[str, Any]) -> dict[str, Any]
 def prepare_image(path: Path, spec: Any) -> torch.Tensor:
     """Read an image and prepare it as the model's InputSpec says, through the same reader and preparation as
     `medlens explain` (`medlens.io`): (C, H, W) float32."""
-    from ..io.images import prepare, read_image
-    from ..io.spec import InputSpec
+    from medlens.io.images import prepare, read_image
+    from medlens.core.input_spec import InputSpec
 
     if not isinstance(spec, InputSpec):
         spec = InputSpec.from_dict(spec) if isinstance(spec, dict) else InputSpec()
@@ -336,8 +336,8 @@ def evaluate(
     run.json). `target` in the rows is the explained class name, plus `all` over every image. Localisation
     metrics also get rows for `baseline:center` and `baseline:prior`. `include` (a list, or a text file with
     one `class/N.jpg` per line) restricts a folder to those images, e.g. a model's held-out test split."""
-    from ..explainer import explain
-    from ..registry import get_spec
+    from medlens.core.explain import explain
+    from medlens.core.registry import get_spec
 
     method_names = [get_spec(m).name for m in _parse_list(methods, "methods")]
     if not method_names:
@@ -379,7 +379,7 @@ def evaluate(
                 path, _ = data.items[i]
                 size = tuple(spec.size[-2:]) if getattr(spec, "size", None) else None
                 if size is None:
-                    from ..io.images import read_image
+                    from medlens.io.images import read_image
 
                     size = read_image(path).spatial_shape[-2:]  # a file that cannot be read: an InputError, not a traceback
                 mask = box_mask(path.with_suffix(".txt"), size)

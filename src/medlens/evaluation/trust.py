@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import InputError
-from .faithfulness import Baseline, check_batch, make_baseline
+from medlens.errors import InputError
+from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -26,7 +26,7 @@ def explain_maps(
     """(B, T, *s) maps of `method` (a registered name, or a callable (model, x, targets) -> maps)."""
     if callable(method):
         return method(model, x, targets).detach().float()
-    from ..explainer import explain
+    from medlens.core.explain import explain
 
     result = explain(model, x, methods=method, targets=targets, layer=layer, seed=seed, **(options or {}))
     return result[next(iter(result))]
@@ -200,7 +200,7 @@ def completeness(
     """Completeness / conservation: the map's sum should equal the target logit's change
     delta = f_t(x) - f_t(baseline) (completeness, integrated gradients, DeepLIFT, SHAP), or f_t(x) itself
     when `baseline is None` (conservation, LRP). Checked with a tolerance, never exact float equality."""
-    from .faithfulness import model_scores, pick
+    from medlens.evaluation.faithfulness import model_scores, pick
 
     check_batch(x, maps, targets)
     fx = pick(model_scores(model, x, "logit"), targets)

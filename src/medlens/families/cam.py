@@ -10,12 +10,12 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..context import ExplainContext, call_model
-from ..errors import MethodError
-from ..option_checks import flag, positive_int
-from ..registry import MethodSpec, register
-from ..spatial import channels_last, spatial_dims, upsample_to
-from .masked_stem import build_masked_stem
+from medlens.core.context import ExplainContext, call_model
+from medlens.errors import MethodError
+from medlens.core.options import flag, positive_int
+from medlens.core.registry import MethodSpec, register
+from medlens.core.spatial import channels_last, spatial_dims, upsample_to
+from medlens.accel.masked_stem import build_masked_stem
 
 CAM_OPTIONS = {"eigen_smooth": False, "aug_smooth": False, "aug_flip": False}
 EPS = 1e-7

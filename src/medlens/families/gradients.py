@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..context import ExplainContext, call_model
-from ..errors import MethodError
-from ..option_checks import finite_float, finite_number, positive_int
-from ..registry import MethodSpec, register
-from ..spatial import spatial_dims, upsample_to
+from medlens.core.context import ExplainContext, call_model
+from medlens.errors import MethodError
+from medlens.core.options import finite_float, finite_number, positive_int
+from medlens.core.registry import MethodSpec, register
+from medlens.core.spatial import spatial_dims, upsample_to
 
 # ------------------------------------------------------------------------------------------ shared pass
 
@@ -313,7 +313,7 @@ def integrated_gradients(
     model call) and their logits (N, K) are appended to it, for the completeness check. A layer that reads
     the input directly runs once, not once per path point (`_AffineInputLayers`); `notes` gets its name.
     """
-    from .lrp.canonizers import override_forward
+    from medlens.families.lrp.canonizers import override_forward
 
     n_steps = positive_int(options, "n_steps")
     batch_size = positive_int(options, "batch_size")
@@ -430,7 +430,7 @@ def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) ->
 
 
 def _lrp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
-    from .lrp import lrp_relevance  # imported here: the LRP package builds on this module
+    from medlens.families.lrp import lrp_relevance  # imported here: the LRP package builds on this module
 
     return lrp_relevance(model, x, targets, "epsilon_plus_flat").relevance
 

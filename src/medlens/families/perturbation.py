@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..context import ExplainContext
-from ..errors import MethodError
-from ..option_checks import finite_number, positive_int
-from ..registry import MethodSpec, register
+from medlens.core.context import ExplainContext
+from medlens.errors import MethodError
+from medlens.core.options import finite_number, positive_int
+from medlens.core.registry import MethodSpec, register
 
 BaselineSpec = Union[str, float, int, torch.Tensor]
 BASELINE_NAMES = ("zero", "mean", "blur", "background")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
-from .spec import InputSpec
+from medlens.errors import InputError
+from medlens.core.input_spec import InputSpec
 
 PathLike = Union[str, os.PathLike]
 

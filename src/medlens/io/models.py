@@ -28,8 +28,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ModelError, short_message
-from .spec import InputSpec
+from medlens.errors import ModelError, short_message
+from medlens.core.input_spec import InputSpec
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,7 +68,7 @@ def _bundled() -> dict[str, Any]:
     """Bundled models from `medlens.models.zoo`, or none while that module does not exist."""
     BUNDLED_PROBLEM.clear()
     try:
-        from ..models import zoo  # type: ignore[attr-defined]
+        from medlens.models import zoo  # type: ignore[attr-defined]
     except ImportError:
         return {}
     try:
@@ -630,7 +630,7 @@ def load_model(
                                sidecar_path=sidecar_path, options=options, notes=notes, digest=file_digest(weights))
     bundled = _bundled()
     if text in bundled:
-        from ..models import zoo  # type: ignore[attr-defined]
+        from medlens.models import zoo  # type: ignore[attr-defined]
 
         model = zoo.load_bundled(text)
         weights_file = _info_get(bundled[text], "weights")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import OutputError
+from medlens.errors import OutputError
 
 PathLike = Union[str, os.PathLike]
 
@@ -458,7 +458,7 @@ def _write_staged(result: Any, folder: Path, image_index: int, display: Optional
 
     written.append(atomic_write(folder / "maps.npz", save_npz))
 
-    from .. import __version__
+    from medlens.version import __version__
 
     provenance = result.provenance
     provenance["medlens_version"] = __version__

@@ -98,7 +98,7 @@ ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN}
 def build(arch: str, **kwargs) -> nn.Module:
     """Instantiate an architecture by its class name (as written in the weights spec JSON)."""
     if arch not in ARCHITECTURES:
-        from ..errors import ModelError
+        from medlens.errors import ModelError
 
         raise ModelError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}.")
     return ARCHITECTURES[arch](**kwargs)

@@ -13,9 +13,9 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from ..io.spec import InputSpec
-from .architectures import build
+from medlens.errors import ModelError
+from medlens.core.input_spec import InputSpec
+from medlens.models.architectures import build
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS_DIR = HERE / "weights"
@@ -52,7 +52,7 @@ def bundled_models() -> dict[str, dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    from ..io.output import file_sha256  # one implementation of file hashing
+    from medlens.io.output import file_sha256  # one implementation of file hashing
 
     return file_sha256(path)
 

@@ -10,13 +10,13 @@ from typing import Any, Mapping
 
 import torch
 
-from ...context import ExplainContext
-from ...errors import MethodError
-from ...registry import MethodSpec, register
-from .canonizers import ModelPlan, plan_model
-from .composites import PRESETS, assign_rules, make_rule
-from .engine import LRPResult, input_bounds, lrp_model, lrp_relevance
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus
+from medlens.core.context import ExplainContext
+from medlens.errors import MethodError
+from medlens.core.registry import MethodSpec, register
+from medlens.families.lrp.canonizers import ModelPlan, plan_model
+from medlens.families.lrp.composites import PRESETS, assign_rules, make_rule
+from medlens.families.lrp.engine import LRPResult, input_bounds, lrp_model, lrp_relevance
+from medlens.families.lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus
 
 __all__ = [
     "lrp_relevance", "LRPResult", "plan_model", "ModelPlan", "assign_rules", "make_rule", "lrp_model", "PRESETS",

@@ -35,8 +35,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ...errors import MethodError
-from ...layers import is_batchnorm, is_conv, is_linear
+from medlens.errors import MethodError
+from medlens.core.layers import is_batchnorm, is_conv, is_linear
 
 # Layers with a data-dependent, non-elementwise computation that no LRP rule here covers.
 _UNCOVERED = (

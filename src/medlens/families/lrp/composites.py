@@ -10,10 +10,10 @@ from typing import Any, Mapping, Union
 
 from torch import nn
 
-from ...errors import MethodError
-from ...layers import is_linear
-from .canonizers import ModelPlan
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus
+from medlens.errors import MethodError
+from medlens.core.layers import is_linear
+from medlens.families.lrp.canonizers import ModelPlan
+from medlens.families.lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus
 
 PRESETS = ("epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1", "depth")
 RULE_NAMES = ("zero", "epsilon", "gamma", "zplus", "alpha<a>_beta<b>", "zbox", "flat", "wsquare", "pass")

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...context import call_model
-from ...errors import MethodError
-from ...layers import is_activation, is_linear
-from ..gradients import target_gradients
-from .canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
-from .composites import assign_rules
-from .rules import LayerCall, Rule, stabilize
+from medlens.core.context import call_model
+from medlens.errors import MethodError
+from medlens.core.layers import is_activation, is_linear
+from medlens.families.gradients import target_gradients
+from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
+from medlens.families.lrp.composites import assign_rules
+from medlens.families.lrp.rules import LayerCall, Rule, stabilize
 
 # Elementwise activations whose plain gradient already passes relevance unchanged (f(a) = f'(a) a).
 _HOMOGENEOUS_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)

@@ -18,14 +18,14 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from . import __version__
-from .context import ExplainContext
-from .errors import InputError, MedlensError, MethodError, ModelError, short_message
-from .heap import steady_heap
-from .layers import LayerSpec
-from .model_state import borrowed_model
-from .registry import MethodSpec, all_specs, get_spec
-from .result import ExplanationResult
+from medlens.version import __version__
+from medlens.core.context import ExplainContext
+from medlens.errors import InputError, MedlensError, MethodError, ModelError, short_message
+from medlens.accel.heap import steady_heap
+from medlens.core.layers import LayerSpec
+from medlens.core.model_state import borrowed_model
+from medlens.core.registry import MethodSpec, all_specs, get_spec
+from medlens.core.result import ExplanationResult
 
 MethodsArg = Union[str, Iterable[str]]
 

@@ -10,7 +10,9 @@ from typing import Optional, Sequence
 
 import click
 
-from .errors import MedlensError
+from medlens.cli import commands, demo, evaluate
+from medlens.errors import MedlensError
+from medlens.training import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,27 +21,8 @@ def cli() -> None:
     """Explain medical image classifiers: which regions drove each finding, and how far to trust it."""
 
 
-def _register_commands() -> None:
-    # Each family of commands is optional while the project grows; a missing one is simply absent.
-    import importlib
-
-    for module_name, attr in (
-        ("medlens.commands", "COMMANDS"),
-        ("medlens.demo", "COMMANDS"),
-        ("medlens.evaluation.command", "COMMANDS"),
-        ("medlens.train", "COMMANDS"),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                continue  # the module (or its package) does not exist yet
-            raise
-        for command in getattr(module, attr, ()):
-            cli.add_command(command)
-
-
-_register_commands()
+for _command in (*commands.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.COMMANDS):
+    cli.add_command(_command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

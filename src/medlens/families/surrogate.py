@@ -11,11 +11,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..context import ExplainContext
-from ..errors import MethodError
-from ..option_checks import finite_float, positive_int
-from ..registry import MethodSpec, register
-from .perturbation import (
+from medlens.core.context import ExplainContext
+from medlens.errors import MethodError
+from medlens.core.options import finite_float, positive_int
+from medlens.core.registry import MethodSpec, register
+from medlens.families.perturbation import (
     COMMON,
     Progress,
     base_scores,
@@ -157,7 +157,7 @@ def _lime(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     ctx.method_notes.update(num_samples=num_samples, kernel_width=kernel_width, alpha=alpha, top_k=top_k,
                             model_evaluations=b * (num_samples - 1), **notes)
     ctx.method_notes["top_regions_mask"] = (
-        "torch.isin(medlens.families.perturbation_surrogate.superpixels(x[i], n_segments, segmentation, "
+        "torch.isin(medlens.families.surrogate.superpixels(x[i], n_segments, segmentation, "
         "compactness), torch.tensor(segments))"
     )
     return maps

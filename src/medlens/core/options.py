@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
-from .errors import MethodError
+from medlens.errors import MethodError
 
 
 def flag(options: Mapping[str, Any], name: str) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .spatial import channels_last
+from medlens.core.spatial import channels_last
 
 # The copy is used only when its logits on the call's input agree with the model's to this (relative) bound:
 # folding changes float rounding only, about 1e-6 of the logits' scale on torchvision ResNets.
@@ -37,7 +37,7 @@ class FastForward:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits of a batch (inference mode is the caller's): channels-last unless the model rejects it."""
-        from .context import call_model
+        from medlens.core.context import call_model
 
         if self.layout and batch.dim() in (4, 5):
             try:
@@ -194,7 +194,7 @@ def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tenso
     plain = FastForward(module=model)
     key = "forward_passes"
     if not ENABLED:
-        plain.note[key] = "the model as given (medlens.inference.ENABLED is False)"
+        plain.note[key] = "the model as given (medlens.accel.fast_forward.ENABLED is False)"
         return plain
     if isinstance(model, torch.jit.ScriptModule):
         plain.note[key] = "the model as given (TorchScript)"

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 import click
 import torch
 
-from .errors import MedlensError, OutputError
+from medlens.errors import MedlensError, OutputError
 
 #: methods the demo tries, in display order; only those the registry lists at run time are used
 DEMO_METHODS = (
@@ -136,9 +136,9 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
              seed: int = DEMO_SEED, echo: bool = False) -> Path:
     """Run the offline demo and return the folder it wrote (overlays, summary.html, summary.png, summary.json)."""
     import medlens
-    from .data.phantom import phantom_2d, shortcut_set
-    from .models.zoo import load_bundled
-    from .train import phantom_prepare
+    from medlens.data.phantom import phantom_2d, shortcut_set
+    from medlens.models.zoo import load_bundled
+    from medlens.training.train import phantom_prepare
 
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "medlens-demo"
@@ -151,7 +151,7 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
         raise OutputError(f"cannot write the demo's results to {out}: {exc}; pass another folder with --out.") from None
     available = set(medlens.methods())
     if methods is not None:  # the user's names must all exist (get_spec says which are close); the default list may
-        from .registry import get_spec  # name methods a reduced installation lacks
+        from medlens.core.registry import get_spec  # name methods a reduced installation lacks
 
         wanted = [get_spec(m).name for m in methods]
     else:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..errors import InputError
+from medlens.errors import InputError
 
 
 RESAMPLE_MODES = ("bilinear", "area")

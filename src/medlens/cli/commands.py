@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from .errors import InputError, MedlensError, MethodError, ModelError, TargetError
+from medlens.errors import InputError, MedlensError, MethodError, ModelError, TargetError
 
 EPILOG_MODELS = """\
 Model sources for --model:
@@ -46,7 +46,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 @click.command("methods")
 def methods_command() -> None:
     """List every explanation method with what it needs (from the one method registry)."""
-    from .registry import all_specs
+    from medlens.core.registry import all_specs
 
     rows = [
         (s.name, s.family, _yes(s.needs_gradients), _yes(s.needs_layer), _yes(s.supports_3d), _yes(s.stochastic), s.cost, s.summary)
@@ -58,7 +58,7 @@ def methods_command() -> None:
 @click.command("models", epilog=EPILOG_MODELS)
 def models_command() -> None:
     """List bundled models (labels, input spec) and the other model sources medlens can load."""
-    from .io.models import XRV_KNOWN_FILES, _info_get, bundled_models
+    from medlens.io.models import XRV_KNOWN_FILES, _info_get, bundled_models
 
     bundled = bundled_models()
     if bundled:
@@ -76,7 +76,7 @@ def models_command() -> None:
         click.echo("Bundled models:")
         click.echo(_table(rows, ("name", "input size", "channels", "labels are", "test acc.", "labels", "summary")))
     else:
-        from .io.models import BUNDLED_PROBLEM
+        from medlens.io.models import BUNDLED_PROBLEM
 
         click.echo("Bundled models: " + (f"unavailable ({BUNDLED_PROBLEM[0]})" if BUNDLED_PROBLEM else "none in this installation."))
     click.echo("")
@@ -136,7 +136,7 @@ def check_targets(targets: Any, labels: Sequence[str]) -> None:
     """Fail early (before any image is processed) on a target index out of range or an unknown class name."""
     if targets is None:
         return
-    from .targets import _index
+    from medlens.core.targets import _index
 
     for t in targets:
         if isinstance(t, int) and t < 0:
@@ -213,7 +213,7 @@ def explain_command(
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """
-    from .io.output import ensure_writable
+    from medlens.io.output import ensure_writable
 
     # Cheap checks first, so that no work is wasted: output folder, method names and options, image files.
     created = not Path(out_dir).exists()
@@ -233,10 +233,10 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
                   slice_index: Optional[int], frame: Optional[int], device: str, option_items: Sequence[str]) -> None:
     from tqdm import tqdm
 
-    from .explainer import check_torchscript_support, explain
-    from .io.images import model_dims, prepare, read_image
-    from .io.output import write_explanation
-    from .registry import get_spec
+    from medlens.core.explain import check_torchscript_support, explain
+    from medlens.io.images import model_dims, prepare, read_image
+    from medlens.io.output import write_explanation
+    from medlens.core.registry import get_spec
 
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_names:

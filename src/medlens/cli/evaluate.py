@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from .runner import METRICS
+from medlens.evaluation.runner import METRICS
 
 
 @click.command("evaluate")
@@ -28,10 +28,10 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
                      include_file: Optional[str]) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
-    from ..commands import load_model_for_cli
-    from ..errors import MethodError
-    from ..io.output import ensure_writable
-    from .runner import evaluate
+    from medlens.cli.commands import load_model_for_cli
+    from medlens.errors import MethodError
+    from medlens.io.output import ensure_writable
+    from medlens.evaluation.runner import evaluate
 
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     if batch_size < 1:

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import TargetError
+from medlens.errors import TargetError
 
 
 def _index(item: Any, labels: Optional[Sequence[str]], n_classes: int) -> int:

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .errors import MethodError
+from medlens.errors import MethodError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .context import ExplainContext
+    from medlens.core.context import ExplainContext
 
 MethodRunner = Callable[["ExplainContext", Mapping[str, Any]], "torch.Tensor"]
 
@@ -89,7 +89,7 @@ def _load_families() -> None:
         if _LOADED or _LOADING:  # _LOADING: this thread is importing the families (a family asked the registry)
             return
         _LOADING = True
-        package = importlib.import_module(__package__ + ".families")
+        package = importlib.import_module("medlens.families")
         names = [module.name for module in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
         _FAMILY_MODULES[:] = names
         try:
@@ -149,7 +149,7 @@ def markdown_table() -> str:
             f"{yes[spec.supports_3d]} | {yes[spec.stochastic]} | {yes[spec.supports_torchscript]} | "
             f"{sums[spec.completeness]} | {spec.cost} | {options} |"
         )
-    lines = ["# Methods", "", "Generated from the registry (`python -m medlens.registry > docs/methods.md`);",
+    lines = ["# Methods", "", "Generated from the registry (`python -m medlens.core.registry > docs/methods.md`);",
              "`tests/test_registry.py` fails when this file falls behind. \"map sums to\" is what the method claims its",
              "map's sum equals (for the target logit f); `medlens evaluate`'s completeness metric checks that claim.", "",
              *rows, "", "## What each method does", ""]
@@ -163,13 +163,13 @@ def markdown_table() -> str:
               "output when that convolution receives the masked input itself (the masks are linear upsamplings of the layer's",
               "grid), checked on the first mask. The model is never changed, but Python-side state that a forward changes (a",
               "counter) changes on the copy. Provenance (`forward_passes`, `first_convolution_precomputed`) says what ran;",
-              "`medlens.inference.ENABLED = False` turns both off. On a GPU the model runs as given: there the rewrite was",
+              "`medlens.accel.fast_forward.ENABLED = False` turns both off. On a GPU the model runs as given: there the rewrite was",
               "slower (and TF32 convolutions differ from folded ones by ~3e-4)."]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run as a script this file is a second module object; the families register into medlens.registry.
-    from medlens.registry import markdown_table as _table
+    # Run as a script this file is a second module object; the families register into medlens.core.registry.
+    from medlens.core.registry import markdown_table as _table
 
     print(_table(), end="")

@@ -12,11 +12,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .inference import FastForward, fast_forward
-from .layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
-from .model_state import HookSet
-from .targets import resolve_targets
+from medlens.errors import ModelError
+from medlens.accel.fast_forward import FastForward, fast_forward
+from medlens.core.layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
+from medlens.core.model_state import HookSet
+from medlens.core.targets import resolve_targets
 
 
 def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from medlens.errors import InputError
 
 PathLike = Union[str, Path]
 
@@ -88,7 +88,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 64, prepare: Op
 # ----------------------------------------------------------------------------------------------- brain MRI
 def brain_prepare(images: torch.Tensor, mean: float = BRAIN_RECIPE["mean"], std: float = BRAIN_RECIPE["std"]) -> torch.Tensor:
     """uint8 slices (N, 1, S, S) -> the model's input: per-image min-max to [0, 1], then (x - mean) / std."""
-    from .data.figshare import minmax_scale
+    from medlens.data.figshare import minmax_scale
 
     return (minmax_scale(images) - mean) / std
 
@@ -145,8 +145,8 @@ def train_brain(
     """Train `brain-tumor-mri` on the figshare split; writes the best-by-validation weights and metrics to out_dir."""
     from tqdm import tqdm
 
-    from .data.figshare import CLASSES, CREDIT, load_arrays
-    from .models.architectures import SmallResNet
+    from medlens.data.figshare import CLASSES, CREDIT, load_arrays
+    from medlens.models.architectures import SmallResNet
 
     torch.set_num_threads(threads)
     r = dict(BRAIN_RECIPE, seed=seed)
@@ -190,7 +190,7 @@ def train_brain(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{r['epochs']}", unit="batch", leave=False)
         for b in bar:
             idx = perm[b * r["batch_size"] : (b + 1) * r["batch_size"]]
-            from .data.figshare import minmax_scale
+            from medlens.data.figshare import minmax_scale
 
             xb = (_augment_2d(minmax_scale(xtr[idx]), gen) - mean) / std
             yb = ytr[idx]
@@ -261,7 +261,7 @@ PHANTOM_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 def phantom_data(name: str, split: str, n: Optional[int] = None, seed: Optional[int] = None, marker: Optional[str] = None):
     """The phantom set a bundled phantom model is trained/validated/tested on (marker mode overridable)."""
-    from .data.phantom import phantom_2d, shortcut_set
+    from medlens.data.phantom import phantom_2d, shortcut_set
 
     r = PHANTOM_RECIPES[name]
     n = r[f"n_{split}"] if n is None else n
@@ -275,7 +275,7 @@ def phantom_data(name: str, split: str, n: Optional[int] = None, seed: Optional[
 
 def phantom_prepare(images: torch.Tensor) -> torch.Tensor:
     """Phantom images -> model input: per-image min-max to [0, 1] (the spec's "minmax" scale, mean 0, std 1)."""
-    from .data.figshare import minmax_scale
+    from medlens.data.figshare import minmax_scale
 
     return minmax_scale(images)
 
@@ -291,8 +291,8 @@ def train_phantom(
     """Train `phantom-lesion` or `phantom-shortcut` on freshly generated phantoms; writes weights and metrics."""
     from tqdm import tqdm
 
-    from .data.phantom import LABELS
-    from .models.architectures import PhantomCNN
+    from medlens.data.phantom import LABELS
+    from medlens.models.architectures import PhantomCNN
 
     if name not in PHANTOM_RECIPES:
         raise InputError(f"unknown phantom model {name!r}; expected one of {sorted(PHANTOM_RECIPES)}.")
@@ -375,9 +375,9 @@ def train_phantom(
 # ----------------------------------------------------------------------------------------------- export
 def bundled_entry(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """The models.json entry of a bundled model: architecture, kwargs, input spec, description, card, metrics."""
-    from .data.figshare import CLASSES
-    from .data.phantom import LABELS
-    from .io.spec import InputSpec
+    from medlens.data.figshare import CLASSES
+    from medlens.data.phantom import LABELS
+    from medlens.core.input_spec import InputSpec
 
     if name == "brain-tumor-mri":
         r = metrics["recipe"]
@@ -441,7 +441,7 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
         lines.append(f"| {key} | {spec[key]} |")
     lines += ["", "## Data", ""]
     if name == "brain-tumor-mri":
-        from .data.figshare import CREDIT
+        from medlens.data.figshare import CREDIT
 
         lines += [
             f"- Source and licence: {CREDIT}. Papers: Cheng et al., PLoS ONE 10(10), 2015; PLoS ONE 11(6), 2016. "
@@ -458,14 +458,14 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
         ]
     else:
         seeds = metrics["data_seeds"]
-        lines += [f"- Synthetic, generated on the fly by `medlens.train.phantom_data` (no external data): train "
+        lines += [f"- Synthetic, generated on the fly by `medlens.training.train.phantom_data` (no external data): train "
                   f"{r['n_train']} cases (seed {seeds['train']}), validation {r['n_val']} (seed {seeds['val']}), test "
                   f"{r['n_test']} (seed {seeds['test']}), {r['size']}x{r['size']} pixels, about half with a lesion."]
         if name == "phantom-shortcut":
             lines.append("- Shortcut variant: lesions are faint (contrast 0.06-0.1) and a corner tag is burned in on every "
                          "lesion case and on no normal case, so the tag alone separates the classes in training.")
     lines += ["", "## Training", "",
-              f"- Recipe (`medlens.train`): {json.dumps(r)}",
+              f"- Recipe (`medlens.training.train`): {json.dumps(r)}",
               f"- Best epoch chosen by validation accuracy (best validation accuracy {metrics['best_val_accuracy']:.4f}).",
               f"- Wall time: {metrics['train_seconds'] / 60:.1f} min with {metrics['threads']} CPU thread(s). {note}".rstrip(),
               f"- Reproduce: `medlens train {name}"
@@ -505,7 +505,7 @@ def export_bundled(name: str, trained_dir: PathLike, note: str = "") -> Path:
     import hashlib
     import shutil
 
-    from .models import zoo
+    from medlens.models import zoo
 
     trained_dir = Path(trained_dir)
     metrics = json.loads((trained_dir / f"{name}.metrics.json").read_text())
