@@ -143,6 +143,29 @@ def _check_seed(seed: Any) -> Optional[int]:
         raise InputError(f"seed must be an integer or None, got {seed!r}.") from None
 
 
+def check_methods(
+    methods: MethodsArg,
+    options: dict[str, Any],
+    *,
+    model: Optional[nn.Module] = None,
+    input_shape: Optional[tuple[int, ...]] = None,
+    model_dims: Optional[int] = None,
+) -> tuple[list[MethodSpec], dict[str, dict[str, Any]]]:
+    """Check a request's methods before any work: names, options, 3-D support, TorchScript; the specs and the
+    options of each method. `input_shape` (B, C, *spatial) or `model_dims` (2 or 3) says whether volumes come."""
+    names = _method_names(methods)
+    specs = [get_spec(n) for n in names]
+    per_method = _split_options(specs, options)
+    flat = [s.name for s in specs if not s.supports_3d]
+    if flat and input_shape is not None and len(input_shape) == 5:
+        raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(input_shape)}.")
+    if flat and input_shape is None and model_dims == 3:
+        raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only, and this model takes 3-D volumes.")
+    if model is not None:
+        check_torchscript_support(model, specs)
+    return specs, per_method
+
+
 _OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", MemoryError), MemoryError)
 
 
@@ -191,14 +214,7 @@ def explain(
         model = model._orig_mod
     x = check_input(x)
     seed = _check_seed(seed)
-    names = _method_names(methods)
-    specs = [get_spec(n) for n in names]
-    per_method = _split_options(specs, options)
-    if x.dim() == 5:
-        flat = [s.name for s in specs if not s.supports_3d]
-        if flat:
-            raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(x.shape)}.")
-    check_torchscript_support(model, specs)
+    specs, per_method = check_methods(methods, options, model=model, input_shape=tuple(x.shape))
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
     labels = getattr(model, "labels", None)
