@@ -1,7 +1,6 @@
 """The `medlens methods`, `medlens models` and `medlens explain` commands (click), exported as `COMMANDS`.
 
-They only parse options and call the library: the registry, `io.models.load_model`, `io.images`, `explain`
-and `io.output.write_explanation`; every user mistake surfaces as a `MedlensError` (exit status 2 in cli.py).
+They only parse options and hand a request to `medlens.pipeline`; every user mistake is a `MedlensError` (exit 2).
 """
 from __future__ import annotations
 
@@ -12,7 +11,16 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from medlens.errors import InputError, MedlensError, MethodError, ModelError, TargetError
+from tqdm import tqdm
+
+import medlens
+from medlens.core.explain import check_methods
+from medlens.core.registry import all_specs
+from medlens.errors import InputError, MedlensError, MethodError, ModelError
+from medlens.io.files import ensure_writable
+from medlens.io.models import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
+from medlens.io.regions import read_region
+from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write_outcome
 
 EPILOG_MODELS = """\
 Model sources for --model:
@@ -46,8 +54,6 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 @click.command("methods")
 def methods_command() -> None:
     """List every explanation method with what it needs (from the one method registry)."""
-    from medlens.core.registry import all_specs
-
     rows = [
         (s.name, s.family, _yes(s.needs_gradients), _yes(s.needs_layer), _yes(s.supports_3d), _yes(s.stochastic), s.cost, s.summary)
         for s in all_specs().values()
@@ -58,8 +64,6 @@ def methods_command() -> None:
 @click.command("models", epilog=EPILOG_MODELS)
 def models_command() -> None:
     """List bundled models (labels, input spec) and the other model sources medlens can load."""
-    from medlens.io.models import XRV_KNOWN_FILES, _info_get, bundled_models
-
     bundled = bundled_models()
     if bundled:
         rows = []
@@ -76,8 +80,6 @@ def models_command() -> None:
         click.echo("Bundled models:")
         click.echo(_table(rows, ("name", "input size", "channels", "labels are", "test acc.", "labels", "summary")))
     else:
-        from medlens.io.models import BUNDLED_PROBLEM
-
         click.echo("Bundled models: " + (f"unavailable ({BUNDLED_PROBLEM[0]})" if BUNDLED_PROBLEM else "none in this installation."))
     click.echo("")
     try:
@@ -118,32 +120,6 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def _parse_targets(text: Optional[str]) -> Any:
-    if text is None or not text.strip():
-        return None
-    items: list[Any] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        items.append(int(part) if part.lstrip("-").isdigit() else part)
-    if not items:
-        return None
-    return items
-
-
-def check_targets(targets: Any, labels: Sequence[str]) -> None:
-    """Fail early (before any image is processed) on a target index out of range or an unknown class name."""
-    if targets is None:
-        return
-    from medlens.core.targets import _index
-
-    for t in targets:
-        if isinstance(t, int) and t < 0:
-            raise TargetError(f"target index {t} is out of range: this model has {len(labels)} classes (0..{len(labels) - 1}).")
-        _index(t, labels, len(labels))
-
-
 def _image_folder_names(paths: Sequence[Path]) -> list[str]:
     names: list[str] = []
     for p in paths:
@@ -163,8 +139,6 @@ def _image_folder_names(paths: Sequence[Path]) -> list[str]:
 
 def load_model_for_cli(source: str, **options: Any) -> Any:
     """`medlens.load_model`, its warnings (a pickled module runs code) printed as one line each, not Python's form."""
-    import medlens
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = medlens.load_model(source, **options)
@@ -191,6 +165,10 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--frame", type=int, default=None, help="For a multi-frame file: the frame to read.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--option", "option_items", multiple=True, help="A method option key=value (repeatable), e.g. --option eigen_smooth=true.")
+@click.option("--region", type=click.Path(path_type=Path), default=None,
+              help="Where the finding is: a YOLO box .txt, a PNG mask or a NIfTI mask; outlined on every overlay, with the "
+                   "pointing game and energy in the region in provenance.json. Default: a .txt box file beside the image.")
+@click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box file beside the image.")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -208,95 +186,57 @@ def explain_command(
     frame: Optional[int],
     device: str,
     option_items: Sequence[str],
+    region: Optional[Path],
+    no_region: bool,
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """
-    from medlens.io.files import ensure_writable
-
     # Cheap checks first, so that no work is wasted: output folder, method names and options, image files.
     created = not Path(out_dir).exists()
     out = ensure_writable(out_dir)
     try:
-        _explain_into(out, images, model_source, methods, targets, layer, seed, labels, input_size, channels,
-                      multi_label, weights, slice_index, frame, device, option_items)
+        request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed,
+                                       options=_parse_options(option_items), slice_index=slice_index, frame=frame)
+        if not request.methods:
+            raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")
+        check_methods(list(request.methods), dict(request.options))
+        for p in images:
+            if not p.exists():
+                raise InputError(f"{p}: no such file. Check the path (relative paths start from {Path.cwd()}).")
+        if region is not None and len(images) > 1:
+            raise InputError("--region names one region file, so it takes one image; for several images put a box "
+                             "file with each image's name beside it (scan.png -> scan.txt).")
+        chosen_region = read_region(region) if region is not None else (None if no_region else "auto")
+        model = _model_on_device(model_source, device, labels=labels, input_size=input_size, channels=channels,
+                                 multi_label=multi_label, weights=weights)
+        plan = plan_for(model, request)
+        _explain_each(plan, images, out, chosen_region, getattr(model, "medlens_source", None))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # a run that wrote nothing leaves no empty folder
             out.rmdir()
         raise
 
 
-def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods: str, targets: Optional[str],
-                  layer: Optional[str], seed: Optional[int], labels: Optional[str], input_size: Optional[str],
-                  channels: Optional[int], multi_label: Optional[bool], weights: Optional[Path],
-                  slice_index: Optional[int], frame: Optional[int], device: str, option_items: Sequence[str]) -> None:
-    from tqdm import tqdm
-
-    from medlens.core.explain import check_torchscript_support, explain
-    from medlens.io.images import model_dims, prepare, read_image
-    from medlens.io.output import write_explanation
-    from medlens.core.registry import get_spec
-
-    method_names = [m.strip() for m in methods.split(",") if m.strip()]
-    if not method_names:
-        raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")
-    specs = [get_spec(m) for m in method_names]
-    options = _parse_options(option_items)
-    accepted = {k for s in specs for k in s.options}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise MethodError(f"option(s) {', '.join(unknown)} are not used by {', '.join(s.name for s in specs)}; they accept: {', '.join(sorted(accepted)) or '(none)'}.")
-    for p in images:
-        if not p.exists():
-            raise InputError(f"{p}: no such file. Check the path (relative paths start from {Path.cwd()}).")
-
-    model_options: dict[str, Any] = {}
-    if labels is not None:
-        model_options["labels"] = labels
-    if input_size is not None:
-        model_options["input_size"] = input_size
-    if channels is not None:
-        model_options["channels"] = channels
-    if multi_label is not None:
-        model_options["multi_label"] = multi_label
-    if weights is not None:
-        model_options["weights"] = weights
-    model = load_model_for_cli(model_source, **model_options)
+def _model_on_device(source: str, device: str, **options: Any) -> Any:
+    model = load_model_for_cli(source, **{k: v for k, v in options.items() if v is not None})
     for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
         click.echo(f"medlens: note: {note}", err=True)
     try:
-        model = model.to(device)
+        return model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise MedlensError(f"cannot use device {device!r} ({exc}); try --device cpu.") from None
-    check_torchscript_support(model, specs)
-    if targets is not None and targets.strip().lower() == "all":
-        target_list: Any = list(range(len(model.labels)))
-    else:
-        target_list = _parse_targets(targets)
-    check_targets(target_list, model.labels)
-    dims = model_dims(model)
-    flat = [s.name for s in specs if dims == 3 and not s.supports_3d]
-    if flat:
-        raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only, and this model takes 3-D volumes.")
 
+
+def _explain_each(plan: Plan, images: Sequence[Path], out: Path, region: Any, model_source: Any) -> None:
     failures: list[str] = []
     folder_names = _image_folder_names(list(images))
     progress = tqdm(list(zip(images, folder_names)), desc="explaining", unit="image", disable=len(images) < 2, file=sys.stderr)
     for path, folder_name in progress:
         try:
-            scan = read_image(path, frame=frame)
-            prepared = prepare(scan, model.input_spec, dims=dims, slice_index=slice_index)
-            x = prepared.tensor.to(device)
-            result = explain(model, x, methods=method_names, targets=target_list, layer=layer, seed=seed, **options)
-            write_explanation(
-                result,
-                out / folder_name,
-                display=prepared.display,
-                input_file=path,
-                loading_notes=prepared.notes,
-                model_source=getattr(model, "medlens_source", None),
-            )
+            outcome = explain_file(plan, path, region=region)
+            write_outcome(outcome, out / folder_name, model_source=model_source)
         except (InputError, ModelError) as exc:  # this image's file, or the model on this image: go on with the rest
             # (a bad option, target or output folder would fail every image alike: those end the run at once)
             if len(images) == 1:

@@ -48,6 +48,14 @@ def _index(item: Any, labels: Optional[Sequence[str]], n_classes: int) -> int:
     return index
 
 
+def check_target_names(targets: Sequence[Any], labels: Sequence[str]) -> None:
+    """Fail early (before any image is read) on a target index out of range or an unknown class name."""
+    for t in targets:
+        if isinstance(t, int) and t < 0:
+            raise TargetError(f"target index {t} is out of range: this model has {len(labels)} classes (0..{len(labels) - 1}).")
+        _index(t, labels, len(labels))
+
+
 def default_targets(logits: torch.Tensor, multi_label: bool) -> tuple[torch.Tensor, str]:
     """Top-1 per image; for multi-label models every class with p >= 0.5 (top-1 when none is).
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from medlens.errors import InputError, MethodError, OutputError
+from medlens.io.regions import boxes_to_mask
 from medlens.evaluation import faithfulness as F
 from medlens.evaluation import localisation as L
 from medlens.evaluation import trust as TR
@@ -95,27 +96,20 @@ def prepare_image(path: Path, spec: Any) -> torch.Tensor:
 
 
 def box_mask(box_file: Optional[Path], size: tuple[int, int]) -> torch.Tensor:
-    """Boolean (H, W) mask of the YOLO boxes in `box_file` (`label xc yc w h` per line, normalised): the
-    pixels whose centres fall in a box, plus the pixel holding each box centre. No file: an empty mask."""
-    h, w = size
-    mask = torch.zeros(h, w, dtype=torch.bool)
+    """Boolean (H, W) mask of the YOLO boxes in `box_file` (`label xc yc w h` per line, normalised), rasterised as
+    `medlens explain --region` does (`medlens.io.regions.boxes_to_mask`). No file: an empty mask."""
     if box_file is None or not box_file.is_file():
-        return mask
-    cy = (torch.arange(h, dtype=torch.float64) + 0.5) / h
-    cx = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+        return torch.zeros(*size, dtype=torch.bool)
+    boxes = []
     for line in box_file.read_text().splitlines():
         parts = line.split()
         if len(parts) < 5:
             continue
         try:
-            xc, yc, bw, bh = (float(v) for v in parts[1:5])
+            boxes.append(tuple(float(v) for v in parts[1:5]))
         except ValueError:
             raise InputError(f"{box_file}: cannot read the box line {line!r}; expected 'label x_center y_center width height'.") from None
-        rows = (cy >= yc - bh / 2) & (cy <= yc + bh / 2)
-        cols = (cx >= xc - bw / 2) & (cx <= xc + bw / 2)
-        mask |= rows[:, None] & cols[None, :]
-        mask[min(h - 1, max(0, int(yc * h))), min(w - 1, max(0, int(xc * w)))] = True
-    return mask
+    return boxes_to_mask(boxes, size)
 
 
 class FolderDataset:

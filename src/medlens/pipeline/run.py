@@ -1,0 +1,149 @@
+"""Read -> prepare -> explain for one input under a `Plan`: an `Outcome` with the result, the prepared input, the
+prediction, the region (when given) and its pointing-game and energy scores, what was noted, and the timings.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from medlens.core.explain import explain
+from medlens.core.result import ExplanationResult
+from medlens.errors import InputError
+from medlens.evaluation.localisation import energy_in_box, pointing_game
+from medlens.io.formats import DEFAULT_FORMATS
+from medlens.io import PreparedInput, ScanImage, prepare, read_image, spec_for
+from medlens.io.regions import Region, read_region, region_beside, region_mask
+from medlens.pipeline.plan import Plan
+
+RegionArg = Union[None, str, Path, Region]  # None: no region; "auto": a box file beside the image; a path; a Region
+
+
+@dataclass
+class Outcome:
+    """One input explained: what a front end shows or writes."""
+
+    result: ExplanationResult
+    prepared: PreparedInput  # the model's input tensor, the grayscale display image, the notes, the scan as read
+    source: Optional[Path] = None  # the file (or DICOM series folder) it came from
+    region: Optional[torch.Tensor] = None  # boolean mask on the input's grid
+    region_source: Optional[Path] = None
+    region_scores: Optional[dict[str, dict[str, dict[str, float]]]] = None  # method -> target name -> metric -> value
+    notes: list[str] = field(default_factory=list)  # what reading, preparing and the region lookup noted
+    seconds: dict[str, float] = field(default_factory=dict)  # read, explain
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # what the plan asked to write
+
+    def prediction(self) -> dict[str, float]:
+        """Class label (or index) -> probability, for the one image."""
+        probs = self.result.probabilities[0].detach().float().cpu().tolist()
+        labels = self.result.labels or [str(i) for i in range(len(probs))]
+        return {str(label): float(p) for label, p in zip(labels, probs)}
+
+    def target_names(self) -> list[str]:
+        return self.result.target_names()[0]
+
+    def region_provenance(self) -> Optional[dict[str, Any]]:
+        """What provenance.json says of the region: its file, its size on the input's grid, and the scores."""
+        if self.region is None:
+            return None
+        return {"file": str(self.region_source) if self.region_source else None,
+                "pixels_on_input_grid": int(self.region.sum()),
+                "metrics": self.region_scores,
+                "note": "pointing_game: 1 if the map's peak lies in the region (within 15/224 of the largest side); "
+                        "energy_in_region: share of the map's positive mass inside the region (as medlens evaluate)"}
+
+
+def read_input(plan: Plan, path: Union[str, Path]) -> PreparedInput:
+    """Read a scan file (or DICOM series folder) and prepare it for the plan's model."""
+    return _read(plan, Path(path))[0]
+
+
+def _read(plan: Plan, path: Path) -> tuple[PreparedInput, tuple[int, ...]]:
+    """The prepared input and the spatial shape of the scan as read (a volume's, before a 2-D model's slice)."""
+    request = plan.request
+    scan = read_image(path, frame=request.frame, window=request.window)
+    return prepare(scan, spec_for(plan.model), dims=plan.dims, slice_index=request.slice_index), scan.spatial_shape
+
+
+def _resolve_region(region: RegionArg, source: Optional[Path], notes: list[str]) -> Optional[Region]:
+    if region is None:
+        return None
+    if isinstance(region, Region):
+        return region
+    if isinstance(region, str) and region == "auto":
+        beside = region_beside(source) if source is not None else None
+        if beside is None:
+            return None
+        try:
+            return read_region(beside)
+        except InputError as exc:  # a .txt beside the image that is not a box file: said, not fatal
+            notes.append(f"the file {beside.name} beside the image was not used as a region: {exc}")
+            return None
+    return read_region(region)
+
+
+def score_region(result: ExplanationResult, mask: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
+    """Pointing game and energy in the region of every map (method, target), as `medlens evaluate` computes them."""
+    names = result.target_names()[0]
+    masks = mask[None].to(next(iter(result.values())).device) if len(result) else mask[None]
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for method in result:
+        maps = result[method][:1]
+        hits = pointing_game(maps, masks)[0].tolist()
+        energy = energy_in_box(maps, masks)[0].tolist()
+        scores[method] = {name: {"pointing_game": float(h), "energy_in_region": float(e)}
+                          for name, h, e in zip(names, hits, energy)}
+    return scores
+
+
+def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Path] = None,
+                     region: RegionArg = None, read_shape: Optional[tuple[int, ...]] = None) -> Outcome:
+    """Explain an already prepared input under the plan; `region` adds its outline and scores. `read_shape` is
+    the scan's spatial shape as read (default: the prepared scan's), which a region mask must match."""
+    request = plan.request
+    notes = list(prepared.notes)
+    found = _resolve_region(region, source, notes)
+    t0 = time.perf_counter()
+    x = prepared.tensor.to(plan.device)
+    result = explain(plan.model, x, methods=[s.name for s in plan.specs], targets=plan.targets, layer=request.layer,
+                     seed=request.seed, **dict(request.options))
+    seconds = {"explain": time.perf_counter() - t0}
+    outcome = Outcome(result, prepared, source, notes=notes, seconds=seconds, formats=plan.formats)
+    if found is not None:
+        grid = tuple(prepared.tensor.shape[2:])
+        outcome.region = region_mask(found, read_shape or prepared.scan.spatial_shape, grid,
+                                     slice_index=request.slice_index)
+        outcome.region_source = found.source
+        outcome.region_scores = score_region(result, outcome.region)
+    return outcome
+
+
+def explain_file(plan: Plan, path: Union[str, Path], *, region: RegionArg = "auto") -> Outcome:
+    """Read, prepare and explain one file (or DICOM series folder); a box file beside it is its region by default."""
+    source = Path(path)
+    t0 = time.perf_counter()
+    prepared, read_shape = _read(plan, source)
+    read_seconds = time.perf_counter() - t0
+    outcome = explain_prepared(plan, prepared, source=source, region=region, read_shape=read_shape)
+    outcome.seconds = {"read": read_seconds, **outcome.seconds}
+    return outcome
+
+
+def explain_tensor(plan: Plan, x: torch.Tensor, *, display: Optional[np.ndarray] = None,
+                   region: Optional[Region] = None) -> Outcome:
+    """Explain a tensor already prepared for the model (1, C, *spatial), e.g. from a notebook or the app."""
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) or x.shape[0] != 1:
+        raise InputError(f"explain_tensor takes one prepared input of shape (1, C, *spatial), not "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
+    if display is None:
+        plane = x[0].float().mean(dim=0).detach().cpu()
+        lo, hi = float(plane.min()), float(plane.max())
+        display = ((plane - lo) / (hi - lo) if hi > lo else torch.zeros_like(plane)).numpy()
+    scan = ScanImage(np.asarray(display, dtype=np.float32), Path("<tensor>"), "tensor",
+                     layout="volume" if x.dim() == 5 else "gray")
+    prepared = PreparedInput(x.detach(), np.asarray(display, dtype=np.float32), [], scan, spec_for(plan.model))
+    return explain_prepared(plan, prepared, region=region)
