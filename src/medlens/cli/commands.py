@@ -1,6 +1,6 @@
 """The `medlens methods`, `medlens models` and `medlens explain` commands (click), exported as `COMMANDS`.
 
-They only parse options and call the library: the registry, `io.models.load_model`, `io.images`, `explain`
+They only parse options and call the library: the registry, `io.load_model`, the `io` readers, `explain`
 and `io.output.write_explanation`; every user mistake surfaces as a `MedlensError` (exit status 2 in cli.py).
 """
 from __future__ import annotations
@@ -234,7 +234,7 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
     from tqdm import tqdm
 
     from medlens.core.explain import check_torchscript_support, explain
-    from medlens.io.images import model_dims, prepare, read_image
+    from medlens.io import model_dims, prepare, read_image
     from medlens.io.output import write_explanation
     from medlens.core.registry import get_spec
 

@@ -85,7 +85,7 @@ def completeness_options(method: str, options: dict[str, Any]) -> dict[str, Any]
 def prepare_image(path: Path, spec: Any) -> torch.Tensor:
     """Read an image and prepare it as the model's InputSpec says, through the same reader and preparation as
     `medlens explain` (`medlens.io`): (C, H, W) float32."""
-    from medlens.io.images import prepare, read_image
+    from medlens.io import prepare, read_image
     from medlens.core.input_spec import InputSpec
 
     if not isinstance(spec, InputSpec):
@@ -379,7 +379,7 @@ def evaluate(
                 path, _ = data.items[i]
                 size = tuple(spec.size[-2:]) if getattr(spec, "size", None) else None
                 if size is None:
-                    from medlens.io.images import read_image
+                    from medlens.io import read_image
 
                     size = read_image(path).spatial_shape[-2:]  # a file that cannot be read: an InputError, not a traceback
                 mask = box_mask(path.with_suffix(".txt"), size)

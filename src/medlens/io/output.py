@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from medlens.errors import OutputError
+from medlens.io.digests import file_sha256
 
 PathLike = Union[str, os.PathLike]
 
@@ -82,14 +83,6 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]])
             raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder and free space.") from None
         raise
     return path
-
-
-def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_name(text: str) -> str:
