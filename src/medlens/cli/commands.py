@@ -17,13 +17,14 @@ from medlens.errors import InputError, MedlensError, MethodError, ModelError, Ta
 EPILOG_MODELS = """\
 Model sources for --model:
   a bundled name      see the table above
-  FILE.pt / FILE.pth  TorchScript (torch.jit.save) or a pickled module (torch.save(model); loading runs code, so
-                      medlens warns). Labels and input spec come from the model, a sidecar JSON beside the file
+  FILE.pt / FILE.pth  TorchScript (torch.jit.save), a torch.export program (FILE.pt2), or a pickled module
+                      (torch.save(model); loading it runs code, so only with --allow-pickle). Labels and input spec come from the model, a sidecar JSON beside the file
                       (FILE.pt.json or FILE.json with InputSpec fields: labels, size, channels, scale, mean, std,
                       multi_label, resample: bilinear or area), or --labels/--input-size/--multi-label; defaults: labels "class 0".."class K-1",
                       softmax, the scan's own size, min-max intensities.
-  torchvision:ARCH    a torchvision architecture with a local state_dict: --weights FILE (num_classes and input
-                      channels are read from the weights)
+  torchvision:ARCH    a torchvision architecture with a local state_dict or .safetensors: --weights FILE (num_classes
+                      and input channels are read from the weights); or give the weights file as the model with
+                      "architecture": "torchvision:ARCH" in its sidecar JSON
   timm:ARCH           the same for timm architectures (needs `pip install timm`)
   xrv:NAME            a TorchXRayVision model (needs `pip install torchxrayvision` and its weights file already in
                       ~/.torchxrayvision/models_data/); e.g. xrv:densenet121-res224-all. Nothing is downloaded.
@@ -191,6 +192,7 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--frame", type=int, default=None, help="For a multi-frame file: the frame to read.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--option", "option_items", multiple=True, help="A method option key=value (repeatable), e.g. --option eigen_smooth=true.")
+@click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -208,6 +210,7 @@ def explain_command(
     frame: Optional[int],
     device: str,
     option_items: Sequence[str],
+    allow_pickle: bool,
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -220,7 +223,7 @@ def explain_command(
     out = ensure_writable(out_dir)
     try:
         _explain_into(out, images, model_source, methods, targets, layer, seed, labels, input_size, channels,
-                      multi_label, weights, slice_index, frame, device, option_items)
+                      multi_label, weights, slice_index, frame, device, option_items, allow_pickle)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # a run that wrote nothing leaves no empty folder
             out.rmdir()
@@ -230,7 +233,8 @@ def explain_command(
 def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods: str, targets: Optional[str],
                   layer: Optional[str], seed: Optional[int], labels: Optional[str], input_size: Optional[str],
                   channels: Optional[int], multi_label: Optional[bool], weights: Optional[Path],
-                  slice_index: Optional[int], frame: Optional[int], device: str, option_items: Sequence[str]) -> None:
+                  slice_index: Optional[int], frame: Optional[int], device: str, option_items: Sequence[str],
+                  allow_pickle: bool = False) -> None:
     from tqdm import tqdm
 
     from medlens.core.explain import check_torchscript_support, explain
@@ -262,6 +266,8 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
         model_options["multi_label"] = multi_label
     if weights is not None:
         model_options["weights"] = weights
+    if allow_pickle:
+        model_options["allow_pickle"] = True
     model = load_model_for_cli(model_source, **model_options)
     for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
         click.echo(f"medlens: note: {note}", err=True)

@@ -156,9 +156,14 @@ def attach_metadata(
         raise ModelError(f"unknown model option(s): {', '.join(sorted(options))}.")
 
     conv_channels, dims = _infer_channels_dims(model)
+    exported = getattr(model, "medlens_export_input", None)  # (B, C, *spatial) fixed when the program was exported
+    if exported is not None:
+        conv_channels = conv_channels or int(exported[1])
+        if "size" not in fields:
+            fields["size"], origin["size"] = tuple(int(s) for s in exported[2:]), "exported program"
     if "channels" not in fields:
         fields["channels"] = conv_channels or 1
-        origin["channels"] = "first convolution" if conv_channels else "default"
+        origin["channels"] = ("exported program" if exported is not None else "first convolution") if conv_channels else "default"
     if fields.get("size"):
         fields["size"] = _as_size(fields["size"])
         dims = len(fields["size"])

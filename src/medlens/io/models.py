@@ -20,12 +20,13 @@ from torch import nn
 from medlens.errors import ModelError
 from medlens.io.digests import file_sha256
 from medlens.io.model_architectures import load_architecture
-from medlens.io.model_files import PickleWarning, load_model_file
+from medlens.io.model_files import load_model_file
 from medlens.io.model_metadata import attach_metadata, read_sidecar
 from medlens.io.xrv import XRV_CACHE, XRV_KNOWN_FILES, load_xrv
 
 PathLike = Union[str, os.PathLike]
 
+SIDECAR_BUILD_FIELDS = ("architecture", "num_classes", "in_channels")  # sidecar keys that say how to build the model
 BUNDLED_PROBLEM: list[str] = []  # why the bundled models could not be listed, shown by `medlens models`
 
 
@@ -60,10 +61,14 @@ def load_model(
     num_classes: Optional[int] = None,
     in_channels: Optional[int] = None,
     map_location: Any = "cpu",
-    allow_pickle: bool = True,
+    allow_pickle: bool = False,
     **options: Any,
 ) -> nn.Module:
     """A bundled model name, a file path, "torchvision:<arch>"/"timm:<arch>" with `weights=`, or "xrv:<name>".
+
+    Files: TorchScript, a torch.export program (.pt2), weights (state dict or .safetensors) whose sidecar JSON names
+    an "architecture" ("torchvision:<arch>"), or a pickled module, which loads only with `allow_pickle=True` because
+    loading it runs the code it holds. Weights are always read without pickle (`weights_only=True`, safetensors).
 
     Options: labels (list or comma-separated), input_size (int, (H, W) or (D, H, W)), multi_label, channels,
     scale, mean, std, modality. Returns the module in eval mode with `.labels`, `.multi_label`, `.input_spec`.
@@ -97,16 +102,28 @@ def load_model(
     if not path.exists():
         hint = f" Bundled models: {', '.join(sorted(bundled))}." if bundled else ""
         raise ModelError(
-            f"{text!r} is neither a bundled model name nor an existing file.{hint} Give a model file (TorchScript or "
-            f"pickled module), 'torchvision:<arch>' with weights, or 'xrv:<weights name>'; see `medlens models`."
+            f"{text!r} is neither a bundled model name nor an existing file.{hint} Give a model file (TorchScript, .pt2, "
+            f"or a pickled module with allow_pickle), 'torchvision:<arch>' with weights, or 'xrv:<weights name>'; see "
+            f"`medlens models`."
         )
     if path.is_dir():
         raise ModelError(f"{path} is a folder; give the model file inside it.")
-    model, kind = load_model_file(path, map_location, allow_pickle, notes)
     sidecar, sidecar_path = read_sidecar(path)
+    architecture = (sidecar or {}).get("architecture")
+    if architecture is not None:  # weights beside a sidecar that names their architecture
+        if not isinstance(architecture, str) or not architecture.lower().startswith(("torchvision:", "timm:")):
+            raise ModelError(f"{sidecar_path}: \"architecture\" must be \"torchvision:<name>\" or \"timm:<name>\", not "
+                             f"{architecture!r}.")
+        build = {k: v for k, v in sidecar.items() if k in SIDECAR_BUILD_FIELDS}
+        sidecar = {k: v for k, v in sidecar.items() if k not in SIDECAR_BUILD_FIELDS}
+        model = load_architecture(architecture, path, map_location,
+                                  num_classes if num_classes is not None else build.get("num_classes"),
+                                  in_channels if in_channels is not None else build.get("in_channels"), notes)
+        return attach_metadata(model, f"{architecture} + {path}", kind="architecture+weights", sidecar=sidecar,
+                               sidecar_path=sidecar_path, options=options, notes=notes, digest=file_sha256(path))
+    model, kind = load_model_file(path, map_location, allow_pickle, notes)
     return attach_metadata(model, str(path), kind=kind, sidecar=sidecar, sidecar_path=sidecar_path,
                            options=options, notes=notes, digest=file_sha256(path))
 
-
-__all__ = ["BUNDLED_PROBLEM", "PickleWarning", "XRV_CACHE", "XRV_KNOWN_FILES", "attach_metadata", "bundled_models", "load_model",
+__all__ = ["BUNDLED_PROBLEM", "XRV_CACHE", "XRV_KNOWN_FILES", "attach_metadata", "bundled_models", "load_model",
            "read_sidecar"]
