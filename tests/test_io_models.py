@@ -245,6 +245,21 @@ def test_xrv_never_downloads_and_loads_from_cache(monkeypatch, tmp_path, capsys)
     assert (lo, hi) == pytest.approx((-1024.0, 1024.0))
 
 
+def test_the_first_input_a_model_sees_is_scaled_like_a_real_one(monkeypatch, tmp_path):
+    """TorchXRayVision warns when its input is not in [-1024, 1024]; medlens's probe pass must not feed it zeros."""
+    cache, _, models_mod = _fake_xrv(monkeypatch, tmp_path)
+    cache.mkdir()
+    (cache / "all-weights.pt").write_bytes(b"x")
+    seen = []
+    forward = models_mod.DenseNet.forward
+    monkeypatch.setattr(models_mod.DenseNet, "forward", lambda self, x: seen.append(x.detach().clone()) or forward(self, x))
+    model = load_model("xrv:densenet121-res224-all")
+    first = seen[0]
+    assert first.shape == (1, 1, 224, 224) and bool((first != 0).any())
+    assert float(first.min()) == pytest.approx(-1024.0) and float(first.max()) == pytest.approx(1024.0)
+    assert model.input_spec.value_range == pytest.approx((-1024.0, 1024.0))
+
+
 def test_bundled_model_through_zoo(monkeypatch):
     zoo = types.ModuleType("medlens.models.zoo")
     zoo.bundled_models = lambda: {"tiny-test": {"labels": ["a", "b", "c"]}}

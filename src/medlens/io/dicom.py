@@ -4,6 +4,7 @@ Owns pydicom at the file edge: header checks before decoding, the decoders' erro
 """
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -11,6 +12,8 @@ from typing import Any, Optional
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from medlens.errors import InputError
 from medlens.io.limits import check_size
@@ -94,23 +97,96 @@ def read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
         # A header value that does not parse (RescaleSlope "x", NumberOfFrames "x", a window centre "ab"...).
         raise InputError(
-            f"{path}: a DICOM header value could not be read ({type(exc).__name__}: {exc}); the file is not valid "
+            f"{path}: a DICOM header value could not be read ({type(exc).__name__}: {one_line(exc)}); the file is not valid "
             f"DICOM. Re-export it from the PACS or viewer, or fix the named attribute."
         ) from None
+
+
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """A library error as one line: its lines joined, whitespace collapsed, cut near `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _dcmread(path: Path, notes: list[str]) -> Any:
+    """The dataset, also from a file without the 128-byte preamble and "DICM" (ACR-NEMA style headers, still found in
+    exports): read with force=True, and a transfer syntax assumed from how its header was encoded, as viewers do."""
+    with warnings.catch_warnings():  # pydicom warns about every oddity of a broken file; the error says it all
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(str(path))
+        except InvalidDicomError:
+            ds = pydicom.dcmread(str(path), force=True)
+    if len(ds) == 0 or not any(tag.group in (0x0008, 0x0010, 0x0020, 0x0028) for tag in ds.keys()):
+        raise InvalidDicomError("no DICOM preamble and no standard DICOM attributes")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        if implicit is None:
+            implicit, little = True, True
+        uid = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta.TransferSyntaxUID = uid
+        notes.append(f"no DICOM preamble or file meta header (ACR-NEMA style): read as {uid.name}")
+    return ds
+
+
+PIXEL_MODULE = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+
+
+def _pixel_header(path: Path, ds: Any, frame: Optional[int]) -> tuple[int, int, int, int, int]:
+    """rows, columns, frames, samples per pixel and bits allocated, checked, and the claimed size checked against the
+    limits before anything is decoded."""
+    missing = [k for k in PIXEL_MODULE if k not in ds or ds[k].value in (None, "")]
+    if "PhotometricInterpretation" in missing and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        ds.PhotometricInterpretation = "MONOCHROME2"  # ACR-NEMA files often omit it; one sample means grayscale
+        missing.remove("PhotometricInterpretation")
+    if "SamplesPerPixel" in missing and "SamplesPerPixel" not in ds:
+        ds.SamplesPerPixel = 1
+        missing.remove("SamplesPerPixel")
+    if missing:
+        raise InputError(f"{path}: the DICOM header lacks {', '.join(missing)}, needed to decode its pixels; the file is "
+                         f"incomplete. Re-export it from the PACS or viewer.")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+    if rows <= 0 or cols <= 0 or n_frames <= 0 or samples not in (1, 3) or bits not in (1, 8, 16, 32, 64):
+        raise InputError(f"{path}: the DICOM header gives an impossible image ({rows} x {cols}, {n_frames} frame(s), "
+                         f"{samples} samples of {bits} bits); the file is corrupt. Re-export it from the PACS or viewer.")
+    if frame is not None and not 0 <= frame < n_frames:
+        raise InputError(f"{path}: frame {frame} does not exist; the file has {n_frames} frame(s) (0..{n_frames - 1}).")
+    # all frames are decoded (then one kept): bits as stored plus float32 copies while windowing
+    check_size(path, (n_frames, rows, cols) if n_frames > 1 else (rows, cols), volume=n_frames > 1,
+               bytes_per_value=samples * (max(bits, 8) / 8 + 8))
+    return rows, cols, n_frames, samples, bits
+
+
+def _decode_error(path: Path, ds: Any, exc: BaseException) -> InputError:
+    """Why pixel data could not be decoded, in one line: a missing decoder (and what to install) or damaged data."""
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    name = getattr(ts, "name", str(ts))
+    try:
+        decoder = get_decoder(ts) if ts is not None else None
+    except (NotImplementedError, ValueError):
+        decoder = None
+    if ts is not None and getattr(ts, "is_compressed", False) and (decoder is None or not decoder.is_available):
+        return InputError(f"{path}: the pixel data is compressed as {name}, and no installed decoder reads it; install "
+                          f"medlens's DICOM decoders again (pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls "
+                          f"python-gdcm, or pylibjpeg-libjpeg, GPL) or re-export the file uncompressed.")
+    return InputError(f"{path}: the DICOM pixel data ({name}) cannot be decoded ({type(exc).__name__}: {one_line(exc)}); "
+                      f"the file is corrupt or truncated. Re-export it from the PACS or viewer.")
 
 
 def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     notes: list[str] = []
     try:
-        with warnings.catch_warnings():  # pydicom warns about every oddity of a broken file; the error says it all
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise InputError(
-            f"{path}: not a valid DICOM file ({type(exc).__name__}: {exc}). The file may be corrupt or truncated; "
-            f"re-export it from the PACS or viewer."
-        ) from None
+        ds = _dcmread(path, notes)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            OverflowError, struct.error) as exc:
+        raise InputError(f"{path}: not a valid DICOM file ({type(exc).__name__}: {one_line(exc)}). The file may be corrupt "
+                         f"or truncated; re-export it from the PACS or viewer.") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if "DirectoryRecordSequence" in ds or str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MediaStorageDirectoryStorage:
+            raise InputError(f"{path} is a DICOMDIR, an index of the DICOM files on a disc or folder, not an image; give "
+                             f"one of the image files it lists, or the folder holding one series.")
         if "SOPClassUID" not in ds and "Modality" not in ds and "Rows" not in ds:
             raise InputError(
                 f"{path}: not a valid DICOM file (no standard DICOM attributes and no pixel data could be read); it is "
@@ -122,21 +198,31 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
             raise InputError(f"{path}: the DICOM header describes {what} but the file holds no pixel data; it is "
                              f"probably truncated. Re-export it from the PACS or viewer.")
         raise InputError(f"{path}: the DICOM file holds no image (no PixelData); it may be a report or structured document.")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frame is not None and not 0 <= frame < n_frames:
-        raise InputError(f"{path}: frame {frame} does not exist; the file has {n_frames} frame(s) (0..{n_frames - 1}).")
+    rows, cols, n_frames, samples, bits = _pixel_header(path, ds, frame)
     volume = n_frames > 1 and frame is None
-    check_size(path, (n_frames, rows, cols) if volume else (rows, cols), volume=volume)
+    if volume and samples > 1:  # refused before decoding: a colour volume is not something medlens explains
+        raise InputError(f"{path}: a multi-frame colour DICOM cannot be read as a volume; choose one frame (frame=/--frame).")
     try:
-        arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken or unsupported pixel data
-        raise InputError(
-            f"{path}: the DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}). The file may be corrupt, or "
-            f"compressed with a codec that needs an extra package (e.g. pip install pylibjpeg pylibjpeg-libjpeg)."
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many types for broken or unsupported data
+        raise _decode_error(path, ds, exc) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    stored = int(ds.get("BitsStored", bits) or bits)
+    stored = stored if 1 <= stored <= bits else bits  # a BitsStored above BitsAllocated is not valid DICOM
+    if photometric == "PALETTE COLOR":  # stored values are indices into the file's colour tables
+        try:
+            arr = apply_color_lut(arr, ds)
+            stored = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        except Exception as exc:  # noqa: BLE001 - missing or damaged palette tables
+            raise InputError(f"{path}: a PALETTE COLOR image whose colour tables cannot be used ({type(exc).__name__}: "
+                             f"{one_line(exc)}); re-export it as RGB or grayscale.") from None
+        stored = stored if stored in (8, 16) else 16
+        samples = 3
+        notes.append("PALETTE COLOR: the file's colour tables applied")
+        if volume:
+            raise InputError(f"{path}: a multi-frame colour DICOM cannot be read as a volume; choose one frame (frame=/--frame).")
     color = samples > 1
     if n_frames > 1:
         if frame is not None:
@@ -147,11 +233,8 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
     values = arr.astype(np.float32)
     nominal: Optional[tuple[float, float]] = None
     if color:
-        if volume:
-            raise InputError(f"{path}: a multi-frame colour DICOM cannot be read as a volume; choose one frame (frame=/--frame).")
         notes.append(f"colour DICOM ({photometric}) read as RGB")
-        bits = int(ds.get("BitsStored", 8) or 8)
-        nominal = (0.0, float(2**bits - 1))
+        nominal = (0.0, float(2**stored - 1))
         layout = "color"
     else:
         groups = _shared_functional_groups(ds)
@@ -173,8 +256,7 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
                 values = _apply_window(values, *win, function=str(ds.get("VOILUTFunction", "LINEAR")))
                 nominal = (0.0, 1.0)
             elif slope == 1 and intercept == 0 and int(ds.get("PixelRepresentation", 0) or 0) == 0:
-                bits = int(ds.get("BitsStored", 16) or 16)
-                nominal = (0.0, float(2**bits - 1))  # stored values of an unsigned image: 0 .. 2^BitsStored - 1
+                nominal = (0.0, float(2**stored - 1))  # stored values of an unsigned image: 0 .. 2^BitsStored - 1
         if photometric == "MONOCHROME1":
             if nominal is not None:
                 values = nominal[0] + nominal[1] - values

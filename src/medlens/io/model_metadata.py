@@ -70,10 +70,23 @@ def _infer_channels_dims(model: nn.Module) -> tuple[Optional[int], int]:
     return channels, 3 if weight.dim() == 5 else 2
 
 
+def probe_input(spec: InputSpec, size: tuple[int, ...]) -> torch.Tensor:
+    """(1, C, *size): a ramp over [0, 1] along the last axis, normalised as the spec says, so the model's first input
+    spans the range its real inputs have (TorchXRayVision, say, warns about an all-zero input, which [-1024, 1024]
+    models never see)."""
+    ramp = torch.linspace(0.0, 1.0, size[-1]).expand((1, int(spec.channels)) + tuple(size))
+    mean = torch.tensor(spec._per_channel(spec.mean), dtype=torch.float32)
+    std = torch.tensor(spec._per_channel(spec.std), dtype=torch.float32)
+    if mean.numel() != spec.channels or std.numel() != spec.channels:
+        return ramp.clone()  # a spec whose statistics do not fit its channels is refused by the caller's checks
+    shape = (1, int(spec.channels)) + (1,) * len(size)
+    return ((ramp - mean.view(shape)) / std.view(shape)).contiguous()
+
+
 def _probe(model: nn.Module, spec: InputSpec, dims: int, source: str) -> int:
-    """Number of classes K, from one forward pass on a zero input of the spec's size (no grad, eval mode)."""
+    """Number of classes K, from one forward pass (no grad, eval mode) on an input of the spec's size and range."""
     size = tuple(spec.size) if spec.size else ((32, 64, 64) if dims == 3 else (224, 224))
-    x = torch.zeros((1, spec.channels) + size)
+    x = probe_input(spec, size)
     param = next(model.parameters(), None)
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else torch.float32)

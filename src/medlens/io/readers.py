@@ -33,6 +33,8 @@ def kind_of(path: Path) -> str:
             head = fh.read(132)
         if len(head) == 132 and head[128:132] == b"DICM":
             return "dicom"
+        if head[:2] in (b"\x08\x00", b"\x00\x08") and head[2:4] in (b"\x00\x00", b"\x05\x00", b"\x08\x00", b"\x16\x00"):
+            return "dicom"  # no preamble (ACR-NEMA style): the first element is (0008,0000/0005/0008/0016)
     except OSError:
         pass
     raise InputError(
