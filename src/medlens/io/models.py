@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from medlens.errors import ModelError
-from medlens.io.digests import file_sha256
+from medlens.io.files import file_sha256
 from medlens.io.model_architectures import load_architecture
 from medlens.io.model_files import load_model_file
 from medlens.io.model_metadata import attach_metadata, read_sidecar

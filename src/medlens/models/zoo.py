@@ -13,7 +13,7 @@ from typing import Any, Union
 from torch import nn
 
 from medlens.errors import ModelError
-from medlens.io.digests import file_sha256
+from medlens.io.files import file_sha256
 from medlens.io.model_files import check_state_dict, read_state_dict
 from medlens.core.input_spec import InputSpec
 from medlens.models.architectures import build
