@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from medlens.errors import InputError
 from medlens.io.limits import check_size
-from medlens.io.scan import ScanImage
+from medlens.io.scan import ScanImage, one_line
 
 
 def dicom_window(ds: Any, window: Any, notes: list[str]) -> Optional[tuple[float, float]]:
@@ -100,12 +100,6 @@ def read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
             f"{path}: a DICOM header value could not be read ({type(exc).__name__}: {one_line(exc)}); the file is not valid "
             f"DICOM. Re-export it from the PACS or viewer, or fix the named attribute."
         ) from None
-
-
-def one_line(exc: BaseException, limit: int = 240) -> str:
-    """A library error as one line: its lines joined, whitespace collapsed, cut near `limit` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _dcmread(path: Path, notes: list[str]) -> Any:

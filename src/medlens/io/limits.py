@@ -80,6 +80,14 @@ def set_limits(**limits: Optional[int]) -> SizeLimits:
     return current_limits()
 
 
+def size_text(n_bytes: float) -> str:
+    """A byte count for people: "812 bytes", "3.1 MiB", "4.0 GiB"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{int(n_bytes)} bytes"
+
+
 def check_size(path: Path, shape: Sequence[int], volume: bool, bytes_per_value: float = 4.0) -> None:
     """Refuse a scan whose claimed shape (spatial sides, optionally with samples per pixel last for colour) is too large.
 
@@ -105,10 +113,10 @@ def check_size(path: Path, shape: Sequence[int], volume: bool, bytes_per_value: 
                          f"(limit {name}={hard}); crop or downsample it first, or raise the limit with MEDLENS_{name}.")
     claimed = n * float(bytes_per_value)
     if claimed > limits.hard_bytes:
-        raise InputError(f"{path}: the {what} ({text}) would take {claimed / 2**20:,.0f} MiB once decoded, above medlens's "
-                         f"limit of {limits.hard_bytes / 2**20:,.0f} MiB (HARD_BYTES); crop or downsample it first, or "
+        raise InputError(f"{path}: the {what} ({text}) would take {size_text(claimed)} once decoded, above medlens's "
+                         f"limit of {size_text(limits.hard_bytes)} (HARD_BYTES); crop or downsample it first, or "
                          f"raise the limit with MEDLENS_HARD_BYTES.")
 
 
 __all__ = ["HARD_BYTES", "HARD_PIXELS_2D", "HARD_SIDE_2D", "HARD_SIDE_3D", "HARD_VOXELS_3D", "MAX_SIDE_2D", "MAX_SIDE_3D",
-           "SizeLimits", "check_size", "current_limits", "set_limits"]
+           "SizeLimits", "check_size", "current_limits", "set_limits", "size_text"]

@@ -12,7 +12,7 @@ import numpy as np
 
 from medlens.errors import InputError
 from medlens.io.limits import check_size
-from medlens.io.scan import ScanImage
+from medlens.io.scan import ScanImage, one_line
 
 
 def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
@@ -20,14 +20,15 @@ def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
+        itemsize = np.dtype(img.get_data_dtype()).itemsize
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
-        raise InputError(f"{path}: not a valid NIfTI file ({type(exc).__name__}: {exc}); re-export it.") from None
+        raise InputError(f"{path}: not a valid NIfTI file ({type(exc).__name__}: {one_line(exc)}); re-export it.") from None
     if len(shape) < 2 or len(shape) > 4:
         raise InputError(f"{path}: the NIfTI image has {len(shape)} dimensions {shape}; medlens reads 2-D, 3-D or 4-D (first volume) images.")
     # One slice along any axis: the usual way to keep a 2-D image in NIfTI (axial, coronal or sagittal).
     flat = len(shape) >= 3 and sorted(shape[:3])[0] == 1 and sorted(shape[:3])[1] > 1
     in_plane = tuple(s for s in shape[:3] if s != 1) if flat else shape[:3]
-    check_size(path, in_plane, volume=not flat and len(shape) >= 3)
+    check_size(path, in_plane, volume=not flat and len(shape) >= 3, bytes_per_value=itemsize + 8)  # + float32 copies
     try:
         img = nib.as_closest_canonical(img) if len(shape) >= 3 else img
         if frame is not None and len(shape) < 4:
@@ -51,7 +52,7 @@ def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{path}: the NIfTI voxel data cannot be read ({type(exc).__name__}: {exc}); the file may be truncated.") from None
+        raise InputError(f"{path}: the NIfTI voxel data cannot be read ({type(exc).__name__}: {one_line(exc)}); the file may be truncated.") from None
     if data.ndim == 2:
         pixels = np.ascontiguousarray(data.T[::-1])
         return ScanImage(pixels.astype(np.float32), path, "nifti", notes, (zooms[1], zooms[0]), "gray", None)

@@ -4,6 +4,8 @@ Owns bit depths (8/16-bit nominal ranges), alpha, palettes, EXIF rotation, frame
 """
 from __future__ import annotations
 
+import math
+import struct
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -13,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medlens.errors import InputError
 from medlens.io.limits import check_size
-from medlens.io.scan import ScanImage
+from medlens.io.scan import ScanImage, one_line
 
 
 def _finish_raster(arr: np.ndarray, path: Path, kind: str, notes: list[str], nominal: Optional[tuple[float, float]]) -> ScanImage:
@@ -58,7 +60,9 @@ def _read_tiff(path: Path, frame: Optional[int]) -> Optional[ScanImage]:
             axes, shape = series.axes, tuple(series.shape)
             if "Y" not in axes or "X" not in axes:
                 return None
-            check_size(path, (shape[axes.index("Y")], shape[axes.index("X")]), volume=False)
+            height, width = shape[axes.index("Y")], shape[axes.index("X")]
+            per_pixel = math.prod(shape) / max(1, height * width)  # pages and samples: all are decoded at once
+            check_size(path, (height, width), volume=False, bytes_per_value=per_pixel * (series.dtype.itemsize + 4))
             photometric = getattr(tf.pages[0].photometric, "name", str(tf.pages[0].photometric)).upper()
             if photometric not in ("MINISBLACK", "MINISWHITE", "RGB"):
                 return None  # palette, YCbCr, CMYK ...: Pillow converts those
@@ -102,18 +106,20 @@ def read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
     try:
         with warnings.catch_warnings():  # medlens applies its own size limits (below), in the user's terms
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                img = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
+            img = Image.open(path)  # reads the header only; Pillow's own bomb guard (MAX_IMAGE_PIXELS) stays on
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: {one_line(exc)} (Pillow's guard, PIL.Image.MAX_IMAGE_PIXELS); medlens refuses it before "
+                         f"decoding. Crop or downsample it first.") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable {kind.upper()} image (the file is corrupt or has the wrong extension); re-export it.") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot open the image ({exc}); check the file.") from None
+        raise InputError(f"{path}: cannot open the image ({one_line(exc)}); check the file.") from None
+    except (ValueError, SyntaxError, struct.error, EOFError) as exc:  # broken headers Pillow does not wrap
+        raise InputError(f"{path}: not a readable {kind.upper()} image ({type(exc).__name__}: {one_line(exc)}); the file is "
+                         f"corrupt or truncated. Re-export it.") from None
     with img:
         width, height = img.size
-        check_size(path, (height, width), volume=False)
+        check_size(path, (height, width), volume=False, bytes_per_value=len(img.getbands()) * 8)
         n_frames = getattr(img, "n_frames", 1)
         if frame is not None:
             if not 0 <= frame < n_frames:
@@ -134,5 +140,5 @@ def read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
                 img = img.convert("L")
             arr = np.asarray(img)
         except (OSError, ValueError, SyntaxError) as exc:
-            raise InputError(f"{path}: the image data cannot be decoded ({exc}); the file may be truncated or corrupt.") from None
+            raise InputError(f"{path}: the image data cannot be decoded ({one_line(exc)}); the file may be truncated or corrupt.") from None
     return _finish_raster(arr, path, kind, notes, _nominal_of(arr.dtype, notes))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medlens.errors import InputError
-from medlens.io.limits import current_limits
+from medlens.io.limits import current_limits, size_text
 
 PathLike = Union[str, os.PathLike]
 
@@ -73,14 +73,24 @@ class ScanImage:
         return self.pixels
 
 
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """A library error as one line: its lines joined, whitespace collapsed, cut near `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def check_file(path: Path) -> None:
     """Refuse a path that does not exist, cannot be read or is empty, before any reader opens it."""
     if not path.exists():
         raise InputError(f"{path}: no such file. Check the path (relative paths start from {Path.cwd()}).")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: the file cannot be read (permission denied); check its permissions.")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise InputError(f"{path}: the file is empty; re-export or re-copy the image.")
+    limit = current_limits().hard_bytes
+    if size > limit:  # readers such as pydicom read a whole file into memory
+        raise InputError(f"{path}: the file is {size_text(size)}, above medlens's limit of {size_text(limit)} (HARD_BYTES); crop or downsample it first, or raise the limit with MEDLENS_HARD_BYTES.")
 
 
 def downsample_if_needed(scan: ScanImage) -> ScanImage:
