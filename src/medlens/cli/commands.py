@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
+import torch
 
 from medlens.errors import InputError, MedlensError, MethodError, ModelError, TargetError
 
@@ -272,6 +273,8 @@ def _explain_into(out: Path, images: Sequence[Path], model_source: str, methods:
     for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
         click.echo(f"medlens: note: {note}", err=True)
     try:
+        if torch.device(device).type == "meta":  # holds no values: every forward pass would fail
+            raise RuntimeError("a meta device holds no data")
         model = model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise MedlensError(f"cannot use device {device!r} ({exc}); try --device cpu.") from None

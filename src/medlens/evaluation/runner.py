@@ -103,18 +103,25 @@ def box_mask(box_file: Optional[Path], size: tuple[int, int]) -> torch.Tensor:
         return mask
     cy = (torch.arange(h, dtype=torch.float64) + 0.5) / h
     cx = (torch.arange(w, dtype=torch.float64) + 0.5) / w
-    for line in box_file.read_text().splitlines():
+    try:
+        text = box_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:  # a binary or unreadable file
+        raise InputError(f"{box_file}: cannot read the box file ({type(exc).__name__}); expected text lines 'label x_center "
+                         f"y_center width height'.") from None
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) < 5:
             continue
         try:
             xc, yc, bw, bh = (float(v) for v in parts[1:5])
+            if not all(math.isfinite(v) for v in (xc, yc, bw, bh)):
+                raise ValueError
         except ValueError:
             raise InputError(f"{box_file}: cannot read the box line {line!r}; expected 'label x_center y_center width height'.") from None
         rows = (cy >= yc - bh / 2) & (cy <= yc + bh / 2)
         cols = (cx >= xc - bw / 2) & (cx <= xc + bw / 2)
         mask |= rows[:, None] & cols[None, :]
-        mask[min(h - 1, max(0, int(yc * h))), min(w - 1, max(0, int(xc * w)))] = True
+        mask[min(h - 1, int(min(max(yc, 0.0), 1.0) * h)), min(w - 1, int(min(max(xc, 0.0), 1.0) * w))] = True
     return mask
 
 

@@ -94,7 +94,7 @@ def _shared_functional_groups(ds: Any) -> dict[str, Any]:
 def read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     try:
         return _read_dicom_dataset(path, frame, window)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+    except (ValueError, TypeError, LookupError, AttributeError, OverflowError, NotImplementedError, struct.error) as exc:
         # A header value that does not parse (RescaleSlope "x", NumberOfFrames "x", a window centre "ab"...).
         raise InputError(
             f"{path}: a DICOM header value could not be read ({type(exc).__name__}: {one_line(exc)}); the file is not valid "
@@ -173,8 +173,7 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
     notes: list[str] = []
     try:
         ds = _dcmread(path, notes)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
-            OverflowError, struct.error) as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers (even NotImplementedError)
         raise InputError(f"{path}: not a valid DICOM file ({type(exc).__name__}: {one_line(exc)}). The file may be corrupt "
                          f"or truncated; re-export it from the PACS or viewer.") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -201,6 +200,10 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many types for broken or unsupported data
+        raise _decode_error(path, ds, exc) from None
+    except BaseException as exc:  # a Rust decoder (pylibjpeg-rle) panics on some damaged data: pyo3's PanicException
+        if type(exc).__name__ != "PanicException":
+            raise
         raise _decode_error(path, ds, exc) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     stored = int(ds.get("BitsStored", bits) or bits)

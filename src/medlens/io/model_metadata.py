@@ -14,7 +14,10 @@ from torch import nn
 
 from medlens.core.input_spec import InputSpec
 from medlens.errors import ModelError, short_message
+from medlens.io.limits import current_limits
 from medlens.io.preparation import first_conv
+
+MAX_CHANNELS = 16  # input channels a model may take (1 or 3 for scans; more only when its first convolution says so)
 
 
 def read_sidecar(path: Path) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
@@ -193,8 +196,19 @@ def attach_metadata(
                          f"got mean {list(spec.mean)} and std {list(spec.std)} ({origin.get('std', origin.get('mean', ''))}).")
     if any(not str(label).strip() for label in spec.labels):
         raise ModelError(f"{source}: a class label is empty ({list(spec.labels)}); give a name for every class.")
-    if int(spec.channels) not in (1, 3) and not conv_channels:
+    channels = spec.channels
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
+        raise ModelError(f"{source}: channels must be a whole number from 1 to {MAX_CHANNELS}, not {channels!r} "
+                         f"({origin.get('channels', '')}).")
+    if channels not in (1, 3) and not conv_channels:
         raise ModelError(f"{source}: channels must be 1 or 3, not {spec.channels}.")
+    if spec.size:  # the probe pass allocates an input of this size: a size from a file is checked before that
+        limits = current_limits()
+        cap = limits.hard_voxels_3d if len(spec.size) == 3 else limits.hard_pixels_2d
+        if math.prod(spec.size) * channels > cap:
+            raise ModelError(f"{source}: the input size {' x '.join(map(str, spec.size))} with {channels} channel(s) "
+                             f"({origin.get('size', '')}) is above medlens's limit of {cap:,} values; give the size the "
+                             f"model was trained with.")
 
     n_classes = _probe(model, spec, dims, source)
     labels = list(spec.labels)

@@ -97,6 +97,28 @@ def _read_tiff(path: Path, frame: Optional[int]) -> Optional[ScanImage]:
     return _finish_raster(arr, path, "tiff", notes, nominal)
 
 
+def _decode(img: Image.Image, path: Path, kind: str, frame: Optional[int], notes: list[str]) -> np.ndarray:
+    """The pixels of an opened image (the chosen frame; palette, CMYK, YCbCr ... converted; EXIF rotation applied)."""
+    n_frames = getattr(img, "n_frames", 1)
+    if frame is not None:
+        if not 0 <= frame < n_frames:
+            raise InputError(f"{path}: frame {frame} does not exist; the file has {n_frames} frame(s) (0..{n_frames - 1}).")
+        img.seek(frame)
+        notes.append(f"frame {frame} of {n_frames}")
+    elif n_frames > 1:
+        notes.append(f"the file has {n_frames} frames; the first was used (choose another with frame=/--frame)")
+    if kind == "jpeg":
+        img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    elif mode == "1":
+        img = img.convert("L")
+    return np.asarray(img)
+
+
 def read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
     if kind == "tiff":
         scan = _read_tiff(path, frame)
@@ -120,25 +142,11 @@ def read_raster(path: Path, kind: str, frame: Optional[int]) -> ScanImage:
     with img:
         width, height = img.size
         check_size(path, (height, width), volume=False, bytes_per_value=len(img.getbands()) * 8)
-        n_frames = getattr(img, "n_frames", 1)
-        if frame is not None:
-            if not 0 <= frame < n_frames:
-                raise InputError(f"{path}: frame {frame} does not exist; the file has {n_frames} frame(s) (0..{n_frames - 1}).")
-            img.seek(frame)
-            notes.append(f"frame {frame} of {n_frames}")
-        elif n_frames > 1:
-            notes.append(f"the file has {n_frames} frames; the first was used (choose another with frame=/--frame)")
         try:
-            if kind == "jpeg":
-                img = ImageOps.exif_transpose(img)
-            mode = img.mode
-            if mode in ("P", "PA"):
-                img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
-            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                img = img.convert("RGB")
-            elif mode == "1":
-                img = img.convert("L")
-            arr = np.asarray(img)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise InputError(f"{path}: the image data cannot be decoded ({one_line(exc)}); the file may be truncated or corrupt.") from None
+            arr = _decode(img, path, kind, frame, notes)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types (OSError, TypeError, ...) for damaged files
+            raise InputError(f"{path}: the image data cannot be decoded ({type(exc).__name__}: {one_line(exc)}); the file "
+                             f"may be truncated or corrupt.") from None
     return _finish_raster(arr, path, kind, notes, _nominal_of(arr.dtype, notes))
