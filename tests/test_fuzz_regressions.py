@@ -57,6 +57,16 @@ def test_an_unknown_value_representation_in_the_pixel_module(tmp_path):
     assert "vr.dcm" in message and "Unknown Value Representation" in message
 
 
+def test_a_pixel_module_value_of_odd_length(tmp_path):
+    """pydicom raises BytesLengthException (not a ValueError) reading a US value of 3 bytes, here Columns."""
+    path = make_dicom(tmp_path / "odd.dcm", np.zeros((4, 4), dtype=np.uint16))
+    data = path.read_bytes()
+    columns = data.index(b"\x28\x00\x11\x00US\x02\x00")
+    path.write_bytes(data[: columns + 6] + b"\x03\x00\x04\x00\x00" + data[columns + 10:])
+    message = one_line_error(lambda: read_image(path), InputError)
+    assert "odd.dcm: a DICOM header value could not be read (BytesLengthException" in message
+
+
 def test_a_tiff_page_without_its_width(tmp_path):
     """Pillow raises TypeError("Missing dimensions") counting the frames of a TIFF whose second page lost ImageWidth
     (a palette TIFF: tifffile leaves those to Pillow)."""
@@ -71,6 +81,18 @@ def test_a_tiff_page_without_its_width(tmp_path):
     (tmp_path / "pages.tif").write_bytes(bytes(data))
     message = one_line_error(lambda: read_image(tmp_path / "pages.tif"), InputError)
     assert "pages.tif: the image data cannot be decoded (TypeError" in message
+
+
+def test_a_nifti_header_with_a_zero_dimension(tmp_path):
+    """nibabel reads dim = [3, 0, 8, 20] as shape (0, 8, 20) and returns voxels of shape (0,): the reorientation failed."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((0, 8, 20))
+    header.set_data_dtype(np.float32)
+    (tmp_path / "zero.nii").write_bytes(header.binaryblock + b"\0" * 4)
+    message = one_line_error(lambda: read_image(tmp_path / "zero.nii"), InputError)
+    assert "zero.nii: the NIfTI header gives the image a size of 0" in message
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b"0 nan 0.5 0.1 0.1", b"0 0.5 1e308 0.1 0.1", b"0 inf 0.5 1 1"])

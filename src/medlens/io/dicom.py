@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
@@ -94,7 +94,8 @@ def _shared_functional_groups(ds: Any) -> dict[str, Any]:
 def read_dicom(path: Path, frame: Optional[int], window: Any) -> ScanImage:
     try:
         return _read_dicom_dataset(path, frame, window)
-    except (ValueError, TypeError, LookupError, AttributeError, OverflowError, NotImplementedError, struct.error) as exc:
+    except (ValueError, TypeError, LookupError, AttributeError, OverflowError, NotImplementedError, struct.error,
+            BytesLengthException) as exc:
         # A header value that does not parse (RescaleSlope "x", NumberOfFrames "x", a window centre "ab"...).
         raise InputError(
             f"{path}: a DICOM header value could not be read ({type(exc).__name__}: {one_line(exc)}); the file is not valid "

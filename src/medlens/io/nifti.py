@@ -23,6 +23,9 @@ def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
         itemsize = np.dtype(img.get_data_dtype()).itemsize
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
         raise InputError(f"{path}: not a valid NIfTI file ({type(exc).__name__}: {one_line(exc)}); re-export it.") from None
+    if any(s <= 0 for s in shape):
+        raise InputError(f"{path}: the NIfTI header gives the image a size of 0 along an axis {shape}; the file is corrupt. "
+                         f"Re-export it.")
     if len(shape) < 2 or len(shape) > 4:
         raise InputError(f"{path}: the NIfTI image has {len(shape)} dimensions {shape}; medlens reads 2-D, 3-D or 4-D (first volume) images.")
     # One slice along any axis: the usual way to keep a 2-D image in NIfTI (axial, coronal or sagittal).
@@ -53,6 +56,9 @@ def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
         raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{path}: the NIfTI voxel data cannot be read ({type(exc).__name__}: {one_line(exc)}); the file may be truncated.") from None
+    if data.ndim not in (2, 3):
+        raise InputError(f"{path}: the NIfTI voxel data has shape {data.shape}, not what its header says {shape}; the file "
+                         f"is corrupt. Re-export it.")
     if data.ndim == 2:
         pixels = np.ascontiguousarray(data.T[::-1])
         return ScanImage(pixels.astype(np.float32), path, "nifti", notes, (zooms[1], zooms[0]), "gray", None)
