@@ -124,6 +124,10 @@ def test_explain_arguments_that_crashed(tmp_path, capsys, args, expected):
     ({"size": [100000, 100000]}, "above medlens's limit"),
     ({"channels": 10**9}, "channels must be a whole number"),
     ({"channels": "abc"}, "channels must be a whole number"),
+    ({"labels": False}, "labels must be a list of class names"),
+    ({"resample": {"": 1.5}}, "resample must be text"),
+    ({"multi_label": "no"}, "multi_label must be true or false"),  # was read as True: a non-empty string
+    ({"std": {"": [1]}}, "std must be a number or a list of numbers"),
 ])
 def test_sidecar_values_that_would_allocate_or_crash(tmp_path, sidecar, expected):
     path = tmp_path / "tiny.pt"
@@ -133,3 +137,12 @@ def test_sidecar_values_that_would_allocate_or_crash(tmp_path, sidecar, expected
     (tmp_path / "tiny.pt.json").write_text(json.dumps(sidecar))
     message = one_line_error(lambda: load_model(path), ModelError)
     assert expected in message
+
+
+def test_an_empty_label_list_in_a_sidecar_means_no_labels(tmp_path):
+    path = tmp_path / "tiny.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(TinyCNN2d().eval()), str(path))
+    (tmp_path / "tiny.pt.json").write_text(json.dumps({"labels": []}))  # crashed with TypeError
+    assert load_model(path).labels == ["class 0", "class 1", "class 2"]

@@ -64,6 +64,47 @@ def _as_labels(value: Any) -> Optional[tuple[str, ...]]:
     return labels or None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_field(key: str, value: Any, where: str) -> Any:
+    """An InputSpec field from a sidecar or an option, with the type that field needs (labels normalised), or a
+    ModelError naming where it came from; None when it says nothing (an empty label list)."""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    if key == "labels":
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and all(_is_number(v) or isinstance(v, str) for v in value)):
+            return _as_labels(value)
+        expected = "a list of class names or one comma-separated string"
+    elif key == "size":
+        return value  # _as_size says what is wrong with it
+    elif key == "channels":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "a whole number (1 or 3)"
+    elif key in ("mean", "std"):
+        if _is_number(value) or (isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value)):
+            return value
+        expected = "a number or a list of numbers, one per channel"
+    elif key == "multi_label":
+        if isinstance(value, bool):
+            return value
+        expected = "true or false"
+    elif key == "scale":
+        if value in ("minmax", "uint8", "none"):
+            return value
+        expected = "'minmax', 'uint8' or 'none'"
+    elif key == "extra":
+        if isinstance(value, dict):
+            return value
+        expected = "an object"
+    else:  # modality, notes, resample (InputSpec checks the mode)
+        if isinstance(value, str):
+            return value
+        expected = "text"
+    raise ModelError(f"{where} gives {key} = {shown}; {key} must be {expected}.")
+
+
 def _infer_channels_dims(model: nn.Module) -> tuple[Optional[int], int]:
     conv = first_conv(model)
     weight = getattr(conv, "weight", None) if conv is not None else None
@@ -145,10 +186,13 @@ def attach_metadata(
         unknown = sorted(set(sidecar) - set(InputSpec.__dataclass_fields__))
         if unknown:
             notes.append(f"sidecar fields not used: {', '.join(unknown)}")
+        where = f"sidecar {sidecar_path.name if sidecar_path else ''}".strip()
         for key, value in sidecar.items():
             if key in InputSpec.__dataclass_fields__ and key not in origin and value is not None:
-                fields[key] = _as_labels(value) if key == "labels" else value  # "a,b,c" as on the command line
-                origin[key] = f"sidecar {sidecar_path.name if sidecar_path else ''}".strip()
+                value = _checked_field(key, value, f"{source}: the {where}")
+                if value is not None:
+                    fields[key] = value
+                    origin[key] = where
     explicit = {
         "labels": _as_labels(options.pop("labels", None)),
         "size": _as_size(options.pop("input_size", None)),
@@ -162,6 +206,7 @@ def attach_metadata(
     for key, value in explicit.items():
         if value is None:
             continue
+        value = _checked_field(key, value, f"{source}: the option")
         if key in origin and origin[key] != "option" and fields.get(key) not in (None, [], ()) and _norm(fields[key]) != _norm(value):
             notes.append(f"{key} from the options overrides the {key} from the {origin[key]}")
         if key in ("mean", "std") and isinstance(value, (int, float)):
