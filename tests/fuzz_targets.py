@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import signal
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -125,38 +126,17 @@ def dicom_seed_bytes() -> list[bytes]:
 
 
 def made_dicom_bytes() -> list[bytes]:
-    """Generated seeds: 16-bit signed CT with a window, MONOCHROME1 with a VOI LUT-free window, an 8-bit multi-frame."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    def make(arr: np.ndarray, **attrs: Any) -> bytes:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(arr.shape), str(sorted(attrs))])
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-        ds.Rows, ds.Columns = int(arr.shape[-2]), int(arr.shape[-1])
-        if arr.ndim == 3:
-            ds.NumberOfFrames = int(arr.shape[0])
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        bits = arr.dtype.itemsize * 8
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-        ds.PixelRepresentation = 1 if arr.dtype.kind == "i" else 0
-        for key, value in attrs.items():
-            setattr(ds, key, value)
-        ds.PixelData = np.ascontiguousarray(arr).tobytes()
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
+    """Generated seeds: 16-bit signed CT with a window, 12-bit MONOCHROME1, an 8-bit-valued multi-frame."""
+    from test_io_images import make_dicom
 
     rng = np.random.RandomState(0)
-    return [
-        make(rng.randint(-1024, 2000, (12, 10)).astype(np.int16), RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400),
-        make(rng.randint(0, 4096, (9, 7)).astype(np.uint16), PhotometricInterpretation="MONOCHROME1", BitsStored=12),
-        make(rng.randint(0, 255, (3, 6, 5)).astype(np.uint8)),
+    arrays = [
+        (rng.randint(-1024, 2000, (12, 10)).astype(np.int16), {"RescaleIntercept": -1024, "WindowCenter": 40, "WindowWidth": 400}),
+        (rng.randint(0, 4096, (9, 7)).astype(np.uint16), {"PhotometricInterpretation": "MONOCHROME1", "BitsStored": 12}),
+        (rng.randint(0, 255, (3, 6, 5)).astype(np.uint16), {}),
     ]
+    with tempfile.TemporaryDirectory() as folder:
+        return [make_dicom(Path(folder) / f"{i}.dcm", arr, **attrs).read_bytes() for i, (arr, attrs) in enumerate(arrays)]
 
 
 @st.composite

@@ -19,6 +19,7 @@ from PIL import Image
 from medlens.errors import InputError
 from medlens.io import current_limits, read_image, set_limits
 from medlens.io import limits
+from test_io_images import make_dicom
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,22 +66,7 @@ def tiff_claiming(path: Path, width: int, height: int) -> Path:
 
 def dicom_claiming(path: Path, rows: int, columns: int, frames: int = 1) -> Path:
     """A DICOM whose header claims rows x columns x frames 16-bit pixels, holding 64 bytes of pixel data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = b"\0" * 64
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return make_dicom(path, np.zeros((4, 8), dtype=np.uint16), Rows=rows, Columns=columns, NumberOfFrames=frames)
 
 
 def nifti_claiming(path: Path, shape: tuple[int, ...]) -> Path:
