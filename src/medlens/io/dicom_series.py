@@ -14,7 +14,7 @@ import pydicom
 from medlens.errors import InputError
 from medlens.io.dicom import dicom_window, read_dicom
 from medlens.io.limits import check_size
-from medlens.io.scan import ScanImage
+from medlens.io.scan import ScanImage, one_line
 
 
 def read_dicom_series(folder: Path, window: Any) -> ScanImage:
@@ -24,7 +24,7 @@ def read_dicom_series(folder: Path, window: Any) -> ScanImage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(f), stop_before_pixels=True)
+                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True)  # force: files without a preamble
         except Exception:  # noqa: BLE001 - other files in the folder (notes, DICOMDIR parts) are skipped
             continue
         if "Rows" in ds and "Columns" in ds:
@@ -40,7 +40,11 @@ def read_dicom_series(folder: Path, window: Any) -> ScanImage:
         listing = "; ".join(f"{items[0][1].get('SeriesDescription', '') or uid[-12:]} ({len(items)} files)" for uid, items in series.items())
         raise InputError(f"{folder} holds {len(series)} DICOM series ({listing}); give a folder with the files of one series.")
     items = next(iter(series.values()))
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+    try:
+        shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+    except Exception as exc:  # noqa: BLE001 - a Rows or Columns value that does not parse
+        raise InputError(f"{folder}: a slice's Rows or Columns cannot be read ({type(exc).__name__}: {one_line(exc)}); "
+                         f"re-export the series from the PACS or viewer.") from None
     if len(shapes) > 1:
         raise InputError(f"{folder}: the slices have different sizes {sorted(shapes)}; they do not form one volume.")
     rows, cols = shapes.pop()
@@ -65,7 +69,7 @@ def read_dicom_series(folder: Path, window: Any) -> ScanImage:
     first = read_dicom(ordered[0], None, window)
     fixed = window
     if window is True:
-        win = dicom_window(pydicom.dcmread(str(ordered[0]), stop_before_pixels=True), True, [])
+        win = dicom_window(pydicom.dcmread(str(ordered[0]), stop_before_pixels=True, force=True), True, [])
         fixed = win if win is not None else False
     planes = [first.pixels]
     for f in ordered[1:]:
