@@ -552,3 +552,34 @@ def test_a_dicom_without_pixels_is_called_truncated_or_a_report(tmp_path):
     report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     with pytest.raises(InputError, match="may be a report"):
         read_image(tmp_path / "sr.dcm")
+
+
+def _without_preamble(path: Path) -> Path:
+    """Rewrite a DICOM file as old ACR-NEMA-style exports hold it: no preamble, no DICM, no file meta, implicit VR."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(path))
+    ds.preamble = None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert path.read_bytes()[128:132] != b"DICM"
+    return path
+
+
+def test_dicom_without_preamble_file_and_series(tmp_path):
+    from pydicom.uid import generate_uid
+
+    rng = np.random.RandomState(3)
+    slices = [rng.randint(0, 3000, (6, 5)).astype(np.uint16) for _ in range(2)]
+    single = _without_preamble(make_dicom(tmp_path / "acr.dcm", slices[0], WindowCenter=1500, WindowWidth=3000))
+    scan = read_image(single, window=False)
+    np.testing.assert_array_equal(scan.pixels, slices[0].astype(np.float32))
+    assert any("ACR-NEMA" in n and "Implicit VR Little Endian" in n for n in scan.notes)
+    series = tmp_path / "series"
+    series.mkdir()
+    uid = generate_uid()
+    for i, arr in enumerate(slices):
+        _without_preamble(make_dicom(series / f"s{i}", arr, SeriesInstanceUID=uid, InstanceNumber=i + 1))
+    volume = read_image(series, window=False)
+    assert volume.layout == "volume" and volume.pixels.shape == (2, 6, 5)
+    np.testing.assert_array_equal(volume.pixels, np.stack(slices).astype(np.float32))
