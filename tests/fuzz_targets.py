@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import signal
 import tempfile
 import warnings
@@ -344,8 +345,13 @@ def check_cli(args: list[str], image: Path, out: Path) -> str:
 
     COUNTS[("cli", "tried")] += 1
     stderr = io.StringIO()
-    with bounded(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        code = main(["explain", str(image), "--model", "phantom-lesion", "--out", str(out), *args])
+    here = os.getcwd()
+    os.chdir(out)  # a stray "--out" makes the next token the output folder: keep it inside the fuzzing folder
+    try:
+        with bounded(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["explain", str(image), "--model", "phantom-lesion", "--out", str(out / "out"), *args])
+    finally:
+        os.chdir(here)
     text = stderr.getvalue()
     assert "Traceback" not in text, text
     assert code in (0, 2), (code, text)
