@@ -13,7 +13,6 @@ from PIL import Image
 import medlens
 from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
 from medlens.cli.group import main
-from medlens.io.models import PickleWarning
 from test_io_images import make_dicom, make_nifti
 
 LABELS = ["normal", "effusion", "mass"]
@@ -71,10 +70,10 @@ def test_models_explains_sources(capsys):
 
 def test_explain_two_images_end_to_end(capsys, files, tmp_path):
     out_dir = tmp_path / "results"
-    code, out, err = run(capsys, "explain", files / "chest.png", files / "ct.dcm", "--model", files / "tiny.pt",
+    code, out, err = run(capsys, "explain", files / "chest.png", files / "ct.dcm", "--model", files / "tiny.pt", "--allow-pickle",
                          "--methods", "gradcam,cam", "--targets", "0,mass", "--out", out_dir, "--seed", "3")
     assert code == 0, err
-    assert "Traceback" not in err and "runs code" in err  # the pickle warning, as one line
+    assert "Traceback" not in err and "ran code" in err  # the pickle note, as one line
     assert "2/2" in err  # the progress bar over several images
     assert "medlens: note: not marked multi-label" in err  # how the model's outputs are read, on the console too
     for stem in ("chest", "ct"):
@@ -91,8 +90,7 @@ def test_explain_two_images_end_to_end(capsys, files, tmp_path):
     ct_notes = json.loads((out_dir / "ct" / "provenance.json").read_text())["loading_notes"]
     assert any("window center 40" in n for n in ct_notes) and any("resized" in n for n in ct_notes)
     # the CLI's raw maps are exactly what the Python API gives on the same file
-    with pytest.warns(PickleWarning):
-        model = medlens.load_model(files / "tiny.pt")
+    model = medlens.load_model(files / "tiny.pt", allow_pickle=True)
     x = medlens.load_input(files / "chest.png", model)
     api = medlens.explain(model, x, methods=["gradcam", "cam"], targets=[0, "mass"])
     with np.load(out_dir / "chest" / "maps.npz") as npz:
@@ -104,7 +102,7 @@ def test_explain_volume_with_3d_model(capsys, tmp_path):
     torch.manual_seed(0)
     torch.save(_randomise_bn(TinyCNN3d(), 0), tmp_path / "tiny3d.pt")
     make_nifti(tmp_path / "brain.nii.gz", np.random.RandomState(1).rand(16, 16, 8).astype(np.float32))
-    code, out, err = run(capsys, "explain", tmp_path / "brain.nii.gz", "--model", tmp_path / "tiny3d.pt",
+    code, out, err = run(capsys, "explain", tmp_path / "brain.nii.gz", "--model", tmp_path / "tiny3d.pt", "--allow-pickle",
                          "--input-size", "8,16,16", "--out", tmp_path / "o")
     assert code == 0, err
     with np.load(tmp_path / "o" / "brain" / "maps.npz") as npz:
@@ -113,7 +111,7 @@ def test_explain_volume_with_3d_model(capsys, tmp_path):
 
 def test_2d_model_on_volume_uses_chosen_slice(capsys, files, tmp_path):
     make_nifti(tmp_path / "vol.nii", np.random.RandomState(2).rand(20, 20, 6).astype(np.float32))
-    code, _, err = run(capsys, "explain", tmp_path / "vol.nii", "--model", files / "tiny.pt", "--slice", "4", "--out", tmp_path / "o")
+    code, _, err = run(capsys, "explain", tmp_path / "vol.nii", "--model", files / "tiny.pt", "--allow-pickle", "--slice", "4", "--out", tmp_path / "o")
     assert code == 0, err
     notes = json.loads((tmp_path / "o" / "vol" / "provenance.json").read_text())["loading_notes"]
     assert "slice 4 of 6" in notes
@@ -133,7 +131,9 @@ BAD_CASES = {
     "bad option": (["chest.png"], ["--option", "nonsense=1"], "nonsense"),
     "unreadable DICOM header value": (["badslope.dcm"], [], "badslope.dcm: a DICOM header value could not be read"),
     "input size not a number": (["chest.png"], ["--input-size", "abc"], "input size 'abc' must be"),
-    "image the model cannot take": (["speck.png"], ["--model", "{root}/nopad.pt", "--methods", "saliency"],
+    "pickled model without --allow-pickle": (["chest.png"], ["--model", "{root}/tiny.pt"],
+                                             "loading it runs whatever code the file holds"),
+    "image the model cannot take": (["speck.png"], ["--model", "{root}/nopad.pt", "--allow-pickle", "--methods", "saliency"],
                                     "forward pass failed on the input of shape (1, 1, 2, 2)"),
 }
 
@@ -144,7 +144,7 @@ def test_bad_input_exits_2_with_a_message(capsys, files, tmp_path, case):
     extra = [e.format(root=files) for e in extra]
     args = ["explain", *[files / i for i in images]]
     if "--model" not in extra:
-        args += ["--model", files / "tiny.pt"]
+        args += ["--model", files / "tiny.pt", "--allow-pickle"]
     if "--out" not in extra:
         args += ["--out", tmp_path / "out"]
     code, out, err = run(capsys, *args, *extra)
@@ -159,7 +159,7 @@ def test_bad_input_exits_2_with_a_message(capsys, files, tmp_path, case):
 
 
 def test_one_bad_image_among_several_keeps_the_good_ones(capsys, files, tmp_path):
-    code, _, err = run(capsys, "explain", files / "chest.png", files / "corrupt.dcm", "--model", files / "tiny.pt",
+    code, _, err = run(capsys, "explain", files / "chest.png", files / "corrupt.dcm", "--model", files / "tiny.pt", "--allow-pickle",
                        "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
     assert "1 of 2 image(s) could not be explained" in err and "corrupt.dcm" in err
@@ -202,7 +202,7 @@ def test_models_lists_bundled_models_from_the_zoo(capsys, monkeypatch):
 
 
 def test_all_targets(capsys, files, tmp_path):
-    code, out, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--targets", "all",
+    code, out, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--allow-pickle", "--targets", "all",
                          "--methods", "cam", "--out", tmp_path / "o")
     assert code == 0, err
     assert "wrote results for 1 image(s)" in out
@@ -217,7 +217,7 @@ def test_dicom_series_folder_end_to_end(capsys, files, tmp_path):
     for n, z in enumerate([2.0, 0.0, 1.0]):
         make_dicom(folder / f"s{n}.dcm", np.random.RandomState(n).randint(0, 500, (20, 20)).astype(np.uint16),
                    SeriesInstanceUID=series, ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, z])
-    code, _, err = run(capsys, "explain", folder, "--model", files / "tiny.pt", "--out", tmp_path / "o")
+    code, _, err = run(capsys, "explain", folder, "--model", files / "tiny.pt", "--allow-pickle", "--out", tmp_path / "o")
     assert code == 0, err
     prov = json.loads((tmp_path / "o" / "series1" / "provenance.json").read_text())
     assert len(prov["input_file"]["sha256"]) == 64
@@ -227,7 +227,7 @@ def test_dicom_series_folder_end_to_end(capsys, files, tmp_path):
 
 def test_an_image_the_model_fails_on_is_skipped_and_the_rest_written(capsys, files, tmp_path):
     code, _, err = run(capsys, "explain", files / "chest.png", files / "speck.png", files / "badslope.dcm",
-                       "--model", files / "nopad.pt", "--methods", "saliency", "--out", tmp_path / "o")
+                       "--model", files / "nopad.pt", "--allow-pickle", "--methods", "saliency", "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
     assert "2 of 3 image(s) could not be explained" in err
     assert f"skipped {files / 'speck.png'}: the model's forward pass failed" in err and "badslope.dcm" in err
@@ -237,10 +237,10 @@ def test_an_image_the_model_fails_on_is_skipped_and_the_rest_written(capsys, fil
 
 def test_a_second_run_into_the_same_folder_replaces_the_first(capsys, files, tmp_path):
     out = tmp_path / "o"
-    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--methods",
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--allow-pickle", "--methods",
                        "gradcam,layercam", "--targets", "all", "--out", out)
     assert code == 0, err
-    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--methods", "gradcam",
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--allow-pickle", "--methods", "gradcam",
                        "--targets", "1", "--out", out)
     assert code == 0, err
     folder = out / "chest"
@@ -282,12 +282,12 @@ def test_labels_in_a_sidecar_may_be_one_comma_separated_string(files, tmp_path):
     (tmp_path / "m.pt.json").write_text(json.dumps({"labels": "a, b,c"}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert medlens.load_model(tmp_path / "m.pt").labels == ["a", "b", "c"]
+        assert medlens.load_model(tmp_path / "m.pt", allow_pickle=True).labels == ["a", "b", "c"]
     (tmp_path / "m.pt.json").write_text(json.dumps({"std": [0]}))
     with pytest.raises(medlens.MedlensError, match="positive standard deviations"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            medlens.load_model(tmp_path / "m.pt")
+            medlens.load_model(tmp_path / "m.pt", allow_pickle=True)
 
 
 def test_class_names_that_differ_only_in_case():
@@ -307,7 +307,7 @@ def test_weights_with_a_model_that_has_its_own_are_refused(tmp_path):
 
 
 def test_evaluate_checks_the_output_folder_first(capsys, files, tmp_path):
-    code, out, err = run(capsys, "evaluate", "--model", files / "tiny.pt", "--data", tmp_path, "--methods", "gradcam",
+    code, out, err = run(capsys, "evaluate", "--model", files / "tiny.pt", "--allow-pickle", "--data", tmp_path, "--methods", "gradcam",
                          "--metrics", "iou", "--out", files / "blocker" / "sub")
     assert code == 2 and "Traceback" not in err and "--out" in err
 
@@ -318,7 +318,7 @@ def test_demo_refuses_an_unknown_method(capsys, tmp_path):
 
 
 def test_a_run_that_writes_nothing_leaves_no_new_folder(capsys, files, tmp_path):
-    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--targets", "7",
+    code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--allow-pickle", "--targets", "7",
                        "--out", tmp_path / "new" / "out")
     assert code == 2 and not (tmp_path / "new" / "out").exists()
 
@@ -368,7 +368,7 @@ def test_stale_files_are_matched_without_case(files, tmp_path, monkeypatch):
 
 
 def test_an_error_that_would_fail_every_image_ends_the_run_at_once(capsys, files, tmp_path):
-    code, _, err = run(capsys, "explain", files / "chest.png", files / "ct.dcm", "--model", files / "tiny.pt",
+    code, _, err = run(capsys, "explain", files / "chest.png", files / "ct.dcm", "--model", files / "tiny.pt", "--allow-pickle",
                        "--methods", "lime", "--option", "kernel_width=-1", "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
     assert "kernel_width must be" in err and "could not be explained" not in err

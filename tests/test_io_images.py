@@ -10,8 +10,8 @@ from PIL import Image
 
 import medlens
 from medlens.errors import InputError
-from medlens.io import images
-from medlens.io.images import prepare, read_image
+from medlens.io import limits, load_input, prepare, read_image
+from medlens.io.preparation import box_resize, box_weights
 from medlens.core.input_spec import InputSpec
 
 
@@ -150,16 +150,16 @@ def test_area_resample_equals_pillows_box_filter(n_in, n_out):
     # float images ("F" mode) so that Pillow does not round in between its two passes.
     arr = np.random.default_rng(0).uniform(0, 255, n_in).astype(np.float32)
     expected = np.asarray(Image.fromarray(arr, mode="F").resize(n_out[::-1], Image.BOX))
-    got = images.box_resize(torch.from_numpy(arr)[None, None], n_out)[0, 0].numpy()
+    got = box_resize(torch.from_numpy(arr)[None, None], n_out)[0, 0].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-3)
-    weights = images.box_weights(n_in[0], n_out[0])
+    weights = box_weights(n_in[0], n_out[0])
     assert torch.allclose(weights.sum(dim=1), torch.ones(n_out[0], dtype=weights.dtype))
 
 
 def test_area_resample_in_3d_is_the_block_mean_for_whole_factors():
     vol = torch.arange(4 * 6 * 8, dtype=torch.float32).view(1, 1, 4, 6, 8)
     expected = vol.view(1, 1, 2, 2, 3, 2, 4, 2).mean(dim=(3, 5, 7))
-    assert torch.allclose(images.box_resize(vol, (2, 3, 4)), expected)
+    assert torch.allclose(box_resize(vol, (2, 3, 4)), expected)
 
 
 def test_spec_resample_area_reproduces_the_brain_models_training_input(tmp_path):
@@ -174,7 +174,7 @@ def test_spec_resample_area_reproduces_the_brain_models_training_input(tmp_path)
     Image.fromarray(arr).save(tmp_path / "slice.png")
     model = medlens.load_model("brain-tumor-mri")
     assert model.input_spec.resample == "area"
-    x_io = images.load_input(tmp_path / "slice.png", model)
+    x_io = load_input(tmp_path / "slice.png", model)
     slice_u8 = read_slice(tmp_path / "slice.png", 160)  # Pillow rounds to 8 bits after each of its two passes
     x_train = brain_prepare(slice_u8[None].float())
     assert x_io.shape == x_train.shape == (1, 1, 160, 160)
@@ -360,25 +360,25 @@ def test_3d_model_refuses_2d_image(tmp_path):
 
 
 def test_too_large_image_downsampled_with_note(tmp_path):
-    arr = np.zeros((8, images.MAX_SIDE_2D + 4), dtype=np.uint8)
+    arr = np.zeros((8, limits.MAX_SIDE_2D + 4), dtype=np.uint8)
     arr[:, : arr.shape[1] // 2] = 200
     Image.fromarray(arr).save(tmp_path / "wide.png")
     scan = read_image(tmp_path / "wide.png")
-    assert scan.pixels.shape == (8, images.MAX_SIDE_2D)
-    assert any("downsampled" in n and str(images.MAX_SIDE_2D) in n for n in scan.notes)
+    assert scan.pixels.shape == (8, limits.MAX_SIDE_2D)
+    assert any("downsampled" in n and str(limits.MAX_SIDE_2D) in n for n in scan.notes)
     assert scan.pixels[:, :100].min() == 200 and scan.pixels[:, -100:].max() == 0
 
 
 def test_too_large_image_refused_naming_the_limit(tmp_path):
-    Image.fromarray(np.zeros((4, images.HARD_SIDE_2D + 1), dtype=np.uint8)).save(tmp_path / "huge.png")
-    with pytest.raises(InputError, match=rf"huge\.png.*{images.HARD_SIDE_2D}"):
+    Image.fromarray(np.zeros((4, limits.HARD_SIDE_2D + 1), dtype=np.uint8)).save(tmp_path / "huge.png")
+    with pytest.raises(InputError, match=rf"huge\.png.*{limits.HARD_SIDE_2D}"):
         read_image(tmp_path / "huge.png")
 
 
 def test_too_large_volume_downsampled(tmp_path):
-    data = np.ones((images.MAX_SIDE_3D + 8, 4, 4), dtype=np.float32)
+    data = np.ones((limits.MAX_SIDE_3D + 8, 4, 4), dtype=np.float32)
     scan = read_image(make_nifti(tmp_path / "big.nii", data))
-    assert max(scan.pixels.shape) == images.MAX_SIDE_3D
+    assert max(scan.pixels.shape) == limits.MAX_SIDE_3D
     assert any("downsampled" in n for n in scan.notes)
 
 
@@ -431,7 +431,7 @@ def test_dicom_series_folder_is_a_volume_sorted_by_position(tmp_path):
 
 def test_pixel_count_limit_names_the_limit(tmp_path, monkeypatch):
     Image.fromarray(gray8(20, 20)).save(tmp_path / "many.png")
-    monkeypatch.setattr(images, "HARD_PIXELS_2D", 100)
+    monkeypatch.setenv("MEDLENS_HARD_PIXELS_2D", "100")
     with pytest.raises(InputError, match=r"many\.png.*400 pixels.*limit of 100"):
         read_image(tmp_path / "many.png")
 
@@ -552,3 +552,34 @@ def test_a_dicom_without_pixels_is_called_truncated_or_a_report(tmp_path):
     report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     with pytest.raises(InputError, match="may be a report"):
         read_image(tmp_path / "sr.dcm")
+
+
+def _without_preamble(path: Path) -> Path:
+    """Rewrite a DICOM file as old ACR-NEMA-style exports hold it: no preamble, no DICM, no file meta, implicit VR."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(path))
+    ds.preamble = None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert path.read_bytes()[128:132] != b"DICM"
+    return path
+
+
+def test_dicom_without_preamble_file_and_series(tmp_path):
+    from pydicom.uid import generate_uid
+
+    rng = np.random.RandomState(3)
+    slices = [rng.randint(0, 3000, (6, 5)).astype(np.uint16) for _ in range(2)]
+    single = _without_preamble(make_dicom(tmp_path / "acr.dcm", slices[0], WindowCenter=1500, WindowWidth=3000))
+    scan = read_image(single, window=False)
+    np.testing.assert_array_equal(scan.pixels, slices[0].astype(np.float32))
+    assert any("ACR-NEMA" in n and "Implicit VR Little Endian" in n for n in scan.notes)
+    series = tmp_path / "series"
+    series.mkdir()
+    uid = generate_uid()
+    for i, arr in enumerate(slices):
+        _without_preamble(make_dicom(series / f"s{i}", arr, SeriesInstanceUID=uid, InstanceNumber=i + 1))
+    volume = read_image(series, window=False)
+    assert volume.layout == "volume" and volume.pixels.shape == (2, 6, 5)
+    np.testing.assert_array_equal(volume.pixels, np.stack(slices).astype(np.float32))

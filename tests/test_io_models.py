@@ -13,7 +13,8 @@ from torch import nn
 import medlens
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
 from medlens.errors import ModelError
-from medlens.io.models import PickleWarning, load_model
+from medlens.io.model_files import read_state_dict
+from medlens.io.models import load_model
 from medlens.core.input_spec import InputSpec
 
 
@@ -55,26 +56,32 @@ def test_sidecar_model_json_and_options_override(tmp_path):
     path = tmp_path / "net.pth"
     torch.save(original, path)
     (tmp_path / "net.json").write_text(json.dumps({"labels": ["a", "b", "c"], "scale": "uint8"}))
-    with pytest.warns(PickleWarning):
-        model = load_model(path)
+    model = load_model(path, allow_pickle=True)
     assert model.labels == ["a", "b", "c"] and model.input_spec.scale == "uint8"
-    with pytest.warns(PickleWarning):
-        model = load_model(path, labels="x,y,z", input_size=16)
+    model = load_model(path, labels="x,y,z", input_size=16, allow_pickle=True)
     assert model.labels == ["x", "y", "z"] and model.input_spec.size == (16, 16)
     assert any("overrides" in n for n in model.medlens_source["notes"])
 
 
-def test_pickled_module_warns_and_round_trips(tmp_path):
+def test_pickled_module_refused_by_default_and_loaded_when_allowed(tmp_path):
     original = _tiny(seed=3)
     path = tmp_path / "pickled.pt"
     torch.save(original, path)
-    with pytest.warns(PickleWarning, match="runs code"):
-        model = load_model(path)
+    with pytest.raises(ModelError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "pickled.pt" in message and "runs whatever code" in message and "allow_pickle=True" in message
+    assert "--allow-pickle" in message and "TorchScript" in message and ".pt2" in message and ".safetensors" in message
+    assert "\n" not in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit opt-in is not warned about again: it is noted in provenance
+        model = load_model(path, allow_pickle=True)
+    assert any("ran code" in n for n in model.medlens_source["notes"]) and model.medlens_source["kind"] == "pickled module"
     x = _x()
     torch.testing.assert_close(model(x), original(x))
     assert model.labels == ["class 0", "class 1", "class 2"] and model.multi_label is False
     assert model.medlens_source["from"]["labels"] == "default"
-    with pytest.raises(ModelError, match="not allowed"):
+    with pytest.raises(ModelError, match="allow_pickle"):
         load_model(path, allow_pickle=False)
 
 
@@ -133,9 +140,7 @@ def test_files_that_are_not_models(tmp_path, name, content, pattern):
     else:
         path.write_bytes(content)
     with pytest.raises(ModelError, match=pattern) as info:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PickleWarning)
-            load_model(path)
+        load_model(path, allow_pickle=True)
     assert name in str(info.value)
 
 
@@ -240,6 +245,21 @@ def test_xrv_never_downloads_and_loads_from_cache(monkeypatch, tmp_path, capsys)
     assert (lo, hi) == pytest.approx((-1024.0, 1024.0))
 
 
+def test_the_first_input_a_model_sees_is_scaled_like_a_real_one(monkeypatch, tmp_path):
+    """TorchXRayVision warns when its input is not in [-1024, 1024]; medlens's probe pass must not feed it zeros."""
+    cache, _, models_mod = _fake_xrv(monkeypatch, tmp_path)
+    cache.mkdir()
+    (cache / "all-weights.pt").write_bytes(b"x")
+    seen = []
+    forward = models_mod.DenseNet.forward
+    monkeypatch.setattr(models_mod.DenseNet, "forward", lambda self, x: seen.append(x.detach().clone()) or forward(self, x))
+    model = load_model("xrv:densenet121-res224-all")
+    first = seen[0]
+    assert first.shape == (1, 1, 224, 224) and bool((first != 0).any())
+    assert float(first.min()) == pytest.approx(-1024.0) and float(first.max()) == pytest.approx(1024.0)
+    assert model.input_spec.value_range == pytest.approx((-1024.0, 1024.0))
+
+
 def test_bundled_model_through_zoo(monkeypatch):
     zoo = types.ModuleType("medlens.models.zoo")
     zoo.bundled_models = lambda: {"tiny-test": {"labels": ["a", "b", "c"]}}
@@ -272,3 +292,90 @@ def test_a_one_output_model_is_read_as_one_findings_logit():
     result = medlens.explain(model, torch.randn(1, 1, 16, 16), "gradcam")
     torch.testing.assert_close(result.probabilities, torch.sigmoid(result.logits))
     assert medlens.load_model(one, multi_label=False).multi_label is False
+
+
+class Marker:
+    """A class a weights-only load must refuse; unpickling it would record that code from the file ran."""
+
+    ran: list = []
+
+    def __init__(self):
+        self.payload = "code from the file ran"
+
+    def __setstate__(self, state):
+        Marker.ran.append(state)
+
+
+def test_state_dicts_are_read_without_pickle(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": _tiny().state_dict(), "extra": Marker()}, path)
+    with pytest.raises(ModelError, match=r"cannot read the weights file .*checkpoint\.pt"):
+        read_state_dict(path)
+    with pytest.raises(ModelError, match="cannot read the weights file"):
+        load_model("torchvision:resnet18", weights=path)
+    assert Marker.ran == []
+
+
+def test_safetensors_weights_with_an_architecture_name_or_a_sidecar(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    original = torchvision_model("resnet18", num_classes=2, seed=4).eval()
+    path = tmp_path / "net.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(path))
+    x = _x(shape=(1, 3, 32, 32))
+    model = load_model("torchvision:resnet18", weights=path, input_size=32)
+    torch.testing.assert_close(model(x), original(x))
+    with pytest.raises(ModelError, match="holds weights .safetensors. but no architecture"):
+        load_model(path)
+    (tmp_path / "net.safetensors.json").write_text(json.dumps({"architecture": "torchvision:resnet18", "labels": ["no", "yes"],
+                                                               "size": [32, 32]}))
+    model = load_model(path)
+    torch.testing.assert_close(model(x), original(x))
+    assert model.labels == ["no", "yes"] and model.medlens_source["kind"] == "architecture+weights"
+    assert not any("not used" in n for n in model.medlens_source["notes"])  # "architecture" is read, not ignored
+    (tmp_path / "net.safetensors.json").write_text(json.dumps({"architecture": "SmallResNet"}))
+    with pytest.raises(ModelError, match="must be .torchvision:<name>"):
+        load_model(path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny CNN saved as a torch.export program with a dynamic batch, and the module it came from."""
+    original = _tiny(seed=6).eval()
+    program = torch.export.export(original, (torch.randn(2, 1, 24, 24),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    path = tmp_path_factory.mktemp("export") / "tiny.pt2"
+    torch.export.save(program, str(path))
+    return path, original
+
+
+def test_torch_export_program_runs_hook_methods_and_refuses_guided_backprop(exported):
+    path, original = exported
+    model = load_model(path)
+    assert model.medlens_source["kind"] == "torch.export"
+    assert model.input_spec.size == (24, 24) and model.input_spec.channels == 1  # from the exported input
+    x = _x(shape=(1, 1, 24, 24))
+    torch.testing.assert_close(model(x), original(x))
+    methods = ["gradcam", "layercam", "saliency", "integratedgradients", "occlusion"]
+    got = medlens.explain(model, x, methods=methods, targets=[0, 2])
+    want = medlens.explain(original, x, methods=methods, targets=[0, 2])
+    for m in methods:  # the unflattened program keeps the module tree, so layer hooks see the same activations
+        torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=1e-5)
+    with pytest.raises(medlens.MedlensError, match=r"guided backpropagation cannot run on a torch.export program"):
+        medlens.explain(model, x, methods="guidedbackprop")
+
+
+def test_torch_export_program_with_pickled_objects_is_refused(exported, tmp_path):
+    import zipfile
+
+    path, _ = exported
+    hostile = tmp_path / "hostile.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(hostile, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("sample_inputs/model.pt"):
+                buffer = __import__("io").BytesIO()
+                torch.save(((Marker(),), {}), buffer)
+                data = buffer.getvalue()
+            dst.writestr(info, data)
+    with pytest.raises(ModelError, match=r"hostile\.pt2: the exported program holds pickled Python objects"):
+        load_model(hostile)
+    assert Marker.ran == []

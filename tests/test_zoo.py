@@ -60,7 +60,7 @@ def test_unknown_name_and_bad_weights_raise_model_error(tmp_path):
         zoo.load_bundled("no-such-model")
     wrong = tmp_path / "wrong.pt"
     torch.save(PhantomCNN(widths=(8, 16, 32)).state_dict(), wrong)
-    with pytest.raises(ModelError, match=r"wrong\.pt does not match the architecture.*wrong shape"):
+    with pytest.raises(ModelError, match=r"wrong\.pt: these weights do not match the architecture.*wrong shape"):
         zoo.load_state_dict_checked(PhantomCNN(), wrong, "a test model")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")

@@ -23,7 +23,7 @@ def load_model(source: Any, **options: Any):
 
 def load_input(path: Any, model: Any = None, **options: Any):
     """Read an image or volume file and prepare it for `model`: a (1, C, *spatial) float tensor."""
-    from medlens.io.images import load_input as _load_input
+    from medlens.io.preparation import load_input as _load_input
 
     return _load_input(path, model, **options)
 

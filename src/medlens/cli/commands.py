@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
+import torch
 
 from tqdm import tqdm
 
@@ -25,13 +26,14 @@ from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write
 EPILOG_MODELS = """\
 Model sources for --model:
   a bundled name      see the table above
-  FILE.pt / FILE.pth  TorchScript (torch.jit.save) or a pickled module (torch.save(model); loading runs code, so
-                      medlens warns). Labels and input spec come from the model, a sidecar JSON beside the file
+  FILE.pt / FILE.pth  TorchScript (torch.jit.save), a torch.export program (FILE.pt2), or a pickled module
+                      (torch.save(model); loading it runs code, so only with --allow-pickle). Labels and input spec come from the model, a sidecar JSON beside the file
                       (FILE.pt.json or FILE.json with InputSpec fields: labels, size, channels, scale, mean, std,
                       multi_label, resample: bilinear or area), or --labels/--input-size/--multi-label; defaults: labels "class 0".."class K-1",
                       softmax, the scan's own size, min-max intensities.
-  torchvision:ARCH    a torchvision architecture with a local state_dict: --weights FILE (num_classes and input
-                      channels are read from the weights)
+  torchvision:ARCH    a torchvision architecture with a local state_dict or .safetensors: --weights FILE (num_classes
+                      and input channels are read from the weights); or give the weights file as the model with
+                      "architecture": "torchvision:ARCH" in its sidecar JSON
   timm:ARCH           the same for timm architectures (needs `pip install timm`)
   xrv:NAME            a TorchXRayVision model (needs `pip install torchxrayvision` and its weights file already in
                       ~/.torchxrayvision/models_data/); e.g. xrv:densenet121-res224-all. Nothing is downloaded.
@@ -169,6 +171,7 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
               help="Where the finding is: a YOLO box .txt, a PNG mask or a NIfTI mask; outlined on every overlay, with the "
                    "pointing game and energy in the region in provenance.json. Default: a .txt box file beside the image.")
 @click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box file beside the image.")
+@click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -188,6 +191,7 @@ def explain_command(
     option_items: Sequence[str],
     region: Optional[Path],
     no_region: bool,
+    allow_pickle: bool,
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -210,7 +214,8 @@ def explain_command(
                              "file with each image's name beside it (scan.png -> scan.txt).")
         chosen_region = read_region(region) if region is not None else (None if no_region else "auto")
         model = _model_on_device(model_source, device, labels=labels, input_size=input_size, channels=channels,
-                                 multi_label=multi_label, weights=weights)
+                                 multi_label=multi_label, weights=weights,
+                                 allow_pickle=allow_pickle or None)
         plan = plan_for(model, request)
         _explain_each(plan, images, out, chosen_region, getattr(model, "medlens_source", None))
     except BaseException:
@@ -224,6 +229,8 @@ def _model_on_device(source: str, device: str, **options: Any) -> Any:
     for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
         click.echo(f"medlens: note: {note}", err=True)
     try:
+        if torch.device(device).type == "meta":  # holds no values: every forward pass would fail
+            raise RuntimeError("a meta device holds no data")
         return model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise MedlensError(f"cannot use device {device!r} ({exc}); try --device cpu.") from None

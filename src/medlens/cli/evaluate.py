@@ -24,9 +24,10 @@ from medlens.evaluation.runner import METRICS
 @click.option("--layer", default=None, help="Target layer name for layer-based methods (default: chosen automatically).")
 @click.option("--include", "include_file", default=None, type=click.Path(dir_okay=False),
               help="A text file listing the images to use, one class/N.jpg per line (e.g. the test split).")
+@click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
 def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: str, out_dir: str,
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
-                     include_file: Optional[str]) -> None:
+                     include_file: Optional[str], allow_pickle: bool) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
     from medlens.cli.commands import load_model_for_cli
     from medlens.errors import MethodError
@@ -36,7 +37,7 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     if batch_size < 1:
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
-    model = load_model_for_cli(model_source)  # a pickled model's warning as one line, as for `explain`
+    model = load_model_for_cli(model_source, **({"allow_pickle": True} if allow_pickle else {}))
     rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
                     batch_size=batch_size, layer=layer, progress=True, include=include_file)
     click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")

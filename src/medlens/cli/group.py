@@ -27,8 +27,12 @@ for _command in (*commands.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: run the CLI; user mistakes end with a short message and exit status 2."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if any("\0" in str(a) for a in args):  # the OS refuses such paths with a ValueError deep inside click
+        click.echo("medlens: error: an argument contains a NUL character, which no file name or option can hold.", err=True)
+        return 2
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="medlens", standalone_mode=False)
+        cli.main(args=args, prog_name="medlens", standalone_mode=False)
     except MedlensError as exc:
         click.echo(f"medlens: error: {exc}", err=True)
         return exc.exit_code

@@ -68,8 +68,8 @@ def parse_box_file(path: Union[str, Path]) -> tuple[int, tuple[float, float, flo
     path = Path(path)
     try:
         text = path.read_text().strip()
-    except OSError as exc:
-        raise InputError(f"cannot read the box file {path}: {exc}. Each N.jpg needs an N.txt beside it.") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the box file {path}: {type(exc).__name__}. Each N.jpg needs an N.txt beside it.") from None
     fields = text.split()
     expected = "one line 'label x_center y_center width height' (label 0-2, the rest numbers in [0, 1])"
     if len(fields) != 5:

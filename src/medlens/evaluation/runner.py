@@ -86,7 +86,7 @@ def completeness_options(method: str, options: dict[str, Any]) -> dict[str, Any]
 def prepare_image(path: Path, spec: Any) -> torch.Tensor:
     """Read an image and prepare it as the model's InputSpec says, through the same reader and preparation as
     `medlens explain` (`medlens.io`): (C, H, W) float32."""
-    from medlens.io.images import prepare, read_image
+    from medlens.io import prepare, read_image
     from medlens.core.input_spec import InputSpec
 
     if not isinstance(spec, InputSpec):
@@ -100,15 +100,23 @@ def box_mask(box_file: Optional[Path], size: tuple[int, int]) -> torch.Tensor:
     `medlens explain --region` does (`medlens.io.regions.boxes_to_mask`). No file: an empty mask."""
     if box_file is None or not box_file.is_file():
         return torch.zeros(*size, dtype=torch.bool)
+    try:
+        text = box_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:  # a binary or unreadable file
+        raise InputError(f"{box_file}: cannot read the box file ({type(exc).__name__}); expected text lines 'label x_center "
+                         f"y_center width height'.") from None
     boxes = []
-    for line in box_file.read_text().splitlines():
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) < 5:
             continue
         try:
-            boxes.append(tuple(float(v) for v in parts[1:5]))
+            box = tuple(float(v) for v in parts[1:5])
+            if not all(math.isfinite(v) for v in box):
+                raise ValueError
         except ValueError:
             raise InputError(f"{box_file}: cannot read the box line {line!r}; expected 'label x_center y_center width height'.") from None
+        boxes.append(box)
     return boxes_to_mask(boxes, size)
 
 
@@ -373,7 +381,7 @@ def evaluate(
                 path, _ = data.items[i]
                 size = tuple(spec.size[-2:]) if getattr(spec, "size", None) else None
                 if size is None:
-                    from medlens.io.images import read_image
+                    from medlens.io import read_image
 
                     size = read_image(path).spatial_shape[-2:]  # a file that cannot be read: an InputError, not a traceback
                 mask = box_mask(path.with_suffix(".txt"), size)

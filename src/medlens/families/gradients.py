@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.export.unflatten import UnflattenedModule
 from torch import nn
 
 from medlens.core.context import ExplainContext, call_model
@@ -149,6 +150,11 @@ def _guidedbackprop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, op
         raise MethodError("guided backpropagation cannot run on a TorchScript model: its ReLUs run inside TorchScript, "
                           "where medlens cannot swap their backward (the result would silently be the plain gradient). "
                           "Load the model as a Python module, or use saliency / integratedgradients.")
+    if isinstance(model, UnflattenedModule):  # a .pt2: its ReLUs are graph ops, out of reach too
+        raise MethodError("guided backpropagation cannot run on a torch.export program (.pt2): its ReLUs run as graph "
+                          "operations, where medlens cannot swap their backward (the result would silently be the plain "
+                          "gradient). Load the model as a Python module (an architecture name with its weights), or use "
+                          "saliency / integratedgradients / gradcam.")
     with guided_relu():
         return input_gradients(model, x, targets)[0]
 

@@ -115,7 +115,7 @@ def boxes_to_mask(boxes: Sequence[tuple[float, float, float, float]], size: tupl
         rows = (cy >= yc - bh / 2) & (cy <= yc + bh / 2)
         cols = (cx >= xc - bw / 2) & (cx <= xc + bw / 2)
         mask |= rows[:, None] & cols[None, :]
-        mask[min(h - 1, max(0, int(yc * h))), min(w - 1, max(0, int(xc * w)))] = True
+        mask[min(h - 1, int(min(max(yc, 0.0), 1.0) * h)), min(w - 1, int(min(max(xc, 0.0), 1.0) * w))] = True
     return mask
 
 

@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-import torch
 from torch import nn
 
 from medlens.errors import ModelError
+from medlens.io.files import file_sha256
+from medlens.io.model_files import check_state_dict, read_state_dict
 from medlens.core.input_spec import InputSpec
 from medlens.models.architectures import build
 
@@ -51,39 +52,10 @@ def bundled_models() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    from medlens.io.files import file_sha256  # one implementation of file hashing
-
-    return file_sha256(path)
-
-
 def load_state_dict_checked(model: nn.Module, path: Union[str, Path], what: str) -> nn.Module:
     """Load a state dict file into `model`; a missing, unreadable or mismatching file raises ModelError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"the weights file {path} for {what} is missing; expected a PyTorch state dict (.pt).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, pickle, truncated file...
-        raise ModelError(f"cannot read the weights file {path} for {what}: {exc}. Expected a PyTorch state dict (.pt).") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"the weights file {path} for {what} does not hold a state dict (name -> tensor).")
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape (e.g. {'; '.join(wrong[:3])})")
-        raise ModelError(
-            f"the weights file {path} does not match the architecture of {what}: parameters {', '.join(parts)}. "
-            f"Expected weights saved from {type(model).__name__} with the same configuration."
-        )
+    state = read_state_dict(Path(path), "cpu", what)
+    check_state_dict(model, state, Path(path), f"the architecture of {what}")
     model.load_state_dict(state)
     return model
 
@@ -97,7 +69,7 @@ def load_bundled(name: str) -> nn.Module:
     model = build(s["architecture"], **copy.deepcopy(s.get("kwargs", {})))
     path = WEIGHTS_DIR / s["weights"]
     digest = s.get("sha256")
-    if digest and path.is_file() and _sha256(path) != digest:
+    if digest and path.is_file() and file_sha256(path) != digest:
         raise ModelError(f"the weights file {path} of {name!r} has been changed or damaged (its SHA-256 differs from "
                          f"the one in {SPEC_FILE.name}); reinstall medlens or retrain with `medlens train {name}`.")
     load_state_dict_checked(model, path, f"the bundled model {name!r} ({s['architecture']})")
