@@ -15,6 +15,7 @@ restarts to Ray (actors are restarted and their tasks retried).
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -208,9 +209,10 @@ class RayExecutor:
         if not ray.is_initialized():
             try:
                 if self.address:
-                    ray.init(address=self.address, log_to_driver=False)
+                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
                 else:  # a local Ray started for this run, as large as the workers asked for
-                    ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
+                    ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.WARNING)
             except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
                 raise ExecutorError(f"cannot start {where} ({type(exc).__name__}: {short_message(exc)}); check "
@@ -219,9 +221,12 @@ class RayExecutor:
         try:
             if not items:
                 return
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False  # the runner's own bar counts inputs
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
             data = ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
             data = data.map_batches(RayTask, fn_constructor_args=(factory,), batch_size=1, batch_format="numpy",
-                                    concurrency=self.workers, num_cpus=1)
+                                    compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1)
             for row in data.iter_rows():
                 yield json.loads(row["record"])
         finally:
