@@ -80,7 +80,7 @@ def _worker_main(factory: TaskFactory, conn: Connection) -> None:
 
 
 class ProcessExecutor:
-    """`workers` standard-library processes (spawned, so no torch state is forked), one item at a time each."""
+    """`workers` standard-library processes, one item at a time each."""
 
     name = "processes"
 
@@ -89,7 +89,10 @@ class ProcessExecutor:
             raise ExecutorError(f"--workers must be 1 or more, not {workers}.")
         self.workers = workers
         self.max_attempts = max_attempts
-        self.context = multiprocessing.get_context("spawn")
+        # forkserver: a clean server process imports torch and medlens once, and each worker is forked from it (no
+        # torch thread state is forked from the driver, and a worker starts in the time it takes to load the model)
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(["medlens.batch.task"])
 
     def _start(self, factory: TaskFactory) -> "_Worker":
         parent, child = self.context.Pipe()

@@ -1,10 +1,15 @@
-"""`OUT/manifest.jsonl`: one JSON object per finished input, appended, flushed and fsynced as it arrives (only the
-driver writes it); read back tolerating a line torn by a kill, and the resume rules (what is left to do).
+"""`OUT/manifest.jsonl`: one JSON object per finished input, appended and flushed as it arrives (only the driver
+writes it); read back tolerating a line torn by a kill, and the resume rules (what is left to do).
+
+Durability: a flushed line survives a killed process (it is in the OS's cache). Against a power cut the file is also
+fsynced, at most every `FSYNC_SECONDS` and on close: a cut can then lose the last lines, and those inputs are simply
+run again on resume (their outputs are written atomically, so nothing half-written is ever taken as done).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -13,6 +18,7 @@ from medlens.batch.inputs import WorkItem
 from medlens.errors import OutputError
 
 DONE, FAILED = "done", "failed"
+FSYNC_SECONDS = 1.0
 
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
@@ -38,7 +44,7 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
 
 
 class ManifestWriter:
-    """Appends records to the manifest, each flushed and fsynced before the next input counts as finished."""
+    """Appends records to the manifest, each flushed (and fsynced, see above) before the next input counts as finished."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -47,13 +53,18 @@ class ManifestWriter:
             self._fh = open(path, "ab")
         except OSError as exc:
             raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder.") from None
+        self._synced = time.monotonic()
 
     def append(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record, sort_keys=True).encode() + b"\n")
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if time.monotonic() - self._synced >= FSYNC_SECONDS:
+            os.fsync(self._fh.fileno())
+            self._synced = time.monotonic()
 
     def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
         self._fh.close()
 
     def __enter__(self) -> "ManifestWriter":

@@ -50,11 +50,13 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
               ray_address: Optional[str] = None, threads: Optional[int] = None, device: str = "cpu",
               include: Sequence[str] = (), exclude: Sequence[str] = (), limit: Optional[int] = None,
               retry_failed: bool = False, force: bool = False, region: Any = "auto", progress: bool = True,
-              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> BatchSummary:
+              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+              on_record: Optional[Callable[[dict], None]] = None) -> BatchSummary:
     """Explain every input under `inputs` into `out`, resuming an earlier run of the same settings there.
 
     `model` is the loaded model (the driver uses it for the settings digest and, with the serial executor, the work);
-    workers of other executors load their own from `model_source` and `model_options`. Usage errors (missing input,
+    workers of other executors load their own from `model_source` and `model_options`. `on_record` is called with
+    each record once it is in the manifest (a front end's own progress display, a benchmark's clock). Usage errors (missing input,
     unknown executor, a folder of other settings) raise before any work."""
     t0 = time.perf_counter()
     plan = plan_for(model, request)
@@ -80,6 +82,8 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
         with ManifestWriter(manifest_path) as manifest:
             for record in runner.run(factory, resume.todo):
                 manifest.append(record)
+                if on_record is not None:
+                    on_record(record)
                 if record.get("status") != DONE:
                     failed_now += 1
                     bar.set_postfix_str(f"{failed_now} failed", refresh=False)
