@@ -61,24 +61,34 @@ def _is_scan_file(path: Path) -> bool:
         return False
 
 
+SERIES_TAGS = ["SeriesInstanceUID", "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient",
+               "ImageOrientationPatient"]
+
+
 def _series_of(files: Sequence[Path]) -> Optional[str]:
-    """The SeriesInstanceUID when `files` are >= 2 single-frame DICOM slices of one series, else None."""
+    """The SeriesInstanceUID when `files` are >= 2 single-frame DICOM slices of one series that form a volume (same
+    size and orientation, distinct positions), else None: radiographs of one series (PA and lateral) stay apart."""
     dicom = [f for f in files if f.name.lower().endswith(DICOM_EXTENSIONS) or not _is_image_name(f.name)]
     if len(dicom) < 2 or len(dicom) != len(files):
         return None
-    uids = set()
+    seen: set = set()
+    positions: set = set()
     for f in dicom:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True,
-                                     specific_tags=["SeriesInstanceUID", "NumberOfFrames", "Rows"])
+                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True, specific_tags=SERIES_TAGS)
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
+                return None
+            seen.add((str(ds.get("SeriesInstanceUID", "")), int(ds.Rows), int(ds.Columns),
+                      tuple(round(float(v), 4) for v in ds.ImageOrientationPatient)))
+            positions.add(tuple(round(float(v), 4) for v in ds.ImagePositionPatient))
         except Exception:  # noqa: BLE001 - a damaged file: the folder is then read file by file (and it fails alone)
             return None
-        if "Rows" not in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            return None
-        uids.add(str(ds.get("SeriesInstanceUID", "")))
-    return uids.pop() if len(uids) == 1 and "" not in uids else None
+    if len(seen) != 1 or len(positions) != len(dicom):
+        return None
+    uid = next(iter(seen))[0]
+    return uid or None
 
 
 def _walk(folder: Path, skipped: dict[str, int]) -> list[Path]:
