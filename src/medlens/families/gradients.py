@@ -8,18 +8,15 @@ Conventions (documented for users in `medlens methods`):
   image it is the attribution itself; for RGB it is the per-pixel sum of the three channel attributions
   (signed, so completeness still holds: the map sums to what the channels sum to);
 - `saliency` is the signed gradient (not its absolute value; take `abs()` when rendering if you want it);
-- guided backprop swaps the ReLU backward for the guided one (positive gradient through positive inputs)
-  *during the call only*: `nn.ReLU` modules and functional `F.relu` / `torch.relu` / `Tensor.relu` (as in
-  torchvision's DenseNet forward) are patched by `guided_relu()`, a context manager that always restores
-  the originals, also on error. The swap is process-wide for the length of the call (so threads the model
-  starts are guided too; explain() calls run one at a time), and an in-place ReLU whose return value is ignored
-  by the model code is not supported.
+- guided backprop takes the guided ReLU backward (positive gradient through positive inputs) on its own graph
+  only: `guided_relus()` puts a pre-hook on every ReLU node of the graph (`nn.ReLU`, functional `F.relu` /
+  `torch.relu` / `Tensor.relu` as in torchvision's DenseNet, in place or not, in threads the model starts), so
+  nothing process-wide changes and calls in other threads are unaffected.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -60,13 +57,18 @@ def target_gradients(picked: torch.Tensor, inputs: Sequence[torch.Tensor]) -> li
         return [torch.stack([g[i] for g in per_slot]) for i in range(len(inputs))]
 
 
-def input_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradients (T, B, C, *s), logits (B, K)) of every target logit with respect to the input x."""
+def input_gradients(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, guided: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradients (T, B, C, *s), logits (B, K)) of every target logit with respect to the input x.
+
+    `guided`: through the graph's ReLUs the guided way (`guided_relus`), for guided backprop."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         logits = call_model(model, leaf)
         picked = logits.gather(1, targets)
-        (grads,) = target_gradients(picked, [leaf])
+        with guided_relus(picked) if guided else contextlib.nullcontext():
+            (grads,) = target_gradients(picked, [leaf])
     return grads.detach(), logits.detach()
 
 
@@ -76,62 +78,37 @@ def _slots_first_to_maps(values: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- guided ReLU
-class _GuidedReLU(torch.autograd.Function):
-    """ReLU forward; backward passes only positive gradients through positive inputs (Springenberg et al.)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (out > 0).to(grad.dtype)
-
-
-def _guided(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    # `inplace` is ignored on purpose: the guided ReLU returns a new tensor, and model code uses the return value.
-    return _GuidedReLU.apply(x)
-
-
-_RELU_ENTRY_POINTS = [(F, "relu"), (F, "relu_"), (torch, "relu"), (torch, "relu_"), (torch.Tensor, "relu"),
-                      (torch.Tensor, "relu_")]
-_patch_lock = threading.Lock()
-_patch_users = 0
-_patch_saved: list[tuple[Any, str, Any]] = []
+def _guided_grad_outputs(grad_outputs: tuple[Optional[torch.Tensor], ...]) -> tuple[Optional[torch.Tensor], ...]:
+    # Only positive gradients enter a ReLU's backward, which then passes them where its output is positive.
+    return tuple(None if g is None else g.clamp(min=0) for g in grad_outputs)
 
 
 @contextlib.contextmanager
-def guided_relu() -> Iterator[None]:
-    """Swap every ReLU entry point (nn.ReLU via F.relu, F.relu_, torch.relu(_), Tensor.relu(_)) for the guided one.
+def guided_relus(output: torch.Tensor) -> Iterator[int]:
+    """Backward passes from `output` inside the block go through every ReLU of its graph the guided way.
 
-    Process-wide, so that a model running parts of its forward in other threads (nn.DataParallel, checkpointing
-    on a GPU) is guided too. The swap is installed by the first block to enter and undone by the last to leave,
-    under a lock, so concurrent blocks never save each other's swap as "the original". Everything is put back in
-    `finally`, so an error inside the block leaves torch exactly as it was.
+    Guided backprop (Springenberg et al.): a ReLU passes back only positive gradients, where its output is
+    positive. Each ReLU of the graph that produced `output` (module, `F.relu`, `torch.relu`, `Tensor.relu`,
+    in place or not, in any thread the model ran it) is one `ReluBackward0` node; a pre-hook on that node clamps
+    the gradient arriving at it. Nothing outside this one graph changes, so other calls, other threads and
+    other models are untouched. Yields how many ReLU nodes were found; the hooks are removed on exit.
     """
-    global _patch_users
-    with _patch_lock:
-        if _patch_users == 0:
-            # (owner, name, own attribute or None when inherited): inherited ones are deleted again, not copied in.
-            _patch_saved[:] = [(owner, name, owner.__dict__.get(name)) for owner, name in _RELU_ENTRY_POINTS]
-            for owner, name, _ in _patch_saved:
-                setattr(owner, name, _guided)
-        _patch_users += 1
+    handles = []
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
     try:
-        yield
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node.name() == "ReluBackward0":
+                handles.append(node.register_prehook(_guided_grad_outputs))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        yield len(handles)
     finally:
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                for owner, name, original in _patch_saved:
-                    if original is None:
-                        delattr(owner, name)
-                    else:
-                        setattr(owner, name, original)
-                _patch_saved.clear()
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------ per-batch methods
@@ -145,12 +122,11 @@ def _inputxgradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, op
 
 
 def _guidedbackprop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
-    if isinstance(model, torch.jit.ScriptModule):  # its ReLUs run inside TorchScript: patching would not reach them
+    if isinstance(model, torch.jit.ScriptModule):  # its ReLUs run inside TorchScript's own graph: no ReLU node to hook
         raise MethodError("guided backpropagation cannot run on a TorchScript model: its ReLUs run inside TorchScript, "
                           "where medlens cannot swap their backward (the result would silently be the plain gradient). "
                           "Load the model as a Python module, or use saliency / integratedgradients.")
-    with guided_relu():
-        return input_gradients(model, x, targets)[0]
+    return input_gradients(model, x, targets, guided=True)[0]
 
 
 def gauss_legendre(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
