@@ -9,7 +9,9 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.families.gradients import blurred, gauss_legendre, guided_relus
+from medlens.core.baselines import make_baseline
+from medlens.families.gradients import gauss_legendre
+from medlens.families.guided import guided_relus
 from medlens.core.model_state import hook_count
 
 from conftest import torchvision_model
@@ -152,7 +154,7 @@ def test_integrated_gradients_equal_captum(baseline, dtype):
     x = torch.randn(2, 3, 32, 32, dtype=dtype)
     r = medlens.explain(model, x, "integratedgradients", targets=[1, 4], n_steps=64, baseline=baseline, batch_size=64)
     assert r.provenance["methods"]["integratedgradients"]["input_layers_run_once"] == ["conv1"]
-    base = {"zero": torch.zeros_like(x), "blur": blurred(x), 0.3: torch.full_like(x, 0.3)}[baseline]
+    base = {"zero": torch.zeros_like(x), "blur": make_baseline(x, "blur"), 0.3: torch.full_like(x, 0.3)}[baseline]
     ref = _per_target(captum_attr.IntegratedGradients, model, x, r.targets, baselines=base, n_steps=64,
                       internal_batch_size=64).float()
     for b in range(2):
@@ -270,8 +272,8 @@ def test_hygiene_model_identical_after_all_gradient_methods():
 
 def test_blurred_baseline_keeps_constants_and_removes_detail():
     flat = torch.full((1, 3, 20, 20), 0.7)
-    torch.testing.assert_close(blurred(flat), flat)
+    torch.testing.assert_close(make_baseline(flat, "blur"), flat)
     x = torch.randn(2, 2, 6, 20, 20)
-    b = blurred(x)
+    b = make_baseline(x, "blur")
     assert b.shape == x.shape and b.std() < 0.5 * x.std()
     torch.testing.assert_close(b.mean(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4)), rtol=0.2, atol=0.05)
