@@ -9,7 +9,8 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.families.gradients import blurred, gauss_legendre, guided_relu
+from medlens.families.gradients import guided_relu
+from medlens.families.integrated import blurred, gauss_legendre
 from medlens.core.model_state import hook_count
 
 from conftest import torchvision_model

@@ -97,6 +97,25 @@ def _affine_forward64(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
     return module._conv_forward(inp, weight, bias)
 
 
+def _transposed_jacobian64(module: nn.Module, grad_output: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """The layer's transposed Jacobian applied to `grad_output`, in float64: the input gradient autograd's backward
+    of `_affine_forward64` gives. For a convolution with numeric zero padding that is the very backward kernel
+    autograd calls, without the forward pass that would only record it; otherwise autograd on a zero probe."""
+    weight = module.weight.detach().double()
+    padding = getattr(module, "padding", None)
+    if not isinstance(module, nn.Linear) and getattr(module, "padding_mode", None) == "zeros" and not isinstance(padding, str):
+        probe = torch.zeros(input_shape, dtype=torch.float64, device=grad_output.device)
+        grad_input, _, _ = torch.ops.aten.convolution_backward(
+            grad_output, probe, weight, None if module.bias is None else list(module.bias.shape), module.stride,
+            padding, module.dilation, False, [0] * len(module.stride), module.groups, [True, False, False],
+        )
+        return grad_input
+    with torch.enable_grad():
+        probe = torch.zeros(input_shape, dtype=torch.float64, device=grad_output.device, requires_grad=True)
+        (grad_input,) = torch.autograd.grad(_affine_forward64(module, probe), probe, grad_outputs=grad_output)
+    return grad_input
+
+
 class _AffineInputLayers:
     """The input-layer shortcut of integrated gradients, exact for any model.
 
@@ -114,7 +133,7 @@ class _AffineInputLayers:
         self.calls: list[tuple[nn.Module, torch.Tensor]] = []  # (layer, gradient anchor) of the current chunk
         self.weighted: dict[nn.Module, torch.Tensor] = {}  # layer -> quadrature-weighted output gradients (T, N, *out)
         self.points: Optional[torch.Tensor] = None
-        self.alpha_rows = self.image_rows = None
+        self.alphas: Optional[torch.Tensor] = None  # (k,): the chunk's rows are k path points x N images, step-major
         self.overrides = {} if isinstance(model, torch.jit.ScriptModule) else {  # TorchScript: calls only
             m: self._forward_for(m) for m in model.modules()
             if type(m).forward in _STOCK_AFFINE_FORWARDS and "forward" not in m.__dict__
@@ -132,23 +151,23 @@ class _AffineInputLayers:
                 n = self.x.shape[0]
                 self.ends[module] = (ends[:n].to(self.x.dtype), (ends[n:] - ends[:n]).to(self.x.dtype))
             y_b, dy = self.ends[module]
-            alpha = self.alpha_rows.view(-1, *([1] * (dy.dim() - 1)))
-            out = y_b[self.image_rows] + alpha * dy[self.image_rows]
+            alpha = self.alphas.view(-1, *([1] * dy.dim()))
+            out = (y_b[None] + alpha * dy[None]).reshape(-1, *dy.shape[1:])  # broadcast over steps, no row gather
             anchor = out.requires_grad_(True)  # a fresh leaf: its gradient is the gradient at the layer's output
             self.calls.append((module, anchor))
             return anchor
 
         return forward
 
-    def begin_chunk(self, points: torch.Tensor, alpha_rows: torch.Tensor, image_rows: torch.Tensor) -> None:
-        self.points, self.alpha_rows, self.image_rows = points, alpha_rows, image_rows
+    def begin_chunk(self, points: Optional[torch.Tensor], alphas: Optional[torch.Tensor]) -> None:
+        self.points, self.alphas = points, alphas
         self.calls = []
 
-    def accumulate(self, grads: Sequence[torch.Tensor], rows: int, k: int, w: torch.Tensor) -> None:
-        """Add this chunk's anchor gradients (T, rows(+n), *out), weighted over its k path points."""
+    def accumulate(self, grads: Sequence[torch.Tensor], k: int, w: torch.Tensor) -> None:
+        """Add this chunk's anchor gradients (T, k * N, *out), weighted over its k path points."""
         n = self.x.shape[0]
         for (module, _), g in zip(self.calls, grads):
-            g = g[:, :rows].reshape(g.shape[0], k, n, *g.shape[2:])
+            g = g.reshape(g.shape[0], k, n, *g.shape[2:])
             part = (g * w.view(1, -1, *([1] * (g.dim() - 2)))).sum(dim=1)
             self.weighted[module] = part if module not in self.weighted else self.weighted[module] + part
 
@@ -157,10 +176,7 @@ class _AffineInputLayers:
         total = None
         for module, g in self.weighted.items():
             t, n = g.shape[:2]
-            with torch.enable_grad():
-                probe = torch.zeros((t * n,) + tuple(shape[1:]), dtype=torch.float64, device=self.x.device, requires_grad=True)
-                out = _affine_forward64(module, probe)
-                (back,) = torch.autograd.grad(out, probe, grad_outputs=g.reshape(t * n, *g.shape[2:]).double())
+            back = _transposed_jacobian64(module, g.reshape(t * n, *g.shape[2:]).double(), (t * n,) + tuple(shape[1:]))
             back = back.reshape(t, n, *shape[1:]).to(self.x.dtype)
             total = back if total is None else total + back
         return total
@@ -175,8 +191,8 @@ def integrated_gradients(
 
     The path points of all images go through the model in chunks of at most `batch_size` inputs; every
     chunk is one forward and one batched backward for all targets. Returns (T, N, C, *s). When
-    `baseline_logits` is a list, the baseline images ride along in the first chunk's forward (no extra
-    model call) and their logits (N, K) are appended to it, for the completeness check. A layer that reads
+    `baseline_logits` is a list, the baseline images' logits (N, K) are appended to it, for the completeness
+    check, from one forward pass without a graph. A layer that reads
     the input directly runs once, not once per path point (`_AffineInputLayers`); `notes` gets its name.
     """
     n_steps = positive_int(options, "n_steps")
@@ -194,30 +210,29 @@ def integrated_gradients(
     total = torch.zeros((targets.shape[1],) + tuple(x.shape), dtype=x.dtype, device=x.device)
     view = (-1,) + (1,) * x.dim()
     shortcut = _AffineInputLayers(model, baseline, x)
-    images = torch.arange(n, device=x.device)
     with override_forward(shortcut.overrides):
+        if baseline_logits is not None:
+            # f(baseline) for the completeness record: one pass without a graph, through the same shortcut (at
+            # alpha = 0 the layer's output is y(b) itself), rather than rows of every chunk's backward.
+            with torch.no_grad():
+                points = baseline.clone()
+                shortcut.begin_chunk(points, alphas.new_zeros(1))
+                baseline_logits.append(call_model(model, points).detach())
         for start in range(0, n_steps, steps_per_chunk):
             a = alphas[start:start + steps_per_chunk]
             w = weights[start:start + steps_per_chunk]
             k = a.numel()
             points = (baseline[None] + a.view(view) * delta[None]).reshape(k * n, *x.shape[1:])
-            alpha_rows, image_rows = a.repeat_interleave(n), images.repeat(k)
-            extra = baseline_logits is not None and start == 0
-            if extra:
-                points = torch.cat([points, baseline])
-                alpha_rows, image_rows = torch.cat([alpha_rows, alpha_rows.new_zeros(n)]), torch.cat([image_rows, images])
             with torch.enable_grad():
                 leaf = points.requires_grad_(True)
-                shortcut.begin_chunk(leaf, alpha_rows, image_rows)
+                shortcut.begin_chunk(leaf, a)
                 logits = call_model(model, leaf)
-                picked = logits[: k * n].gather(1, targets.repeat(k, 1))
+                picked = logits.gather(1, targets.repeat(k, 1))
                 grads, *anchor_grads = target_gradients(picked, [leaf] + [anchor for _, anchor in shortcut.calls])
-            if extra:
-                baseline_logits.append(logits[k * n:].detach())
-            shortcut.accumulate(anchor_grads, k * n, k, w)
-            grads = grads[:, : k * n].reshape(grads.shape[0], k, n, *x.shape[1:])
+            shortcut.accumulate(anchor_grads, k, w)
+            grads = grads.reshape(grads.shape[0], k, n, *x.shape[1:])
             total += (grads * w.view(1, -1, *([1] * x.dim()))).sum(dim=1)
-        shortcut.begin_chunk(None, None, None)
+        shortcut.begin_chunk(None, None)
     through_layers = shortcut.input_gradients(tuple(x.shape))
     if through_layers is not None:
         total += through_layers
