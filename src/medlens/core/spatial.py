@@ -53,7 +53,10 @@ def _separable_resize(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor
         matrix = linear_resize_matrix(out.shape[2 + axis], size[axis], maps.dtype, maps.device)
         shape = list(out.shape)
         before, after = math.prod(shape[: 2 + axis]), math.prod(shape[3 + axis:])
-        out = torch.matmul(matrix, out.reshape(before, shape[2 + axis], after))  # (before, out, after)
+        if after == 1:  # the last axis: one product (before, in) @ (in, out)
+            out = out.reshape(before, shape[2 + axis]) @ matrix.T
+        else:  # (out, in) @ (before, in, after), batched over `before`
+            out = torch.matmul(matrix, out.reshape(before, shape[2 + axis], after))
         shape[2 + axis] = size[axis]
         out = out.reshape(shape)
     return out
