@@ -10,7 +10,7 @@ from torch import nn
 import medlens
 from medlens.errors import MethodError
 from medlens.core.baselines import make_baseline
-from medlens.families.gradients import gauss_legendre
+from medlens.families.integrated import gauss_legendre
 from medlens.families.guided import guided_relus
 from medlens.core.model_state import hook_count
 

@@ -13,7 +13,7 @@ from medlens.core.context import ExplainContext
 from medlens.core.options import finite_float, positive_int
 from medlens.core.registry import MethodSpec, register
 from medlens.errors import MethodError
-from medlens.families.gradients import input_x_gradient, integrated_gradients, saliency
+from medlens.families.gradients import input_x_gradient, saliency
 from medlens.families.guided import guided_backprop
 from medlens.families.lrp import lrp_relevance
 
@@ -22,15 +22,15 @@ def _lrp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapp
     return lrp_relevance(model, x, targets, "epsilon_plus_flat").relevance
 
 
-# The methods SmoothGrad can wrap: name -> per-batch function returning (T, N, C, *s).
+# The methods SmoothGrad can wrap: name -> per-batch function returning (T, N, C, *s); integrated gradients adds
+# itself (families/integrated.py), with its defaults in BASE_DEFAULTS.
 SMOOTHABLE: dict[str, Callable[..., torch.Tensor]] = {
     "saliency": saliency,
     "inputxgradient": input_x_gradient,
     "guidedbackprop": guided_backprop,
-    "integratedgradients": integrated_gradients,
     "lrp": _lrp,  # with its default composite, epsilon_plus_flat
 }
-_BASE_DEFAULTS = {"integratedgradients": {"n_steps": 50, "baseline": "zero"}}
+BASE_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
 def _run_smoothgrad(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _run_smoothgrad(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Te
                                    device=x.device, dtype=x.dtype) for _ in range(b)], dim=1)
     noisy = (x[None] + eps * sigma.view(1, b, *([1] * (x.dim() - 1)))).reshape(n_samples * b, *x.shape[1:])
     targets = ctx.targets.repeat(n_samples, 1)
-    base_options = {**_BASE_DEFAULTS.get(base, {}), "batch_size": batch_size}
+    base_options = {**BASE_DEFAULTS.get(base, {}), "batch_size": batch_size}
     fn = SMOOTHABLE[base]
     chunk = max(b, (batch_size // b) * b) if base != "integratedgradients" else b
     total = None
