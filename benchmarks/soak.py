@@ -5,7 +5,7 @@
 Every call asks for every fast method (the CAMs without perturbation, the gradient methods, LRP; integrated
 gradients and SmoothGrad with few steps); then `--slow-calls` calls ask for the perturbation methods (Score-CAM,
 Ablation-CAM, occlusion, RISE, LIME, KernelSHAP). Every `--fail-every`-th call is made to fail inside the call:
-a forward pre-hook the "user" put on the model raises on the k-th forward of that call (k cycles over 1..4, so
+a forward pre-hook the "user" put on the model raises from the k-th forward of that call on (k cycles over 1..4, so
 the failure hits the first pass, the layer pass, the guided pass, LRP's rule pass, ...), as a RuntimeError or a
 KeyboardInterrupt; that hook is part of the model as found and must still be there afterwards.
 
@@ -124,7 +124,8 @@ def counts(model: nn.Module, temp_dir: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- failures
 class Failure:
-    """A user's forward pre-hook on one module that raises on the k-th forward of an armed call."""
+    """A user's forward pre-hook on one module that raises on the k-th and every later forward of an armed call (a
+    persistent failure: a retry inside medlens, such as the fast forward's contiguous retry, fails again)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.armed_at: Optional[int] = None
@@ -143,7 +144,7 @@ class Failure:
         if self.armed_at is None:
             return
         self.seen += 1
-        if self.seen == self.armed_at:
+        if self.seen >= self.armed_at:
             self.fired = True
             raise self.kind(f"injected failure on forward {self.seen}")
 

@@ -41,22 +41,30 @@ class HookSet:
 class _LockTable:
     """One re-entrant lock per live object (module or parameter), found by identity, dropped when the object goes.
 
-    Keyed by id() with a weak reference to check it, not by a WeakKeyDictionary: tensors compare elementwise.
+    Keyed by id() with a weak reference to check it, not by a WeakKeyDictionary: tensors compare elementwise. The
+    sorted lock list of a model is cached and reused while its modules and parameters are the same objects.
     """
 
     def __init__(self) -> None:
         self._guard = threading.RLock()  # re-entrant: a weakref callback may run during a lookup (garbage collection)
         self._locks: dict[int, tuple[weakref.ref, threading.RLock]] = {}
+        self._by_model: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[threading.RLock]]]" = (
+            weakref.WeakKeyDictionary())
 
     def _forget(self, key: int, ref: weakref.ref) -> None:
         with self._guard:
             if key in self._locks and self._locks[key][0] is ref:
                 del self._locks[key]
 
-    def locks_for(self, objects: list[Any]) -> list[threading.RLock]:
-        """The locks of these objects, created on first use, in one global order (by the lock's id)."""
-        found: dict[int, threading.RLock] = {}
+    def locks_for(self, model: nn.Module, objects: list[Any]) -> list[threading.RLock]:
+        """The locks of these objects (the model's modules and parameters), created on first use, in one global
+        order (by the lock's id)."""
+        signature = tuple(map(id, objects))
         with self._guard:
+            cached = self._by_model.get(model)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+            found: dict[int, threading.RLock] = {}
             for obj in objects:
                 key = id(obj)
                 entry = self._locks.get(key)
@@ -64,7 +72,9 @@ class _LockTable:
                     ref = weakref.ref(obj, lambda r, key=key: self._forget(key, r))
                     entry = self._locks[key] = (ref, threading.RLock())
                 found[id(entry[1])] = entry[1]
-        return [found[k] for k in sorted(found)]
+            locks = [found[k] for k in sorted(found)]
+            self._by_model[model] = (signature, locks)
+            return locks
 
 
 # A lock per module and per parameter, since those are what a borrow changes (modes, hooks, requires_grad, .grad):
@@ -76,9 +86,7 @@ _LOCKS = _LockTable()
 
 
 @contextlib.contextmanager
-def model_lock(model: nn.Module) -> Iterator[None]:
-    """Hold `model` (every module and parameter of it) for this thread for the block."""
-    locks = _LOCKS.locks_for([*model.modules(), *model.parameters()])
+def _held(locks: list[threading.RLock]) -> Iterator[None]:
     taken: list[threading.RLock] = []
     try:
         for lock in locks:
@@ -91,6 +99,13 @@ def model_lock(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def model_lock(model: nn.Module) -> Iterator[None]:
+    """Hold `model` (every module and parameter of it) for this thread for the block."""
+    with _held(_LOCKS.locks_for(model, [*model.modules(), *model.parameters()])):
+        yield
+
+
+@contextlib.contextmanager
 def borrowed_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[HookSet]:
     """Borrow `model` for one call and give it back exactly as it was found.
 
@@ -98,15 +113,15 @@ def borrowed_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[Hook
     method accumulates into `.grad` or builds a graph over the weights it does not need. Other threads
     borrowing the same model (or one sharing a module or parameter with it) wait until the block ends.
     """
-    with model_lock(model):
-        with _borrowed(model, eval_mode) as hooks:
+    modules, params = list(model.modules()), list(model.parameters())  # walked once for the locks and the borrow
+    with _held(_LOCKS.locks_for(model, [*modules, *params])):
+        with _borrowed(model, eval_mode, modules, params) as hooks:
             yield hooks
 
 
 @contextlib.contextmanager
-def _borrowed(model: nn.Module, eval_mode: bool) -> Iterator[HookSet]:
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
+def _borrowed(model: nn.Module, eval_mode: bool, modules: list[nn.Module], params: list[nn.Parameter]) -> Iterator[HookSet]:
+    modes = [(m, m.training) for m in modules]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     hooks = HookSet()
