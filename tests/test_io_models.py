@@ -347,20 +347,23 @@ def exported(tmp_path_factory):
     return path, original
 
 
-def test_torch_export_program_runs_hook_methods_and_refuses_guided_backprop(exported):
+def test_torch_export_program_runs_hook_and_guided_methods_as_the_module_it_came_from(exported):
     path, original = exported
     model = load_model(path)
     assert model.medlens_source["kind"] == "torch.export"
     assert model.input_spec.size == (24, 24) and model.input_spec.channels == 1  # from the exported input
     x = _x(shape=(1, 1, 24, 24))
     torch.testing.assert_close(model(x), original(x))
-    methods = ["gradcam", "layercam", "saliency", "integratedgradients", "occlusion"]
+    methods = ["gradcam", "layercam", "saliency", "integratedgradients", "occlusion", "guidedbackprop"]
     got = medlens.explain(model, x, methods=methods, targets=[0, 2])
     want = medlens.explain(original, x, methods=methods, targets=[0, 2])
-    for m in methods:  # the unflattened program keeps the module tree, so layer hooks see the same activations
+    # the unflattened program keeps the module tree, so layer hooks see the same activations; its ReLUs are graph
+    # operations whose backward nodes the per-call guided hooks reach like an eager module's
+    for m in methods:
         torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=1e-5)
-    with pytest.raises(medlens.MedlensError, match=r"guided backpropagation cannot run on a torch.export program"):
-        medlens.explain(model, x, methods="guidedbackprop")
+    leaf = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(original(leaf)[0, 0], leaf)
+    assert not torch.allclose(got["guidedbackprop"][0, 0], plain[0].sum(0))  # guided, not silently the plain gradient
 
 
 def test_torch_export_program_with_pickled_objects_is_refused(exported, tmp_path):
