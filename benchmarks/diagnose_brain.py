@@ -159,7 +159,8 @@ def main() -> None:
 
 
 def overlays(x01, maps, masks, y, pred, path: Path, per_class: int = 3) -> None:
-    """A small grid: per class the first `per_class` test slices, Grad-CAM in red over the slice, box in green."""
+    """A small grid: a row per class of `per_class` test slices (every 7th), Grad-CAM (positive part, red to yellow)
+    over the slice, the tumour box outlined in green."""
     from PIL import Image
 
     rows = []
@@ -170,8 +171,10 @@ def overlays(x01, maps, masks, y, pred, path: Path, per_class: int = 3) -> None:
             g = x01[i, 0]
             m = maps[i].clamp_min(0)
             m = m / m.max().clamp_min(1e-12)
-            edge = masks[i] & ~F.max_pool2d((~masks[i])[None, None].float(), 3, 1, 1)[0, 0].bool()
-            rgb = torch.stack([g * 0.6 + 0.4 * m, g * 0.6, g * 0.6]).clamp(0, 1)
+            edge = masks[i] & F.max_pool2d((~masks[i])[None, None].float(), 3, 1, 1)[0, 0].bool()
+            heat = torch.stack([torch.ones_like(m), m * 0.8, torch.zeros_like(m)])  # dark red -> yellow
+            a = 0.55 * m
+            rgb = (g * (1 - a) + heat * a).clamp(0, 1)
             rgb[:, edge] = torch.tensor([0.0, 1.0, 0.0])[:, None]
             tiles.append(rgb)
         rows.append(torch.cat(tiles, 2))

@@ -5,6 +5,7 @@ map; the phantom test trains a shortcut model with and without guidance and meas
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from medlens.evaluation import energy_in_box
 from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.training.augment import lesion_crops, region_extent
 from medlens.training.guided import (class_activation_maps, features_and_logits, input_gradient_penalty, outside_energy,
-                                     rrr_loss)
+                                     region_attention_loss, rrr_loss)
 from medlens.training.loop import train_phantom
 from medlens.training.recipes import phantom_data, phantom_prepare
 from medlens.training.train import train_command
@@ -48,10 +49,32 @@ def test_outside_energy_is_zero_inside_and_grows_as_mass_moves_out():
         values.append(float(outside_energy(m, mask)[0]))
     assert values[0] == 0.0
     assert values == pytest.approx([k / 10 for k in range(11)], abs=1e-6)
+    assert float(outside_energy(-torch.ones(1, 16, 16), mask)[0]) == 1.0  # pointing nowhere is no way out
     # it is exactly 1 - energy_in_box, the evaluation metric
     m = torch.rand(3, 16, 16) - 0.3
     masks = _square_mask().expand(3, -1, -1)
     assert torch.allclose(outside_energy(m, masks), 1 - energy_in_box(m[:, None], masks)[:, 0], atol=1e-6)
+
+
+def test_region_attention_loss_falls_to_zero_inside_and_grows_as_mass_moves_out():
+    mask = _square_mask()
+    area = int(mask.sum())
+    flat = torch.zeros(1, 16, 16)
+    assert float(region_attention_loss(flat, mask)[0]) == pytest.approx(math.log(256 / area))  # flat: chance
+    assert float(region_attention_loss(flat - 7.0, mask)[0]) == pytest.approx(math.log(256 / area))  # no shift helps
+    peaked = flat.clone()
+    peaked[0, 4:9, 4:9] = 40.0
+    assert float(region_attention_loss(peaked, mask)[0]) < 1e-12
+    outside = torch.nonzero(~mask[0])
+    previous = -1.0
+    for k in range(0, 40, 5):  # move part of the peak out of the region, pixel by pixel
+        moved = peaked.clone()
+        for i in range(k):
+            moved[0, outside[i, 0], outside[i, 1]] = 40.0
+        value = float(region_attention_loss(moved, mask)[0])
+        assert value > previous
+        assert value == pytest.approx(math.log((area + k) / area), abs=1e-5)
+        previous = value
 
 
 def test_input_gradient_penalty_is_zero_inside_and_grows_as_mass_moves_out():

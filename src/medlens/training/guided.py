@@ -38,12 +38,13 @@ def class_activation_maps(features: torch.Tensor, head: nn.Linear, targets: torc
 
 
 def outside_energy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per image, the share of the map's positive part outside the region: sum(relu(m) * ~mask) / sum(relu(m)),
-    with maps (N, *s) at the masks' resolution (N, *s). 0 when all positive mass is inside; 1 - energy_in_box.
-    A map with no positive value gives 0 (nothing points anywhere)."""
+    """Per image, the share of the map's positive part that is not inside the region: 1 - sum(relu(m) * mask) /
+    sum(relu(m)), maps (N, *s) at the masks' resolution (N, *s). 0 when all positive mass is inside (1 -
+    energy_in_box). A map with no positive value gives 1: it points nowhere, which must not be a way out."""
     pos = maps.clamp_min(0).flatten(1)
-    out = (pos * (~masks.bool()).flatten(1).to(pos)).sum(1)
-    return out / pos.sum(1).clamp_min(1e-12)
+    inside = (pos * masks.bool().flatten(1).to(pos)).sum(1)
+    total = pos.sum(1)
+    return torch.where(total > 0, 1 - inside / total.clamp_min(1e-30), torch.ones_like(total))
 
 
 def region_attention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -59,14 +60,16 @@ def region_attention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tens
 
 def cam_guidance_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, per-image region attention loss of the target class's CAM, upsampled bilinearly to the input as
-    Grad-CAM is). Images whose mask is empty get 0 (no region, no guidance)."""
+    """(logits, per-image guided loss of the target class's CAM, upsampled bilinearly to the input as Grad-CAM is):
+    the region attention loss (the map's peak and mass in the region) plus the outside energy (its positive part,
+    what Grad-CAM shows after its ReLU, in the region too). Images whose mask is empty get 0 (no region)."""
     features, logits = features_and_logits(model, x)
     cams = class_activation_maps(features, model.fc, targets)
     up = F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     has = masks.flatten(1).any(1)
     safe = torch.where(has[:, None, None], masks.bool(), torch.ones_like(masks, dtype=torch.bool))
-    return logits, torch.where(has, region_attention_loss(up, safe), torch.zeros((), dtype=up.dtype))
+    loss = region_attention_loss(up, safe) + outside_energy(up, safe)
+    return logits, torch.where(has, loss, torch.zeros((), dtype=up.dtype))
 
 
 def input_gradient_penalty(grads: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
