@@ -59,16 +59,16 @@ def region_attention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tens
 
 
 def cam_guidance_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      energy_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, per-image guided loss of the target class's CAM, upsampled bilinearly to the input as Grad-CAM is):
-    the region attention loss (the map's peak and mass in the region) plus the outside energy (its positive part,
-    what Grad-CAM shows after its ReLU, in the region too). Images whose mask is empty get 0 (no region)."""
+    the region attention loss (the map's peak and mass in the region) plus `energy_weight` x the outside energy (its
+    positive part, what Grad-CAM shows after its ReLU, in the region too). Images whose mask is empty get 0."""
     features, logits = features_and_logits(model, x)
     cams = class_activation_maps(features, model.fc, targets)
     up = F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     has = masks.flatten(1).any(1)
     safe = torch.where(has[:, None, None], masks.bool(), torch.ones_like(masks, dtype=torch.bool))
-    loss = region_attention_loss(up, safe) + outside_energy(up, safe)
+    loss = region_attention_loss(up, safe) + energy_weight * outside_energy(up, safe)
     return logits, torch.where(has, loss, torch.zeros((), dtype=up.dtype))
 
 

@@ -20,7 +20,8 @@ from medlens.errors import InputError
 from medlens.io.output import atomic_write
 from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.training.augment import affine_jitter, lesion_crops
-from medlens.training.guided import GUIDES, cam_guidance_loss, rrr_loss
+from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
+from medlens.training.guided import GUIDES, cam_guidance_loss, class_activation_maps, features_and_logits, rrr_loss
 from medlens.training.recipes import (BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, phantom_data, phantom_prepare,
                                       plain)
 
@@ -102,13 +103,36 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
         logits = model(xb)
         guided = torch.zeros(())
     elif guide == "cam":
-        logits, per_image = cam_guidance_loss(model, xb, yb, masks)
+        logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(recipe.get("energy_weight", 1.0)))
         guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
     else:
         logits, per_image = rrr_loss(model, xb, masks)
         guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
     ce = F.cross_entropy(logits, yb, label_smoothing=float(recipe.get("label_smoothing", 0.0)))
     return ce + weight * guided, logits, float(guided.detach())
+
+
+@torch.no_grad()
+def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Mean pointing game and energy in the box of the target class's CAM (= Grad-CAM at the last stage), upsampled
+    bilinearly to the input: the validation check of a guided run."""
+    model.eval()
+    maps = []
+    for i in range(0, len(x), 64):
+        features, _ = features_and_logits(model, x[i: i + 64])
+        cams = class_activation_maps(features, model.fc, targets[i: i + 64])
+        maps.append(F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False))
+    maps = torch.cat(maps)
+    return {"pointing_game": float(pointing_game(maps, masks).nanmean()),
+            "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
+
+
+def baseline_localisation(masks: torch.Tensor) -> dict[str, float]:
+    """The centre and (leave-one-out) prior baselines' pointing game and energy on these masks."""
+    centre = center_map(tuple(masks.shape[-2:]), batch=len(masks))
+    prior = prior_maps(masks, masks.float().sum(0), len(masks))
+    return {f"{name} {metric.__name__}": float(metric(maps, masks).nanmean())
+            for name, maps in (("centre", centre), ("prior", prior)) for metric in (pointing_game, energy_in_box)}
 
 
 def _init_weights(model: nn.Module, init: Optional[str]) -> None:
@@ -178,7 +202,14 @@ def train_brain(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=r["epochs"] * steps_per_epoch, pct_start=0.15)
     mean, std = r["mean"], r["std"]
     xval = (minmax_scale(data["val"]["images"]) - mean) / std
-    best = (-1.0, float("inf"))
+    val_boxed = ~torch.isnan(data["val"]["boxes"]).any(1)
+    val_masks = torch.stack([box_to_mask(b, size_px) if ok else torch.zeros(size_px, size_px, dtype=torch.bool)
+                             for b, ok in zip(data["val"]["boxes"], val_boxed)])
+    watch = r["guide"] != "none" and bool(val_boxed.all())
+    val_baselines = baseline_localisation(val_masks) if watch else {}
+    if watch:
+        say("val baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in val_baselines.items()))
+    best: tuple = (False, -1.0, float("inf"))
     history = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
@@ -200,7 +231,7 @@ def train_brain(
             sched.step()
             if average is not None:
                 average.update(model)
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
             total_guided += guided * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             seen += len(idx)
@@ -212,27 +243,37 @@ def train_brain(
             vlogits = torch.cat([eval_model(xval[i: i + 64]) for i in range(0, len(xval), 64)])
         vloss = float(F.cross_entropy(vlogits, data["val"]["labels"]))
         vacc = float((vlogits.argmax(1) == data["val"]["labels"]).float().mean())
-        improved = (vacc, -vloss) > (best[0], -best[1])
+        loc = cam_localisation(eval_model, xval, data["val"]["labels"], val_masks) if watch else {}
+        meets = bool(loc) and loc["pointing_game"] >= val_baselines["centre pointing_game"] + 0.10 \
+            and loc["energy_in_box"] >= 2 * val_baselines["prior energy_in_box"]
+        key = (meets, vacc, -vloss)  # guided: epochs that meet the localisation goals on validation come first
+        improved = key > (best[0], best[1], -best[2])
         if improved:
-            best = (vacc, vloss)
+            best = (meets, vacc, vloss)
             save_state(eval_model, out_dir / f"{name}.pt")
         history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_guided": total_guided / seen,
-                        "train_acc": correct / seen, "val_loss": vloss, "val_acc": vacc})
+                        "train_acc": correct / seen, "val_loss": vloss, "val_acc": vacc,
+                        **{f"val_gradcam_{k}": v for k, v in loc.items()}})
         say(f"epoch {epoch:3d}/{r['epochs']} train loss {total_loss / seen:.4f} (guided {total_guided / seen:.4f}) "
-            f"acc {correct / seen:.4f} | val loss {vloss:.4f} acc {vacc:.4f}{'  * best, saved' if improved else ''} | "
-            f"{time.time() - t0:.0f} s")
+            f"acc {correct / seen:.4f} | val loss {vloss:.4f} acc {vacc:.4f}"
+            + (f" gradcam pointing {loc['pointing_game']:.3f} energy {loc['energy_in_box']:.3f}" if loc else "")
+            + f"{'  * best, saved' if improved else ''} | {time.time() - t0:.0f} s")
     train_seconds = time.time() - t0
     model.load_state_dict(torch.load(out_dir / f"{name}.pt", weights_only=True))
     results = {}
     for s in ("val", "test"):
         pred = predict(model, data[s]["images"], prepare=lambda xb: (minmax_scale(xb) - mean) / std)
         results[s] = metrics_from_confusion(confusion_matrix(pred, data[s]["labels"], len(CLASSES)), list(CLASSES))
-    summary = {"model": name, "recipe": plain(r), "best_val_accuracy": best[0], "train_seconds": train_seconds,
+    summary = {"model": name, "recipe": plain(r), "best_val_accuracy": best[1], "train_seconds": train_seconds,
+               "selection": "the weight average of the epoch with the best validation accuracy"
+                            + (" among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 "
+                               "and has twice the prior's energy in the box (if any)" if watch else ""),
+               "val_baselines": val_baselines,
                "threads": threads, "history": history, "val": results["val"], "test": results["test"],
                "data_credit": CREDIT,
                "split_counts": {k: torch.bincount(d["labels"], minlength=3).tolist() for k, d in data.items()}}
     atomic_write(out_dir / f"{name}.metrics.json", json.dumps(summary, indent=2))
-    say(f"done in {train_seconds:.0f} s; best val acc {best[0]:.4f}; test acc {results['test']['accuracy']:.4f} "
+    say(f"done in {train_seconds:.0f} s; best val acc {best[1]:.4f}; test acc {results['test']['accuracy']:.4f} "
         f"per class {results['test']['per_class_accuracy']}; confusion {results['test']['confusion_matrix']}")
     log_file.close()
     return summary
@@ -299,7 +340,7 @@ def train_phantom(
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * len(idx)
+            total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == ytr[idx]).sum())
             seen += len(idx)
         model.eval()

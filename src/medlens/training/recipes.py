@@ -27,6 +27,7 @@ BRAIN_V1_RECIPE: dict[str, Any] = {
     "augment": "affine",
     "guide": "none",
     "guide_weight": 0.0,
+    "energy_weight": 1.0,
     "init": None,
     "seed": 0,
 }
@@ -39,6 +40,7 @@ BRAIN_RECIPE: dict[str, Any] = dict(
     augment="lesion-crop",
     guide="cam",
     guide_weight=0.5,
+    energy_weight=2.0,
     init="brain-tumor-mri-v1",
     epochs=12,
     lr=1e-3,
