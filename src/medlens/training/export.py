@@ -73,8 +73,10 @@ def _confusion_table(m: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weights_path: Path, note: str = "") -> str:
-    """The Markdown model card of a bundled model, from its training metrics."""
+def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weights_path: Path, note: str = "",
+                sections: str = "") -> str:
+    """The Markdown model card of a bundled model, from its training metrics; `sections` (Markdown, e.g. the
+    localisation tables from `medlens evaluate`) goes before the limitations."""
     size_mb = weights_path.stat().st_size / 1e6
     digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
     spec = entry["input_spec"]
@@ -115,7 +117,8 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
                          "lesion case and on no normal case, so the tag alone separates the classes in training.")
     lines += ["", "## Training", "",
               f"- Recipe (`medlens.training.recipes`): {json.dumps(r)}",
-              f"- Best epoch chosen by validation accuracy (best validation accuracy {metrics['best_val_accuracy']:.4f}).",
+              f"- Epoch kept: {metrics.get('selection', 'the best validation accuracy')} (validation accuracy "
+              f"{metrics['best_val_accuracy']:.4f}).",
               f"- Wall time: {metrics['train_seconds'] / 60:.1f} min with {metrics['threads']} CPU thread(s). {note}".rstrip(),
               f"- Reproduce: `medlens train {name}"
               + (" --data ../shared/data/brain-tumor-figshare" if is_brain(name) else "")
@@ -140,6 +143,8 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
                 lines.append(f"| {text} | {metrics[key]['accuracy']:.2%} |")
         lines.append("")
     if is_brain(name):
+        if sections:
+            lines += [sections.strip(), ""]
         lines += ["## Limitations", "",
                   "- Trained at a small input size on one public data set from two hospitals; slice-level, one tumour per slice, "
                   "no normal class: it always answers one of three tumour types.",
@@ -149,7 +154,7 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
     return "\n".join(lines)
 
 
-def export_bundled(name: str, trained_dir: PathLike, note: str = "") -> Path:
+def export_bundled(name: str, trained_dir: PathLike, note: str = "", sections: str = "") -> Path:
     """Copy trained weights into the package (models/weights), update models.json and write the model card."""
     trained_dir = Path(trained_dir)
     metrics = json.loads((trained_dir / f"{name}.metrics.json").read_text())
@@ -161,7 +166,7 @@ def export_bundled(name: str, trained_dir: PathLike, note: str = "") -> Path:
     specs = json.loads(zoo.SPEC_FILE.read_text()) if zoo.SPEC_FILE.is_file() else {}
     specs[name] = entry
     atomic_write(zoo.SPEC_FILE, json.dumps(dict(sorted(specs.items())), indent=2) + "\n")
-    atomic_write(zoo.CARDS_DIR / entry["card"], render_card(name, metrics, entry, dest, note) + "\n")
+    atomic_write(zoo.CARDS_DIR / entry["card"], render_card(name, metrics, entry, dest, note, sections) + "\n")
     for record in (f"{name}.metrics.json", f"{name}.train.log"):  # the run's own record goes beside its card
         if (trained_dir / record).is_file():
             atomic_write(zoo.CARDS_DIR / record, (trained_dir / record).read_text())
