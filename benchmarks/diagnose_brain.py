@@ -180,7 +180,7 @@ def overlays(x01, maps, masks, y, pred, path: Path, per_class: int = 3) -> None:
         rows.append(torch.cat(tiles, 2))
     img = (torch.cat(rows, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path, optimize=True)
+    Image.fromarray(img).quantize(96).save(path, optimize=True)  # a palette keeps the figure small
 
 
 if __name__ == "__main__":

@@ -189,6 +189,30 @@ def shortcut_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def localisation_comparison(out: Path, models: list[str], metrics: tuple[str, ...] = ("pointing_game", "energy_in_box")) -> str:
+    """Methods down; for each metric one column per model (brain-localisation results), baselines last."""
+    import csv
+
+    values: dict[str, dict[tuple[str, str], float]] = {}
+    counts: dict[str, int] = {}
+    for model in models:
+        folder = out / "brain-localisation" if model == "brain-tumor-mri" else out / model / "brain-localisation"
+        with open(folder / "metrics.csv") as fh:
+            for row in csv.DictReader(fh):
+                if row["target"] == "all" and row["metric"] in metrics:
+                    values.setdefault(row["method"], {})[(model, row["metric"])] = float(row["value"])
+                    counts[model] = int(row["n"])
+    head = "| method | " + " | ".join(f"{SHORT.get(m, m)} {ARROWS[m]} `{model}`" for m in metrics for model in models) + " |"
+    lines = [head, "|---" + "|---:" * (len(metrics) * len(models)) + "|"]
+    order = [m for m in values if not m.startswith("baseline")] + [m for m in values if m.startswith("baseline")]
+    for method in order:
+        cells = [values[method].get((model, m)) for m in metrics for model in models]
+        lines.append(f"| {method} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines.append("")
+    lines.append("Slices: " + ", ".join(f"`{m}` {counts.get(m, 0)}" for m in models) + " (the same seeded test-split subset).")
+    return "\n".join(lines)
+
+
 def summarise(out: Path) -> None:
     metrics = list(ARROWS)
     parts = {
@@ -212,7 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="+",
                         choices=["brain-fast", "brain-localisation", "brain-subset", "brain-perturbation", "phantom-lesion", "phantom-lesion-perturbation",
-                                 "phantom-shortcut", "summary"])
+                                 "phantom-shortcut", "summary", "compare-brain"])
     parser.add_argument("--data", default=None, help="the figshare brain tumour folder (brain parts)")
     parser.add_argument("--out", default="results")
     parser.add_argument("--model", default="brain-tumor-mri",
@@ -229,6 +253,9 @@ def main() -> None:
     for part in args.parts:
         if part == "summary":
             summarise(Path(args.out))
+            continue
+        if part == "compare-brain":
+            print(localisation_comparison(Path(args.out), ["brain-tumor-mri-v1", "brain-tumor-mri"]))
             continue
         t0 = time.perf_counter()
         (_brain if part.startswith("brain") else _phantom)(args, part)

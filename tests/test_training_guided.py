@@ -23,7 +23,7 @@ from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.training.augment import lesion_crops, region_extent
 from medlens.training.guided import (class_activation_maps, features_and_logits, input_gradient_penalty, outside_energy,
                                      region_attention_loss, rrr_loss)
-from medlens.training.loop import train_phantom
+from medlens.training.loop import guided_step, train_phantom
 from medlens.training.recipes import phantom_data, phantom_prepare
 from medlens.training.train import train_command
 
@@ -155,6 +155,19 @@ def test_lesion_crops_keep_every_lesion_pixel_in_view():
     bad = torch.tensor([[[0.3, 0.0, float(centre[0])], [0.0, 0.3, float(centre[1])]]])
     _, lost, _ = lesion_crops(cases.images[:1], masks[:1], gen, theta=bad)
     assert not bool(lost.any())
+
+
+def test_cam_plus_rrr_adds_the_input_gradient_penalty_of_the_first_images():
+    torch.manual_seed(0)
+    model = PhantomCNN(widths=(4, 8)).eval()
+    x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
+    masks = _square_mask().expand(4, -1, -1)
+    base = {"guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "label_smoothing": 0.0}
+    cam_total, _, cam_part = guided_step(model, x, y, masks, base)
+    both, _, both_part = guided_step(model, x, y, masks, dict(base, guide="cam+rrr", rrr_weight=3.0, rrr_images=2))
+    _, penalty = rrr_loss(model, x[:2], masks[:2])
+    assert both_part == pytest.approx(cam_part + 3.0 * float(penalty.mean()), rel=1e-5)
+    assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(penalty.mean()), rel=1e-5)
 
 
 def _box_less_folder(root: Path) -> Path:

@@ -12,7 +12,7 @@ from torch import nn
 
 from medlens.errors import ModelError
 
-GUIDES = ("none", "cam", "rrr")
+GUIDES = ("none", "cam", "rrr", "cam+rrr")
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

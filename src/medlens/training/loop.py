@@ -102,9 +102,13 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
     if guide == "none" or weight == 0.0 or masks is None:
         logits = model(xb)
         guided = torch.zeros(())
-    elif guide == "cam":
+    elif guide in ("cam", "cam+rrr"):
         logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(recipe.get("energy_weight", 1.0)))
         guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
+        if guide == "cam+rrr":  # Ross et al.'s penalty on the first `rrr_images` images of the batch (it costs 3x)
+            k = int(recipe.get("rrr_images") or len(xb))
+            _, penalty = rrr_loss(model, xb[:k], masks[:k])
+            guided = guided + float(recipe.get("rrr_weight", 1.0)) * penalty.sum() / masks[:k].flatten(1).any(1).sum().clamp_min(1)
     else:
         logits, per_image = rrr_loss(model, xb, masks)
         guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
@@ -136,6 +140,7 @@ def baseline_localisation(masks: torch.Tensor) -> dict[str, float]:
 
 
 def _init_weights(model: nn.Module, init: Optional[str]) -> None:
+    """Start from a bundled model's weights or a state-dict file (nothing: random weights)."""
     if not init:
         return
     from medlens.models.zoo import bundled_models, load_state_dict_checked

@@ -59,7 +59,7 @@ PHANTOM_RECIPES: dict[str, dict[str, Any]] = {
 PHANTOM_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 
-def brain_prepare(images: torch.Tensor, mean: float = BRAIN_RECIPE["mean"], std: float = BRAIN_RECIPE["std"]) -> torch.Tensor:
+def brain_prepare(images: torch.Tensor, mean: float = BRAIN_V1_RECIPE["mean"], std: float = BRAIN_V1_RECIPE["std"]) -> torch.Tensor:
     """uint8 slices (N, 1, S, S) -> the model's input: per-image min-max to [0, 1], then (x - mean) / std."""
     return (minmax_scale(images) - mean) / std
 

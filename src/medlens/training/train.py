@@ -37,7 +37,8 @@ __all__ = ["BRAIN_RECIPE", "BRAIN_RECIPES", "PHANTOM_RECIPES", "PHANTOM_SEEDS", 
 @click.option("--guide", type=click.Choice(GUIDES), default=None,
               help="Explanation-guided loss on the training boxes: cam = share of the class activation map (Grad-CAM at the "
                    "last stage) outside the box (GAIN-style); rrr = squared input gradients outside the box (Ross et al. "
-                   "2017, 'right for the right reasons'; about 3x slower).")
+                   "2017, 'right for the right reasons'; about 3x slower); cam+rrr = both (the penalty on the first "
+                   "rrr_images images of each batch).")
 @click.option("--guide-weight", type=float, default=None, help="Weight of the guided loss beside the cross-entropy.")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default=None,
               help="Brain models: stride of the last stage (1: a 10 x 10 grid at 160 px instead of 5 x 5).")
