@@ -270,7 +270,7 @@ def test_a_failed_write_leaves_the_folder_as_it_was(files, tmp_path, monkeypatch
 
 
 def test_long_class_names_give_short_unique_file_names(files, tmp_path):
-    from medlens.io.output import safe_name
+    from medlens.io.files import safe_name
 
     a, b = safe_name("x" * 300 + "a"), safe_name("x" * 300 + "b")
     assert len(a) <= 80 and len(b) <= 80 and a != b

@@ -12,7 +12,10 @@ from PIL import Image
 import medlens
 from medlens.errors import OutputError
 from medlens.io import output
-from medlens.io.output import atomic_write, best_slice, color_scale, ensure_writable, write_explanation
+from medlens.io import render
+from medlens.io.files import atomic_write, ensure_writable, file_sha256
+from medlens.io.output import write_explanation
+from medlens.io.render import best_slice, color_scale
 from medlens.core.result import ExplanationResult
 
 
@@ -89,7 +92,7 @@ def test_write_explanation_files_npz_and_provenance(tmp_path, tiny2d):
         np.testing.assert_array_equal(npz["logits"], result.logits.numpy())
         assert list(npz["labels"]) == ["normal", "effusion", "mass"]
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["input_file"]["sha256"] == output.file_sha256(image)
+    assert prov["input_file"]["sha256"] == file_sha256(image)
     assert prov["loading_notes"][-1] == "a note"
     assert prov["medlens_version"] == medlens.__version__
     assert prov["targets"] == [[0, 2]] and set(prov["methods"]) == {"gradcam", "layercam"}
@@ -107,19 +110,19 @@ def test_overlay_colours_follow_the_map(tmp_path):
     amap = np.zeros((32, 32), dtype=np.float32)
     amap[:, 16:] = 2.0
     image = np.full((32, 32), 0.5, dtype=np.float32)
-    png = output.render_overlay(image, amap, title="gradcam: mass")
+    png = render.render_overlay(image, amap, title="gradcam: mass")
     (tmp_path / "o.png").write_bytes(png)
     rgb = np.asarray(Image.open(tmp_path / "o.png").convert("RGB")).astype(float)
     top = 6 + 17  # one header line; the 32 px map is enlarged 7x to 224 px
     assert rgb.shape[1] == 32 * 7
     cold, hot = rgb[top + 112, 60], rgb[top + 112, 180]
     np.testing.assert_allclose(cold, [127.5] * 3, atol=1)
-    a = output.OVERLAY_ALPHA
+    a = render.OVERLAY_ALPHA
     expected_hot = (1 - a) * 127.5 + a * np.array(colormaps["inferno"](1.0)[:3]) * 255
     np.testing.assert_allclose(hot, expected_hot, atol=1.5)
 
     signed = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
-    out = output.blend(np.full((1, 3), 0.5, dtype=np.float32), signed, color_scale(signed))
+    out = render.blend(np.full((1, 3), 0.5, dtype=np.float32), signed, color_scale(signed))
     assert out[0, 0, 2] > out[0, 0, 0] + 40  # negative: blue
     assert out[0, 2, 0] > out[0, 2, 2] + 40  # positive: red
     np.testing.assert_allclose(out[0, 1], [128, 128, 128], atol=1)  # zero: the image itself
@@ -140,7 +143,7 @@ def test_volume_result_draws_slice_with_largest_mass(tmp_path, monkeypatch):
     vol_map[0, 0, 4, 2:5, 2:5] = 1.0
     result = _result({"gradcam": vol_map}, torch.tensor([[0.1, 0.2, 3.0]]), torch.tensor([[2]]))
     drawn, titles = [], []
-    real_blend, real_tile = output.blend, output._tile
+    real_blend, real_tile = render.blend, render._tile
 
     def spy_blend(image, amap, scale, *args):
         drawn.append((image.shape, amap.shape, float(amap.sum())))
@@ -150,8 +153,8 @@ def test_volume_result_draws_slice_with_largest_mass(tmp_path, monkeypatch):
         titles.append(" / ".join(lines))
         return real_tile(rgb, lines, *args)
 
-    monkeypatch.setattr(output, "blend", spy_blend)
-    monkeypatch.setattr(output, "_tile", spy_tile)
+    monkeypatch.setattr(render, "blend", spy_blend)
+    monkeypatch.setattr(render, "_tile", spy_tile)
     write_explanation(result, tmp_path / "v", display=np.random.rand(6, 8, 8).astype(np.float32))
     assert drawn == [((8, 8), (8, 8), 9.0)] * 2  # overlay + panel, both on slice 4
     assert len(titles) == 2 and all("slice 4" in t and "mass" in t for t in titles)
@@ -165,7 +168,7 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(output.np, "savez", boom)
+    monkeypatch.setattr(np, "savez", boom)
     with pytest.raises(OutputError, match="maps.npz"):
         write_explanation(result, tmp_path / "f")
     files = sorted(os.listdir(tmp_path / "f"))

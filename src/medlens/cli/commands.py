@@ -213,7 +213,7 @@ def explain_command(
 
     Writes OUT/<image>/<method>_<target>.png, panel.png, maps.npz and provenance.json per image.
     """
-    from medlens.io.output import ensure_writable
+    from medlens.io.files import ensure_writable
 
     # Cheap checks first, so that no work is wasted: output folder, method names and options, image files.
     created = not Path(out_dir).exists()

@@ -30,7 +30,7 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
     from medlens.cli.commands import load_model_for_cli
     from medlens.errors import MethodError
-    from medlens.io.output import ensure_writable
+    from medlens.io.files import ensure_writable
     from medlens.evaluation.runner import evaluate
 
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run

@@ -52,7 +52,7 @@ def bundled_models() -> dict[str, dict[str, Any]]:
 
 
 def _sha256(path: Path) -> str:
-    from medlens.io.output import file_sha256  # one implementation of file hashing
+    from medlens.io.files import file_sha256  # one implementation of file hashing
 
     return file_sha256(path)
 

@@ -1,0 +1,111 @@
+"""Writing files safely: a checked output folder, atomic file writes, file-name-safe name parts, file digests
+and JSON conversion. Every writer in medlens goes through these.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from medlens.errors import OutputError
+
+PathLike = Union[str, os.PathLike]
+
+
+
+def ensure_writable(folder: PathLike) -> Path:
+    """Create `folder` if needed and check a file can be written there; OutputError otherwise (before any work)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the output path {folder} exists and is not a folder; choose another folder with --out.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"the output folder {folder} cannot be created ({exc.strerror or exc}); choose another folder with --out.") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".medlens-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"the output folder {folder} is not writable ({exc.strerror or exc}); choose another folder with --out.") from None
+    return folder
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]]) -> Path:
+    """Write bytes, text, or what `data(fileobj)` writes, to a temp file beside `path`, then os.replace it.
+
+    Either the whole new file is there afterwards, or (on any error) the old state: never half a file.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder.") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if isinstance(data, str):
+                fh.write(data.encode("utf-8"))
+            elif isinstance(data, (bytes, bytearray)):
+                fh.write(data)
+            else:
+                data(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder and free space.") from None
+        raise
+    return path
+
+
+def file_sha256(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a class or method name ("Pleural Effusion" -> "Pleural_Effusion")."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._")
+    if len(cleaned) > MAX_NAME_PART:  # file systems cap names at 255 bytes; keep it readable and unique
+        cleaned = cleaned[: MAX_NAME_PART - 9] + "-" + hashlib.sha256(str(text).encode()).hexdigest()[:8]
+    return cleaned or "unnamed"
+
+
+MAX_NAME_PART = 80  # characters of a class or method name in a file name
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy, torch and path values turned into what json.dumps takes (large tensors by shape)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 64 else {"tensor": list(value.shape)}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)

@@ -1,0 +1,123 @@
+"""Output formats: one writer function per format name, in one table (`FORMATS`) that the CLI, the batch runner
+and the app read. A new format is a writer `(ImageResult, folder) -> [paths]` and one line in the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from medlens.errors import OutputError
+from medlens.io.files import atomic_write, safe_name
+from medlens.io.render import color_scale, render_overlay, render_panel
+
+
+@dataclass
+class ImageResult:
+    """One image's share of an `ExplanationResult`, in the form every format writer takes."""
+
+    result: Any  # the ExplanationResult
+    index: int  # which image of its batch
+    raw: dict[str, np.ndarray]  # method -> (T, *spatial) float32 raw maps
+    display: np.ndarray  # grayscale (*spatial) in [0, 1]
+    titles: list[str]  # per target: "name (p=0.93)"
+    file_parts: list[str]  # per target: a unique, file-name-safe name
+    scales: dict[str, tuple[str, float, float]]  # method -> colour scale shared by its targets
+    region: Optional[np.ndarray] = None  # boolean (*spatial) region, outlined on overlays
+    input_file: Optional[Path] = None
+    scan: Any = None  # the ScanImage read from input_file, when known (affines, DICOM references)
+    provenance: dict[str, Any] = field(default_factory=dict)  # what the writers add to provenance.json
+
+    @classmethod
+    def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],
+              input_file: Any, scan: Any) -> "ImageResult":
+        raw = {m: result[m][index].detach().float().cpu().numpy() for m in result}
+        spatial = next(iter(raw.values())).shape[1:] if raw else ()
+        image = np.zeros(spatial, dtype=np.float32) if display is None else np.asarray(display, dtype=np.float32)
+        if region is not None:
+            region = np.asarray(region, dtype=bool)
+            if spatial and tuple(region.shape) != tuple(spatial):
+                raise OutputError(f"the region has shape {region.shape} but the maps are {tuple(spatial)}.")
+        probs = result.probabilities[index].detach().float().cpu()
+        targets = result.targets[index].tolist()
+        names = result.target_names()[index]
+        scales = {m: color_scale(raw[m]) for m in raw}
+        job = cls(result, index, raw, image, [f"{n} (p={float(probs[t]):.2f})" for n, t in zip(names, targets)],
+                  target_file_names(result, index), scales, region, Path(input_file) if input_file is not None else None,
+                  scan)
+        job.provenance["rendering"] = {
+            "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2]} for m, s in scales.items()},
+            "note": "one colour scale per method shared by its targets; maps.npz holds the raw, unnormalised values",
+        }
+        return job
+
+
+def target_file_names(result: Any, image_index: int = 0) -> list[str]:
+    """Safe, unique file-name parts for the targets of one image ("Effusion", "class_2", ...)."""
+    names = result.target_names()[image_index]
+    out: list[str] = []
+    for t, name in zip(result.targets[image_index].tolist(), names):
+        base = safe_name(name) if result.labels else f"class_{t}"
+        candidate, n = base, 2
+        while candidate.casefold() in {o.casefold() for o in out}:
+            candidate, n = f"{base}_{n}", n + 1
+        out.append(candidate)
+    return out
+
+
+def overlay_name(method: str, file_part: str) -> str:
+    """The overlay file of one method and target: `<method>_<target>.png`."""
+    return f"{safe_name(method)}_{file_part}.png"
+
+
+def write_png(job: ImageResult, folder: Path) -> list[Path]:
+    """An overlay PNG per method and target (raw-value colour bar, region outlined) and `panel.png` with them all."""
+    written: list[Path] = []
+    for m, maps in job.raw.items():
+        for j, part in enumerate(job.file_parts):
+            png = render_overlay(job.display, maps[j], title=f"{m}: {job.titles[j]}", scale=job.scales[m], region=job.region)
+            written.append(atomic_write(folder / overlay_name(m, part), png))
+    if job.raw:
+        written.append(atomic_write(folder / "panel.png",
+                                    render_panel(job.display, job.raw, job.titles, scales=job.scales, region=job.region)))
+    return written
+
+
+def write_npz(job: ImageResult, folder: Path) -> list[Path]:
+    """`maps.npz`: per method the (1, T, *spatial) raw maps, plus targets, logits, probabilities, labels (and region)."""
+    result, i = job.result, job.index
+    arrays: dict[str, np.ndarray] = {m: maps[None] for m, maps in job.raw.items()}
+    arrays["targets"] = result.targets[i : i + 1].cpu().numpy()
+    arrays["logits"] = result.logits[i : i + 1].detach().float().cpu().numpy()
+    arrays["probabilities"] = result.probabilities[i : i + 1].detach().float().cpu().numpy()
+    if result.labels:
+        arrays["labels"] = np.array(result.labels, dtype=str)
+    if job.region is not None:
+        arrays["region"] = job.region
+
+    def save(fh: Any) -> None:
+        np.savez(fh, **arrays)  # uncompressed: float maps barely compress, and writing stays fast
+
+    return [atomic_write(folder / "maps.npz", save)]
+
+
+FormatWriter = Callable[[ImageResult, Path], list[Path]]
+
+FORMATS: dict[str, FormatWriter] = {
+    "png": write_png,
+    "npz": write_npz,
+}
+DEFAULT_FORMATS: tuple[str, ...] = ("png", "npz")
+
+
+def check_formats(formats: Sequence[str]) -> list[str]:
+    """The format names, checked against `FORMATS` before any work (`provenance.json` is always written)."""
+    names = [str(f).strip().lower() for f in ([formats] if isinstance(formats, str) else formats)]
+    names = [n for n in names if n and n != "json"]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise OutputError(f"unknown output format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)} "
+                          f"(provenance.json is always written).")
+    return list(dict.fromkeys(names))
