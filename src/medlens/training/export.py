@@ -12,7 +12,7 @@ from typing import Any, Union
 from medlens.core.input_spec import InputSpec
 from medlens.data.figshare import CLASSES, CREDIT
 from medlens.data.phantom import LABELS
-from medlens.io.output import atomic_write
+from medlens.io.files import atomic_write
 from medlens.models import zoo
 
 PathLike = Union[str, Path]

@@ -17,7 +17,7 @@ from torch import nn
 from medlens.data.figshare import CLASSES, CREDIT, box_to_mask, load_arrays, minmax_scale, scan_folder
 from medlens.data.phantom import LABELS
 from medlens.errors import InputError
-from medlens.io.output import atomic_write
+from medlens.io.files import atomic_write
 from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.training.augment import affine_jitter, lesion_crops
 from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
