@@ -40,7 +40,7 @@ def _fast_methods() -> list[str]:
 
 
 def _all_metrics() -> list[str]:
-    from medlens.evaluation.runner import METRICS
+    from medlens.evaluation.metrics import METRICS
 
     return list(METRICS)
 
@@ -48,11 +48,11 @@ def _all_metrics() -> list[str]:
 def _brain(args, part: str) -> None:
     import medlens
     from medlens.data.figshare import scan_folder
-    from medlens.evaluation import evaluate
+    from medlens.evaluation_run import evaluate
 
     if args.data is None or not Path(args.data).is_dir():
         raise SystemExit(f"{part}: needs --data, a copy of the figshare brain tumour set (not found: {args.data}).")
-    from medlens.evaluation.runner import LOCALISATION
+    from medlens.evaluation.metrics import LOCALISATION
 
     model = medlens.load_model(args.model)
     test = [f"{s.class_name}/{s.image_path.name}" for s in scan_folder(args.data, splits=["test"])]
@@ -89,8 +89,8 @@ def _phantom_samples(name: str, n: int, marker_masks: bool = False) -> list[dict
 
 def _phantom(args, part: str) -> None:
     import medlens
-    from medlens.evaluation import evaluate
-    from medlens.evaluation.runner import LOCALISATION
+    from medlens.evaluation_run import evaluate
+    from medlens.evaluation.metrics import LOCALISATION
 
     name = "phantom-lesion" if part == "phantom-lesion-perturbation" else part
     model = medlens.load_model(name)

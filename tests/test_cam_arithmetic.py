@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medlens.core.spatial import upsample_to
+from medlens.tensor.spatial import upsample_to
 from medlens.families import cam_arithmetic as ca
 
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlens.accel.fast_forward import AGREEMENT, FastForward, relative_gap, replace_submodule, structural_copy
-from medlens.core.autograd import call_model
-from medlens.core.spatial import channels_last
-from medlens.core.spatial import upsample_to
+from medlens.tensor.autograd import call_model
+from medlens.tensor.spatial import channels_last
+from medlens.tensor.spatial import upsample_to
 
 MAX_TERMS_PER_AXIS = 3  # grid points a tile may combine along one axis (bands are merged up to this)
 MAX_TILE_MEMORY = 256 * 2**20  # bytes of precomputed values per image; above it the convolution simply runs

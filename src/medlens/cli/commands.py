@@ -19,7 +19,7 @@ from medlens.core.explain import check_methods
 from medlens.core.registry import all_specs
 from medlens.errors import InputError, MedlensError, MethodError, ModelError
 from medlens.io.files import ensure_writable
-from medlens.io.models import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
+from medlens.models.loading import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
 from medlens.io.regions import read_region
 from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write_outcome
 

@@ -1,6 +1,6 @@
 """The `medlens evaluate` command: every (method, metric) pair over a folder, with a progress bar.
 
-It loads the model with `medlens.load_model`, calls `evaluate()` and prints where the files went.
+It loads the model as `medlens explain` does, calls `medlens.evaluation_run.evaluate()` and prints where the files went.
 """
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Optional
 
 import click
 
-from medlens.evaluation.runner import METRICS
+from medlens.cli.commands import load_model_for_cli
+from medlens.errors import MethodError
+from medlens.evaluation.metrics import METRICS
+from medlens.evaluation_run import evaluate
+from medlens.io.files import ensure_writable
 
 
 @click.command("evaluate")
@@ -29,11 +33,6 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: st
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
                      include_file: Optional[str], allow_pickle: bool) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
-    from medlens.cli.commands import load_model_for_cli
-    from medlens.errors import MethodError
-    from medlens.io.files import ensure_writable
-    from medlens.evaluation.runner import evaluate
-
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     if batch_size < 1:
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")

@@ -14,7 +14,7 @@ from torch import nn
 
 from medlens.errors import ModelError
 from medlens.accel.fast_forward import FastForward, fast_forward
-from medlens.core.autograd import call_model
+from medlens.tensor.autograd import call_model
 from medlens.core.layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
 from medlens.core.model_state import HookSet
 from medlens.core.targets import resolve_targets

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from medlens.core.autograd import call_model
+from medlens.tensor.autograd import call_model
 from medlens.core.baselines import gaussian_blur
 from medlens.errors import InputError
 from medlens.core.model_state import borrowed_model

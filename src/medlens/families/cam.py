@@ -10,13 +10,13 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from medlens.core.autograd import call_model
+from medlens.tensor.autograd import call_model
 from medlens.core.batching import chunks
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
 from medlens.core.options import flag, positive_int
 from medlens.core.registry import MethodSpec, register
-from medlens.core.spatial import channels_last, spatial_dims, upsample_to
+from medlens.tensor.spatial import channels_last, spatial_dims, upsample_to
 from medlens.accel.masked_stem import build_masked_stem
 from medlens.families.cam_arithmetic import (
     EPS, CamTerms, GradientTerms, Weigher, gradcam, gradcam_plus_plus, hirescam, layercam, xgradcam,

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from medlens.core.spatial import spatial_dims
+from medlens.tensor.spatial import spatial_dims
 
 EPS = 1e-7
 

@@ -1,7 +1,7 @@
 """The gradient family's plain gradients: saliency and input x gradient.
 
 Guided backprop and guided Grad-CAM live in `guided.py`, integrated gradients in `integrated.py`, SmoothGrad in
-`smoothgrad.py`, the shared autograd helpers in `medlens.core.autograd`. All targets of a batch come from one
+`smoothgrad.py`, the shared autograd helpers in `medlens.tensor.autograd`. All targets of a batch come from one
 forward and one batched backward (`target_gradients`); the plain input gradients are cached in `ctx.cache` so several
 methods of one call share them.
 
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from medlens.core.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
+from medlens.tensor.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
 from medlens.core.context import ExplainContext
 from medlens.core.registry import MethodSpec, register
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.core.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
+from medlens.tensor.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
 from medlens.core.context import ExplainContext
 from medlens.core.registry import MethodSpec, register
-from medlens.core.spatial import spatial_dims, upsample_to
+from medlens.tensor.spatial import spatial_dims, upsample_to
 from medlens.errors import MethodError
 
 

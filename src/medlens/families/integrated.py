@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.core.autograd import CHANNELS_NOTE, call_model, slots_first_to_maps, target_gradients
+from medlens.tensor.autograd import CHANNELS_NOTE, call_model, slots_first_to_maps, target_gradients
 from medlens.core.baselines import make_baseline
 from medlens.core.context import ExplainContext
 from medlens.core.options import positive_int

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from medlens.core.autograd import CHANNELS_NOTE, slots_first_to_maps
+from medlens.tensor.autograd import CHANNELS_NOTE, slots_first_to_maps
 from medlens.core.context import ExplainContext
 from medlens.core.options import finite_float, positive_int
 from medlens.core.registry import MethodSpec, register

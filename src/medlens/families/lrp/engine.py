@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.core.autograd import call_model, target_gradients
+from medlens.tensor.autograd import call_model, target_gradients
 from medlens.errors import MethodError
 from medlens.core.layers import is_activation, is_linear
 from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
