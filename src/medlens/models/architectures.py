@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from medlens.errors import ModelError
+
 
 class SmallResNet(nn.Module):
     """ResNet-18 layout (torchvision `BasicBlock`, [2, 2, 2, 2]) with configurable width and input channels.
@@ -101,7 +103,5 @@ ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN}
 def build(arch: str, **kwargs) -> nn.Module:
     """Instantiate an architecture by its class name (as written in the weights spec JSON)."""
     if arch not in ARCHITECTURES:
-        from medlens.errors import ModelError
-
         raise ModelError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}.")
     return ARCHITECTURES[arch](**kwargs)

@@ -19,6 +19,7 @@ from medlens.data.phantom import LABELS
 from medlens.errors import InputError
 from medlens.io.files import atomic_write
 from medlens.models.architectures import PhantomCNN, SmallResNet
+from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.augment import affine_jitter, lesion_crops
 from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
 from medlens.training.guided import GUIDES, cam_guidance_loss, class_activation_maps, features_and_logits, rrr_loss
@@ -143,8 +144,6 @@ def _init_weights(model: nn.Module, init: Optional[str]) -> None:
     """Start from a bundled model's weights or a state-dict file (nothing: random weights)."""
     if not init:
         return
-    from medlens.models.zoo import bundled_models, load_state_dict_checked
-
     path = bundled_models()[init]["weights"] if init in bundled_models() else Path(init)
     load_state_dict_checked(model, path, f"the starting weights {init!r}")
 
