@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pydicom
@@ -24,9 +24,6 @@ from medlens.io.files import atomic_write, safe_name
 from medlens.io.format_nifti import map_affine
 from medlens.io.render import render_overlay
 from medlens.version import __version__
-
-if TYPE_CHECKING:  # formats.py imports this module for its table
-    from medlens.io.formats import ImageResult
 
 HIGHDICOM_HINT = 'the dicom output format needs highdicom: pip install highdicom'
 SERIES_NUMBER_PM, SERIES_NUMBER_SC = 9101, 9102
@@ -76,7 +73,7 @@ def _save(folder: Path, name: str, dataset: Dataset) -> Path:
     return atomic_write(folder / name, lambda fh: pydicom.dcmwrite(fh, dataset, enforce_file_format=True))
 
 
-def write_dicom(job: "ImageResult", folder: Path) -> list[Path]:
+def write_dicom(job: Any, folder: Path) -> list[Path]:
     """`<method>_<target>_pm.dcm` (Parametric Map, float) and `<method>_<target>_sc.dcm` (Secondary Capture of the
     overlay, 2-D maps) for a DICOM input; for other inputs nothing, said in provenance."""
     headers = getattr(job.scan, "dicom_headers", None)
