@@ -207,6 +207,8 @@ def test_discovery_ids_filters_limit_and_series_folders(inputs: Path, tmp_path: 
     assert [i.relative for i in discover([inputs], include=["sub/*"], exclude=["*3.png"]).items] == [
         "sub/case001.png", "sub/case005.png", "sub/case007.png"]
     assert len(discover([inputs], limit=3).items) == 3
+    assert [i.relative for i in discover([inputs], leave_out=[inputs / "sub"]).items] == [
+        "case000.png", "case002.png", "case004.png", "case006.png"]  # an --out among the inputs is not searched
     series = tmp_path / "study" / "series1"
     series.mkdir(parents=True)
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))

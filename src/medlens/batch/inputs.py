@@ -91,11 +91,13 @@ def _series_of(files: Sequence[Path]) -> Optional[str]:
     return uid or None
 
 
-def _walk(folder: Path, skipped: dict[str, int]) -> list[Path]:
-    """Scan files and series folders under `folder`, sorted, hidden entries and the batch's own outputs left out."""
+def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ()) -> list[Path]:
+    """Scan files and series folders under `folder`, sorted, hidden entries and `leave_out` (the batch's own output
+    folder, when it sits among the inputs) left out."""
     found: list[Path] = []
+    left_out = {p.resolve() for p in leave_out}
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in left_out)
         here = Path(root)
         scans = []
         for name in sorted(files):
@@ -133,11 +135,11 @@ def _matches(relative: str, patterns: Sequence[str]) -> bool:
 
 
 def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-             limit: Optional[int] = None) -> Discovery:
+             limit: Optional[int] = None, leave_out: Sequence[Path] = ()) -> Discovery:
     """The inputs named by `arguments` (files; folders searched recursively), filtered and limited, with ids.
 
-    Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`).
-    A missing argument raises InputError before any work."""
+    Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`). Folders in
+    `leave_out` (the run's --out) are not searched. A missing argument raises InputError before any work."""
     paths = [Path(a).expanduser().absolute() for a in arguments]
     for given, path in zip(arguments, paths):
         if not path.exists():
@@ -149,7 +151,7 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
     candidates: list[Path] = []
     for path in paths:
         if path.is_dir():
-            candidates.extend(_walk(path, skipped))
+            candidates.extend(_walk(path, skipped, leave_out))
         else:
             candidates.append(path)  # named explicitly: an input even if its type is not one medlens reads
     seen: set[Path] = set()

@@ -60,7 +60,7 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     unknown executor, a folder of other settings) raise before any work."""
     t0 = time.perf_counter()
     plan = plan_for(model, request)
-    found = discover(inputs, include=include, exclude=exclude, limit=limit)
+    found = discover(inputs, include=include, exclude=exclude, limit=limit, leave_out=[Path(out)])
     runner = make_executor(executor, workers, ray_address)
     out = ensure_writable(out)
     settings = run_settings(plan, model_source)
