@@ -235,3 +235,10 @@ def test_torn_last_line_is_ignored_and_cut_before_appending(tmp_path: Path) -> N
     assert plan_resume(items, records, "s").todo == []
     assert plan_resume(items, records, "s", retry_failed=True).todo == [items[1]]
     assert plan_resume(items, records, "other").todo == items  # other settings count for nothing
+
+
+def test_a_folder_without_images_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    assert run_cli("batch", tmp_path / "notes", "--out", tmp_path / "out", *ARGS) == 2
+    assert "no inputs found" in capsys.readouterr().err and not (tmp_path / "out").exists()
