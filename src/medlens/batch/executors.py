@@ -8,9 +8,11 @@ The interface (all an executor needs to know of the work):
 - *items*: picklable values (the batch sends `WorkItem`s); `task(item)` returns a JSON-able record (a dict).
 - `executor.run(factory, items)` yields one record per item, in the order they finish (not the items' order). The
   caller (only the driver) persists each record as it arrives, so a record yielded is a result kept.
-Fault tolerance: `processes` gives each worker one item at a time, so when a worker process dies the item it held is
-known; that item is given to a fresh worker, up to `max_attempts` times in all, then `lost` is its record. `ray` leaves
-restarts to Ray (actors are restarted and their tasks retried).
+Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` items sent to each worker (one in work, the next waiting in its
+pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies the item it was
+working on is known: that item goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record;
+the items still waiting are handed out again without counting an attempt. `ray` leaves restarts to Ray (actors are
+restarted and their tasks retried).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
 RAY_HINT = 'the ray executor needs Ray: pip install "medlens[ray]"'
+ITEMS_PER_WORKER = 2  # sent and not yet answered, per worker process
 
 
 class TaskFactory(Protocol):
@@ -81,7 +84,7 @@ def _worker_main(factory: TaskFactory, conn: Connection) -> None:
 
 
 class ProcessExecutor:
-    """`workers` standard-library processes, one item at a time each."""
+    """`workers` standard-library processes, each working on one item with the next one waiting in its pipe."""
 
     name = "processes"
 
@@ -117,16 +120,17 @@ class ProcessExecutor:
                         if kind == "ready":
                             worker.ready = True
                         elif kind == "record":
-                            worker.holding = None
+                            worker.holding.remove(index)
                             finished += 1
                             yield payload
-                    if worker.dead:  # the item it held goes to a fresh worker, or is lost after max_attempts
+                    if worker.dead:  # the item it was on goes to a fresh worker, or is lost after max_attempts
                         workers.remove(worker)
                         worker.close()
                         if not worker.ready:
                             raise ExecutorError(f"a worker process died while starting (exit code "
                                                 f"{worker.process.exitcode}).")
-                        held = worker.holding
+                        held = worker.holding.popleft() if worker.holding else None
+                        queue.extendleft(reversed(worker.holding))  # not started: handed out again as they were
                         if held is not None:
                             attempts[held] += 1
                             if attempts[held] >= self.max_attempts:
@@ -138,9 +142,10 @@ class ProcessExecutor:
                         if queue:
                             workers.append(self._start(factory))
                 for worker in workers:
-                    if worker.ready and worker.holding is None and queue:
-                        worker.holding = queue.popleft()
-                        worker.send((worker.holding, items[worker.holding]))
+                    while worker.ready and len(worker.holding) < ITEMS_PER_WORKER and queue:
+                        index = queue.popleft()
+                        worker.holding.append(index)
+                        worker.send((index, items[index]))
         finally:
             for worker in workers:
                 worker.send(None)
@@ -149,13 +154,13 @@ class ProcessExecutor:
 
 
 class _Worker:
-    """A worker process, its pipe, and the index of the item it holds."""
+    """A worker process, its pipe, and the indices of the items sent to it and not yet answered (in order)."""
 
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process, self.conn = process, conn
         self.ready = False
         self.dead = False
-        self.holding: Optional[int] = None
+        self.holding: deque = deque()
 
     def messages(self) -> Iterator[tuple]:
         try:
