@@ -136,8 +136,23 @@ def prepare_input(model: Any, dims: int, loaded: LoadedInput, axis: str = "axial
         else:
             depth = loaded.scan.pixels.shape[0] if loaded.scan.is_volume else None
             k = (index if index is not None else depth // 2) if (depth and dims == 2) else None
-            region = region_mask(loaded.region, loaded.scan.spatial_shape, grid, slice_index=k).cpu().numpy()
+            try:
+                region = region_mask(loaded.region, loaded.scan.spatial_shape, grid, slice_index=k).cpu().numpy()
+            except InputError as exc:  # e.g. a mask that does not reach this slice: said, and the maps still shown
+                prepared.notes.append(f"the region is not drawn: {exc}")
     return prepared, region
+
+
+def default_slice(loaded: LoadedInput, axis: str) -> int:
+    """The slice a volume opens on: the one with the most region when a 3-D mask is given, else the middle."""
+    n = axis_length(loaded.scan, axis)
+    mask = loaded.region.mask if loaded.region is not None else None
+    if mask is not None and mask.ndim == 3 and mask.shape == loaded.scan.pixels.shape and mask.any():
+        ax = AXES.index(axis)
+        area = mask.sum(axis=tuple(i for i in range(3) if i != ax))
+        k = int(area.argmax())
+        return k
+    return n // 2
 
 
 def _png_bytes(values: np.ndarray) -> bytes:

@@ -25,7 +25,8 @@ BANNER = ("**For research and teaching only: not a medical device, not for diagn
 
 def _config() -> dict[str, Any]:
     return {"models": os.environ.get("MEDLENS_APP_MODELS") or None, "data": os.environ.get("MEDLENS_APP_DATA") or None,
-            "allow_pickle": os.environ.get("MEDLENS_APP_ALLOW_PICKLE", "") == "1"}
+            "allow_pickle": os.environ.get("MEDLENS_APP_ALLOW_PICKLE", "") == "1",
+            "upload_mb": float(os.environ.get("MEDLENS_APP_MAX_UPLOAD_MB") or app_inputs.MAX_UPLOAD_MB)}
 
 
 def _read_input(config: dict[str, Any]) -> tuple[Optional[app_inputs.LoadedInput], Optional[str]]:
@@ -46,7 +47,7 @@ def _read_input(config: dict[str, Any]) -> tuple[Optional[app_inputs.LoadedInput
             key = (app_inputs.digest_of(data), upload.name, repr(window))
             if key not in cache:
                 cache.clear()
-                cache[key] = app_inputs.read_upload(upload.name, data, window=window)
+                cache[key] = app_inputs.read_upload(upload.name, data, window=window, limit_mb=config["upload_mb"])
             loaded = cache[key]
             if loaded.is_dicom:
                 st.sidebar.selectbox("DICOM window", list(app_inputs.WINDOW_PRESETS), key="window")
@@ -121,7 +122,7 @@ def _slice_controls(loaded: app_inputs.LoadedInput, catalogue: ModelCatalogue, m
     st.sidebar.header("Slice (2-D models on a volume)")
     axis = st.sidebar.selectbox("Axis", list(app_inputs.AXES), key="slice_axis")
     n = app_inputs.axis_length(loaded.scan, axis)
-    index = st.sidebar.slider("Slice", 0, n - 1, n // 2, key=f"slice_index::{axis}")
+    index = st.sidebar.slider("Slice", 0, n - 1, app_inputs.default_slice(loaded, axis), key=f"slice_index::{axis}::{loaded.digest}")
     st.sidebar.caption("A 3-D model takes the whole volume; a 2-D model gets this slice.")
     return axis, int(index)
 

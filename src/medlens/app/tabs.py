@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import streamlit as st
 
 from medlens.app import batch_runs, metrics
-from medlens.app.inputs import UPLOAD_TYPES, read_upload
+from medlens.app.inputs import MAX_UPLOAD_MB, UPLOAD_TYPES, read_upload
 from medlens.app.session import Current, Panel
 from medlens.app.views import ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
 from medlens.errors import MedlensError
@@ -157,7 +157,7 @@ def _before_after(current: Current) -> None:
     model = st.selectbox("Model", current.models, key="ba_model")
     method = st.selectbox("Method", current.methods, key="ba_method")
     try:
-        after = read_upload(upload.name, upload.getvalue())
+        after = read_upload(upload.name, upload.getvalue(), limit_mb=current.config.get("upload_mb", MAX_UPLOAD_MB))
         before_panel = [p for p in current.panels if p.model == model and p.method == method][0]
         maps = current.maps(model, [method], [before_panel.target], loaded=after)
         prepared, region, input_id = current.prepared(model, after)
