@@ -91,8 +91,10 @@ def _choose_models(catalogue: ModelCatalogue, loaded: app_inputs.LoadedInput, de
 def _choose_methods() -> tuple[list[str], dict[str, Any], Optional[int]]:
     st.sidebar.header("3. Methods")
     specs = all_specs()
-    methods = st.sidebar.multiselect("Methods (grouped by family; cost in passes)", sorted(specs, key=lambda n: (specs[n].family, n)),
+    methods = st.sidebar.multiselect("Methods (by family)", sorted(specs, key=lambda n: (specs[n].family, n)),
                                      default=["gradcam"], format_func=method_label, key="methods")
+    for name in methods:
+        st.sidebar.caption(f"{name}: {specs[name].cost}")
     slow = slow_methods(methods)
     if slow:
         st.sidebar.warning(f"Slow on a CPU (many model passes): {', '.join(slow)}. Expect seconds to minutes.")

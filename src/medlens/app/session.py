@@ -21,8 +21,7 @@ SLOW_COST_WORDS = ("per ", "n_steps", "n_samples")  # registry cost texts of met
 
 
 def method_label(name: str) -> str:
-    spec = get_spec(name)
-    return f"{spec.family} · {name} ({spec.cost})"
+    return f"{name} ({get_spec(name).family})"
 
 
 def slow_methods(methods: Sequence[str]) -> list[str]:
