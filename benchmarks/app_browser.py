@@ -86,13 +86,16 @@ def browser_page(url: str, width: int = 1500, height: int = 1100) -> Iterator[An
 
 
 def wait_idle(page: Any, timeout: float = 60.0) -> None:
-    """Until Streamlit has finished the script run (its 'Running' status widget gone)."""
-    page.wait_for_timeout(150)
+    """Until Streamlit has finished the script run (script state not running, no stale element) for 0.3 s."""
     deadline = time.time() + timeout
+    quiet_since = time.time()
+    busy = '[data-testid="stApp"][data-test-script-state="running"], [data-stale="true"]'
     while time.time() < deadline:
-        if page.locator('[data-testid="stStatusWidget"]').count() == 0:
+        if page.locator(busy).count() > 0:
+            quiet_since = time.time()
+        elif time.time() - quiet_since > 0.3:  # a rerun may start a moment after the action: insist on a quiet spell
             return
-        page.wait_for_timeout(50)
+        page.wait_for_timeout(30)
     raise TimeoutError("the app kept running")
 
 
@@ -149,3 +152,23 @@ def show_view(page: Any, name: str, expect: Optional[str] = None) -> None:
     if expect:
         page.locator('[data-testid="stMain"]').get_by_text(expect).first.wait_for(timeout=60_000)
     wait_idle(page)
+
+
+def click_slider(page: Any, label: str, fraction: float) -> None:
+    """Click the slider labelled `label` at `fraction` of its track (a single change, as a person drags and lets go)."""
+    widget = page.locator('[data-testid="stSlider"]').filter(has_text=label).first
+    track = widget.locator('[role="group"] > div').first.bounding_box()
+    page.mouse.click(track["x"] + fraction * track["width"], track["y"] + track["height"] / 2)
+
+
+def set_targets(page: Any, model: str, names: list[str]) -> None:
+    """Add findings to the 'Explain for' picker of the (first) model."""
+    box = page.locator('[data-testid="stMain"] [data-testid="stMultiSelect"]').filter(has_text="Explain for").first
+    for name in names:
+        box.locator("input").first.click()
+        page.keyboard.type(name)
+        page.get_by_role("option").filter(has_text=name).first.click()
+        page.keyboard.press("Escape")
+        page.locator("h1").first.click()
+        page.wait_for_timeout(300)
+        wait_idle(page)

@@ -66,8 +66,12 @@ def _ensemble(current: Current) -> None:
     if len(by_label) < 2:
         st.info("An ensemble needs two or more maps: choose several models or methods and press Explain.")
         return
-    first_method = current.methods[0]
-    default = [k for k, p in by_label.items() if p.method == first_method] if len(current.models) > 1 else list(by_label)
+    first_target = {m: next(p.target for p in current.panels if p.model == m) for m in current.models}
+    same_target = {k: p for k, p in by_label.items() if p.target == first_target[p.model]}
+    if len(current.models) > 1:  # several models: each one's map of the first method, for its first finding
+        default = [k for k, p in same_target.items() if p.method == current.methods[0]]
+    else:  # one model: its methods on one finding
+        default = list(same_target)
     members = st.multiselect("Members (normalised to their largest |value|, then averaged)", list(by_label),
                              default=default if len(default) > 1 else list(by_label), key="ensemble_members")
     if len(members) < 2:
@@ -191,16 +195,21 @@ def _metrics(current: Current) -> None:
                 maps = {(p.method, p.target): p.raw for p in current.panels if p.model == key}
                 r, c = metrics.image_metrics(current.entry(key), prepared.tensor, maps, region)
                 rows += r
-                curves.update({f"{key} · {k}": v for k, v in c.items()})
+                prefix = f"{key} " if len(current.models) > 1 else ""
+                curves.update({f"{prefix}{k}".replace(" / ", " "): v for k, v in c.items()})
         st.session_state["metrics_result"] = (rows, curves)
     if "metrics_result" in st.session_state:
         rows, curves = st.session_state["metrics_result"]
         st.dataframe(rows, hide_index=True, width="stretch")
         st.caption("Deletion AUC: lower is better; insertion AUC: higher is better (probability of the target, 20 steps).")
         if curves:
-            n = len(next(iter(curves.values())))
-            st.line_chart({k: v for k, v in curves.items()}, x_label="step (fraction = step / %d)" % (n - 1),
-                          y_label="probability of the target")
+            columns = st.columns(2)
+            for column, kind in zip(columns, ("deletion", "insertion")):
+                chosen = {k[: -len(kind)].strip(): v for k, v in curves.items() if k.endswith(kind)}
+                n = len(next(iter(chosen.values())))
+                table = {"fraction of pixels": [i / (n - 1) for i in range(n)], **chosen}
+                column.caption(f"{kind} curves")
+                column.line_chart(table, x="fraction of pixels", y=list(chosen), y_label="probability of the target")
     model = st.selectbox("Randomisation check: model", current.models, key="rand_model")
     method = st.selectbox("Randomisation check: method", current.methods, key="rand_method")
     if st.button("Run the randomisation check", key="run_random"):
