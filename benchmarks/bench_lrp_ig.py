@@ -126,7 +126,7 @@ def _ig_rows(args, device) -> list:
     import captum.attr
 
     import medlens
-    from medlens.families.gradients import integrated_gradients
+    from medlens.families.integrated import integrated_gradients
     from medlens.core.model_state import borrowed_model
 
     rows = []

@@ -4,6 +4,8 @@ Parts (each writes metrics.csv, metrics.md, run.json and plots to OUT/<part>/):
 
 - brain-fast: the 17 methods that cost at most a few passes (CAM, gradient, LRP families), all 15 metrics,
   on a seeded subset of the figshare *test* split (never an image the model was trained on);
+- brain-localisation: the 17 fast methods with the five localisation metrics (no model call per metric) on a
+  larger seeded subset of the test split (`--limit`), beside the centre and prior baselines;
 - brain-perturbation: occlusion, RISE, LIME, KernelSHAP at their defaults on a smaller subset, every metric
   except randomisation and max-sensitivity (each of those re-explains an image 8 times: minutes per image);
 - brain-subset: the 17 fast methods on that same smaller subset and metrics, so all 21 compare on equal images;
@@ -38,7 +40,7 @@ def _fast_methods() -> list[str]:
 
 
 def _all_metrics() -> list[str]:
-    from medlens.evaluation.runner import METRICS
+    from medlens.evaluation.metrics import METRICS
 
     return list(METRICS)
 
@@ -46,20 +48,25 @@ def _all_metrics() -> list[str]:
 def _brain(args, part: str) -> None:
     import medlens
     from medlens.data.figshare import scan_folder
-    from medlens.evaluation import evaluate
+    from medlens.evaluation_run import evaluate
 
     if args.data is None or not Path(args.data).is_dir():
         raise SystemExit(f"{part}: needs --data, a copy of the figshare brain tumour set (not found: {args.data}).")
-    model = medlens.load_model("brain-tumor-mri")
+    from medlens.evaluation.metrics import LOCALISATION
+
+    model = medlens.load_model(args.model)
     test = [f"{s.class_name}/{s.image_path.name}" for s in scan_folder(args.data, splits=["test"])]
-    if part == "brain-fast":
+    if part == "brain-localisation":
+        methods, metrics, limit = _fast_methods(), list(LOCALISATION), args.limit
+    elif part == "brain-fast":
         methods, metrics, limit = _fast_methods(), _all_metrics(), args.limit
     elif part == "brain-subset":  # the fast methods again, on the perturbation methods' images and metrics
         methods, metrics, limit = _fast_methods(), [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
     else:
         methods, metrics, limit = PERTURBATION, [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
+    out = Path(args.out) / part if args.model == "brain-tumor-mri" else Path(args.out) / args.model / part
     evaluate(model, args.data, methods=methods, metrics=metrics, limit=limit, seed=args.seed,
-             out=Path(args.out) / part, include=test, progress=True)
+             out=out, include=test, progress=True)
 
 
 def _phantom_samples(name: str, n: int, marker_masks: bool = False) -> list[dict]:
@@ -82,8 +89,8 @@ def _phantom_samples(name: str, n: int, marker_masks: bool = False) -> list[dict
 
 def _phantom(args, part: str) -> None:
     import medlens
-    from medlens.evaluation import evaluate
-    from medlens.evaluation.runner import LOCALISATION
+    from medlens.evaluation_run import evaluate
+    from medlens.evaluation.metrics import LOCALISATION
 
     name = "phantom-lesion" if part == "phantom-lesion-perturbation" else part
     model = medlens.load_model(name)
@@ -182,6 +189,30 @@ def shortcut_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def localisation_comparison(out: Path, models: list[str], metrics: tuple[str, ...] = ("pointing_game", "energy_in_box")) -> str:
+    """Methods down; for each metric one column per model (brain-localisation results), baselines last."""
+    import csv
+
+    values: dict[str, dict[tuple[str, str], float]] = {}
+    counts: dict[str, int] = {}
+    for model in models:
+        folder = out / "brain-localisation" if model == "brain-tumor-mri" else out / model / "brain-localisation"
+        with open(folder / "metrics.csv") as fh:
+            for row in csv.DictReader(fh):
+                if row["target"] == "all" and row["metric"] in metrics:
+                    values.setdefault(row["method"], {})[(model, row["metric"])] = float(row["value"])
+                    counts[model] = int(row["n"])
+    head = "| method | " + " | ".join(f"{SHORT.get(m, m)} {ARROWS[m]} `{model}`" for m in metrics for model in models) + " |"
+    lines = [head, "|---" + "|---:" * (len(metrics) * len(models)) + "|"]
+    order = [m for m in values if not m.startswith("baseline")] + [m for m in values if m.startswith("baseline")]
+    for method in order:
+        cells = [values[method].get((model, m)) for m in metrics for model in models]
+        lines.append(f"| {method} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines.append("")
+    lines.append("Slices: " + ", ".join(f"`{m}` {counts.get(m, 0)}" for m in models) + " (the same seeded test-split subset).")
+    return "\n".join(lines)
+
+
 def summarise(out: Path) -> None:
     metrics = list(ARROWS)
     parts = {
@@ -204,10 +235,12 @@ def summarise(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="+",
-                        choices=["brain-fast", "brain-subset", "brain-perturbation", "phantom-lesion", "phantom-lesion-perturbation",
-                                 "phantom-shortcut", "summary"])
+                        choices=["brain-fast", "brain-localisation", "brain-subset", "brain-perturbation", "phantom-lesion", "phantom-lesion-perturbation",
+                                 "phantom-shortcut", "summary", "compare-brain"])
     parser.add_argument("--data", default=None, help="the figshare brain tumour folder (brain parts)")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--model", default="brain-tumor-mri",
+                        help="brain parts: the bundled brain model (results of any other name go to OUT/<model>/<part>)")
     parser.add_argument("--limit", type=int, default=40, help="test-split images for the fast brain methods")
     parser.add_argument("--limit-slow", type=int, default=10,
                         help="images for the perturbation methods (0: all; phantoms: of the --phantoms cases)")
@@ -221,11 +254,16 @@ def main() -> None:
         if part == "summary":
             summarise(Path(args.out))
             continue
+        if part == "compare-brain":
+            print(localisation_comparison(Path(args.out), ["brain-tumor-mri-v1", "brain-tumor-mri"]))
+            continue
         t0 = time.perf_counter()
         (_brain if part.startswith("brain") else _phantom)(args, part)
         seconds = time.perf_counter() - t0
-        Path(args.out, part).mkdir(parents=True, exist_ok=True)
-        Path(args.out, part, "wall.json").write_text(json.dumps({"part": part, "seconds": seconds}) + "\n")
+        where = Path(args.out, part) if args.model == "brain-tumor-mri" or not part.startswith("brain") \
+            else Path(args.out, args.model, part)
+        where.mkdir(parents=True, exist_ok=True)
+        Path(where, "wall.json").write_text(json.dumps({"part": part, "seconds": seconds}) + "\n")
         print(f"{part}: {seconds / 60:.1f} min")
 
 

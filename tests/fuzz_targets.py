@@ -270,7 +270,7 @@ BOX_FILE = st.one_of(st.lists(BOX_LINE, max_size=4).map(lambda lines: "\n".join(
 def check_boxes(data: bytes, folder: Path) -> str:
     """The two YOLO box readers: the evaluation runner's mask and the figshare dataset's parser."""
     from medlens.data.figshare import parse_box_file
-    from medlens.evaluation.runner import box_mask
+    from medlens.evaluation_run.dataset import box_mask
 
     path = folder / "fuzz.txt"
     path.write_bytes(data)
@@ -295,7 +295,7 @@ SIDECAR = st.one_of(
 
 
 def check_sidecar(data: bytes, model_file: Path) -> str:
-    from medlens.io import load_model
+    from medlens.models.loading import load_model
 
     sidecar = model_file.with_name(model_file.name + ".json")
     sidecar.write_bytes(data)

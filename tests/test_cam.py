@@ -11,7 +11,7 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.core.spatial import upsample_to
+from medlens.tensor.spatial import upsample_to
 
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
 

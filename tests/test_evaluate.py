@@ -11,13 +11,33 @@ import torch
 
 import medlens
 from medlens.errors import InputError
-from medlens.evaluation import runner as R
+from types import SimpleNamespace
+
+from medlens.evaluation import metrics as M
+from medlens.evaluation_run import dataset as D
+from medlens.evaluation_run import runner as RUN
+from medlens.evaluation_run import tables as T
+from medlens.io import prepare, read_image
 from medlens.core.input_spec import InputSpec
 from medlens.core.model_state import hook_count
 
 from conftest import TinyCNN2d, _randomise_bn
 
 LABELS = ["glioma", "meningioma"]
+
+
+def prepare_image(path, spec):
+    """The reader and preparation `medlens explain` uses (the pipeline's read_input): (C, *s)."""
+    return prepare(read_image(path), spec, dims=len(spec.size) if spec.size else 2).tensor[0]
+
+
+def folder_dataset(root, spec):
+    return D.FolderDataset(root, lambda path: prepare_image(path, spec))
+
+
+R = SimpleNamespace(evaluate=RUN.evaluate, METRICS=M.METRICS, LOCALISATION=M.LOCALISATION, COLUMNS=T.COLUMNS,
+                    completeness_options=M.completeness_options, box_mask=D.box_mask, prepare_image=prepare_image,
+                    FolderDataset=folder_dataset)
 SPEC = InputSpec(size=(32, 32), channels=1, scale="uint8", mean=(0.5,), std=(0.25,), labels=tuple(LABELS))
 
 

@@ -13,7 +13,7 @@ from medlens.accel import fast_forward as inference
 from medlens.accel import masked_stem
 from medlens.accel.masked_stem import build_masked_stem
 from medlens.accel.fast_forward import fast_forward
-from medlens.core.spatial import upsample_to
+from medlens.tensor.spatial import upsample_to
 
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
 

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import TinyCNN2d
 from medlens.cli.group import main
 from medlens.errors import InputError, MedlensError, ModelError
-from medlens.io import load_model, read_image
+from medlens.io import read_image
+from medlens.models.loading import load_model
 from test_io_images import make_dicom
 
 
@@ -98,7 +99,7 @@ def test_a_nifti_header_with_a_zero_dimension(tmp_path):
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b"0 nan 0.5 0.1 0.1", b"0 0.5 1e308 0.1 0.1", b"0 inf 0.5 1 1"])
 def test_yolo_box_files_that_are_binary_or_not_finite(tmp_path, content):
     from medlens.data.figshare import parse_box_file
-    from medlens.evaluation.runner import box_mask
+    from medlens.evaluation_run.dataset import box_mask
 
     path = tmp_path / "1.txt"
     path.write_bytes(content)

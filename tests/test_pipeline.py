@@ -14,7 +14,7 @@ import medlens
 from medlens.cli.group import main
 from medlens.errors import InputError, MethodError, OutputError, TargetError
 from medlens.evaluation.localisation import energy_in_box, pointing_game
-from medlens.evaluation.runner import box_mask
+from medlens.evaluation_run.dataset import box_mask
 from medlens.io.regions import boxes_to_mask, read_region, region_mask
 from medlens.io.render import OUTLINE_RGB, _with_outline, outline_of
 from medlens.pipeline import ExplainRequest, explain_file, explain_tensor, plan_for, write_outcome

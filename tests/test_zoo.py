@@ -19,6 +19,7 @@ PHANTOM_LESION_MIN_ACCURACY = 0.9
 
 EXPECTED = {
     "brain-tumor-mri": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
+    "brain-tumor-mri-v1": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "phantom-lesion": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
     "phantom-shortcut": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
 }
@@ -49,8 +50,14 @@ def test_bundled_model_loads_offline_with_documented_spec(name):
     assert f"{acc:.2%}" in card
 
 
-def test_brain_card_credits_the_data():
-    card = (zoo.CARDS_DIR / "brain-tumor-mri.md").read_text()
+def test_bundled_weights_stay_under_40_mb_in_all():
+    total = sum(info["weights"].stat().st_size for info in zoo.bundled_models().values())
+    assert total <= 40e6, total
+
+
+@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1"])
+def test_brain_card_credits_the_data(name):
+    card = (zoo.CARDS_DIR / f"{name}.md").read_text()
     for needle in ("CC BY 4.0", "10.6084/m9.figshare.1512427", "Cheng", "(N - 1) // 30", "| **glioma** |"):
         assert needle in card
 
@@ -102,17 +109,18 @@ def test_shortcut_model_follows_and_points_at_the_marker():
     assert float(predict(model, always.images, prepare=phantom_prepare).float().mean()) > 0.8
 
 
-def test_brain_model_accuracy_on_test_split_matches_card():
+@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1"])
+def test_brain_model_accuracy_on_test_split_matches_card(name):
     from medlens.data.figshare import load_arrays
 
     root = shared_dataset("brain-tumor-figshare")
-    model = zoo.load_bundled("brain-tumor-mri")
+    model = zoo.load_bundled(name)
     spec = model.input_spec
     data = load_arrays(root, "test", size=spec.size[-1])
     pred = predict(model, data["images"], prepare=lambda xb: brain_prepare(xb, spec.mean[0], spec.std[0]))
     n = len(data["labels"])
     acc = float((pred == data["labels"]).float().mean())
-    card_acc = json.loads(zoo.SPEC_FILE.read_text())["brain-tumor-mri"]["test_accuracy"]
+    card_acc = json.loads(zoo.SPEC_FILE.read_text())[name]["test_accuracy"]
     assert abs(acc - card_acc) <= 1.0 / n + 1e-9, (acc, card_acc)
-    card = (zoo.CARDS_DIR / "brain-tumor-mri.md").read_text()
+    card = (zoo.CARDS_DIR / f"{name}.md").read_text()
     assert f"({round(card_acc * n)}/{n})" in card

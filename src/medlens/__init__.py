@@ -16,7 +16,8 @@ from medlens.core.result import ExplanationResult  # noqa: E402
 
 def load_model(source: Any, **options: Any):
     """A bundled model name, a file path, or "xrv:<weights name>" -> nn.Module with .labels and .multi_label."""
-    from medlens.io.models import load_model as _load_model
+    # imported on first use: the bundled zoo builds on torchvision, whose import takes about a second
+    from medlens.models.loading import load_model as _load_model
 
     return _load_model(source, **options)
 

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from medlens.core.spatial import channels_last
+from medlens.tensor.autograd import call_model
+from medlens.tensor.spatial import channels_last
 
 # The copy is used only when its logits on the call's input agree with the model's to this (relative) bound:
 # folding changes float rounding only, about 1e-6 of the logits' scale on torchvision ResNets.
@@ -37,8 +38,6 @@ class FastForward:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits of a batch (inference mode is the caller's): channels-last unless the model rejects it."""
-        from medlens.core.context import call_model
-
         if self.layout and batch.dim() in (4, 5):
             try:
                 return call_model(self.module, channels_last(batch))

@@ -18,8 +18,8 @@ import medlens
 from medlens.core.explain import check_methods
 from medlens.core.registry import all_specs
 from medlens.errors import InputError, MedlensError, MethodError, ModelError
-from medlens.io.files import ensure_writable
-from medlens.io.models import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
+from medlens.io.files import ensure_writable, safe_name
+from medlens.models.loading import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
 from medlens.io.regions import read_region
 from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write_outcome
 
@@ -132,6 +132,8 @@ def _image_folder_names(paths: Sequence[Path]) -> list[str]:
                 break
         else:
             stem = p.stem
+        if stem.startswith("."):  # "...png" would name the folder "..": outside --out; hidden names are made plain
+            stem = safe_name(stem)
         base, candidate, n = stem or "image", stem or "image", 2
         while candidate in names:
             candidate, n = f"{base}-{n}", n + 1

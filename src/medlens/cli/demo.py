@@ -5,17 +5,28 @@ Owns the demo run (cases, methods, lesion/marker energy scores), its overlays (m
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import click
+import matplotlib
 import torch
 
-from medlens.errors import MedlensError, OutputError
+matplotlib.use("Agg", force=False)  # files only: never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+import medlens  # noqa: E402
+from medlens.core.registry import get_spec  # noqa: E402
+from medlens.data.phantom import phantom_2d, shortcut_set  # noqa: E402
+from medlens.errors import MedlensError, OutputError  # noqa: E402
+from medlens.io.files import atomic_write, ensure_writable  # noqa: E402
+from medlens.models.zoo import load_bundled  # noqa: E402
+from medlens.pipeline import ExplainRequest, explain_batch, plan_for  # noqa: E402
+from medlens.training.train import phantom_prepare  # noqa: E402
 
 #: methods the demo tries, in display order; only those the registry lists at run time are used
 DEMO_METHODS = (
@@ -64,18 +75,10 @@ def marker_zone(marker_masks: torch.Tensor, margin: int = 4) -> torch.Tensor:
     return out
 
 
-def _atomic_bytes(data: bytes, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_figure(fig: Any, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _atomic_bytes(buf.getvalue(), path)
+    atomic_write(path, buf.getvalue())
 
 
 def _display(m: torch.Tensor) -> torch.Tensor:
@@ -87,11 +90,6 @@ def _display(m: torch.Tensor) -> torch.Tensor:
 
 def _case_figure(image: torch.Tensor, maps: dict[str, torch.Tensor], contour: torch.Tensor, title: str,
                  scores: dict[str, float], score_name: str, path: Path, contour_color: str = "cyan") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = 1 + len(maps)
     fig, axes = plt.subplots(1, cols, figsize=(2.1 * cols, 2.5))
     axes = [axes] if cols == 1 else list(axes)
@@ -115,16 +113,15 @@ def _case_figure(image: torch.Tensor, maps: dict[str, torch.Tensor], contour: to
 
 def _explain_each(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str], target: int, seed: int) -> tuple[dict, dict, dict]:
     """Run each method separately (one failing method does not stop the demo): maps (N, H, W), seconds, errors."""
-    import medlens
-
     maps, seconds, errors = {}, {}, {}
     for name in names:
         info = medlens.method_info(name)
         accepted = set((info.get("options") or {}).keys()) if isinstance(info, dict) or hasattr(info, "get") else set()
         opts = {k: v for k, v in DEMO_OPTIONS.get(name, {}).items() if k in accepted}
         t0 = time.perf_counter()
-        try:
-            result = medlens.explain(model, x, methods=[name], targets=target, seed=seed, **opts)
+        try:  # through the pipeline, as every front end: the request checked, then the batch explained
+            plan = plan_for(model, ExplainRequest.build([name], targets=[target], seed=seed, options=opts))
+            result = explain_batch(plan, x)
             maps[name] = result[name][:, 0].detach().float()
         except Exception as exc:  # a method still in development must not sink the demo; it is reported
             errors[name] = f"{type(exc).__name__}: {exc}"
@@ -135,24 +132,15 @@ def _explain_each(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str],
 def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, methods: Optional[Sequence[str]] = None,
              seed: int = DEMO_SEED, echo: bool = False) -> Path:
     """Run the offline demo and return the folder it wrote (overlays, summary.html, summary.png, summary.json)."""
-    import medlens
-    from medlens.data.phantom import phantom_2d, shortcut_set
-    from medlens.models.zoo import load_bundled
-    from medlens.training.train import phantom_prepare
-
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "medlens-demo"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".medlens-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(f"cannot write the demo's results to {out}: {exc}; pass another folder with --out.") from None
+        ensure_writable(out)
+    except OutputError as exc:
+        raise OutputError(f"cannot write the demo's results to {out}: {exc}") from None
     available = set(medlens.methods())
     if methods is not None:  # the user's names must all exist (get_spec says which are close); the default list may
-        from medlens.core.registry import get_spec  # name methods a reduced installation lacks
-
+        # name methods a reduced installation lacks
         wanted = [get_spec(m).name for m in methods]
     else:
         wanted = list(DEMO_METHODS)
@@ -228,7 +216,7 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
     _write_summary_png(out, summary)
     _write_summary_html(out, summary)
     summary["seconds_total"] = time.perf_counter() - started
-    _atomic_bytes((json.dumps(summary, indent=2) + "\n").encode(), out / "summary.json")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     say(_text_table(summary))
     say(f"wrote {n_cases + len(keep)} overlay pages, summary.html, summary.png and summary.json to {out} "
         f"in {summary['seconds_total']:.1f} s")
@@ -252,11 +240,6 @@ def _text_table(s: dict[str, Any]) -> str:
 
 
 def _write_summary_png(out: Path, s: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n in s["methods"] if n in s["lesion"]["energy_in_lesion"] or n in s["shortcut"]["energy_on_marker"]]
     le = [s["lesion"]["energy_in_lesion"].get(n, {}).get("mean", 0.0) for n in names]
     me = [s["shortcut"]["energy_on_marker"].get(n, {}).get("mean", 0.0) for n in names]
@@ -326,7 +309,7 @@ accuracy is {dm['accuracy']:.0%}: it learned the tag, not the lesion.</p>
 <p>Models: <code>phantom-lesion</code>, <code>phantom-shortcut</code> (bundled with medlens; see their model cards).
 For research and teaching only, not for diagnosis.</p></body></html>
 """
-    _atomic_bytes(page.encode(), out / "summary.html")
+    atomic_write(out / "summary.html", page)
 
 
 @click.command("demo")

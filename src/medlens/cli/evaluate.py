@@ -1,6 +1,6 @@
 """The `medlens evaluate` command: every (method, metric) pair over a folder, with a progress bar.
 
-It loads the model with `medlens.load_model`, calls `evaluate()` and prints where the files went.
+It loads the model as `medlens explain` does, calls `medlens.evaluation_run.evaluate()` and prints where the files went.
 """
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Optional
 
 import click
 
-from medlens.evaluation.runner import METRICS
+from medlens.cli.commands import load_model_for_cli
+from medlens.errors import MethodError
+from medlens.evaluation.metrics import METRICS
+from medlens.evaluation_run import evaluate
+from medlens.io.files import ensure_writable
 
 
 @click.command("evaluate")
@@ -25,21 +29,25 @@ from medlens.evaluation.runner import METRICS
 @click.option("--include", "include_file", default=None, type=click.Path(dir_okay=False),
               help="A text file listing the images to use, one class/N.jpg per line (e.g. the test split).")
 @click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
+@click.option("--executor", type=click.Choice(["serial", "processes", "ray"]), default="serial", show_default=True,
+              help="Where batches are scored: this process, worker processes, or Ray (pip install \"medlens[ray]\").")
+@click.option("--workers", type=int, default=2, show_default=True, help="Workers for processes or ray, one torch thread each.")
+@click.option("--ray-address", default=None, help="An existing Ray cluster to join (default: a local one for the run).")
 def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: str, out_dir: str,
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
-                     include_file: Optional[str], allow_pickle: bool) -> None:
+                     include_file: Optional[str], allow_pickle: bool, executor: str, workers: int,
+                     ray_address: Optional[str]) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
-    from medlens.cli.commands import load_model_for_cli
-    from medlens.errors import MethodError
-    from medlens.io.files import ensure_writable
-    from medlens.evaluation.runner import evaluate
-
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     if batch_size < 1:
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
-    model = load_model_for_cli(model_source, **({"allow_pickle": True} if allow_pickle else {}))
+    if workers < 1:
+        raise MethodError(f"--workers must be at least 1, got {workers}.")
+    model_options = {"allow_pickle": True} if allow_pickle else {}
+    model = load_model_for_cli(model_source, **model_options)
     rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
-                    batch_size=batch_size, layer=layer, progress=True, include=include_file)
+                    batch_size=batch_size, layer=layer, progress=True, include=include_file, executor=executor,
+                    workers=workers, ray_address=ray_address, model_source=model_source, model_options=model_options)
     click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")
 
 

@@ -5,8 +5,11 @@ Each subcommand lives beside what it drives; this module only assembles the grou
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 import click
 
@@ -25,6 +28,28 @@ for _command in (*commands.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.
     cli.add_command(_command)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every write in progress is undone as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While running a command, SIGTERM (a scheduler, `kill`, a container stop) raises `Terminated` instead of
+    ending the process on the spot: staged files are removed and replaced files put back before exiting."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: run the CLI; user mistakes end with a short message and exit status 2."""
     args = list(argv) if argv is not None else sys.argv[1:]
@@ -32,7 +57,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         click.echo("medlens: error: an argument contains a NUL character, which no file name or option can hold.", err=True)
         return 2
     try:
-        cli.main(args=args, prog_name="medlens", standalone_mode=False)
+        with sigterm_unwinds():
+            cli.main(args=args, prog_name="medlens", standalone_mode=False)
+    except Terminated:
+        click.echo("medlens: stopped by SIGTERM; every result already written is complete, the one in progress was not kept.", err=True)
+        return 143
     except MedlensError as exc:
         click.echo(f"medlens: error: {exc}", err=True)
         return exc.exit_code

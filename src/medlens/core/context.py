@@ -14,22 +14,10 @@ from torch import nn
 
 from medlens.errors import ModelError
 from medlens.accel.fast_forward import FastForward, fast_forward
+from medlens.tensor.autograd import call_model
 from medlens.core.layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
 from medlens.core.model_state import HookSet
 from medlens.core.targets import resolve_targets
-
-
-def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run the model and insist on (B, K) logits, with a message people can act on."""
-    out = model(x)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(
-            f"the model returned {type(out).__name__}, not a tensor of logits (batch, classes). Wrap it so that "
-            f"forward() returns the class scores."
-        )
-    if out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ModelError(f"the model must return logits of shape (batch, classes); for input {tuple(x.shape)} it returned {tuple(out.shape)}.")
-    return out
 
 
 @dataclass
@@ -194,13 +182,52 @@ class ExplainContext:
         return gen
 
 
+class _UnrecordedBelow:
+    """Inference mode from the start of a forward pass until the target layer's hook ends it (`end()`), so the
+    layers below the target layer run as in a plain inference-mode forward."""
+
+    def __init__(self) -> None:
+        self._mode: Optional[torch.inference_mode] = None
+
+    def start(self) -> None:
+        self._mode = torch.inference_mode()
+        self._mode.__enter__()
+
+    def end(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+
+class _RecordBelow(Exception):
+    """The pass with the layers below the target layer in inference mode cannot stand for the model's pass."""
+
+
 def run_layer_pass(
     model: nn.Module, x: torch.Tensor, layer: nn.Module, hooks: HookSet, with_graph: bool
 ) -> LayerPass:
+    """The forward pass with `layer`'s output captured; with `with_graph`, its output is a leaf of the graph above it.
+
+    Nothing below the layer needs a graph (the input and the parameters do not require grad, and the layer's output
+    becomes a fresh leaf), so the layers below it first run in inference mode, like a plain forward, and the
+    layer's hook switches back to the call's mode for the layers above it. Tensors made below the layer are then
+    inference tensors; where the model uses one in a way autograd refuses above the layer (saved for the backward
+    of a product with the layer's output, changed in place) or its own grad-mode blocks span the layer, the pass
+    runs again in the call's mode throughout: the same values, at the cost of one more forward.
+    """
+    try:
+        return _layer_pass(model, x, layer, with_graph, unrecorded_below=True)
+    except _RecordBelow:
+        return _layer_pass(model, x, layer, with_graph, unrecorded_below=False)
+
+
+def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph: bool, unrecorded_below: bool) -> LayerPass:
     captured: dict[str, Any] = {}
     linear_inputs: list[tuple[nn.Module, torch.Tensor]] = []
+    below = _UnrecordedBelow()
 
     def capture(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        below.end()  # the layers above run in the call's mode (the first call of the layer ends the region)
         if not isinstance(output, torch.Tensor):
             raise ModelError(
                 f"the target layer returns {type(output).__name__}, not a tensor; choose a layer that outputs a feature map."
@@ -213,14 +240,16 @@ def run_layer_pass(
             )
         # The model goes on with a copy, so an in-place op that follows (ReLU(inplace=True)) cannot change
         # the captured output behind our back; we look at that copy afterwards to see what the op did.
+        # Copies made here are normal tensors (with a version counter) even when the output is an inference tensor.
+        own = output.detach().clone() if output.is_inference() else output.detach()
         if with_graph:
-            leaf = output.detach().requires_grad_(True)
+            leaf = own.detach().requires_grad_(True)
             captured["leaf"] = leaf
-            captured["own"] = output.detach()
+            captured["own"] = own
             passed = leaf.clone()
         else:
-            captured["own"] = output.detach()
-            passed = output.clone()
+            captured["own"] = own
+            passed = own.clone()
         captured["passed"] = passed
         captured["version"] = passed._version
         return passed
@@ -235,16 +264,27 @@ def run_layer_pass(
         for m in model.modules():
             if is_linear(m):
                 local.forward_pre(m, capture_linear)
-        if with_graph:
-            with torch.enable_grad():
+        # no_grad rather than inference mode above the layer without a graph: the copy handed on must keep a
+        # version counter, to see whether an in-place op changed it.
+        with torch.enable_grad() if with_graph else torch.no_grad():
+            try:
+                if unrecorded_below:
+                    below.start()
                 logits = call_model(model, x)
-        else:
-            # no_grad rather than inference_mode: the copy handed on must keep a version counter, to see
-            # whether an in-place op changed it.
-            with torch.no_grad():
-                logits = call_model(model, x)
+            except RuntimeError as error:
+                if unrecorded_below and "nference tensor" in str(error):
+                    raise _RecordBelow() from error
+                raise
+            finally:
+                below.end()
+                mode_kept = torch.is_grad_enabled() == with_graph and not torch.is_inference_mode_enabled()
     finally:
         local.remove()
+    if unrecorded_below and "own" in captured:
+        # The model's own grad-mode blocks can outlast the hook's switch: then the layers above did not run in the
+        # call's mode, and the pass is run again in that mode throughout.
+        if logits.is_inference() or (with_graph and not logits.requires_grad) or not mode_kept:
+            raise _RecordBelow()
     if "own" not in captured:
         raise ModelError("the target layer was not used in the model's forward pass; choose a layer the model runs.")
     activation, inplace_relu = captured["own"], False
@@ -257,6 +297,8 @@ def run_layer_pass(
                 # feature map the model uses; any other in-place change (a residual `+=`) is not.
                 activation, inplace_relu = relu, True
     head, head_input = (linear_inputs[-1] if linear_inputs else (None, None))
+    if head_input is not None and head_input.is_inference():
+        head_input = head_input.clone()  # (a head below the target layer: an inference tensor, made a normal one)
     return LayerPass(
         activation=activation,
         logits=logits,

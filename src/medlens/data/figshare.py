@@ -86,11 +86,13 @@ def parse_box_file(path: Union[str, Path]) -> tuple[int, tuple[float, float, flo
     return label, (xc, yc, w, h)
 
 
-def scan_folder(root: Union[str, Path], splits: Optional[Sequence[str]] = None) -> list[FigshareSlice]:
+def scan_folder(root: Union[str, Path], splits: Optional[Sequence[str]] = None,
+                require_boxes: bool = True) -> list[FigshareSlice]:
     """Every slice under `root` (optionally only those in `splits`), sorted by number, with layout checks.
 
     Raises InputError when the folder is missing or empty, a class folder is missing, an image has no
-    box file, a box file does not parse, or a box's label disagrees with its class folder.
+    box file (unless `require_boxes` is False: its box is then NaN), a box file does not parse, or a box's
+    label disagrees with its class folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -125,6 +127,9 @@ def scan_folder(root: Union[str, Path], splits: Optional[Sequence[str]] = None) 
             if splits is not None and split_of(number) not in splits:
                 continue
             box_path = image_path.with_suffix(".txt")
+            if not box_path.is_file() and not require_boxes:
+                items.append(FigshareSlice(number, image_path, box_path, label, (float("nan"),) * 4))
+                continue
             if not box_path.is_file():
                 raise InputError(f"the image {image_path} has no box file {box_path.name} beside it.")
             box_label, box = parse_box_file(box_path)
@@ -176,11 +181,12 @@ def load_arrays(
     size: int,
     cache_dir: Optional[Union[str, Path]] = None,
     progress: bool = False,
+    require_boxes: bool = True,
 ) -> dict[str, torch.Tensor]:
     """All slices of one split, decoded once: {"images": uint8 (N,1,S,S), "labels": long (N,), "numbers",
-    "boxes": float (N,4) normalised}. With `cache_dir`, the decoded tensors are kept in a .pt file keyed by
+    "boxes": float (N,4) normalised, NaN where an image has no box and `require_boxes` is False}. With `cache_dir`, the decoded tensors are kept in a .pt file keyed by
     the file list, so later runs skip decoding."""
-    items = scan_folder(root, splits=[split])
+    items = scan_folder(root, splits=[split], require_boxes=require_boxes)
     numbers = torch.tensor([s.number for s in items], dtype=torch.long)
     labels = torch.tensor([s.label for s in items], dtype=torch.long)
     boxes = torch.tensor([s.box for s in items], dtype=torch.float32)

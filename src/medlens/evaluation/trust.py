@@ -13,8 +13,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from medlens.core.explain import explain
 from medlens.errors import InputError
-from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline
+from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline, model_scores, pick
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -26,8 +27,6 @@ def explain_maps(
     """(B, T, *s) maps of `method` (a registered name, or a callable (model, x, targets) -> maps)."""
     if callable(method):
         return method(model, x, targets).detach().float()
-    from medlens.core.explain import explain
-
     result = explain(model, x, methods=method, targets=targets, layer=layer, seed=seed, **(options or {}))
     return result[next(iter(result))]
 
@@ -200,8 +199,6 @@ def completeness(
     """Completeness / conservation: the map's sum should equal the target logit's change
     delta = f_t(x) - f_t(baseline) (completeness, integrated gradients, DeepLIFT, SHAP), or f_t(x) itself
     when `baseline is None` (conservation, LRP). Checked with a tolerance, never exact float equality."""
-    from medlens.evaluation.faithfulness import model_scores, pick
-
     check_batch(x, maps, targets)
     fx = pick(model_scores(model, x, "logit"), targets)
     if baseline is None:

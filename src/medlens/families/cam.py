@@ -1,6 +1,6 @@
 """The CAM family: class activation maps from one target layer, all sharing one forward and one backward.
 
-Gradient CAMs differ only in how they weigh the captured activation with its gradients (`_WEIGHTS`);
+Gradient CAMs differ only in how they weigh the captured activation with its gradients (`cam_arithmetic`);
 `cam` reads the linear head, EigenCAM needs no target, Score-CAM and Ablation-CAM run batched passes.
 """
 from __future__ import annotations
@@ -10,79 +10,19 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from medlens.core.context import ExplainContext, call_model
+from medlens.tensor.autograd import call_model
+from medlens.core.batching import chunks
+from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
 from medlens.core.options import flag, positive_int
 from medlens.core.registry import MethodSpec, register
-from medlens.core.spatial import channels_last, spatial_dims, upsample_to
+from medlens.tensor.spatial import channels_last, spatial_dims, upsample_to
 from medlens.accel.masked_stem import build_masked_stem
+from medlens.families.cam_arithmetic import (
+    EPS, CamTerms, GradientTerms, Weigher, gradcam, gradcam_plus_plus, hirescam, layercam, xgradcam,
+)
 
 CAM_OPTIONS = {"eigen_smooth": False, "aug_smooth": False, "aug_flip": False}
-EPS = 1e-7
-
-# ----------------------------------------------------------------------------------------------- weights
-# Each takes the activation A (B, 1, C, *s) and target gradients G (B, T, C, *s) and returns the
-# per-channel weighted activation (B, T, C, *s) whose channel sum is the map.
-Weigher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _gradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return g.mean(dim=spatial_dims(g, 3), keepdim=True) * a
-
-
-def _hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return g * a
-
-
-def _xgradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    dims = spatial_dims(g, 3)
-    weights = (g * a).sum(dim=dims, keepdim=True) / (a.sum(dim=dims, keepdim=True) + EPS)
-    return weights * a
-
-
-def _gradcam_plus_plus(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    dims = spatial_dims(g, 3)
-    g2 = g.pow(2)
-    g3 = g2 * g
-    sum_a = a.sum(dim=dims, keepdim=True)
-    alpha = g2 / (2 * g2 + sum_a * g3 + EPS)
-    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    weights = (F.relu(g) * alpha).sum(dim=dims, keepdim=True)
-    return weights * a
-
-
-def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return F.relu(g) * a
-
-
-# ------------------------------------------------------------------------------------------- reductions
-def first_component(weighted: torch.Tensor) -> torch.Tensor:
-    """Project (B, T, C, *s) onto its first principal component over channels: (B, T, *s).
-
-    Singular-vector signs are arbitrary; we orient each map to agree with the plain channel sum, so a method's
-    eigen-smoothed map keeps the sign of its ordinary map.
-    """
-    b, t, c = weighted.shape[:3]
-    spatial = weighted.shape[3:]
-    x = weighted.reshape(b * t, c, -1).transpose(1, 2).double()  # (BT, N, C)
-    x = x - x.mean(dim=1, keepdim=True)
-    # The projection on the first right singular vector, X v1 = s1 u1, from the smaller Gram matrix's top
-    # eigenvector: the same values as an SVD (up to sign) and about 8x faster on CPU for a 7x7x1024 map.
-    if x.shape[1] <= x.shape[2]:
-        values, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # (BT, N, N), ascending
-        projection = vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()
-    else:
-        _, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (BT, C, C)
-        projection = torch.einsum("bnc,bc->bn", x, vectors[..., -1])
-    reference = weighted.reshape(b * t, c, -1).sum(dim=1).double()
-    reference = reference - reference.mean(dim=1, keepdim=True)
-    sign = torch.sign((projection * reference).sum(dim=1, keepdim=True))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (projection * sign).to(weighted.dtype).reshape(b, t, *spatial)
-
-
-def _reduce(weighted: torch.Tensor, eigen_smooth: bool) -> torch.Tensor:
-    return first_component(weighted) if eigen_smooth else weighted.sum(dim=2)
 
 
 # ---------------------------------------------------------------------------------------- augmentation
@@ -112,17 +52,17 @@ def _augmentations(flip: bool, n_spatial: int) -> list[tuple[str, Callable, Call
     return augs
 
 
-def _cam_runner(weighted_of: Callable[[ExplainContext, Mapping[str, Any]], torch.Tensor], *, always_eigen: bool = False):
-    """A registry runner from a function giving the weighted activation (B, T, C, *grid).
+def _cam_runner(terms_of: Callable[[ExplainContext, Mapping[str, Any]], CamTerms], *, always_eigen: bool = False):
+    """A registry runner from a function giving a CAM's terms (channel weights or a weighted activation).
 
     The channel sum (or, with eigen smoothing, the first principal component) is the map; `aug_smooth`
     averages maps over small input changes; the result is upsampled to the input grid in torch.
     """
 
     def map_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
-        weighted = weighted_of(ctx, options)
+        terms = terms_of(ctx, options)
         with torch.no_grad():
-            maps = _reduce(weighted, always_eigen or flag(options, "eigen_smooth"))
+            maps = terms.maps(always_eigen or flag(options, "eigen_smooth"), ctx.targets.shape[1])
         return upsample_to(maps, ctx.spatial_shape)
 
     def run(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
@@ -150,26 +90,29 @@ def _cam_runner(weighted_of: Callable[[ExplainContext, Mapping[str, Any]], torch
     return run
 
 
-def _gradient_cam(weigh: Weigher):
-    def weighted_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+def _gradient_terms(ctx: ExplainContext) -> GradientTerms:
+    """The activation and target gradients at the layer, shared by every gradient CAM of the call."""
+    if "gradient_terms" not in ctx.cache:
         lp = ctx.layer_pass()
         grads = lp.gradients(ctx.targets).transpose(0, 1)  # (B, T, C, *s)
+        ctx.cache["gradient_terms"] = GradientTerms(lp.activation.detach(), grads)
+    return ctx.cache["gradient_terms"]
+
+
+def _gradient_cam(weigh: Weigher):
+    def terms_of(ctx: ExplainContext, options: Mapping[str, Any]) -> CamTerms:
+        terms = _gradient_terms(ctx)
         with torch.no_grad():
-            return weigh(lp.activation.detach()[:, None], grads)
-    return weighted_of
+            return weigh(terms)
+    return terms_of
 
 
-def _eigencam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+def _eigencam(ctx: ExplainContext, options: Mapping[str, Any]) -> CamTerms:
     a = ctx.layer_pass().activation.detach()
-    return a[:, None].expand(-1, ctx.targets.shape[1], *a.shape[1:])  # class-agnostic: same for every target
+    return CamTerms(a, weighted=a[:, None])  # class-agnostic: one map, repeated for every target
 
 
-def _channel_weighted(weights: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) channel weights times (B, C, *s) activation -> (B, T, C, *s)."""
-    return weights.reshape(*weights.shape, *([1] * (a.dim() - 2))) * a[:, None]
-
-
-def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> CamTerms:
     """Zhou et al.'s CAM: the linear head's class weights on the pooled feature map, no backward pass.
 
     Scaled by 1/N (N grid positions) so the map's sum over the layer grid plus the bias is the logit, and the map equals
@@ -198,17 +141,12 @@ def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
             f"linear layer's input is not the spatial mean of {ctx.layer.name}'s output. Use gradcam instead."
         )
     weights = head.weight.detach()[ctx.targets] / a[0, 0].numel()  # (B, T, C)
-    return _channel_weighted(weights, features)
+    return CamTerms(features, channel_weights=weights)
 
 
 # ------------------------------------------------------------------------------------ perturbation CAMs
 SCORECAM_BATCH = 16  # masked inputs per pass: with the precomputed first convolution 16 is about 3% faster per image than 8 (resnet18, 224 px, in-process A/B) for about 70 MiB more
 ABLATIONCAM_BATCH = 256  # ablated copies of the layer's output per pass (only the head above the layer runs on them)
-
-
-def _channel_chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
 
 
 def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
@@ -217,7 +155,7 @@ def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
     return default if size is None else positive_int({"batch_size": size}, "batch_size")
 
 
-def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
+def _scorecam(ctx: ExplainContext, batch_size: int) -> CamTerms:
     """Score-CAM: each channel, upsampled and min-max scaled, masks the input; the softmax over channels of
     the masked target scores weighs the channels.
 
@@ -252,7 +190,7 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
                 stem, why = build_masked_stem(fast, ctx.x[i : i + 1], grid)
                 if stem is None:
                     stem_note = f"not used: {why}"
-            for lo, hi in _channel_chunks(varying.numel(), batch_size):
+            for lo, hi in chunks(varying.numel(), batch_size):
                 idx = varying[lo:hi]
                 maps = a[i, idx]  # (n, *grid)
                 up = upsample_to(maps.unsqueeze(0), ctx.spatial_shape)[0].flatten(1)  # (n, prod S)
@@ -281,7 +219,7 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
     ctx.method_notes["constant_channels_scored_once"] = skipped
     if stem_note:
         ctx.method_notes["first_convolution_precomputed"] = stem_note
-    return _channel_weighted(weights.clone(), a)
+    return CamTerms(a, channel_weights=weights.clone())
 
 
 def _ablation_value(a: torch.Tensor) -> float:
@@ -290,7 +228,7 @@ def _ablation_value(a: torch.Tensor) -> float:
     return 0.0 if float(a.min()) >= 0 else float(a.min()) - 1e7
 
 
-def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
+def _ablationcam(ctx: ExplainContext, batch_size: int) -> CamTerms:
     """Ablation-CAM: a channel's weight is how much the target score drops when that channel is ablated.
 
     Uses the plain score difference (not divided by the score), so the sign stays right for negative
@@ -329,7 +267,7 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
         try:
             for i in range(b):
                 drops = []
-                for lo, hi in _channel_chunks(c, batch_size):
+                for lo, hi in chunks(c, batch_size):
                     n = hi - lo
                     ablated = a[i : i + 1].repeat(n, *([1] * (a.dim() - 1)))
                     idx = torch.arange(n, device=a.device)
@@ -341,24 +279,24 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> torch.Tensor:
         finally:
             handle.remove()
             replacement.clear()
-    return _channel_weighted(weights.clone(), a)
+    return CamTerms(a, channel_weights=weights.clone())
 
 
 def _perturbation_cam(fn, default_batch: int):
-    def weighted_of(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    def terms_of(ctx: ExplainContext, options: Mapping[str, Any]) -> CamTerms:
         size = _check_batch_size(options, default_batch)
         ctx.method_notes["batch_size"] = size
         return fn(ctx, size)
-    return weighted_of
+    return terms_of
 
 
 # ----------------------------------------------------------------------------------------- registration
 _GRADIENT_CAMS = {
-    "gradcam": (_gradcam, "Grad-CAM: channel weights are the spatial mean of the target's gradient (Selvaraju et al. 2017)."),
-    "gradcam++": (_gradcam_plus_plus, "Grad-CAM++: higher-order gradient weights, better for several instances (Chattopadhay et al. 2018)."),
-    "xgradcam": (_xgradcam, "XGrad-CAM: gradient weights normalised by the activation, axiom-based (Fu et al. 2020)."),
-    "hirescam": (_hirescam, "HiResCAM: element-wise gradient x activation, faithful to the model's computation (Draelos & Carin 2020)."),
-    "layercam": (_layercam, "LayerCAM: positive gradients weigh each location, finer maps (Jiang et al. 2021)."),
+    "gradcam": (gradcam, "Grad-CAM: channel weights are the spatial mean of the target's gradient (Selvaraju et al. 2017)."),
+    "gradcam++": (gradcam_plus_plus, "Grad-CAM++: higher-order gradient weights, better for several instances (Chattopadhay et al. 2018)."),
+    "xgradcam": (xgradcam, "XGrad-CAM: gradient weights normalised by the activation, axiom-based (Fu et al. 2020)."),
+    "hirescam": (hirescam, "HiResCAM: element-wise gradient x activation, faithful to the model's computation (Draelos & Carin 2020)."),
+    "layercam": (layercam, "LayerCAM: positive gradients weigh each location, finer maps (Jiang et al. 2021)."),
 }
 
 register(MethodSpec(
@@ -380,7 +318,7 @@ register(MethodSpec(
 register(MethodSpec(
     name="eigengradcam", family="cam",
     summary="Eigen-Grad-CAM: first principal component of gradient x activation; class-specific.",
-    run=_cam_runner(_gradient_cam(_hirescam), always_eigen=True), needs_gradients=True, needs_layer=True,
+    run=_cam_runner(_gradient_cam(hirescam), always_eigen=True), needs_gradients=True, needs_layer=True,
     cost="one forward + one partial backward", options=CAM_OPTIONS,
 ))
 register(MethodSpec(

@@ -15,7 +15,7 @@ from torch import nn
 from medlens.core.input_spec import InputSpec
 from medlens.errors import ModelError, short_message
 from medlens.io.limits import current_limits
-from medlens.io.preparation import first_conv
+from medlens.core.layers import first_convolution
 
 MAX_CHANNELS = 16  # input channels a model may take (1 or 3 for scans; more only when its first convolution says so)
 
@@ -106,7 +106,7 @@ def _checked_field(key: str, value: Any, where: str) -> Any:
 
 
 def _infer_channels_dims(model: nn.Module) -> tuple[Optional[int], int]:
-    conv = first_conv(model)
+    conv = first_convolution(model)
     weight = getattr(conv, "weight", None) if conv is not None else None
     if weight is None:
         return None, 2

@@ -44,6 +44,7 @@ def write_explanation(
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it). Returns the paths.
     """
     names = check_formats(formats)
+    created = not Path(out_dir).exists()
     folder = ensure_writable(out_dir)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
     try:
@@ -52,10 +53,13 @@ def write_explanation(
         for name in names:
             staged += FORMATS[name](job, staging)
         staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance))
+        return _move_in(staging, staged, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a folder made for this result and left empty goes too: none of the result, not an empty shell
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    return _move_in(staging, staged, folder)
 
 
 def _write_provenance(job: "ImageResult", folder: Path, staged: Sequence[Path], loading_notes: Sequence[str],
@@ -100,13 +104,15 @@ def _move_in(staging: Path, staged: Sequence[Path], folder: Path) -> list[Path]:
                 set_aside.append(target)
             os.replace(path, target)
             written.append(target)
-    except OSError as exc:  # e.g. a file held open by a viewer (Windows): put the earlier set back
+    except BaseException as exc:  # a file held open by a viewer (Windows), a full disk, Ctrl-C: put the earlier set back
         for target in written:
             with contextlib.suppress(OSError):
                 target.unlink()
         for target in set_aside:
             with contextlib.suppress(OSError):
                 os.replace(previous / target.name, target)
+        if not isinstance(exc, OSError):
+            raise
         raise OutputError(f"cannot write the results into {folder} ({exc.strerror or exc}); the folder keeps what it "
                           f"had. Close any program that holds its files open, or choose another folder with --out.") from None
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -100,6 +100,17 @@ def score_region(result: ExplanationResult, mask: torch.Tensor) -> dict[str, dic
     return scores
 
 
+def explain_batch(plan: Plan, x: torch.Tensor, targets: Any = None, *,
+                  methods: Optional[Sequence[str]] = None) -> ExplanationResult:
+    """Explain prepared inputs (B, C, *spatial) under the plan: the plan's methods (or a subset), its layer, seed and
+    options, and its targets unless per-image `targets` are given (the evaluation run explains each image's class)."""
+    specs = plan.specs if methods is None else tuple(s for s in plan.specs if s.name in set(methods))
+    options = {k: v for k, v in plan.request.options.items() if any(k in s.options for s in specs)}
+    return explain(plan.model, x.to(plan.device), methods=[s.name for s in specs],
+                   targets=plan.targets if targets is None else targets, layer=plan.request.layer,
+                   seed=plan.request.seed, **options)
+
+
 def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Path] = None,
                      region: RegionArg = None, read_shape: Optional[tuple[int, ...]] = None) -> Outcome:
     """Explain an already prepared input under the plan; `region` adds its outline and scores. `read_shape` is
@@ -108,9 +119,7 @@ def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Pa
     notes = list(prepared.notes)
     found = _resolve_region(region, source, notes)
     t0 = time.perf_counter()
-    x = prepared.tensor.to(plan.device)
-    result = explain(plan.model, x, methods=[s.name for s in plan.specs], targets=plan.targets, layer=request.layer,
-                     seed=request.seed, **dict(request.options))
+    result = explain_batch(plan, prepared.tensor)
     seconds = {"explain": time.perf_counter() - t0}
     outcome = Outcome(result, prepared, source, notes=notes, seconds=seconds, formats=plan.formats)
     if found is not None:

@@ -23,6 +23,7 @@ from medlens.io.model_architectures import load_architecture
 from medlens.io.model_files import load_model_file
 from medlens.io.model_metadata import attach_metadata, read_sidecar
 from medlens.io.xrv import XRV_CACHE, XRV_KNOWN_FILES, load_xrv
+from medlens.models import zoo
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,19 +31,11 @@ SIDECAR_BUILD_FIELDS = ("architecture", "num_classes", "in_channels")  # sidecar
 BUNDLED_PROBLEM: list[str] = []  # why the bundled models could not be listed, shown by `medlens models`
 
 
-def _zoo() -> Any:
-    """The bundled zoo. Imported here, not at the top: `medlens.models` sits above `io` (its zoo reads weights through
-    `io.model_files`), and importing it builds on torchvision, which takes seconds; only bundled names need it."""
-    from medlens.models import zoo
-
-    return zoo
-
-
 def bundled_models() -> dict[str, Any]:
     """name -> info of every bundled model; empty (with the reason in BUNDLED_PROBLEM) when the zoo's list is broken."""
     BUNDLED_PROBLEM.clear()
     try:
-        return dict(_zoo().bundled_models())
+        return dict(zoo.bundled_models())
     except Exception as exc:  # noqa: BLE001 - a broken model list must not stop file and architecture loading
         BUNDLED_PROBLEM.append(str(exc))
         return {}
@@ -94,7 +87,7 @@ def load_model(
                                sidecar_path=sidecar_path, options=options, notes=notes, digest=file_sha256(weights))
     bundled = bundled_models()
     if text in bundled:
-        model = _zoo().load_bundled(text)
+        model = zoo.load_bundled(text)
         weights_file = _info_get(bundled[text], "weights")
         digest = file_sha256(weights_file) if weights_file and Path(weights_file).is_file() else None
         return attach_metadata(model, text, kind="bundled", options=options, notes=notes, digest=digest)

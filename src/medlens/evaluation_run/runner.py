@@ -1,0 +1,143 @@
+"""`evaluate()`: a request checked once by the pipeline, images read and prepared by it, each batch explained by
+it per method (timed), every registered metric scored, the localisation baselines added, then tables and plots.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from medlens.errors import InputError, MethodError, OutputError
+from medlens.evaluation.metrics import LOCALISATION, METRICS
+from medlens.evaluation_run.dataset import FolderDataset, read_include
+from medlens.evaluation_run.parallel import EvaluateTaskFactory, score_on_executor
+from medlens.evaluation_run.plots import write_plots
+from medlens.evaluation_run.scoring import Tally, region_prior, score_images
+from medlens.evaluation_run.tables import rows_to_csv, rows_to_markdown, summarise
+from medlens.io.files import atomic_write
+from medlens.pipeline import ExplainRequest, plan_for, read_input
+
+BASELINES = ("baseline:center", "baseline:prior")
+
+
+def _names(value: Union[str, Iterable[str], None]) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [v.strip() for v in items if v.strip()]
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    methods: Union[str, Sequence[str]],
+    metrics: Union[str, Sequence[str], None] = None,
+    limit: Optional[int] = None,
+    seed: int = 0,
+    out: Union[str, Path, None] = None,
+    batch_size: int = 8,
+    layer: Optional[str] = None,
+    metric_options: Optional[dict[str, dict[str, Any]]] = None,
+    progress: bool = False,
+    include: Union[str, Path, Iterable[str], None] = None,
+    executor: str = "serial",
+    workers: int = 2,
+    ray_address: Optional[str] = None,
+    model_source: Optional[str] = None,
+    model_options: Optional[dict[str, Any]] = None,
+) -> list[dict[str, Any]]:
+    """Run every (method, metric) pair over `dataset` and return the summary rows
+    {method, metric, target, n, value, ci_low, ci_high}; with `out`, also write the files.
+
+    dataset: a folder path (one sub-folder per class, `N.txt` YOLO box beside each image) or a sequence of
+    samples (dicts with 'image' (C, *s), 'mask' (*s), 'label'). Each image is explained for its true class
+    when the class name is one of the model's labels, otherwise for the predicted class (recorded in
+    run.json). `target` in the rows is the explained class name, plus `all` over every image. Localisation
+    metrics also get rows for `baseline:center` and `baseline:prior`. `include` (a list, or a text file with
+    one `class/N.jpg` per line) restricts a folder to those images, e.g. a model's held-out test split.
+
+    `executor` "processes" or "ray" (with `workers`, `ray_address`) scores groups of batches in worker processes
+    that load the model themselves: they need `model_source` (what `load_model` takes, with `model_options`) and a
+    folder `dataset`. The rows are those of the serial run (same batches, seeds and order)."""
+    if not _names(methods):
+        raise MethodError("no method was given; pass methods such as 'gradcam,layercam'.")
+    plan = plan_for(model, ExplainRequest.build(_names(methods), layer=layer, seed=int(seed)))
+    metric_names = _names(metrics) or list(METRICS)
+    unknown = [m for m in metric_names if m not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metric(s) {', '.join(unknown)}; the metrics are: {', '.join(METRICS)}.")
+    bad = [k for k in (metric_options or {}) if k not in METRICS]
+    if bad:
+        raise InputError(f"metric_options names unknown metric(s) {', '.join(bad)}.")
+    options = {m: dict((metric_options or {}).get(m, {})) for m in metric_names}
+    include = read_include(include)
+    if isinstance(dataset, (str, Path)):
+        data: Any = FolderDataset(dataset, lambda path: read_input(plan, path).tensor[0], include)
+    else:
+        data = dataset
+    order = list(range(len(data)))
+    if limit is not None:
+        if int(limit) < 1:
+            raise InputError(f"--limit must be at least 1, not {limit}.")
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(int(seed))).tolist()
+        order = sorted(perm[: int(limit)])
+    prior = region_prior(plan, data, order) if any(m in LOCALISATION for m in metric_names) else (None, 0)
+    factory = None
+    if executor != "serial":
+        if model_source is None or not isinstance(dataset, (str, Path)):
+            raise InputError(f"the {executor} executor runs workers that load the model and read the folder themselves: "
+                             f"give the model by name or file (model_source=) and the data as a folder.")
+        factory = EvaluateTaskFactory(str(model_source), dict(model_options or {}), str(dataset), include,
+                                      [s.name for s in plan.specs], metric_names, options, layer, int(seed), batch_size,
+                                      prior)
+
+    started = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm  # only when a progress bar is asked for
+
+        bar = tqdm(total=len(order), desc="evaluate", unit="image")
+    try:
+        if factory is None:
+            tally = score_images(plan, data, order, metric_names, options, prior, batch_size,
+                                 on_images=bar.update if bar is not None else None)
+        else:
+            tally = score_on_executor(factory, order, executor=executor, workers=workers, ray_address=ray_address,
+                                      on_images=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    method_names = [s.name for s in plan.specs]
+    present = method_names + [b for b in BASELINES if any(k[0] == b for k in tally.values)]
+    rows = summarise(tally.values, present, metric_names, int(seed))
+    if out is not None:
+        _write(Path(out), rows, tally, {
+            "data": str(dataset) if isinstance(dataset, (str, Path)) else type(dataset).__name__,
+            "n_images": len(order), "seed": int(seed), "methods": method_names, "metrics": metric_names,
+            "limit": limit, "layer": layer, "include": None if include is None else len(include),
+            "targets": tally.target_rules, "metric_notes": tally.notes,
+            "metric_options": {k: {kk: repr(vv) for kk, vv in v.items()} for k, v in options.items() if v},
+            "seconds_per_image": {m: tally.seconds[m] / max(len(order), 1) for m in method_names},
+            "elapsed_s": round(time.perf_counter() - started, 3),
+            "probabilities": "sigmoid" if getattr(model, "multi_label", False) else "softmax",
+            "executor": executor if factory is None else {"name": executor, "workers": workers},
+        })
+    return rows
+
+
+def _write(out_dir: Path, rows: list[dict[str, Any]], tally: Tally, settings: dict[str, Any]) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out_dir}: {exc}") from None
+    atomic_write(out_dir / "metrics.csv", rows_to_csv(rows))
+    atomic_write(out_dir / "metrics.md", rows_to_markdown(rows, settings["seconds_per_image"], settings))
+    settings["plots"] = write_plots(out_dir, rows, tally.curves)
+    atomic_write(out_dir / "run.json", json.dumps(settings, indent=2, default=str))
+
+
+__all__ = ["BASELINES", "Tally", "evaluate", "region_prior", "score_images"]

@@ -1,0 +1,90 @@
+"""Explanation-guided losses: ask a model to be right for the right reasons, given each image's region (box or mask).
+
+Owns the differentiable class activation map of a GAP + linear head (equal to Grad-CAM at the last stage, up to a
+positive scale), an attention loss that asks for the map's mass in the region (in the spirit of GAIN's external
+supervision, Li et al. 2018), and the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlens.errors import ModelError
+
+GUIDES = ("none", "cam", "rrr", "cam+rrr")
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last feature map (the input of `model.avgpool`) and the logits, from one forward pass with graph."""
+    pool, head = getattr(model, "avgpool", None), getattr(model, "fc", None)
+    if not isinstance(pool, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) or not isinstance(head, nn.Linear):
+        raise ModelError(f"CAM guidance needs a global-average-pool + linear head (`avgpool`, `fc`); "
+                         f"{type(model).__name__} has neither. Use --guide rrr, which works on any model.")
+    seen: dict[str, torch.Tensor] = {}
+    handle = pool.register_forward_hook(lambda module, args, out: seen.update(features=args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return seen["features"], logits
+
+
+def class_activation_maps(features: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> torch.Tensor:
+    """CAM of each image's target class: sum_k w[target, k] * A_k, (N, *grid), differentiable. For a network whose
+    logits are a linear head on the global average of A this is Grad-CAM at A times the number of grid cells."""
+    w = head.weight[targets]  # (N, K)
+    return torch.einsum("nk,nk...->n...", w, features)
+
+
+def outside_energy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of the map's positive part that is not inside the region: 1 - sum(relu(m) * mask) /
+    sum(relu(m)), maps (N, *s) at the masks' resolution (N, *s). 0 when all positive mass is inside (1 -
+    energy_in_box). A map with no positive value gives 1: it points nowhere, which must not be a way out."""
+    pos = maps.clamp_min(0).flatten(1)
+    inside = (pos * masks.bool().flatten(1).to(pos)).sum(1)
+    total = pos.sum(1)
+    return torch.where(total > 0, 1 - inside / total.clamp_min(1e-30), torch.ones_like(total))
+
+
+def region_attention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, -log of the share of the map's spatial softmax inside the region: -log sum_{p in mask} softmax(m)_p,
+    maps (N, *s), masks (N, *s). Near 0 when the map is much higher inside the region than anywhere outside; grows as
+    mass moves out. Unlike the positive-energy share it has no trivial minimum: a map that is flat, all negative or
+    tiny scores -log(area fraction), so the evidence itself must sit in the region (GAIN's aim, Li et al. 2018).
+    An empty mask gives +inf; callers leave such images out."""
+    flat = maps.flatten(1)
+    inside = masks.bool().flatten(1)
+    return torch.logsumexp(flat, 1) - torch.logsumexp(flat.masked_fill(~inside, float("-inf")), 1)
+
+
+def cam_guidance_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                      energy_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-image guided loss of the target class's CAM, upsampled bilinearly to the input as Grad-CAM is):
+    the region attention loss (the map's peak and mass in the region) plus `energy_weight` x the outside energy (its
+    positive part, what Grad-CAM shows after its ReLU, in the region too). Images whose mask is empty get 0."""
+    features, logits = features_and_logits(model, x)
+    cams = class_activation_maps(features, model.fc, targets)
+    up = F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    has = masks.flatten(1).any(1)
+    safe = torch.where(has[:, None, None], masks.bool(), torch.ones_like(masks, dtype=torch.bool))
+    loss = region_attention_loss(up, safe) + energy_weight * outside_energy(up, safe)
+    return logits, torch.where(has, loss, torch.zeros((), dtype=up.dtype))
+
+
+def input_gradient_penalty(grads: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Ross et al.'s penalty per image: the sum of squared input gradients outside the region,
+    sum((~mask * grad) ** 2), channels summed; grads (N, C, *s), masks (N, *s). Zero when every gradient is inside."""
+    outside = (~masks.bool())[:, None].to(grads)
+    return ((grads * outside) ** 2).flatten(1).sum(1)
+
+
+def rrr_loss(model: nn.Module, x: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-image input-gradient penalty): the gradient of the summed log-probabilities with respect to
+    the input, kept differentiable (double backpropagation), penalised outside the region (Ross et al. 2017).
+    Images whose mask is empty get 0."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    grads, = torch.autograd.grad(F.log_softmax(logits, 1).sum(), x, create_graph=True)
+    has = masks.flatten(1).any(1)
+    return logits, torch.where(has, input_gradient_penalty(grads, masks), torch.zeros((), dtype=grads.dtype))
