@@ -161,14 +161,12 @@ def click_slider(page: Any, label: str, fraction: float) -> None:
     page.mouse.click(track["x"] + fraction * track["width"], track["y"] + track["height"] / 2)
 
 
-def set_targets(page: Any, model: str, names: list[str]) -> None:
-    """Add findings to the 'Explain for' picker of the (first) model."""
+def add_target(page: Any) -> None:
+    """Add one more finding (the first not yet chosen) to the first model's 'Explain for' picker."""
     box = page.locator('[data-testid="stMain"] [data-testid="stMultiSelect"]').filter(has_text="Explain for").first
-    for name in names:
-        box.locator("input").first.click()
-        page.keyboard.type(name)
-        page.get_by_role("option").filter(has_text=name).first.click()
-        page.keyboard.press("Escape")
-        page.locator("h1").first.click()
-        page.wait_for_timeout(300)
-        wait_idle(page)
+    box.locator("input").first.click()
+    page.get_by_role("option").first.click()
+    page.keyboard.press("Escape")
+    page.locator("h1").first.click()
+    page.wait_for_timeout(300)
+    wait_idle(page)

@@ -64,10 +64,10 @@ def test_models_methods_sliders_redraw_without_recomputing(app):
     store = app.session_state["store"]
     computed = store.computed
     assert computed == 2  # one pipeline call per model, the methods sharing it
-    app.sidebar.slider(key="threshold").set_value(0.8).run()
-    app.sidebar.slider(key="opacity").set_value(0.4).run()
-    app.sidebar.selectbox(key="cmap").set_value("viridis").run()
-    app.sidebar.checkbox(key="shared_scale").check().run()
+    app.slider(key="threshold").set_value(0.8).run()
+    app.slider(key="opacity").set_value(0.4).run()
+    app.selectbox(key="cmap").set_value("viridis").run()
+    app.checkbox(key="shared_scale").check().run()
     assert not app.exception and len(app.image) == 6
     assert app.session_state["store"].computed == computed  # nothing recomputed
     # a second target for a model: only that map set is computed
@@ -154,3 +154,32 @@ def test_two_sessions_do_not_share_uploads_or_results(app):
     other = AppTest.from_file(PAGE, default_timeout=120).run()
     assert "request" not in other.session_state and len(other.image) == 0
     assert "store" in other.session_state and other.session_state["store"].computed == 0
+
+
+def test_region_upload_is_outlined_scored_and_dropped_when_removed(app):
+    _upload(app, "scan.png", phantom_png(), "image/png")
+    app.sidebar.multiselect(key="models::brain-tumor-mri").set_value(["phantom-lesion"])
+    _explain(app)
+    app.sidebar.file_uploader(key="region_upload").set_value(("box.txt", b"0 0.5 0.5 0.3 0.3\n", "text/plain")).run()
+    app.radio(key="view").set_value("Metrics").run()
+    app.button(key="run_metrics").click().run()
+    assert not app.exception and not app.error
+    rows = app.session_state["metrics_result"][0]
+    assert "pointing_game" in rows[0] and 0.0 <= rows[0]["energy_in_region"] <= 1.0
+    assert app.session_state["store"].computed == 1  # adding a region recomputes no map
+    app.sidebar.file_uploader(key="region_upload").set_value(None).run()
+    app.button(key="run_metrics").click().run()
+    assert "pointing_game" not in app.session_state["metrics_result"][0][0]
+
+
+def test_choices_survive_a_new_upload(app):
+    _upload(app, "a.png", phantom_png(), "image/png")
+    app.sidebar.multiselect(key="methods").set_value(["gradcam", "lrp"]).run()
+    _explain(app)
+    app.slider(key="threshold").set_value(0.5).run()
+    app.sidebar.file_uploader(key="upload").set_value(None).run()  # the run between two uploads draws no controls
+    _upload(app, "b.png", phantom_png()[:-1] + b"\x00", "image/png")
+    _upload(app, "c.png", phantom_png(), "image/png")
+    _explain(app)
+    assert app.sidebar.multiselect(key="methods").value == ["gradcam", "lrp"]
+    assert app.slider(key="threshold").value == 0.5 and not app.warning

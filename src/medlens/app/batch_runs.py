@@ -103,19 +103,16 @@ def render(catalogue: Any, config: Mapping[str, Any]) -> None:
 def _progress() -> None:
     import streamlit as st
 
-    @st.fragment(run_every=1.0)
-    def show() -> None:
-        job: BatchJob = st.session_state["batch_job"]
-        done, failed, total = job.progress()
-        st.progress(min(1.0, (done + failed) / total) if total else 0.0,
-                    text=f"batch: {done} done, {failed} failed, {total} inputs")
-        if job.finished:
-            st.success(f"batch finished (exit status {job.process.returncode}); report: {job.out / 'report.html'}")
-        records = [r for r in read_manifest(job.out) if r.get("status") == "done"][-12:]
-        columns = st.columns(4)
-        for n, record in enumerate(records):
-            pngs = [o for o in record.get("outputs", []) if str(o).endswith(".png") and "panel" not in str(o)]
-            if pngs:
-                columns[n % 4].image(str(job.out / pngs[0]), caption=str(record.get("id")))
-
-    show()
+    job: BatchJob = st.session_state["batch_job"]
+    done, failed, total = job.progress()
+    st.progress(min(1.0, (done + failed) / total) if total else 0.0, text=f"batch: {done} done, {failed} failed, {total} inputs")
+    if job.finished:
+        st.success(f"batch finished (exit status {job.process.returncode}); report: {job.out / 'report.html'}")
+    else:
+        st.button("Refresh progress", key="batch_refresh")
+    records = [r for r in read_manifest(job.out) if r.get("status") == "done"][-12:]
+    columns = st.columns(4)
+    for n, record in enumerate(records):
+        pngs = [o for o in record.get("outputs", []) if str(o).endswith(".png") and "panel" not in str(o)]
+        if pngs:
+            columns[n % 4].image(str(job.out / pngs[0]), caption=str(record.get("id")))

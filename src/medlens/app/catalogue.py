@@ -17,7 +17,7 @@ from torch import nn
 import medlens
 from medlens.errors import MedlensError, ModelError
 from medlens.io import model_dims
-from medlens.io.models import XRV_CACHE, XRV_KNOWN_FILES, bundled_models
+from medlens.models.loading import XRV_CACHE, XRV_KNOWN_FILES, bundled_models
 
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".pt2", ".safetensors", ".bin")  # what a --models folder is searched for
 DEFAULT_2D_MODEL = "brain-tumor-mri"  # the bundled model an upload gets when nothing else is chosen

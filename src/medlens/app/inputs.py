@@ -43,6 +43,7 @@ class LoadedInput:
     digest: str  # sha256 of the bytes (or the sample's recipe): part of every cache key
     scan: ScanImage
     region: Optional[Region] = None
+    region_id: str = ""  # which region (its digest): part of the key of a prepared input, not of a map
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -197,11 +198,12 @@ def read_server_file(path: Path) -> LoadedInput:
     scan = read_image(path)
     box = path.with_suffix(".txt")
     region = read_region(box) if box.is_file() else None
-    return LoadedInput(f"{path.parent.name}/{path.name}", digest_of(path.read_bytes()), scan, region)
+    return LoadedInput(f"{path.parent.name}/{path.name}", digest_of(path.read_bytes()), scan, region,
+                       digest_of(box.read_bytes()) if region is not None else "")
 
 
 def load_sample(which: str, seed: int = 3) -> LoadedInput:
     name, data, region = phantom_sample(which, seed)
     loaded = read_upload(name, data)
-    loaded.region = region
+    loaded.region, loaded.region_id = region, f"sample:{which}:{seed}"
     return loaded

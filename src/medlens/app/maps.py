@@ -56,7 +56,8 @@ class MapStore:
     def __init__(self) -> None:
         self.maps: dict[MapKey, np.ndarray] = {}
         self.runs: dict[tuple[str, str], ModelRun] = {}
-        self.inputs: dict[tuple[str, str], tuple[PreparedInput, Optional[np.ndarray]]] = {}  # (model, input) -> prepared
+        # (model, input, region) -> the prepared input and the region on its grid
+        self.inputs: dict[tuple[str, str, str], tuple[PreparedInput, Optional[np.ndarray]]] = {}
         self.computed = 0
         self.seconds: list[float] = []
 

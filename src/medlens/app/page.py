@@ -5,6 +5,7 @@ Run by `medlens app` (`streamlit run` on this file); the settings come from MEDL
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -14,8 +15,8 @@ from medlens.app import inputs as app_inputs
 from medlens.app import tabs
 from medlens.app.catalogue import ModelCatalogue, shared_catalogue
 from medlens.app.maps import MapStore
-from medlens.app.session import Current, input_id_for, method_label, slow_methods
-from medlens.app.views import COLOUR_MAPS, ViewSettings
+from medlens.app.session import Current, method_label, slow_methods
+from medlens.app.views import ViewSettings
 from medlens.core.registry import all_specs
 from medlens.errors import MedlensError
 
@@ -62,8 +63,10 @@ def _read_input(config: dict[str, Any]) -> tuple[Optional[app_inputs.LoadedInput
             default_model = "brain-tumor-mri" if which.startswith("figshare") else "phantom-lesion"
         region_file = st.sidebar.file_uploader("Region (optional): YOLO box .txt, mask PNG or NIfTI mask",
                                                type=app_inputs.REGION_TYPES, key="region_upload")
-        if region_file is not None:
-            loaded.region = app_inputs.read_region_upload(region_file.name, region_file.getvalue())
+        if region_file is not None:  # a copy: the cached scan keeps no region once the file is removed
+            data = region_file.getvalue()
+            loaded = dataclasses.replace(loaded, region=app_inputs.read_region_upload(region_file.name, data),
+                                         region_id=app_inputs.digest_of(data))
     except MedlensError as exc:
         st.error(f"This file cannot be used: {exc}")
         return None, None
@@ -76,7 +79,7 @@ def _choose_models(catalogue: ModelCatalogue, loaded: app_inputs.LoadedInput, de
         st.sidebar.warning(problem)
     default = default_model or catalogue.default_for(3 if loaded.is_volume else 2)
     keys = catalogue.keys()
-    chosen = st.sidebar.multiselect("Models", keys, default=[default] if default in keys else keys[:1],
+    chosen = st.sidebar.multiselect("Models", keys, default=tabs.initial(f"models::{default}", [default] if default in keys else keys[:1]),
                                     key=f"models::{default}", help="Bundled models, files from --models, xrv: weights on disk")
     usable = []
     for key in chosen:
@@ -92,7 +95,7 @@ def _choose_methods() -> tuple[list[str], dict[str, Any], Optional[int]]:
     st.sidebar.header("3. Methods")
     specs = all_specs()
     methods = st.sidebar.multiselect("Methods (by family)", sorted(specs, key=lambda n: (specs[n].family, n)),
-                                     default=["gradcam"], format_func=method_label, key="methods")
+                                     default=tabs.initial("methods", ["gradcam"]), format_func=method_label, key="methods")
     for name in methods:
         st.sidebar.caption(f"{name}: {specs[name].cost}")
     slow = slow_methods(methods)
@@ -129,19 +132,21 @@ def _slice_controls(loaded: app_inputs.LoadedInput, catalogue: ModelCatalogue, m
     return axis, int(index)
 
 
-def _view_settings() -> ViewSettings:
-    st.sidebar.header("View (redraws, never recomputes)")
-    opacity = st.sidebar.slider("Opacity", 0.0, 1.0, 0.75, 0.05, key="opacity")
-    cmap = st.sidebar.selectbox("Colour map", list(COLOUR_MAPS), key="cmap")
-    mode = st.sidebar.radio("Threshold on", ["quantile", "value"], key="threshold_mode", horizontal=True,
-                            help="quantile: hide the lowest share of |map|; value: hide below a share of the largest |value|")
-    level = st.sidebar.slider("Threshold", 0.0, 0.99, 0.0, 0.01, key="threshold")
-    shared = st.sidebar.checkbox("One colour scale for the whole grid", key="shared_scale")
-    return ViewSettings(opacity, cmap, mode, level, shared)
+KEPT_WIDGETS = ("models::", "methods", "slice_axis", "opacity", "cmap", "threshold", "shared_scale", "view", "window",
+                "sample", "source")
+
+
+def _keep_choices() -> None:
+    """Streamlit forgets a widget's value after a run that did not draw it (e.g. while a new upload arrives); writing
+    the values back keeps the person's choices of models, methods and view across uploads."""
+    for key in list(st.session_state.keys()):
+        if isinstance(key, str) and key.startswith(KEPT_WIDGETS):
+            st.session_state[key] = st.session_state[key]
 
 
 def main() -> None:
     st.set_page_config(page_title="medlens", layout="wide")
+    _keep_choices()
     st.title("medlens: what did the model look at?")
     st.info(BANNER)
     config = _config()
@@ -157,7 +162,6 @@ def main() -> None:
     models = _choose_models(catalogue, loaded, default_model)
     methods, options, seed = _choose_methods()
     axis, index = _slice_controls(loaded, catalogue, models)
-    settings = _view_settings()
     if st.sidebar.button("Explain", type="primary", key="explain", width="stretch"):
         if not models or not methods:
             st.error("Choose at least one model and one method, then press Explain again.")
@@ -171,9 +175,10 @@ def main() -> None:
         return
     targets = {m: st.session_state.get(tabs.targets_key(m, loaded.digest)) for m in request["models"]}
     current = Current(catalogue, store, loaded, {**request, "axis": axis, "index": index, "targets": targets},
-                      settings, config)
+                      ViewSettings(), config)
     current.compute_all()
-    tabs.render_tabs(current)
+    tabs.render_predictions(current)
+    tabs.render_views(current)
 
 
 main()

@@ -79,10 +79,10 @@ class Current:
         loaded = loaded or self.loaded
         entry = self.catalogue.get(key)
         input_id = input_id_for(loaded, entry.dims, self.request.get("axis", "axial"), self.request.get("index"))
-        cached = self.store.inputs.get((key, input_id))
+        cached = self.store.inputs.get((key, input_id, loaded.region_id))
         if cached is None:
             cached = prepare_input(entry.model, entry.dims, loaded, self.request.get("axis", "axial"), self.request.get("index"))
-            self.store.inputs[(key, input_id)] = cached
+            self.store.inputs[(key, input_id, loaded.region_id)] = cached
         return cached[0], cached[1], input_id
 
     def maps(self, key: str, methods: Sequence[str], targets: Optional[Sequence[int]] = None,

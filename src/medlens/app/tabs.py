@@ -10,18 +10,24 @@ import streamlit as st
 from medlens.app import batch_runs, metrics
 from medlens.app.inputs import MAX_UPLOAD_MB, UPLOAD_TYPES, read_upload
 from medlens.app.session import Current, Panel
-from medlens.app.views import ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
+from medlens.app.views import COLOUR_MAPS, ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
 from medlens.errors import MedlensError
 from medlens.io.files import safe_name
 
 VIEWS = ["Overlays", "Ensemble", "Difference", "Before / after", "Metrics", "Export"]
 
 
+def initial(key: str, value: Any) -> Any:
+    """A widget's starting value, or None once the session holds one (Streamlit warns when both are given)."""
+    return None if key in st.session_state else value
+
+
 def targets_key(model: str, digest: str) -> str:
     return f"targets::{model}::{digest}"
 
 
-def _predictions(current: Current) -> None:
+def render_predictions(current: Current) -> None:
+    """Per model: the prediction table and the 'Explain for' picker (a change computes the new findings' maps)."""
     for key, message in current.errors.items():
         st.error(f"{key}: {message}")
     if not current.models:
@@ -256,7 +262,6 @@ def _dataset_metrics(current: Current) -> None:
         _evaluate_progress()
 
 
-@st.fragment(run_every=1.0)
 def _evaluate_progress() -> None:
     job = st.session_state["eval_job"]
     done, total = job.progress()
@@ -266,6 +271,8 @@ def _evaluate_progress() -> None:
         (st.success if ok else st.error)(f"evaluate {'finished' if ok else 'failed'}: {job.message()}")
         if ok:
             st.caption(f"Open {job.out} above to see its tables and plots.")
+    else:
+        st.button("Refresh progress", key="eval_refresh")
 
 
 def _export(current: Current) -> None:
@@ -276,8 +283,22 @@ def _export(current: Current) -> None:
     st.download_button("Download ZIP", data, file_name="medlens-export.zip", mime="application/zip", key="zip")
 
 
-def render_tabs(current: Current) -> None:
-    _predictions(current)
+def _view_settings() -> ViewSettings:
+    cols = st.columns([2, 2, 2, 3, 2])
+    opacity = cols[0].slider("Opacity", 0.0, 1.0, initial("opacity", 0.75), 0.05, key="opacity")
+    cmap = cols[1].selectbox("Colour map", list(COLOUR_MAPS), key="cmap")
+    mode = cols[2].radio("Threshold on", ["quantile", "value"], key="threshold_mode", horizontal=True,
+                         help="quantile: hide the lowest share of |map|; value: hide below a share of the largest |value|")
+    level = cols[3].slider("Threshold", 0.0, 0.99, initial("threshold", 0.0), 0.01, key="threshold")
+    shared = cols[4].checkbox("One colour scale for the grid", key="shared_scale")
+    return ViewSettings(opacity, cmap, mode, level, shared)
+
+
+@st.fragment
+def render_views(current: Current) -> None:
+    """The view controls and the chosen view, as one fragment: moving a view slider reruns only this part of the
+    page (and redraws from cached maps), not the whole script."""
+    current.settings = _view_settings()
     views = VIEWS + (["Batch"] if batch_runs.available() else [])
     view = st.radio("View", views, horizontal=True, key="view", label_visibility="collapsed")
     {"Overlays": _overlays, "Ensemble": _ensemble, "Difference": _difference, "Before / after": _before_after,
