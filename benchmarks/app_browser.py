@@ -148,7 +148,7 @@ def set_slider(page: Any, label: str, key: str) -> None:
 
 def show_view(page: Any, name: str, expect: Optional[str] = None) -> None:
     """Open a result view; `expect`: a text the view shows once drawn."""
-    page.locator('[data-testid="stMain"] [role="radiogroup"]').first.get_by_text(name, exact=True).click()
+    page.locator('[data-testid="stMain"] [role="radiogroup"]').filter(has_text="Ensemble").first.get_by_text(name, exact=True).click()
     if expect:
         page.locator('[data-testid="stMain"]').get_by_text(expect).first.wait_for(timeout=60_000)
     wait_idle(page)

@@ -62,10 +62,11 @@ def test_the_app_in_a_browser(tmp_path):
         assert sum(n.startswith("overlays/brain-tumor-mri/") for n in names) == 2
 
         ab.show_view(page, "Overlays", "brain-tumor-mri · saliency")
-        shown = ab.image_sources(page)
         ab.upload(page, dcm)
+        page.get_by_text("Choose models and methods in the sidebar").first.wait_for(timeout=60_000)  # a new input
+        assert page.locator(ab.IMAGE).count() == 0
         ab.press_explain(page)
-        ab.wait_images(page, 2, changed_from=shown)
+        ab.wait_images(page, 2)
         ab.wait_idle(page)
         assert "SECRET-123" not in page.content() and "Doe^Jane" not in page.content()
 
