@@ -45,6 +45,7 @@ def measure(repeats: int) -> dict[str, object]:
             ab.wait_idle(page)
             for scan in scans[1:]:
                 ab.upload(page, scan)
+                page.get_by_text("Choose models and methods in the sidebar").first.wait_for(timeout=60_000)
                 t0 = time.perf_counter()
                 ab.press_explain(page)
                 ab.wait_images(page, 1)

@@ -226,10 +226,11 @@ def test_evaluate_folder_and_progress_parsing(tmp_path):
     (tmp_path / "metrics.csv").write_text("method,metric,target,n,value,ci_low,ci_high\ngradcam,deletion,all,4,0.2,0.1,0.3\n")
     rows, plots, _ = app_metrics.read_evaluate_folder(str(tmp_path))
     assert rows[0]["value"] == "0.2" and plots == []
-    log = tmp_path / "evaluate.log"
-    log.write_text("evaluate:  10%|#  | 1/10 [00:01<00:09]\revaluate:  30%|### | 3/10 [00:03<00:07]\n")
+    log = tempfile.TemporaryFile()
+    log.write(b"evaluate:  10%|#  | 1/10 [00:01<00:09]\revaluate:  30%|### | 3/10 [00:03<00:07]\nwrote 12 rows\n")
+    log.flush()
     job = app_metrics.EvaluateJob(None, tmp_path, log, [])  # type: ignore[arg-type]
-    assert job.progress() == (3, 10)
+    assert job.progress() == (3, 10) and job.message() == "wrote 12 rows"
 
 
 def test_manifest_reader_takes_the_last_record_per_id_and_skips_a_cut_line(tmp_path):
@@ -295,3 +296,29 @@ def test_missing_streamlit_is_one_line(monkeypatch, capsys):
     assert cli_main(["app"]) == 2
     err = capsys.readouterr().err
     assert 'pip install "medlens[app]"' in err
+
+
+@pytest.mark.skipif(not batch_runs.available(), reason="the batch runner (medlens.batch) is not installed")
+def test_batch_runs_in_the_background_reports_progress_and_resumes(tmp_path):
+    import time
+
+    from medlens.app.inputs import phantom_sample
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for seed in range(2):
+        (inputs / f"case{seed}.png").write_bytes(phantom_sample(SAMPLES[0], seed=seed)[1])
+    out = tmp_path / "out"
+    job = batch_runs.start_batch(str(inputs), "phantom-lesion", ["gradcam"], str(out))
+    deadline = time.time() + 120
+    while not job.finished and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.process.returncode == 0, job.message()
+    assert job.progress() == (2, 0, 2)
+    records = batch_runs.read_manifest(out)
+    for record in records:
+        assert all((out / o).is_file() for o in record["outputs"])
+    assert {p.name for p in out.iterdir() if p.is_file()} == {"batch.json", "manifest.jsonl", "report.html", "summary.csv"}
+    again = batch_runs.start_batch(str(inputs), "phantom-lesion", ["gradcam"], str(out))  # resumes: nothing to redo
+    again.process.wait(timeout=120)
+    assert again.process.returncode == 0 and len(batch_runs.read_manifest(out)) == 2

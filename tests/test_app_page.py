@@ -183,3 +183,16 @@ def test_choices_survive_a_new_upload(app):
     _explain(app)
     assert app.sidebar.multiselect(key="methods").value == ["gradcam", "lrp"]
     assert app.slider(key="threshold").value == 0.5 and not app.warning
+
+
+def test_batch_view_is_offered_once_the_batch_runner_exists(app):
+    from medlens.app import batch_runs
+
+    app.sidebar.radio(key="source").set_value("Sample scan").run()
+    _explain(app)
+    assert ("Batch" in app.radio(key="view").options) == batch_runs.available()
+    if batch_runs.available():
+        app.radio(key="view").set_value("Batch").run()
+        assert not app.exception and app.text_input(key="batch_in") is not None
+        app.button(key="batch_start").click().run()  # no folder given: a message, no crash
+        assert "give both the input folder and an output folder" in _texts(app.error)

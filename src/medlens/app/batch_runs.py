@@ -8,10 +8,12 @@ import importlib.util
 import json
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from medlens.app.metrics import log_text
 from medlens.errors import InputError
 from medlens.io.files import ensure_writable
 
@@ -43,6 +45,12 @@ class BatchJob:
     out: Path
     total: int
     command: list[str]
+    log: Any = None
+
+    def message(self) -> str:
+        """The last line the batch printed (where the files went, or what failed)."""
+        lines = [ln.strip() for ln in log_text(self.log).replace("\r", "\n").splitlines() if ln.strip()] if self.log else []
+        return lines[-1] if lines else ""
 
     def progress(self) -> tuple[int, int, int]:
         """(done, failed, total) from the manifest."""
@@ -63,6 +71,8 @@ def count_inputs(folder: Path) -> int:
 def start_batch(inputs: str, model_source: str, methods: Sequence[str], out_dir: str,
                 allow_pickle: bool = False, extra: Optional[Sequence[str]] = None) -> BatchJob:
     """Start `medlens batch INPUT --model M --methods a,b --out OUT` in the background."""
+    if not str(inputs).strip() or not str(out_dir).strip():
+        raise InputError("give both the input folder and an output folder (full paths on the server).")
     folder = Path(inputs).expanduser()
     if not folder.exists():
         raise InputError(f"{folder}: no such file or folder on the server.")
@@ -73,10 +83,10 @@ def start_batch(inputs: str, model_source: str, methods: Sequence[str], out_dir:
                "--methods", ",".join(methods), "--out", str(out), *(extra or [])]
     if allow_pickle:
         command.append("--allow-pickle")
-    with (out / "batch.log").open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile()  # anonymous: nothing but the batch's own files lands in OUT
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     total = count_inputs(folder) if folder.is_dir() else 1
-    return BatchJob(process, out, total, command)
+    return BatchJob(process, out, total, command, log)
 
 
 def render(catalogue: Any, config: Mapping[str, Any]) -> None:
@@ -107,7 +117,9 @@ def _progress() -> None:
     done, failed, total = job.progress()
     st.progress(min(1.0, (done + failed) / total) if total else 0.0, text=f"batch: {done} done, {failed} failed, {total} inputs")
     if job.finished:
-        st.success(f"batch finished (exit status {job.process.returncode}); report: {job.out / 'report.html'}")
+        code = job.process.returncode
+        (st.success if code == 0 else st.warning if code == 3 else st.error)(
+            f"batch finished (exit status {code}): {job.message()} Report: {job.out / 'report.html'}")
     else:
         st.button("Refresh progress", key="batch_refresh")
     records = [r for r in read_manifest(job.out) if r.get("status") == "done"][-12:]

@@ -5,9 +5,11 @@ back; and `medlens evaluate` started on a server-side folder in a background pro
 from __future__ import annotations
 
 import csv
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -83,15 +85,12 @@ class EvaluateJob:
 
     process: subprocess.Popen
     out: Path
-    log: Path
+    log: Any  # an anonymous temporary file (removed by the OS when closed): nothing is left in the output folder
     command: list[str]
 
     def progress(self) -> tuple[int, int]:
         """(images done, images in all) from the last progress line of the log; (0, 0) before the first."""
-        try:
-            text = self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return 0, 0
+        text = log_text(self.log)[-4000:]
         found = _PROGRESS.findall(text.replace("\r", "\n"))
         return (int(found[-1][0]), int(found[-1][1])) if found else (0, 0)
 
@@ -101,10 +100,7 @@ class EvaluateJob:
 
     def message(self) -> str:
         """The last line of the log that is not a progress bar (the error, or where the files went)."""
-        try:
-            lines = [ln.strip() for ln in self.log.read_text(errors="replace").replace("\r", "\n").splitlines()]
-        except OSError:
-            return ""
+        lines = [ln.strip() for ln in log_text(self.log).replace("\r", "\n").splitlines()]
         text = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
         return text[-1] if text else ""
 
@@ -112,6 +108,8 @@ class EvaluateJob:
 def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequence[str], metrics: Sequence[str],
                    limit: Optional[int], allow_pickle: bool = False) -> EvaluateJob:
     """Start `medlens evaluate` on a server-side folder; refuses a missing data folder or an unwritable output folder."""
+    if not str(data_dir).strip() or not str(out_dir).strip():
+        raise InputError("give both the data folder and an output folder (full paths on the server).")
     data = Path(data_dir).expanduser()
     if not data.is_dir():
         raise InputError(f"{data}: no such folder on the server; give a folder with one sub-folder per class.")
@@ -126,7 +124,15 @@ def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequ
         command += ["--limit", str(int(limit))]
     if allow_pickle:
         command.append("--allow-pickle")
-    log = out / "evaluate.log"
-    with log.open("wb") as fh:
-        process = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return EvaluateJob(process, out, log, command)
+
+
+def log_text(log: Any) -> str:
+    """What a background process wrote so far to its anonymous log file."""
+    try:
+        size = os.fstat(log.fileno()).st_size
+        return os.pread(log.fileno(), size, 0).decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
