@@ -24,7 +24,7 @@ IMAGE = '[data-testid="stMain"] [data-testid="stImage"] img'
 def browser_missing() -> Optional[str]:
     """Why the browser tests cannot run here (None when they can)."""
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401  (only whether it is there)
     except ImportError:
         return "playwright is not installed (pip install 'medlens[test]')"
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):

@@ -7,7 +7,6 @@ import json
 import os
 import tempfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +33,15 @@ from app_fixtures import dicom_bytes, models_folder, nifti_bytes, phantom_png
 @pytest.fixture(scope="module")
 def catalogue() -> ModelCatalogue:
     return ModelCatalogue()
+
+
+@pytest.fixture
+def phantom_case(catalogue):
+    """The phantom-lesion model, a phantom sample prepared for it (with its lesion region) and an empty store."""
+    entry = catalogue.get("phantom-lesion")
+    loaded = load_sample(SAMPLES[0])
+    prepared, region = prepare_input(entry.model, 2, loaded)
+    return entry, loaded, prepared, region, MapStore()
 
 
 # ----------------------------------------------------------------------------------------------- views
@@ -96,11 +104,8 @@ def test_difference_of_a_map_and_its_rescaled_copy_is_zero_and_the_scale_is_cent
 
 
 # ----------------------------------------------------------------------------------------------- map cache
-def test_map_store_computes_each_map_once_and_equals_medlens_explain(catalogue):
-    entry = catalogue.get("phantom-lesion")
-    loaded = load_sample(SAMPLES[0])
-    prepared, region = prepare_input(entry.model, 2, loaded)
-    store = MapStore()
+def test_map_store_computes_each_map_once_and_equals_medlens_explain(phantom_case):
+    entry, loaded, prepared, region, store = phantom_case
     maps = store.ensure(entry, loaded.digest, prepared, region, ["gradcam"], {}, None, None)
     assert store.computed == 1
     store.ensure(entry, loaded.digest, prepared, region, ["gradcam"], {}, None, None)
@@ -204,11 +209,8 @@ def test_catalogue_loads_torchscript_refuses_pickle_and_reports_broken_files(tmp
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def test_image_metrics_match_the_evaluation_functions(catalogue):
-    entry = catalogue.get("phantom-lesion")
-    loaded = load_sample(SAMPLES[0])
-    prepared, region = prepare_input(entry.model, 2, loaded)
-    store = MapStore()
+def test_image_metrics_match_the_evaluation_functions(phantom_case):
+    entry, loaded, prepared, region, store = phantom_case
     maps = store.ensure(entry, loaded.digest, prepared, region, ["gradcam"], {}, None, None)
     rows, curves = app_metrics.image_metrics(entry, prepared.tensor, maps, region, steps=10)
     (method, target), amap = next(iter(maps.items()))

@@ -8,14 +8,12 @@ import importlib.util
 import json
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from medlens.app.metrics import log_text
+from medlens.app.metrics import background, last_line, server_folders
 from medlens.errors import InputError
-from medlens.io.files import ensure_writable
 
 
 def available() -> bool:
@@ -49,8 +47,7 @@ class BatchJob:
 
     def message(self) -> str:
         """The last line the batch printed (where the files went, or what failed)."""
-        lines = [ln.strip() for ln in log_text(self.log).replace("\r", "\n").splitlines() if ln.strip()] if self.log else []
-        return lines[-1] if lines else ""
+        return last_line(self.log) if self.log is not None else ""
 
     def progress(self) -> tuple[int, int, int]:
         """(done, failed, total) from the manifest."""
@@ -71,22 +68,15 @@ def count_inputs(folder: Path) -> int:
 def start_batch(inputs: str, model_source: str, methods: Sequence[str], out_dir: str,
                 allow_pickle: bool = False, extra: Optional[Sequence[str]] = None) -> BatchJob:
     """Start `medlens batch INPUT --model M --methods a,b --out OUT` in the background."""
-    if not str(inputs).strip() or not str(out_dir).strip():
-        raise InputError("give both the input folder and an output folder (full paths on the server).")
-    folder = Path(inputs).expanduser()
-    if not folder.exists():
-        raise InputError(f"{folder}: no such file or folder on the server.")
     if not methods:
         raise InputError("choose at least one method for the batch.")
-    out = ensure_writable(Path(out_dir).expanduser())
+    folder, out = server_folders(inputs, out_dir, "input")
     command = [sys.executable, "-m", "medlens", "batch", str(folder), "--model", model_source,
                "--methods", ",".join(methods), "--out", str(out), *(extra or [])]
     if allow_pickle:
         command.append("--allow-pickle")
-    log = tempfile.TemporaryFile()  # anonymous: nothing but the batch's own files lands in OUT
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    total = count_inputs(folder) if folder.is_dir() else 1
-    return BatchJob(process, out, total, command, log)
+    process, log = background(command)
+    return BatchJob(process, out, count_inputs(folder) if folder.is_dir() else 1, command, log)
 
 
 def render(catalogue: Any, config: Mapping[str, Any]) -> None:

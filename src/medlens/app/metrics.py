@@ -99,23 +99,31 @@ class EvaluateJob:
         return self.process.poll() is not None
 
     def message(self) -> str:
-        """The last line of the log that is not a progress bar (the error, or where the files went)."""
-        lines = [ln.strip() for ln in log_text(self.log).replace("\r", "\n").splitlines()]
-        text = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
-        return text[-1] if text else ""
+        return last_line(self.log)
+
+
+def server_folders(source: str, out_dir: str, what: str) -> tuple[Path, Path]:
+    """The server-side input folder (must exist) and the output folder (created, writable) a background run uses."""
+    if not str(source).strip() or not str(out_dir).strip():
+        raise InputError(f"give both the {what} folder and an output folder (full paths on the server).")
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        raise InputError(f"{folder}: no such file or folder on the server.")
+    return folder, ensure_writable(Path(out_dir).expanduser())
+
+
+def background(command: list[str]) -> tuple[subprocess.Popen, Any]:
+    """`command` started in the background, its output into an anonymous temporary file (nothing left behind)."""
+    log = tempfile.TemporaryFile()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
 
 
 def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequence[str], metrics: Sequence[str],
                    limit: Optional[int], allow_pickle: bool = False) -> EvaluateJob:
     """Start `medlens evaluate` on a server-side folder; refuses a missing data folder or an unwritable output folder."""
-    if not str(data_dir).strip() or not str(out_dir).strip():
-        raise InputError("give both the data folder and an output folder (full paths on the server).")
-    data = Path(data_dir).expanduser()
-    if not data.is_dir():
-        raise InputError(f"{data}: no such folder on the server; give a folder with one sub-folder per class.")
     if not methods:
         raise InputError("choose at least one method to evaluate.")
-    out = ensure_writable(Path(out_dir).expanduser())
+    data, out = server_folders(data_dir, out_dir, "data")
     command = [sys.executable, "-m", "medlens", "evaluate", "--model", model_source, "--data", str(data),
                "--methods", ",".join(methods), "--out", str(out)]
     if metrics:
@@ -124,9 +132,15 @@ def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequ
         command += ["--limit", str(int(limit))]
     if allow_pickle:
         command.append("--allow-pickle")
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    process, log = background(command)
     return EvaluateJob(process, out, log, command)
+
+
+def last_line(log: Any) -> str:
+    """The last line of a background run's log that is not a progress bar (the error, or where the files went)."""
+    lines = [ln.strip() for ln in log_text(log).replace("\r", "\n").splitlines()]
+    text = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
+    return text[-1] if text else ""
 
 
 def log_text(log: Any) -> str:

@@ -3,7 +3,7 @@ metrics, export, batch): Streamlit layout only; the work is done by `Current` an
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import streamlit as st
 
@@ -131,28 +131,33 @@ def _difference(current: Current) -> None:
             ref = _reference(current, model)
             _show_difference(current, (f"{model} · {method} · {ca}", maps[(method, ta)], ref),
                              (f"{model} · {method} · {cb}", maps[(method, tb)], ref))
-        elif kind == "model vs model":
-            if len(current.models) < 2:
-                st.info("Choose two or more models and press Explain to compare models.")
-                return
-            method = st.selectbox("Method", current.methods, key="diff_method_m")
-            ma = st.selectbox("Model A", current.models, index=0, key="diff_model_a")
-            mb = st.selectbox("Model B", current.models, index=1, key="diff_model_b")
-            pa = [p for p in current.panels if p.model == ma and p.method == method][0]
-            pb = [p for p in current.panels if p.model == mb and p.method == method][0]
-            _show_difference(current, (_label(pa), pa.raw, pa), (_label(pb), pb.raw, pb))
         else:
-            if len(current.methods) < 2:
-                st.info("Choose two or more methods and press Explain to compare methods.")
+            what, fixed = ("model", "method") if kind == "model vs model" else ("method", "model")
+            chosen = _pair(current, what, fixed)
+            if chosen is None:
                 return
-            model = st.selectbox("Model", current.models, key="diff_model_x")
-            a = st.selectbox("Method A", current.methods, index=0, key="diff_method_a")
-            b = st.selectbox("Method B", current.methods, index=1, key="diff_method_b")
-            pa = [p for p in current.panels if p.model == model and p.method == a][0]
-            pb = [p for p in current.panels if p.model == model and p.method == b and p.target == pa.target][0]
+            pick = {fixed: chosen[0]}
+            pa = _first(current, **pick, **{what: chosen[1]})
+            pb = _first(current, **pick, **{what: chosen[2]}, target=pa.target if what == "method" else None)
             _show_difference(current, (_label(pa), pa.raw, pa), (_label(pb), pb.raw, pb))
     except MedlensError as exc:
         st.error(str(exc))
+
+
+def _pair(current: Current, what: str, fixed: str) -> Optional[tuple[str, str, str]]:
+    """(the fixed model or method, A, B) chosen in the page; None (with a hint) when there are not two to compare."""
+    options = current.models if what == "model" else current.methods
+    if len(options) < 2:
+        st.info(f"Choose two or more {what}s and press Explain to compare {what}s.")
+        return None
+    held = st.selectbox(fixed.capitalize(), current.methods if fixed == "method" else current.models, key=f"diff_{what}_fixed")
+    a = st.selectbox(f"{what.capitalize()} A", options, index=0, key=f"diff_{what}_a")
+    b = st.selectbox(f"{what.capitalize()} B", options, index=1, key=f"diff_{what}_b")
+    return held, a, b
+
+
+def _first(current: Current, model: str, method: str, target: Optional[int] = None) -> Panel:
+    return [p for p in current.panels if p.model == model and p.method == method and target in (None, p.target)][0]
 
 
 def _reference(current: Current, model: str) -> Panel:
