@@ -324,3 +324,30 @@ def test_batch_runs_in_the_background_reports_progress_and_resumes(tmp_path):
     again = batch_runs.start_batch(str(inputs), "phantom-lesion", ["gradcam"], str(out))  # resumes: nothing to redo
     again.process.wait(timeout=120)
     assert again.process.returncode == 0 and len(batch_runs.read_manifest(out)) == 2
+
+
+def test_a_three_d_model_is_explained_on_the_whole_volume(tmp_path):
+    cat = ModelCatalogue(models_folder(tmp_path / "models"))
+    loaded = read_upload("vol.nii", nifti_bytes())
+    request = {"models": ["file:tiny3d.pt"], "methods": ["saliency"], "options": {}, "seed": None}
+    current = Current(cat, MapStore(), loaded, request, ViewSettings())
+    current.compute_all()
+    assert not current.errors and current.panels[0].raw.shape == loaded.scan.pixels.shape  # (D, H, W)
+    assert current.png(current.panels[0]).startswith(b"\x89PNG")
+
+
+def test_figshare_samples_come_with_their_boxes(tmp_path):
+    from PIL import Image
+
+    from medlens.app.inputs import figshare_samples, read_server_file
+
+    for label in ("glioma", "meningioma"):
+        (tmp_path / label).mkdir()
+        for n in (12, 3):
+            Image.fromarray(np.full((32, 32), 40 * n % 255, dtype=np.uint8)).save(tmp_path / label / f"{n}.jpg")
+            (tmp_path / label / f"{n}.txt").write_text("1 0.5 0.5 0.25 0.25\n")
+    found = figshare_samples(str(tmp_path), per_class=1)
+    assert list(found) == ["figshare: glioma/3.jpg", "figshare: meningioma/3.jpg"]
+    loaded = read_server_file(found["figshare: glioma/3.jpg"])
+    assert loaded.region.boxes == ((0.5, 0.5, 0.25, 0.25),) and loaded.region_id
+    assert figshare_samples(None) == {} and figshare_samples(str(tmp_path / "missing")) == {}
