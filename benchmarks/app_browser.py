@@ -161,11 +161,12 @@ def click_slider(page: Any, label: str, fraction: float) -> None:
     page.mouse.click(track["x"] + fraction * track["width"], track["y"] + track["height"] / 2)
 
 
-def add_target(page: Any) -> None:
-    """Add one more finding (the first not yet chosen) to the first model's 'Explain for' picker."""
+def add_target(page: Any, name: str) -> None:
+    """Add the finding `name` to the first model's 'Explain for' picker."""
     box = page.locator('[data-testid="stMain"] [data-testid="stMultiSelect"]').filter(has_text="Explain for").first
     box.locator("input").first.click()
-    page.get_by_role("option").first.click()
+    page.keyboard.type(name)
+    page.keyboard.press("Enter")
     page.keyboard.press("Escape")
     page.locator("h1").first.click()
     page.wait_for_timeout(300)

@@ -45,7 +45,7 @@ def take(out: Path, data: str | None) -> list[Path]:
             ab.press_explain(page)
             ab.wait_images(page, 3)
             ab.wait_idle(page)
-            ab.add_target(page)
+            ab.add_target(page, "glioma")
             ab.wait_images(page, 6)
             shot("grid")
             before = ab.image_sources(page)
