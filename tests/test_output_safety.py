@@ -185,3 +185,27 @@ def test_an_interrupt_inside_explain_leaves_the_model_as_found():
     assert hooks_after == hooks_before - 1 and calls["n"] >= 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+
+
+def test_deferred_fsync_skips_the_per_file_sync_and_the_manifest_syncs_outputs_before_its_lines(tmp_path, monkeypatch):
+    """Batch writes skip the per-file fsync (still atomic); the manifest runs os.sync() before each fsync of its own,
+    so a line on disk never names an output that is not."""
+    from medlens.batch.manifest import ManifestWriter
+    from medlens.io.files import atomic_write, deferred_fsync
+
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    monkeypatch.setattr(os, "sync", lambda: calls.append("sync"))
+    atomic_write(tmp_path / "a.txt", "a")
+    assert calls == ["fsync"]
+    calls.clear()
+    with deferred_fsync():
+        atomic_write(tmp_path / "b.txt", "b")
+        write_explanation(_result(2, ["normal", "lesion"]), tmp_path / "out", display=np.zeros((8, 8), np.float32))
+    assert calls == [] and (tmp_path / "b.txt").read_text() == "b" and (tmp_path / "out" / "provenance.json").is_file()
+    atomic_write(tmp_path / "c.txt", "c")  # the block is over: back to one fsync per file
+    assert calls == ["fsync"]
+    calls.clear()
+    with ManifestWriter(tmp_path / "manifest.jsonl") as manifest:
+        manifest.append({"id": "x", "status": "done"})
+    assert calls[-2:] == ["sync", "fsync"]

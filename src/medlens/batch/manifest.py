@@ -2,8 +2,9 @@
 writes it); read back tolerating a line torn by a kill, and the resume rules (what is left to do).
 
 Durability: a flushed line survives a killed process (it is in the OS's cache). Against a power cut the file is also
-fsynced, at most every `FSYNC_SECONDS` and on close: a cut can then lose the last lines, and those inputs are simply
-run again on resume (their outputs are written atomically, so nothing half-written is ever taken as done).
+fsynced, at most every `FSYNC_SECONDS` and on close, each time after `os.sync()`, so the outputs of every line on disk
+are on disk too (the workers write them without a per-file fsync, `io.files.deferred_fsync`): a cut can lose the last
+lines, and those inputs are simply run again on resume (outputs are written atomically, never taken half-written).
 """
 from __future__ import annotations
 
@@ -59,12 +60,16 @@ class ManifestWriter:
         self._fh.write(json.dumps(record, sort_keys=True).encode() + b"\n")
         self._fh.flush()
         if time.monotonic() - self._synced >= FSYNC_SECONDS:
-            os.fsync(self._fh.fileno())
-            self._synced = time.monotonic()
+            self._sync()
+
+    def _sync(self) -> None:
+        os.sync()  # the outputs these lines name first (written without a per-file fsync), then the lines
+        os.fsync(self._fh.fileno())
+        self._synced = time.monotonic()
 
     def close(self) -> None:
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._sync()
         self._fh.close()
 
     def __enter__(self) -> "ManifestWriter":

@@ -15,6 +15,7 @@ import medlens
 from medlens.batch.inputs import WorkItem
 from medlens.batch.manifest import DONE, FAILED
 from medlens.errors import MedlensError, short_message
+from medlens.io.files import deferred_fsync
 from medlens.pipeline import ExplainRequest, Outcome, Plan, explain_file, plan_for, write_outcome
 
 
@@ -78,8 +79,9 @@ class BatchTask:
             outcome = explain_file(self.plan, item.path, region=self.factory.region)
             t1 = time.perf_counter()
             step = "its results could not be written"
-            written = write_outcome(outcome, self.out / item.folder, model_source=self.model_source,
-                                    extra_provenance={"batch": {"id": item.id, "settings": self.factory.settings_digest}})
+            with deferred_fsync():  # made durable by the manifest's sync, once a second instead of once per file
+                written = write_outcome(outcome, self.out / item.folder, model_source=self.model_source,
+                                        extra_provenance={"batch": {"id": item.id, "settings": self.factory.settings_digest}})
         except MedlensError as exc:  # this input's file, or the model on it: recorded, and the run goes on
             return failed_record(item, _one_line(exc, item), self.factory.settings_digest, time.perf_counter() - t0)
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:  # e.g. a volume the model cannot take

@@ -3,13 +3,15 @@ and JSON conversion. Every writer in medlens goes through these.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 
 from medlens.core.jsonable import jsonable  # noqa: F401 - re-exported: the one JSON conversion, for the writers
@@ -37,6 +39,21 @@ def ensure_writable(folder: PathLike) -> Path:
     return folder
 
 
+_FSYNC_EACH_FILE = contextvars.ContextVar("medlens_fsync_each_file", default=True)
+
+
+@contextlib.contextmanager
+def deferred_fsync() -> Iterator[None]:
+    """Inside the block, atomic writes skip their per-file fsync: still atomic (a killed process leaves the whole file
+    or none), durable against a power cut only once the caller syncs (the batch runner: `os.sync()` before each
+    fsync of its manifest, so no manifest line on disk names a file that is not)."""
+    token = _FSYNC_EACH_FILE.set(False)
+    try:
+        yield
+    finally:
+        _FSYNC_EACH_FILE.reset(token)
+
+
 def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]]) -> Path:
     """Write bytes, text, or what `data(fileobj)` writes, to a temp file beside `path`, then os.replace it.
 
@@ -56,7 +73,8 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]])
             else:
                 data(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if _FSYNC_EACH_FILE.get():
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as exc:
