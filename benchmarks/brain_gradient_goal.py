@@ -2,7 +2,8 @@
 
 On the seeded 100-slice subset of the figshare test split used by `lrp_composites_brain.py` (same seed, same
 selection): the pointing game (its own default tolerance) and the energy in the box of LRP (given composites)
-and integrated gradients (given baselines x n_steps), beside `baseline:center` and `baseline:prior`. Each row
+and integrated gradients (given baselines x n_steps), beside `baseline:center`, `baseline:prior` and Grad-CAM,
+with the model's accuracy on those slices (`--limit 300` takes the whole test split). Each row
 is printed as it finishes (runs are long on one thread) and all rows go to OUT/<model>.json.
 
     python benchmarks/brain_gradient_goal.py --data ../shared/data/brain-tumor-figshare --model brain-tumor-mri \
@@ -40,10 +41,13 @@ def main() -> None:
     p.add_argument("--composites", nargs="*", default=["epsilon"])
     p.add_argument("--ig", nargs="*", default=["zero:16", "blur:16"],
                    help="BASELINE:N_STEPS; BASELINE is zero (the dataset mean), blur, or black (a black image)")
+    p.add_argument("--weights", default=None, help="a state dict for --model's architecture (a candidate model)")
     p.add_argument("--out", default="gradient-goal")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = medlens.load_model(args.model)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     spec = model.input_spec
     size = spec.size[0]
     d = load_arrays(args.data, args.split, size)
@@ -54,9 +58,13 @@ def main() -> None:
     targets = [[int(v)] for v in y]
     rows = {"baseline:center": scores(center_map((size, size), batch=len(y)), masks, y),
             "baseline:prior": scores(prior_maps(masks, masks.float().sum(0), len(y)), masks, y)}
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 64]).argmax(1) for i in range(0, len(x), 64)])
+    rows["accuracy"] = {"all": float((pred == y).float().mean())} | {
+        f"class{c}": float((pred == y)[y == c].float().mean()) for c in range(3)}
     for name, row in rows.items():
         print(name, json.dumps(row), flush=True)
-    runs = [(f"lrp:{c}", "lrp", {"composite": c}) for c in args.composites]
+    runs = [("gradcam", "gradcam", {})] + [(f"lrp:{c}", "lrp", {"composite": c}) for c in args.composites]
     black = -spec.mean[0] / spec.std[0]
     for item in args.ig:
         base, steps = item.split(":")
@@ -70,7 +78,7 @@ def main() -> None:
         print(label, json.dumps(rows[label]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.model}-{args.split}.json").write_text(
+    (out / f"{Path(args.weights).stem if args.weights else args.model}-{args.split}.json").write_text(
         json.dumps({"model": args.model, "split": args.split, "n": len(y), "rows": rows}, indent=2) + "\n")
 
 
