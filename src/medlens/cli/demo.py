@@ -5,7 +5,6 @@ Owns the demo run (cases, methods, lesion/marker energy scores), its overlays (m
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import time
@@ -23,7 +22,7 @@ import medlens  # noqa: E402
 from medlens.core.registry import get_spec  # noqa: E402
 from medlens.data.phantom import phantom_2d, shortcut_set  # noqa: E402
 from medlens.errors import MedlensError, OutputError  # noqa: E402
-from medlens.io.files import atomic_write, ensure_writable  # noqa: E402
+from medlens.io.files import atomic_write, ensure_writable, save_figure  # noqa: E402
 from medlens.models.zoo import load_bundled  # noqa: E402
 from medlens.pipeline import ExplainRequest, explain_batch, plan_for  # noqa: E402
 from medlens.training.train import phantom_prepare  # noqa: E402
@@ -75,12 +74,6 @@ def marker_zone(marker_masks: torch.Tensor, margin: int = 4) -> torch.Tensor:
     return out
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    atomic_write(path, buf.getvalue())
-
-
 def _display(m: torch.Tensor) -> torch.Tensor:
     """For display only: positive part scaled to [0, 1] by its 99.5th percentile."""
     pos = m.float().clamp_min(0)
@@ -107,7 +100,7 @@ def _case_figure(image: torch.Tensor, maps: dict[str, torch.Tensor], contour: to
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -260,7 +253,7 @@ def _write_summary_png(out: Path, s: dict[str, Any]) -> None:
     fig.suptitle(f"medlens demo (seed {s['seed']}): with the marker independent of the class, phantom-shortcut follows the "
                  f"marker in {dm['prediction_follows_marker']:.0%} of cases (accuracy {dm['accuracy']:.0%})", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, out / "summary.png")
+    save_figure(fig, out / "summary.png", dpi=90)
     plt.close(fig)
 
 

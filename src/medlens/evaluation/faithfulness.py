@@ -12,7 +12,6 @@ Conventions shared by every function here:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 

@@ -59,7 +59,7 @@ class EvaluateTask:
         f = self.factory
         tally = score_images(self.plan, self.data, indices, f.metrics, f.options, f.prior, f.batch_size,
                              first_batch=first_batch)
-        return {"first_batch": first_batch, "indices": indices, "tally": tally}
+        return {"first_batch": first_batch, "indices": indices, "tally": tally.to_record()}
 
 
 def work_items(order: Sequence[int], batch_size: int) -> list[tuple[int, list[int]]]:
@@ -82,7 +82,7 @@ def score_on_executor(factory: EvaluateTaskFactory, order: Sequence[int], *, exe
             on_images(len(record["indices"]))
     tally = Tally(seconds={m: 0.0 for m in factory.methods})
     for record in sorted(records, key=lambda r: r["first_batch"]):
-        tally.merge(record["tally"])
+        tally.merge(Tally.from_record(record["tally"]))
     return tally
 
 

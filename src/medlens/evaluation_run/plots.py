@@ -3,7 +3,6 @@ interval, and the cascading-randomisation curves; each written atomically as a P
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,16 +13,9 @@ matplotlib.use("Agg", force=False)  # files only: never a window, also on a mach
 import matplotlib.pyplot as plt  # noqa: E402
 
 from medlens.evaluation.metrics import HIGHER_IS_BETTER, METRICS, CurvePart  # noqa: E402
-from medlens.io.files import atomic_write  # noqa: E402
+from medlens.io.files import save_figure  # noqa: E402
 
 Curves = dict[str, dict[str, CurvePart]]  # curve name -> method -> summed curve
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
 
 
 def _line_style(i: int) -> dict[str, Any]:
@@ -48,7 +40,8 @@ def _deletion_curves(out: Path, curves: Curves) -> list[str]:
         ax.set_title(f"{metric} curves")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    _save_figure(fig, out / "deletion_curves.png")
+    save_figure(fig, out / "deletion_curves.png")
+    plt.close(fig)
     return ["deletion_curves.png"]
 
 
@@ -72,7 +65,8 @@ def _metric_bars(out: Path, rows: Sequence[dict[str, Any]]) -> list[str]:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    _save_figure(fig, out / "metric_bars.png")
+    save_figure(fig, out / "metric_bars.png")
+    plt.close(fig)
     return ["metric_bars.png"]
 
 
@@ -92,7 +86,8 @@ def _randomization_curves(out: Path, curves: Curves) -> list[str]:
         ax.set_title("cascading randomisation")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    _save_figure(fig, out / "randomization_curves.png")
+    save_figure(fig, out / "randomization_curves.png")
+    plt.close(fig)
     return ["randomization_curves.png"]
 
 

@@ -3,6 +3,7 @@ registry scored, the localisation baselines added; the result is a `Tally` that 
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,25 @@ class Tally:
         for curve, part in score.curves.items():
             by_method = self.curves.setdefault(curve, {})
             by_method[method] = part if method not in by_method else by_method[method].plus(part)
+
+    def to_record(self) -> dict[str, Any]:
+        """As JSON values (Ray hands records over as JSON); `from_record` gives the same tally back."""
+        return {
+            "values": [[method, metric, entries] for (method, metric), entries in self.values.items()],
+            "curves": {curve: {method: {"x": list(part.x), "total": part.total.tolist(), "dtype": str(part.total.dtype),
+                                        "count": part.count, "x_labels": list(part.x_labels) if part.x_labels else None}
+                               for method, part in by_method.items()} for curve, by_method in self.curves.items()},
+            "seconds": self.seconds, "target_rules": self.target_rules,
+            "notes": json.loads(json.dumps(self.notes, default=str)),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Tally":
+        curves = {curve: {method: CurvePart(part["x"], torch.tensor(part["total"], dtype=getattr(torch, part["dtype"].split(".")[-1])),
+                                            part["count"], part["x_labels"])
+                          for method, part in by_method.items()} for curve, by_method in record["curves"].items()}
+        values = {(method, metric): [(name, float(v)) for name, v in entries] for method, metric, entries in record["values"]}
+        return cls(values, curves, dict(record["seconds"]), dict(record["target_rules"]), dict(record["notes"]))
 
     def merge(self, other: "Tally") -> "Tally":
         for key, entries in other.values.items():

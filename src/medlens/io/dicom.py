@@ -276,4 +276,35 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
     modality = str(ds.get("Modality", "")).strip()
     if modality:
         notes.append(f"DICOM modality {modality}")
-    return ScanImage(np.ascontiguousarray(values, dtype=np.float32), path, "dicom", notes, spacing, layout, nominal)
+    header = ds.copy()
+    for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if key in header:
+            delattr(header, key)
+    affine = patient_affine(ds) if not volume else None  # enhanced multi-frame geometry (per frame) is not read
+    return ScanImage(np.ascontiguousarray(values, dtype=np.float32), path, "dicom", notes, spacing, layout, nominal,
+                     affine, (header,))
+
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def patient_affine(ds: Any) -> Optional[np.ndarray]:
+    """A single-frame image's affine from (row, column, through-plane) to world RAS mm, from ImagePositionPatient,
+    ImageOrientationPatient and PixelSpacing; None when the file has no patient geometry (e.g. most radiographs)."""
+    try:
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    if position.shape != (3,) or orientation.shape != (6,):
+        return None
+    along_row, along_column = orientation[:3], orientation[3:]  # index column grows along the row direction
+    normal = np.cross(along_row, along_column)
+    thickness = float(ds.get("SliceThickness", 1.0) or 1.0)
+    affine = np.eye(4)
+    affine[:3, 0] = along_column * row_spacing
+    affine[:3, 1] = along_row * column_spacing
+    affine[:3, 2] = normal * thickness
+    affine[:3, 3] = position
+    return LPS_TO_RAS @ affine

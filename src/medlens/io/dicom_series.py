@@ -86,4 +86,11 @@ def read_dicom_series(folder: Path, window: Any) -> ScanImage:
         depth = float(np.median(gaps)) if len(gaps) else float(items[0][1].get("SliceThickness", 1.0) or 1.0)
         spacing = (depth, *first.spacing)
     notes = [f"DICOM series: {len(ordered)} slices sorted by {how} and read as a volume"] + first.notes
-    return ScanImage(pixels, folder, "dicom-series", notes, spacing, "volume", first.nominal_range)
+    headers = tuple(items[i][1] for i in order)
+    affine = None
+    if first.affine is not None and how == "slice position" and spacing is not None:
+        a = first.affine  # (row, column, normal) of the first slice -> (slice, row, column) of the volume
+        normal = a[:, 2] / (np.linalg.norm(a[:3, 2]) or 1.0)
+        affine = np.column_stack([normal * spacing[0], a[:, 0], a[:, 1], a[:, 3]])
+        affine[3] = (0.0, 0.0, 0.0, 1.0)
+    return ScanImage(pixels, folder, "dicom-series", notes, spacing, "volume", first.nominal_range, affine, headers)

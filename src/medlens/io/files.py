@@ -4,12 +4,12 @@ and JSON conversion. Every writer in medlens goes through these.
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Union
 
 
 from medlens.core.jsonable import jsonable  # noqa: F401 - re-exported: the one JSON conversion, for the writers
@@ -87,3 +87,11 @@ def safe_name(text: str) -> str:
 
 
 MAX_NAME_PART = 80  # characters of a class or method name in a file name
+
+
+def save_figure(fig: Any, path: PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure as a PNG written atomically (rendered to memory first, so no half-written image)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write(path, buf.getvalue())
+

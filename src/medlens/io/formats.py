@@ -11,6 +11,8 @@ import numpy as np
 
 from medlens.errors import OutputError
 from medlens.io.files import atomic_write, safe_name
+from medlens.io.format_dicom import write_dicom
+from medlens.io.format_nifti import write_nifti
 from medlens.io.render import color_scale, render_overlay, render_panel
 
 
@@ -108,6 +110,8 @@ FormatWriter = Callable[[ImageResult, Path], list[Path]]
 FORMATS: dict[str, FormatWriter] = {
     "png": write_png,
     "npz": write_npz,
+    "nifti": write_nifti,  # maps in the input's world space (io/format_nifti.py)
+    "dicom": write_dicom,  # Parametric Map + Secondary Capture in the source's study (io/format_dicom.py)
 }
 DEFAULT_FORMATS: tuple[str, ...] = ("png", "npz")
 

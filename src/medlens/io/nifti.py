@@ -15,6 +15,17 @@ from medlens.io.limits import check_size
 from medlens.io.scan import ScanImage, one_line
 
 
+def _pixel_affine(voxel_affine: np.ndarray, rules: list[tuple[int, int, float]]) -> np.ndarray:
+    """The affine from medlens's pixel index to world, given how each NIfTI voxel axis is read from the pixel index:
+    rules[axis] = (pixel axis, sign, offset), i.e. voxel[axis] = sign * pixel[pixel axis] + offset."""
+    m = np.zeros((4, 4))
+    m[3, 3] = 1.0
+    for axis, (pixel_axis, sign, offset) in enumerate(rules):
+        m[axis, pixel_axis] = sign
+        m[axis, 3] = offset
+    return np.asarray(voxel_affine, dtype=np.float64) @ m
+
+
 def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
     notes: list[str] = []
     try:
@@ -46,6 +57,8 @@ def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
         else:
             data = img.get_fdata(dtype=np.float32)  # nibabel applies scl_slope/scl_inter
         zooms = tuple(float(z) for z in img.header.get_zooms()[: min(3, data.ndim)])
+        voxel_affine = np.asarray(img.affine, dtype=np.float64)
+        axis = 2
         if flat and data.ndim == 3 and 1 in data.shape:
             # after reorientation to RAS the slice axis may have moved: drop it wherever it is
             axis = data.shape.index(1)
@@ -61,9 +74,16 @@ def read_nifti(path: Path, frame: Optional[int]) -> ScanImage:
                          f"is corrupt. Re-export it.")
     if data.ndim == 2:
         pixels = np.ascontiguousarray(data.T[::-1])
-        return ScanImage(pixels.astype(np.float32), path, "nifti", notes, (zooms[1], zooms[0]), "gray", None)
+        # pixel (row, column) = data[column, rows - 1 - row]; the dropped (or absent) axis is the through-plane one
+        kept = [a for a in range(3) if a != axis]
+        rules: list[tuple[int, int, float]] = [(2, 1, 0.0)] * 3
+        rules[kept[0]] = (1, 1, 0.0)
+        rules[kept[1]] = (0, -1, float(data.shape[1] - 1))
+        return ScanImage(pixels.astype(np.float32), path, "nifti", notes, (zooms[1], zooms[0]), "gray", None,
+                         _pixel_affine(voxel_affine, rules))
     # canonical RAS (x, y, z) -> (z, y, x), anterior (high y) at the top of each axial slice
     pixels = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, :], dtype=np.float32)
     notes.append("NIfTI reoriented to canonical RAS; volume axes (z, y, x), anterior at the top of axial slices")
     spacing = (zooms[2], zooms[1], zooms[0])
-    return ScanImage(pixels, path, "nifti", notes, spacing, "volume", None)
+    affine = _pixel_affine(voxel_affine, [(2, 1, 0.0), (1, -1, float(data.shape[1] - 1)), (0, 1, 0.0)])
+    return ScanImage(pixels, path, "nifti", notes, spacing, "volume", None, affine)

@@ -98,6 +98,14 @@ def take_slice(scan: ScanImage, slice_index: Optional[int]) -> ScanImage:
             raise InputError(f"{scan.source}: slice {slice_index} does not exist; the volume has {depth} slices (0..{depth - 1}).")
         note = f"slice {index} of {depth}"
     spacing = scan.spacing[1:] if scan.spacing else None
+    affine = None
+    if scan.affine is not None:  # (slice, row, column) -> (row, column, through-plane) at this slice
+        a = np.asarray(scan.affine, dtype=np.float64)
+        affine = np.column_stack([a[:, 1], a[:, 2], a[:, 0], a[:, 3] + index * a[:, 0]])
+    headers = scan.dicom_headers
+    if headers is not None and len(headers) == depth:
+        headers = (headers[index],)
     return ScanImage(
-        np.ascontiguousarray(scan.pixels[index]), scan.source, scan.kind, scan.notes + [note], spacing, "gray", scan.nominal_range
+        np.ascontiguousarray(scan.pixels[index]), scan.source, scan.kind, scan.notes + [note], spacing, "gray",
+        scan.nominal_range, affine, headers
     )

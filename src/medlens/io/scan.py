@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -48,6 +48,10 @@ class ScanImage:
     nominal_range: the value range the file format implies (0..255 for 8-bit, 0..1 after a DICOM
         window), or None when only the data itself says (CT in HU, float TIFF, NIfTI).
     spacing: physical pixel/voxel spacing in mm, in the same axis order as `pixels`, when known.
+    affine: 4 x 4, from a pixel's index along the spatial axes of `pixels` ((row, column, 0) for a 2-D image; the third
+        column is then the through-plane direction) to its centre in world RAS mm, when the file says (NIfTI, DICOM
+        with a patient position). Output formats that place maps in the scan's space (NIfTI, DICOM) use it.
+    dicom_headers: the DICOM header(s) the pixels came from (pixel data left out), one per slice in `pixels` order.
     """
 
     pixels: np.ndarray
@@ -57,6 +61,8 @@ class ScanImage:
     spacing: Optional[tuple[float, ...]] = None
     layout: str = "gray"
     nominal_range: Optional[tuple[float, float]] = None
+    affine: Optional[np.ndarray] = None
+    dicom_headers: Optional[tuple] = None
 
     @property
     def is_volume(self) -> bool:
@@ -113,11 +119,23 @@ def downsample_if_needed(scan: ScanImage) -> ScanImage:
     scan.pixels = np.ascontiguousarray(pixels, dtype=np.float32)
     if scan.spacing:
         scan.spacing = tuple(float(sp * s / n) for sp, s, n in zip(scan.spacing, shape, new))
+    if scan.affine is not None:
+        scan.affine = resampled_affine(scan.affine, shape, new)
     scan.notes.append(
         f"the {'volume' if volume else 'image'} was {' x '.join(map(str, shape))}, above the {limit}-per-side limit; "
         f"downsampled (area average) to {' x '.join(map(str, new))}"
     )
     return scan
+
+
+def resampled_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int]) -> np.ndarray:
+    """The affine of a grid resampled over the same extent (area or bilinear with align_corners=False): new index i
+    sits at old index (i + 0.5) * old / new - 0.5 along each axis (the axes not in the shapes are kept)."""
+    step = np.eye(4)
+    for axis, (old, new) in enumerate(zip(old_shape, new_shape)):
+        step[axis, axis] = old / new
+        step[axis, 3] = 0.5 * old / new - 0.5
+    return np.asarray(affine, dtype=np.float64) @ step
 
 
 def finite_check(scan: ScanImage) -> None:

@@ -5,5 +5,5 @@ from medlens.pipeline.plan import ExplainRequest, Plan, plan_for
 from medlens.pipeline.run import Outcome, explain_batch, explain_file, explain_prepared, explain_tensor, read_input
 from medlens.pipeline.write import write_outcome
 
-__all__ = ["ExplainRequest", "Outcome", "Plan", "explain_file", "explain_prepared", "explain_tensor", "plan_for",
-           "read_input", "write_outcome"]
+__all__ = ["ExplainRequest", "Outcome", "Plan", "explain_batch", "explain_file", "explain_prepared", "explain_tensor",
+           "plan_for", "read_input", "write_outcome"]

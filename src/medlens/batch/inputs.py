@@ -1,0 +1,169 @@
+"""Finding a batch's inputs: files and folders searched recursively (a folder holding one DICOM series is one
+input), `--include`/`--exclude` patterns and `--limit`, each with a stable id (relative path + content digest).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pydicom
+
+from medlens.errors import InputError
+from medlens.io.output import input_digest
+from medlens.io.readers import kind_of
+from medlens.io.scan import DICOM_EXTENSIONS, NIFTI_EXTENSIONS, RASTER_EXTENSIONS
+
+DIGEST_CHARS = 16  # of the content sha256 in an input's id: enough to tell files apart, short enough to read
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One input of a batch: picklable and JSON-able, so any executor can send it to a worker."""
+
+    id: str  # "<relative path>@<digest prefix>": stable across runs while the file is unchanged
+    path: str  # absolute path of the file or DICOM series folder
+    relative: str  # path relative to the batch's base folder (posix separators)
+    digest: str  # sha256 of the content (a series folder: of its files' names and digests)
+    folder: str  # where its results go, relative to OUT
+    kind: str  # "file" or "dicom-series"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Discovery:
+    """What was found: the items in order, and what was passed over (for one line of notes)."""
+
+    items: list[WorkItem]
+    skipped: dict[str, int]  # file suffix -> count of files in searched folders that are not images
+    excluded: int = 0
+    beyond_limit: int = 0
+
+
+def _is_image_name(name: str) -> bool:
+    lowered = name.lower()
+    return lowered.endswith(RASTER_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS)
+
+
+def _is_scan_file(path: Path) -> bool:
+    """A file medlens reads: by its extension, or (DICOM without one) by its header."""
+    if _is_image_name(path.name):
+        return True
+    try:
+        kind_of(path)
+        return True
+    except InputError:
+        return False
+
+
+def _series_of(files: Sequence[Path]) -> Optional[str]:
+    """The SeriesInstanceUID when `files` are >= 2 single-frame DICOM slices of one series, else None."""
+    dicom = [f for f in files if f.name.lower().endswith(DICOM_EXTENSIONS) or not _is_image_name(f.name)]
+    if len(dicom) < 2 or len(dicom) != len(files):
+        return None
+    uids = set()
+    for f in dicom:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True,
+                                     specific_tags=["SeriesInstanceUID", "NumberOfFrames", "Rows"])
+        except Exception:  # noqa: BLE001 - a damaged file: the folder is then read file by file (and it fails alone)
+            return None
+        if "Rows" not in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            return None
+        uids.add(str(ds.get("SeriesInstanceUID", "")))
+    return uids.pop() if len(uids) == 1 and "" not in uids else None
+
+
+def _walk(folder: Path, skipped: dict[str, int]) -> list[Path]:
+    """Scan files and series folders under `folder`, sorted, hidden entries and the batch's own outputs left out."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        here = Path(root)
+        scans = []
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = here / name
+            if _is_scan_file(path):
+                scans.append(path)
+            else:
+                suffix = path.suffix.lower() or "(no extension)"
+                skipped[suffix] = skipped.get(suffix, 0) + 1
+        if scans and _series_of(scans) is not None:
+            found.append(here)  # one DICOM series: one input (a volume)
+        else:
+            found.extend(scans)
+    return found
+
+
+def _base_of(paths: Sequence[Path]) -> Path:
+    """The folder the relative paths start from: the common folder of the arguments."""
+    anchors = [str(p if p.is_dir() else p.parent) for p in paths]
+    return Path(os.path.commonpath(anchors)) if anchors else Path.cwd()
+
+
+def result_folder(relative: str) -> str:
+    """The results folder of an input, relative to OUT: `maps/<relative path, dots of the name as _>`."""
+    parts = Path(relative).parts
+    name = parts[-1] if parts else "input"
+    return str(Path("maps", *parts[:-1], name.replace(".", "_") or "input").as_posix())
+
+
+def _matches(relative: str, patterns: Sequence[str]) -> bool:
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude: Sequence[str] = (),
+             limit: Optional[int] = None) -> Discovery:
+    """The inputs named by `arguments` (files; folders searched recursively), filtered and limited, with ids.
+
+    Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`).
+    A missing argument raises InputError before any work."""
+    paths = [Path(a).expanduser().absolute() for a in arguments]
+    for given, path in zip(arguments, paths):
+        if not path.exists():
+            raise InputError(f"{given}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be 1 or more, not {limit}.")
+    base = _base_of(paths)
+    skipped: dict[str, int] = {}
+    candidates: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            candidates.extend(_walk(path, skipped))
+        else:
+            candidates.append(path)  # named explicitly: an input even if its type is not one medlens reads
+    seen: set[Path] = set()
+    items: list[WorkItem] = []
+    excluded = beyond = 0
+    for path in candidates:
+        if path in seen:
+            continue
+        seen.add(path)
+        relative = path.relative_to(base).as_posix() if path != base else path.name
+        if (include and not _matches(relative, include)) or (exclude and _matches(relative, exclude)):
+            excluded += 1
+            continue
+        if limit is not None and len(items) >= limit:
+            beyond += 1
+            continue
+        digest = _digest(path)
+        items.append(WorkItem(f"{relative}@{digest[:DIGEST_CHARS]}", str(path), relative, digest,
+                              result_folder(relative), "dicom-series" if path.is_dir() else "file"))
+    return Discovery(items, skipped, excluded, beyond)
+
+
+def _digest(path: Path) -> str:
+    try:
+        return input_digest(path) or "unreadable"
+    except OSError:  # unreadable: its run fails with the reader's message
+        return "unreadable"

@@ -1,0 +1,121 @@
+"""`run_batch`: a whole batch run on the driver: inputs found, settings checked against the folder, the manifest's
+resume rules applied, the work sent to an executor, each record appended as it arrives, then summary and report.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from tqdm import tqdm
+
+from medlens.batch.executors import make_executor
+from medlens.batch.inputs import Discovery, discover
+from medlens.batch.manifest import DONE, ManifestWriter, latest_records, plan_resume, read_manifest
+from medlens.batch.report import write_report, write_summary
+from medlens.batch.settings import MANIFEST_FILE, claim_folder, run_settings
+from medlens.batch.task import BatchTaskFactory
+from medlens.errors import MedlensError
+from medlens.io.files import ensure_writable
+from medlens.pipeline import ExplainRequest, plan_for
+
+
+class SomeInputsFailed(MedlensError):
+    """The run finished, and some inputs could not be explained (each is listed); exit status 3."""
+
+    exit_code = 3
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: counts, the failures (path, message), and the time it took."""
+
+    out: Path
+    total: int
+    ran: int
+    skipped_done: int
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    discovery: Optional[Discovery] = None
+
+    @property
+    def done(self) -> int:
+        return self.total - len(self.failures)
+
+
+def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: str, request: ExplainRequest,
+              model_options: Optional[dict[str, Any]] = None, executor: str = "serial", workers: int = 2,
+              ray_address: Optional[str] = None, threads: Optional[int] = None, device: str = "cpu",
+              include: Sequence[str] = (), exclude: Sequence[str] = (), limit: Optional[int] = None,
+              retry_failed: bool = False, force: bool = False, region: Any = "auto", progress: bool = True,
+              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+              on_record: Optional[Callable[[dict], None]] = None) -> BatchSummary:
+    """Explain every input under `inputs` into `out`, resuming an earlier run of the same settings there.
+
+    `model` is the loaded model (the driver uses it for the settings digest and, with the serial executor, the work);
+    workers of other executors load their own from `model_source` and `model_options`. `on_record` is called with
+    each record once it is in the manifest (a front end's own progress display, a benchmark's clock). Usage errors (missing input,
+    unknown executor, a folder of other settings) raise before any work."""
+    t0 = time.perf_counter()
+    plan = plan_for(model, request)
+    found = discover(inputs, include=include, exclude=exclude, limit=limit)
+    runner = make_executor(executor, workers, ray_address)
+    out = ensure_writable(out)
+    settings = run_settings(plan, model_source)
+    claim_folder(out, settings, force)
+    manifest_path = out / MANIFEST_FILE
+    resume = plan_resume(found.items, read_manifest(manifest_path), settings["digest"], retry_failed)
+    _say_what(log, found, resume)
+    if executor == "serial" and threads is None:
+        factory_threads: Optional[int] = None
+    else:
+        factory_threads = threads if threads is not None else 1  # one torch thread per worker unless told
+    factory = BatchTaskFactory(model_source, dict(model_options or {}), request, str(out), settings["digest"],
+                               device=device, threads=factory_threads, region=region,
+                               model=model if executor == "serial" else None)
+    if resume.todo:
+        bar = tqdm(total=len(resume.todo), desc="explaining", unit="input", file=sys.stderr,
+                   disable=not progress or None, dynamic_ncols=True)
+        failed_now = 0
+        with ManifestWriter(manifest_path) as manifest:
+            for record in runner.run(factory, resume.todo):
+                manifest.append(record)
+                if on_record is not None:
+                    on_record(record)
+                if record.get("status") != DONE:
+                    failed_now += 1
+                    bar.set_postfix_str(f"{failed_now} failed", refresh=False)
+                bar.update(1)
+        bar.close()
+    records = _current_records(manifest_path, found, settings["digest"])
+    write_summary(out, records)
+    write_report(out, records, f"medlens batch: {out.name}", settings)
+    failures = [(str(r.get("path")), str(r.get("error"))) for r in records if r.get("status") != DONE]
+    return BatchSummary(out, len(found.items), len(resume.todo), len(resume.done), failures,
+                        time.perf_counter() - t0, found)
+
+
+def _current_records(manifest_path: Path, found: Discovery, digest: str) -> list[dict[str, Any]]:
+    """The last record of each input of this run (in input order) under these settings."""
+    latest = latest_records(read_manifest(manifest_path), digest)
+    return [latest[item.id] for item in found.items if item.id in latest]
+
+
+def _say_what(log: Callable[[str], None], found: Discovery, resume: Any) -> None:
+    parts = [f"{len(found.items)} input(s)"]
+    if resume.done:
+        parts.append(f"{len(resume.done)} already done (skipped)")
+    if resume.failed_kept:
+        parts.append(f"{len(resume.failed_kept)} failed before (not retried; --retry-failed to run them again)")
+    if resume.retried:
+        parts.append(f"{len(resume.retried)} failed before, retried")
+    parts.append(f"{len(resume.todo)} to run")
+    if found.excluded:
+        parts.append(f"{found.excluded} left out by --include/--exclude")
+    if found.beyond_limit:
+        parts.append(f"{found.beyond_limit} beyond --limit")
+    if found.skipped:
+        parts.append("not images, passed over: " + ", ".join(f"{n} {s}" for s, n in sorted(found.skipped.items())))
+    log("medlens: " + "; ".join(parts))

@@ -1,0 +1,91 @@
+"""`medlens batch`: many inputs explained into one folder (manifest, summary.csv, report.html), resumable, on the
+serial, processes or Ray executor. Gathers the request and hands it to `medlens.batch.run_batch`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import click
+
+from medlens.batch import EXECUTORS, SomeInputsFailed, run_batch
+from medlens.batch.executors import ExecutorError, load_ray
+from medlens.cli.commands import _model_on_device, _parse_options
+from medlens.core.explain import check_methods
+from medlens.errors import InputError, MethodError
+from medlens.pipeline import ExplainRequest
+
+MAX_LISTED_FAILURES = 50
+
+
+@click.command("batch")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, torchvision:ARCH (with --weights) or xrv:NAME.")
+@click.option("--methods", default="gradcam", show_default=True, help="Comma-separated method names (see `medlens methods`).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder: manifest.jsonl, summary.csv, report.html, maps/.")
+@click.option("--targets", default=None, help="Comma-separated class indices or names, or 'all'; default: top-1 (multi-label: p >= 0.5).")
+@click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="serial", show_default=True, help="Where the work runs.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Worker processes or Ray actors.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker (default 1; serial: torch's default).")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. ray://head:10001); default: a local Ray for the run.")
+@click.option("--include", multiple=True, help="Only inputs matching this glob on their relative path or name (repeatable).")
+@click.option("--exclude", multiple=True, help="Leave out inputs matching this glob (repeatable).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="At most N inputs (the first N in sorted order).")
+@click.option("--retry-failed", is_flag=True, default=False, help="Run inputs that failed in an earlier run again.")
+@click.option("--force", is_flag=True, default=False, help="Use an output folder that holds another run or other files.")
+@click.option("--layer", default=None, help="Target layer by dotted name (default: chosen automatically).")
+@click.option("--seed", type=int, default=None, help="Seed for stochastic methods.")
+@click.option("--option", "option_items", multiple=True, help="A method option key=value (repeatable).")
+@click.option("--slice", "slice_index", type=int, default=None, help="For a 2-D model and a volume: the axial slice (default: middle).")
+@click.option("--labels", default=None, help="Comma-separated class names, when the model carries none.")
+@click.option("--input-size", default=None, help="Model input size: 224, 224,224 or 64,64,64 (3-D).")
+@click.option("--channels", type=click.IntRange(1, 3), default=None, help="Input channels the model takes (1 or 3).")
+@click.option("--multi-label/--single-label", "multi_label", default=None, help="Sigmoid (multi-label) or softmax outputs.")
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="Local weights file for an architecture name.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box or mask file beside each input.")
+@click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (runs the code it holds; only files you trust).")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
+def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_dir: Path, targets: Optional[str],
+                  formats: str, executor: str, workers: int, threads: Optional[int], ray_address: Optional[str],
+                  include: Sequence[str], exclude: Sequence[str], limit: Optional[int], retry_failed: bool, force: bool,
+                  layer: Optional[str], seed: Optional[int], option_items: Sequence[str], slice_index: Optional[int],
+                  labels: Optional[str], input_size: Optional[str], channels: Optional[int], multi_label: Optional[bool],
+                  weights: Optional[Path], device: str, no_region: bool, allow_pickle: bool, quiet: bool) -> None:
+    """Explain every input under INPUT... (files; folders searched recursively, a DICOM series folder as one input).
+
+    Writes OUT/maps/<input>/ per input, OUT/manifest.jsonl (one line per finished input), OUT/summary.csv and
+    OUT/report.html. Running the same command again resumes: inputs done with the same settings are skipped.
+    Exit status 0 when every input is done, 3 when some failed (listed), 2 for a usage error."""
+    for p in inputs:  # cheap checks first: no model is loaded for a typo
+        if not p.exists():
+            raise InputError(f"{p}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
+    request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed, formats=formats,
+                                   options=_parse_options(option_items), slice_index=slice_index)
+    if not request.methods:
+        raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
+    check_methods(list(request.methods), dict(request.options))
+    if executor == "ray":
+        load_ray()
+    if ray_address and executor != "ray":
+        raise ExecutorError("--ray-address is for --executor ray.")
+    model_options: dict[str, Any] = {k: v for k, v in dict(labels=labels, input_size=input_size, channels=channels,
+                                                           multi_label=multi_label, weights=weights,
+                                                           allow_pickle=allow_pickle or None).items() if v is not None}
+    model = _model_on_device(model_source, device, **model_options)
+    summary = run_batch(inputs, out_dir, model=model, model_source=model_source, request=request,
+                        model_options=model_options, executor=executor, workers=workers, ray_address=ray_address,
+                        threads=threads, device=device, include=include, exclude=exclude, limit=limit,
+                        retry_failed=retry_failed, force=force, region=None if no_region else "auto",
+                        progress=not quiet, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{summary.done} of {summary.total} input(s) done ({summary.ran} run now, {summary.skipped_done} "
+               f"skipped as done) in {summary.seconds:.1f} s; results in {summary.out} (report.html, summary.csv)")
+    if summary.failures:
+        listed = [f"  {message if path in message else f'{path}: {message}'}" for path, message in summary.failures[:MAX_LISTED_FAILURES]]
+        if len(summary.failures) > MAX_LISTED_FAILURES:
+            listed.append(f"  ... and {len(summary.failures) - MAX_LISTED_FAILURES} more (see manifest.jsonl)")
+        raise SomeInputsFailed(f"{len(summary.failures)} of {summary.total} input(s) failed:\n" + "\n".join(listed))
+
+
+COMMANDS = [batch_command]
