@@ -204,7 +204,13 @@ def render_overlay(image: np.ndarray, amap: np.ndarray, *, title: str = "", scal
     lines = [title] if title else []
     if k is not None:
         lines.append(f"slice {k} of {amap.shape[0]} (largest map mass)")
-    tile = _tile(_with_outline(blend(img2d, map2d, scale), _region_plane(region, k)), lines)
+    return render_rgb(_with_outline(blend(img2d, map2d, scale), _region_plane(region, k)), lines, scale)
+
+
+def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, float]) -> bytes:
+    """PNG bytes: an overlay already drawn (uint8 RGB, e.g. by `blend`), enlarged under its title `lines`, with the
+    colour bar of `scale` below it (the app draws thresholded overlays this way)."""
+    tile = _tile(rgb, lines)
     return _png(_stack([tile, _colour_bar(tile.width, scale)]))
 
 

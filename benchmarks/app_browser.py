@@ -1,0 +1,173 @@
+"""Drive `medlens app` in a real headless Chromium (Debian's /usr/bin/chromium through Playwright; Playwright never
+downloads a browser here): start the server on a free localhost port, open the page, and the few page actions the
+browser test, the screenshot script and the benchmark share.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+CHROMIUM = os.environ.get("MEDLENS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+IMAGE = '[data-testid="stMain"] [data-testid="stImage"] img'
+
+
+def browser_missing() -> Optional[str]:
+    """Why the browser tests cannot run here (None when they can)."""
+    try:
+        import playwright.sync_api  # noqa: F401  (only whether it is there)
+    except ImportError:
+        return "playwright is not installed (pip install 'medlens[test]')"
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served_app(*args: str, port: Optional[int] = None, log: Optional[Path] = None) -> Iterator[str]:
+    """`medlens app --port P ARGS` running until the block ends; yields its URL."""
+    port = port or free_port()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "-m", "medlens", "app", "--port", str(port), *args], env=env,
+                               stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"medlens app did not start (exit status {process.poll()})")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def browser_page(url: str, width: int = 1500, height: int = 1100) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+            page.goto(url)
+            page.get_by_text("what did the model look at").wait_for(timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def wait_idle(page: Any, timeout: float = 60.0) -> None:
+    """Until Streamlit has finished the script run (script state not running, no stale element) for 0.3 s."""
+    deadline = time.time() + timeout
+    quiet_since = time.time()
+    busy = '[data-testid="stApp"][data-test-script-state="running"], [data-stale="true"]'
+    while time.time() < deadline:
+        if page.locator(busy).count() > 0:
+            quiet_since = time.time()
+        elif time.time() - quiet_since > 0.3:  # a rerun may start a moment after the action: insist on a quiet spell
+            return
+        page.wait_for_timeout(30)
+    raise TimeoutError("the app kept running")
+
+
+def upload(page: Any, path: Path) -> None:
+    uploader = page.locator('[data-testid="stSidebar"] [data-testid="stFileUploader"]').filter(has_text="DICOM or NIfTI")
+    uploader.locator('input[type="file"]').first.set_input_files(str(path))
+    wait_idle(page)
+
+
+def choose(page: Any, label: str, option: str) -> None:
+    """Add `option` to the multiselect labelled `label` in the sidebar."""
+    box = page.locator('[data-testid="stSidebar"] [data-testid="stMultiSelect"]').filter(has_text=label).first
+    box.locator("input").first.click()
+    page.keyboard.type(option)
+    page.get_by_role("option").filter(has_text=option).first.click()
+    page.keyboard.press("Escape")
+    page.locator("h1").first.click()  # blur the widget so that its value is sent
+    page.wait_for_timeout(300)
+    wait_idle(page)
+
+
+def press_explain(page: Any) -> None:
+    page.get_by_role("button", name="Explain", exact=True).click()
+
+
+def image_sources(page: Any) -> list[str]:
+    return page.locator(IMAGE).evaluate_all("els => els.map(e => e.src)")
+
+
+def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None, timeout: float = 60.0) -> float:
+    """Seconds until `count` overlays are shown (all with a new source when `changed_from` is given)."""
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        sources = image_sources(page)
+        if len(sources) >= count and (changed_from is None or all(s not in changed_from for s in sources[:count])):
+            loaded = page.locator(IMAGE).evaluate_all("els => els.every(e => e.complete && e.naturalWidth > 0)")
+            if loaded:
+                return time.perf_counter() - t0
+        page.wait_for_timeout(10)
+    raise TimeoutError(f"{count} overlays did not appear")
+
+
+def set_slider(page: Any, label: str, key: str) -> None:
+    """Press `key` (e.g. End, Home, ArrowRight) on the slider labelled `label`."""
+    slider = page.locator('[data-testid="stSlider"]').filter(has_text=label).first.get_by_role("slider")
+    slider.focus()
+    page.keyboard.press(key)
+
+
+def show_view(page: Any, name: str, expect: Optional[str] = None) -> None:
+    """Open a result view; `expect`: a text the view shows once drawn."""
+    page.locator('[data-testid="stMain"] [role="radiogroup"]').filter(has_text="Ensemble").first.get_by_text(name, exact=True).click()
+    if expect:
+        page.locator('[data-testid="stMain"]').get_by_text(expect).first.wait_for(timeout=60_000)
+    wait_idle(page)
+
+
+def click_slider(page: Any, label: str, fraction: float) -> None:
+    """Click the slider labelled `label` at `fraction` of its track (a single change, as a person drags and lets go)."""
+    widget = page.locator('[data-testid="stSlider"]').filter(has_text=label).first
+    track = widget.locator('[role="group"] > div').first.bounding_box()
+    page.mouse.click(track["x"] + fraction * track["width"], track["y"] + track["height"] / 2)
+
+
+def add_target(page: Any, name: str) -> None:
+    """Add the finding `name` to the first model's 'Explain for' picker."""
+    box = page.locator('[data-testid="stMain"] [data-testid="stMultiSelect"]').filter(has_text="Explain for").first
+    box.locator("input").first.click()
+    page.keyboard.type(name)
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    page.locator("h1").first.click()
+    page.wait_for_timeout(300)
+    wait_idle(page)

@@ -1,0 +1,87 @@
+"""Web app speed, measured in headless Chromium: from pressing Explain to the first overlay on the bundled brain model
+with gradcam, gradcam++ and lrp (goal < 1.5 s), and from moving the threshold slider to the redrawn 2 x 3 grid
+(goal < 0.3 s). Medians of interleaved repeats; the first Explain (the model loaded from disk) is reported apart.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_app.py [--repeats 7]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import app_browser as ab  # noqa: E402
+
+
+def _scans(folder: Path, n: int) -> list[Path]:
+    """n different phantom scans (a new input each time, so every Explain computes its maps)."""
+    from medlens.app.inputs import SAMPLES, phantom_sample
+
+    paths = []
+    for seed in range(n):
+        path = folder / f"scan-{seed}.png"
+        path.write_bytes(phantom_sample(SAMPLES[0], seed=seed + 10)[1])
+        paths.append(path)
+    return paths
+
+
+def measure(repeats: int) -> dict[str, object]:
+    explain_times: list[float] = []
+    threshold_times: list[float] = []
+    with tempfile.TemporaryDirectory() as temp:
+        scans = _scans(Path(temp), repeats + 1)
+        with ab.served_app() as url, ab.browser_page(url, width=1500, height=1900) as page:
+            ab.upload(page, scans[0])
+            ab.choose(page, "Methods", "gradcam++")
+            ab.choose(page, "Methods", "lrp")
+            t0 = time.perf_counter()
+            ab.press_explain(page)
+            ab.wait_images(page, 1)
+            cold = time.perf_counter() - t0
+            ab.wait_idle(page)
+            for scan in scans[1:]:
+                ab.upload(page, scan)
+                page.get_by_text("Choose models and methods in the sidebar").first.wait_for(timeout=60_000)
+                t0 = time.perf_counter()
+                ab.press_explain(page)
+                ab.wait_images(page, 1)
+                explain_times.append(time.perf_counter() - t0)
+                ab.wait_idle(page)
+            ab.choose(page, "Models", "phantom-lesion")  # two models x three methods: a 2 x 3 grid
+            ab.press_explain(page)
+            ab.wait_images(page, 6)
+            ab.wait_idle(page)
+            for n in range(repeats):
+                before = ab.image_sources(page)
+                t0 = time.perf_counter()
+                ab.click_slider(page, "Threshold", 0.5 if n % 2 == 0 else 0.8)
+                ab.wait_images(page, 6, changed_from=before)
+                threshold_times.append(time.perf_counter() - t0)
+                ab.wait_idle(page)
+    return {"explain_first_overlay_s": statistics.median(explain_times), "explain_all_s": explain_times,
+            "explain_cold_s": cold, "threshold_redraw_s": statistics.median(threshold_times),
+            "threshold_all_s": threshold_times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    missing = ab.browser_missing()
+    if missing:
+        sys.exit(f"cannot measure: {missing}")
+    result = measure(args.repeats)
+    print(f"Explain -> first overlay (brain-tumor-mri; gradcam, gradcam++, lrp): median {result['explain_first_overlay_s']:.3f} s "
+          f"over {args.repeats} new scans (goal < 1.5 s); first Explain with the model loading: {result['explain_cold_s']:.3f} s")
+    print(f"threshold slider -> redrawn 2 x 3 grid: median {result['threshold_redraw_s']:.3f} s over {args.repeats} moves "
+          f"(goal < 0.3 s)")
+    print("all explain:", [round(t, 3) for t in result["explain_all_s"]])
+    print("all threshold:", [round(t, 3) for t in result["threshold_all_s"]])
+
+
+if __name__ == "__main__":
+    main()

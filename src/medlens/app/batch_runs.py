@@ -1,0 +1,120 @@
+"""The batch view: `medlens batch` on a server-side folder in a background process (resumable: the same command
+skips inputs already done), its progress and gallery read from OUT/manifest.jsonl. Offered only when the batch
+runner is installed (`medlens.batch`); until then the view is hidden, never imitated.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from medlens.app.metrics import background, last_line, server_folders
+from medlens.errors import InputError
+
+
+def available() -> bool:
+    """Whether `medlens batch` exists in this installation."""
+    return importlib.util.find_spec("medlens.batch") is not None
+
+
+def read_manifest(out: Path) -> list[dict[str, Any]]:
+    """The manifest's records (the last one per id wins); a line cut short by a running writer is skipped."""
+    path = Path(out) / "manifest.jsonl"
+    if not path.is_file():
+        return []
+    records: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records[str(record.get("id", len(records)))] = record
+    return list(records.values())
+
+
+@dataclass
+class BatchJob:
+    process: subprocess.Popen
+    out: Path
+    total: int
+    command: list[str]
+    log: Any = None
+
+    def message(self) -> str:
+        """The last line the batch printed (where the files went, or what failed)."""
+        return last_line(self.log) if self.log is not None else ""
+
+    def progress(self) -> tuple[int, int, int]:
+        """(done, failed, total) from the manifest."""
+        records = read_manifest(self.out)
+        return (sum(r.get("status") == "done" for r in records), sum(r.get("status") == "failed" for r in records),
+                self.total)
+
+    @property
+    def finished(self) -> bool:
+        return self.process.poll() is not None
+
+
+def count_inputs(folder: Path) -> int:
+    suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz")
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+
+
+def start_batch(inputs: str, model_source: str, methods: Sequence[str], out_dir: str,
+                allow_pickle: bool = False, extra: Optional[Sequence[str]] = None) -> BatchJob:
+    """Start `medlens batch INPUT --model M --methods a,b --out OUT` in the background."""
+    if not methods:
+        raise InputError("choose at least one method for the batch.")
+    folder, out = server_folders(inputs, out_dir, "input")
+    command = [sys.executable, "-m", "medlens", "batch", str(folder), "--model", model_source,
+               "--methods", ",".join(methods), "--out", str(out), *(extra or [])]
+    if allow_pickle:
+        command.append("--allow-pickle")
+    process, log = background(command)
+    return BatchJob(process, out, count_inputs(folder) if folder.is_dir() else 1, command, log)
+
+
+def render(catalogue: Any, config: Mapping[str, Any]) -> None:
+    """Streamlit layout of the batch view (imported here: this module's logic is tested without Streamlit)."""
+    import streamlit as st
+
+    st.caption("Explain every scan in a server-side folder with `medlens batch` in a background process. Running it "
+               "again on the same output folder resumes: inputs already done are skipped.")
+    inputs = st.text_input("Input folder on the server", value=config.get("data") or "", key="batch_in")
+    out = st.text_input("Output folder (created; nothing is written elsewhere)", key="batch_out")
+    model = st.selectbox("Model", catalogue.keys(), key="batch_model")
+    methods = st.text_input("Methods", value="gradcam", key="batch_methods")
+    if st.button("Start batch", key="batch_start"):
+        try:
+            st.session_state["batch_job"] = start_batch(inputs, catalogue.entries[model].source,
+                                                        [m.strip() for m in methods.split(",") if m.strip()], out,
+                                                        catalogue.allow_pickle)
+        except InputError as exc:
+            st.error(str(exc))
+    if "batch_job" in st.session_state:
+        _progress()
+
+
+def _progress() -> None:
+    import streamlit as st
+
+    job: BatchJob = st.session_state["batch_job"]
+    done, failed, total = job.progress()
+    st.progress(min(1.0, (done + failed) / total) if total else 0.0, text=f"batch: {done} done, {failed} failed, {total} inputs")
+    if job.finished:
+        code = job.process.returncode
+        (st.success if code == 0 else st.warning if code == 3 else st.error)(
+            f"batch finished (exit status {code}): {job.message()} Report: {job.out / 'report.html'}")
+    else:
+        st.button("Refresh progress", key="batch_refresh")
+    records = [r for r in read_manifest(job.out) if r.get("status") == "done"][-12:]
+    columns = st.columns(4)
+    for n, record in enumerate(records):
+        pngs = [o for o in record.get("outputs", []) if str(o).endswith(".png") and "panel" not in str(o)]
+        if pngs:
+            columns[n % 4].image(str(job.out / pngs[0]), caption=str(record.get("id")))

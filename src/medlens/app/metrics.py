@@ -1,0 +1,152 @@
+"""The metrics dashboard's logic: deletion/insertion curves with their AUC, pointing game and energy in the region,
+and the randomisation check for the current image (medlens.evaluation's functions); an `evaluate` output folder read
+back; and `medlens evaluate` started on a server-side folder in a background process, its progress read from its log.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from medlens.app.catalogue import ModelEntry
+from medlens.errors import InputError
+from medlens.evaluation.faithfulness import deletion, insertion
+from medlens.evaluation.localisation import energy_in_box, pointing_game
+from medlens.evaluation.trust import randomization
+from medlens.io.files import ensure_writable
+
+CURVE_STEPS = 20
+
+
+def image_metrics(entry: ModelEntry, x: torch.Tensor, maps: Mapping[tuple[str, int], np.ndarray],
+                  region: Optional[np.ndarray], steps: int = CURVE_STEPS) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """Rows {model, method, target, deletion_auc, insertion_auc[, pointing_game, energy_in_region]} per map, and the
+    curves: "<method> / <target> deletion|insertion" -> the target's probability after each step (steps + 1 points)."""
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[float]] = {}
+    labels = entry.labels
+    for (method, target), amap in maps.items():
+        m = torch.from_numpy(np.ascontiguousarray(amap))[None, None]
+        t = torch.tensor([[int(target)]])
+        with entry.lock:
+            dele = deletion(entry.model, x, m, t, steps=steps)
+            ins = insertion(entry.model, x, m, t, steps=steps)
+        name = labels[target] if target < len(labels) else str(target)
+        row: dict[str, Any] = {"model": entry.key, "method": method, "target": name,
+                               "deletion_auc": float(dele.values[0, 0]), "insertion_auc": float(ins.values[0, 0])}
+        if region is not None:
+            mask = torch.from_numpy(np.asarray(region, dtype=bool))[None]
+            row["pointing_game"] = float(pointing_game(m, mask)[0, 0])
+            row["energy_in_region"] = float(energy_in_box(m, mask)[0, 0])
+        rows.append(row)
+        curves[f"{method} / {name} deletion"] = dele.curves[0, 0].tolist()
+        curves[f"{method} / {name} insertion"] = ins.curves[0, 0].tolist()
+    return rows, curves
+
+
+def randomisation_check(entry: ModelEntry, x: torch.Tensor, method: str, target: int,
+                        options: Optional[dict[str, Any]] = None, seed: int = 0, steps: int = 4) -> dict[str, Any]:
+    """Cascading weight randomisation (on a copy of the model): the Spearman similarity to the original map after each
+    step, and whether the map lost similarity (< 0.5 after the cascade) as a method that explains the model must."""
+    with entry.lock:
+        res = randomization(entry.model, x, torch.tensor([[int(target)]]), method, max_steps=steps, seed=seed,
+                            options=options or None)
+    return {"method": method, "layers": list(res.layers), "spearman": res.spearman[0, 0].tolist(),
+            "final": float(res.values[0, 0]), "passes": bool(res.passes[0, 0]), "threshold": res.threshold}
+
+
+def read_evaluate_folder(folder: str) -> tuple[list[dict[str, str]], list[Path], str]:
+    """An `evaluate` output folder: metrics.csv rows, its plots (PNG) and metrics.md; InputError when it is not one."""
+    root = Path(folder).expanduser()
+    table = root / "metrics.csv"
+    if not table.is_file():
+        raise InputError(f"{root}: no metrics.csv here; give a folder written by `medlens evaluate --out`.")
+    with table.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    summary = root / "metrics.md"
+    return rows, sorted(root.glob("*.png")), summary.read_text() if summary.is_file() else ""
+
+
+_PROGRESS = re.compile(r"(\d+)/(\d+)")
+
+
+@dataclass
+class EvaluateJob:
+    """`medlens evaluate` running in a background process; its output (and log) in the folder the person chose."""
+
+    process: subprocess.Popen
+    out: Path
+    log: Any  # an anonymous temporary file (removed by the OS when closed): nothing is left in the output folder
+    command: list[str]
+
+    def progress(self) -> tuple[int, int]:
+        """(images done, images in all) from the last progress line of the log; (0, 0) before the first."""
+        text = log_text(self.log)[-4000:]
+        found = _PROGRESS.findall(text.replace("\r", "\n"))
+        return (int(found[-1][0]), int(found[-1][1])) if found else (0, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.process.poll() is not None
+
+    def message(self) -> str:
+        return last_line(self.log)
+
+
+def server_folders(source: str, out_dir: str, what: str) -> tuple[Path, Path]:
+    """The server-side input folder (must exist) and the output folder (created, writable) a background run uses."""
+    if not str(source).strip() or not str(out_dir).strip():
+        raise InputError(f"give both the {what} folder and an output folder (full paths on the server).")
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        raise InputError(f"{folder}: no such file or folder on the server.")
+    return folder, ensure_writable(Path(out_dir).expanduser())
+
+
+def background(command: list[str]) -> tuple[subprocess.Popen, Any]:
+    """`command` started in the background, its output into an anonymous temporary file (nothing left behind)."""
+    log = tempfile.TemporaryFile()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
+
+
+def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequence[str], metrics: Sequence[str],
+                   limit: Optional[int], allow_pickle: bool = False) -> EvaluateJob:
+    """Start `medlens evaluate` on a server-side folder; refuses a missing data folder or an unwritable output folder."""
+    if not methods:
+        raise InputError("choose at least one method to evaluate.")
+    data, out = server_folders(data_dir, out_dir, "data")
+    command = [sys.executable, "-m", "medlens", "evaluate", "--model", model_source, "--data", str(data),
+               "--methods", ",".join(methods), "--out", str(out)]
+    if metrics:
+        command += ["--metrics", ",".join(metrics)]
+    if limit:
+        command += ["--limit", str(int(limit))]
+    if allow_pickle:
+        command.append("--allow-pickle")
+    process, log = background(command)
+    return EvaluateJob(process, out, log, command)
+
+
+def last_line(log: Any) -> str:
+    """The last line of a background run's log that is not a progress bar (the error, or where the files went)."""
+    lines = [ln.strip() for ln in log_text(log).replace("\r", "\n").splitlines()]
+    text = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
+    return text[-1] if text else ""
+
+
+def log_text(log: Any) -> str:
+    """What a background process wrote so far to its anonymous log file."""
+    try:
+        size = os.fstat(log.fileno()).st_size
+        return os.pread(log.fileno(), size, 0).decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
