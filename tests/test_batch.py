@@ -101,8 +101,7 @@ def test_sigkill_part_way_then_resume_equals_an_uninterrupted_run(tmp_path: Path
     resumed = subprocess.run(batch_command(inputs, killed), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "already done (skipped)" in resumed.stderr
-    uninterrupted = subprocess.run(batch_command(inputs, whole), env=env, capture_output=True, text=True, timeout=300)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    assert run_cli("batch", inputs, "--out", whole, *ARGS) == 0  # the same command, uninterrupted (in this process)
     got = {r["id"]: r for r in manifest(killed)}
     want = {r["id"]: r for r in manifest(whole)}
     assert len(got) == len(manifest(killed)) == 24  # one line per input
@@ -207,6 +206,8 @@ def test_discovery_ids_filters_limit_and_series_folders(inputs: Path, tmp_path: 
     assert [i.relative for i in discover([inputs], include=["sub/*"], exclude=["*3.png"]).items] == [
         "sub/case001.png", "sub/case005.png", "sub/case007.png"]
     assert len(discover([inputs], limit=3).items) == 3
+    assert [i.relative for i in discover([inputs], leave_out=[inputs / "sub"]).items] == [
+        "case000.png", "case002.png", "case004.png", "case006.png"]  # an --out among the inputs is not searched
     series = tmp_path / "study" / "series1"
     series.mkdir(parents=True)
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -233,3 +234,10 @@ def test_torn_last_line_is_ignored_and_cut_before_appending(tmp_path: Path) -> N
     assert plan_resume(items, records, "s").todo == []
     assert plan_resume(items, records, "s", retry_failed=True).todo == [items[1]]
     assert plan_resume(items, records, "other").todo == items  # other settings count for nothing
+
+
+def test_a_folder_without_images_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    assert run_cli("batch", tmp_path / "notes", "--out", tmp_path / "out", *ARGS) == 2
+    assert "no inputs found" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -83,3 +83,12 @@ def test_unknown_executor_and_bad_workers_are_usage_errors() -> None:
         make_executor("threads")
     with pytest.raises(MedlensError, match="--workers"):
         make_executor("processes", workers=0)
+
+
+def test_ray_missing_is_one_line_saying_what_to_install(inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray now raises ImportError
+    assert run_cli("batch", inputs, "--out", tmp_path / "out", *ARGS, "--executor", "ray") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['medlens: error: the ray executor needs Ray: pip install "medlens[ray]"']
+    assert not (tmp_path / "out").exists()

@@ -141,3 +141,59 @@ def test_dicom_results_read_back_reference_the_source_and_pass_highdicom(tmp_pat
     assert not [o for o in plain["outputs"] if o.endswith(".dcm")]
     provenance = json.loads((out / next(o for o in plain["outputs"] if o.endswith("provenance.json"))).read_text())
     assert provenance["dicom"]["written"] is False
+
+
+def test_dicom_radiographs_of_one_series_stay_apart_and_series_slices_are_referenced(tmp_path: Path) -> None:
+    pytest.importorskip("highdicom", reason="the dicom output format needs highdicom")
+    radiographs, series = tmp_path / "dx", tmp_path / "ct" / "series"
+    radiographs.mkdir()
+    series.mkdir(parents=True)
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for key in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID", "SliceLocation"):
+        delattr(source, key)
+    source.save_as(radiographs / "pa.dcm")  # no patient geometry, no orientation
+    source.SOPInstanceUID, source.PatientOrientation = "1.2.826.0.1.99", ["L", "F"]
+    source.save_as(radiographs / "lateral.dcm")  # same series, with an orientation
+    slices = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for k in range(3):
+        slices.SOPInstanceUID, slices.ImagePositionPatient = f"1.2.826.0.1.{k}", [0.0, 0.0, 5.0 * k]
+        slices.save_as(series / f"s{k}.dcm")
+    out = tmp_path / "out"
+    assert run_cli("batch", radiographs, tmp_path / "ct", "--out", out, "--model", "phantom-lesion", "--methods",
+                   "gradcam", "--formats", "npz,dicom", "-q") == 0
+    by_path = {r["path"]: r for r in manifest(out)}
+    assert set(by_path) == {"dx/lateral.dcm", "dx/pa.dcm", "ct/series"}  # two radiographs, one volume
+    names = {p: sorted(Path(o).name for o in r["outputs"] if o.endswith(".dcm")) for p, r in by_path.items()}
+    assert names["dx/pa.dcm"] == []  # nothing a viewer could place; provenance says why
+    assert names["dx/lateral.dcm"] == ["gradcam_lesion_sc.dcm"] or names["dx/lateral.dcm"] == ["gradcam_normal_sc.dcm"]
+    provenance = json.loads((out / "maps/dx/pa_dcm/provenance.json").read_text())["dicom"]
+    assert "FrameOfReferenceUID" in provenance["parametric_map"]
+    pm = pydicom.dcmread(out / next(o for o in by_path["ct/series"]["outputs"] if o.endswith("_pm.dcm")))
+    refs = [r.ReferencedSOPInstanceUID for s in pm.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence]
+    assert refs == ["1.2.826.0.1.1"]  # a 2-D model takes the middle slice: that slice is the source
+    position = pm.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+    assert float(position[2]) == pytest.approx(5.0)
+
+
+def test_dicom_parametric_map_of_a_volume_places_every_frame(model3d: Path, tmp_path: Path) -> None:
+    pytest.importorskip("highdicom", reason="the dicom output format needs highdicom")
+    series = tmp_path / "in" / "series"
+    series.mkdir(parents=True)
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for k in range(4):  # slices 5 mm apart at z = 0, 5, 10, 15: a 4 x 128 x 128 volume into a 16^3 model
+        source.SOPInstanceUID, source.ImagePositionPatient = f"1.2.826.0.2.{k}", [0.0, 0.0, 5.0 * k]
+        source.save_as(series / f"s{k}.dcm")
+    out = tmp_path / "out"
+    assert run_cli("batch", tmp_path / "in", "--out", out, "--model", model3d, "--methods", "saliency",
+                   "--formats", "npz,dicom", "-q") == 0
+    record = manifest(out)[0]
+    ds = pydicom.dcmread(out / next(o for o in record["outputs"] if o.endswith("_pm.dcm")))
+    refs = sorted(r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence)
+    assert refs == [f"1.2.826.0.2.{k}" for k in range(4)]
+    maps = maps_of(out, record)["saliency"][0, 0]
+    assert int(ds.NumberOfFrames) == 16
+    for frame, group in zip(ds.pixel_array, ds.PerFrameFunctionalGroupsSequence):
+        z = float(group.PlanePositionSequence[0].ImagePositionPatient[2])
+        index = (z / 5.0 + 0.5) * 16 / 4 - 0.5  # the map's slice at that position (4 slices resampled to 16)
+        assert index == pytest.approx(round(index), abs=1e-4)
+        np.testing.assert_array_equal(frame, maps[int(round(index))])

@@ -117,4 +117,6 @@ def test_freed_memory_is_reused_without_page_faults_on_glibc():
     fresh = 4 * 6 * 3 * 2**20 * 4 // resource.getpagesize()  # every page of every round faulted in again
     # Outside, glibc usually hands the burst back to the kernel each round (a third to all of `fresh`, depending
     # on the thresholds it has adapted to so far); inside, the pages stay with the process.
-    assert inside < fresh // 20 and inside <= outside, (inside, outside, fresh)
+    # (when glibc already keeps the burst outside too, both are near zero: a stray fault of another thread of the
+    # process, e.g. a pool started by an earlier test, must not decide the comparison)
+    assert inside < fresh // 20 and inside <= max(outside, fresh // 1000), (inside, outside, fresh)

@@ -8,9 +8,11 @@ The interface (all an executor needs to know of the work):
 - *items*: picklable values (the batch sends `WorkItem`s); `task(item)` returns a JSON-able record (a dict).
 - `executor.run(factory, items)` yields one record per item, in the order they finish (not the items' order). The
   caller (only the driver) persists each record as it arrives, so a record yielded is a result kept.
-Fault tolerance: `processes` gives each worker one item at a time, so when a worker process dies the item it held is
-known; that item is given to a fresh worker, up to `max_attempts` times in all, then `lost` is its record. `ray` leaves
-restarts to Ray (actors are restarted and their tasks retried).
+Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` items sent to each worker (one in work, the next waiting in its
+pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies the item it was
+working on is known: that item goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record;
+the items still waiting are handed out again without counting an attempt. `ray` leaves restarts to Ray (actors are
+restarted and their tasks retried).
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ import logging
 import multiprocessing
 import os
 import pickle
-import traceback
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+
+import numpy as np
 
 from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
 RAY_HINT = 'the ray executor needs Ray: pip install "medlens[ray]"'
+ITEMS_PER_WORKER = 2  # sent and not yet answered, per worker process
 
 
 class TaskFactory(Protocol):
@@ -64,8 +68,8 @@ def _worker_main(factory: TaskFactory, conn: Connection) -> None:
     try:
         task = factory()
     except BaseException as exc:  # noqa: BLE001 - said to the driver, which stops the run with the message
-        conn.send(("error", f"{type(exc).__name__}: {short_message(exc)}" if not isinstance(exc, MedlensError) else str(exc),
-                   traceback.format_exc()))
+        conn.send(("error", str(exc) if isinstance(exc, MedlensError) else f"{type(exc).__name__}: {short_message(exc)}",
+                   None))
         return
     conn.send(("ready", None, None))
     while True:
@@ -80,7 +84,7 @@ def _worker_main(factory: TaskFactory, conn: Connection) -> None:
 
 
 class ProcessExecutor:
-    """`workers` standard-library processes, one item at a time each."""
+    """`workers` standard-library processes, each working on one item with the next one waiting in its pipe."""
 
     name = "processes"
 
@@ -116,16 +120,17 @@ class ProcessExecutor:
                         if kind == "ready":
                             worker.ready = True
                         elif kind == "record":
-                            worker.holding = None
+                            worker.holding.remove(index)
                             finished += 1
                             yield payload
-                    if worker.dead:  # the item it held goes to a fresh worker, or is lost after max_attempts
+                    if worker.dead:  # the item it was on goes to a fresh worker, or is lost after max_attempts
                         workers.remove(worker)
                         worker.close()
                         if not worker.ready:
                             raise ExecutorError(f"a worker process died while starting (exit code "
                                                 f"{worker.process.exitcode}).")
-                        held = worker.holding
+                        held = worker.holding.popleft() if worker.holding else None
+                        queue.extendleft(reversed(worker.holding))  # not started: handed out again as they were
                         if held is not None:
                             attempts[held] += 1
                             if attempts[held] >= self.max_attempts:
@@ -137,9 +142,10 @@ class ProcessExecutor:
                         if queue:
                             workers.append(self._start(factory))
                 for worker in workers:
-                    if worker.ready and worker.holding is None and queue:
-                        worker.holding = queue.popleft()
-                        worker.send((worker.holding, items[worker.holding]))
+                    while worker.ready and len(worker.holding) < ITEMS_PER_WORKER and queue:
+                        index = queue.popleft()
+                        worker.holding.append(index)
+                        worker.send((index, items[index]))
         finally:
             for worker in workers:
                 worker.send(None)
@@ -148,13 +154,13 @@ class ProcessExecutor:
 
 
 class _Worker:
-    """A worker process, its pipe, and the index of the item it holds."""
+    """A worker process, its pipe, and the indices of the items sent to it and not yet answered (in order)."""
 
     def __init__(self, process: Any, conn: Connection) -> None:
         self.process, self.conn = process, conn
         self.ready = False
         self.dead = False
-        self.holding: Optional[int] = None
+        self.holding: deque = deque()
 
     def messages(self) -> Iterator[tuple]:
         try:
@@ -187,8 +193,6 @@ class RayTask:
         self.task = factory()
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np  # numpy arrays are what Ray Data hands over
-
         records = [json.dumps(_call(self.task, self.factory, pickle.loads(blob))) for blob in batch["item"]]
         return {"record": np.array(records, dtype=object)}
 
@@ -198,6 +202,7 @@ class RayExecutor:
     is loaded once per actor, items stream through (one per batch), and Ray restarts actors that die."""
 
     name = "ray"
+    batch_size = 1  # inputs per Ray task: more amortises Ray's per-task cost, records then arrive in groups
 
     def __init__(self, workers: int = 2, address: Optional[str] = None) -> None:
         if workers < 1:
@@ -228,7 +233,7 @@ class RayExecutor:
             context.enable_progress_bars = False  # the runner's own bar counts inputs
             logging.getLogger("ray.data").setLevel(logging.WARNING)
             data = ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
-            data = data.map_batches(RayTask, fn_constructor_args=(factory,), batch_size=1, batch_format="numpy",
+            data = data.map_batches(RayTask, fn_constructor_args=(factory,), batch_size=self.batch_size, batch_format="numpy",
                                     compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1)
             for row in data.iter_rows():
                 yield json.loads(row["record"])

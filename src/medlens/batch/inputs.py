@@ -61,31 +61,43 @@ def _is_scan_file(path: Path) -> bool:
         return False
 
 
+SERIES_TAGS = ["SeriesInstanceUID", "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient",
+               "ImageOrientationPatient"]
+
+
 def _series_of(files: Sequence[Path]) -> Optional[str]:
-    """The SeriesInstanceUID when `files` are >= 2 single-frame DICOM slices of one series, else None."""
+    """The SeriesInstanceUID when `files` are >= 2 single-frame DICOM slices of one series that form a volume (same
+    size and orientation, distinct positions), else None: radiographs of one series (PA and lateral) stay apart."""
     dicom = [f for f in files if f.name.lower().endswith(DICOM_EXTENSIONS) or not _is_image_name(f.name)]
     if len(dicom) < 2 or len(dicom) != len(files):
         return None
-    uids = set()
+    seen: set = set()
+    positions: set = set()
     for f in dicom:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True,
-                                     specific_tags=["SeriesInstanceUID", "NumberOfFrames", "Rows"])
+                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True, specific_tags=SERIES_TAGS)
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
+                return None
+            seen.add((str(ds.get("SeriesInstanceUID", "")), int(ds.Rows), int(ds.Columns),
+                      tuple(round(float(v), 4) for v in ds.ImageOrientationPatient)))
+            positions.add(tuple(round(float(v), 4) for v in ds.ImagePositionPatient))
         except Exception:  # noqa: BLE001 - a damaged file: the folder is then read file by file (and it fails alone)
             return None
-        if "Rows" not in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            return None
-        uids.add(str(ds.get("SeriesInstanceUID", "")))
-    return uids.pop() if len(uids) == 1 and "" not in uids else None
+    if len(seen) != 1 or len(positions) != len(dicom):
+        return None
+    uid = next(iter(seen))[0]
+    return uid or None
 
 
-def _walk(folder: Path, skipped: dict[str, int]) -> list[Path]:
-    """Scan files and series folders under `folder`, sorted, hidden entries and the batch's own outputs left out."""
+def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ()) -> list[Path]:
+    """Scan files and series folders under `folder`, sorted, hidden entries and `leave_out` (the batch's own output
+    folder, when it sits among the inputs) left out."""
     found: list[Path] = []
+    left_out = {p.resolve() for p in leave_out}
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in left_out)
         here = Path(root)
         scans = []
         for name in sorted(files):
@@ -123,11 +135,11 @@ def _matches(relative: str, patterns: Sequence[str]) -> bool:
 
 
 def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-             limit: Optional[int] = None) -> Discovery:
+             limit: Optional[int] = None, leave_out: Sequence[Path] = ()) -> Discovery:
     """The inputs named by `arguments` (files; folders searched recursively), filtered and limited, with ids.
 
-    Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`).
-    A missing argument raises InputError before any work."""
+    Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`). Folders in
+    `leave_out` (the run's --out) are not searched. A missing argument raises InputError before any work."""
     paths = [Path(a).expanduser().absolute() for a in arguments]
     for given, path in zip(arguments, paths):
         if not path.exists():
@@ -139,7 +151,7 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
     candidates: list[Path] = []
     for path in paths:
         if path.is_dir():
-            candidates.extend(_walk(path, skipped))
+            candidates.extend(_walk(path, skipped, leave_out))
         else:
             candidates.append(path)  # named explicitly: an input even if its type is not one medlens reads
     seen: set[Path] = set()

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from medlens.batch.manifest import DONE
 from medlens.io.files import atomic_write
 
+MAX_CARDS = 2000  # a gallery of more would be too heavy to open; summary.csv lists every input
 SUMMARY_COLUMNS = ("path", "status", "target", "probability", "method", "peak", "energy_in_region", "error")
 
 
@@ -55,7 +56,7 @@ table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:2px 6px;text
 """
 
 
-def _card(out: Path, record: dict[str, Any]) -> str:
+def _card(record: dict[str, Any]) -> str:
     esc = html.escape
     outputs = record.get("outputs") or []
     panel = next((o for o in outputs if o.endswith("/panel.png")), None)
@@ -88,6 +89,9 @@ def write_report(out: Path, records: Sequence[dict[str, Any]], title: str, setti
         parts += [f"<tr><td>{esc(str(r.get('path')))}</td><td>{esc(str(r.get('error')))}</td></tr>" for r in failed]
         parts.append("</table>")
     parts.append(f"<h2>Done ({len(done)})</h2><div class='grid'>")
-    parts += [_card(out, r) for r in done]
-    parts.append("</div></body></html>\n")
+    parts += [_card(r) for r in done[:MAX_CARDS]]
+    parts.append("</div>")
+    if len(done) > MAX_CARDS:
+        parts.append(f"<p class='muted'>The first {MAX_CARDS} of {len(done)} are shown; summary.csv lists all.</p>")
+    parts.append("</body></html>\n")
     return atomic_write(out / "report.html", "".join(parts))

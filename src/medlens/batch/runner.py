@@ -17,7 +17,8 @@ from medlens.batch.manifest import DONE, ManifestWriter, latest_records, plan_re
 from medlens.batch.report import write_report, write_summary
 from medlens.batch.settings import MANIFEST_FILE, claim_folder, run_settings
 from medlens.batch.task import BatchTaskFactory
-from medlens.errors import MedlensError
+from medlens.errors import InputError, MedlensError
+from medlens.io.scan import SUPPORTED
 from medlens.io.files import ensure_writable
 from medlens.pipeline import ExplainRequest, plan_for
 
@@ -60,7 +61,13 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     unknown executor, a folder of other settings) raise before any work."""
     t0 = time.perf_counter()
     plan = plan_for(model, request)
-    found = discover(inputs, include=include, exclude=exclude, limit=limit)
+    found = discover(inputs, include=include, exclude=exclude, limit=limit, leave_out=[Path(out)])
+    if not found.items:
+        passed = ", ".join(f"{n} {suffix}" for suffix, n in sorted(found.skipped.items()))
+        raise InputError(f"no inputs found in {', '.join(map(str, inputs))}"
+                         + (f" ({found.excluded} left out by --include/--exclude)" if found.excluded else "")
+                         + (f"; passed over as not images: {passed}" if passed else "")
+                         + f". medlens reads {SUPPORTED}.")
     runner = make_executor(executor, workers, ray_address)
     out = ensure_writable(out)
     settings = run_settings(plan, model_source)

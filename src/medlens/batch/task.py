@@ -73,15 +73,17 @@ class BatchTask:
 
     def __call__(self, item: WorkItem) -> dict[str, Any]:
         t0 = time.perf_counter()
+        step = "the model could not explain this input"
         try:
             outcome = explain_file(self.plan, item.path, region=self.factory.region)
             t1 = time.perf_counter()
+            step = "its results could not be written"
             written = write_outcome(outcome, self.out / item.folder, model_source=self.model_source,
                                     extra_provenance={"batch": {"id": item.id, "settings": self.factory.settings_digest}})
         except MedlensError as exc:  # this input's file, or the model on it: recorded, and the run goes on
             return failed_record(item, _one_line(exc, item), self.factory.settings_digest, time.perf_counter() - t0)
         except (RuntimeError, ValueError, MemoryError, OSError) as exc:  # e.g. a volume the model cannot take
-            message = f"{item.relative}: the model could not explain this input ({type(exc).__name__}: {short_message(exc)})"
+            message = f"{item.relative}: {step} ({type(exc).__name__}: {short_message(exc)})"
             return failed_record(item, message, self.factory.settings_digest, time.perf_counter() - t0)
         t2 = time.perf_counter()
         seconds = {**{k: round(v, 6) for k, v in outcome.seconds.items()}, "write": round(t2 - t1, 6),

@@ -13,6 +13,7 @@ from medlens.batch.executors import ExecutorError, load_ray
 from medlens.cli.commands import _model_on_device, _parse_options
 from medlens.core.explain import check_methods
 from medlens.errors import InputError, MethodError
+from medlens.io.formats import check_formats
 from medlens.pipeline import ExplainRequest
 
 MAX_LISTED_FAILURES = 50
@@ -66,6 +67,7 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
     if not request.methods:
         raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
     check_methods(list(request.methods), dict(request.options))
+    check_formats(request.formats)
     if executor == "ray":
         load_ray()
     if ray_address and executor != "ray":

@@ -174,6 +174,7 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
                    "pointing game and energy in the region in provenance.json. Default: a .txt box file beside the image.")
 @click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box file beside the image.")
 @click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
+@click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -194,6 +195,7 @@ def explain_command(
     region: Optional[Path],
     no_region: bool,
     allow_pickle: bool,
+    formats: str,
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -204,7 +206,8 @@ def explain_command(
     out = ensure_writable(out_dir)
     try:
         request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed,
-                                       options=_parse_options(option_items), slice_index=slice_index, frame=frame)
+                                       options=_parse_options(option_items), slice_index=slice_index, frame=frame,
+                                       formats=formats)
         if not request.methods:
             raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")
         check_methods(list(request.methods), dict(request.options))

@@ -295,13 +295,13 @@ def patient_affine(ds: Any) -> Optional[np.ndarray]:
         position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
         orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
         row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
-    except (AttributeError, TypeError, ValueError, KeyError):
+        thickness = abs(float(ds.get("SliceThickness", 1.0) or 1.0)) or 1.0
+    except Exception:  # noqa: BLE001 - geometry is optional: a damaged value means no affine, not an unreadable file
         return None
-    if position.shape != (3,) or orientation.shape != (6,):
+    if position.shape != (3,) or orientation.shape != (6,) or not (np.isfinite(position).all() and np.isfinite(orientation).all()):
         return None
     along_row, along_column = orientation[:3], orientation[3:]  # index column grows along the row direction
     normal = np.cross(along_row, along_column)
-    thickness = float(ds.get("SliceThickness", 1.0) or 1.0)
     affine = np.eye(4)
     affine[:3, 0] = along_column * row_spacing
     affine[:3, 1] = along_row * column_spacing

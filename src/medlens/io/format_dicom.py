@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pydicom
@@ -24,9 +24,6 @@ from medlens.io.files import atomic_write, safe_name
 from medlens.io.format_nifti import map_affine
 from medlens.io.render import render_overlay
 from medlens.version import __version__
-
-if TYPE_CHECKING:  # formats.py imports this module for its table
-    from medlens.io.formats import ImageResult
 
 HIGHDICOM_HINT = 'the dicom output format needs highdicom: pip install highdicom'
 SERIES_NUMBER_PM, SERIES_NUMBER_SC = 9101, 9102
@@ -76,9 +73,9 @@ def _save(folder: Path, name: str, dataset: Dataset) -> Path:
     return atomic_write(folder / name, lambda fh: pydicom.dcmwrite(fh, dataset, enforce_file_format=True))
 
 
-def write_dicom(job: "ImageResult", folder: Path) -> list[Path]:
+def write_dicom(job: Any, folder: Path) -> list[Path]:
     """`<method>_<target>_pm.dcm` (Parametric Map, float) and `<method>_<target>_sc.dcm` (Secondary Capture of the
-    overlay) for a DICOM input; for other inputs nothing, said in provenance."""
+    overlay, 2-D maps) for a DICOM input; for other inputs nothing, said in provenance."""
     headers = getattr(job.scan, "dicom_headers", None)
     if not headers:
         job.provenance["dicom"] = {"written": False, "reason": "the input is not DICOM, so there is no study to file "
@@ -88,23 +85,31 @@ def write_dicom(job: "ImageResult", folder: Path) -> list[Path]:
     sources = list(headers)
     first = sources[0]
     written: list[Path] = []
+    how, geometry, orientation = "", None, None
     for method, maps in job.raw.items():
         grid = tuple(maps.shape[1:])
         affine, how = map_affine(job, grid)
         geometry = _geometry(affine if "input's affine" in how else None, grid)
+        orientation = _patient_orientation(first, geometry)
         for j, part in enumerate(job.file_parts):
             values = np.ascontiguousarray(maps[j], dtype=np.float32)
             name = f"{safe_name(method)}_{part}"
-            written.append(_save(folder, f"{name}_pm.dcm",
-                                 _parametric_map(hd, sources, values, geometry, method, job.titles[j], first)))
-            if len(grid) == 2:
+            if "FrameOfReferenceUID" in first:  # the Parametric Map IOD needs the source's frame of reference
+                written.append(_save(folder, f"{name}_pm.dcm",
+                                     _parametric_map(hd, sources, values, geometry, method, job.titles[j], first)))
+            if len(grid) == 2 and orientation is not None:
                 png = render_overlay(job.display, maps[j], title=f"{method}: {job.titles[j]}", scale=job.scales[method],
                                      region=job.region)
                 written.append(_save(folder, f"{name}_sc.dcm",
-                                     _secondary_capture(hd, first, _overlay_rgb(png), geometry, method, part)))
-    job.provenance["dicom"] = {"written": True, "study_instance_uid": str(first.get("StudyInstanceUID", "")),
-                               "source_instances": [str(s.get("SOPInstanceUID", "")) for s in sources],
-                               "geometry_from": how if geometry is not None else "the source images (same grid)"}
+                                     _secondary_capture(hd, first, _overlay_rgb(png), orientation, method, part)))
+    job.provenance["dicom"] = {
+        "written": bool(written), "study_instance_uid": str(first.get("StudyInstanceUID", "")),
+        "source_instances": [str(s.get("SOPInstanceUID", "")) for s in sources],
+        "geometry_from": how if geometry is not None else "the source images (same grid)",
+        "parametric_map": "written" if any(p.name.endswith("_pm.dcm") for p in written) else
+        "not written: the source has no FrameOfReferenceUID (e.g. a radiograph), which a Parametric Map needs",
+        "secondary_capture": "written" if any(p.name.endswith("_sc.dcm") for p in written) else
+        "not written: a volume, or a source with neither a patient position nor a PatientOrientation"}
     return written
 
 
@@ -132,18 +137,23 @@ def _parametric_map(hd: Any, sources: list[Dataset], values: np.ndarray, geometr
         content_description=f"{method}: {title}"[:64], content_label="RELEVANCE", **extra)
 
 
-def _secondary_capture(hd: Any, source: Dataset, rgb: np.ndarray, geometry: Optional[dict[str, Any]], method: str,
+def _patient_orientation(source: Dataset, geometry: Optional[dict[str, Any]]) -> Optional[tuple[str, str]]:
+    """What a Secondary Capture needs: the directions of the rows and columns, from the geometry or the source's
+    PatientOrientation; None when neither says (no Secondary Capture then, rather than a guessed orientation)."""
+    if geometry is not None:
+        return geometry["patient_orientation"]
+    try:
+        given = tuple(str(v) for v in (source.get("PatientOrientation") or ()))
+    except Exception:  # noqa: BLE001 - a damaged value: unknown
+        return None
+    return (given[0], given[1]) if len(given) >= 2 and given[0] and given[1] else None
+
+
+def _secondary_capture(hd: Any, source: Dataset, rgb: np.ndarray, orientation: tuple[str, str], method: str,
                        part: str) -> Dataset:
-    orientation = geometry["patient_orientation"] if geometry is not None else None
-    if orientation is None and source.get("PatientOrientation"):
-        orientation = tuple(str(v) for v in source.PatientOrientation)[:2]
-    if orientation is None or len(orientation) != 2 or not all(orientation):
-        raise OutputError(f"{source.get('SOPInstanceUID', 'the source')}: the DICOM input has neither a patient "
-                          f"position nor a PatientOrientation, which a Secondary Capture needs; write --formats without "
-                          f"dicom for it.")
     capture = hd.sc.SCImage.from_ref_dataset(
         source, rgb, "RGB", 8, "PATIENT", _uid(source, "sc-series"), SERIES_NUMBER_SC,
-        _uid(source, "sc", method, part), 1, "medlens", patient_orientation=tuple(orientation))
+        _uid(source, "sc", method, part), 1, "medlens", patient_orientation=orientation)
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID

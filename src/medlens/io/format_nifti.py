@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import nibabel as nib
 import numpy as np
@@ -13,11 +13,8 @@ import numpy as np
 from medlens.io.files import atomic_write, safe_name
 from medlens.io.scan import resampled_affine
 
-if TYPE_CHECKING:  # formats.py imports this module for its table
-    from medlens.io.formats import ImageResult
 
-
-def map_affine(job: "ImageResult", grid: tuple[int, ...]) -> tuple[np.ndarray, str]:
+def map_affine(job: Any, grid: tuple[int, ...]) -> tuple[np.ndarray, str]:  # job: a formats.ImageResult
     """The affine from a map index ((row, column, 0) in 2-D, (slice, row, column) in 3-D) to world RAS mm, and where
     it came from: the scan's affine resampled to the map's grid, else the pixel spacing, else 1 mm pixels."""
     scan: Any = job.scan
@@ -50,7 +47,7 @@ def to_nifti_array(values: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, 
     return array.astype(np.float32), affine @ order
 
 
-def write_nifti(job: "ImageResult", folder: Path) -> list[Path]:
+def write_nifti(job: Any, folder: Path) -> list[Path]:
     """`<method>_<target>.nii.gz` per method and target: the raw float32 map with the input's affine."""
     written: list[Path] = []
     how = ""
