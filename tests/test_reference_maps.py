@@ -4,7 +4,9 @@ tests/data/reference_maps.npz was written by tests/data/make_reference_maps.py r
 issue 13's refactor): small stored inputs, seeded, small options; every method, every LRP composite, every
 SmoothGrad base. Tolerance: each map agrees elementwise within 1e-6 of its own scale (the largest absolute
 value of the reference map), i.e. |today - reference| <= 1e-6 * max|reference|; a map that was all zeros must
-stay exactly zero. Refusals (a method a model cannot take) must keep their message.
+stay exactly zero. Refusals (a method a model cannot take) must keep their message. Cases changed on purpose
+since (a new default) were regenerated alone with `make_reference_maps.py --only`; the file's index lists them
+under "regenerated", with the reason (so far: smoothgrad_lrp, when lrp's default composite became epsilon).
 
 The models are found by the sha256 of their weights, so a bundled model replaced later is still checked
 against the weights the reference was made with (kept under the name `<name>-v1`).

@@ -4,9 +4,15 @@ Made once from the pre-refactor code (commit d20a213, `PYTHONPATH=/tmp/baseline/
 tests/data/make_reference_maps.py`); tests/test_reference_maps.py checks that today's code gives the same maps.
 The inputs are stored in the file too, so the test does not depend on how they were made. Each model is keyed
 by the sha256 of its weights file, so the test can find the same weights under a later name.
+
+A deliberate change of some maps (a new default) regenerates only those cases, with the stored inputs and the
+weights the file was made with, and copies every other array unchanged, with the reason kept in the file:
+
+    python tests/data/make_reference_maps.py --only smoothgrad_lrp --reason "lrp's default composite is epsilon"
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -91,7 +97,54 @@ def weights_sha256(name: str) -> str:
     return hashlib.sha256(Path(zoo.bundled_models()[name]["weights"]).read_bytes()).hexdigest()
 
 
+def _explain_case(model: torch.nn.Module, x: torch.Tensor, case: tuple[str, list[str], dict, object]) -> dict[str, np.ndarray]:
+    """{array key suffix: array} of one case on one model (maps per method and the targets)."""
+    name, methods, options, targets = case
+    result = medlens.explain(model, x, methods=methods, targets=_targets_arg(targets, model), seed=7, **options)
+    arrays = {f"{name}/{method}": result[method].numpy().astype(np.float32) for method in methods}
+    arrays[f"{name}/targets"] = result.targets.numpy().astype(np.int64)
+    return arrays
+
+
+def regenerate(only: list[str], reason: str) -> None:
+    """Recompute the named cases on the stored inputs with the weights the file was made with (found by sha256
+    among the bundled models); every other array is copied unchanged; the reason is kept in the index."""
+    with np.load(OUT) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    index = json.loads(arrays["index.json"].tobytes().decode())
+    known = {case[0]: case for case in cases()}
+    unknown = [c for c in only if c not in known or c not in index["cases"]]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(index['cases'])}")
+    by_sha = {weights_sha256(n): n for n in zoo.bundled_models()}
+    for model_name, info in index["models"].items():
+        if info["weights_sha256"] not in by_sha:
+            raise SystemExit(f"no bundled model has the weights {model_name!r} was made with")
+        model = medlens.load_model(by_sha[info["weights_sha256"]])
+        x = torch.from_numpy(arrays[f"{model_name}/input"])
+        for case in only:
+            if f"{model_name}/{case}" in index.get("errors", {}):
+                continue
+            for key, value in _explain_case(model, x, known[case]).items():
+                arrays[f"{model_name}/{key}"] = value
+            print(model_name, case, "regenerated with", by_sha[info["weights_sha256"]], file=sys.stderr)
+    index.setdefault("regenerated", []).append({"cases": only, "reason": reason, "medlens": medlens.__version__,
+                                                "torch": torch.__version__})
+    arrays["index.json"] = np.frombuffer(json.dumps(index, sort_keys=True).encode(), dtype=np.uint8)
+    np.savez_compressed(OUT, **arrays)
+    print(f"wrote {OUT} ({OUT.stat().st_size} bytes, {len(arrays)} arrays)", file=sys.stderr)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Write tests/data/reference_maps.npz (all cases, or --only some).")
+    parser.add_argument("--only", nargs="+", help="regenerate only these cases (e.g. smoothgrad_lrp), keep the rest")
+    parser.add_argument("--reason", default="", help="why (kept in the file's index); required with --only")
+    args = parser.parse_args()
+    if args.only:
+        if not args.reason:
+            raise SystemExit("--only needs --reason: say why these reference maps change")
+        regenerate(args.only, args.reason)
+        return
     torch.manual_seed(0)
     arrays: dict[str, np.ndarray] = {}
     index: dict[str, dict] = {"models": {}, "cases": {}}

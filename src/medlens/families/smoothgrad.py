@@ -15,11 +15,11 @@ from medlens.core.registry import MethodSpec, register
 from medlens.errors import MethodError
 from medlens.families.gradients import input_x_gradient, saliency
 from medlens.families.guided import guided_backprop
-from medlens.families.lrp import lrp_relevance
+from medlens.families.lrp import DEFAULT_COMPOSITE, lrp_relevance
 
 
 def _lrp(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
-    return lrp_relevance(model, x, targets, "epsilon_plus_flat").relevance
+    return lrp_relevance(model, x, targets, DEFAULT_COMPOSITE).relevance
 
 
 # The methods SmoothGrad can wrap: name -> per-batch function returning (T, N, C, *s); integrated gradients adds
@@ -28,7 +28,7 @@ SMOOTHABLE: dict[str, Callable[..., torch.Tensor]] = {
     "saliency": saliency,
     "inputxgradient": input_x_gradient,
     "guidedbackprop": guided_backprop,
-    "lrp": _lrp,  # with its default composite, epsilon_plus_flat
+    "lrp": _lrp,  # with lrp's default composite (DEFAULT_COMPOSITE)
 }
 BASE_DEFAULTS: dict[str, dict[str, Any]] = {}
 

@@ -14,12 +14,13 @@ from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
 from medlens.core.registry import MethodSpec, register
 from medlens.families.lrp.canonizers import ModelPlan, plan_model
-from medlens.families.lrp.composites import PRESETS, assign_rules, make_rule
+from medlens.families.lrp.composites import DEFAULT_COMPOSITE, PRESETS, assign_rules, make_rule
 from medlens.families.lrp.engine import LRPResult, input_bounds, lrp_model, lrp_relevance
 from medlens.families.lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus
 
 __all__ = [
     "lrp_relevance", "LRPResult", "plan_model", "ModelPlan", "assign_rules", "make_rule", "lrp_model", "PRESETS",
+    "DEFAULT_COMPOSITE",
     "Rule", "Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Pass",
 ]
 
@@ -65,6 +66,6 @@ register(MethodSpec(
     summary="Layer-wise relevance propagation with canonizers (BatchNorm merging; conservative at additions and "
             "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
-    options={"composite": "epsilon_plus_flat", "epsilon": 1e-6, "gamma": 0.25},
+    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25},
     completeness="conservation",
 ))

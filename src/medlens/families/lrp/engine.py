@@ -18,7 +18,7 @@ from medlens.tensor.autograd import call_model, target_gradients
 from medlens.errors import MethodError
 from medlens.core.layers import is_activation, is_linear
 from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
-from medlens.families.lrp.composites import assign_rules
+from medlens.families.lrp.composites import DEFAULT_COMPOSITE, assign_rules
 from medlens.families.lrp.rules import LayerCall, Rule, stabilize
 
 # Elementwise activations whose plain gradient already passes relevance unchanged (f(a) = f'(a) a).
@@ -110,7 +110,7 @@ def input_bounds(model: nn.Module, x: torch.Tensor) -> tuple[tuple[float, float]
 
 
 def lrp_relevance(
-    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, composite: Any = "epsilon_plus_flat",
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, composite: Any = DEFAULT_COMPOSITE,
     epsilon: float = 1e-6, gamma: float = 0.25, bounds: Optional[tuple[float, float]] = None,
 ) -> LRPResult:
     """Input relevance (T, B, C, *s) of every target logit; relevance at the output is the logit itself."""
