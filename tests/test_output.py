@@ -56,6 +56,17 @@ def test_color_scales():
     assert color_scale(np.array([0.0, 0.5, 2.0])) == ("inferno", 0.0, 2.0)
     assert color_scale(np.array([-3.0, 1.0])) == ("RdBu_r", -3.0, 3.0)  # centred at 0
     assert color_scale(np.zeros(4)) == ("inferno", 0.0, 1.0)
+    # a pixel-level map: a few extreme pixels saturate instead of setting the scale for the whole overlay
+    spiky = np.full(10_000, 0.01)
+    spiky[:10] = 5.0
+    name, low, high = color_scale(spiky)
+    assert name == "inferno" and low == 0.0 and high == pytest.approx(0.01)
+    spiky[5000] = -0.02
+    name, low, high = color_scale(spiky)
+    assert name == "RdBu_r" and high == pytest.approx(0.01) and low == -high
+    sparse = np.zeros(10_000)
+    sparse[:3] = 2.0  # zero almost everywhere: its largest value sets the scale
+    assert color_scale(sparse) == ("inferno", 0.0, 2.0)
 
 
 def test_best_slice_is_largest_mass():

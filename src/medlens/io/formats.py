@@ -51,7 +51,8 @@ class ImageResult:
                   scan)
         job.provenance["rendering"] = {
             "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2]} for m, s in scales.items()},
-            "note": "one colour scale per method shared by its targets; maps.npz holds the raw, unnormalised values",
+            "note": "one colour scale per method shared by its targets, up to the 99.5th percentile of |map| for maps of "
+                    "1024 values or more (higher values saturate); maps.npz holds the raw, unnormalised values",
         }
         return job
 

@@ -46,16 +46,24 @@ def _font(size: int = 13) -> Any:
         return ImageFont.load_default()
 
 
+SCALE_PERCENTILE = 99.5  # maps of many values are coloured up to this percentile of |map| (higher ones saturate)
+SCALE_MIN_VALUES = 1024  # below this many values the scale spans them all
+
+
 def color_scale(maps: np.ndarray) -> tuple[str, float, float]:
-    """(colour map, vmin, vmax) for maps of one method: 'inferno' on [0, max] if none is negative,
-    else 'RdBu_r' on [-a, a] with a the largest magnitude (so 0 is the neutral colour)."""
+    """(colour map, vmin, vmax) for maps of one method: 'inferno' on [0, a] if none is negative, else 'RdBu_r' on
+    [-a, a] (so 0 is the neutral colour), with a the 99.5th percentile of |map| for maps of 1024 values or more,
+    else the largest magnitude. Pixel-level maps (LRP, gradients) put a few extreme pixels far above the rest; a
+    scale set by them leaves the whole overlay faint, so those few saturate instead (raw values in maps.npz)."""
     finite = maps[np.isfinite(maps)]
     if finite.size == 0:
         return SEQUENTIAL_CMAP, 0.0, 1.0
-    low, high = float(finite.min()), float(finite.max())
-    if low >= 0:
-        return SEQUENTIAL_CMAP, 0.0, high if high > 0 else 1.0
-    a = max(abs(low), abs(high))
+    magnitude = np.abs(finite)
+    a = float(np.percentile(magnitude, SCALE_PERCENTILE)) if finite.size >= SCALE_MIN_VALUES else float(magnitude.max())
+    if a <= 0:  # a map that is zero almost everywhere: its largest value still sets the scale
+        a = float(magnitude.max())
+    if float(finite.min()) >= 0:
+        return SEQUENTIAL_CMAP, 0.0, a if a > 0 else 1.0
     return DIVERGING_CMAP, -a, a
 
 
