@@ -80,6 +80,7 @@ def browser_page(url: str, width: int = 1500, height: int = 1100) -> Iterator[An
             page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
             page.goto(url)
             page.get_by_text("what did the model look at").wait_for(timeout=60_000)
+            wait_idle(page)  # the title comes first; the rest of the first script run follows it
             yield page
         finally:
             browser.close()

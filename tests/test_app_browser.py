@@ -29,6 +29,7 @@ def test_the_app_in_a_browser(tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     with ab.served_app(log=tmp_path / "server.log") as url, ab.browser_page(url) as page:
+        page.get_by_text("not for diagnosis").first.wait_for(timeout=60_000)  # the research banner
         assert "not for diagnosis" in page.locator('[data-testid="stMain"]').inner_text()
         ab.upload(page, png)
         ab.press_explain(page)
