@@ -128,7 +128,9 @@ def first_component(weighted: torch.Tensor, channel_sum: Optional[torch.Tensor] 
     b, t, c = weighted.shape[:3]
     spatial = weighted.shape[3:]
     x = weighted.reshape(b * t, c, -1).double()  # (BT, C, N): converted in memory order, then centred over positions
-    x = x - x.mean(dim=2, keepdim=True)
+    if x.data_ptr() == weighted.data_ptr():  # already float64, no copy made: centre a copy, never the caller's tensor
+        x = x.clone()
+    x.sub_(x.mean(dim=2, keepdim=True))
     if x.shape[2] <= x.shape[1]:
         gram = x.transpose(1, 2) @ x  # (BT, N, N)
         top, vector = top_eigenpair(gram)
