@@ -9,8 +9,9 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.families.gradients import guided_relu
-from medlens.families.integrated import blurred, gauss_legendre
+from medlens.core.baselines import make_baseline
+from medlens.families.guided import guided_relus
+from medlens.families.integrated import gauss_legendre
 from medlens.core.model_state import hook_count
 
 from conftest import torchvision_model
@@ -94,11 +95,23 @@ def test_guided_relu_is_restored_even_on_error():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), Boom(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="boom"):
         medlens.explain(model.eval(), torch.randn(1, 1, 8, 8), "guidedbackprop")
-    with pytest.raises(RuntimeError, match="boom"):
-        with guided_relu():
-            model(torch.randn(1, 1, 8, 8, requires_grad=True))
     after = (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, "relu" in torch.Tensor.__dict__)
     assert before == after and hook_count(model) == 0
+
+
+def test_guided_relus_change_only_their_own_graph_and_only_inside_the_block():
+    a = torch.tensor([-1.0, 2.0, 3.0], requires_grad=True)
+    weights = torch.tensor([5.0, -3.0, 2.0])
+    guided_out = (weights * F.relu(a)).sum()
+    other_out = (weights * torch.relu(a)).sum()  # a second graph over the same input
+    with guided_relus(guided_out) as found:
+        assert found == 1
+        (guided,) = torch.autograd.grad(guided_out, a, retain_graph=True)
+        (other,) = torch.autograd.grad(other_out, a)
+    assert guided.tolist() == [0.0, 0.0, 2.0]  # the negative gradient at the second ReLU output is stopped
+    assert other.tolist() == [0.0, -3.0, 2.0]  # the other graph keeps the plain ReLU gradient
+    (after,) = torch.autograd.grad(guided_out, a)
+    assert after.tolist() == [0.0, -3.0, 2.0]  # and the guided graph is plain again after the block
 
 
 def test_guided_gradcam_equals_captum_with_bilinear_upsampling(vgg11):
@@ -141,7 +154,7 @@ def test_integrated_gradients_equal_captum(baseline, dtype):
     x = torch.randn(2, 3, 32, 32, dtype=dtype)
     r = medlens.explain(model, x, "integratedgradients", targets=[1, 4], n_steps=64, baseline=baseline, batch_size=64)
     assert r.provenance["methods"]["integratedgradients"]["input_layers_run_once"] == ["conv1"]
-    base = {"zero": torch.zeros_like(x), "blur": blurred(x), 0.3: torch.full_like(x, 0.3)}[baseline]
+    base = {"zero": torch.zeros_like(x), "blur": make_baseline(x, "blur"), 0.3: torch.full_like(x, 0.3)}[baseline]
     ref = _per_target(captum_attr.IntegratedGradients, model, x, r.targets, baselines=base, n_steps=64,
                       internal_batch_size=64).float()
     for b in range(2):
@@ -259,8 +272,8 @@ def test_hygiene_model_identical_after_all_gradient_methods():
 
 def test_blurred_baseline_keeps_constants_and_removes_detail():
     flat = torch.full((1, 3, 20, 20), 0.7)
-    torch.testing.assert_close(blurred(flat), flat)
+    torch.testing.assert_close(make_baseline(flat, "blur"), flat)
     x = torch.randn(2, 2, 6, 20, 20)
-    b = blurred(x)
+    b = make_baseline(x, "blur")
     assert b.shape == x.shape and b.std() < 0.5 * x.std()
     torch.testing.assert_close(b.mean(dim=(2, 3, 4)), x.mean(dim=(2, 3, 4)), rtol=0.2, atol=0.05)

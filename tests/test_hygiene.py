@@ -261,3 +261,48 @@ def test_first_calls_from_two_threads_see_every_method():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == f"{len(medlens.methods())} []"
+
+
+# ------------------------------------------------------------------------------------------ soak
+def _soak_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    spec = importlib.util.spec_from_file_location("medlens_soak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_soak_no_growth_and_model_as_found_after_failed_calls():
+    """benchmarks/soak.py in small: 15 calls with every fast method on a bundled phantom model, every third failing
+    inside the call (RuntimeError or KeyboardInterrupt, at the 1st to 4th forward); after each call the model's
+    tensors are bit for bit, its modes, flags, .grad, hooks and attributes as found; no hooks, threads, open
+    files or temporary files more at the end than after warm-up."""
+    soak = _soak_module()
+    fast = [m for m in soak.FAST["methods"] if m != "cam"]  # CAM needs a pooling + linear head right after the layer
+    figures = soak.soak(calls=15, slow_calls=0, fail_every=3, warmup=5, sample_every=5, log=lambda line: None,
+                        model_name="phantom-lesion", fast_methods=fast)
+    assert figures["problems"] == []
+    assert sum(figures["failures_injected"].values()) == 5  # the failures did fire (and were checked after)
+    assert figures["failures_injected"]["KeyboardInterrupt"] >= 2
+    for key in ("model_hooks", "global_module_hooks", "python_threads", "os_threads", "open_fds", "temp_files"):
+        assert figures["end"][key] == figures["after_warmup"][key], key
+
+
+def test_soak_state_check_sees_a_changed_model():
+    """The soak's model check can fail: a changed weight, mode, flag or leftover hook is reported."""
+    soak = _soak_module()
+    model = _model().eval()
+    state = soak.ModelState(model)
+    assert state.differences() == []
+    with torch.no_grad():
+        model.features[0].weight[0, 0, 0, 0] += 1e-7
+    model.features[1].train()
+    model.fc.weight.requires_grad_(False)
+    handle = model.fc.register_forward_hook(lambda *a: None)
+    found = " ".join(state.differences())
+    handle.remove()
+    assert "tensor features.0.weight" in found and "mode of features.1" in found
+    assert "requires_grad of fc.weight" in found and "hooks of fc" in found

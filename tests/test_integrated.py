@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import medlens
-from medlens.families.integrated import _affine_forward64, _transposed_jacobian64, blurred
+from medlens.core.baselines import make_baseline
+from medlens.families.integrated import _affine_forward64, _transposed_jacobian64
 
 from conftest import TinyCNN2d, _randomise_bn
 
@@ -38,7 +39,7 @@ def test_completeness_record_uses_the_model_on_the_baseline():
     for baseline in ("zero", "blur", 0.25):
         r = medlens.explain(model, x, "integratedgradients", targets=[0, 2], n_steps=8, baseline=baseline)
         gap = torch.tensor(r.provenance["methods"]["integratedgradients"]["completeness"]["output_gap"])
-        base = {"zero": torch.zeros_like(x), "blur": blurred(x), 0.25: torch.full_like(x, 0.25)}[baseline]
+        base = {"zero": torch.zeros_like(x), "blur": make_baseline(x, "blur"), 0.25: torch.full_like(x, 0.25)}[baseline]
         with torch.no_grad():
             expected = (model(x) - model(base))[:, [0, 2]]
         torch.testing.assert_close(gap, expected, rtol=1e-5, atol=1e-6)

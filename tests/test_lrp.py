@@ -434,3 +434,29 @@ def test_depth_composite_assigns_gamma_epsilon_zero_by_position(vgg16):
     n = len(names)  # 13 convs + 3 dense
     assert names[: (n + 2) // 3] == ["Gamma"] * ((n + 2) // 3)
     assert names[-1] == "Epsilon0" and "Epsilon" in names
+
+
+def test_a_new_composite_and_a_new_rule_are_one_table_entry_each(monkeypatch):
+    from medlens.families.lrp import composites, rules as rules_module
+
+    class Half(rules_module.Rule):
+        """A test rule: half of LRP-0's relevance (the gradient of y / 2 with y's value)."""
+
+        name = "half"
+
+        def surrogate(self, call):
+            return call.y * 0.5 + (call.y * 0.5).detach()
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 2)).eval()
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 8, 8)
+    monkeypatch.setattr(composites, "RULES", composites.RULES + (rules_module.RuleEntry("half", lambda s, p: Half()),))
+    monkeypatch.setitem(composites.COMPOSITES, "all_gamma", composites.ByRole(conv="gamma", dense="gamma"))
+    by_table = medlens.explain(model, x, "lrp", targets=[1], composite="all_gamma", gamma=0.5)["lrp"]
+    by_mapping = medlens.explain(model, x, "lrp", targets=[1], composite={"0": "gamma", "3": "gamma"}, gamma=0.5)["lrp"]
+    torch.testing.assert_close(by_table, by_mapping, rtol=0, atol=0)
+    half = medlens.explain(model, x, "lrp", targets=[1], composite={"0": "half", "3": "half"})["lrp"]
+    zero = medlens.explain(model, x, "lrp", targets=[1], composite={"0": "zero", "3": "zero"})["lrp"]
+    torch.testing.assert_close(half, zero * 0.25)  # two layers, each passing back half of its relevance
+    with pytest.raises(MethodError, match="known rules: .*half"):
+        medlens.explain(model, x, "lrp", targets=[1], composite={"0": "nope"})

@@ -13,7 +13,8 @@ from torch import nn
 
 import medlens
 from medlens.errors import MethodError
-from medlens.families.perturbation import resolve_baseline, rise_masks, window_starts
+from medlens.core.baselines import resolve_baseline
+from medlens.families.perturbation import rise_masks, window_starts
 from medlens.families.surrogate import grid_segments, shapley_coalitions, superpixels
 from medlens.core.model_state import hook_count
 

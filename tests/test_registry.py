@@ -57,6 +57,12 @@ def test_registry_lists_every_api_method_with_metadata():
         assert REQUIRED_INFO <= set(medlens.method_info(name))
 
 
+def test_a_family_spread_over_several_modules_is_listed_together():
+    families = [medlens.method_info(name)["family"] for name in medlens.methods()]
+    runs = [f for i, f in enumerate(families) if i == 0 or families[i - 1] != f]
+    assert len(runs) == len(set(runs)), families  # gradient: gradients.py, guided.py, smoothgrad.py
+
+
 def test_docs_methods_table_is_current():
     path = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
     assert path.read_text() == markdown_table(), "regenerate: python -m medlens.core.registry > docs/methods.md"

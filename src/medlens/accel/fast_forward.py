@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from medlens.core.autograd import call_model
 from medlens.core.spatial import channels_last
 
 # The copy is used only when its logits on the call's input agree with the model's to this (relative) bound:
@@ -37,8 +38,6 @@ class FastForward:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits of a batch (inference mode is the caller's): channels-last unless the model rejects it."""
-        from medlens.core.context import call_model
-
         if self.layout and batch.dim() in (4, 5):
             try:
                 return call_model(self.module, channels_last(batch))

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.accel.fast_forward import FastForward, replace_submodule, structural_copy
+from medlens.accel.fast_forward import AGREEMENT, FastForward, relative_gap, replace_submodule, structural_copy
+from medlens.core.autograd import call_model
 from medlens.core.spatial import channels_last
 from medlens.core.spatial import upsample_to
 
@@ -93,9 +94,6 @@ class MaskedStem:
         on it; the gap (relative) comes back third, and above `AGREEMENT` the model is not run (logits None). With the
         flag, that covers the whole pass: the convolution got exactly that input, the rest of the model is its own.
         """
-        from medlens.core.context import call_model
-        from medlens.accel.fast_forward import AGREEMENT, relative_gap
-
         masked = channels_last(masked)
         value = self.outputs(weights)
         gap = None

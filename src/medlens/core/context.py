@@ -16,22 +16,10 @@ from torch import nn
 
 from medlens.errors import ModelError
 from medlens.accel.fast_forward import FastForward, fast_forward
+from medlens.core.autograd import call_model
 from medlens.core.layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
 from medlens.core.model_state import HookSet
 from medlens.core.targets import resolve_targets
-
-
-def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run the model and insist on (B, K) logits, with a message people can act on."""
-    out = model(x)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(
-            f"the model returned {type(out).__name__}, not a tensor of logits (batch, classes). Wrap it so that "
-            f"forward() returns the class scores."
-        )
-    if out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ModelError(f"the model must return logits of shape (batch, classes); for input {tuple(x.shape)} it returned {tuple(out.shape)}.")
-    return out
 
 
 @dataclass

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import operator
 import platform
 import secrets
 import time
-import weakref
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -22,6 +20,8 @@ from medlens.version import __version__
 from medlens.core.context import ExplainContext
 from medlens.errors import InputError, MedlensError, MethodError, ModelError, short_message
 from medlens.accel.heap import steady_heap
+from medlens.core.digests import model_digest, tensor_digest
+from medlens.core.jsonable import jsonable
 from medlens.core.layers import LayerSpec
 from medlens.core.model_state import borrowed_model
 from medlens.core.registry import MethodSpec, all_specs, get_spec
@@ -67,31 +67,6 @@ def check_input(x: Any) -> torch.Tensor:
     return x
 
 
-_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, str]]" = weakref.WeakKeyDictionary()
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 of the model's parameters and buffers, cached until one of them changes."""
-    tensors = list(model.state_dict(keep_vars=True).values())
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
-    cached = _DIGESTS.get(model)
-    if cached and cached[0] == key:
-        return cached[1]
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    digest = h.hexdigest()
-    _DIGESTS[model] = (key, digest)
-    return digest
-
-
-def tensor_digest(x: torch.Tensor) -> str:
-    """sha256 of the tensor's bytes (any dtype, bfloat16 included: numpy has none, so the bytes are read as uint8)."""
-    flat = x.detach().cpu().contiguous().view(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
-
-
 def _split_options(specs: list[MethodSpec], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     accepted = {k for s in specs for k in s.options}
     unknown = sorted(set(options) - accepted)
@@ -104,18 +79,6 @@ def _split_options(specs: list[MethodSpec], options: dict[str, Any]) -> dict[str
         opts.update({k: v for k, v in options.items() if k in s.options})
         per_method[s.name] = opts
     return per_method
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return {"tensor": list(value.shape), "sha256": tensor_digest(value)[:16]} if value.numel() > 8 else value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
 
 
 def check_torchscript_support(model: nn.Module, specs: Iterable[MethodSpec]) -> None:
@@ -281,7 +244,7 @@ def explain(
         "python_version": platform.python_version(),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(x.device),
-        "methods": {s.name: {"family": s.family, "options": _jsonable(per_method[s.name]), **_jsonable(method_notes.get(s.name, {}))} for s in specs},
+        "methods": {s.name: {"family": s.family, "options": jsonable(per_method[s.name], list_up_to=8, digest_larger=True), **jsonable(method_notes.get(s.name, {}), list_up_to=8, digest_larger=True)} for s in specs},
         "targets": target_grid.tolist(),
         "target_names": [[labels[t] for t in row] for row in target_grid.tolist()] if labels else None,
         "target_rule": ctx.target_note,

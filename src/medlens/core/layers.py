@@ -24,6 +24,16 @@ def is_conv(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd)
 
 
+def first_convolution(model: nn.Module) -> Optional[nn.Module]:
+    """The model's first convolution in module order (TorchScript ones by their original class name), or None."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) or getattr(module, "original_name", "") in (
+            "Conv1d", "Conv2d", "Conv3d"
+        ):
+            return module
+    return None
+
+
 def is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear)
 

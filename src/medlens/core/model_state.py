@@ -2,12 +2,13 @@
 
 `borrowed_model()` puts the model in eval mode with frozen parameters for the call, collects every hook
 handle, and on exit (also on error) removes them and restores modes, `requires_grad` flags and `.grad`.
-Borrowing is serialised across threads: calls from several threads run one at a time.
+Borrowing is serialised per model: calls on one model wait for each other, calls on two models run at once.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import Any, Callable, Iterator
 
 from torch import nn
@@ -37,10 +38,71 @@ class HookSet:
             self._handles.pop().remove()
 
 
-# One lock for every borrow in the process, re-entrant for nested borrows in one thread. Per model would not do:
-# two models can share modules, and guided backprop swaps torch's ReLU process-wide for its call. (A model whose
-# forward waits on another thread that calls medlens.explain would deadlock; README says so.)
-_BORROW_LOCK = threading.RLock()
+class _LockTable:
+    """One re-entrant lock per live object (module or parameter), found by identity, dropped when the object goes.
+
+    Keyed by id() with a weak reference to check it, not by a WeakKeyDictionary: tensors compare elementwise. The
+    sorted lock list of a model is cached and reused while its modules and parameters are the same objects.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.RLock()  # re-entrant: a weakref callback may run during a lookup (garbage collection)
+        self._locks: dict[int, tuple[weakref.ref, threading.RLock]] = {}
+        self._by_model: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], list[threading.RLock]]]" = (
+            weakref.WeakKeyDictionary())
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        with self._guard:
+            if key in self._locks and self._locks[key][0] is ref:
+                del self._locks[key]
+
+    def locks_for(self, model: nn.Module, objects: list[Any]) -> list[threading.RLock]:
+        """The locks of these objects (the model's modules and parameters), created on first use, in one global
+        order (by the lock's id)."""
+        signature = tuple(map(id, objects))
+        with self._guard:
+            cached = self._by_model.get(model)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+            found: dict[int, threading.RLock] = {}
+            for obj in objects:
+                key = id(obj)
+                entry = self._locks.get(key)
+                if entry is None or entry[0]() is not obj:
+                    ref = weakref.ref(obj, lambda r, key=key: self._forget(key, r))
+                    entry = self._locks[key] = (ref, threading.RLock())
+                found[id(entry[1])] = entry[1]
+            locks = [found[k] for k in sorted(found)]
+            self._by_model[model] = (signature, locks)
+            return locks
+
+
+# A lock per module and per parameter, since those are what a borrow changes (modes, hooks, requires_grad, .grad):
+# two models that share a submodule or a parameter wait for each other; two separate models do not. Every borrow
+# takes all its locks in one global order, so two borrows never hold part each and wait on the other. Re-entrant
+# for nested borrows in one thread. (A model whose forward waits on another thread that explains the same model
+# would wait for ever; README says so.)
+_LOCKS = _LockTable()
+
+
+@contextlib.contextmanager
+def _held(locks: list[threading.RLock]) -> Iterator[None]:
+    taken: list[threading.RLock] = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            taken.append(lock)
+        yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()
+
+
+@contextlib.contextmanager
+def model_lock(model: nn.Module) -> Iterator[None]:
+    """Hold `model` (every module and parameter of it) for this thread for the block."""
+    with _held(_LOCKS.locks_for(model, [*model.modules(), *model.parameters()])):
+        yield
 
 
 @contextlib.contextmanager
@@ -48,17 +110,18 @@ def borrowed_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[Hook
     """Borrow `model` for one call and give it back exactly as it was found.
 
     Inside the block the model is in eval mode (when `eval_mode`) and no parameter requires grad, so no
-    method accumulates into `.grad` or builds a graph over the weights it does not need.
+    method accumulates into `.grad` or builds a graph over the weights it does not need. Other threads
+    borrowing the same model (or one sharing a module or parameter with it) wait until the block ends.
     """
-    with _BORROW_LOCK:
-        with _borrowed(model, eval_mode) as hooks:
+    modules, params = list(model.modules()), list(model.parameters())  # walked once for the locks and the borrow
+    with _held(_LOCKS.locks_for(model, [*modules, *params])):
+        with _borrowed(model, eval_mode, modules, params) as hooks:
             yield hooks
 
 
 @contextlib.contextmanager
-def _borrowed(model: nn.Module, eval_mode: bool) -> Iterator[HookSet]:
-    modes = [(m, m.training) for m in model.modules()]
-    params = list(model.parameters())
+def _borrowed(model: nn.Module, eval_mode: bool, modules: list[nn.Module], params: list[nn.Parameter]) -> Iterator[HookSet]:
+    modes = [(m, m.training) for m in modules]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     hooks = HookSet()

@@ -100,20 +100,24 @@ def _load_families() -> None:
             _LOADING = False
 
 
-def _canonical_position(spec: MethodSpec) -> int:
-    # The module that defines the method's runner, in the families package's walk order: the order of the
-    # registry is the same whichever family module a program happens to import first.
+def _module_position(spec: MethodSpec) -> int:
+    # The module that defines the method's runner, in the families package's walk order.
     module = getattr(spec.run, "__module__", "") or ""
-    for i, name in enumerate(_FAMILY_MODULES):
-        if module == name:
-            return i
-    return len(_FAMILY_MODULES)
+    return _FAMILY_MODULES.index(module) if module in _FAMILY_MODULES else len(_FAMILY_MODULES)
 
 
 def all_specs() -> Mapping[str, MethodSpec]:
+    """Every method, grouped by family (families in the order their first module comes in the families package's
+    walk), within a family by module in walk order, then by registration: the same order whichever family module a
+    program happens to import first, and a family split over several modules stays together."""
     _load_families()
     names = list(_REGISTRY)
-    ordered = sorted(names, key=lambda n: (_canonical_position(_REGISTRY[n]), names.index(n)))
+    family_rank: dict[str, int] = {}
+    for n in names:
+        spec = _REGISTRY[n]
+        family_rank[spec.family] = min(family_rank.get(spec.family, len(_FAMILY_MODULES)), _module_position(spec))
+    ordered = sorted(names, key=lambda n: (family_rank[_REGISTRY[n].family], _module_position(_REGISTRY[n]),
+                                           names.index(n)))
     return MappingProxyType({n: _REGISTRY[n] for n in ordered})
 
 

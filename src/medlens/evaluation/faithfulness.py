@@ -20,7 +20,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from medlens.core.context import call_model
+from medlens.core.autograd import call_model
+from medlens.core.baselines import gaussian_blur
 from medlens.errors import InputError
 from medlens.core.model_state import borrowed_model
 
@@ -93,35 +94,6 @@ def relevance_rank(maps: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(flat.shape[2], device=flat.device).expand_as(order)
     rank.scatter_(2, order, positions)
     return rank
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, *s) in torch, reflect-padded, for 2-D and 3-D."""
-    if sigma <= 0:
-        return x.clone()
-    radius = max(1, int(math.ceil(3 * sigma)))
-    coords = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    n_spatial = x.dim() - 2
-    channels = x.shape[1]
-    out = x
-    conv = F.conv2d if n_spatial == 2 else F.conv3d
-    for axis in range(n_spatial):
-        size = out.shape[2 + axis]
-        r = min(radius, size - 1)
-        k = kernel[radius - r: radius + r + 1]
-        k = k / k.sum()
-        shape = [1] * n_spatial
-        shape[axis] = k.numel()
-        weight = k.view(1, 1, *shape).repeat(channels, 1, *([1] * n_spatial))
-        pad = [0, 0] * n_spatial
-        # F.pad lists pads from the last axis backwards.
-        pad[2 * (n_spatial - 1 - axis)] = r
-        pad[2 * (n_spatial - 1 - axis) + 1] = r
-        mode = "reflect" if r > 0 else "constant"
-        out = conv(F.pad(out, pad, mode=mode), weight, groups=channels)
-    return out
 
 
 def make_baseline(x: torch.Tensor, baseline: Baseline, blur_sigma: Optional[float] = None) -> tuple[torch.Tensor, str]:

@@ -10,7 +10,9 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from medlens.core.context import ExplainContext, call_model
+from medlens.core.autograd import call_model
+from medlens.core.batching import chunks
+from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
 from medlens.core.options import flag, positive_int
 from medlens.core.registry import MethodSpec, register
@@ -147,11 +149,6 @@ SCORECAM_BATCH = 16  # masked inputs per pass: with the precomputed first convol
 ABLATIONCAM_BATCH = 256  # ablated copies of the layer's output per pass (only the head above the layer runs on them)
 
 
-def _channel_chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
-
-
 def _check_batch_size(options: Mapping[str, Any], default: int) -> int:
     """`batch_size` (how many perturbed copies run per pass); None means the method's default."""
     size = options.get("batch_size", default)
@@ -193,7 +190,7 @@ def _scorecam(ctx: ExplainContext, batch_size: int) -> CamTerms:
                 stem, why = build_masked_stem(fast, ctx.x[i : i + 1], grid)
                 if stem is None:
                     stem_note = f"not used: {why}"
-            for lo, hi in _channel_chunks(varying.numel(), batch_size):
+            for lo, hi in chunks(varying.numel(), batch_size):
                 idx = varying[lo:hi]
                 maps = a[i, idx]  # (n, *grid)
                 up = upsample_to(maps.unsqueeze(0), ctx.spatial_shape)[0].flatten(1)  # (n, prod S)
@@ -270,7 +267,7 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> CamTerms:
         try:
             for i in range(b):
                 drops = []
-                for lo, hi in _channel_chunks(c, batch_size):
+                for lo, hi in chunks(c, batch_size):
                     n = hi - lo
                     ablated = a[i : i + 1].repeat(n, *([1] * (a.dim() - 1)))
                     idx = torch.arange(n, device=a.device)

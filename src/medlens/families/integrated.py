@@ -1,22 +1,21 @@
 """Integrated gradients: the straight-path integral of the target gradients from a baseline, in Gauss-Legendre points.
 
-Owns the quadrature, the baselines (zero, blur, a number, a tensor), the input-layer shortcut that runs a layer
-reading the input once per call instead of once per path point, and the method's registration.
+Owns the quadrature, the input-layer shortcut that runs a layer reading the input once per call instead of once
+per path point, the completeness record and the method's registration (baselines: `medlens.core.baselines`).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.core.context import ExplainContext, call_model
-from medlens.core.options import finite_number, positive_int
+from medlens.core.autograd import CHANNELS_NOTE, call_model, slots_first_to_maps, target_gradients
+from medlens.core.baselines import make_baseline
+from medlens.core.context import ExplainContext
+from medlens.core.options import positive_int
 from medlens.core.registry import MethodSpec, register
-from medlens.errors import MethodError
-from medlens.families.gradients import BASE_DEFAULTS, SMOOTHABLE, slots_first_to_maps, target_gradients
 from medlens.families.lrp.canonizers import override_forward
 
 def gauss_legendre(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,60 +28,6 @@ def gauss_legendre(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Te
     nodes, vectors = torch.linalg.eigh(jacobi)
     weights = 2 * vectors[0] ** 2
     return ((nodes + 1) / 2).to(dtype), (weights / 2).to(dtype)
-
-
-def blurred(x: torch.Tensor, sigma: Optional[float] = None) -> torch.Tensor:
-    """A strongly Gaussian-blurred copy of x (separable, reflect padding), 2-D and 3-D alike.
-
-    sigma defaults to a tenth of the smallest spatial side (at least 1 voxel): fine structure is gone,
-    the coarse intensity layout stays, which is what a "blurred baseline" is meant to keep.
-    """
-    dims = x.dim() - 2
-    if sigma is None:
-        sigma = max(1.0, min(x.shape[2:]) / 10.0)
-    radius = max(1, int(math.ceil(3 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = x
-    channels = x.shape[1]
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
-    for axis in range(dims):
-        size = out.shape[2 + axis]
-        r = min(radius, size - 1)
-        k = kernel[radius - r: radius + r + 1]
-        shape = [1, 1] + [1] * dims
-        shape[2 + axis] = k.numel()
-        pad = [0, 0] * dims
-        pad[2 * (dims - 1 - axis)] = r
-        pad[2 * (dims - 1 - axis) + 1] = r
-        padded = F.pad(out, pad, mode="reflect") if r > 0 else out
-        out = conv(padded, k.reshape(shape).expand(channels, *shape[1:]).contiguous(), groups=channels)
-    return out
-
-
-def make_baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
-    """The integrated-gradients baseline for x: "zero", "blur", a float, or a tensor broadcastable to x."""
-    if isinstance(baseline, str):
-        key = baseline.strip().lower()
-        if key == "zero":
-            return torch.zeros_like(x)
-        if key == "blur":
-            return blurred(x)
-        raise MethodError(f"unknown baseline {baseline!r}; use 'zero', 'blur', a number, or a tensor shaped like the input.")
-    if isinstance(baseline, bool):
-        raise MethodError("baseline must be 'zero', 'blur', a number, or a tensor, not a boolean.")
-    if isinstance(baseline, (int, float)):
-        return torch.full_like(x, finite_number(baseline, "baseline"))
-    if isinstance(baseline, torch.Tensor):
-        try:
-            return torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape).clone()
-        except RuntimeError:
-            raise MethodError(
-                f"the baseline tensor has shape {tuple(baseline.shape)}, which does not broadcast to the input "
-                f"{tuple(x.shape)}; give one shaped like the input (or like one image)."
-            ) from None
-    raise MethodError(f"baseline must be 'zero', 'blur', a number, or a tensor, not {type(baseline).__name__}.")
 
 
 _STOCK_AFFINE_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
@@ -249,11 +194,6 @@ def integrated_gradients(
     return total * delta[None]
 
 
-def _integratedgradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
-    return integrated_gradients(model, x, targets, options)
-
-
-
 def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     x = ctx.x.detach()
     baseline = make_baseline(x, options["baseline"])
@@ -277,11 +217,8 @@ def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) ->
 register(MethodSpec(
     name="integratedgradients", family="gradient",
     summary="Integrated gradients along the straight path from a baseline (Sundararajan et al. 2017); the "
-            "completeness gap is recorded in provenance. Multi-channel inputs: signed sum over channels.",
+            "completeness gap is recorded in provenance." + CHANNELS_NOTE,
     run=_run_integratedgradients, needs_gradients=True, needs_layer=False, cost="n_steps forwards + backwards, batched",
     options={"n_steps": 50, "baseline": "zero", "batch_size": 16},
     completeness="baseline",
 ))
-# SmoothGrad can wrap integrated gradients, with fewer steps per noisy copy than the method's default.
-SMOOTHABLE["integratedgradients"] = _integratedgradients
-BASE_DEFAULTS["integratedgradients"] = {"n_steps": 50, "baseline": "zero"}

@@ -7,7 +7,7 @@ Conventions shared by the family:
 - f is the raw logit of each target (option `output="probability"` uses softmax, or sigmoid for a
   multi-label model). Every perturbed batch is evaluated once and yields the scores of ALL targets.
 - A perturbed input is `baseline + (x - baseline) * keep`, with the baseline resolved per image by
-  `resolve_baseline` ("zero", "mean", "blur", "background", a float or a tensor); its name and values
+  `medlens.core.baselines.resolve_baseline` ("zero", "mean", "blur", "background", a float or a tensor); its name and values
   go to the method's provenance.
 - Model calls run in inference mode, `batch_size` perturbed inputs at a time; randomness comes only
   from `ctx.generator(method name)`; a tqdm bar shows on a terminal for long runs; Ctrl-C
@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from medlens.core.baselines import resolve_baseline
+from medlens.core.batching import chunks
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
-from medlens.core.options import finite_number, positive_int
+from medlens.core.options import positive_int
 from medlens.core.registry import MethodSpec, register
 
-BaselineSpec = Union[str, float, int, torch.Tensor]
-BASELINE_NAMES = ("zero", "mean", "blur", "background")
 PROGRESS_MIN_EVALS = 256  # below this many model evaluations no progress bar is shown
 
 
@@ -58,110 +58,12 @@ def per_axis(value: Any, ndim: int, name: str, shape: Sequence[int]) -> tuple[in
     return tuple(min(v, s) for v, s in zip(values, shape))
 
 
-# ------------------------------------------------------------------------------------------ baselines
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, *s) over its 2 or 3 spatial axes, reflect-padded, in torch."""
-    if sigma <= 0:
-        return x.clone()
-    radius = max(1, int(math.ceil(3 * sigma)))
-    coords = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    n, c = x.shape[:2]
-    nd = x.dim() - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-    out = x
-    for axis in range(nd):
-        size = out.shape[2 + axis]
-        r = min(radius, size - 1)
-        k = kernel[radius - r : radius + r + 1] if r < radius else kernel
-        k = k / k.sum()
-        shape = [1] * nd
-        shape[axis] = k.numel()
-        weight = k.view(1, 1, *shape).repeat(c, 1, *([1] * nd))
-        pad = [0, 0] * nd
-        pad[2 * (nd - 1 - axis)] = r
-        pad[2 * (nd - 1 - axis) + 1] = r
-        padded = F.pad(out, pad, mode="reflect") if r > 0 else out
-        out = conv(padded, weight, groups=c)
-    return out
-
-
-def _border_median(img: torch.Tensor) -> torch.Tensor:
-    """Per channel median of the outer frame of one image (C, *s); the frame is ~3% of each side thick."""
-    c = img.shape[0]
-    spatial = img.shape[1:]
-    frame = torch.zeros(spatial, dtype=torch.bool, device=img.device)
-    for axis, size in enumerate(spatial):
-        width = max(1, int(round(0.03 * size)))
-        idx = [slice(None)] * len(spatial)
-        idx[axis] = slice(0, width)
-        frame[tuple(idx)] = True
-        idx[axis] = slice(size - width, size)
-        frame[tuple(idx)] = True
-    return img.reshape(c, -1)[:, frame.reshape(-1)].median(dim=1).values
-
-
-def resolve_baseline(
-    x: torch.Tensor, baseline: BaselineSpec, blur_sigma: Optional[float] = None
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The reference each perturbation moves towards: a tensor broadcastable to x (B, C, *s), and notes.
-
-    "zero": 0; "mean": each image's per-channel mean; "blur": a Gaussian blur of the image (sigma in
-    pixels, default 5% of the smallest spatial side); "background": each image's per-channel median of
-    its outer frame (~3% of each side), the usual air/background intensity of a scan or radiograph;
-    a float: that value; a tensor: used as given (broadcast to x).
-    """
-    b, c = x.shape[:2]
-    nd = x.dim() - 2
-    notes: dict[str, Any] = {"baseline": baseline if isinstance(baseline, (str, int, float)) else "tensor"}
-    if isinstance(baseline, torch.Tensor):
-        try:
-            ref = torch.broadcast_to(baseline.to(device=x.device, dtype=x.dtype), x.shape)
-        except RuntimeError:
-            raise MethodError(
-                f"the baseline tensor has shape {tuple(baseline.shape)}, which does not broadcast to the input "
-                f"{tuple(x.shape)}."
-            ) from None
-        return ref, notes
-    if isinstance(baseline, bool) or not isinstance(baseline, (str, int, float)):
-        raise MethodError(
-            f"baseline must be one of {', '.join(BASELINE_NAMES)}, a number or a tensor, got {baseline!r}."
-        )
-    if isinstance(baseline, (int, float)):
-        if not math.isfinite(float(baseline)):
-            raise MethodError(f"baseline must be a finite number, got {baseline!r}.")
-        return torch.full((1, 1) + (1,) * nd, float(baseline), dtype=x.dtype, device=x.device), notes
-    name = baseline.strip().lower()
-    if name == "zero":
-        return torch.zeros((1, 1) + (1,) * nd, dtype=x.dtype, device=x.device), notes
-    if name == "mean":
-        ref = x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-        notes["baseline_values"] = [[round(float(v), 6) for v in row] for row in ref.reshape(b, c)]
-        return ref, notes
-    if name == "background":
-        ref = torch.stack([_border_median(x[i]) for i in range(b)]).reshape(b, c, *([1] * nd))
-        notes["baseline_values"] = [[round(float(v), 6) for v in row] for row in ref.reshape(b, c)]
-        return ref, notes
-    if name == "blur":
-        sigma = (finite_number(blur_sigma, "blur_sigma", above=0.0) if blur_sigma is not None
-                 else 0.05 * min(x.shape[2:]))
-        notes["blur_sigma"] = round(sigma, 4)
-        return gaussian_blur(x, sigma), notes
-    raise MethodError(f"baseline must be one of {', '.join(BASELINE_NAMES)}, a number or a tensor, got {baseline!r}.")
-
-
 # ------------------------------------------------------------------------------------- model batching
 def scores_of(ctx: ExplainContext, logits: torch.Tensor, image: int, output: str) -> torch.Tensor:
     """(n, K) logits -> (n, T) values of f for the targets of `image`."""
     if output == "probability":
         logits = torch.sigmoid(logits) if ctx.multi_label else torch.softmax(logits, dim=1)
     return logits[:, ctx.targets[image]]
-
-
-def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
-    for lo in range(0, total, size):
-        yield lo, min(total, lo + size)
 
 
 class Progress:

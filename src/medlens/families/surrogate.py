@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from medlens.core.context import ExplainContext
+from medlens.core.baselines import resolve_baseline
 from medlens.errors import MethodError
 from medlens.core.options import finite_float, positive_int
 from medlens.core.registry import MethodSpec, register
@@ -22,7 +23,6 @@ from medlens.families.perturbation import (
     check_output,
     common_notes,
     evaluate,
-    resolve_baseline,
 )
 
 

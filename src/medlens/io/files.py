@@ -11,9 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import numpy as np
-import torch
 
+from medlens.core.jsonable import jsonable  # noqa: F401 - re-exported: the one JSON conversion, for the writers
 from medlens.errors import OutputError
 
 PathLike = Union[str, os.PathLike]
@@ -88,24 +87,3 @@ def safe_name(text: str) -> str:
 
 
 MAX_NAME_PART = 80  # characters of a class or method name in a file name
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with numpy, torch and path values turned into what json.dumps takes (large tensors by shape)."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() <= 64 else {"tensor": list(value.shape)}
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from medlens.errors import InputError
 from medlens.core.input_spec import InputSpec
+from medlens.core.layers import first_convolution
 
 PathLike = Union[str, os.PathLike]
 
@@ -669,21 +670,12 @@ def take_slice(scan: ScanImage, slice_index: Optional[int]) -> ScanImage:
 # --------------------------------------------------------------------------------------------- preparing
 
 
-def _first_conv(model: Any) -> Any:
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
-            return module
-        if getattr(module, "original_name", "") in ("Conv1d", "Conv2d", "Conv3d"):
-            return module
-    return None
-
-
 def model_dims(model: Any) -> int:
     """2 or 3: the spatial dimensionality a model takes (its spec's size, else its first convolution)."""
     spec = getattr(model, "input_spec", None)
     if spec is not None and spec.size:
         return len(spec.size)
-    conv = _first_conv(model) if model is not None else None
+    conv = first_convolution(model) if model is not None else None
     if conv is not None:
         weight = getattr(conv, "weight", None)
         if weight is not None and weight.dim() == 5:
@@ -700,7 +692,7 @@ def spec_for(model: Any) -> InputSpec:
         return spec
     if isinstance(spec, dict):
         return InputSpec.from_dict(spec)
-    conv = _first_conv(model)
+    conv = first_convolution(model)
     channels = 1
     if conv is not None and getattr(conv, "weight", None) is not None:
         channels = int(conv.weight.shape[1]) * int(getattr(conv, "groups", 1) or 1)

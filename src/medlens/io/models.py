@@ -30,6 +30,7 @@ from torch import nn
 
 from medlens.errors import ModelError, short_message
 from medlens.core.input_spec import InputSpec
+from medlens.core.layers import first_convolution
 
 PathLike = Union[str, os.PathLike]
 
@@ -133,15 +134,8 @@ def _as_labels(value: Any) -> Optional[tuple[str, ...]]:
     return labels or None
 
 
-def _first_conv(model: nn.Module) -> Optional[nn.Module]:
-    for _, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) or getattr(m, "original_name", "") in ("Conv2d", "Conv3d"):
-            return m
-    return None
-
-
 def _infer_channels_dims(model: nn.Module) -> tuple[Optional[int], int]:
-    conv = _first_conv(model)
+    conv = first_convolution(model)
     weight = getattr(conv, "weight", None) if conv is not None else None
     if weight is None:
         return None, 2

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlens.core.context import call_model
+from medlens.core.autograd import call_model, target_gradients
 from medlens.errors import MethodError
 from medlens.core.layers import is_activation, is_linear
-from medlens.families.gradients import target_gradients
 from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
 from medlens.families.lrp.composites import assign_rules
 from medlens.families.lrp.rules import LayerCall, Rule, stabilize

@@ -14,8 +14,9 @@ input. Stabilisers add eps * sign(z) (sign(0) = +1) to denominators.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -190,3 +191,54 @@ class Pass(Rule):
         if c.a.shape != c.y.shape:
             raise ValueError(f"the pass rule needs input and output of the same shape, got {tuple(c.a.shape)} -> {tuple(c.y.shape)}")
         return c.a * self._ratio(c.y, c.a)
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The numbers a rule may take from the call's options: epsilon, gamma, and the input bounds (for z^B)."""
+
+    epsilon: float
+    gamma: float
+    bounds: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class RuleEntry:
+    """A rule name as written in composites and options: `make(settings, parameters)` builds the rule.
+
+    `pattern` (a regular expression with named groups) makes a parametrised name such as alpha2_beta1; its
+    groups are the `parameters`; `label` and `hint` go into the message when a parametrised name is malformed.
+    """
+
+    name: str
+    make: Callable[[RuleSettings, Mapping[str, str]], Rule]
+    aliases: tuple[str, ...] = ()
+    pattern: Optional[str] = None
+    label: str = ""
+    hint: str = ""
+
+    def matches(self, key: str) -> Optional[Mapping[str, str]]:
+        """The parameters when `key` (lower case, '_' for '-') names this rule, else None."""
+        if self.pattern is not None:
+            match = re.fullmatch(self.pattern, key)
+            return match.groupdict() if match else None
+        return {} if key == self.name or key in self.aliases else None
+
+
+def _alpha_beta(_: RuleSettings, parameters: Mapping[str, str]) -> Rule:
+    return AlphaBeta(float(parameters["alpha"]), float(parameters["beta"]))
+
+
+#: every rule by name, in the order messages list them
+RULES: tuple[RuleEntry, ...] = (
+    RuleEntry("zero", lambda s, p: Zero(), aliases=("lrp0", "lrp_0", "z")),
+    RuleEntry("epsilon", lambda s, p: Epsilon(s.epsilon)),
+    RuleEntry("gamma", lambda s, p: Gamma(s.gamma)),
+    RuleEntry("zplus", lambda s, p: ZPlus(), aliases=("z_plus",)),
+    RuleEntry("alpha<a>_beta<b>", _alpha_beta, pattern=r"alpha(?P<alpha>.*)_beta(?P<beta>.*)",
+              label="alpha-beta", hint=" Write it as e.g. 'alpha2_beta1' (alpha - beta = 1)."),
+    RuleEntry("zbox", lambda s, p: ZBox(*s.bounds), aliases=("zb",)),
+    RuleEntry("flat", lambda s, p: Flat()),
+    RuleEntry("wsquare", lambda s, p: WSquare(), aliases=("w_square",)),
+    RuleEntry("pass", lambda s, p: Pass()),
+)
