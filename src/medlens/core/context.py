@@ -1,11 +1,13 @@
 """The state of one `explain()` call, and the passes its methods share.
 
 `ExplainContext` resolves the target layer and targets once, and caches the forward pass with the layer's
-activation captured and the gradients of every target with respect to it, so all CAMs reuse one pass.
+activation captured and the gradients of every target with respect to it, so all CAMs reuse one pass; the
+layers below the target layer run unrecorded (inference mode), only those above it in grad mode.
 """
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -188,13 +190,17 @@ class _UnrecordedBelow:
 
     def __init__(self) -> None:
         self._mode: Optional[torch.inference_mode] = None
+        self._thread = threading.get_ident()
 
     def start(self) -> None:
+        self._thread = threading.get_ident()
         self._mode = torch.inference_mode()
         self._mode.__enter__()
 
     def end(self) -> None:
-        if self._mode is not None:
+        # Grad modes are per thread: a hook that fires in a thread the model started (nn.DataParallel) leaves the
+        # region open, the logits come out as inference tensors, and the pass runs again recorded.
+        if self._mode is not None and threading.get_ident() == self._thread:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
 

@@ -128,13 +128,16 @@ def first_component(weighted: torch.Tensor, channel_sum: Optional[torch.Tensor] 
     b, t, c = weighted.shape[:3]
     spatial = weighted.shape[3:]
     x = weighted.reshape(b * t, c, -1).double()  # (BT, C, N): converted in memory order, then centred over positions
-    x = x - x.mean(dim=2, keepdim=True)
+    if x.data_ptr() == weighted.data_ptr():  # already float64, no copy made: centre a copy, never the caller's tensor
+        x = x.clone()
+    x.sub_(x.mean(dim=2, keepdim=True))
     if x.shape[2] <= x.shape[1]:
-        values, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # (BT, N, N), ascending
-        projection = vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()
+        gram = x.transpose(1, 2) @ x  # (BT, N, N)
+        top, vector = top_eigenpair(gram)
+        projection = vector * top[:, None].clamp_min(0).sqrt()
     else:
-        _, vectors = torch.linalg.eigh(x @ x.transpose(1, 2))  # (BT, C, C)
-        projection = torch.einsum("bcn,bc->bn", x, vectors[..., -1])
+        _, vector = top_eigenpair(x @ x.transpose(1, 2))  # (BT, C, C)
+        projection = torch.einsum("bcn,bc->bn", x, vector)
     if channel_sum is None:
         channel_sum = weighted.sum(dim=2)
     reference = channel_sum.reshape(b * t, -1).double()
@@ -142,3 +145,33 @@ def first_component(weighted: torch.Tensor, channel_sum: Optional[torch.Tensor] 
     sign = torch.sign((projection * reference).sum(dim=1, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return (projection * sign).to(weighted.dtype).reshape(b, t, *spatial)
+
+
+def top_eigenpair(gram: torch.Tensor, tolerance: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest eigenvalue (M,) and a unit eigenvector (M, n) of each symmetric (M, n, n) float64 matrix.
+
+    The eigenvalues alone (`eigvalsh`, about half the time of `eigh`), then the vector by two steps of inverse
+    iteration shifted just above the top eigenvalue, and a certificate: for a symmetric matrix the angle to
+    the true eigenvector is at most |G v - l1 v| / (l1 - l2), which must stay below `tolerance`. Matrices that
+    fail it (a repeated top eigenvalue, a zero matrix) get `eigh`'s vector, as before.
+    """
+    values = torch.linalg.eigvalsh(gram)  # ascending
+    top = values[:, -1]
+    n = gram.shape[-1]
+    if n == 1:
+        return top, torch.ones_like(gram[:, 0])
+    scale = values.abs().amax(dim=1)
+    shifted = gram - (top + 1e-13 * scale)[:, None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(shifted)
+    vector = torch.linspace(1.0, 2.0, n, dtype=gram.dtype, device=gram.device).expand(gram.shape[0], n)[..., None]
+    for _ in range(2):
+        vector = torch.linalg.lu_solve(lu, pivots, vector)
+        vector = vector / vector.norm(dim=1, keepdim=True)
+    vector = vector[..., 0]
+    residual = ((gram @ vector[..., None])[..., 0] - top[:, None] * vector).norm(dim=1)
+    certified = torch.isfinite(vector).all(dim=1) & (residual <= tolerance * (top - values[:, -2]))
+    if not bool(certified.all()):
+        failed = ~certified
+        vector = vector.clone()
+        vector[failed] = torch.linalg.eigh(gram[failed])[1][..., -1]
+    return top, vector

@@ -44,6 +44,13 @@ def _affine_forward64(module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
     return module._conv_forward(inp, weight, bias)
 
 
+def _weighed(grads: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(T, k, N, ...) gradients times the k quadrature weights: in place (they are this chunk's own, fresh from
+    autograd) unless autograd handed back a view that cannot be written, such as an expanded tensor."""
+    w = w.view(1, -1, *([1] * (grads.dim() - 2)))
+    return grads.mul_(w) if grads.is_contiguous() else grads * w
+
+
 def _transposed_jacobian64(module: nn.Module, grad_output: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
     """The layer's transposed Jacobian applied to `grad_output`, in float64: the input gradient autograd's backward
     of `_affine_forward64` gives. For a convolution with numeric zero padding that is the very backward kernel
@@ -99,7 +106,7 @@ class _AffineInputLayers:
                 self.ends[module] = (ends[:n].to(self.x.dtype), (ends[n:] - ends[:n]).to(self.x.dtype))
             y_b, dy = self.ends[module]
             alpha = self.alphas.view(-1, *([1] * dy.dim()))
-            out = (y_b[None] + alpha * dy[None]).reshape(-1, *dy.shape[1:])  # broadcast over steps, no row gather
+            out = (alpha * dy[None]).add_(y_b[None]).reshape(-1, *dy.shape[1:])  # broadcast over steps, no row gather
             anchor = out.requires_grad_(True)  # a fresh leaf: its gradient is the gradient at the layer's output
             self.calls.append((module, anchor))
             return anchor
@@ -115,7 +122,7 @@ class _AffineInputLayers:
         n = self.x.shape[0]
         for (module, _), g in zip(self.calls, grads):
             g = g.reshape(g.shape[0], k, n, *g.shape[2:])
-            part = (g * w.view(1, -1, *([1] * (g.dim() - 2)))).sum(dim=1)
+            part = _weighed(g, w).sum(dim=1)
             self.weighted[module] = part if module not in self.weighted else self.weighted[module] + part
 
     def input_gradients(self, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
@@ -178,7 +185,7 @@ def integrated_gradients(
                 grads, *anchor_grads = target_gradients(picked, [leaf] + [anchor for _, anchor in shortcut.calls])
             shortcut.accumulate(anchor_grads, k, w)
             grads = grads.reshape(grads.shape[0], k, n, *x.shape[1:])
-            total += (grads * w.view(1, -1, *([1] * x.dim()))).sum(dim=1)
+            total += _weighed(grads, w).sum(dim=1)
         shortcut.begin_chunk(None, None)
     through_layers = shortcut.input_gradients(tuple(x.shape))
     if through_layers is not None:

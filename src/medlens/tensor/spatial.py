@@ -49,13 +49,14 @@ def _separable_resize(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor
     """(Bi/tri)linear resizing as one small matrix product per axis (the interpolation is separable): the same
     values as F.interpolate up to float rounding, 2-3x faster from a CAM's 7x7 grid to 224x224 (1 thread)."""
     out = maps.contiguous()
-    for axis in reversed(range(len(size))):  # the last axis first: there the product needs no reordering
+    last = len(size) - 1
+    for axis in range(len(size)):  # the last axis last: one product (rows, in) @ (in, out) writes the result in place
         matrix = linear_resize_matrix(out.shape[2 + axis], size[axis], maps.dtype, maps.device)
         shape = list(out.shape)
-        before, after = math.prod(shape[: 2 + axis]), math.prod(shape[3 + axis:])
-        if after == 1:  # the last axis: one product (before, in) @ (in, out)
-            out = out.reshape(before, shape[2 + axis]) @ matrix.T
-        else:  # (out, in) @ (before, in, after), batched over `before`
+        if axis == last:
+            out = out.reshape(-1, shape[-1]) @ matrix.T
+        else:  # (out, in) @ (before, in, after), batched over `before`, on the still small later axes
+            before, after = math.prod(shape[: 2 + axis]), math.prod(shape[3 + axis:])
             out = torch.matmul(matrix, out.reshape(before, shape[2 + axis], after))
         shape[2 + axis] = size[axis]
         out = out.reshape(shape)
