@@ -3,7 +3,6 @@ evaluation metrics, the outline where the box is, and a clear message for every 
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -11,13 +10,14 @@ import torch
 from PIL import Image
 
 import medlens
-from medlens.cli.group import main
 from medlens.errors import InputError, MethodError, OutputError, TargetError
 from medlens.evaluation.localisation import energy_in_box, pointing_game
 from medlens.evaluation_run.dataset import box_mask
 from medlens.io.regions import boxes_to_mask, read_region, region_mask
 from medlens.io.render import OUTLINE_RGB, _with_outline, outline_of
 from medlens.pipeline import ExplainRequest, explain_file, explain_tensor, plan_for, write_outcome
+
+from test_cli import run  # the CLI run helper: exit code, stdout, stderr
 
 BOX = "1 0.25 0.5 0.25 0.375\n"  # centre (0.25, 0.5), 0.25 wide, 0.375 high: pixels 8..15 x 10..21 on 32 x 32
 
@@ -36,14 +36,6 @@ def scan(tmp_path):
     Image.fromarray(pixels).save(path)
     (tmp_path / "case.txt").write_text(BOX)
     return path
-
-
-def run(capsys, *args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_explain_file_gives_the_maps_of_explain_on_load_input(model, scan):
