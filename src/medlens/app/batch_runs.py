@@ -5,7 +5,6 @@ runner is installed (`medlens.batch`); until then the view is hidden, never imit
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,7 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from medlens.app.metrics import background, last_line, server_folders
-from medlens.errors import InputError
+from medlens.batch.manifest import read_manifest as read_manifest_lines
+from medlens.errors import InputError, MedlensError
 
 
 def available() -> bool:
@@ -22,18 +22,11 @@ def available() -> bool:
 
 
 def read_manifest(out: Path) -> list[dict[str, Any]]:
-    """The manifest's records (the last one per id wins); a line cut short by a running writer is skipped."""
-    path = Path(out) / "manifest.jsonl"
-    if not path.is_file():
-        return []
+    """The manifest's records, the last one per id (a rerun's record replaces the earlier one), read by the batch
+    runner's own reader: a last line cut short by the running writer is left out, a damaged line is an OutputError."""
     records: dict[str, dict[str, Any]] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records[str(record.get("id", len(records)))] = record
+    for record in read_manifest_lines(Path(out) / "manifest.jsonl"):
+        records[str(record.get("id", len(records)))] = record
     return list(records.values())
 
 
@@ -104,7 +97,12 @@ def _progress() -> None:
     import streamlit as st
 
     job: BatchJob = st.session_state["batch_job"]
-    done, failed, total = job.progress()
+    try:
+        done, failed, total = job.progress()
+        records = [r for r in read_manifest(job.out) if r.get("status") == "done"][-12:]
+    except MedlensError as exc:  # a manifest damaged by hand: said, the rest of the page goes on
+        st.error(f"The batch's progress cannot be read: {exc}")
+        return
     st.progress(min(1.0, (done + failed) / total) if total else 0.0, text=f"batch: {done} done, {failed} failed, {total} inputs")
     if job.finished:
         code = job.process.returncode
@@ -112,7 +110,6 @@ def _progress() -> None:
             f"batch finished (exit status {code}): {job.message()} Report: {job.out / 'report.html'}")
     else:
         st.button("Refresh progress", key="batch_refresh")
-    records = [r for r in read_manifest(job.out) if r.get("status") == "done"][-12:]
     columns = st.columns(4)
     for n, record in enumerate(records):
         pngs = [o for o in record.get("outputs", []) if str(o).endswith(".png") and "panel" not in str(o)]

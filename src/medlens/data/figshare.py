@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from medlens.errors import InputError
+from medlens.io.regions import boxes_to_mask
 
 #: class names in the order of the dataset's label ids (the box files' first field) and of the model's outputs
 CLASSES: tuple[str, ...] = ("pituitary", "meningioma", "glioma")
@@ -146,17 +147,10 @@ def scan_folder(root: Union[str, Path], splits: Optional[Sequence[str]] = None,
 
 
 def box_to_mask(box: Sequence[float], size: Union[int, Sequence[int]]) -> torch.Tensor:
-    """A normalised (xc, yc, w, h) box -> bool mask (H, W): pixels whose centres lie inside the box."""
+    """A normalised (xc, yc, w, h) box -> bool mask (H, W): pixels whose centres lie inside the box, and the pixel
+    holding its centre (a box thinner than a pixel still marks one), by the one rasteriser `medlens.io.regions` has."""
     h_px, w_px = (size, size) if isinstance(size, int) else tuple(size)
-    xc, yc, w, h = (float(v) for v in box)
-    ys = (torch.arange(h_px, dtype=torch.float64) + 0.5) / h_px
-    xs = (torch.arange(w_px, dtype=torch.float64) + 0.5) / w_px
-    inside_y = (ys >= yc - h / 2) & (ys <= yc + h / 2)
-    inside_x = (xs >= xc - w / 2) & (xs <= xc + w / 2)
-    mask = inside_y[:, None] & inside_x[None, :]
-    if not mask.any():  # a box thinner than a pixel still marks the pixel holding its centre
-        mask[min(int(yc * h_px), h_px - 1), min(int(xc * w_px), w_px - 1)] = True
-    return mask
+    return boxes_to_mask([tuple(float(v) for v in box)], (int(h_px), int(w_px)))
 
 
 def read_image(path: Union[str, Path], size: Optional[int] = None) -> torch.Tensor:

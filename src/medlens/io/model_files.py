@@ -129,6 +129,7 @@ def load_model_file(path: Path, map_location: Any, allow_pickle: bool, notes: li
             ) from None
         notes.append("loaded from a pickled module because allow_pickle=True: loading it ran code from the file")
         try:
+            # reached only with the user's explicit allow_pickle=True / --allow-pickle (refused above otherwise)
             obj = torch.load(str(path), map_location=map_location, weights_only=False)
         except Exception as exc:  # noqa: BLE001 - missing classes, broken pickles, ...
             raise ModelError(

@@ -100,10 +100,5 @@ def plan_for(model: nn.Module, request: ExplainRequest) -> Plan:
                 tuple(check_formats(request.formats)))
 
 
-def target_list(text: Optional[str]) -> Any:
-    """`--targets` text ("0,2", "Effusion", "all") as the request's targets."""
-    return ExplainRequest.build(targets=text).targets if text is not None else None
-
-
-__all__ = ["ExplainRequest", "Plan", "plan_for", "target_list"]
+__all__ = ["ExplainRequest", "Plan", "plan_for"]
 
