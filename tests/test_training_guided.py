@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
@@ -18,11 +19,12 @@ import medlens
 from medlens.data.figshare import CLASSES
 from medlens.data.phantom import phantom_2d
 from medlens.errors import InputError
-from medlens.evaluation import energy_in_box
+from medlens.evaluation import energy_in_box, pointing_game
 from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.training.augment import lesion_crops, region_extent
-from medlens.training.guided import (class_activation_maps, features_and_logits, input_gradient_penalty, outside_energy,
-                                     region_attention_loss, rrr_loss)
+from medlens.training.guided import (class_activation_maps, features_and_logits, gradient_input_maps,
+                                     input_attention_loss, input_gradient_penalty, outside_energy, region_attention_loss,
+                                     rrr_loss)
 from medlens.training.loop import guided_step, train_phantom
 from medlens.training.recipes import phantom_data, phantom_prepare
 from medlens.training.train import train_command
@@ -116,6 +118,73 @@ def test_rrr_loss_of_a_linear_model_reads_where_its_weights_are():
     penalty.sum().backward()  # differentiable with respect to the weights (double backpropagation)
 
 
+class _Linear(nn.Module):
+    """logits_k = sum(w_k * x): its gradient x input map for class k is exactly w_k * x."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,kchw->bk", v, self.w)
+
+
+def test_gradient_input_map_is_medlens_input_x_gradient_and_differentiable():
+    torch.manual_seed(1)
+    w, x, targets = torch.randn(3, 2, 16, 16), torch.rand(4, 2, 16, 16), torch.tensor([0, 2, 1, 2])
+    model = _Linear(w)
+    logits, maps = gradient_input_maps(model, x, targets)
+    assert torch.allclose(maps, (w[targets] * x).sum(1), atol=1e-6)  # the definition
+    maps.sum().backward()  # differentiable with respect to the weights (double backpropagation)
+    assert model.w.grad is not None and float(model.w.grad.abs().sum()) > 0
+    cnn = PhantomCNN(widths=(4, 8)).eval()
+    x = torch.rand(3, 1, 24, 24)
+    _, maps = gradient_input_maps(cnn, x, targets[:3].clamp_max(1))
+    ref = medlens.explain(cnn, x, methods="inputxgradient", targets=[[0], [1], [1]])["inputxgradient"][:, 0]
+    assert torch.allclose(maps.detach(), ref, atol=1e-5 * float(ref.abs().max()))  # what medlens shows
+
+
+def test_input_attention_loss_is_small_inside_grows_as_weight_moves_out_and_ignores_scale():
+    mask = _square_mask(lo=3, hi=10)
+    x = torch.tensor([0.7, 1.3]).view(2, 1, 1, 1).expand(2, 1, 16, 16)  # per-image constant: the map is w times it
+    masks = mask.expand(2, -1, -1)
+    targets = torch.tensor([0, 0])
+    inside = torch.zeros(1, 1, 16, 16)
+    inside[0, 0, 4:9, 4:9] = 1.0
+    outside = torch.nonzero(~mask[0])
+    previous = -1.0
+    for k in range(0, 30, 6):  # weight moved pixel by pixel from inside the region to outside
+        w = inside.clone()
+        for i in range(k):
+            w[0, 0, outside[i, 0], outside[i, 1]] = 1.0
+        _, loss = input_attention_loss(_Linear(w), x, targets, masks, temperature=8.0)
+        maps = w[0, 0] * x[:, 0]
+        z = 8.0 * maps / maps.pow(2).flatten(1).mean(1).sqrt()[:, None, None]
+        assert torch.allclose(loss.detach(), region_attention_loss(z, masks), atol=1e-5)  # the formula
+        assert float(loss.detach().min()) > previous  # grows as the evidence leaves the region
+        previous = float(loss.detach().max())
+        if k == 0:
+            assert float(loss.detach().max()) < 0.05  # all evidence inside: near zero
+            _, scaled = input_attention_loss(_Linear(w * 1000), x, targets, masks, temperature=8.0)
+            assert torch.allclose(scaled, loss, atol=1e-5)  # only the map's shape counts
+    _, none = input_attention_loss(_Linear(inside), x, targets, torch.zeros_like(masks))
+    assert torch.equal(none.detach(), torch.zeros(2))  # no region: no loss
+
+
+def test_cam_plus_input_adds_the_attention_loss_of_the_first_images():
+    torch.manual_seed(0)
+    model = PhantomCNN(widths=(4, 8)).eval()
+    x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
+    masks = _square_mask().expand(4, -1, -1)
+    base = {"guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "label_smoothing": 0.0}
+    cam_total, _, cam_part = guided_step(model, x, y, masks, base)
+    both, _, both_part = guided_step(model, x, y, masks, dict(base, guide="cam+input", input_weight=3.0, input_images=2,
+                                                              input_temperature=2.0))
+    _, per = input_attention_loss(model, x[:2], y[:2], masks[:2], temperature=2.0)
+    assert both_part == pytest.approx(cam_part + 3.0 * float(per.mean()), rel=1e-5)
+    assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(per.mean()), rel=1e-5)
+
+
 def test_class_activation_map_is_gradcam_at_the_last_stage():
     torch.manual_seed(0)
     model = PhantomCNN(widths=(8, 16, 32)).eval()
@@ -189,6 +258,10 @@ def test_guided_training_without_boxes_is_refused_before_training(tmp_path):
     result = CliRunner().invoke(train_command, ["brain-tumor-mri", "--data", str(data), "--out", str(out), "--guide", "none",
                                                 "--augment", "lesion-crop", "--init", "none", "--size", "16"])
     assert isinstance(result.exception, InputError) and "--augment lesion-crop" in str(result.exception)
+    result = CliRunner().invoke(train_command, ["brain-tumor-mri-v1", "--data", str(data), "--out", str(out),
+                                                "--inpaint-region", "--init", "none", "--size", "16"])
+    assert isinstance(result.exception, InputError) and "--inpaint-region" in str(result.exception), result.output
+    assert not (out / "brain-tumor-mri-v1.train.log").exists()
 
 
 def _gradcam_energy(model: nn.Module, region: str) -> float:
@@ -212,9 +285,54 @@ def test_cam_guidance_moves_a_shortcut_models_maps_from_the_marker_to_the_lesion
     assert after["lesion"] > 3 * before["lesion"] and after["marker"] < before["marker"] / 2, (before, after)
 
 
+def _input_peak_hits(model: nn.Module, region: str, contrast: tuple[float, float]) -> float:
+    cases = phantom_data("phantom-shortcut", "test", n=80, lesion_contrast=contrast)
+    keep = cases.labels == 1
+    x = phantom_prepare(cases.images[keep])
+    masks = (cases.marker_masks if region == "marker" else cases.lesion_masks)[keep][:, 0]
+    maps = medlens.explain(model, x, methods="inputxgradient", targets=1)["inputxgradient"]
+    return float(pointing_game(maps, masks).mean())
+
+
+def test_input_guidance_moves_a_shortcut_models_pixel_maps_from_the_marker_to_the_lesion():
+    # a visible lesion beside the class-tracking corner marker: the plain model's pixel maps peak on the marker
+    small = {"n_train": 480, "n_val": 120, "epochs": 5, "batch_size": 32, "widths": (8, 16, 32), "lesion_contrast": (0.18, 0.3)}
+    plain = train_phantom("phantom-shortcut", None, threads=1, log=lambda s: None, **small)["model"]
+    guided = train_phantom("phantom-shortcut", None, threads=1, log=lambda s: None, guide="input", guide_weight=1.0,
+                           **small)["model"]
+    before = {r: _input_peak_hits(plain, r, small["lesion_contrast"]) for r in ("marker", "lesion")}
+    after = {r: _input_peak_hits(guided, r, small["lesion_contrast"]) for r in ("marker", "lesion")}
+    assert before["marker"] > 0.8 and before["lesion"] < 0.2, before  # the shortcut, as input x gradient shows it
+    assert after["marker"] < 0.2 and after["lesion"] > 0.5, (before, after)  # guided: the peak is on the lesion
+
+
 def test_small_resnet_last_stride_doubles_the_grid_with_the_same_parameters():
     coarse, fine = SmallResNet(), SmallResNet(last_stride=1)
     fine.load_state_dict(coarse.state_dict())
     x = torch.zeros(1, 1, 160, 160)
     assert features_and_logits(coarse.eval(), x)[0].shape[-1] == 5
     assert features_and_logits(fine.eval(), x)[0].shape[-1] == 10
+
+
+def test_inpainting_removes_what_is_inside_the_region_and_keeps_the_rest():
+    from medlens.training.augment import inpaint_regions
+
+    torch.manual_seed(0)
+    cases = phantom_2d(6, size=48, seed=5, positive_rate=1.0)
+    x, masks = cases.images, cases.lesion_masks[:, 0]
+    filled = inpaint_regions(x, masks)
+    assert torch.equal(filled[~masks[:, None].expand_as(x)], x[~masks[:, None].expand_as(x)])  # outside untouched
+    other = x.clone()
+    other[masks[:, None].expand_as(x)] = torch.rand(int(masks.sum()))  # whatever is inside ...
+    assert torch.allclose(inpaint_regions(other, masks), filled)  # ... the fill never reads it
+    for i in range(len(x)):  # a weighted mean of the pixels outside: within their range
+        outside = x[i, 0][~masks[i]]
+        inside = filled[i, 0][masks[i]]
+        assert float(inside.min()) >= float(outside.min()) - 1e-6 and float(inside.max()) <= float(outside.max()) + 1e-6
+    # a bright lesion on a smooth ramp: the fill follows the ramp (the lesion is gone)
+    ramp = torch.linspace(0.1, 0.5, 40).view(1, 1, 1, 40).expand(1, 1, 40, 40).clone()
+    lesion = _square_mask(40, 15, 25)
+    bright = torch.where(lesion[:, None], torch.tensor(0.95), ramp)
+    assert float((inpaint_regions(bright, lesion) - ramp).abs().max()) < 0.03
+    flat = torch.full((1, 1, 20, 20), 0.3)
+    assert torch.allclose(inpaint_regions(flat, _square_mask(20, 2, 18)), flat)  # a constant image stays constant

@@ -1,6 +1,5 @@
-"""Training augmentation on batches of [0, 1] images: random affine jitter, and random resized crops that keep the lesion.
-
-Every transform is one affine grid per image (crop, flip, rotation), applied to images and region masks alike.
+"""Training augmentation on batches of [0, 1] images: random affine jitter, random resized crops that keep the lesion,
+and the region in-painting of a control model (the lesion removed). Every transform is one affine grid per image.
 """
 from __future__ import annotations
 
@@ -9,6 +8,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from medlens.core.baselines import gaussian_blur
 
 
 def _uniform(n: int, gen: torch.Generator, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
@@ -108,3 +109,26 @@ def lesion_crops(x01: torch.Tensor, masks: torch.Tensor, gen: torch.Generator,
     images = intensity_jitter(warp(x01, theta).clamp(0, 1), gen)
     warped = warp(masks[:, None].float(), theta, mode="nearest")[:, 0] > 0.5
     return images, warped, theta
+
+
+def inpaint_regions(x01: torch.Tensor, masks: torch.Tensor, sigmas: tuple[float, ...] = (3.0, 9.0, 27.0, 81.0),
+                    min_weight: float = 0.05) -> torch.Tensor:
+    """Each image's region (masks (N, *s), True inside) replaced by a smooth fill from its surroundings: the normalised
+    Gaussian convolution of the pixels outside the region, sum G * x * known / sum G * known, at the smallest sigma whose
+    weight sum(G * known) reaches `min_weight` at that pixel (near the edge a local fill, deep inside a wider one).
+    Pixels outside the region are unchanged and the fill never reads a pixel inside it: the lesion is gone, only the
+    region's smooth outline remains. For a control model trained on slices without their tumour."""
+    region = masks.bool()[:, None].expand_as(x01)
+    known = (~region).to(x01.dtype)
+    out = x01.clone()
+    todo = region.clone()
+    for sigma in sigmas:
+        rows = todo.flatten(1).any(1).nonzero()[:, 0]  # only the images with pixels still to fill
+        if len(rows) == 0:
+            break
+        weight = gaussian_blur(known[rows], sigma)
+        fill = gaussian_blur(x01[rows] * known[rows], sigma) / weight.clamp_min(1e-12)
+        take = todo[rows] & ((weight >= min_weight) | (sigma == sigmas[-1]))
+        out[rows] = torch.where(take, fill, out[rows])
+        todo[rows] &= ~take
+    return out

@@ -2,7 +2,8 @@
 
 Owns the differentiable class activation map of a GAP + linear head (equal to Grad-CAM at the last stage, up to a
 positive scale), an attention loss that asks for the map's mass in the region (in the spirit of GAIN's external
-supervision, Li et al. 2018), and the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017).
+supervision, Li et al. 2018), the same loss on the gradient x input map (what LRP-epsilon and integrated gradients
+show), and the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from medlens.errors import ModelError
 
-GUIDES = ("none", "cam", "rrr", "cam+rrr")
+GUIDES = ("none", "cam", "rrr", "cam+rrr", "input", "cam+input")
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,3 +89,28 @@ def rrr_loss(model: nn.Module, x: torch.Tensor, masks: torch.Tensor) -> tuple[to
     grads, = torch.autograd.grad(F.log_softmax(logits, 1).sum(), x, create_graph=True)
     has = masks.flatten(1).any(1)
     return logits, torch.where(has, input_gradient_penalty(grads, masks), torch.zeros((), dtype=grads.dtype))
+
+
+def gradient_input_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, gradient x input of each image's target logit, channels summed, (N, *s)), kept differentiable (double
+    backpropagation). On a ReLU network this is LRP-0 (LRP-epsilon with a small epsilon) and the integrand of
+    integrated gradients from the zero baseline at the image itself."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x, create_graph=True)
+    return logits, (grads * x).sum(1)
+
+
+def input_attention_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-image region attention loss of the target's gradient x input map): the map divided by its root mean
+    square (so only its shape counts, not its scale), times `temperature`, then -log of its spatial softmax share in
+    the region. It asks the pixel-level evidence, not only the last stage's, to peak in the region. Images whose mask
+    is empty get 0."""
+    logits, maps = gradient_input_maps(model, x, targets)
+    flat = maps.flatten(1)
+    scale = flat.pow(2).mean(1).add(1e-12).sqrt().view(-1, *([1] * (maps.dim() - 1)))
+    has = masks.flatten(1).any(1)
+    safe = torch.where(has.view(-1, *([1] * (masks.dim() - 1))), masks.bool(), torch.ones_like(masks, dtype=torch.bool))
+    loss = region_attention_loss(temperature * maps / scale, safe)
+    return logits, torch.where(has, loss, torch.zeros((), dtype=maps.dtype))

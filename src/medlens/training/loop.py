@@ -20,9 +20,9 @@ from medlens.errors import InputError
 from medlens.io.files import atomic_write
 from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
-from medlens.training.augment import affine_jitter, lesion_crops
-from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
-from medlens.training.guided import GUIDES, cam_guidance_loss, class_activation_maps, features_and_logits, rrr_loss
+from medlens.training.augment import affine_jitter, inpaint_regions, lesion_crops
+from medlens.training.guided import GUIDES, cam_guidance_loss, input_attention_loss, rrr_loss
+from medlens.training.validation import baseline_localisation, cam_localisation, input_localisation
 from medlens.training.recipes import (BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, phantom_data, phantom_prepare,
                                       plain)
 
@@ -90,6 +90,10 @@ def check_guidance(recipe: dict[str, Any], has_region: torch.Tensor, where: str)
         raise InputError(f"unknown --augment {recipe['augment']!r}; expected one of {list(AUGMENTS)}.")
     wants = [opt for opt, on in ((f"--guide {recipe['guide']}", recipe["guide"] != "none"),
                                  ("--augment lesion-crop", recipe["augment"] == "lesion-crop")) if on]
+    if recipe.get("inpaint_region") and not bool(has_region.all()):
+        missing = int((~has_region).sum())
+        raise InputError(f"--inpaint-region removes each image's region, and {missing} image(s) of {where} have none (their "
+                         f"lesion would stay in view). Give every image a box file (N.txt) or train without it.")
     if wants and not bool(has_region.any()):
         raise InputError(f"{' and '.join(wants)} need(s) a region (box or mask) for the training images, and {where} "
                          f"has none. Give each image a box file (N.txt: 'label x_center y_center width height') or "
@@ -103,41 +107,25 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
     if guide == "none" or weight == 0.0 or masks is None:
         logits = model(xb)
         guided = torch.zeros(())
-    elif guide in ("cam", "cam+rrr"):
+    elif guide in ("cam", "cam+rrr", "cam+input"):
         logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(recipe.get("energy_weight", 1.0)))
         guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
         if guide == "cam+rrr":  # Ross et al.'s penalty on the first `rrr_images` images of the batch (it costs 3x)
             k = int(recipe.get("rrr_images") or len(xb))
             _, penalty = rrr_loss(model, xb[:k], masks[:k])
             guided = guided + float(recipe.get("rrr_weight", 1.0)) * penalty.sum() / masks[:k].flatten(1).any(1).sum().clamp_min(1)
+        elif guide == "cam+input":  # the gradient x input attention loss on the first `input_images` images (3x too)
+            k = int(recipe.get("input_images") or len(xb))
+            _, per = input_attention_loss(model, xb[:k], yb[:k], masks[:k], float(recipe.get("input_temperature", 1.0)))
+            guided = guided + float(recipe.get("input_weight", 1.0)) * per.sum() / masks[:k].flatten(1).any(1).sum().clamp_min(1)
+    elif guide == "input":
+        logits, per_image = input_attention_loss(model, xb, yb, masks, float(recipe.get("input_temperature", 1.0)))
+        guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
     else:
         logits, per_image = rrr_loss(model, xb, masks)
         guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
     ce = F.cross_entropy(logits, yb, label_smoothing=float(recipe.get("label_smoothing", 0.0)))
     return ce + weight * guided, logits, float(guided.detach())
-
-
-@torch.no_grad()
-def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """Mean pointing game and energy in the box of the target class's CAM (= Grad-CAM at the last stage), upsampled
-    bilinearly to the input: the validation check of a guided run."""
-    model.eval()
-    maps = []
-    for i in range(0, len(x), 64):
-        features, _ = features_and_logits(model, x[i: i + 64])
-        cams = class_activation_maps(features, model.fc, targets[i: i + 64])
-        maps.append(F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False))
-    maps = torch.cat(maps)
-    return {"pointing_game": float(pointing_game(maps, masks).nanmean()),
-            "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
-
-
-def baseline_localisation(masks: torch.Tensor) -> dict[str, float]:
-    """The centre and (leave-one-out) prior baselines' pointing game and energy on these masks."""
-    centre = center_map(tuple(masks.shape[-2:]), batch=len(masks))
-    prior = prior_maps(masks, masks.float().sum(0), len(masks))
-    return {f"{name} {metric.__name__}": float(metric(maps, masks).nanmean())
-            for name, maps in (("centre", centre), ("prior", prior)) for metric in (pointing_game, energy_in_box)}
 
 
 def _init_weights(model: nn.Module, init: Optional[str]) -> None:
@@ -176,6 +164,11 @@ def train_brain(
     data = {s: load_arrays(data_root, s, r["size"], cache_dir=cache_dir, progress=True, require_boxes=False)
             for s in ("train", "val", "test")}
     has_region = ~torch.isnan(data["train"]["boxes"]).any(1)
+    if r.get("inpaint_region"):  # the control model: every split's slices with the region in-painted
+        for s, d in data.items():
+            check_guidance(r, ~torch.isnan(d["boxes"]).any(1), f"the {s} split of {data_root}")
+            masks = torch.stack([box_to_mask(b, r["size"]) for b in d["boxes"]])
+            d["images"] = inpaint_regions(minmax_scale(d["images"]), masks)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(out_dir / f"{name}.train.log", "a")
@@ -217,6 +210,10 @@ def train_brain(
     history = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
+        if r.get("freeze_batchnorm"):  # fine-tuning: BatchNorm keeps its statistics, so the maps a guided loss shapes
+            for module in model.modules():  # in training are the maps the model shows in use (eval mode)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         perm = torch.randperm(len(ytr), generator=gen)
         total_loss, total_guided, correct, seen = 0.0, 0.0, 0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{r['epochs']}", unit="batch", leave=False)
@@ -250,6 +247,10 @@ def train_brain(
         loc = cam_localisation(eval_model, xval, data["val"]["labels"], val_masks) if watch else {}
         meets = bool(loc) and loc["pointing_game"] >= val_baselines["centre pointing_game"] + 0.10 \
             and loc["energy_in_box"] >= 2 * val_baselines["prior energy_in_box"]
+        if watch and "input" in r["guide"]:  # and the pixel-level map must beat the centre's pointing game
+            pixel = input_localisation(eval_model, xval, data["val"]["labels"], val_masks)
+            loc.update({f"input_{k}": v for k, v in pixel.items()})
+            meets = meets and pixel["pointing_game"] > val_baselines["centre pointing_game"]
         key = (meets, vacc, -vloss)  # guided: epochs that meet the localisation goals on validation come first
         improved = key > (best[0], best[1], -best[2])
         if improved:
@@ -257,10 +258,12 @@ def train_brain(
             save_state(eval_model, out_dir / f"{name}.pt")
         history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_guided": total_guided / seen,
                         "train_acc": correct / seen, "val_loss": vloss, "val_acc": vacc,
-                        **{f"val_gradcam_{k}": v for k, v in loc.items()}})
+                        **{(f"val_{k}" if k.startswith("input_") else f"val_gradcam_{k}"): v for k, v in loc.items()}})
         say(f"epoch {epoch:3d}/{r['epochs']} train loss {total_loss / seen:.4f} (guided {total_guided / seen:.4f}) "
             f"acc {correct / seen:.4f} | val loss {vloss:.4f} acc {vacc:.4f}"
             + (f" gradcam pointing {loc['pointing_game']:.3f} energy {loc['energy_in_box']:.3f}" if loc else "")
+            + (f" gradient x input pointing {loc['input_pointing_game']:.3f} energy {loc['input_energy_in_box']:.3f}"
+               if "input_pointing_game" in loc else "")
             + f"{'  * best, saved' if improved else ''} | {time.time() - t0:.0f} s")
     train_seconds = time.time() - t0
     model.load_state_dict(torch.load(out_dir / f"{name}.pt", weights_only=True))
@@ -304,7 +307,9 @@ def train_phantom(
     r.update({k: v for k, v in overrides.items() if v is not None})
     if epochs is not None:
         r["epochs"] = int(epochs)
-    train, val = phantom_data(name, "train", n=r["n_train"]), phantom_data(name, "val", n=r["n_val"])
+    contrast = r.get("lesion_contrast")
+    train = phantom_data(name, "train", n=r["n_train"], lesion_contrast=contrast)
+    val = phantom_data(name, "val", n=r["n_val"], lesion_contrast=contrast)
     check_guidance(r, train.lesion_masks.flatten(1).any(1), f"the {name} training phantoms")
     out = Path(out_dir) if out_dir is not None else None
     log_file = None

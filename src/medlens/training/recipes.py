@@ -65,11 +65,14 @@ def brain_prepare(images: torch.Tensor, mean: float = BRAIN_V1_RECIPE["mean"], s
 
 
 def phantom_data(name: str, split: str, n: Optional[int] = None, seed: Optional[int] = None,
-                 marker: Optional[str] = None) -> PhantomSet:
-    """The phantom set a bundled phantom model is trained/validated/tested on (marker mode overridable)."""
+                 marker: Optional[str] = None, lesion_contrast: Optional[tuple[float, float]] = None) -> PhantomSet:
+    """The phantom set a bundled phantom model is trained/validated/tested on (marker mode and, for the shortcut
+    set, the lesion contrast overridable: a visible lesion beside the marker)."""
     r = PHANTOM_RECIPES[name]
     n = r[f"n_{split}"] if n is None else n
     seed = PHANTOM_SEEDS[split] if seed is None else seed
+    if name == "phantom-shortcut" and lesion_contrast is not None:
+        return phantom_2d(n, size=r["size"], seed=seed, marker=marker or "correlated", lesion_contrast=tuple(lesion_contrast))
     if name == "phantom-shortcut":
         if marker in (None, "correlated"):
             return shortcut_set(n, size=r["size"], seed=seed)

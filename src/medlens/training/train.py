@@ -37,17 +37,24 @@ __all__ = ["BRAIN_RECIPE", "BRAIN_RECIPES", "PHANTOM_RECIPES", "PHANTOM_SEEDS", 
 @click.option("--guide", type=click.Choice(GUIDES), default=None,
               help="Explanation-guided loss on the training boxes: cam = share of the class activation map (Grad-CAM at the "
                    "last stage) outside the box (GAIN-style); rrr = squared input gradients outside the box (Ross et al. "
-                   "2017, 'right for the right reasons'; about 3x slower); cam+rrr = both (the penalty on the first "
-                   "rrr_images images of each batch).")
+                   "2017, 'right for the right reasons'; about 3x slower); input = the same attention loss as cam on the "
+                   "gradient x input map (what LRP-epsilon and integrated gradients show; about 3x slower); cam+rrr, "
+                   "cam+input = cam plus the other.")
 @click.option("--guide-weight", type=float, default=None, help="Weight of the guided loss beside the cross-entropy.")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default=None,
               help="Brain models: stride of the last stage (1: a 10 x 10 grid at 160 px instead of 5 x 5).")
+@click.option("--inpaint-region", is_flag=True, default=False,
+              help="Brain models: a control model trained, validated and tested on slices whose region (box) is in-painted "
+                   "from its surroundings: the accuracy it still reaches comes from outside the region.")
+@click.option("--freeze-batchnorm", is_flag=True, default=False,
+              help="Brain models, fine-tuning: BatchNorm keeps the starting statistics, so a guided loss shapes the maps "
+                   "the model shows in use (eval mode).")
 @click.option("--init", "init", type=str, default=None,
               help="Brain models: start from a bundled model's weights (e.g. brain-tumor-mri-v1) or a state-dict file; "
                    "'none' starts from random weights.")
 def train_command(model_name: str, data_root: Optional[str], out_dir: str, epochs: Optional[int], size: Optional[int],
                   seed: int, threads: int, augment: Optional[str], guide: Optional[str], guide_weight: Optional[float],
-                  last_stride: Optional[str], init: Optional[str]) -> None:
+                  last_stride: Optional[str], init: Optional[str], inpaint_region: bool, freeze_batchnorm: bool) -> None:
     """Reproduce a bundled model from data with a fixed seed (progress bar, epoch log, best-by-validation).
 
     Boxes are read from the training split only; a guided option or lesion crops without boxes are refused
@@ -56,15 +63,17 @@ def train_command(model_name: str, data_root: Optional[str], out_dir: str, epoch
     if model_name in BRAIN_RECIPES:
         if data_root is None:
             raise InputError(f"{model_name} needs --data DIR: a copy of the figshare brain tumour set (one folder per class).")
-        overrides.update(last_stride=int(last_stride) if last_stride else None, init=init)
+        overrides.update(last_stride=int(last_stride) if last_stride else None, init=init,
+                         inpaint_region=inpaint_region or None, freeze_batchnorm=freeze_batchnorm or None)
         if init == "none":
             overrides["init"] = ""
         summary = train_brain(data_root, out_dir, name=model_name, epochs=epochs, size=size, seed=seed, threads=threads,
                               cache_dir=Path(out_dir) / "cache", **overrides)
         click.echo(f"wrote {Path(out_dir) / (model_name + '.pt')} (test accuracy {summary['test']['accuracy']:.4f})")
         return
-    if last_stride or init:
-        raise InputError("--last-stride and --init apply to the brain models only; the phantom models use PhantomCNN.")
+    if last_stride or init or inpaint_region or freeze_batchnorm:
+        raise InputError("--last-stride, --init, --inpaint-region and --freeze-batchnorm apply to the brain models only; the phantom models "
+                         "use PhantomCNN and generated data.")
     names = ["phantom-lesion", "phantom-shortcut"] if model_name == "all-phantoms" else [model_name]
     for name in names:
         summary = train_phantom(name, out_dir, epochs=epochs, seed=seed, threads=threads, **overrides)
