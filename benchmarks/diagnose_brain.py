@@ -1,7 +1,7 @@
 """What a brain model looks at instead of the tumour: cheap diagnostics on the figshare test split.
 
-For one bundled (or trained) brain model: Grad-CAM pointing game and energy in the box per class and per
-head-shape bin (a proxy for the slice orientation), the accuracy when the background outside the head, a
+For one bundled (or trained) brain model: Grad-CAM and input x gradient pointing game and energy in the box per
+class and per slice orientation (labelled by eye, benchmarks/data/figshare-test-orientation.json), the accuracy when the background outside the head, a
 border strip, or the tumour box is blanked, the accuracy on the box alone, and the localisation ceiling of
 a perfect map on the model's last-stage grid. Writes OUT/<model>.json and a few small overlays.
 
@@ -39,11 +39,14 @@ def head_masks(x01: torch.Tensor) -> torch.Tensor:
     return rows & cols
 
 
-def head_aspect(head: torch.Tensor) -> torch.Tensor:
-    """Width / height of each head mask's bounding box."""
-    w = head.any(1).sum(-1).float()
-    h = head.any(2).sum(-1).float()
-    return w / h.clamp_min(1)
+ORIENTATION_FILE = Path(__file__).parent / "data" / "figshare-test-orientation.json"
+
+
+def orientations(numbers: torch.Tensor) -> list[str]:
+    """The labelled orientation (axial, coronal, sagittal) of each test slice by its file number; "unlabelled" when
+    a slice is not in the file (another copy of the data)."""
+    table = json.loads(ORIENTATION_FILE.read_text())["orientation"]
+    return [table.get(str(int(n)), "unlabelled") for n in numbers]
 
 
 @torch.no_grad()
@@ -97,23 +100,27 @@ def main() -> None:
     peak_in_head = head.flatten(1)[torch.arange(len(y)), flat].float()
     energy_outside_head = (maps[:, 0].clamp_min(0) * (~head)).flatten(1).sum(1) / maps[:, 0].clamp_min(0).flatten(1).sum(1).clamp_min(1e-12)
 
-    aspect = head_aspect(head)
-    bins = {"tall (w/h < 0.9)": aspect < 0.9, "round (0.9-1.1)": (aspect >= 0.9) & (aspect <= 1.1), "wide (> 1.1)": aspect > 1.1}
+    ixg = medlens.explain(model, prep(x01), methods=["inputxgradient"], targets=[[int(v)] for v in y])["inputxgradient"]
+    ipg, ien = pointing_game(ixg, masks)[:, 0], energy_in_box(ixg, masks)[:, 0]
+    orient = orientations(d["numbers"])
+    bins = {o: torch.tensor([v == o for v in orient]) for o in ("axial", "coronal", "sagittal", "unlabelled")}
     groups = {"all": torch.ones_like(y, dtype=torch.bool)}
     groups.update({f"class {c}": y == i for i, c in enumerate(CLASSES)})
-    groups.update({f"head {k}": v for k, v in bins.items()})
+    groups.update({k: v for k, v in bins.items()})
+    groups.update({f"{o} {c}": bins[o] & (y == i) for o in ("axial", "coronal", "sagittal") for i, c in enumerate(CLASSES)})
     table = {}
     for name, g in groups.items():
         if g.sum() == 0:
             continue
         table[name] = {"n": int(g.sum()), "accuracy": float((pred[g] == y[g]).float().mean()),
                        "gradcam_pointing": float(pg[g].mean()), "gradcam_energy": float(en[g].mean()),
+                       "ixg_pointing": float(ipg[g].mean()), "ixg_energy": float(ien[g].mean()),
                        "center_pointing": float(cpg[g].mean()), "center_energy": float(cen[g].mean()),
                        "prior_pointing": float(ppg[g].mean()), "prior_energy": float(pen[g].mean()),
                        "peak_in_head": float(peak_in_head[g].mean()), "energy_outside_head": float(energy_outside_head[g].mean()),
                        "box_area": float(masks[g].float().mean())}
     report["groups"] = table
-    report["class_by_head_shape"] = {k: torch.bincount(y[v], minlength=3).tolist() for k, v in bins.items()}
+    report["class_by_orientation"] = {k: torch.bincount(y[v], minlength=3).tolist() for k, v in bins.items()}
 
     # occlusions: what the prediction needs
     fill = lambda keep: x01 * keep[:, None]  # noqa: E731
@@ -152,6 +159,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "groups"}, indent=1))
     for g, v in table.items():
         print(f"{g:28s} n {v['n']:3d} acc {v['accuracy']:.3f} gradcam pg {v['gradcam_pointing']:.3f} en {v['gradcam_energy']:.3f} | "
+              f"ixg pg {v['ixg_pointing']:.3f} en {v['ixg_energy']:.3f} | "
               f"centre {v['center_pointing']:.3f}/{v['center_energy']:.3f} prior {v['prior_pointing']:.3f}/{v['prior_energy']:.3f} | "
               f"peak in head {v['peak_in_head']:.2f} energy outside head {v['energy_outside_head']:.2f}")
     if args.figures:
