@@ -20,6 +20,7 @@ PHANTOM_LESION_MIN_ACCURACY = 0.9
 EXPECTED = {
     "brain-tumor-mri": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "brain-tumor-mri-v1": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
+    "brain-tumor-mri-v2": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "phantom-lesion": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
     "phantom-shortcut": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
 }
@@ -55,7 +56,7 @@ def test_bundled_weights_stay_under_40_mb_in_all():
     assert total <= 40e6, total
 
 
-@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1"])
+@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2"])
 def test_brain_card_credits_the_data(name):
     card = (zoo.CARDS_DIR / f"{name}.md").read_text()
     for needle in ("CC BY 4.0", "10.6084/m9.figshare.1512427", "Cheng", "(N - 1) // 30", "| **glioma** |"):
@@ -109,7 +110,7 @@ def test_shortcut_model_follows_and_points_at_the_marker():
     assert float(predict(model, always.images, prepare=phantom_prepare).float().mean()) > 0.8
 
 
-@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1"])
+@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2"])
 def test_brain_model_accuracy_on_test_split_matches_card(name):
     from medlens.data.figshare import load_arrays
 

@@ -32,9 +32,9 @@ BRAIN_V1_RECIPE: dict[str, Any] = {
     "seed": 0,
 }
 
-#: the bundled `brain-tumor-mri`: v1's network with a 10 x 10 last grid, crops that keep the tumour, and an attention
-#: loss on Grad-CAM (= CAM for this network) that asks for the class evidence inside the training boxes
-BRAIN_RECIPE: dict[str, Any] = dict(
+#: `brain-tumor-mri-v2`: v1's network with a 10 x 10 last grid, crops that keep the tumour, and an attention loss on
+#: Grad-CAM (= CAM for this network) that asks for the class evidence inside the training boxes
+BRAIN_V2_RECIPE: dict[str, Any] = dict(
     BRAIN_V1_RECIPE,
     last_stride=1,
     augment="lesion-crop",
@@ -47,7 +47,20 @@ BRAIN_RECIPE: dict[str, Any] = dict(
     ema_decay=0.99,
 )
 
-BRAIN_RECIPES: dict[str, dict[str, Any]] = {"brain-tumor-mri": BRAIN_RECIPE, "brain-tumor-mri-v1": BRAIN_V1_RECIPE}
+#: the bundled `brain-tumor-mri`: v2 fine-tuned with the same attention loss on the gradient x input map as well (the
+#: pixel-level evidence LRP and integrated gradients show), BatchNorm statistics kept from v2
+BRAIN_RECIPE: dict[str, Any] = dict(
+    BRAIN_V2_RECIPE,
+    guide="cam+input",
+    input_weight=2.0,
+    freeze_batchnorm=True,
+    init="brain-tumor-mri-v2",
+    epochs=6,
+    lr=5e-4,
+)
+
+BRAIN_RECIPES: dict[str, dict[str, Any]] = {"brain-tumor-mri": BRAIN_RECIPE, "brain-tumor-mri-v2": BRAIN_V2_RECIPE,
+                                            "brain-tumor-mri-v1": BRAIN_V1_RECIPE}
 
 PHANTOM_RECIPES: dict[str, dict[str, Any]] = {
     "phantom-lesion": {"size": 64, "widths": (16, 32, 64), "marker": "none", "n_train": 1600, "n_val": 400,
