@@ -69,12 +69,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--model", default="brain-tumor-mri")
+    p.add_argument("--weights", default=None, help="a state dict for --model's architecture (a candidate model)")
     p.add_argument("--out", default="diag")
     p.add_argument("--figures", default=None, help="folder for a few overlay PNGs (e.g. docs/case-study-brain)")
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     model = medlens.load_model(args.model)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     spec = model.input_spec
     size = spec.size[0]
     d = load_arrays(args.data, "test", size, cache_dir=Path(args.out) / "cache")
@@ -164,11 +167,13 @@ def main() -> None:
               f"peak in head {v['peak_in_head']:.2f} energy outside head {v['energy_outside_head']:.2f}")
     if args.figures:
         overlays(x01, maps[:, 0], masks, y, pred, Path(args.figures) / f"{args.model}-gradcam.png")
+        overlays(x01, ixg[:, 0], masks, y, pred, Path(args.figures) / f"{args.model}-inputxgradient.png", spread=3)
 
 
-def overlays(x01, maps, masks, y, pred, path: Path, per_class: int = 3) -> None:
-    """A small grid: a row per class of `per_class` test slices (every 7th), Grad-CAM (positive part, red to yellow)
-    over the slice, the tumour box outlined in green."""
+def overlays(x01, maps, masks, y, pred, path: Path, per_class: int = 3, spread: int = 1) -> None:
+    """A small grid: a row per class of `per_class` test slices (every 7th), a map (positive part, red to yellow; a
+    pixel map max-pooled over `spread` pixels so that its speckle shows) over the slice, the tumour box outlined in
+    green, the map's maximum (what the pointing game reads) marked with a cyan cross."""
     from PIL import Image
 
     rows = []
@@ -178,12 +183,18 @@ def overlays(x01, maps, masks, y, pred, path: Path, per_class: int = 3) -> None:
         for i in idx:
             g = x01[i, 0]
             m = maps[i].clamp_min(0)
+            py, px = divmod(int(maps[i].flatten().argmax()), maps[i].shape[-1])
+            if spread > 1:
+                m = F.max_pool2d(m[None, None], spread, 1, spread // 2)[0, 0, :g.shape[0], :g.shape[1]]
             m = m / m.max().clamp_min(1e-12)
             edge = masks[i] & F.max_pool2d((~masks[i])[None, None].float(), 3, 1, 1)[0, 0].bool()
             heat = torch.stack([torch.ones_like(m), m * 0.8, torch.zeros_like(m)])  # dark red -> yellow
             a = 0.55 * m
             rgb = (g * (1 - a) + heat * a).clamp(0, 1)
             rgb[:, edge] = torch.tensor([0.0, 1.0, 0.0])[:, None]
+            for d in range(-4, 5):  # the peak
+                rgb[:, min(max(py + d, 0), g.shape[0] - 1), px] = torch.tensor([0.0, 1.0, 1.0])
+                rgb[:, py, min(max(px + d, 0), g.shape[1] - 1)] = torch.tensor([0.0, 1.0, 1.0])
             tiles.append(rgb)
         rows.append(torch.cat(tiles, 2))
     img = (torch.cat(rows, 1) * 255).round().byte().permute(1, 2, 0).numpy()

@@ -255,7 +255,7 @@ def main() -> None:
             summarise(Path(args.out))
             continue
         if part == "compare-brain":
-            print(localisation_comparison(Path(args.out), ["brain-tumor-mri-v1", "brain-tumor-mri"]))
+            print(localisation_comparison(Path(args.out), ["brain-tumor-mri-v1", "brain-tumor-mri-v2", "brain-tumor-mri"]))
             continue
         t0 = time.perf_counter()
         (_brain if part.startswith("brain") else _phantom)(args, part)

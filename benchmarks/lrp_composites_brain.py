@@ -5,7 +5,7 @@ the tumour box, deletion AUC, and the Spearman similarity after the whole model 
 on a seeded subset of the figshare test split; the centre and prior baselines beside them.
 
     python benchmarks/lrp_composites_brain.py --data ../shared/data/brain-tumor-figshare --model brain-tumor-mri --limit 100 \
-        --figure docs/lrp-composites/brain-tumor-mri.png
+        --figure docs/lrp-composites/brain-tumor-mri-v2.png
 
 `composite_rows`, `write_rows` and `composite_figure` are shared with `lrp_composites_phantom.py`.
 """
