@@ -171,20 +171,6 @@ def test_input_attention_loss_is_small_inside_grows_as_weight_moves_out_and_igno
     assert torch.equal(none.detach(), torch.zeros(2))  # no region: no loss
 
 
-def test_cam_plus_input_adds_the_attention_loss_of_the_first_images():
-    torch.manual_seed(0)
-    model = PhantomCNN(widths=(4, 8)).eval()
-    x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
-    masks = _square_mask().expand(4, -1, -1)
-    base = {"guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "label_smoothing": 0.0}
-    cam_total, _, cam_part = guided_step(model, x, y, masks, base)
-    both, _, both_part = guided_step(model, x, y, masks, dict(base, guide="cam+input", input_weight=3.0, input_images=2,
-                                                              input_temperature=2.0))
-    _, per = input_attention_loss(model, x[:2], y[:2], masks[:2], temperature=2.0)
-    assert both_part == pytest.approx(cam_part + 3.0 * float(per.mean()), rel=1e-5)
-    assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(per.mean()), rel=1e-5)
-
-
 def test_class_activation_map_is_gradcam_at_the_last_stage():
     torch.manual_seed(0)
     model = PhantomCNN(widths=(8, 16, 32)).eval()
@@ -226,17 +212,22 @@ def test_lesion_crops_keep_every_lesion_pixel_in_view():
     assert not bool(lost.any())
 
 
-def test_cam_plus_rrr_adds_the_input_gradient_penalty_of_the_first_images():
+@pytest.mark.parametrize("second", ["rrr", "input"])
+def test_cam_plus_a_pixel_term_adds_its_weighted_loss_of_the_first_images(second):
     torch.manual_seed(0)
     model = PhantomCNN(widths=(4, 8)).eval()
     x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
     masks = _square_mask().expand(4, -1, -1)
     base = {"guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "label_smoothing": 0.0}
     cam_total, _, cam_part = guided_step(model, x, y, masks, base)
-    both, _, both_part = guided_step(model, x, y, masks, dict(base, guide="cam+rrr", rrr_weight=3.0, rrr_images=2))
-    _, penalty = rrr_loss(model, x[:2], masks[:2])
-    assert both_part == pytest.approx(cam_part + 3.0 * float(penalty.mean()), rel=1e-5)
-    assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(penalty.mean()), rel=1e-5)
+    extra = {f"{second}_weight": 3.0, f"{second}_images": 2, "input_temperature": 2.0}
+    both, _, both_part = guided_step(model, x, y, masks, dict(base, guide=f"cam+{second}", **extra))
+    if second == "rrr":
+        _, term = rrr_loss(model, x[:2], masks[:2])
+    else:
+        _, term = input_attention_loss(model, x[:2], y[:2], masks[:2], temperature=2.0)
+    assert both_part == pytest.approx(cam_part + 3.0 * float(term.mean()), rel=1e-5)
+    assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(term.mean()), rel=1e-5)
 
 
 def _box_less_folder(root: Path) -> Path:
