@@ -26,7 +26,10 @@ import medlens
 from medlens.models import zoo
 
 DATA = Path(__file__).resolve().parent / "data" / "reference_maps.npz"
-RELATIVE_TOLERANCE = 1e-6
+#: of each map's largest magnitude. The same code on another CPU (another oneDNN kernel, another summation order)
+#: moves maps by up to about 2e-4 of their scale (SmoothGrad on phantom-lesion, measured on this project's AMD EPYC
+#: machines on 3 Dec 2026; most cases stay under 1e-5); a change of behaviour moves them by far more.
+RELATIVE_TOLERANCE = 1e-3
 
 
 @lru_cache(maxsize=1)
