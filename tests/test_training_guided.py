@@ -228,6 +228,10 @@ def test_cam_plus_a_pixel_term_adds_its_weighted_loss_of_the_first_images(second
         _, term = input_attention_loss(model, x[:2], y[:2], masks[:2], temperature=2.0)
     assert both_part == pytest.approx(cam_part + 3.0 * float(term.mean()), rel=1e-5)
     assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(term.mean()), rel=1e-5)
+    alone, logits, alone_part = guided_step(model, x, y, masks, dict(base, guide=second, input_temperature=2.0))
+    _, term = rrr_loss(model, x, masks) if second == "rrr" else input_attention_loss(model, x, y, masks, temperature=2.0)
+    assert alone_part == pytest.approx(float(term.mean()), rel=1e-5)  # alone: the term itself, unweighted
+    assert float(alone) == pytest.approx(float(F.cross_entropy(logits, y)) + 0.5 * float(term.mean()), rel=1e-5)
 
 
 def _box_less_folder(root: Path) -> Path:

@@ -100,30 +100,42 @@ def check_guidance(recipe: dict[str, Any], has_region: torch.Tensor, where: str)
                          f"train without these options.")
 
 
+def _mean_over_regions(per_image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """A guided loss's batch value: the sum over images divided by the number of images that have a region."""
+    return per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
+
+
+def _pixel_term(name: str, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: torch.Tensor,
+                recipe: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-image loss) of a pixel-level guide: "rrr" (Ross et al.'s input-gradient penalty) or "input" (the
+    attention loss on gradient x input)."""
+    if name == "rrr":
+        return rrr_loss(model, xb, masks)
+    return input_attention_loss(model, xb, yb, masks, float(recipe.get("input_temperature", 1.0)))
+
+
 def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Optional[torch.Tensor],
                 recipe: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One batch's loss: cross-entropy (+ guide_weight x the mean guided loss over images with a region)."""
+    """One batch's loss: cross-entropy (+ guide_weight x the mean guided loss over images with a region). A guide is
+    "cam", a pixel-level term ("rrr", "input"), or "cam+" one of them (the term weighted by `<term>_weight`, on the
+    first `<term>_images` images of the batch: double backpropagation costs about 3x)."""
     guide, weight = recipe.get("guide", "none"), float(recipe.get("guide_weight", 0.0))
     if guide == "none" or weight == 0.0 or masks is None:
         logits = model(xb)
         guided = torch.zeros(())
-    elif guide in ("cam", "cam+rrr", "cam+input"):
-        logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(recipe.get("energy_weight", 1.0)))
-        guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
-        if guide == "cam+rrr":  # Ross et al.'s penalty on the first `rrr_images` images of the batch (it costs 3x)
-            k = int(recipe.get("rrr_images") or len(xb))
-            _, penalty = rrr_loss(model, xb[:k], masks[:k])
-            guided = guided + float(recipe.get("rrr_weight", 1.0)) * penalty.sum() / masks[:k].flatten(1).any(1).sum().clamp_min(1)
-        elif guide == "cam+input":  # the gradient x input attention loss on the first `input_images` images (3x too)
-            k = int(recipe.get("input_images") or len(xb))
-            _, per = input_attention_loss(model, xb[:k], yb[:k], masks[:k], float(recipe.get("input_temperature", 1.0)))
-            guided = guided + float(recipe.get("input_weight", 1.0)) * per.sum() / masks[:k].flatten(1).any(1).sum().clamp_min(1)
-    elif guide == "input":
-        logits, per_image = input_attention_loss(model, xb, yb, masks, float(recipe.get("input_temperature", 1.0)))
-        guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
     else:
-        logits, per_image = rrr_loss(model, xb, masks)
-        guided = per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
+        parts = guide.split("+")
+        pixel = parts[-1] if parts[-1] != "cam" else None
+        if parts[0] == "cam":
+            logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(recipe.get("energy_weight", 1.0)))
+            guided = _mean_over_regions(per_image, masks)
+            if pixel is not None:
+                k = int(recipe.get(f"{pixel}_images") or len(xb))
+                _, per = _pixel_term(pixel, model, xb[:k], yb[:k], masks[:k], recipe)
+                guided = guided + float(recipe.get(f"{pixel}_weight", 1.0)) * _mean_over_regions(per, masks[:k])
+        else:
+            logits, per_image = _pixel_term(pixel, model, xb, yb, masks, recipe)
+            guided = _mean_over_regions(per_image, masks)
     ce = F.cross_entropy(logits, yb, label_smoothing=float(recipe.get("label_smoothing", 0.0)))
     return ce + weight * guided, logits, float(guided.detach())
 
@@ -212,7 +224,7 @@ def train_brain(
         model.train()
         if r.get("freeze_batchnorm"):  # fine-tuning: BatchNorm keeps its statistics, so the maps a guided loss shapes
             for module in model.modules():  # in training are the maps the model shows in use (eval mode)
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                     module.eval()
         perm = torch.randperm(len(ytr), generator=gen)
         total_loss, total_guided, correct, seen = 0.0, 0.0, 0, 0
