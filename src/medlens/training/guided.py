@@ -7,6 +7,8 @@ show), and the input-gradient penalty outside it ("right for the right reasons",
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,23 +93,28 @@ def rrr_loss(model: nn.Module, x: torch.Tensor, masks: torch.Tensor) -> tuple[to
     return logits, torch.where(has, input_gradient_penalty(grads, masks), torch.zeros((), dtype=grads.dtype))
 
 
-def gradient_input_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_input_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                        alphas: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, gradient x input of each image's target logit, channels summed, (N, *s)), kept differentiable (double
     backpropagation). On a ReLU network this is LRP-0 (LRP-epsilon with a small epsilon) and the integrand of
-    integrated gradients from the zero baseline at the image itself."""
-    x = x.detach().requires_grad_(True)
-    logits = model(x)
-    grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x, create_graph=True)
+    integrated gradients from the zero baseline at the image itself. With `alphas` (N,) the gradient is taken at the
+    path point alpha * x instead (still times x): integrated gradients' integrand there, whose mean over alpha
+    uniform in [0, 1] is the integrated-gradients map; the logits are then those of the path points."""
+    x = x.detach()
+    point = (x if alphas is None else alphas.to(x).view(-1, *([1] * (x.dim() - 1))) * x).requires_grad_(True)
+    logits = model(point)
+    grads, = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), point, create_graph=True)
     return logits, (grads * x).sum(1)
 
 
 def input_attention_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
-                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         temperature: float = 1.0, alphas: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, per-image region attention loss of the target's gradient x input map): the map divided by its root mean
     square (so only its shape counts, not its scale), times `temperature`, then -log of its spatial softmax share in
     the region. It asks the pixel-level evidence, not only the last stage's, to peak in the region. Images whose mask
-    is empty get 0."""
-    logits, maps = gradient_input_maps(model, x, targets)
+    is empty get 0. With `alphas`, the map at those points of the integrated-gradients path (see gradient_input_maps).
+    """
+    logits, maps = gradient_input_maps(model, x, targets, alphas)
     flat = maps.flatten(1)
     scale = flat.pow(2).mean(1).add(1e-12).sqrt().view(-1, *([1] * (maps.dim() - 1)))
     has = masks.flatten(1).any(1)

@@ -22,7 +22,7 @@ from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.augment import affine_jitter, inpaint_regions, lesion_crops
 from medlens.training.guided import GUIDES, cam_guidance_loss, input_attention_loss, rrr_loss
-from medlens.training.validation import baseline_localisation, cam_localisation, input_localisation
+from medlens.training.validation import baseline_localisation, cam_localisation, input_localisation, selection_key
 from medlens.training.recipes import (BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, phantom_data, phantom_prepare,
                                       plain)
 
@@ -111,7 +111,8 @@ def _pixel_term(name: str, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
     attention loss on gradient x input)."""
     if name == "rrr":
         return rrr_loss(model, xb, masks)
-    return input_attention_loss(model, xb, yb, masks, float(recipe.get("input_temperature", 1.0)))
+    alphas = torch.rand(len(xb)) if recipe.get("input_alpha", "image") == "path" else None
+    return input_attention_loss(model, xb, yb, masks, float(recipe.get("input_temperature", 1.0)), alphas)
 
 
 def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Optional[torch.Tensor],
@@ -136,15 +137,26 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
         else:
             logits, per_image = _pixel_term(pixel, model, xb, yb, masks, recipe)
             guided = _mean_over_regions(per_image, masks)
+            if recipe.get("input_alpha", "image") == "path" and pixel == "input":  # those were the path points' logits
+                logits = model(xb)
     ce = F.cross_entropy(logits, yb, label_smoothing=float(recipe.get("label_smoothing", 0.0)))
     return ce + weight * guided, logits, float(guided.detach())
 
 
-def _init_weights(model: nn.Module, init: Optional[str]) -> None:
-    """Start from a bundled model's weights or a state-dict file (nothing: random weights)."""
+def _init_weights(model: nn.Module, init: Optional[str], out_dir: Path) -> None:
+    """Start from a bundled model's weights, a recipe's weights trained earlier into the same out folder (a stage of a
+    two-stage recipe), or a state-dict file (nothing: random weights)."""
     if not init:
         return
-    path = bundled_models()[init]["weights"] if init in bundled_models() else Path(init)
+    if init in bundled_models():
+        path = bundled_models()[init]["weights"]
+    elif init in BRAIN_RECIPES:
+        path = out_dir / f"{init}.pt"
+        if not path.is_file():
+            raise InputError(f"this recipe starts from {init}'s weights, which are not bundled and not in {out_dir}: run "
+                             f"`medlens train {init}` with the same --out first, or give --init FILE.")
+    else:
+        path = Path(init)
     load_state_dict_checked(model, path, f"the starting weights {init!r}")
 
 
@@ -202,7 +214,7 @@ def train_brain(
     gen = torch.Generator().manual_seed(r["seed"])
     kwargs = {"num_classes": len(CLASSES), "in_channels": 1, "widths": r["widths"], "last_stride": r["last_stride"]}
     model = SmallResNet(**kwargs)
-    _init_weights(model, r.get("init"))
+    _init_weights(model, r.get("init"), out_dir)
     average = WeightAverage(model, r["ema_decay"]) if r.get("ema_decay") else None
     eval_model = SmallResNet(**kwargs) if average else model
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
@@ -218,7 +230,8 @@ def train_brain(
     val_baselines = baseline_localisation(val_masks) if watch else {}
     if watch:
         say("val baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in val_baselines.items()))
-    best: tuple = (False, -1.0, float("inf"))
+    best: Optional[tuple] = None
+    best_acc = -1.0
     history = []
     for epoch in range(1, r["epochs"] + 1):
         model.train()
@@ -257,25 +270,25 @@ def train_brain(
         vloss = float(F.cross_entropy(vlogits, data["val"]["labels"]))
         vacc = float((vlogits.argmax(1) == data["val"]["labels"]).float().mean())
         loc = cam_localisation(eval_model, xval, data["val"]["labels"], val_masks) if watch else {}
-        meets = bool(loc) and loc["pointing_game"] >= val_baselines["centre pointing_game"] + 0.10 \
-            and loc["energy_in_box"] >= 2 * val_baselines["prior energy_in_box"]
-        if watch and "input" in r["guide"]:  # and the pixel-level map must beat the centre's pointing game
-            pixel = input_localisation(eval_model, xval, data["val"]["labels"], val_masks)
-            loc.update({f"input_{k}": v for k, v in pixel.items()})
-            meets = meets and pixel["pointing_game"] > val_baselines["centre pointing_game"]
-        key = (meets, vacc, -vloss)  # guided: epochs that meet the localisation goals on validation come first
-        improved = key > (best[0], best[1], -best[2])
+        if watch and "input" in r["guide"]:  # and the pixel-level maps: gradient x input, integrated gradients
+            for kind, steps in (("input", 0), ("integrated", 16 if r.get("select") == "pixel" else None)):
+                if steps is not None:
+                    pixel = input_localisation(eval_model, xval, data["val"]["labels"], val_masks, n_steps=steps)
+                    loc.update({f"{kind}_{k}": v for k, v in pixel.items()})
+        key = selection_key(r, loc, val_baselines, vacc, vloss)
+        improved = best is None or key > best
         if improved:
-            best = (meets, vacc, vloss)
+            best, best_acc = key, vacc
             save_state(eval_model, out_dir / f"{name}.pt")
         history.append({"epoch": epoch, "train_loss": total_loss / seen, "train_guided": total_guided / seen,
                         "train_acc": correct / seen, "val_loss": vloss, "val_acc": vacc,
-                        **{(f"val_{k}" if k.startswith("input_") else f"val_gradcam_{k}"): v for k, v in loc.items()}})
+                        **{(f"val_{k}" if k.startswith(("input_", "integrated_")) else f"val_gradcam_{k}"): v for k, v in loc.items()}})
         say(f"epoch {epoch:3d}/{r['epochs']} train loss {total_loss / seen:.4f} (guided {total_guided / seen:.4f}) "
             f"acc {correct / seen:.4f} | val loss {vloss:.4f} acc {vacc:.4f}"
             + (f" gradcam pointing {loc['pointing_game']:.3f} energy {loc['energy_in_box']:.3f}" if loc else "")
-            + (f" gradient x input pointing {loc['input_pointing_game']:.3f} energy {loc['input_energy_in_box']:.3f}"
-               if "input_pointing_game" in loc else "")
+            + "".join(f" {label} pointing {loc[kind + '_pointing_game']:.3f} energy {loc[kind + '_energy_in_box']:.3f}"
+                      for kind, label in (("input", "gradient x input"), ("integrated", "integrated gradients"))
+                      if kind + "_pointing_game" in loc)
             + f"{'  * best, saved' if improved else ''} | {time.time() - t0:.0f} s")
     train_seconds = time.time() - t0
     model.load_state_dict(torch.load(out_dir / f"{name}.pt", weights_only=True))
@@ -283,16 +296,20 @@ def train_brain(
     for s in ("val", "test"):
         pred = predict(model, data[s]["images"], prepare=lambda xb: (minmax_scale(xb) - mean) / std)
         results[s] = metrics_from_confusion(confusion_matrix(pred, data[s]["labels"], len(CLASSES)), list(CLASSES))
-    summary = {"model": name, "recipe": plain(r), "best_val_accuracy": best[1], "train_seconds": train_seconds,
+    summary = {"model": name, "recipe": plain(r), "best_val_accuracy": best_acc, "train_seconds": train_seconds,
                "selection": "the weight average of the epoch with the best validation accuracy"
                             + (" among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 "
-                               "and has twice the prior's energy in the box (if any)" if watch else ""),
+                               "and has twice the prior's energy in the box (if any)" if watch else "")
+                            if r.get("select") != "pixel" else
+                            "the weight average of the epoch, among those that pass the Grad-CAM and gradient x input checks "
+                            "and reach the validation accuracy floor, with the highest validation pointing game of gradient "
+                            "x input or integrated gradients",
                "val_baselines": val_baselines,
                "threads": threads, "history": history, "val": results["val"], "test": results["test"],
                "data_credit": CREDIT,
                "split_counts": {k: torch.bincount(d["labels"], minlength=3).tolist() for k, d in data.items()}}
     atomic_write(out_dir / f"{name}.metrics.json", json.dumps(summary, indent=2))
-    say(f"done in {train_seconds:.0f} s; best val acc {best[1]:.4f}; test acc {results['test']['accuracy']:.4f} "
+    say(f"done in {train_seconds:.0f} s; kept val acc {best_acc:.4f}; test acc {results['test']['accuracy']:.4f} "
         f"per class {results['test']['per_class_accuracy']}; confusion {results['test']['confusion_matrix']}")
     log_file.close()
     return summary

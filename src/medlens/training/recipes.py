@@ -47,9 +47,9 @@ BRAIN_V2_RECIPE: dict[str, Any] = dict(
     ema_decay=0.99,
 )
 
-#: the bundled `brain-tumor-mri`: v2 fine-tuned with the same attention loss on the gradient x input map as well (the
+#: `brain-tumor-mri-v3`: v2 fine-tuned with the same attention loss on the gradient x input map as well (the
 #: pixel-level evidence LRP and integrated gradients show), BatchNorm statistics kept from v2
-BRAIN_RECIPE: dict[str, Any] = dict(
+BRAIN_V3_RECIPE: dict[str, Any] = dict(
     BRAIN_V2_RECIPE,
     guide="cam+input",
     input_weight=2.0,
@@ -59,7 +59,9 @@ BRAIN_RECIPE: dict[str, Any] = dict(
     lr=5e-4,
 )
 
-BRAIN_RECIPES: dict[str, dict[str, Any]] = {"brain-tumor-mri": BRAIN_RECIPE, "brain-tumor-mri-v2": BRAIN_V2_RECIPE,
+BRAIN_RECIPE = BRAIN_V3_RECIPE
+
+BRAIN_RECIPES: dict[str, dict[str, Any]] = {"brain-tumor-mri": BRAIN_RECIPE, "brain-tumor-mri-v3": BRAIN_V3_RECIPE, "brain-tumor-mri-v2": BRAIN_V2_RECIPE,
                                             "brain-tumor-mri-v1": BRAIN_V1_RECIPE}
 
 PHANTOM_RECIPES: dict[str, dict[str, Any]] = {

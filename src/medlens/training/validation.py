@@ -1,14 +1,18 @@
 """The localisation checks a guided training run is selected by, on the validation split's boxes.
 
-Owns the pointing game and energy in the box of the class activation map and of gradient x input, and the baselines'.
+Owns the pointing game and energy in the box of the class activation map, gradient x input and integrated gradients,
+the baselines', and the rule an epoch is kept by.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
+from medlens.families.integrated import gauss_legendre
 from medlens.training.guided import class_activation_maps, features_and_logits
 
 
@@ -27,16 +31,29 @@ def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, m
             "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
 
 
-def input_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """Mean pointing game and energy in the box of the target logit's gradient x input (LRP-epsilon on this ReLU
-    network, and integrated gradients' integrand at the image): the validation check of an input-guided run."""
-    model.eval()
+def _path_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, n_steps: int) -> torch.Tensor:
+    """x * the Gauss-Legendre mean of the target logit's gradient on the straight path from 0 to x, (N, 1, *s):
+    gradient x input at n_steps = 0, integrated gradients from the zero baseline otherwise."""
+    alphas, weights = gauss_legendre(n_steps) if n_steps else (torch.ones(1), torch.ones(1))
     maps = []
     for i in range(0, len(x), 64):
-        xb = x[i: i + 64].detach().requires_grad_(True)
-        grads, = torch.autograd.grad(model(xb).gather(1, targets[i: i + 64, None]).sum(), xb)
-        maps.append((grads * xb).sum(1, keepdim=True).detach())
-    maps = torch.cat(maps)
+        xb, tb = x[i: i + 64].detach(), targets[i: i + 64, None]
+        total = torch.zeros_like(xb)
+        for a, w in zip(alphas.tolist(), weights.tolist()):
+            point = (a * xb).requires_grad_(True)
+            grads, = torch.autograd.grad(model(point).gather(1, tb).sum(), point)
+            total += w * grads
+        maps.append((total * xb).sum(1, keepdim=True))
+    return torch.cat(maps)
+
+
+def input_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                       n_steps: int = 0) -> dict[str, float]:
+    """Mean pointing game and energy in the box of the target logit's gradient x input (LRP-epsilon on this ReLU
+    network, and integrated gradients' integrand at the image), or with n_steps > 0 of integrated gradients from the
+    zero baseline in that many Gauss-Legendre points: the validation checks of an input-guided run."""
+    model.eval()
+    maps = _path_maps(model, x, targets, n_steps)
     return {"pointing_game": float(pointing_game(maps, masks).nanmean()),
             "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
 
@@ -47,3 +64,21 @@ def baseline_localisation(masks: torch.Tensor) -> dict[str, float]:
     prior = prior_maps(masks, masks.float().sum(0), len(masks))
     return {f"{name} {metric.__name__}": float(metric(maps, masks).nanmean())
             for name, maps in (("centre", centre), ("prior", prior)) for metric in (pointing_game, energy_in_box)}
+
+
+def selection_key(recipe: dict[str, Any], checks: dict[str, float], baselines: dict[str, float], val_accuracy: float,
+                  val_loss: float) -> tuple:
+    """The order epochs are kept by (higher is better). Unguided: validation accuracy, then loss. Guided: epochs whose
+    Grad-CAM beats the centre's pointing game by 0.10 and has twice the prior's energy in the box come first (for an
+    input guide, whose gradient x input also beats the centre). With `select: "pixel"`: among those, epochs at or above
+    `val_accuracy_floor` first, then the higher of the gradient x input and integrated-gradients pointing game."""
+    if not checks:
+        return (False, val_accuracy, -val_loss)
+    meets = checks["pointing_game"] >= baselines["centre pointing_game"] + 0.10 \
+        and checks["energy_in_box"] >= 2 * baselines["prior energy_in_box"]
+    if "input_pointing_game" in checks:
+        meets = meets and checks["input_pointing_game"] > baselines["centre pointing_game"]
+    if recipe.get("select") != "pixel":
+        return (meets, val_accuracy, -val_loss)
+    pixel = max(checks["input_pointing_game"], checks.get("integrated_pointing_game", 0.0))
+    return (meets, val_accuracy >= float(recipe["val_accuracy_floor"]), pixel, val_accuracy, -val_loss)

@@ -1,0 +1,111 @@
+"""The integrated-gradients path term of the input-guided loss, the validation checks and the rule an epoch is kept by.
+
+Values are checked against medlens' own integrated gradients (an independent quadrature code path) and by definition.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import medlens
+from medlens.errors import InputError
+from medlens.evaluation import energy_in_box, pointing_game
+from medlens.families.integrated import gauss_legendre
+from medlens.training.guided import gradient_input_maps, input_attention_loss
+from medlens.training.loop import _init_weights
+from medlens.training.validation import input_localisation, selection_key
+
+
+def _cnn() -> nn.Module:
+    """A small ReLU network with biases (without them it is positively homogeneous and every path point has the same
+    gradient, so integrated gradients would equal gradient x input and the path term would test nothing)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for module in net:
+            if getattr(module, "bias", None) is not None:
+                module.bias.normal_(0, 0.5)
+    return net.eval()
+
+
+def test_path_maps_average_to_medlens_integrated_gradients():
+    cnn, x, targets = _cnn(), torch.rand(3, 1, 24, 24), torch.tensor([0, 1, 1])
+    alphas, weights = gauss_legendre(8, dtype=torch.float32)
+    mean = sum(w * gradient_input_maps(cnn, x, targets, torch.full((3,), float(a)))[1].detach()
+               for a, w in zip(alphas, weights))
+    ref = medlens.explain(cnn, x, methods="integratedgradients", targets=[[0], [1], [1]],
+                          n_steps=8, baseline="zero")["integratedgradients"][:, 0]
+    assert torch.allclose(mean, ref, atol=1e-4 * float(ref.abs().max()))
+    # at alpha = 1 the path map is gradient x input; at another alpha it is a different map of the same image
+    _, at_one = gradient_input_maps(cnn, x, targets, torch.ones(3))
+    plain = gradient_input_maps(cnn, x, targets)[1].detach()
+    _, at_half = gradient_input_maps(cnn, x, targets, torch.full((3,), 0.5))
+    scale = float(plain.abs().max())
+    assert float((at_one - plain).abs().max()) <= 1e-6 * scale < 1e-2 * scale < float((at_half - plain).abs().max())
+
+
+def test_path_loss_is_differentiable_and_zero_free_only_when_the_region_holds_the_evidence():
+    cnn, x, targets = _cnn(), torch.rand(2, 1, 24, 24), torch.tensor([0, 1])
+    masks = torch.zeros(2, 24, 24, dtype=torch.bool)
+    masks[:, 6:14, 6:14] = True
+    _, loss = input_attention_loss(cnn, x, targets, masks, alphas=torch.tensor([0.3, 0.9]))
+    assert loss.shape == (2,) and bool((loss > 0).all())
+    loss.sum().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in cnn.parameters())
+    everywhere = torch.ones_like(masks)
+    _, none_outside = input_attention_loss(cnn, x, targets, everywhere, alphas=torch.tensor([0.3, 0.9]))
+    assert torch.allclose(none_outside, torch.zeros(2), atol=1e-5)
+
+
+def test_validation_checks_score_medlens_maps_with_the_evaluation_metrics():
+    cnn, x, targets = _cnn(), torch.rand(4, 1, 24, 24), torch.tensor([0, 1, 1, 0])
+    masks = torch.zeros(4, 24, 24, dtype=torch.bool)
+    masks[:2, 2:10, 2:10] = True
+    masks[2:, 12:22, 10:20] = True
+    for method, steps, options in (("inputxgradient", 0, {}),
+                                   ("integratedgradients", 8, {"n_steps": 8, "baseline": "zero"})):
+        maps = medlens.explain(cnn, x, methods=method, targets=targets[:, None].tolist(),
+                               **options)[method]
+        checks = input_localisation(cnn, x, targets, masks, n_steps=steps)
+        assert checks["pointing_game"] == pytest.approx(float(pointing_game(maps, masks).nanmean()))
+        assert checks["energy_in_box"] == pytest.approx(float(energy_in_box(maps, masks).nanmean()), abs=1e-4)
+
+
+BASE = {"centre pointing_game": 0.5, "prior energy_in_box": 0.1}
+GOOD = {"pointing_game": 0.7, "energy_in_box": 0.3, "input_pointing_game": 0.6}
+
+
+def test_selection_key_orders_epochs_by_the_stated_rule():
+    unguided = {"guide": "none"}
+    assert selection_key(unguided, {}, {}, 0.93, 0.2) > selection_key(unguided, {}, {}, 0.92, 0.1)
+    guided = {"guide": "cam+input"}
+    fails_cam = dict(GOOD, pointing_game=0.55)
+    fails_pixel = dict(GOOD, input_pointing_game=0.5)  # a tie with the centre does not beat it
+    assert selection_key(guided, GOOD, BASE, 0.90, 0.3) > selection_key(guided, fails_cam, BASE, 0.95, 0.1)
+    assert selection_key(guided, GOOD, BASE, 0.90, 0.3) > selection_key(guided, fails_pixel, BASE, 0.95, 0.1)
+    assert selection_key(guided, GOOD, BASE, 0.93, 0.3) > selection_key(guided, GOOD, BASE, 0.92, 0.1)
+    pixel = {"guide": "cam+input", "select": "pixel", "val_accuracy_floor": 0.92}
+    sharper = dict(GOOD, input_pointing_game=0.65)
+    by_ig = dict(GOOD, integrated_pointing_game=0.8)
+    assert selection_key(pixel, sharper, BASE, 0.92, 0.3) > selection_key(pixel, GOOD, BASE, 0.95, 0.1)
+    assert selection_key(pixel, GOOD, BASE, 0.92, 0.3) > selection_key(pixel, sharper, BASE, 0.91, 0.1)  # the floor
+    assert selection_key(pixel, by_ig, BASE, 0.92, 0.3) > selection_key(pixel, sharper, BASE, 0.92, 0.3)
+    assert selection_key(pixel, GOOD, BASE, 0.93, 0.3) > selection_key(pixel, GOOD, BASE, 0.92, 0.1)
+
+
+def test_a_two_stage_recipe_needs_its_first_stage_in_the_out_folder(tmp_path):
+    from medlens.models.architectures import SmallResNet
+    from medlens.training.loop import save_state
+    from medlens.training.recipes import BRAIN_RECIPES
+
+    first = next(name for name in BRAIN_RECIPES if name == "brain-tumor-mri-v3")
+    model = SmallResNet(num_classes=3, in_channels=1, widths=(4, 8, 8, 8), last_stride=1)
+    with pytest.raises(InputError, match=f"medlens train {first}"):
+        _init_weights(model, first, tmp_path)
+    torch.manual_seed(5)
+    trained = SmallResNet(num_classes=3, in_channels=1, widths=(4, 8, 8, 8), last_stride=1)
+    save_state(trained, tmp_path / f"{first}.pt")
+    _init_weights(model, first, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
