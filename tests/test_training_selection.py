@@ -109,3 +109,15 @@ def test_a_two_stage_recipe_needs_its_first_stage_in_the_out_folder(tmp_path):
     save_state(trained, tmp_path / f"{first}.pt")
     _init_weights(model, first, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+
+
+def test_input_alpha_is_refused_without_an_input_guide_before_training(tmp_path):
+    from click.testing import CliRunner
+
+    from medlens.training.train import train_command
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(train_command, ["phantom-lesion", "--out", str(out), "--guide", "cam", "--input-alpha", "path",
+                                                "--epochs", "1", "--threads", "1"])
+    assert isinstance(result.exception, InputError) and "--input-alpha" in str(result.exception), result.output
+    assert not out.exists() or not any(out.iterdir())

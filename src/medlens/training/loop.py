@@ -21,13 +21,12 @@ from medlens.io.files import atomic_write
 from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.augment import affine_jitter, inpaint_regions, lesion_crops
-from medlens.training.guided import GUIDES, cam_guidance_loss, input_attention_loss, rrr_loss
+from medlens.training.guided import cam_guidance_loss, input_attention_loss, rrr_loss
 from medlens.training.validation import baseline_localisation, cam_localisation, input_localisation, selection_key
-from medlens.training.recipes import (BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, phantom_data, phantom_prepare,
-                                      plain)
+from medlens.training.recipes import (BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, check_guidance, phantom_data,
+                                      phantom_prepare, plain)
 
 PathLike = Union[str, Path]
-AUGMENTS = ("affine", "lesion-crop", "none")
 
 
 def save_state(model: nn.Module, path: Path) -> None:
@@ -80,24 +79,6 @@ class WeightAverage:
 
     def copy_to(self, model: nn.Module) -> None:
         model.load_state_dict(self.state)
-
-
-def check_guidance(recipe: dict[str, Any], has_region: torch.Tensor, where: str) -> None:
-    """Refuse, before any training, a guided option or lesion crops without regions in the training data."""
-    if recipe["guide"] not in GUIDES:
-        raise InputError(f"unknown --guide {recipe['guide']!r}; expected one of {list(GUIDES)}.")
-    if recipe["augment"] not in AUGMENTS:
-        raise InputError(f"unknown --augment {recipe['augment']!r}; expected one of {list(AUGMENTS)}.")
-    wants = [opt for opt, on in ((f"--guide {recipe['guide']}", recipe["guide"] != "none"),
-                                 ("--augment lesion-crop", recipe["augment"] == "lesion-crop")) if on]
-    if recipe.get("inpaint_region") and not bool(has_region.all()):
-        missing = int((~has_region).sum())
-        raise InputError(f"--inpaint-region removes each image's region, and {missing} image(s) of {where} have none (their "
-                         f"lesion would stay in view). Give every image a box file (N.txt) or train without it.")
-    if wants and not bool(has_region.any()):
-        raise InputError(f"{' and '.join(wants)} need(s) a region (box or mask) for the training images, and {where} "
-                         f"has none. Give each image a box file (N.txt: 'label x_center y_center width height') or "
-                         f"train without these options.")
 
 
 def _mean_over_regions(per_image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The recipes of the bundled models (data, input size, optimiser, epochs, augmentation, guidance) and their inputs.
 
-Owns the recipe dictionaries, the phantom data of each phantom model and the input preparation used in training.
+Owns the recipe dictionaries and their check before training, the phantom data of each phantom model and the input
+preparation used in training.
 """
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch
 
 from medlens.data.figshare import minmax_scale
 from medlens.data.phantom import PhantomSet, phantom_2d, shortcut_set
+from medlens.errors import InputError
+from medlens.training.guided import GUIDES
+
+AUGMENTS = ("affine", "lesion-crop", "none")
 
 #: the first bundled brain model (now `brain-tumor-mri-v1`): whole slices, affine augmentation, 5 x 5 last grid
 BRAIN_V1_RECIPE: dict[str, Any] = {
@@ -103,3 +108,25 @@ def phantom_prepare(images: torch.Tensor) -> torch.Tensor:
 def plain(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe as JSON-able values (tuples as lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
+
+
+def check_guidance(recipe: dict[str, Any], has_region: torch.Tensor, where: str) -> None:
+    """Refuse, before any training, a guided option or lesion crops without regions in the training data."""
+    if recipe["guide"] not in GUIDES:
+        raise InputError(f"unknown --guide {recipe['guide']!r}; expected one of {list(GUIDES)}.")
+    if recipe["augment"] not in AUGMENTS:
+        raise InputError(f"unknown --augment {recipe['augment']!r}; expected one of {list(AUGMENTS)}.")
+    alpha = recipe.get("input_alpha", "image")
+    if alpha not in ("image", "path") or (alpha == "path" and "input" not in recipe["guide"]):
+        raise InputError(f"--input-alpha {alpha!r}: expected 'image' or 'path', and 'path' only with --guide input or "
+                         f"cam+input (it chooses where that guide takes the gradient); the guide is {recipe['guide']!r}.")
+    wants = [opt for opt, on in ((f"--guide {recipe['guide']}", recipe["guide"] != "none"),
+                                 ("--augment lesion-crop", recipe["augment"] == "lesion-crop")) if on]
+    if recipe.get("inpaint_region") and not bool(has_region.all()):
+        missing = int((~has_region).sum())
+        raise InputError(f"--inpaint-region removes each image's region, and {missing} image(s) of {where} have none (their "
+                         f"lesion would stay in view). Give every image a box file (N.txt) or train without it.")
+    if wants and not bool(has_region.any()):
+        raise InputError(f"{' and '.join(wants)} need(s) a region (box or mask) for the training images, and {where} "
+                         f"has none. Give each image a box file (N.txt: 'label x_center y_center width height') or "
+                         f"train without these options.")

@@ -12,9 +12,9 @@ import click
 from medlens.errors import InputError
 from medlens.training.export import bundled_entry, export_bundled, render_card
 from medlens.training.guided import GUIDES
-from medlens.training.loop import (AUGMENTS, WeightAverage, confusion_matrix, metrics_from_confusion, predict, train_brain,
+from medlens.training.loop import (WeightAverage, confusion_matrix, metrics_from_confusion, predict, train_brain,
                                    train_phantom)
-from medlens.training.recipes import (BRAIN_RECIPE, BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, brain_prepare,
+from medlens.training.recipes import (AUGMENTS, BRAIN_RECIPE, BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, brain_prepare,
                                       phantom_data, phantom_prepare)
 
 __all__ = ["BRAIN_RECIPE", "BRAIN_RECIPES", "PHANTOM_RECIPES", "PHANTOM_SEEDS", "WeightAverage", "brain_prepare",
@@ -40,6 +40,10 @@ __all__ = ["BRAIN_RECIPE", "BRAIN_RECIPES", "PHANTOM_RECIPES", "PHANTOM_SEEDS", 
                    "2017, 'right for the right reasons'; about 3x slower); input = the same attention loss as cam on the "
                    "gradient x input map (what LRP-epsilon and integrated gradients show; about 3x slower); cam+rrr, "
                    "cam+input = cam plus the other.")
+@click.option("--input-alpha", type=click.Choice(["image", "path"]), default=None,
+              help="--guide input / cam+input: take the gradient at the image (gradient x input, LRP-epsilon's map; the "
+                   "default) or at a random point alpha * image of the integrated-gradients path (its mean over alpha is "
+                   "the integrated-gradients map from the zero baseline).")
 @click.option("--guide-weight", type=float, default=None, help="Weight of the guided loss beside the cross-entropy.")
 @click.option("--last-stride", type=click.Choice(["1", "2"]), default=None,
               help="Brain models: stride of the last stage (1: a 10 x 10 grid at 160 px instead of 5 x 5).")
@@ -54,12 +58,13 @@ __all__ = ["BRAIN_RECIPE", "BRAIN_RECIPES", "PHANTOM_RECIPES", "PHANTOM_SEEDS", 
                    "'none' starts from random weights.")
 def train_command(model_name: str, data_root: Optional[str], out_dir: str, epochs: Optional[int], size: Optional[int],
                   seed: int, threads: int, augment: Optional[str], guide: Optional[str], guide_weight: Optional[float],
-                  last_stride: Optional[str], init: Optional[str], inpaint_region: bool, freeze_batchnorm: bool) -> None:
+                  last_stride: Optional[str], init: Optional[str], inpaint_region: bool, freeze_batchnorm: bool,
+                  input_alpha: Optional[str]) -> None:
     """Reproduce a bundled model from data with a fixed seed (progress bar, epoch log, best-by-validation).
 
     Boxes are read from the training split only; a guided option or lesion crops without boxes are refused
     before training starts."""
-    overrides = {"augment": augment, "guide": guide, "guide_weight": guide_weight}
+    overrides = {"augment": augment, "guide": guide, "guide_weight": guide_weight, "input_alpha": input_alpha}
     if model_name in BRAIN_RECIPES:
         if data_root is None:
             raise InputError(f"{model_name} needs --data DIR: a copy of the figshare brain tumour set (one folder per class).")
