@@ -121,3 +121,23 @@ def test_input_alpha_is_refused_without_an_input_guide_before_training(tmp_path)
                                                 "--epochs", "1", "--threads", "1"])
     assert isinstance(result.exception, InputError) and "--input-alpha" in str(result.exception), result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_second_stage_without_the_first_is_refused_before_anything_is_written(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from medlens.data.figshare import CLASSES
+    from medlens.training.train import train_command
+
+    data = tmp_path / "data"
+    for k, name in enumerate(CLASSES):
+        (data / name).mkdir(parents=True)
+        for n in (1 + k, 31 + k, 151 + k):  # one slice per split
+            Image.fromarray(torch.full((16, 16), 40 + n, dtype=torch.uint8).numpy()).save(data / name / f"{n}.jpg")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(train_command, ["brain-tumor-mri", "--data", str(data), "--out", str(out), "--guide", "none",
+                                                "--augment", "affine", "--size", "16", "--threads", "1"])
+    assert isinstance(result.exception, InputError), result.output
+    assert "medlens train brain-tumor-mri-v3" in str(result.exception)
+    assert not out.exists()

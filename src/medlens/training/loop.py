@@ -124,21 +124,27 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
     return ce + weight * guided, logits, float(guided.detach())
 
 
-def _init_weights(model: nn.Module, init: Optional[str], out_dir: Path) -> None:
-    """Start from a bundled model's weights, a recipe's weights trained earlier into the same out folder (a stage of a
-    two-stage recipe), or a state-dict file (nothing: random weights)."""
+def _init_path(init: Optional[str], out_dir: Path) -> Optional[Path]:
+    """Where the starting weights are: a bundled model's, a recipe's trained earlier into the same out folder (a stage
+    of a two-stage recipe), or a state-dict file; None: random weights. Missing first-stage weights are refused."""
     if not init:
-        return
+        return None
     if init in bundled_models():
-        path = bundled_models()[init]["weights"]
-    elif init in BRAIN_RECIPES:
+        return Path(bundled_models()[init]["weights"])
+    if init in BRAIN_RECIPES:
         path = out_dir / f"{init}.pt"
         if not path.is_file():
             raise InputError(f"this recipe starts from {init}'s weights, which are not bundled and not in {out_dir}: run "
                              f"`medlens train {init}` with the same --out first, or give --init FILE.")
-    else:
-        path = Path(init)
-    load_state_dict_checked(model, path, f"the starting weights {init!r}")
+        return path
+    return Path(init)
+
+
+def _init_weights(model: nn.Module, init: Optional[str], out_dir: Path) -> None:
+    """Load the starting weights named by `init` (see _init_path) into model."""
+    path = _init_path(init, out_dir)
+    if path is not None:
+        load_state_dict_checked(model, path, f"the starting weights {init!r}")
 
 
 def train_brain(
@@ -166,6 +172,7 @@ def train_brain(
     torch.set_num_threads(threads)
     boxed = torch.tensor([s.box[0] == s.box[0] for s in scan_folder(data_root, ["train"], require_boxes=False)])
     check_guidance(r, boxed, f"the train split of {data_root}")  # before anything is decoded or written
+    _init_path(r.get("init"), Path(out_dir))  # a missing first stage too
     data = {s: load_arrays(data_root, s, r["size"], cache_dir=cache_dir, progress=True, require_boxes=False)
             for s in ("train", "val", "test")}
     has_region = ~torch.isnan(data["train"]["boxes"]).any(1)
