@@ -59,15 +59,15 @@ def test_path_loss_is_differentiable_and_zero_free_only_when_the_region_holds_th
     assert torch.allclose(none_outside, torch.zeros(2), atol=1e-5)
 
 
-def test_validation_checks_score_medlens_maps_with_the_evaluation_metrics():
-    cnn, x, targets = _cnn(), torch.rand(4, 1, 24, 24), torch.tensor([0, 1, 1, 0])
-    masks = torch.zeros(4, 24, 24, dtype=torch.bool)
-    masks[:2, 2:10, 2:10] = True
-    masks[2:, 12:22, 10:20] = True
-    for method, steps, options in (("inputxgradient", 0, {}),
-                                   ("integratedgradients", 8, {"n_steps": 8, "baseline": "zero"})):
-        maps = medlens.explain(cnn, x, methods=method, targets=targets[:, None].tolist(),
-                               **options)[method]
+def test_validation_checks_score_the_definition_maps_with_the_evaluation_metrics():
+    cnn, x, targets = _cnn(), torch.rand(70, 1, 24, 24), torch.randint(0, 2, (70,))  # 70: two chunks of 64
+    masks = torch.zeros(70, 24, 24, dtype=torch.bool)
+    masks[:35, 2:10, 2:10] = True
+    masks[35:, 12:22, 10:20] = True
+    for steps in (0, 8):  # gradient x input; integrated gradients as the Gauss-Legendre mean of x * grad(alpha x)
+        alphas, weights = gauss_legendre(steps, dtype=torch.float32) if steps else (torch.ones(1), torch.ones(1))
+        maps = sum(w * gradient_input_maps(cnn, x, targets, torch.full((70,), float(a)))[1].detach()
+                   for a, w in zip(alphas, weights))[:, None]
         checks = input_localisation(cnn, x, targets, masks, n_steps=steps)
         assert checks["pointing_game"] == pytest.approx(float(pointing_game(maps, masks).nanmean()))
         assert checks["energy_in_box"] == pytest.approx(float(energy_in_box(maps, masks).nanmean()), abs=1e-4)

@@ -22,7 +22,8 @@ from medlens.models.architectures import PhantomCNN, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.augment import affine_jitter, inpaint_regions, lesion_crops
 from medlens.training.guided import cam_guidance_loss, input_attention_loss, rrr_loss
-from medlens.training.validation import baseline_localisation, cam_localisation, input_localisation, selection_key
+from medlens.training.validation import (baseline_localisation, cam_localisation, input_localisation, selection_key,
+                                        selection_text)
 from medlens.training.recipes import (BRAIN_RECIPES, PHANTOM_RECIPES, PHANTOM_SEEDS, check_guidance, phantom_data,
                                       phantom_prepare, plain)
 
@@ -285,13 +286,7 @@ def train_brain(
         pred = predict(model, data[s]["images"], prepare=lambda xb: (minmax_scale(xb) - mean) / std)
         results[s] = metrics_from_confusion(confusion_matrix(pred, data[s]["labels"], len(CLASSES)), list(CLASSES))
     summary = {"model": name, "recipe": plain(r), "best_val_accuracy": best_acc, "train_seconds": train_seconds,
-               "selection": "the weight average of the epoch with the best validation accuracy"
-                            + (" among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 "
-                               "and has twice the prior's energy in the box (if any)" if watch else "")
-                            if r.get("select") != "pixel" else
-                            "the weight average of the epoch, among those that pass the Grad-CAM and gradient x input checks "
-                            "and reach the validation accuracy floor, with the highest validation pointing game of gradient "
-                            "x input or integrated gradients",
+               "selection": selection_text(r, watch),
                "val_baselines": val_baselines,
                "threads": threads, "history": history, "val": results["val"], "test": results["test"],
                "data_credit": CREDIT,

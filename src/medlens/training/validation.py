@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
-from medlens.families.integrated import gauss_legendre
+from medlens.core.explain import explain
 from medlens.training.guided import class_activation_maps, features_and_logits
 
 
@@ -31,29 +31,16 @@ def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, m
             "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
 
 
-def _path_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, n_steps: int) -> torch.Tensor:
-    """x * the Gauss-Legendre mean of the target logit's gradient on the straight path from 0 to x, (N, 1, *s):
-    gradient x input at n_steps = 0, integrated gradients from the zero baseline otherwise."""
-    alphas, weights = gauss_legendre(n_steps) if n_steps else (torch.ones(1), torch.ones(1))
-    maps = []
-    for i in range(0, len(x), 64):
-        xb, tb = x[i: i + 64].detach(), targets[i: i + 64, None]
-        total = torch.zeros_like(xb)
-        for a, w in zip(alphas.tolist(), weights.tolist()):
-            point = (a * xb).requires_grad_(True)
-            grads, = torch.autograd.grad(model(point).gather(1, tb).sum(), point)
-            total += w * grads
-        maps.append((total * xb).sum(1, keepdim=True))
-    return torch.cat(maps)
-
-
 def input_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
                        n_steps: int = 0) -> dict[str, float]:
-    """Mean pointing game and energy in the box of the target logit's gradient x input (LRP-epsilon on this ReLU
-    network, and integrated gradients' integrand at the image), or with n_steps > 0 of integrated gradients from the
-    zero baseline in that many Gauss-Legendre points: the validation checks of an input-guided run."""
+    """Mean pointing game and energy in the box of medlens' gradient x input of the target (LRP-epsilon on this ReLU
+    network, and integrated gradients' integrand at the image), or with n_steps > 0 of its integrated gradients from
+    the zero baseline in that many Gauss-Legendre points: the validation checks of an input-guided run. The maps are
+    the ones `medlens explain` shows, from the method registry."""
     model.eval()
-    maps = _path_maps(model, x, targets, n_steps)
+    method, options = ("integratedgradients", {"n_steps": n_steps, "baseline": "zero"}) if n_steps else ("inputxgradient", {})
+    maps = torch.cat([explain(model, x[i: i + 64], methods=method, targets=targets[i: i + 64, None].tolist(), **options)[method]
+                      for i in range(0, len(x), 64)])
     return {"pointing_game": float(pointing_game(maps, masks).nanmean()),
             "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
 
@@ -82,3 +69,14 @@ def selection_key(recipe: dict[str, Any], checks: dict[str, float], baselines: d
         return (meets, val_accuracy, -val_loss)
     pixel = max(checks["input_pointing_game"], checks.get("integrated_pointing_game", 0.0))
     return (meets, val_accuracy >= float(recipe["val_accuracy_floor"]), pixel, val_accuracy, -val_loss)
+
+
+def selection_text(recipe: dict[str, Any], guided: bool) -> str:
+    """The rule of selection_key in words, for the run's metrics."""
+    if recipe.get("select") == "pixel":
+        return ("the weight average of the epoch, among those that pass the Grad-CAM and gradient x input checks and reach "
+                "the validation accuracy floor, with the highest validation pointing game of gradient x input or "
+                "integrated gradients")
+    return "the weight average of the epoch with the best validation accuracy" + (
+        " among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 and has twice the "
+        "prior's energy in the box (if any)" if guided else "")
