@@ -15,7 +15,8 @@ FLOORS = {
     "errors": 0, "version": 0,
     "tensor": 1,  # torch helpers: calling a model, batched gradients, spatial axes
     "accel": 2,  # CPU speed-ups of forward passes
-    "core": 3,  # explain(), the shared context, the method registry, results, targets
+    "core": 3,  # explain(), the shared context, the method registry, results, targets, and ModelDescription (the one
+    # description of a model, with its accessor `describe`: core, families and io read it, so it sits here, below models)
     "families": 4,  # the methods, registered by family
     "io": 5,  # files: scans, model files, outputs
     "models": 6, "data": 6,  # bundled models and how to load any model; datasets

@@ -181,17 +181,14 @@ def test_torchscript_model_with_layer_method_is_explained_clearly(capsys, files,
 
 
 def test_models_lists_bundled_models_from_the_zoo(capsys, monkeypatch):
-    import types
-
     from medlens.core.input_spec import InputSpec
-    from medlens.models import loading
+    from medlens.models import zoo
 
-    zoo = types.ModuleType("medlens.models.zoo")
     spec = InputSpec(size=(128, 128), channels=1, labels=("glioma", "meningioma", "no tumor", "pituitary"))
-    zoo.bundled_models = lambda: {"brain-tumor-mri": {"labels": list(spec.labels), "input_spec": spec,
-                                                      "description": "ResNet-18 on brain MRI", "test_accuracy": 0.912}}
-    zoo.load_bundled = lambda name: None
-    monkeypatch.setattr(loading, "zoo", zoo)  # the zoo `medlens models` reads, replaced by this stand-in
+    listed = {"brain-tumor-mri": {"labels": list(spec.labels), "input_spec": spec,
+                                  "description": "ResNet-18 on brain MRI", "test_accuracy": 0.912}}
+    monkeypatch.setattr(zoo, "bundled_models", lambda: listed)  # the list `medlens models` reads, replaced by this stand-in
+    monkeypatch.setattr(zoo, "load_bundled", lambda name: None)
     code, out, _ = run(capsys, "models")
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("brain-tumor-mri"))

@@ -13,7 +13,7 @@ from torch import nn
 import medlens
 from conftest import TinyCNN2d, _randomise_bn, torchvision_model
 from medlens.errors import ModelError
-from medlens.io.model_files import read_state_dict
+from medlens.models.state_dicts import read_state_dict
 import medlens.models.loading
 from medlens.models.loading import load_model
 from medlens.core.input_spec import InputSpec
@@ -262,17 +262,15 @@ def test_the_first_input_a_model_sees_is_scaled_like_a_real_one(monkeypatch, tmp
 
 
 def test_bundled_model_through_zoo(monkeypatch):
-    zoo = types.ModuleType("medlens.models.zoo")
-    zoo.bundled_models = lambda: {"tiny-test": {"labels": ["a", "b", "c"]}}
-
     def load_bundled(name):
         m = _tiny()
         m.labels = ["a", "b", "c"]
         m.input_spec = InputSpec(size=(24, 24), labels=("a", "b", "c"))
         return m
 
-    zoo.load_bundled = load_bundled
-    monkeypatch.setattr(medlens.models.loading, "zoo", zoo)  # the zoo load_model asks, replaced by this stand-in
+    # the zoo's list and loader, which the "bundled" model source asks, replaced by these stand-ins
+    monkeypatch.setattr(medlens.models.zoo, "bundled_models", lambda: {"tiny-test": {"labels": ["a", "b", "c"]}})
+    monkeypatch.setattr(medlens.models.zoo, "load_bundled", load_bundled)
     model = load_model("tiny-test")
     assert model.labels == ["a", "b", "c"] and model.medlens_source["kind"] == "bundled"
     with pytest.raises(ModelError, match="Bundled models: tiny-test"):

@@ -20,7 +20,7 @@ from medlens.data.figshare import CLASSES
 from medlens.data.phantom import phantom_2d
 from medlens.errors import InputError
 from medlens.evaluation import energy_in_box, pointing_game
-from medlens.models.architectures import PhantomCNN, SmallResNet
+from medlens.models.networks import PhantomCNN, SmallResNet
 from medlens.training.augment import lesion_crops, region_extent
 from medlens.training.guided import (class_activation_maps, features_and_logits, gradient_input_maps,
                                      input_attention_loss, input_gradient_penalty, outside_energy, region_attention_loss,

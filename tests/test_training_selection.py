@@ -96,7 +96,7 @@ def test_selection_key_orders_epochs_by_the_stated_rule():
 
 
 def test_a_two_stage_recipe_needs_its_first_stage_in_the_out_folder(tmp_path):
-    from medlens.models.architectures import SmallResNet
+    from medlens.models.networks import SmallResNet
     from medlens.training.loop import save_state
     from medlens.training.recipes import BRAIN_RECIPES
 

@@ -11,7 +11,7 @@ from medlens.data.phantom import phantom_2d, shortcut_set
 from medlens.cli.demo import energy_inside, marker_zone
 from medlens.errors import ModelError
 from medlens.models import zoo
-from medlens.models.architectures import PhantomCNN
+from medlens.models.networks import PhantomCNN
 from medlens.training.train import brain_prepare, phantom_prepare, predict
 
 #: the documented floor for phantom-lesion on fresh phantoms (its card reports the accuracy on its test seed)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from medlens.core.model_description import describe
 import medlens
 from medlens.errors import MedlensError, ModelError
 from medlens.io import model_dims
@@ -38,7 +39,7 @@ class ModelEntry:
 
     @property
     def labels(self) -> list[str]:
-        return list(getattr(self.model, "labels", None) or [])
+        return list(describe(self.model).labels)
 
     @property
     def dims(self) -> int:

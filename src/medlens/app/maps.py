@@ -105,7 +105,7 @@ class MapStore:
 
 def _top_targets(result: Any) -> list[int]:
     probs = result.probabilities[0]
-    multi = bool(getattr(result, "multi_label", False))
+    multi = bool(result.multi_label)
     if multi:
         chosen = [i for i, p in enumerate(probs.tolist()) if p >= 0.5]
         return chosen or [int(probs.argmax())]

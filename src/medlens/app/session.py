@@ -13,6 +13,7 @@ from medlens.app.export import ExportItem, build_zip, command_lines, overlay_tit
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
 from medlens.app.views import ViewSettings, Scale, overlay_png, scale_for
+from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
 from medlens.errors import MedlensError
 from medlens.io import PreparedInput
@@ -151,7 +152,7 @@ class Current:
             prepared, _, input_id = self.prepared(key)
             run = self.store.run_of(key, input_id)
             entry = self.catalogue.get(key)
-            provenance["models"][key] = {"source": getattr(entry.model, "medlens_source", None) or entry.source,
+            provenance["models"][key] = {"source": describe(entry.model).provenance() if entry.model is not None else entry.source,
                                          "probabilities": run.probabilities, "preparation_notes": list(prepared.notes),
                                          "explain": run.provenance}
         return build_zip(items, provenance, commands)

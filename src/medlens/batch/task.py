@@ -14,6 +14,7 @@ import torch
 import medlens
 from medlens.batch.inputs import WorkItem
 from medlens.batch.manifest import DONE, FAILED
+from medlens.core.model_description import describe
 from medlens.errors import MedlensError, short_message
 from medlens.io.files import deferred_fsync
 from medlens.pipeline import ExplainRequest, Outcome, Plan, explain_file, plan_for, write_outcome
@@ -70,7 +71,7 @@ class BatchTask:
         self.factory = factory
         self.plan = plan
         self.out = Path(factory.out)
-        self.model_source = getattr(plan.model, "medlens_source", None)
+        self.model_source = describe(plan.model).provenance()
 
     def __call__(self, item: WorkItem) -> dict[str, Any]:
         t0 = time.perf_counter()

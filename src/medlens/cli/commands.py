@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import medlens
 from medlens.core.explain import check_methods
+from medlens.core.model_description import describe
 from medlens.core.registry import all_specs
 from medlens.errors import InputError, MedlensError, MethodError, ModelError
 from medlens.io.files import ensure_writable, safe_name
@@ -71,12 +72,12 @@ def models_command() -> None:
         rows = []
         for name, info in bundled.items():
             spec = _info_get(info, "input_spec")
-            labels = _info_get(info, "labels") or (getattr(spec, "labels", None) if spec is not None else None) or ()
+            labels = _info_get(info, "labels") or (spec.labels if spec is not None else None) or ()
             size = getattr(spec, "size", None) if spec is not None else _info_get(info, "size")
             channels = getattr(spec, "channels", "") if spec is not None else _info_get(info, "channels", "")
             summary = _info_get(info, "summary") or _info_get(info, "description") or ""
             accuracy = _info_get(info, "test_accuracy")
-            multi = _info_get(info, "multi_label", getattr(spec, "multi_label", False))
+            multi = _info_get(info, "multi_label", spec.multi_label if spec is not None else False)
             rows.append((name, " x ".join(map(str, size)) if size else "any", str(channels), "multi" if multi else "single",
                          f"{accuracy:.3f}" if isinstance(accuracy, (int, float)) else "-", ", ".join(map(str, labels)), str(summary)))
         click.echo("Bundled models:")
@@ -222,7 +223,7 @@ def explain_command(
                                  multi_label=multi_label, weights=weights,
                                  allow_pickle=allow_pickle or None)
         plan = plan_for(model, request)
-        _explain_each(plan, images, out, chosen_region, getattr(model, "medlens_source", None))
+        _explain_each(plan, images, out, chosen_region, describe(model).provenance())
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # a run that wrote nothing leaves no empty folder
             out.rmdir()
@@ -231,7 +232,7 @@ def explain_command(
 
 def _model_on_device(source: str, device: str, **options: Any) -> Any:
     model = load_model_for_cli(source, **{k: v for k, v in options.items() if v is not None})
-    for note in (getattr(model, "medlens_source", None) or {}).get("notes", []):  # how labels, size and outputs were read
+    for note in describe(model).notes:  # how labels, size and outputs were read
         click.echo(f"medlens: note: {note}", err=True)
     try:
         if torch.device(device).type == "meta":  # holds no values: every forward pass would fail

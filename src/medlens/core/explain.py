@@ -23,6 +23,7 @@ from medlens.accel.heap import steady_heap
 from medlens.core.digests import model_digest, tensor_digest
 from medlens.core.jsonable import jsonable
 from medlens.core.layers import LayerSpec
+from medlens.core.model_description import describe
 from medlens.core.model_state import borrowed_model
 from medlens.core.registry import MethodSpec, all_specs, get_spec
 from medlens.core.result import ExplanationResult
@@ -180,8 +181,8 @@ def explain(
     specs, per_method = check_methods(methods, options, model=model, input_shape=tuple(x.shape))
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
-    labels = getattr(model, "labels", None)
-    multi_label = bool(getattr(model, "multi_label", False))
+    description = describe(model)
+    labels, multi_label = description.labels, description.multi_label
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
         raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")

@@ -1,6 +1,6 @@
 """What a model expects as input: size, channels, intensity normalisation, labels, multi-label or not.
 
-Every model medlens loads carries an `InputSpec` as `model.input_spec`; `load_input` prepares scans to it.
+A model's `ModelDescription` (core/model_description.py) holds its `InputSpec`; `load_input` prepares scans to it.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from medlens.tensor.autograd import call_model
 from medlens.core.baselines import gaussian_blur
+from medlens.core.model_description import describe
 from medlens.errors import InputError
 from medlens.core.model_state import borrowed_model
 
@@ -72,7 +73,7 @@ def model_scores(
         for start in range(0, x.shape[0], max(1, int(chunk))):
             logits = call_model(model, x[start:start + chunk]).float()
             if output == "probability":
-                logits = torch.sigmoid(logits) if getattr(model, "multi_label", False) else torch.softmax(logits, dim=1)
+                logits = torch.sigmoid(logits) if describe(model).multi_label else torch.softmax(logits, dim=1)
             outs.append(logits)
     return torch.cat(outs)
 

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from medlens.core.model_description import describe
 from medlens.errors import InputError, MethodError, OutputError
 from medlens.evaluation.metrics import LOCALISATION, METRICS
 from medlens.evaluation_run.dataset import FolderDataset, read_include
@@ -123,7 +124,7 @@ def evaluate(
             "metric_options": {k: {kk: repr(vv) for kk, vv in v.items()} for k, v in options.items() if v},
             "seconds_per_image": {m: tally.seconds[m] / max(len(order), 1) for m in method_names},
             "elapsed_s": round(time.perf_counter() - started, 3),
-            "probabilities": "sigmoid" if getattr(model, "multi_label", False) else "softmax",
+            "probabilities": "sigmoid" if describe(model).multi_label else "softmax",
             "executor": executor if factory is None else {"name": executor, "workers": workers},
         })
     return rows

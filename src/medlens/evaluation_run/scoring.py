@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from medlens.core.model_description import describe
 import medlens.evaluation.localisation as L
 from medlens.evaluation.faithfulness import model_scores
 from medlens.evaluation.metrics import LOCALISATION, CurvePart, MetricCall, MetricScore, get_metric
@@ -95,8 +96,8 @@ def region_prior(plan: Plan, data: Any, order: Sequence[int]) -> tuple[Optional[
     for i in order:
         if isinstance(data, FolderDataset):
             path, _ = data.items[i]
-            spec = getattr(plan.model, "input_spec", None)
-            size = tuple(spec.size[-2:]) if getattr(spec, "size", None) else read_image(path).spatial_shape[-2:]
+            spec = describe(plan.model).input_spec
+            size = tuple(spec.size[-2:]) if spec is not None and spec.size else read_image(path).spatial_shape[-2:]
             mask = box_mask(path.with_suffix(".txt"), size)
         else:
             mask = as_sample(data[i]).mask
@@ -114,7 +115,7 @@ def score_images(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[
     `first_batch`: the number of the first batch in the whole run (its noise seed is the run's seed plus it)."""
     model, seed, layer = plan.model, int(plan.request.seed or 0), plan.request.layer
     methods = [s.name for s in plan.specs]
-    labels = list(getattr(model, "labels", None) or [])
+    labels = list(describe(model).labels)
     region_metrics = [m for m in metrics if m in LOCALISATION]
     tally = Tally(seconds={m: 0.0 for m in methods})
     prior_total, prior_count = prior

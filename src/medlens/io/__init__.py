@@ -1,4 +1,5 @@
-"""The file edge: reading scans and model files, writing results; the only place numpy, Pillow, pydicom and nibabel are used.
+"""The file edge: reading scans and writing results (model files are medlens.models'); the only place numpy, Pillow,
+pydicom and nibabel are used.
 
 Front ends import the readers from here (`from medlens.io import read_image, prepare, ...`), so the modules behind can move.
 """

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from medlens.core.input_spec import InputSpec
 from medlens.core.layers import first_convolution
+from medlens.core.model_description import describe
 from medlens.errors import InputError
 from medlens.io.readers import read_image, take_slice
 from medlens.io.scan import PathLike, ScanImage
@@ -31,7 +32,7 @@ class PreparedInput:
 
 def model_dims(model: Any) -> int:
     """2 or 3: the spatial dimensionality a model takes (its spec's size, else its first convolution)."""
-    spec = getattr(model, "input_spec", None)
+    spec = describe(model).input_spec
     if spec is not None and spec.size:
         return len(spec.size)
     conv = first_convolution(model) if model is not None else None
@@ -46,11 +47,9 @@ def spec_for(model: Any) -> InputSpec:
     """The model's `input_spec`, or one inferred from its first convolution (channels, 2-D/3-D)."""
     if model is None:
         return InputSpec()
-    spec = getattr(model, "input_spec", None)
-    if isinstance(spec, InputSpec):
+    spec = describe(model).input_spec
+    if spec is not None:
         return spec
-    if isinstance(spec, dict):
-        return InputSpec.from_dict(spec)
     conv = first_convolution(model)
     channels = 1
     if conv is not None and getattr(conv, "weight", None) is not None:

@@ -1,4 +1,9 @@
-"""The models medlens ships: architectures, committed weights with model cards, and the zoo that loads them.
+"""Everything about models: loading any model (`loading.load_model`, through its table of sources), describing it
+(`metadata.build_description`, stored as one `ModelDescription` read with `medlens.core.model_description.describe`),
+and the models medlens ships.
 
-`zoo.load_bundled(name)` returns a model in eval mode carrying `.labels`, `.multi_label` and `.input_spec`.
+Layout: loading (load_model and SOURCES), source (the contract of a source), zoo (bundled models), model_files
+(TorchScript, .pt2, pickled modules, paths), library (torchvision:/timm: by name), xrv (TorchXRayVision), state_dicts
+(weights files), sidecar (sidecar JSON and field checks), metadata (the description in steps), probe (the probe
+pass), networks (the bundled models' network classes).
 """

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from medlens.core.explain import check_methods, model_digest
+from medlens.core.model_description import describe
 from medlens.core.registry import MethodSpec
 from medlens.core.targets import check_target_names
 from medlens.errors import InputError, ModelError
@@ -86,7 +87,7 @@ def plan_for(model: nn.Module, request: ExplainRequest) -> Plan:
         raise InputError(f"request must be an ExplainRequest, not {type(request).__name__}.")
     dims = model_dims(model)
     specs, _ = check_methods(list(request.methods), dict(request.options), model=model, model_dims=dims)
-    labels = list(getattr(model, "labels", None) or [])
+    labels = list(describe(model).labels)
     targets = request.targets
     if isinstance(targets, str) and targets.lower() == "all":
         if not labels:

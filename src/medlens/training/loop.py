@@ -18,7 +18,7 @@ from medlens.data.figshare import CLASSES, CREDIT, box_to_mask, load_arrays, min
 from medlens.data.phantom import LABELS
 from medlens.errors import InputError
 from medlens.io.files import atomic_write
-from medlens.models.architectures import PhantomCNN, SmallResNet
+from medlens.models.networks import PhantomCNN, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.augment import affine_jitter, inpaint_regions, lesion_crops
 from medlens.training.guided import cam_guidance_loss, input_attention_loss, rrr_loss

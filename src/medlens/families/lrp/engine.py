@@ -17,6 +17,7 @@ from torch import nn
 from medlens.tensor.autograd import call_model, target_gradients
 from medlens.errors import MethodError
 from medlens.core.layers import is_activation, is_linear
+from medlens.core.model_description import describe
 from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
 from medlens.families.lrp.composites import DEFAULT_COMPOSITE, assign_rules
 from medlens.families.lrp.rules import LayerCall, Rule, stabilize
@@ -102,8 +103,8 @@ def lrp_model(model: nn.Module, plan: ModelPlan, rules: dict[nn.Module, Rule], s
 
 def input_bounds(model: nn.Module, x: torch.Tensor) -> tuple[tuple[float, float], str]:
     """(low, high) for z^B: the model's input spec when it has one, else the input's own min and max."""
-    spec = getattr(model, "input_spec", None)
-    if spec is not None and hasattr(spec, "value_range"):
+    spec = describe(model).input_spec
+    if spec is not None:
         low, high = spec.value_range
         return (float(low), float(high)), "from model.input_spec.value_range"
     return (float(x.min()), float(x.max())), "from the input's min and max (the model has no input_spec)"

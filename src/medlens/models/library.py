@@ -1,5 +1,6 @@
 """Architectures named by library ("torchvision:<arch>", "timm:<arch>") with a local state dict: built empty, their
-classifier size and input channels read from the weights, then the weights checked and loaded.
+classifier size and input channels read from the weights, then the weights checked and loaded; the "architecture"
+model source (`can_load`, `load`).
 """
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from medlens.core.model_description import ModelDescription
 from medlens.errors import ModelError
-from medlens.io.model_files import check_state_dict, read_state_dict
+from medlens.io.files import file_sha256
+from medlens.models.sidecar import read_sidecar
+from medlens.models.source import LoadedModel, LoadOptions
+from medlens.models.state_dicts import check_state_dict, read_state_dict
+
+LIBRARIES = ("torchvision:", "timm:")  # the prefixes of an architecture named by library
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -51,8 +58,22 @@ def _first_conv_in(state: Mapping[str, torch.Tensor]) -> Optional[int]:
 
 
 def load_architecture(source: str, weights: Any, map_location: Any, num_classes: Any, in_channels: Any, notes: list[str]) -> nn.Module:
-    """"torchvision:<arch>" or "timm:<arch>" built without weights, then given the local `weights` (num_classes and input
-    channels read from them unless given)."""
+    """"torchvision:<arch>" or "timm:<arch>" built without weights, then given the local `weights`.
+
+    Args:
+        source: "torchvision:<arch>" or "timm:<arch>".
+        weights: the local weights file.
+        map_location: where the weights are loaded.
+        num_classes: the classifier's size; read from the weights when None.
+        in_channels: the first convolution's input channels; read from the weights when None.
+        notes: where a note on what was read from the weights is added.
+
+    Returns:
+        The module with the weights loaded.
+
+    Raises:
+        ModelError: no weights, an unknown library or architecture, timm missing, or weights that do not fit.
+    """
     library, _, arch = source.partition(":")
     library = library.lower()
     if weights is None:
@@ -116,3 +137,38 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
     check_state_dict(model, state, weights_path, f"the architecture {source}")
     model.load_state_dict(state)
     return model
+
+
+def can_load(source: Any) -> bool:
+    """Whether `source` names an architecture by library ("torchvision:<arch>", "timm:<arch>").
+
+    Args:
+        source: what `load_model` was given.
+
+    Returns:
+        True for a string with one of the LIBRARIES prefixes.
+    """
+    return isinstance(source, str) and source.lower().startswith(LIBRARIES)
+
+
+def load(source: str, options: LoadOptions) -> LoadedModel:
+    """An architecture by name with `options.weights` (the "architecture" model source); a sidecar JSON beside the
+    weights describes the model.
+
+    Args:
+        source: "torchvision:<arch>" or "timm:<arch>".
+        options: weights (required), num_classes, in_channels, map_location.
+
+    Returns:
+        The module and its partial description.
+
+    Raises:
+        ModelError: as `load_architecture`, or an unreadable sidecar.
+    """
+    notes: list[str] = []
+    model = load_architecture(source, options.weights, options.map_location, options.num_classes, options.in_channels,
+                              notes)
+    sidecar, sidecar_path = read_sidecar(Path(options.weights))
+    partial = ModelDescription(source=f"{source} + {options.weights}", kind="architecture+weights",
+                               sha256=file_sha256(options.weights), sidecar=str(sidecar_path) if sidecar_path else None)
+    return LoadedModel(model, partial, sidecar, notes)

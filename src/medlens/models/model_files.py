@@ -1,5 +1,5 @@
-"""Model files: TorchScript, torch.export programs and (opt-in) pickled modules (`load_model_file`), state dicts and
-safetensors weights (`read_state_dict`, always without pickle) and the one check that weights fit a module.
+"""Model files: TorchScript, torch.export programs and (opt-in) pickled modules (`load_model_file`), and the "file"
+model source (`can_load`, `load`): a path, which may also be weights whose sidecar JSON names their architecture.
 
 Trust: a pickled module runs the code it holds when loaded, so it loads only with `allow_pickle=True`; every other
 format here is read without running code from the file (a .pt2 holding pickled objects is refused).
@@ -7,16 +7,24 @@ format here is read without running code from the file (a .pt2 holding pickled o
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
-import safetensors.torch
 import torch
 from torch import nn
 
+from medlens.core.model_description import ModelDescription
 from medlens.errors import ModelError, short_message
+from medlens.io.files import file_sha256
+from medlens.models import library, zoo
+from medlens.models.sidecar import read_sidecar
+from medlens.models.source import LoadedModel, LoadOptions
+from medlens.models.state_dicts import state_dict_of
+
+SIDECAR_BUILD_FIELDS = ("architecture", "num_classes", "in_channels")  # sidecar keys that say how to build the model
 
 
 SAFE_FORMATS = ("TorchScript (torch.jit.save), a torch.export program (.pt2, torch.export.save), or an architecture "
@@ -40,20 +48,6 @@ def _is_torchscript(names: list[str]) -> bool:
 
 def _is_export(path: Path, names: list[str]) -> bool:
     return path.suffix.lower() == ".pt2" or any(n.endswith("/archive_format") or n.endswith("/models/model.json") for n in names)
-
-
-def _state_dict_of(obj: Any) -> Optional[dict[str, torch.Tensor]]:
-    """A state dict inside a loaded object (a plain one, or a checkpoint with 'state_dict'/'model')."""
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping):
-                found = _state_dict_of(inner)
-                if found is not None:
-                    return found
-    return None
 
 
 def _check_export_archive(path: Path) -> None:
@@ -98,8 +92,20 @@ def _load_export(path: Path, notes: list[str]) -> nn.Module:
 
 
 def load_model_file(path: Path, map_location: Any, allow_pickle: bool, notes: list[str]) -> tuple[nn.Module, str]:
-    """A model file as (module, kind): TorchScript, a torch.export program (.pt2), or (only with `allow_pickle`) a pickled
-    module; weights alone and other objects are refused with what to do."""
+    """A model file: TorchScript, a torch.export program (.pt2), or (only with `allow_pickle`) a pickled module.
+
+    Args:
+        path: the file.
+        map_location: where tensors are loaded.
+        allow_pickle: whether a pickled module may be loaded (loading it runs the code it holds).
+        notes: where notes on how it was loaded are added.
+
+    Returns:
+        (the module, its kind: "torchscript", "torch.export", "file" or "pickled module").
+
+    Raises:
+        ModelError: weights alone, a pickle without allow_pickle, an unreadable file, or an object that is no model.
+    """
     names = _zip_names(path)
     if _is_torchscript(names):
         try:
@@ -142,7 +148,7 @@ def load_model_file(path: Path, map_location: Any, allow_pickle: bool, notes: li
                          f"Expected {SAFE_FORMATS}.") from None
     if isinstance(obj, nn.Module):
         return obj, kind
-    if _state_dict_of(obj) is not None:
+    if state_dict_of(obj) is not None:
         raise ModelError(
             f"{path} holds weights (a state_dict) but no architecture. Give the architecture and these weights: "
             f"`--model torchvision:<name> --weights {path}` (or load_model('torchvision:<name>', weights='{path}')), or a "
@@ -151,48 +157,67 @@ def load_model_file(path: Path, map_location: Any, allow_pickle: bool, notes: li
     raise ModelError(f"{path} holds a {type(obj).__name__}, not a model. Expected {SAFE_FORMATS}.")
 
 
-def read_state_dict(path: Path, map_location: Any = "cpu", what: str = "") -> dict[str, torch.Tensor]:
-    """The state dict in a weights file (plain, or a checkpoint holding one; a DataParallel "module." prefix removed),
-    always read with `weights_only=True`. `what` names the model the weights are for, in messages."""
-    path = Path(path)
-    for_what = f" for {what}" if what else ""
-    if not path.is_file():
-        raise ModelError(f"the weights file {path}{for_what} is missing; medlens never downloads weights: give a local "
-                         f"state dict file (torch.save(model.state_dict(), path)).")
-    try:
-        if path.suffix.lower() == ".safetensors":
-            obj = safetensors.torch.load_file(str(path), device=str(map_location) if map_location is not None else "cpu")
-        else:
-            obj = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a corrupt zip, a pickle of classes, a truncated file ...
-        first = str(exc).splitlines()[0][:160] if str(exc) else ""
-        raise ModelError(
-            f"cannot read the weights file {path}{for_what} ({type(exc).__name__}: {first}). Expected a state_dict saved "
-            f"with torch.save(model.state_dict(), path) or safetensors.torch.save_file."
-        ) from None
-    state = _state_dict_of(obj)
-    if state is None:
-        raise ModelError(f"the weights file {path}{for_what} holds a {type(obj).__name__}, not a state dict (name -> tensor).")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+def can_load(source: Any) -> bool:
+    """Whether `source` may be a path (the "file" model source is the last one asked: it says what else to give).
+
+    Args:
+        source: what `load_model` was given.
+
+    Returns:
+        True for a string or an os.PathLike.
+    """
+    return isinstance(source, (str, os.PathLike))
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
-    """Refuse a state dict whose keys or shapes differ from `model`'s, naming the file and up to three of each kind."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape (e.g. {'; '.join(wrong[:2])})")
+def load(source: Any, options: LoadOptions) -> LoadedModel:
+    """A model file, or weights whose sidecar JSON names their architecture (the "file" model source).
+
+    Args:
+        source: the path.
+        options: map_location, allow_pickle; num_classes and in_channels over the sidecar's for weights.
+
+    Returns:
+        The module and its partial description (its digest, its sidecar).
+
+    Raises:
+        ModelError: no such file (listing the bundled names), a folder, or as `load_model_file`/`load_architecture`.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        bundled = zoo.listed_models()
+        hint = f" Bundled models: {', '.join(sorted(bundled))}." if bundled else ""
         raise ModelError(
-            f"{path}: these weights do not match {what}: {', '.join(parts)} keys. Check the architecture name, "
-            f"num_classes and in_channels."
+            f"{text!r} is neither a bundled model name nor an existing file.{hint} Give a model file (TorchScript, .pt2, "
+            f"or a pickled module with allow_pickle), 'torchvision:<arch>' with weights, or 'xrv:<weights name>'; see "
+            f"`medlens models`."
         )
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; give the model file inside it.")
+    sidecar, sidecar_path = read_sidecar(path)
+    notes: list[str] = []
+    architecture = (sidecar or {}).get("architecture")
+    if architecture is not None:  # weights beside a sidecar that names their architecture
+        model, sidecar = _architecture_from_sidecar(path, architecture, sidecar, sidecar_path, options, notes)
+        source_text, kind = f"{architecture} + {path}", "architecture+weights"
+    else:
+        model, kind = load_model_file(path, options.map_location, options.allow_pickle, notes)
+        source_text = str(path)
+    partial = ModelDescription(source=source_text, kind=kind, sha256=file_sha256(path),
+                               sidecar=str(sidecar_path) if sidecar_path else None)
+    return LoadedModel(model, partial, sidecar, notes)
+
+
+def _architecture_from_sidecar(path: Path, architecture: Any, sidecar: dict[str, Any], sidecar_path: Path,
+                               options: LoadOptions, notes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """The architecture a sidecar names, built and given the weights at `path`; the sidecar without its build keys."""
+    if not isinstance(architecture, str) or not library.can_load(architecture):
+        raise ModelError(f"{sidecar_path}: \"architecture\" must be \"torchvision:<name>\" or \"timm:<name>\", not "
+                         f"{architecture!r}.")
+    build = {k: v for k, v in sidecar.items() if k in SIDECAR_BUILD_FIELDS}
+    rest = {k: v for k, v in sidecar.items() if k not in SIDECAR_BUILD_FIELDS}
+    model = library.load_architecture(
+        architecture, path, options.map_location,
+        options.num_classes if options.num_classes is not None else build.get("num_classes"),
+        options.in_channels if options.in_channels is not None else build.get("in_channels"), notes)
+    return model, rest

@@ -1,5 +1,6 @@
 """TorchXRayVision models ("xrv:<weights name>") from weights already in its local cache; its downloader is disabled
 while loading, its calibration is turned off (logits), and its input range [-1024, 1024] is written as an InputSpec.
+The "xrv" model source (`can_load`, `load`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 from torch import nn
 
 from medlens.core.input_spec import InputSpec
+from medlens.core.model_description import ModelDescription
 from medlens.errors import ModelError
+from medlens.models.source import LoadedModel, LoadOptions
 
 XRV_CACHE = Path("~") / ".torchxrayvision" / "models_data"
 # TorchXRayVision weight names -> the file its loader looks for in XRV_CACHE (from its model_urls table).
@@ -28,7 +31,18 @@ XRV_KNOWN_FILES = {
 
 
 def load_xrv(source: str, notes: list[str]) -> nn.Module:
-    """A TorchXRayVision model whose weights are already in its local cache; its downloader is disabled."""
+    """A TorchXRayVision model whose weights are already in its local cache; its downloader is disabled.
+
+    Args:
+        source: "xrv:<weights name>".
+        notes: where notes on what was changed (calibration off) are added.
+
+    Returns:
+        The module, returning logits, with its unused outputs named "unused <i>" in `.pathologies`.
+
+    Raises:
+        ModelError: torchxrayvision missing, unknown weights, weights not in the cache, or a damaged file.
+    """
     name = source.split(":", 1)[1].strip()
     try:
         import torchxrayvision as xrv  # type: ignore[import-not-found]  # optional: only for xrv: sources
@@ -74,11 +88,53 @@ def load_xrv(source: str, notes: list[str]) -> nn.Module:
         notes.append("TorchXRayVision calibration (op_threshs) turned off so the model returns logits")
     if getattr(model, "apply_sigmoid", False):
         model.apply_sigmoid = False
-    size = 512 if "512" in name else 224
     raw = list(getattr(model, "targets", None) or getattr(model, "pathologies", None) or [])
-    labels = [p if p else f"unused {i}" for i, p in enumerate(raw)]
-    model.pathologies = labels
-    # TorchXRayVision expects [-1024, 1024] from 8-bit images: x / 255 * 2048 - 1024 = (x/255 - 0.5) / (1/2048)
-    model.input_spec = InputSpec(size=(size, size), channels=1, scale="uint8", mean=(0.5,), std=(1 / 2048,),
-                                 labels=tuple(labels), multi_label=True, modality="chest X-ray")
+    model.pathologies = [p if p else f"unused {i}" for i, p in enumerate(raw)]
     return model
+
+
+def xrv_input_spec(name: str, labels: list[str]) -> InputSpec:
+    """What a TorchXRayVision model takes: [-1024, 1024] from 8-bit images, x / 255 * 2048 - 1024, which is
+    (x/255 - 0.5) / (1/2048), at 224 or 512 pixels.
+
+    Args:
+        name: the weights name (its resolution is in it).
+        labels: the model's output names.
+
+    Returns:
+        The input spec.
+    """
+    size = 512 if "512" in name else 224
+    return InputSpec(size=(size, size), channels=1, scale="uint8", mean=(0.5,), std=(1 / 2048,),
+                     labels=tuple(labels), multi_label=True, modality="chest X-ray")
+
+
+def can_load(source: Any) -> bool:
+    """Whether `source` names TorchXRayVision weights ("xrv:<weights name>").
+
+    Args:
+        source: what `load_model` was given.
+
+    Returns:
+        True for a string starting with "xrv:".
+    """
+    return isinstance(source, str) and source.lower().startswith("xrv:")
+
+
+def load(source: str, options: LoadOptions) -> LoadedModel:
+    """A TorchXRayVision model (the "xrv" model source), with the input spec TorchXRayVision documents.
+
+    Args:
+        source: "xrv:<weights name>".
+        options: unused (the weights come from TorchXRayVision's cache).
+
+    Returns:
+        The module and its partial description.
+
+    Raises:
+        ModelError: as `load_xrv`.
+    """
+    notes: list[str] = []
+    model = load_xrv(source, notes)
+    spec = xrv_input_spec(source.split(":", 1)[1].strip(), model.pathologies)
+    return LoadedModel(model, ModelDescription(input_spec=spec, source=source, kind="torchxrayvision"), notes=notes)
