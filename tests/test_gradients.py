@@ -234,6 +234,31 @@ def test_smoothgrad_is_seeded_noise_scaled_and_wraps_bases(tiny2d):
     torch.testing.assert_close(ig["smoothgrad"], ref, rtol=1e-4, atol=1e-6)
 
 
+def test_smoothgrad_wraps_any_method_that_declares_a_per_batch_form(tiny2d):
+    """A new method is wrappable by its registration alone; its per-batch function gets its own option defaults."""
+    from medlens.core import registry
+    seen = []
+
+    def doubled_input(model, x, targets, options):  # (T, N, C, *s): 2x for every target
+        seen.append(dict(options))
+        return (2 * x)[None].expand(targets.shape[1], *x.shape)
+
+    spec = registry.MethodSpec(name="twice", family="test", summary="2x the input.", run=lambda ctx, options: None,
+                               needs_gradients=False, needs_layer=False, options={"factor": 2},
+                               per_batch=registry.PerBatch(doubled_input))
+    registry.register(spec)
+    try:
+        x = torch.randn(3, 1, 16, 16)
+        s = medlens.explain(tiny2d, x, "smoothgrad", targets=[0, 1], seed=0, n_samples=4, noise=0.0, base="twice",
+                            batch_size=6)
+    finally:
+        registry._REGISTRY.pop("twice")
+    torch.testing.assert_close(s["smoothgrad"], (2 * x).expand(3, 2, 16, 16))
+    assert seen and all(o == {"factor": 2, "batch_size": 6} for o in seen)
+    assert len(seen) == 2  # 12 noisy rows in chunks of 6 (a multiple of the batch of 3)
+    assert "twice" not in registry.all_specs()
+
+
 def test_smoothgrad_of_a_linear_model_is_its_gradient():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
     x = torch.randn(2, 1, 8, 8)

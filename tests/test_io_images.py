@@ -579,7 +579,8 @@ def test_dicom_without_preamble_file_and_series(tmp_path):
     series.mkdir()
     uid = generate_uid()
     for i, arr in enumerate(slices):
-        _without_preamble(make_dicom(series / f"s{i}", arr, SeriesInstanceUID=uid, InstanceNumber=i + 1))
+        _without_preamble(make_dicom(series / f"s{i}", arr, SeriesInstanceUID=uid, InstanceNumber=i + 1,
+                                     ImageOrientationPatient=[1, 0, 0, 0, 1, 0], ImagePositionPatient=[0, 0, i]))
     volume = read_image(series, window=False)
     assert volume.layout == "volume" and volume.pixels.shape == (2, 6, 5)
     np.testing.assert_array_equal(volume.pixels, np.stack(slices).astype(np.float32))

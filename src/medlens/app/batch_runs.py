@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 from medlens.app.metrics import background, last_line, server_folders
 from medlens.batch.manifest import read_manifest as read_manifest_lines
 from medlens.errors import InputError, MedlensError
+from medlens.io.scan import image_suffix
 
 
 def available() -> bool:
@@ -54,8 +55,7 @@ class BatchJob:
 
 
 def count_inputs(folder: Path) -> int:
-    suffixes = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".gz")
-    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+    return sum(1 for p in folder.rglob("*") if p.is_file() and image_suffix(p.name) is not None)
 
 
 def start_batch(inputs: str, model_source: str, methods: Sequence[str], out_dir: str,

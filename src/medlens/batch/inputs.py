@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import pydicom
-
 from medlens.errors import InputError
 from medlens.io.output import input_digest
 from medlens.io.readers import kind_of
-from medlens.io.scan import DICOM_EXTENSIONS, NIFTI_EXTENSIONS, RASTER_EXTENSIONS
+from medlens.io.dicom_series import SERIES_TAGS, check_series
+from medlens.io.scan import image_suffix
 
 DIGEST_CHARS = 16  # of the content sha256 in an input's id: enough to tell files apart, short enough to read
 
@@ -45,50 +43,15 @@ class Discovery:
     beyond_limit: int = 0
 
 
-def _is_image_name(name: str) -> bool:
-    lowered = name.lower()
-    return lowered.endswith(RASTER_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS)
-
-
 def _is_scan_file(path: Path) -> bool:
     """A file medlens reads: by its extension, or (DICOM without one) by its header."""
-    if _is_image_name(path.name):
+    if image_suffix(path.name) is not None:
         return True
     try:
         kind_of(path)
         return True
     except InputError:
         return False
-
-
-SERIES_TAGS = ["SeriesInstanceUID", "NumberOfFrames", "Rows", "Columns", "ImagePositionPatient",
-               "ImageOrientationPatient"]
-
-
-def _series_of(files: Sequence[Path]) -> Optional[str]:
-    """The SeriesInstanceUID when `files` are >= 2 single-frame DICOM slices of one series that form a volume (same
-    size and orientation, distinct positions), else None: radiographs of one series (PA and lateral) stay apart."""
-    dicom = [f for f in files if f.name.lower().endswith(DICOM_EXTENSIONS) or not _is_image_name(f.name)]
-    if len(dicom) < 2 or len(dicom) != len(files):
-        return None
-    seen: set = set()
-    positions: set = set()
-    for f in dicom:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(f), stop_before_pixels=True, force=True, specific_tags=SERIES_TAGS)
-            if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "ImagePositionPatient" not in ds:
-                return None
-            seen.add((str(ds.get("SeriesInstanceUID", "")), int(ds.Rows), int(ds.Columns),
-                      tuple(round(float(v), 4) for v in ds.ImageOrientationPatient)))
-            positions.add(tuple(round(float(v), 4) for v in ds.ImagePositionPatient))
-        except Exception:  # noqa: BLE001 - a damaged file: the folder is then read file by file (and it fails alone)
-            return None
-    if len(seen) != 1 or len(positions) != len(dicom):
-        return None
-    uid = next(iter(seen))[0]
-    return uid or None
 
 
 def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ()) -> list[Path]:
@@ -109,8 +72,8 @@ def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ())
             else:
                 suffix = path.suffix.lower() or "(no extension)"
                 skipped[suffix] = skipped.get(suffix, 0) + 1
-        if scans and _series_of(scans) is not None:
-            found.append(here)  # one DICOM series: one input (a volume)
+        if scans and check_series(here, scans, SERIES_TAGS).problem is None:
+            found.append(here)  # one DICOM series (the reader's own rule): one input, a volume
         else:
             found.extend(scans)
     return found

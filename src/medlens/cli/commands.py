@@ -20,6 +20,7 @@ from medlens.core.model_description import describe
 from medlens.core.registry import all_specs
 from medlens.errors import InputError, MedlensError, MethodError, ModelError
 from medlens.io.files import ensure_writable, safe_name
+from medlens.io.scan import image_stem
 from medlens.models.loading import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
 from medlens.io.regions import read_region
 from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write_outcome
@@ -126,13 +127,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 def _image_folder_names(paths: Sequence[Path]) -> list[str]:
     names: list[str] = []
     for p in paths:
-        stem = p.name
-        for ext in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-            if stem.lower().endswith(ext):
-                stem = stem[: -len(ext)]
-                break
-        else:
-            stem = p.stem
+        stem = image_stem(p.name)
         if stem.startswith("."):  # "...png" would name the folder "..": outside --out; hidden names are made plain
             stem = safe_name(stem)
         base, candidate, n = stem or "image", stem or "image", 2

@@ -3,6 +3,7 @@
 `borrowed_model()` puts the model in eval mode with frozen parameters for the call, collects every hook
 handle, and on exit (also on error) removes them and restores modes, `requires_grad` flags and `.grad`.
 Borrowing is serialised per model: calls on one model wait for each other, calls on two models run at once.
+`override_forward()` gives modules a temporary instance `forward` for one block (LRP, integrated gradients).
 """
 from __future__ import annotations
 
@@ -160,3 +161,19 @@ def hook_count(model: nn.Module) -> int:
         ):
             total += len(getattr(m, attr, {}) or {})
     return total
+
+
+@contextlib.contextmanager
+def override_forward(overrides: dict[nn.Module, Any]) -> Iterator[None]:
+    """Give modules a temporary instance-level `forward`; the previous state (usually none) is restored in `finally`."""
+    saved = [(m, "forward" in m.__dict__, m.__dict__.get("forward")) for m in overrides]
+    try:
+        for m, fn in overrides.items():
+            m.forward = fn
+        yield
+    finally:
+        for m, had, old in saved:
+            if had:
+                m.forward = old
+            elif "forward" in m.__dict__:
+                del m.__dict__["forward"]

@@ -16,10 +16,26 @@ from medlens.errors import MethodError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from torch import nn
 
     from medlens.core.context import ExplainContext
 
 MethodRunner = Callable[["ExplainContext", Mapping[str, Any]], "torch.Tensor"]
+#: (model, x (N, C, *s), targets (N, T), options) -> raw attributions (T, N, C, *s)
+BatchFunction = Callable[["nn.Module", "torch.Tensor", "torch.Tensor", Mapping[str, Any]], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class PerBatch:
+    """A method's per-batch form, for wrappers that run it on batches of their own (SmoothGrad's noisy copies).
+
+    `fn(model, x, targets, options)` gets the method's own `options` defaults (plus the wrapper's `batch_size`) and
+    returns raw attributions (T, N, C, *s), before the channel sum. `chunks_itself`: `fn` splits its own work into
+    `batch_size` pieces (integrated gradients' path points), so a wrapper hands it one batch of N inputs at a time.
+    """
+
+    fn: BatchFunction
+    chunks_itself: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,8 @@ class MethodSpec:
     #: what the map's sum claims to equal, for the completeness metric: "conservation" (the target logit f(x), as
     #: LRP), "baseline" (f(x) - f(baseline) with the method's own `baseline` option), or None (no such claim)
     completeness: str | None = None
+    #: the method's per-batch form (None: wrappers such as SmoothGrad cannot run it)
+    per_batch: PerBatch | None = None
 
     @property
     def supports_torchscript(self) -> bool:

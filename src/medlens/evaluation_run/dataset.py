@@ -13,8 +13,9 @@ import torch
 
 from medlens.errors import InputError
 from medlens.io.regions import boxes_to_mask
+from medlens.io.scan import RASTER_EXTENSIONS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = RASTER_EXTENSIONS  # a dataset of 2-D pictures with box files beside them
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 
 from medlens.tensor.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
 from medlens.core.context import ExplainContext
-from medlens.core.registry import MethodSpec, register
+from medlens.core.registry import MethodSpec, PerBatch, register
 
 
 # ------------------------------------------------------------------------------------ per-batch methods
@@ -54,9 +54,11 @@ register(MethodSpec(
     name="saliency", family="gradient",
     summary="Saliency: the signed gradient of the target logit with respect to the input (Simonyan et al. 2014)." + CHANNELS_NOTE,
     run=_run_saliency, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
+    per_batch=PerBatch(saliency),
 ))
 register(MethodSpec(
     name="inputxgradient", family="gradient",
     summary="Input x gradient (Shrikumar et al. 2016); equals LRP-0 on ReLU networks." + CHANNELS_NOTE,
     run=_run_inputxgradient, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
+    per_batch=PerBatch(input_x_gradient),
 ))

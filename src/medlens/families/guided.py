@@ -14,7 +14,7 @@ from torch import nn
 
 from medlens.tensor.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
 from medlens.core.context import ExplainContext
-from medlens.core.registry import MethodSpec, register
+from medlens.core.registry import MethodSpec, PerBatch, register
 from medlens.tensor.spatial import spatial_dims, upsample_to
 from medlens.errors import MethodError
 
@@ -92,7 +92,7 @@ register(MethodSpec(
     summary="Guided backpropagation: only positive gradients pass through positive ReLUs, module or functional "
             "(Springenberg et al. 2015)." + CHANNELS_NOTE,
     run=_run_guidedbackprop, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
-    torchscript=False,
+    torchscript=False, per_batch=PerBatch(guided_backprop),
 ))
 register(MethodSpec(
     name="guidedgradcam", family="gradient",

@@ -14,10 +14,9 @@ from torch import nn
 from medlens.tensor.autograd import CHANNELS_NOTE, call_model, slots_first_to_maps, target_gradients
 from medlens.core.baselines import make_baseline
 from medlens.core.context import ExplainContext
+from medlens.core.model_state import override_forward
 from medlens.core.options import positive_int
-from medlens.core.registry import MethodSpec, register
-from medlens.families.lrp.canonizers import override_forward
-from medlens.families.smoothgrad import BASE_DEFAULTS, SMOOTHABLE
+from medlens.core.registry import MethodSpec, PerBatch, register
 
 
 def gauss_legendre(n: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,11 +195,6 @@ def integrated_gradients(
     return total * delta[None]
 
 
-def _integratedgradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
-    return integrated_gradients(model, x, targets, options)
-
-
-
 def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     x = ctx.x.detach()
     baseline = make_baseline(x, options["baseline"])
@@ -226,8 +220,5 @@ register(MethodSpec(
             "completeness gap is recorded in provenance." + CHANNELS_NOTE,
     run=_run_integratedgradients, needs_gradients=True, needs_layer=False, cost="n_steps forwards + backwards, batched",
     options={"n_steps": 50, "baseline": "zero", "batch_size": 16},
-    completeness="baseline",
+    completeness="baseline", per_batch=PerBatch(integrated_gradients, chunks_itself=True),
 ))
-# SmoothGrad can wrap integrated gradients, with fewer steps per noisy copy than the method's default.
-SMOOTHABLE["integratedgradients"] = _integratedgradients
-BASE_DEFAULTS["integratedgradients"] = {"n_steps": 50, "baseline": "zero"}

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from medlens.errors import InputError
+from medlens.io.scan import NIFTI_EXTENSIONS, RASTER_EXTENSIONS, image_stem
 from medlens.io import read_image  # the same checked readers as scans (size limits, corrupt files)
 
 BOX_SUFFIXES = (".txt",)
-MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MAX_BOX_FILE_BYTES = 1 << 20  # a box file is a few lines; anything larger is not one
 
 
@@ -75,7 +74,7 @@ def read_region(path: Union[str, Path]) -> Region:
         except (UnicodeDecodeError, OSError) as exc:
             raise InputError(f"{path}: cannot read the box file as text ({exc}); it must hold YOLO lines.") from None
         return Region(path, boxes=parse_boxes(path, text))
-    if suffix in MASK_SUFFIXES or suffix in NIFTI_SUFFIXES:
+    if suffix in RASTER_EXTENSIONS or suffix in NIFTI_EXTENSIONS:
         try:
             scan = read_image(path, window=False)
         except InputError as exc:
@@ -94,14 +93,7 @@ def region_beside(image: Union[str, Path]) -> Optional[Path]:
     image = Path(image)
     if image.is_dir():
         return None
-    name = image.name
-    for ext in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    else:
-        name = image.stem
-    candidate = image.with_name(name + ".txt")
+    candidate = image.with_name(image_stem(image.name) + ".txt")
     return candidate if candidate.is_file() else None
 
 

@@ -7,7 +7,8 @@ Conventions (the reference for the README's input section):
 - DICOM: the modality LUT (RescaleSlope/Intercept) is applied, then the VOI LUT or the first
   WindowCenter/Width (to [0, 1]), then MONOCHROME1 is inverted so that bright means dense everywhere.
   `window=False` keeps modality values (e.g. Hounsfield units); `window=(center, width)` sets one.
-- A folder holding one DICOM series is read as a volume, slices sorted by position along their normal.
+- A folder holding one DICOM series (the rule: `medlens.io.dicom_series`) is read as a volume, slices sorted by
+  position along their normal.
 - NIfTI: reoriented to the closest canonical (RAS) orientation, stored as (D, H, W) = (z, y, x) with
   anterior at the top of each axial slice. A 2-D model gets one slice (`slice_index`, default the middle).
 - Size limits (`medlens.io.limits`): a side above `MAX_SIDE_2D` (volumes: `MAX_SIDE_3D`) is downsampled with a
@@ -32,12 +33,33 @@ from medlens.io.limits import current_limits, size_text
 
 PathLike = Union[str, os.PathLike]
 
-RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
-NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+#: The file types medlens reads, by how a file's name ends (lower case): the one list the readers, the batch finder,
+#: region files, the CLI's output folder names and the app consult. A DICOM file without one is known by its header.
+FILE_TYPES: dict[str, tuple[str, ...]] = {
+    "raster": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"),
+    "dicom": (".dcm", ".dicom", ".dic"),
+    "nifti": (".nii", ".nii.gz"),
+}
+RASTER_EXTENSIONS = FILE_TYPES["raster"]
+DICOM_EXTENSIONS = FILE_TYPES["dicom"]
+NIFTI_EXTENSIONS = FILE_TYPES["nifti"]
+IMAGE_EXTENSIONS = RASTER_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS
 SUPPORTED = "PNG, JPEG, TIFF, BMP (.png .jpg .jpeg .tif .tiff .bmp), DICOM (.dcm or a file with a DICOM header, or a folder holding one series), NIfTI (.nii, .nii.gz)"
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights, used to turn RGB into grayscale
+
+
+
+def image_suffix(name: str) -> Optional[str]:
+    """The image suffix of `FILE_TYPES` that `name` ends with, lower case (".nii.gz" whole), or None."""
+    lowered = name.lower()
+    return max((s for s in IMAGE_EXTENSIONS if lowered.endswith(s)), key=len, default=None)
+
+
+def image_stem(name: str) -> str:
+    """`name` without its image suffix ("scan.nii.gz" -> "scan"); any other name loses its last suffix."""
+    suffix = image_suffix(name)
+    return name[: -len(suffix)] if suffix else Path(name).stem
 
 
 @dataclass

@@ -9,10 +9,11 @@ from collections import Counter
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
-from medlens.core.registry import MethodSpec, register
+from medlens.core.registry import MethodSpec, PerBatch, register
 from medlens.families.lrp.canonizers import ModelPlan, plan_model
 from medlens.families.lrp.composites import DEFAULT_COMPOSITE, PRESETS, assign_rules, make_rule
 from medlens.families.lrp.engine import LRPResult, input_bounds, lrp_model, lrp_relevance
@@ -30,6 +31,12 @@ def _number(options: Mapping[str, Any], name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise MethodError(f"option {name} of lrp must be a non-negative number, got {value!r}.")
     return float(value)
+
+
+def _lrp_per_batch(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+    """Input relevance (T, N, C, *s) for a wrapper's batch (SmoothGrad's noisy copies), with the given composite."""
+    return lrp_relevance(model, x, targets, options["composite"], _number(options, "epsilon"),
+                         _number(options, "gamma")).relevance
 
 
 def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
@@ -67,5 +74,5 @@ register(MethodSpec(
             "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
     options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25},
-    completeness="conservation",
+    completeness="conservation", per_batch=PerBatch(_lrp_per_batch),
 ))

@@ -27,10 +27,9 @@ How each structure is made LRP-friendly (inside one call, undone on exit, also o
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -172,22 +171,6 @@ def merged_parameters(layer: nn.Module, bn: Optional[nn.Module]) -> tuple[torch.
 
 def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return x
-
-
-@contextlib.contextmanager
-def override_forward(overrides: dict[nn.Module, Any]) -> Iterator[None]:
-    """Give modules a temporary instance-level `forward`; the previous state (usually none) is restored in `finally`."""
-    saved = [(m, "forward" in m.__dict__, m.__dict__.get("forward")) for m in overrides]
-    try:
-        for m, fn in overrides.items():
-            m.forward = fn
-        yield
-    finally:
-        for m, had, old in saved:
-            if had:
-                m.forward = old
-            elif "forward" in m.__dict__:
-                del m.__dict__["forward"]
 
 
 def bn_bypass(plan: ModelPlan) -> dict[nn.Module, Any]:

@@ -18,7 +18,8 @@ from medlens.tensor.autograd import call_model, target_gradients
 from medlens.errors import MethodError
 from medlens.core.layers import is_activation, is_linear
 from medlens.core.model_description import describe
-from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, override_forward, plan_model
+from medlens.core.model_state import override_forward
+from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, plan_model
 from medlens.families.lrp.composites import DEFAULT_COMPOSITE, assign_rules
 from medlens.families.lrp.rules import LayerCall, Rule, stabilize
 
