@@ -1,5 +1,5 @@
-"""The forward-only fast paths: BatchNorm folding in a structural copy (inference.py) and Score-CAM's precomputed
-first convolution (families/masked_stem.py), checked in float64 against the direct computation and a textbook loop.
+"""The forward-only fast paths: BatchNorm folding in a structural copy (accel/fast_forward.py) and Score-CAM's
+precomputed first convolution (accel/masked_stem.py), checked in float64 against the direct computation and a textbook loop.
 """
 from __future__ import annotations
 

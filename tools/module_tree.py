@@ -1,5 +1,5 @@
 """Print the package as a tree, one line per module: its path, its size in lines and the first line of its
-docstring (what it owns). `python tools/module_tree.py > docs/architecture-tree.md` keeps the docs in step.
+docstring (what it owns). `python tools/module_tree.py > docs/architecture.md` keeps the docs in step.
 """
 from __future__ import annotations
 

@@ -170,7 +170,41 @@ def explain(
     seed: Optional[int] = None,
     **options: Any,
 ) -> ExplanationResult:
-    """Explain `model`'s outputs on `x` with one or several methods; see API.md for every argument."""
+    """Explain `model`'s outputs on `x` with one or several methods, sharing passes where they can.
+
+    The model is borrowed for the call: hooks, modes, `requires_grad` flags and `.grad` are as they were
+    afterwards, even on error; gradients are switched on for the call whatever the caller's grad mode.
+
+    Args:
+        model: a `torch.nn.Module` returning logits of shape (B, K); a `torch.compile`d module is explained
+            through its original module.
+        x: the input batch, a floating-point tensor (B, C, H, W) or (B, C, D, H, W) on the model's device
+            (`medlens.load_input` prepares a file).
+        methods: one name, a comma-separated string, or a list (`medlens.methods()`); default "gradcam".
+        targets: None (the top-1 class; for a multi-label model every class with p >= 0.5, or the top-1 when none
+            is), an int or class name, a list (the same for every image), or one list per image (equal lengths).
+        layer: the layer CAM methods read: None chooses it automatically, or a module, or its dotted name.
+        seed: for stochastic methods (drawn and recorded in the provenance when None).
+        **options: method options, e.g. `n_steps=`, `num_samples=`, `composite=` (docs/api.md, "Method options");
+            each goes to every requested method that takes it.
+
+    Returns:
+        An `ExplanationResult`: `result[name]` is a float32 tensor (B, T, *x.shape[2:]), raw and signed, at input
+        resolution, on x's device; `.logits` (B, K), `.targets` (B, T), `.provenance` (settings, layer, versions,
+        digests, seed, timings).
+
+    Raises:
+        MethodError: an unknown method or option, a 2-D-only method on a volume, a hooking method on TorchScript.
+        InputError: `x` is not a finite floating-point 4-D/5-D tensor, is on another device, or a bad `seed`.
+        TargetError: targets that are out of range, unknown class names, or lists of unequal length.
+        ModelError: `model` is not a module, its forward pass fails or returns non-finite logits, the layer is not
+            one of its modules, or it changes its input in place for a method that needs the input's gradient.
+
+    Example:
+        >>> result = medlens.explain(model, x, methods=["gradcam", "lrp"], targets="glioma", composite="epsilon")
+        >>> result["gradcam"].shape   # (B, T, H, W)
+        torch.Size([1, 1, 160, 160])
+    """
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}; load one with medlens.load_model().")
     was_compiled = type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)

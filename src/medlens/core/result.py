@@ -12,7 +12,27 @@ import torch
 
 
 class ExplanationResult(Mapping[str, torch.Tensor]):
-    """Raw, signed maps at input resolution, with what they explain and how they were made."""
+    """Raw, signed maps at input resolution, with what they explain and how they were made.
+
+    A read-only mapping from method name to a float32 tensor (B, T, *spatial); `explain()` builds it, users read it.
+
+    Args:
+        maps: method name -> tensor (B, T, *spatial).
+        logits: the model's output (B, K) for the input.
+        targets: (B, T) long tensor, the class explained in each slot.
+        provenance: settings, layer, versions, digests, seed, timings (a JSON-ready dict).
+        labels: the model's class names, if it has them.
+        multi_label: whether the model's outputs are sigmoid (True) or softmax (False) scores.
+
+    Raises:
+        KeyError: `result[name]` for a method that was not computed (the message lists those that were).
+        AttributeError: on any attempt to set an attribute.
+
+    Example:
+        >>> result = medlens.explain(model, x, methods="gradcam,saliency")
+        >>> list(result), result.target_names(), result.probabilities.shape
+        (['gradcam', 'saliency'], [['glioma']], torch.Size([1, 3]))
+    """
 
     __slots__ = ("_maps", "_logits", "_targets", "_provenance", "_labels", "_multi_label")
 

@@ -1,7 +1,7 @@
 """Turning the user's `targets=` into a (B, T) tensor of class indices, checked against the model.
 
 Accepts None, an int, a list (same for every image), a list of lists (one per image), class names, or a
-tensor; defaults follow API.md (top-1, or every class at p >= 0.5 for multi-label models).
+tensor; defaults as docs/api.md says (top-1, or every class at p >= 0.5 for multi-label models).
 """
 from __future__ import annotations
 

@@ -2,10 +2,10 @@
 
 Owns the folder layout checks, the documented train/val/test split by contiguous blocks of slice numbers, and decoding.
 
-Layout expected (as in `../shared/data/brain-tumor-figshare`): one folder per class (`pituitary/`,
-`meningioma/`, `glioma/`), each with `N.jpg` slices and an `N.txt` box file beside each one holding a single
-line `label x_center y_center width height` (YOLO form, normalised to [0, 1]; label 0 = pituitary,
-1 = meningioma, 2 = glioma).
+Data: Jun Cheng et al., "Brain tumor dataset", figshare, doi:10.6084/m9.figshare.1512427 (CC BY 4.0).
+Layout expected: one folder per class (`pituitary/`, `meningioma/`, `glioma/`), each with `N.jpg` slices and
+an `N.txt` box file beside each one holding a single line `label x_center y_center width height` (YOLO form,
+normalised to [0, 1]; label 0 = pituitary, 1 = meningioma, 2 = glioma).
 
 Split: slices of one patient have consecutive numbers `N`, so the split goes by blocks of `BLOCK = 30`
 consecutive numbers: block `b = (N - 1) // 30`; `b % 10 == 0` -> test, `b % 10 == 5` -> validation, every

@@ -1,5 +1,5 @@
 """What an evaluation runs over: a folder with one sub-folder per class and a YOLO box file beside each image
-(the layout of ../shared/data/brain-tumor-figshare), or in-memory samples; each item a prepared `Sample`.
+(the figshare brain tumour data's layout, `medlens.data.figshare`), or in-memory samples; each a prepared `Sample`.
 """
 from __future__ import annotations
 

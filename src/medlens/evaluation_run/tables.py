@@ -1,5 +1,5 @@
 """The run's numbers as tables: per-image values summarised into rows (mean and 95% bootstrap interval per
-method, metric and target), `metrics.csv` (the columns API.md fixes) and the Markdown table of `metrics.md`.
+method, metric and target), `metrics.csv` (the columns docs/api.md lists) and the Markdown table of `metrics.md`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The perturbation family's shared base (baselines, batched model evaluation) and its sliding/random masks.
 
 Owns `occlusion` and `rise`; `lime` and `kernelshap` (superpixel surrogates) live in
-`perturbation_surrogate.py` and reuse the baselines and the batched evaluator defined here.
+`surrogate.py` and reuse the baselines and the batched evaluator defined here.
 
 Conventions shared by the family:
 - f is the raw logit of each target (option `output="probability"` uses softmax, or sigmoid for a

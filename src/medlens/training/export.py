@@ -100,6 +100,9 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
             "- This model is a derivative work of that data set and is credited accordingly (CC BY 4.0).",
             "- Used copy: the 8-bit JPEG export with tumour boxes (2,764 slices; some numbers held back by the "
             "project as an unseen check set).",
+            "- Layout that `--data DATA` expects (DATA: the figshare data folder): one folder per class (`pituitary/`, "
+            "`meningioma/`, `glioma/`), each slice `N.jpg` with `N.txt` beside it holding its YOLO box "
+            "`label xc yc w h`, normalised to [0, 1] by the image size.",
             "- Split (fixed, `medlens.data.figshare.split_of`): slice numbers N in blocks of 30 consecutive numbers, "
             "block b = (N - 1) // 30; b % 10 == 0 -> test, b % 10 == 5 -> validation, other blocks -> train. Slices of "
             "one patient have consecutive numbers, so this keeps (most) patients on one side.",
@@ -121,7 +124,7 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
               f"{metrics['best_val_accuracy']:.4f}).",
               f"- Wall time: {metrics['train_seconds'] / 60:.1f} min with {metrics['threads']} CPU thread(s). {note}".rstrip(),
               f"- Reproduce: `medlens train {name}"
-              + (" --data ../shared/data/brain-tumor-figshare" if is_brain(name) else "")
+              + (" --data DATA" if is_brain(name) else "")
               + f" --threads {metrics['threads']} --out trained` "
               "(fixed seed; bit-for-bit equality across machines and thread counts is not guaranteed).", "",
               f"## Results on the test split ({test['n']} {'slices' if is_brain(name) else 'phantoms'})", "",

@@ -88,7 +88,7 @@ COMPOSITES: dict[str, Union[ByRole, ByDepth]] = {
     "depth": ByDepth(lower="gamma", middle="epsilon", upper="zero"),
 }
 PRESETS = tuple(COMPOSITES)
-#: the `lrp` method's default composite, chosen by measurement (docs/methods.md, "LRP's default composite")
+#: the `lrp` method's default composite, chosen by measurement (docs/research-notes.md, "LRP's default composite")
 DEFAULT_COMPOSITE = "epsilon"
 RULE_NAMES = tuple(entry.name for entry in RULES)  # as shipped; messages list the table as it is at the time
 
