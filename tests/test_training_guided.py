@@ -5,6 +5,7 @@ map; the phantom test trains a shortcut model with and without guidance and meas
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -22,12 +23,12 @@ from medlens.errors import InputError
 from medlens.evaluation import energy_in_box, pointing_game
 from medlens.models.networks import PhantomCNN, SmallResNet
 from medlens.training.augment import lesion_crops, region_extent
-from medlens.training.guided import (class_activation_maps, features_and_logits, gradient_input_maps,
+from medlens.cli.train import train_command
+from medlens.training.guided import (class_activation_maps, features_and_logits, gradient_input_maps, guided_step,
                                      input_attention_loss, input_gradient_penalty, outside_energy, region_attention_loss,
                                      rrr_loss)
-from medlens.training.loop import guided_step, train_phantom
-from medlens.training.recipes import phantom_data, phantom_prepare
-from medlens.training.train import train_command
+from medlens.training.loop import train_phantom
+from medlens.training.recipes import Guidance, phantom_data, phantom_prepare
 
 
 def _square_mask(size: int = 16, lo: int = 4, hi: int = 9) -> torch.Tensor:
@@ -218,17 +219,17 @@ def test_cam_plus_a_pixel_term_adds_its_weighted_loss_of_the_first_images(second
     model = PhantomCNN(widths=(4, 8)).eval()
     x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 1, 0])
     masks = _square_mask().expand(4, -1, -1)
-    base = {"guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "label_smoothing": 0.0}
+    base = Guidance("cam", weight=0.5, energy_weight=2.0)
     cam_total, _, cam_part = guided_step(model, x, y, masks, base)
     extra = {f"{second}_weight": 3.0, f"{second}_images": 2, "input_temperature": 2.0}
-    both, _, both_part = guided_step(model, x, y, masks, dict(base, guide=f"cam+{second}", **extra))
+    both, _, both_part = guided_step(model, x, y, masks, dataclasses.replace(base, guide=f"cam+{second}", **extra))
     if second == "rrr":
         _, term = rrr_loss(model, x[:2], masks[:2])
     else:
         _, term = input_attention_loss(model, x[:2], y[:2], masks[:2], temperature=2.0)
     assert both_part == pytest.approx(cam_part + 3.0 * float(term.mean()), rel=1e-5)
     assert float(both) == pytest.approx(float(cam_total) + 0.5 * 3.0 * float(term.mean()), rel=1e-5)
-    alone, logits, alone_part = guided_step(model, x, y, masks, dict(base, guide=second, input_temperature=2.0))
+    alone, logits, alone_part = guided_step(model, x, y, masks, dataclasses.replace(base, guide=second, input_temperature=2.0))
     _, term = rrr_loss(model, x, masks) if second == "rrr" else input_attention_loss(model, x, y, masks, temperature=2.0)
     assert alone_part == pytest.approx(float(term.mean()), rel=1e-5)  # alone: the term itself, unweighted
     assert float(alone) == pytest.approx(float(F.cross_entropy(logits, y)) + 0.5 * float(term.mean()), rel=1e-5)

@@ -13,8 +13,9 @@ from medlens.errors import InputError
 from medlens.evaluation import energy_in_box, pointing_game
 from medlens.families.integrated import gauss_legendre
 from medlens.training.guided import gradient_input_maps, input_attention_loss
-from medlens.training.loop import _init_weights
+from medlens.training.recipes import Selection
 from medlens.training.validation import input_localisation, selection_key
+from medlens.training.weights import init_weights
 
 
 def _cnn() -> nn.Module:
@@ -78,15 +79,15 @@ GOOD = {"pointing_game": 0.7, "energy_in_box": 0.3, "input_pointing_game": 0.6}
 
 
 def test_selection_key_orders_epochs_by_the_stated_rule():
-    unguided = {"guide": "none"}
+    unguided = Selection()
     assert selection_key(unguided, {}, {}, 0.93, 0.2) > selection_key(unguided, {}, {}, 0.92, 0.1)
-    guided = {"guide": "cam+input"}
+    guided = Selection()  # the checks of a guided run, kept by accuracy
     fails_cam = dict(GOOD, pointing_game=0.55)
     fails_pixel = dict(GOOD, input_pointing_game=0.5)  # a tie with the centre does not beat it
     assert selection_key(guided, GOOD, BASE, 0.90, 0.3) > selection_key(guided, fails_cam, BASE, 0.95, 0.1)
     assert selection_key(guided, GOOD, BASE, 0.90, 0.3) > selection_key(guided, fails_pixel, BASE, 0.95, 0.1)
     assert selection_key(guided, GOOD, BASE, 0.93, 0.3) > selection_key(guided, GOOD, BASE, 0.92, 0.1)
-    pixel = {"guide": "cam+input", "select": "pixel", "val_accuracy_floor": 0.92}
+    pixel = Selection("pixel", val_accuracy_floor=0.92)
     sharper = dict(GOOD, input_pointing_game=0.65)
     by_ig = dict(GOOD, integrated_pointing_game=0.8)
     assert selection_key(pixel, sharper, BASE, 0.92, 0.3) > selection_key(pixel, GOOD, BASE, 0.95, 0.1)
@@ -97,24 +98,24 @@ def test_selection_key_orders_epochs_by_the_stated_rule():
 
 def test_a_two_stage_recipe_needs_its_first_stage_in_the_out_folder(tmp_path):
     from medlens.models.networks import SmallResNet
-    from medlens.training.loop import save_state
     from medlens.training.recipes import BRAIN_RECIPES
+    from medlens.training.weights import save_state
 
     first = next(name for name in BRAIN_RECIPES if name == "brain-tumor-mri-v3")
     model = SmallResNet(num_classes=3, in_channels=1, widths=(4, 8, 8, 8), last_stride=1)
     with pytest.raises(InputError, match=f"medlens train {first}"):
-        _init_weights(model, first, tmp_path)
+        init_weights(model, first, tmp_path)
     torch.manual_seed(5)
     trained = SmallResNet(num_classes=3, in_channels=1, widths=(4, 8, 8, 8), last_stride=1)
     save_state(trained, tmp_path / f"{first}.pt")
-    _init_weights(model, first, tmp_path)
+    init_weights(model, first, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
 
 
 def test_input_alpha_is_refused_without_an_input_guide_before_training(tmp_path):
     from click.testing import CliRunner
 
-    from medlens.training.train import train_command
+    from medlens.cli.train import train_command
 
     out = tmp_path / "out"
     result = CliRunner().invoke(train_command, ["phantom-lesion", "--out", str(out), "--guide", "cam", "--input-alpha", "path",
@@ -128,7 +129,7 @@ def test_the_second_stage_without_the_first_is_refused_before_anything_is_writte
     from PIL import Image
 
     from medlens.data.figshare import CLASSES
-    from medlens.training.train import train_command
+    from medlens.cli.train import train_command
 
     data = tmp_path / "data"
     for k, name in enumerate(CLASSES):

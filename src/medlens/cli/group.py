@@ -13,9 +13,8 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
-from medlens.cli import app, batch, commands, demo, evaluate
+from medlens.cli import app, batch, commands, demo, evaluate, train
 from medlens.errors import MedlensError
-from medlens.training import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,6 +14,7 @@ from medlens.data.figshare import CLASSES, CREDIT
 from medlens.data.phantom import LABELS
 from medlens.io.files import atomic_write
 from medlens.models import zoo
+from medlens.training.splits import FIGSHARE_LAYOUT
 
 PathLike = Union[str, Path]
 
@@ -123,10 +124,10 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
               f"- Epoch kept: {metrics.get('selection', 'the best validation accuracy')} (validation accuracy "
               f"{metrics['best_val_accuracy']:.4f}).",
               f"- Wall time: {metrics['train_seconds'] / 60:.1f} min with {metrics['threads']} CPU thread(s). {note}".rstrip(),
-              f"- Reproduce: `medlens train {name}"
-              + (" --data DATA" if is_brain(name) else "")
+              f"- Reproduce: `medlens train {name}" + (" --data DIR" if is_brain(name) else "")
               + f" --threads {metrics['threads']} --out trained` "
-              "(fixed seed; bit-for-bit equality across machines and thread counts is not guaranteed).", "",
+              + (f"where DIR is {FIGSHARE_LAYOUT} " if is_brain(name) else "")
+              + "(fixed seed; bit-for-bit equality across machines and thread counts is not guaranteed).", "",
               f"## Results on the test split ({test['n']} {'slices' if is_brain(name) else 'phantoms'})", "",
               f"Overall accuracy: **{test['accuracy']:.2%}** ({round(test['accuracy'] * test['n'])}/{test['n']}).", "",
               _confusion_table(test), ""]

@@ -3,17 +3,21 @@
 Owns the differentiable class activation map of a GAP + linear head (equal to Grad-CAM at the last stage, up to a
 positive scale), an attention loss that asks for the map's mass in the region (in the spirit of GAIN's external
 supervision, Li et al. 2018), the same loss on the gradient x input map (what LRP-epsilon and integrated gradients
-show), and the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017).
+show), the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017), and one training
+batch's loss from a recipe's guidance.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medlens.errors import ModelError
+
+if TYPE_CHECKING:
+    from medlens.training.recipes import Guidance
 
 GUIDES = ("none", "cam", "rrr", "cam+rrr", "input", "cam+input")
 
@@ -121,3 +125,46 @@ def input_attention_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tenso
     safe = torch.where(has.view(-1, *([1] * (masks.dim() - 1))), masks.bool(), torch.ones_like(masks, dtype=torch.bool))
     loss = region_attention_loss(temperature * maps / scale, safe)
     return logits, torch.where(has, loss, torch.zeros((), dtype=maps.dtype))
+
+
+def _mean_over_regions(per_image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """A guided loss's batch value: the sum over images divided by the number of images that have a region."""
+    return per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
+
+
+def _pixel_term(name: str, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: torch.Tensor,
+                guidance: "Guidance") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-image loss) of a pixel-level guide: "rrr" (Ross et al.'s input-gradient penalty) or "input" (the
+    attention loss on gradient x input; at random points of the integrated-gradients path with input_alpha "path")."""
+    if name == "rrr":
+        return rrr_loss(model, xb, masks)
+    alphas = torch.rand(len(xb)) if guidance.input_alpha == "path" else None
+    return input_attention_loss(model, xb, yb, masks, float(guidance.input_temperature), alphas)
+
+
+def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Optional[torch.Tensor],
+                guidance: "Guidance", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One batch's (loss, logits, guided part): cross-entropy (+ guidance.weight x the mean guided loss over images
+    with a region). A guide is "cam", a pixel-level term ("rrr", "input"), or "cam+" one of them (the term weighted by
+    `<term>_weight`, on the first `<term>_images` images of the batch: double backpropagation costs about 3x).
+    Without masks (an augmentation that loses them) or an inactive guide, the cross-entropy alone."""
+    if not guidance.active or masks is None:
+        logits = model(xb)
+        guided = torch.zeros(())
+    else:
+        parts = guidance.guide.split("+")
+        pixel = parts[-1] if parts[-1] != "cam" else None
+        if parts[0] == "cam":
+            logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(guidance.energy_weight))
+            guided = _mean_over_regions(per_image, masks)
+            if pixel is not None:
+                k = int(getattr(guidance, f"{pixel}_images") or len(xb))
+                _, per = _pixel_term(pixel, model, xb[:k], yb[:k], masks[:k], guidance)
+                guided = guided + float(getattr(guidance, f"{pixel}_weight")) * _mean_over_regions(per, masks[:k])
+        else:
+            logits, per_image = _pixel_term(pixel, model, xb, yb, masks, guidance)
+            guided = _mean_over_regions(per_image, masks)
+            if guidance.input_alpha == "path" and pixel == "input":  # those were the path points' logits
+                logits = model(xb)
+    ce = F.cross_entropy(logits, yb, label_smoothing=float(label_smoothing))
+    return ce + float(guidance.weight) * guided, logits, float(guided.detach())

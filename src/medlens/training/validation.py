@@ -5,7 +5,7 @@ the baselines', and the rule an epoch is kept by.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from torch import nn
 from medlens.evaluation.localisation import center_map, energy_in_box, pointing_game, prior_maps
 from medlens.core.explain import explain
 from medlens.training.guided import class_activation_maps, features_and_logits
+
+if TYPE_CHECKING:
+    from medlens.training.recipes import Selection
 
 
 @torch.no_grad()
@@ -53,11 +56,11 @@ def baseline_localisation(masks: torch.Tensor) -> dict[str, float]:
             for name, maps in (("centre", centre), ("prior", prior)) for metric in (pointing_game, energy_in_box)}
 
 
-def selection_key(recipe: dict[str, Any], checks: dict[str, float], baselines: dict[str, float], val_accuracy: float,
+def selection_key(selection: "Selection", checks: dict[str, float], baselines: dict[str, float], val_accuracy: float,
                   val_loss: float) -> tuple:
     """The order epochs are kept by (higher is better). Unguided: validation accuracy, then loss. Guided: epochs whose
     Grad-CAM beats the centre's pointing game by 0.10 and has twice the prior's energy in the box come first (for an
-    input guide, whose gradient x input also beats the centre). With `select: "pixel"`: among those, epochs at or above
+    input guide, whose gradient x input also beats the centre). With the rule "pixel": among those, epochs at or above
     `val_accuracy_floor` first, then the higher of the gradient x input and integrated-gradients pointing game."""
     if not checks:
         return (False, val_accuracy, -val_loss)
@@ -65,18 +68,19 @@ def selection_key(recipe: dict[str, Any], checks: dict[str, float], baselines: d
         and checks["energy_in_box"] >= 2 * baselines["prior energy_in_box"]
     if "input_pointing_game" in checks:
         meets = meets and checks["input_pointing_game"] > baselines["centre pointing_game"]
-    if recipe.get("select") != "pixel":
+    if selection.rule != "pixel":
         return (meets, val_accuracy, -val_loss)
     pixel = max(checks["input_pointing_game"], checks.get("integrated_pointing_game", 0.0))
-    return (meets, val_accuracy >= float(recipe["val_accuracy_floor"]), pixel, val_accuracy, -val_loss)
+    return (meets, val_accuracy >= float(selection.val_accuracy_floor), pixel, val_accuracy, -val_loss)
 
 
-def selection_text(recipe: dict[str, Any], guided: bool) -> str:
-    """The rule of selection_key in words, for the run's metrics."""
-    if recipe.get("select") == "pixel":
-        return ("the weight average of the epoch, among those that pass the Grad-CAM and gradient x input checks and reach "
+def selection_text(selection: "Selection", guided: bool, averaged: bool = True) -> str:
+    """The rule of selection_key in words, for the run's metrics (`averaged`: the run keeps a weight average)."""
+    kept = "the weight average of the epoch" if averaged else "the epoch"
+    if selection.rule == "pixel":
+        return (f"{kept}, among those that pass the Grad-CAM and gradient x input checks and reach "
                 "the validation accuracy floor, with the highest validation pointing game of gradient x input or "
                 "integrated gradients")
-    return "the weight average of the epoch with the best validation accuracy" + (
+    return f"{kept} with the best validation accuracy" + (
         " among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 and has twice the "
         "prior's energy in the box (if any)" if guided else "")
