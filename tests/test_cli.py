@@ -369,3 +369,20 @@ def test_an_error_that_would_fail_every_image_ends_the_run_at_once(capsys, files
                        "--methods", "lime", "--option", "kernel_width=-1", "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
     assert "kernel_width must be" in err and "could not be explained" not in err
+
+
+def test_models_fits_a_100_column_terminal(capsys):
+    for args in (("models",), ("models", "--long"), ("models", "brain-tumor-mri")):
+        code, out, _ = run(capsys, *args)
+        assert code == 0
+        too_wide = [line for line in out.splitlines() if len(line) > 100 and not line.startswith("|")]  # card tables stay whole
+        assert not too_wide, (args, too_wide)
+    code, out, _ = run(capsys, "models", "--long")
+    assert "10 x 10 last stage" in " ".join(out.split())  # the whole description, wrapped
+    code, out, _ = run(capsys, "models", "brain-tumor-mri")
+    assert out.startswith("# Model card: `brain-tumor-mri`") and "Not a medical device" in out
+
+
+def test_models_with_an_unknown_name_exits_2(capsys):
+    code, _, err = run(capsys, "models", "no-such-model")
+    assert code == 2 and "brain-tumor-mri" in err and "Traceback" not in err
