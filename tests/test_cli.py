@@ -386,3 +386,21 @@ def test_models_fits_a_100_column_terminal(capsys):
 def test_models_with_an_unknown_name_exits_2(capsys):
     code, _, err = run(capsys, "models", "no-such-model")
     assert code == 2 and "brain-tumor-mri" in err and "Traceback" not in err
+
+
+def test_signed_draws_the_raw_signed_map(capsys, files, tmp_path):
+    """By default Grad-CAM's picture is its positive part (as defined); --signed draws the raw signed map. The raw
+    maps in maps.npz are the same either way."""
+    scales, raws = {}, {}
+    for flag in ([], ["--signed"]):
+        out = tmp_path / ("signed" if flag else "default")
+        code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--allow-pickle",
+                           "--methods", "gradcam,integratedgradients", "--out", out, *flag)
+        assert code == 0, err
+        prov = json.loads((out / "chest" / "provenance.json").read_text())
+        scales[bool(flag)] = {m: s["display"] for m, s in prov["rendering"]["colour_maps"].items()}
+        with np.load(out / "chest" / "maps.npz") as npz:
+            raws[bool(flag)] = npz["gradcam"].copy()
+    assert scales[False] == {"gradcam": "positive", "integratedgradients": "signed"}
+    assert scales[True] == {"gradcam": "signed", "integratedgradients": "signed"}
+    np.testing.assert_array_equal(raws[False], raws[True])

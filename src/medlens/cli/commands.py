@@ -239,6 +239,8 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box file beside the image.")
 @click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
 @click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
+@click.option("--signed", is_flag=True, default=False,
+              help="Draw every map's raw signed values (default: each method as defined, e.g. Grad-CAM's positive part).")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -260,6 +262,7 @@ def explain_command(
     no_region: bool,
     allow_pickle: bool,
     formats: str,
+    signed: bool,
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -271,7 +274,7 @@ def explain_command(
     try:
         request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed,
                                        options=_parse_options(option_items), slice_index=slice_index, frame=frame,
-                                       formats=formats)
+                                       formats=formats, signed=signed)
         if not request.methods:
             raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")
         check_methods(list(request.methods), dict(request.options))
