@@ -351,3 +351,15 @@ def test_figshare_samples_come_with_their_boxes(tmp_path):
     loaded = read_server_file(found["figshare: glioma/3.jpg"])
     assert loaded.region.boxes == ((0.5, 0.5, 0.25, 0.25),) and loaded.region_id
     assert figshare_samples(None) == {} and figshare_samples(str(tmp_path / "missing")) == {}
+
+
+def test_app_draws_each_method_as_defined_or_signed_when_asked():
+    from medlens.app.views import ViewSettings, drawn
+
+    raw = np.array([[-2.0, 1.0]], dtype=np.float32)
+    values, how = drawn(raw, "gradcam", ViewSettings())
+    assert how == "positive" and values.tolist() == [[0.0, 1.0]]
+    values, how = drawn(raw, "saliency", ViewSettings())
+    assert how == "magnitude" and values.tolist() == [[2.0, 1.0]]
+    values, how = drawn(raw, "gradcam", ViewSettings(signed=True))
+    assert how == "signed" and values.tolist() == [[-2.0, 1.0]]

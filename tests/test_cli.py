@@ -366,3 +366,38 @@ def test_an_error_that_would_fail_every_image_ends_the_run_at_once(capsys, files
                        "--methods", "lime", "--option", "kernel_width=-1", "--out", tmp_path / "o")
     assert code == 2 and "Traceback" not in err
     assert "kernel_width must be" in err and "could not be explained" not in err
+
+
+def test_models_fits_a_100_column_terminal(capsys):
+    for args in (("models",), ("models", "--long"), ("models", "brain-tumor-mri")):
+        code, out, _ = run(capsys, *args)
+        assert code == 0
+        too_wide = [line for line in out.splitlines() if len(line) > 100 and not line.startswith("|")]  # card tables stay whole
+        assert not too_wide, (args, too_wide)
+    code, out, _ = run(capsys, "models", "--long")
+    assert "10 x 10 last stage" in " ".join(out.split())  # the whole description, wrapped
+    code, out, _ = run(capsys, "models", "brain-tumor-mri")
+    assert out.startswith("# Model card: `brain-tumor-mri`") and "Not a medical device" in out
+
+
+def test_models_with_an_unknown_name_exits_2(capsys):
+    code, _, err = run(capsys, "models", "no-such-model")
+    assert code == 2 and "brain-tumor-mri" in err and "Traceback" not in err
+
+
+def test_signed_draws_the_raw_signed_map(capsys, files, tmp_path):
+    """By default Grad-CAM's picture is its positive part (as defined); --signed draws the raw signed map. The raw
+    maps in maps.npz are the same either way."""
+    scales, raws = {}, {}
+    for flag in ([], ["--signed"]):
+        out = tmp_path / ("signed" if flag else "default")
+        code, _, err = run(capsys, "explain", files / "chest.png", "--model", files / "tiny.pt", "--allow-pickle",
+                           "--methods", "gradcam,integratedgradients", "--out", out, *flag)
+        assert code == 0, err
+        prov = json.loads((out / "chest" / "provenance.json").read_text())
+        scales[bool(flag)] = {m: s["display"] for m, s in prov["rendering"]["colour_maps"].items()}
+        with np.load(out / "chest" / "maps.npz") as npz:
+            raws[bool(flag)] = npz["gradcam"].copy()
+    assert scales[False] == {"gradcam": "positive", "integratedgradients": "signed"}
+    assert scales[True] == {"gradcam": "signed", "integratedgradients": "signed"}
+    np.testing.assert_array_equal(raws[False], raws[True])

@@ -110,7 +110,7 @@ def test_write_explanation_files_npz_and_provenance(tmp_path, tiny2d):
     assert set(prov["files"]) == set(names)
     with Image.open(out / "panel.png") as panel:
         # 2 targets wide (24 px enlarged 10x, 4 px apart), 2 methods high (title, map, colour bar)
-        assert panel.size == (2 * 240 + 4, 2 * (23 + 240 + 34))
+        assert panel.size == (2 * 240 + 4, 2 * (23 + 240 + 50))  # the colour bar with its caption
 
 
 def test_overlay_colours_follow_the_map(tmp_path):
@@ -141,12 +141,76 @@ def test_overlay_colours_follow_the_map(tmp_path):
 
 def test_signed_maps_use_diverging_scale_and_panel_shares_scale_per_method(tmp_path):
     logits = torch.tensor([[2.0, 0.0, -1.0]])
-    maps = {"saliency": torch.tensor([[[[-1.0, 2.0], [0.5, 0.0]], [[0.1, 0.1], [0.1, 0.2]]]])}
+    maps = {"inputxgradient": torch.tensor([[[[-1.0, 2.0], [0.5, 0.0]], [[0.1, 0.1], [0.1, 0.2]]]])}
     result = _result(maps, logits, torch.tensor([[0, 2]]))
     write_explanation(result, tmp_path, display=np.zeros((2, 2), dtype=np.float32))
     prov = json.loads((tmp_path / "provenance.json").read_text())
-    scale = prov["rendering"]["colour_maps"]["saliency"]
-    assert scale == {"cmap": "RdBu_r", "vmin": -2.0, "vmax": 2.0}  # one scale for both targets
+    scale = prov["rendering"]["colour_maps"]["inputxgradient"]
+    assert scale == {"cmap": "RdBu_r", "vmin": -2.0, "vmax": 2.0, "display": "signed"}  # one scale for both targets
+
+
+def _rgb(png: bytes) -> np.ndarray:
+    import io as _io
+
+    return np.asarray(Image.open(_io.BytesIO(png)).convert("RGB")).astype(float)
+
+
+def test_each_method_is_drawn_as_defined_and_signed_on_request(tmp_path):
+    """Grad-CAM's picture is its positive part (the ReLU of its definition): where the raw map is negative the scan
+    shows through unchanged and the colour bar says so; saliency is drawn as |gradient| (Simonyan et al.); `signed`
+    draws the raw signed map on a diverging scale; maps.npz keeps the raw values either way."""
+    from medlens.core.registry import get_spec
+
+    assert get_spec("gradcam").display == "positive" and get_spec("saliency").display == "magnitude"
+    assert get_spec("lrp").display == "signed" and get_spec("integratedgradients").display == "signed"
+    raw = torch.zeros(1, 1, 16, 16)
+    raw[..., :8] = -2.0  # evidence against on the left half
+    raw[..., 12:] = 1.0
+    maps = {"gradcam": raw.clone(), "saliency": raw.clone()}
+    result = _result(maps, torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0]]))
+    image = np.full((16, 16), 0.5, dtype=np.float32)
+    write_explanation(result, tmp_path / "a", display=image)
+    prov = json.loads((tmp_path / "a" / "provenance.json").read_text())["rendering"]["colour_maps"]
+    assert prov["gradcam"] == {"cmap": "inferno", "vmin": 0.0, "vmax": 1.0, "display": "positive"}
+    assert prov["saliency"] == {"cmap": "inferno", "vmin": 0.0, "vmax": 2.0, "display": "magnitude"}
+    rgb = _rgb((tmp_path / "a" / "gradcam_normal.png").read_bytes())
+    top = 6 + 17  # one title line; the 16 px map enlarged 14x
+    np.testing.assert_allclose(rgb[top + 100, 40], [127.5] * 3, atol=1)  # negative: the scan unchanged
+    assert abs(rgb[top + 100, 200] - 127.5).max() > 40  # positive: coloured
+    with np.load(tmp_path / "a" / "maps.npz") as npz:
+        np.testing.assert_array_equal(npz["gradcam"], raw.numpy())  # raw, signed
+    write_explanation(result, tmp_path / "b", display=image, signed=True)
+    prov = json.loads((tmp_path / "b" / "provenance.json").read_text())["rendering"]["colour_maps"]
+    assert prov["gradcam"] == {"cmap": "RdBu_r", "vmin": -2.0, "vmax": 2.0, "display": "signed"}
+    rgb = _rgb((tmp_path / "b" / "gradcam_normal.png").read_bytes())
+    assert rgb[top + 100, 40, 2] > rgb[top + 100, 40, 0] + 40  # negative: blue
+
+
+def test_colour_bar_says_what_it_shows_and_a_blank_positive_part_is_named(tmp_path):
+    calls = []
+    real = render._colour_bar
+    real_tile = render._tile
+
+    def spy(width, scale, label=""):
+        calls.append(label)
+        return real(width, scale, label)
+
+    titles = []
+
+    def spy_tile(rgb, lines, *args):
+        titles.append(list(lines))
+        return real_tile(rgb, lines, *args)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(render, "_colour_bar", spy), mock.patch.object(render, "_tile", spy_tile):
+        render.render_overlay(np.zeros((8, 8)), -np.ones((8, 8), dtype=np.float32), title="gradcam", display="positive")
+        render.render_overlay(np.zeros((8, 8)), np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8), display="signed")
+        render.render_overlay(np.zeros((8, 8)), np.ones((8, 8), dtype=np.float32), display="magnitude")
+    assert calls == ["positive part, as defined", "signed: red for, blue against", "|map|, as defined"]
+    assert any("no positive part" in line for line in titles[0]) and not any("no positive" in l for l in titles[1])
+    with pytest.raises(OutputError, match="unknown display"):
+        render.shown(np.zeros(3), "absolute")
 
 
 def test_volume_result_draws_slice_with_largest_mass(tmp_path, monkeypatch):

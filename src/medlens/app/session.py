@@ -12,7 +12,7 @@ from medlens.app.catalogue import ModelCatalogue, ModelEntry
 from medlens.app.export import ExportItem, build_zip, command_lines, overlay_title
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
-from medlens.app.views import ViewSettings, Scale, overlay_png, scale_for
+from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, scale_for
 from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
 from medlens.errors import MedlensError
@@ -124,13 +124,15 @@ class Current:
     def scale(self, panel: Panel) -> Scale:
         """One colour scale for the whole grid when asked, else one per model and method (shared by its targets)."""
         if self.settings.shared_scale:
-            return scale_for([p.raw for p in self.panels], self.settings.cmap)
-        return scale_for([p.raw for p in self.panels if p.model == panel.model and p.method == panel.method],
-                         self.settings.cmap)
+            return scale_for([drawn(p.raw, p.method, self.settings)[0] for p in self.panels], self.settings.cmap)
+        return scale_for([drawn(p.raw, p.method, self.settings)[0] for p in self.panels
+                          if p.model == panel.model and p.method == panel.method], self.settings.cmap)
 
     def png(self, panel: Panel) -> bytes:
+        """The panel's overlay, its method drawn as defined (or signed when the view asks)."""
         lines = overlay_title(panel.model, panel.method, panel.target_name, panel.probability)
-        return overlay_png(panel.display, panel.raw, lines, self.scale(panel), self.settings, panel.region)
+        values, how = drawn(panel.raw, panel.method, self.settings)
+        return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
 
     def export_zip(self) -> bytes:
         """The ZIP of every panel as drawn now, the raw maps, provenance and the equivalent command lines."""

@@ -289,14 +289,17 @@ def _export(current: Current) -> None:
 
 
 def _view_settings() -> ViewSettings:
-    cols = st.columns([2, 2, 2, 3, 2])
+    cols = st.columns([2, 2, 2, 3, 2, 2])
     opacity = cols[0].slider("Opacity", 0.0, 1.0, initial("opacity", 0.75), 0.05, key="opacity")
     cmap = cols[1].selectbox("Colour map", list(COLOUR_MAPS), key="cmap")
     mode = cols[2].radio("Threshold on", ["quantile", "value"], key="threshold_mode", horizontal=True,
                          help="quantile: hide the lowest share of |map|; value: hide below a share of the largest |value|")
     level = cols[3].slider("Threshold", 0.0, 0.99, initial("threshold", 0.0), 0.01, key="threshold")
     shared = cols[4].checkbox("One colour scale for the grid", key="shared_scale")
-    return ViewSettings(opacity, cmap, mode, level, shared)
+    signed = cols[5].checkbox("Signed maps", key="signed",
+                              help="the raw signed values of every map (default: each method as defined, e.g. "
+                                   "Grad-CAM's positive part)")
+    return ViewSettings(opacity, cmap, mode, level, shared, signed)
 
 
 @st.fragment

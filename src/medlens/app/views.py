@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from medlens.errors import InputError
 from medlens.evaluation.trust import spearman
-from medlens.io.render import DIVERGING_CMAP, OUTLINE_RGB, best_slice, blend, color_scale, outline_of, render_rgb
+from medlens.io.render import (DIVERGING_CMAP, OUTLINE_RGB, best_slice, blend, color_scale, display_label, outline_of,
+                               render_rgb, shown)
 
 COLOUR_MAPS = ("auto", "inferno", "viridis", "magma", "jet", "RdBu_r", "coolwarm")
 THRESHOLD_RGB = (0, 220, 255)  # outline of what the threshold keeps: cyan, apart from the region's green
@@ -34,6 +35,16 @@ class ViewSettings:
     threshold_mode: str = "quantile"  # "quantile": hide the lowest fraction of |map|; "value": below a share of the max
     threshold: float = 0.0
     shared_scale: bool = False  # one colour scale across the whole grid
+    signed: bool = False  # every map's raw signed values, not each method as defined (Grad-CAM's positive part)
+
+
+def drawn(amap: np.ndarray, method: str, settings: ViewSettings) -> tuple[np.ndarray, str]:
+    """(what the picture draws of a raw map, how): each method as its registry entry says, or signed when asked."""
+    from medlens.core.registry import all_specs
+
+    spec = all_specs().get(method)
+    display = "signed" if settings.signed or spec is None else spec.display
+    return shown(np.asarray(amap, dtype=np.float32), display), display
 
 
 def scale_for(maps: Sequence[np.ndarray], cmap: str = "auto") -> Scale:
@@ -82,10 +93,12 @@ def overlay_rgb(display: np.ndarray, amap: np.ndarray, scale: Scale, settings: V
 
 
 def overlay_png(display: np.ndarray, amap: np.ndarray, lines: Sequence[str], scale: Scale, settings: ViewSettings,
-                region: Optional[np.ndarray] = None) -> bytes:
-    """PNG bytes of one annotated overlay (title lines, colour bar of raw values)."""
+                region: Optional[np.ndarray] = None, how: str = "") -> bytes:
+    """PNG bytes of one annotated overlay (title lines, colour bar of raw values captioned with `how` the map is
+    drawn: "positive", "signed" or "magnitude", see `drawn`)."""
     rgb, k = overlay_rgb(display, amap, scale, settings, region)
-    return render_rgb(rgb, list(lines) + ([f"slice {k} (largest map mass)"] if k is not None else []), scale)
+    return render_rgb(rgb, list(lines) + ([f"slice {k} (largest map mass)"] if k is not None else []), scale,
+                      label=display_label(how, scale) if how else "")
 
 
 def normalised(amap: np.ndarray) -> np.ndarray:

@@ -48,12 +48,15 @@ MAX_LISTED_FAILURES = 50
 @click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box or mask file beside each input.")
 @click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (runs the code it holds; only files you trust).")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
+@click.option("--signed", is_flag=True, default=False,
+              help="Draw every map's raw signed values (default: each method as defined, e.g. Grad-CAM's positive part).")
 def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_dir: Path, targets: Optional[str],
                   formats: str, executor: str, workers: int, threads: Optional[int], ray_address: Optional[str],
                   include: Sequence[str], exclude: Sequence[str], limit: Optional[int], retry_failed: bool, force: bool,
                   layer: Optional[str], seed: Optional[int], option_items: Sequence[str], slice_index: Optional[int],
                   labels: Optional[str], input_size: Optional[str], channels: Optional[int], multi_label: Optional[bool],
-                  weights: Optional[Path], device: str, no_region: bool, allow_pickle: bool, quiet: bool) -> None:
+                  weights: Optional[Path], device: str, no_region: bool, allow_pickle: bool, quiet: bool,
+                  signed: bool) -> None:
     """Explain every input under INPUT... (files; folders searched recursively, a DICOM series folder as one input).
 
     Writes OUT/maps/<input>/ per input, OUT/manifest.jsonl (one line per finished input), OUT/summary.csv and
@@ -63,7 +66,7 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
         if not p.exists():
             raise InputError(f"{p}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
     request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed, formats=formats,
-                                   options=_parse_options(option_items), slice_index=slice_index)
+                                   options=_parse_options(option_items), slice_index=slice_index, signed=signed)
     if not request.methods:
         raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
     check_methods(list(request.methods), dict(request.options))

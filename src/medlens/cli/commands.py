@@ -4,10 +4,12 @@ They only parse options and hand a request to `medlens.pipeline`; every user mis
 """
 from __future__ import annotations
 
+import re
 import sys
+import textwrap
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import click
 import torch
@@ -28,17 +30,21 @@ from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write
 EPILOG_MODELS = """\
 Model sources for --model:
   a bundled name      see the table above
-  FILE.pt / FILE.pth  TorchScript (torch.jit.save), a torch.export program (FILE.pt2), or a pickled module
-                      (torch.save(model); loading it runs code, so only with --allow-pickle). Labels and input spec come from the model, a sidecar JSON beside the file
-                      (FILE.pt.json or FILE.json with InputSpec fields: labels, size, channels, scale, mean, std,
-                      multi_label, resample: bilinear or area), or --labels/--input-size/--multi-label; defaults: labels "class 0".."class K-1",
-                      softmax, the scan's own size, min-max intensities.
-  torchvision:ARCH    a torchvision architecture with a local state_dict or .safetensors: --weights FILE (num_classes
-                      and input channels are read from the weights); or give the weights file as the model with
-                      "architecture": "torchvision:ARCH" in its sidecar JSON
+  FILE.pt / FILE.pth  TorchScript (torch.jit.save), a torch.export program (FILE.pt2), or a
+                      pickled module (torch.save(model); loading it runs code, so only with
+                      --allow-pickle). Labels and input spec come from the model, a sidecar JSON
+                      beside the file (FILE.pt.json or FILE.json with InputSpec fields: labels,
+                      size, channels, scale, mean, std, multi_label, resample: bilinear or area),
+                      or --labels/--input-size/--multi-label; defaults: labels "class 0".."class
+                      K-1", softmax, the scan's own size, min-max intensities.
+  torchvision:ARCH    a torchvision architecture with a local state_dict or .safetensors:
+                      --weights FILE (num_classes and input channels are read from the weights);
+                      or give the weights file as the model with "architecture":
+                      "torchvision:ARCH" in its sidecar JSON
   timm:ARCH           the same for timm architectures (needs `pip install timm`)
-  xrv:NAME            a TorchXRayVision model (needs `pip install torchxrayvision` and its weights file already in
-                      ~/.torchxrayvision/models_data/); e.g. xrv:densenet121-res224-all. Nothing is downloaded.
+  xrv:NAME            a TorchXRayVision model (needs `pip install torchxrayvision` and its weights
+                      file already in ~/.torchxrayvision/models_data/); e.g.
+                      xrv:densenet121-res224-all. Nothing is downloaded.
 """
 
 
@@ -65,13 +71,46 @@ def methods_command() -> None:
     click.echo(_table(rows, ("name", "family", "gradients", "layer", "3-D", "stochastic", "cost", "summary")))
 
 
+WIDTH = 100  # `medlens models` fits a terminal this wide
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` on one line of at most `width` characters (cut at a word, with "...")."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 3].rsplit(" ", 1)[0] if " " in text[: width - 3] else text[: width - 3]
+    return cut.rstrip(" ,;") + "..."
+
+
+def _wrap_markdown(text: str, width: int = WIDTH) -> str:
+    """A model card for the terminal: prose and list items wrapped at `width`, tables and code blocks as written."""
+    out: list[str] = []
+    in_code = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        if in_code or line.lstrip().startswith(("|", "```", "#")) or len(line) <= width:
+            out.append(line)
+            continue
+        bullet = re.match(r"^(\s*(?:[-*]|\d+\.)\s+)", line)
+        indent = " " * len(bullet.group(1)) if bullet else re.match(r"^\s*", line).group(0)
+        out.extend(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False))
+    return "\n".join(out)
+
+
 @click.command("models", epilog=EPILOG_MODELS)
-def models_command() -> None:
-    """List bundled models (labels, input spec) and the other model sources medlens can load."""
+@click.argument("name", required=False)
+@click.option("--long", "long_", is_flag=True, default=False, help="Each bundled model's whole description.")
+def models_command(name: Optional[str], long_: bool) -> None:
+    """List bundled models (labels, input spec) and the other model sources medlens can load; NAME prints its card."""
     bundled = bundled_models()
+    if name is not None:
+        _echo_card(name, bundled)
+        return
     if bundled:
-        rows = []
-        for name, info in bundled.items():
+        rows, summaries = [], []
+        for model_name, info in bundled.items():
             spec = _info_get(info, "input_spec")
             labels = _info_get(info, "labels") or (spec.labels if spec is not None else None) or ()
             size = getattr(spec, "size", None) if spec is not None else _info_get(info, "size")
@@ -79,10 +118,22 @@ def models_command() -> None:
             summary = _info_get(info, "summary") or _info_get(info, "description") or ""
             accuracy = _info_get(info, "test_accuracy")
             multi = _info_get(info, "multi_label", spec.multi_label if spec is not None else False)
-            rows.append((name, " x ".join(map(str, size)) if size else "any", str(channels), "multi" if multi else "single",
-                         f"{accuracy:.3f}" if isinstance(accuracy, (int, float)) else "-", ", ".join(map(str, labels)), str(summary)))
-        click.echo("Bundled models:")
-        click.echo(_table(rows, ("name", "input size", "channels", "labels are", "test acc.", "labels", "summary")))
+            rows.append([model_name, " x ".join(map(str, size)) if size else "any", str(channels), "multi" if multi else "single",
+                         f"{accuracy:.3f}" if isinstance(accuracy, (int, float)) else "-", ", ".join(map(str, labels))])
+            summaries.append(str(summary))
+        header = ("name", "input size", "ch", "labels are", "test acc.", "labels")
+        fixed = sum(max(len(str(r[i])) for r in [header, *rows]) + 2 for i in range(len(header) - 1))
+        for row in rows:
+            row[-1] = _fit(row[-1], max(12, WIDTH - fixed))
+        lines = _table(rows, header).splitlines()
+        click.echo("Bundled models (`medlens models NAME` prints a model's card; --long every whole description):")
+        click.echo("\n".join(lines[:2]))
+        for line, summary in zip(lines[2:], summaries):
+            click.echo(line)
+            if long_:
+                click.echo("\n".join(textwrap.wrap(summary, WIDTH, initial_indent="    ", subsequent_indent="    ")))
+            elif summary:
+                click.echo("    " + _fit(summary.split("; ")[0].split(". ")[0], WIDTH - 4))
     else:
         click.echo("Bundled models: " + (f"unavailable ({BUNDLED_PROBLEM[0]})" if BUNDLED_PROBLEM else "none in this installation."))
     click.echo("")
@@ -92,10 +143,23 @@ def models_command() -> None:
         xrv_state = "installed"
     except ImportError:
         xrv_state = "not installed"
-    click.echo(f"TorchXRayVision ({xrv_state}): xrv:NAME, e.g. {', '.join(sorted(XRV_KNOWN_FILES))}.")
+    click.echo("\n".join(textwrap.wrap(f"TorchXRayVision ({xrv_state}): xrv:NAME, e.g. {', '.join(sorted(XRV_KNOWN_FILES))}.",
+                                       WIDTH, subsequent_indent="  ", break_on_hyphens=False)))
     click.echo("  Weights must already be in ~/.torchxrayvision/models_data/; medlens never downloads.")
     click.echo("")
     click.echo(EPILOG_MODELS.rstrip())
+
+
+def _echo_card(name: str, bundled: Mapping[str, Any]) -> None:
+    """Print the model card of bundled model `name`, wrapped for the terminal; an unknown name is a ModelError."""
+    if name not in bundled:
+        known = ", ".join(sorted(bundled)) or "none"
+        raise ModelError(f"no bundled model is called {name!r}; the bundled models are: {known}. "
+                         f"`medlens models` lists them with the other model sources.")
+    card = _info_get(bundled[name], "card")
+    if not card or not Path(card).is_file():
+        raise ModelError(f"the model card of {name!r} ({card}) is missing; the medlens install looks incomplete.")
+    click.echo(_wrap_markdown(Path(card).read_text(encoding="utf-8")))
 
 
 def _parse_value(text: str) -> Any:
@@ -171,6 +235,8 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box file beside the image.")
 @click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
 @click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
+@click.option("--signed", is_flag=True, default=False,
+              help="Draw every map's raw signed values (default: each method as defined, e.g. Grad-CAM's positive part).")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -192,6 +258,7 @@ def explain_command(
     no_region: bool,
     allow_pickle: bool,
     formats: str,
+    signed: bool,
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -203,7 +270,7 @@ def explain_command(
     try:
         request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed,
                                        options=_parse_options(option_items), slice_index=slice_index, frame=frame,
-                                       formats=formats)
+                                       formats=formats, signed=signed)
         if not request.methods:
             raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")
         check_methods(list(request.methods), dict(request.options))

@@ -60,6 +60,10 @@ class MethodSpec:
     completeness: str | None = None
     #: the method's per-batch form (None: wrappers such as SmoothGrad cannot run it)
     per_batch: PerBatch | None = None
+    #: how a picture draws the raw map (maps in the API and .npz stay raw): "positive" (its positive part, where the
+    #: method's definition ends in a ReLU: Grad-CAM), "signed" (a diverging scale, where the sign means evidence
+    #: for or against) or "magnitude" (|map|, where the definition takes it: Simonyan's saliency)
+    display: str = "signed"
 
     @property
     def supports_torchscript(self) -> bool:
@@ -77,6 +81,7 @@ class MethodSpec:
             "supports_torchscript": self.supports_torchscript,
             "cost": self.cost,
             "completeness": self.completeness,
+            "display": self.display,
             "options": dict(self.options),
         }
 
@@ -89,6 +94,8 @@ _LOAD_LOCK = threading.RLock()  # re-entrant: a family module's import may ask t
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry; names are unique."""
+    if spec.display not in ("positive", "signed", "magnitude"):
+        raise ValueError(f"method {spec.name!r}: display must be 'positive', 'signed' or 'magnitude', not {spec.display!r}")
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
         raise ValueError(f"method {spec.name!r} is registered twice")
     _REGISTRY[spec.name] = spec

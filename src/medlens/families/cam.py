@@ -291,6 +291,12 @@ def _perturbation_cam(fn, default_batch: int):
 
 
 # ----------------------------------------------------------------------------------------- registration
+# How each CAM is drawn (the registry's `display`): the positive part where the published definition ends in a
+# ReLU (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, Score-CAM, Ablation-CAM); signed where it does not (CAM, Zhou et
+# al. 2016: the class-weighted sum; HiResCAM, Draelos & Carin 2020, a generalisation of CAM whose negative values are
+# evidence against the class). EigenCAM's component has an arbitrary sign that medlens orients to agree with the plain
+# channel sum (cam_arithmetic.first_component), so its positive part is what agrees with the layer's activation.
+_POSITIVE = {"gradcam", "gradcam++", "xgradcam", "layercam"}
 _GRADIENT_CAMS = {
     "gradcam": (gradcam, "Grad-CAM: channel weights are the spatial mean of the target's gradient (Selvaraju et al. 2017)."),
     "gradcam++": (gradcam_plus_plus, "Grad-CAM++: higher-order gradient weights, better for several instances (Chattopadhay et al. 2018)."),
@@ -308,28 +314,33 @@ for _name, (_weigh, _summary) in _GRADIENT_CAMS.items():
     register(MethodSpec(
         name=_name, family="cam", summary=_summary, run=_cam_runner(_gradient_cam(_weigh)),
         needs_gradients=True, needs_layer=True, cost="one forward + one partial backward", options=CAM_OPTIONS,
+        display="positive" if _name in _POSITIVE else "signed",
     ))
 register(MethodSpec(
     name="eigencam", family="cam",
     summary="EigenCAM: first principal component of the feature map; class-agnostic (Muhammad & Yeasin 2020).",
     run=_cam_runner(_eigencam, always_eigen=True), needs_gradients=False, needs_layer=True, cost="one forward",
     options=CAM_OPTIONS,
+    display="positive",
 ))
 register(MethodSpec(
     name="eigengradcam", family="cam",
     summary="Eigen-Grad-CAM: first principal component of gradient x activation; class-specific.",
     run=_cam_runner(_gradient_cam(hirescam), always_eigen=True), needs_gradients=True, needs_layer=True,
     cost="one forward + one partial backward", options=CAM_OPTIONS,
+    display="positive",
 ))
 register(MethodSpec(
     name="scorecam", family="cam",
     summary="Score-CAM: channels as input masks, weighted by the masked target score; gradient-free (Wang et al. 2020).",
     run=_cam_runner(_perturbation_cam(_scorecam, SCORECAM_BATCH)), needs_gradients=False, needs_layer=True,
     cost="one forward per channel, batched", options={**CAM_OPTIONS, "batch_size": SCORECAM_BATCH},
+    display="positive",
 ))
 register(MethodSpec(
     name="ablationcam", family="cam",
     summary="Ablation-CAM: a channel's weight is the target score's drop when it is ablated (Desai & Ramaswamy 2020).",
     run=_cam_runner(_perturbation_cam(_ablationcam, ABLATIONCAM_BATCH)), needs_gradients=False, needs_layer=True,
     cost="one pass above the layer per channel, batched", options={**CAM_OPTIONS, "batch_size": ABLATIONCAM_BATCH},
+    display="positive",
 ))

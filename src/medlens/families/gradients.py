@@ -55,6 +55,7 @@ register(MethodSpec(
     summary="Saliency: the signed gradient of the target logit with respect to the input (Simonyan et al. 2014)." + CHANNELS_NOTE,
     run=_run_saliency, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
     per_batch=PerBatch(saliency),
+    display="magnitude",  # Simonyan et al. draw |gradient| (the largest over channels); the signed map stays in the API
 ))
 register(MethodSpec(
     name="inputxgradient", family="gradient",

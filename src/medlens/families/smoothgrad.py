@@ -56,5 +56,6 @@ register(MethodSpec(
             "input's range (Smilkov et al. 2017)." + CHANNELS_NOTE,
     run=_run_smoothgrad, needs_gradients=True, needs_layer=False, stochastic=True,
     cost="n_samples forwards + backwards, batched",
+    display="magnitude",  # Smilkov et al. draw the absolute value of the averaged map
     options={"n_samples": 25, "noise": 0.15, "base": "saliency", "batch_size": 16},
 ))

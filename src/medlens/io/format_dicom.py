@@ -99,7 +99,7 @@ def write_dicom(job: Any, folder: Path) -> list[Path]:
                                      _parametric_map(hd, sources, values, geometry, method, job.titles[j], first)))
             if len(grid) == 2 and orientation is not None:
                 png = render_overlay(job.display, maps[j], title=f"{method}: {job.titles[j]}", scale=job.scales[method],
-                                     region=job.region)
+                                     region=job.region, display=job.displays.get(method, "signed"))
                 written.append(_save(folder, f"{name}_sc.dcm",
                                      _secondary_capture(hd, first, _overlay_rgb(png), orientation, method, part)))
     job.provenance["dicom"] = {

@@ -13,7 +13,7 @@ from medlens.errors import OutputError
 from medlens.io.files import atomic_write, safe_name
 from medlens.io.format_dicom import write_dicom
 from medlens.io.format_nifti import write_nifti
-from medlens.io.render import color_scale, render_overlay, render_panel
+from medlens.io.render import color_scale, render_overlay, render_panel, shown
 
 
 @dataclass
@@ -26,15 +26,17 @@ class ImageResult:
     display: np.ndarray  # grayscale (*spatial) in [0, 1]
     titles: list[str]  # per target: "name (p=0.93)"
     file_parts: list[str]  # per target: a unique, file-name-safe name
-    scales: dict[str, tuple[str, float, float]]  # method -> colour scale shared by its targets
+    scales: dict[str, tuple[str, float, float]]  # method -> colour scale shared by its targets (of what is drawn)
     region: Optional[np.ndarray] = None  # boolean (*spatial) region, outlined on overlays
     input_file: Optional[Path] = None
     scan: Any = None  # the ScanImage read from input_file, when known (affines, DICOM references)
     provenance: dict[str, Any] = field(default_factory=dict)  # what the writers add to provenance.json
+    displays: dict[str, str] = field(default_factory=dict)  # method -> how pictures draw it (positive, signed, magnitude)
 
     @classmethod
     def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],
-              input_file: Any, scan: Any) -> "ImageResult":
+              input_file: Any, scan: Any, signed: bool = False) -> "ImageResult":
+        """One image of `result`; pictures draw each method as its registry entry says (`signed`: the raw signed maps)."""
         raw = {m: result[m][index].detach().float().cpu().numpy() for m in result}
         spatial = next(iter(raw.values())).shape[1:] if raw else ()
         image = np.zeros(spatial, dtype=np.float32) if display is None else np.asarray(display, dtype=np.float32)
@@ -45,16 +47,26 @@ class ImageResult:
         probs = result.probabilities[index].detach().float().cpu()
         targets = result.targets[index].tolist()
         names = result.target_names()[index]
-        scales = {m: color_scale(raw[m]) for m in raw}
+        displays = {m: "signed" if signed else _registry_display(m) for m in raw}
+        scales = {m: color_scale(shown(raw[m], displays[m])) for m in raw}
         job = cls(result, index, raw, image, [f"{n} (p={float(probs[t]):.2f})" for n, t in zip(names, targets)],
                   target_file_names(result, index), scales, region, Path(input_file) if input_file is not None else None,
-                  scan)
+                  scan, displays=displays)
         job.provenance["rendering"] = {
-            "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2]} for m, s in scales.items()},
+            "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2], "display": displays[m]} for m, s in scales.items()},
             "note": "one colour scale per method shared by its targets, up to the 99.5th percentile of |map| for maps of "
-                    "1024 values or more (higher values saturate); maps.npz holds the raw, unnormalised values",
+                    "1024 values or more (higher values saturate); each method drawn as defined (display: its positive "
+                    "part, |map|, or signed; --signed draws every map signed); maps.npz holds the raw, unnormalised values",
         }
         return job
+
+
+def _registry_display(method: str) -> str:
+    """How the method registry says `method` is drawn ("signed" for a name it does not know)."""
+    from medlens.core.registry import all_specs
+
+    spec = all_specs().get(method)
+    return spec.display if spec is not None else "signed"
 
 
 def target_file_names(result: Any, image_index: int = 0) -> list[str]:
@@ -80,11 +92,13 @@ def write_png(job: ImageResult, folder: Path) -> list[Path]:
     written: list[Path] = []
     for m, maps in job.raw.items():
         for j, part in enumerate(job.file_parts):
-            png = render_overlay(job.display, maps[j], title=f"{m}: {job.titles[j]}", scale=job.scales[m], region=job.region)
+            png = render_overlay(job.display, maps[j], title=f"{m}: {job.titles[j]}", scale=job.scales[m], region=job.region,
+                                 display=job.displays.get(m, "signed"))
             written.append(atomic_write(folder / overlay_name(m, part), png))
     if job.raw:
         written.append(atomic_write(folder / "panel.png",
-                                    render_panel(job.display, job.raw, job.titles, scales=job.scales, region=job.region)))
+                                    render_panel(job.display, job.raw, job.titles, scales=job.scales, region=job.region,
+                                                 displays=job.displays)))
     return written
 
 

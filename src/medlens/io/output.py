@@ -33,6 +33,7 @@ def write_explanation(
     formats: Sequence[str] = DEFAULT_FORMATS,
     region: Optional[np.ndarray] = None,
     scan: Any = None,
+    signed: bool = False,
 ) -> list[Path]:
     """Write one image's results into `out_dir` in `formats` (see `medlens.io.formats.FORMATS`; by default
     `<method>_<target>.png` per method and target, `panel.png`, and `maps.npz`), and `provenance.json` last.
@@ -41,14 +42,15 @@ def write_explanation(
     (those they replace set aside until all are in, and put back on an error), so on an error the folder keeps
     what it had. Files of an earlier run in the folder that this run does not write are removed. `display` is
     the grayscale image in [0, 1] at the maps' size; `region` a boolean mask of that size, outlined on overlays;
-    `scan` the `ScanImage` read from `input_file` (formats that reference the source use it). Returns the paths.
+    `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
+    signed instead of as its method is defined (Grad-CAM's positive part). Returns the paths.
     """
     names = check_formats(formats)
     created = not Path(out_dir).exists()
     folder = ensure_writable(out_dir)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
     try:
-        job = ImageResult.build(result, image_index, display, region, input_file, scan)
+        job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed)
         staged: list[Path] = []
         for name in names:
             staged += FORMATS[name](job, staging)

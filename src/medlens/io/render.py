@@ -67,6 +67,39 @@ def color_scale(maps: np.ndarray) -> tuple[str, float, float]:
     return DIVERGING_CMAP, -a, a
 
 
+#: how a method's map is drawn (the registry's `display` field): the positive part, the signed values, or |map|
+DISPLAYS = ("positive", "signed", "magnitude")
+DISPLAY_LABELS = {"positive": "positive part, as defined", "signed": "signed: red for, blue against",
+                  "magnitude": "|map|, as defined"}
+
+
+def shown(amap: np.ndarray, display: str = "signed") -> np.ndarray:
+    """What a picture draws of a raw map: its positive part ("positive", e.g. Grad-CAM, whose definition ends in a
+    ReLU), its absolute value ("magnitude", e.g. Simonyan's saliency) or the raw signed values ("signed")."""
+    if display == "positive":
+        return np.maximum(amap, 0.0)
+    if display == "magnitude":
+        return np.abs(amap)
+    if display != "signed":
+        raise OutputError(f"unknown display {display!r}; use one of {', '.join(DISPLAYS)}.")
+    return amap
+
+
+def display_label(display: str, scale: tuple[str, float, float]) -> str:
+    """The colour bar's caption: what the colours show (a signed map without negative values says so)."""
+    if display == "signed" and scale[1] >= 0:
+        return "signed (no negative values)"
+    return DISPLAY_LABELS.get(display, display)
+
+
+def empty_note(raw: np.ndarray, display: str) -> list[str]:
+    """A title line for a positive-part picture of a map with no positive value (drawn blank, as defined)."""
+    finite = raw[np.isfinite(raw)]
+    if display == "positive" and finite.size and float(finite.max()) <= 0:
+        return ["no positive part: the map is <= 0 everywhere (--signed draws it)"]
+    return []
+
+
 def best_slice(volume_map: np.ndarray) -> int:
     """The axial slice (axis 0) of a (D, H, W) map with the largest mass (sum of absolute values)."""
     return int(np.abs(volume_map).reshape(volume_map.shape[0], -1).sum(axis=1).argmax())
@@ -139,8 +172,9 @@ def _tile(rgb: np.ndarray, lines: Sequence[str], min_side: int = MIN_TILE_SIDE, 
     return tile
 
 
-def _colour_bar(width: int, scale: tuple[str, float, float]) -> Any:
-    """A PIL strip: the colour map from vmin to vmax with the raw values at its ends (and 0 when signed)."""
+def _colour_bar(width: int, scale: tuple[str, float, float], label: str = "") -> Any:
+    """A PIL strip: the colour map from vmin to vmax with the raw values at its ends (and 0 when signed), and
+    `label` (what the colours show) under it."""
     from PIL import Image, ImageDraw
 
     cmap, vmin, vmax = scale
@@ -148,7 +182,7 @@ def _colour_bar(width: int, scale: tuple[str, float, float]) -> Any:
     margin = 8
     bar_w = max(16, width - 2 * margin)
     ramp = _lut(cmap)[np.linspace(0, 255, bar_w).astype(np.int64)].astype(np.uint8)
-    strip = Image.new("RGB", (width, 34), "white")
+    strip = Image.new("RGB", (width, 50 if label else 34), "white")
     strip.paste(Image.fromarray(np.repeat(ramp[None], 12, axis=0)), (margin, 2))
     draw = ImageDraw.Draw(strip)
     draw.text((margin, 16), _fmt(vmin), fill="black", font=font)
@@ -156,6 +190,8 @@ def _colour_bar(width: int, scale: tuple[str, float, float]) -> Any:
     draw.text((margin + bar_w - int(draw.textlength(right, font=font)), 16), right, fill="black", font=font)
     if vmin < 0 < vmax:
         draw.text((margin + bar_w // 2 - 3, 16), "0", fill="black", font=font)
+    if label:
+        draw.text((margin, 32), label, fill="black", font=font)
     return strip
 
 
@@ -200,42 +236,49 @@ def _region_plane(region: Optional[np.ndarray], k: Optional[int]) -> Optional[np
 
 
 def render_overlay(image: np.ndarray, amap: np.ndarray, *, title: str = "", scale: Optional[tuple[str, float, float]] = None,
-                   region: Optional[np.ndarray] = None) -> bytes:
-    """PNG bytes: the grayscale `image` (values in [0, 1]) with `amap` on top, a title and a colour bar of raw values;
-    `region` (a boolean mask of the map's shape) is drawn as a green outline.
+                   region: Optional[np.ndarray] = None, display: str = "signed") -> bytes:
+    """PNG bytes: the grayscale `image` (values in [0, 1]) with `amap` on top, a title and a colour bar of raw values
+    labelled with what it shows; `region` (a boolean mask of the map's shape) is drawn as a green outline. `display`
+    (see `shown`) says whether the raw map's positive part, its magnitude or its signed values are drawn.
 
     For a volume (D, H, W) the slice with the largest map mass is drawn and named in the title.
     """
     image = _display_ready(image, amap.shape)
+    lines = ([title] if title else []) + empty_note(amap, display)
+    amap = shown(amap, display)
     scale = scale or color_scale(amap)
     img2d, map2d, k = _plane(image, amap)
-    lines = [title] if title else []
     if k is not None:
         lines.append(f"slice {k} of {amap.shape[0]} (largest map mass)")
-    return render_rgb(_with_outline(blend(img2d, map2d, scale), _region_plane(region, k)), lines, scale)
+    return render_rgb(_with_outline(blend(img2d, map2d, scale), _region_plane(region, k)), lines, scale,
+                      label=display_label(display, scale))
 
 
-def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, float]) -> bytes:
+def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, float], label: str = "") -> bytes:
     """PNG bytes: an overlay already drawn (uint8 RGB, e.g. by `blend`), enlarged under its title `lines`, with the
-    colour bar of `scale` below it (the app draws thresholded overlays this way)."""
+    colour bar of `scale` (captioned `label`) below it (the app draws thresholded overlays this way)."""
     tile = _tile(rgb, lines)
-    return _png(_stack([tile, _colour_bar(tile.width, scale)]))
+    return _png(_stack([tile, _colour_bar(tile.width, scale, label)]))
 
 
 def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequence[str], *,
-                 scales: Optional[Mapping[str, tuple[str, float, float]]] = None, region: Optional[np.ndarray] = None) -> bytes:
-    """PNG bytes: a grid of methods (rows) x targets (columns), `maps[method]` being (T, *spatial); each row has
-    one colour scale (shared by its targets) shown under it."""
+                 scales: Optional[Mapping[str, tuple[str, float, float]]] = None, region: Optional[np.ndarray] = None,
+                 displays: Optional[Mapping[str, str]] = None) -> bytes:
+    """PNG bytes: a grid of methods (rows) x targets (columns), `maps[method]` being (T, *spatial) raw maps; each row
+    has one colour scale (shared by its targets) shown under it, drawn as `displays[method]` says (default signed)."""
     from PIL import Image
 
     rows = []
-    for name, per_target in maps.items():
+    for name, raw in maps.items():
+        display = (displays or {}).get(name, "signed")
+        per_target = shown(raw, display)
         scale = (scales or {}).get(name) or color_scale(per_target)
         cells = []
         for col in range(len(per_target)):
             amap = per_target[col]
             img2d, map2d, k = _plane(_display_ready(image, amap.shape), amap)
-            lines = [f"{name}: {titles[col]}"] + ([f"slice {k} (largest map mass)"] if k is not None else [])
+            lines = ([f"{name}: {titles[col]}"] + empty_note(raw[col], display)
+                     + ([f"slice {k} (largest map mass)"] if k is not None else []))
             rgb = _with_outline(blend(img2d, map2d, scale), _region_plane(region, k))
             cells.append((rgb, lines, len(_wrap(lines, _enlarge(rgb, MIN_PANEL_TILE_SIDE).shape[1]))))
         n_lines = max(c[2] for c in cells)
@@ -246,7 +289,7 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
         for t in tiles:
             row.paste(t, (x, 0))
             x += t.width + 4
-        rows.append(_stack([row, _colour_bar(tiles[0].width, scale)]))
+        rows.append(_stack([row, _colour_bar(tiles[0].width, scale, display_label(display, scale))]))
     if not rows:
         return _png(Image.new("RGB", (1, 1), "white"))
     return _png(_stack(rows))

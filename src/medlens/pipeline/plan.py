@@ -34,6 +34,7 @@ class ExplainRequest:
     frame: Optional[int] = None  # a multi-frame file: which frame
     window: Any = True  # DICOM: True = the file's window, False = modality values, (center, width)
     formats: tuple[str, ...] = DEFAULT_FORMATS
+    signed: bool = False  # pictures draw every raw signed map, not each method as defined (Grad-CAM's positive part)
 
     @classmethod
     def build(cls, methods: Any = "gradcam", **fields: Any) -> "ExplainRequest":
@@ -50,9 +51,12 @@ class ExplainRequest:
 
     def settings(self) -> dict[str, Any]:
         """The request as JSON values (for provenance, manifests and digests)."""
-        return jsonable({"methods": list(self.methods), "targets": self.targets, "layer": self.layer, "seed": self.seed,
-                         "options": dict(sorted(self.options.items())), "slice_index": self.slice_index,
-                         "frame": self.frame, "window": self.window, "formats": list(self.formats)})
+        settings = {"methods": list(self.methods), "targets": self.targets, "layer": self.layer, "seed": self.seed,
+                    "options": dict(sorted(self.options.items())), "slice_index": self.slice_index,
+                    "frame": self.frame, "window": self.window, "formats": list(self.formats)}
+        if self.signed:  # only when asked, so that the settings (and digests) of earlier runs stay as they were
+            settings["signed"] = True
+        return jsonable(settings)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)  # what reading, preparing and the region lookup noted
     seconds: dict[str, float] = field(default_factory=dict)  # read, explain
     formats: tuple[str, ...] = DEFAULT_FORMATS  # what the plan asked to write
+    signed: bool = False  # pictures draw the raw signed maps (the request's --signed)
 
     def prediction(self) -> dict[str, float]:
         """Class label (or index) -> probability, for the one image."""
@@ -121,7 +122,8 @@ def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Pa
     t0 = time.perf_counter()
     result = explain_batch(plan, prepared.tensor)
     seconds = {"explain": time.perf_counter() - t0}
-    outcome = Outcome(result, prepared, source, notes=notes, seconds=seconds, formats=plan.formats)
+    outcome = Outcome(result, prepared, source, notes=notes, seconds=seconds, formats=plan.formats,
+                      signed=bool(getattr(request, "signed", False)))
     if found is not None:
         grid = tuple(prepared.tensor.shape[2:])
         outcome.region = region_mask(found, read_shape or prepared.scan.spatial_shape, grid,
