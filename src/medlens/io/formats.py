@@ -31,6 +31,7 @@ class ImageResult:
     input_file: Optional[Path] = None
     scan: Any = None  # the ScanImage read from input_file, when known (affines, DICOM references)
     provenance: dict[str, Any] = field(default_factory=dict)  # what the writers add to provenance.json
+    model_source: Optional[dict[str, Any]] = None  # where the model came from (bundled name, file), when known
 
     @classmethod
     def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],
