@@ -18,6 +18,20 @@ from medlens.io import read_image
 from medlens.io.readers import take_slice
 
 
+def _linear(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Separable linear resampling over the same extent (half-pixel centres, edges held): the textbook version of
+    bilinear/trilinear interpolation with align_corners=False, one axis at a time."""
+    out = np.asarray(values, dtype=np.float64)
+    for axis, n_out in enumerate(shape):
+        n_in = out.shape[axis]
+        x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(x).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        w = (x - lo).reshape([-1 if a == axis else 1 for a in range(out.ndim)])
+        out = np.take(out, lo, axis=axis) * (1 - w) + np.take(out, hi, axis=axis) * w
+    return out
+
+
 def _world(affine: np.ndarray, index) -> np.ndarray:
     return (np.asarray(affine) @ np.array([*index, 1.0]))[:3]
 
@@ -121,15 +135,16 @@ def test_dicom_results_read_back_reference_the_source_and_pass_highdicom(tmp_pat
         assert refs == [source.SOPInstanceUID]
         assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
         method = Path(name).name.split("_")[0]
-        np.testing.assert_array_equal(pm.pixel_array.reshape(64, 64), maps[method][0, 0])
+        # on the source's own 128 x 128 grid, so a viewer overlays it: the 64 x 64 map resampled over the same extent
+        np.testing.assert_allclose(pm.pixel_array.reshape(128, 128), _linear(maps[method][0, 0], (128, 128)),
+                                   atol=1e-5 * float(np.abs(maps[method]).max()))
         shared = ds.SharedFunctionalGroupsSequence[0]
         spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
-        np.testing.assert_allclose(spacing, [row_spacing * 2, column_spacing * 2])
+        np.testing.assert_allclose(spacing, [row_spacing, column_spacing])
         position = [float(v) for v in ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient]
-        iop = np.array([float(v) for v in source.ImageOrientationPatient])
-        centre = np.array([float(v) for v in source.ImagePositionPatient]) + 0.5 * column_spacing * iop[:3] \
-            + 0.5 * row_spacing * iop[3:]  # map pixel (0, 0) covers source pixels 0..1: its centre is at 0.5
-        np.testing.assert_allclose(position, centre, atol=1e-4)
+        np.testing.assert_allclose(position, [float(v) for v in source.ImagePositionPatient], atol=1e-4)
+        orientation = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+        np.testing.assert_allclose(orientation, [float(v) for v in source.ImageOrientationPatient], atol=1e-6)
     for name in scs:
         ds = pydicom.dcmread(out / name)
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
@@ -164,8 +179,11 @@ def test_dicom_radiographs_of_one_series_stay_apart_and_series_slices_are_refere
     by_path = {r["path"]: r for r in manifest(out)}
     assert set(by_path) == {"dx/lateral.dcm", "dx/pa.dcm", "ct/series"}  # two radiographs, one volume
     names = {p: sorted(Path(o).name for o in r["outputs"] if o.endswith(".dcm")) for p, r in by_path.items()}
-    assert names["dx/pa.dcm"] == []  # nothing a viewer could place; provenance says why
+    assert len(names["dx/pa.dcm"]) == 1 and names["dx/pa.dcm"][0].endswith("_sc.dcm")  # no Parametric Map
+    assert pydicom.dcmread(out / next(o for o in by_path["dx/pa.dcm"]["outputs"] if o.endswith(".dcm"))).PatientOrientation == ""
     assert names["dx/lateral.dcm"] == ["gradcam_lesion_sc.dcm"] or names["dx/lateral.dcm"] == ["gradcam_normal_sc.dcm"]
+    lateral = pydicom.dcmread(out / next(o for o in by_path["dx/lateral.dcm"]["outputs"] if o.endswith(".dcm")))
+    assert list(lateral.PatientOrientation) == ["L", "F"]
     provenance = json.loads((out / "maps/dx/pa_dcm/provenance.json").read_text())["dicom"]
     assert "FrameOfReferenceUID" in provenance["parametric_map"]
     pm = pydicom.dcmread(out / next(o for o in by_path["ct/series"]["outputs"] if o.endswith("_pm.dcm")))
@@ -191,9 +209,13 @@ def test_dicom_parametric_map_of_a_volume_places_every_frame(model3d: Path, tmp_
     refs = sorted(r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence)
     assert refs == [f"1.2.826.0.2.{k}" for k in range(4)]
     maps = maps_of(out, record)["saliency"][0, 0]
-    assert int(ds.NumberOfFrames) == 16
-    for frame, group in zip(ds.pixel_array, ds.PerFrameFunctionalGroupsSequence):
+    assert int(ds.NumberOfFrames) == 4  # on the source's grid: one frame per source slice, 128 x 128
+    expected = _linear(maps, (4, 128, 128))
+    seen = []
+    for frame, group in zip(ds.pixel_array, ds.PerFrameFunctionalGroupsSequence):  # frames in highdicom's order
         z = float(group.PlanePositionSequence[0].ImagePositionPatient[2])
-        index = (z / 5.0 + 0.5) * 16 / 4 - 0.5  # the map's slice at that position (4 slices resampled to 16)
-        assert index == pytest.approx(round(index), abs=1e-4)
-        np.testing.assert_array_equal(frame, maps[int(round(index))])
+        k = int(round(z / 5.0))
+        assert z == pytest.approx(5.0 * k)
+        seen.append(k)
+        np.testing.assert_allclose(frame, expected[k], atol=1e-5 * float(np.abs(maps).max()))
+    assert sorted(seen) == [0, 1, 2, 3]

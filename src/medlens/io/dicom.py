@@ -16,6 +16,7 @@ from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from medlens.errors import InputError
+from medlens.io.dicom_geometry import frame_affines, patient_affine, pixel_spacing, stack_affine
 from medlens.io.limits import check_size
 from medlens.io.scan import ScanImage, one_line
 
@@ -171,57 +172,21 @@ def _decode_error(path: Path, ds: Any, exc: BaseException) -> InputError:
 
 
 def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanImage:
+    """The steps of reading: header, pixel checks, decoding, intensities, geometry, the header kept for outputs."""
     notes: list[str] = []
-    try:
-        ds = _dcmread(path, notes)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers (even NotImplementedError)
-        raise InputError(f"{path}: not a valid DICOM file ({type(exc).__name__}: {one_line(exc)}). The file may be corrupt "
-                         f"or truncated; re-export it from the PACS or viewer.") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        if "DirectoryRecordSequence" in ds or str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MediaStorageDirectoryStorage:
-            raise InputError(f"{path} is a DICOMDIR, an index of the DICOM files on a disc or folder, not an image; give "
-                             f"one of the image files it lists, or the folder holding one series.")
-        if "SOPClassUID" not in ds and "Modality" not in ds and "Rows" not in ds:
-            raise InputError(
-                f"{path}: not a valid DICOM file (no standard DICOM attributes and no pixel data could be read); it is "
-                f"corrupt or truncated. Re-export it from the PACS or viewer."
-            )
-        sop_class = str(getattr(getattr(ds, "SOPClassUID", None), "name", "") or "")
-        if ("Rows" in ds and "Columns" in ds) or "Image" in sop_class:  # an image's header without its pixels
-            what = f"a {ds.get('Rows')} x {ds.get('Columns')} image" if "Rows" in ds else f"an image ({sop_class})"
-            raise InputError(f"{path}: the DICOM header describes {what} but the file holds no pixel data; it is "
-                             f"probably truncated. Re-export it from the PACS or viewer.")
-        raise InputError(f"{path}: the DICOM file holds no image (no PixelData); it may be a report or structured document.")
+    ds = _open(path, notes)
+    _refuse_without_pixels(path, ds)
     rows, cols, n_frames, samples, bits = _pixel_header(path, ds, frame)
     volume = n_frames > 1 and frame is None
     if volume and samples > 1:  # refused before decoding: a colour volume is not something medlens explains
         raise InputError(f"{path}: a multi-frame colour DICOM cannot be read as a volume; choose one frame (frame=/--frame).")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many types for broken or unsupported data
-        raise _decode_error(path, ds, exc) from None
-    except BaseException as exc:  # a Rust decoder (pylibjpeg-rle) panics on some damaged data: pyo3's PanicException
-        if type(exc).__name__ != "PanicException":
-            raise
-        raise _decode_error(path, ds, exc) from None
+    arr = _decode(path, ds)
+    _check_decoded_shape(path, arr, rows, cols, n_frames, samples)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     stored = int(ds.get("BitsStored", bits) or bits)
     stored = stored if 1 <= stored <= bits else bits  # a BitsStored above BitsAllocated is not valid DICOM
     if photometric == "PALETTE COLOR":  # stored values are indices into the file's colour tables
-        try:
-            arr = apply_color_lut(arr, ds)
-            stored = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        except Exception as exc:  # noqa: BLE001 - missing or damaged palette tables
-            raise InputError(f"{path}: a PALETTE COLOR image whose colour tables cannot be used ({type(exc).__name__}: "
-                             f"{one_line(exc)}); re-export it as RGB or grayscale.") from None
-        stored = stored if stored in (8, 16) else 16
-        samples = 3
-        notes.append("PALETTE COLOR: the file's colour tables applied")
-        if volume:
-            raise InputError(f"{path}: a multi-frame colour DICOM cannot be read as a volume; choose one frame (frame=/--frame).")
-    color = samples > 1
+        arr, stored, samples = _apply_palette(path, ds, arr, volume, notes)
     if n_frames > 1:
         if frame is not None:
             arr = arr[frame]
@@ -229,50 +194,14 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
         else:
             notes.append(f"multi-frame DICOM: {n_frames} frames read as a volume")
     values = arr.astype(np.float32)
-    nominal: Optional[tuple[float, float]] = None
-    if color:
+    if samples > 1:
         notes.append(f"colour DICOM ({photometric}) read as RGB")
-        nominal = (0.0, float(2**stored - 1))
+        nominal: Optional[tuple[float, float]] = (0.0, float(2**stored - 1))
         layout = "color"
     else:
-        groups = _shared_functional_groups(ds)
-        slope = float(ds.get("RescaleSlope", groups.get("RescaleSlope", 1)) or 1)
-        intercept = float(ds.get("RescaleIntercept", groups.get("RescaleIntercept", 0)) or 0)
-        if "WindowCenter" not in ds and "WindowCenter" in groups:
-            ds.WindowCenter, ds.WindowWidth = groups["WindowCenter"], groups["WindowWidth"]
-        if slope != 1 or intercept != 0:
-            values = values * np.float32(slope) + np.float32(intercept)
-            notes.append(f"rescale slope {slope:g} and intercept {intercept:g} applied")
-        voi = ds.get("VOILUTSequence")
-        if window is True and voi:
-            values = _apply_voi_lut_sequence(values, voi[0])
-            notes.append("VOI LUT from the file applied")
-            nominal = (0.0, 1.0)
-        else:
-            win = dicom_window(ds, window, notes)
-            if win is not None:
-                values = _apply_window(values, *win, function=str(ds.get("VOILUTFunction", "LINEAR")))
-                nominal = (0.0, 1.0)
-            elif slope == 1 and intercept == 0 and int(ds.get("PixelRepresentation", 0) or 0) == 0:
-                nominal = (0.0, float(2**stored - 1))  # stored values of an unsigned image: 0 .. 2^BitsStored - 1
-        if photometric == "MONOCHROME1":
-            if nominal is not None:
-                values = nominal[0] + nominal[1] - values
-            else:
-                values = float(values.min()) + float(values.max()) - values
-            notes.append("MONOCHROME1: intensities inverted so that bright means dense")
+        values, nominal = _grayscale(ds, values, window, stored, photometric, notes)
         layout = "volume" if volume else "gray"
-    spacing: Optional[tuple[float, ...]] = None
-    if "PixelSpacing" in ds:
-        try:
-            row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
-            if volume:
-                depth = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
-                spacing = (depth, row_sp, col_sp)
-            else:
-                spacing = (row_sp, col_sp)
-        except (TypeError, ValueError):
-            spacing = None
+    spacing, affine = _geometry(ds, volume, frame, n_frames, notes)
     modality = str(ds.get("Modality", "")).strip()
     if modality:
         notes.append(f"DICOM modality {modality}")
@@ -280,31 +209,134 @@ def _read_dicom_dataset(path: Path, frame: Optional[int], window: Any) -> ScanIm
     for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if key in header:
             delattr(header, key)
-    affine = patient_affine(ds) if not volume else None  # enhanced multi-frame geometry (per frame) is not read
     return ScanImage(np.ascontiguousarray(values, dtype=np.float32), path, "dicom", notes, spacing, layout, nominal,
                      affine, (header,))
 
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def patient_affine(ds: Any) -> Optional[np.ndarray]:
-    """A single-frame image's affine from (row, column, through-plane) to world RAS mm, from ImagePositionPatient,
-    ImageOrientationPatient and PixelSpacing; None when the file has no patient geometry (e.g. most radiographs)."""
+def _open(path: Path, notes: list[str]) -> Any:
     try:
-        position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
-        thickness = abs(float(ds.get("SliceThickness", 1.0) or 1.0)) or 1.0
-    except Exception:  # noqa: BLE001 - geometry is optional: a damaged value means no affine, not an unreadable file
-        return None
-    if position.shape != (3,) or orientation.shape != (6,) or not (np.isfinite(position).all() and np.isfinite(orientation).all()):
-        return None
-    along_row, along_column = orientation[:3], orientation[3:]  # index column grows along the row direction
-    normal = np.cross(along_row, along_column)
-    affine = np.eye(4)
-    affine[:3, 0] = along_column * row_spacing
-    affine[:3, 1] = along_row * column_spacing
-    affine[:3, 2] = normal * thickness
-    affine[:3, 3] = position
-    return LPS_TO_RAS @ affine
+        return _dcmread(path, notes)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged headers (even NotImplementedError)
+        raise InputError(f"{path}: not a valid DICOM file ({type(exc).__name__}: {one_line(exc)}). The file may be corrupt "
+                         f"or truncated; re-export it from the PACS or viewer.") from None
+
+
+def _refuse_without_pixels(path: Path, ds: Any) -> None:
+    """A DICOMDIR, a report, a header without its pixels: each refused with what it is."""
+    if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        return
+    if "DirectoryRecordSequence" in ds or str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MediaStorageDirectoryStorage:
+        raise InputError(f"{path} is a DICOMDIR, an index of the DICOM files on a disc or folder, not an image; give "
+                         f"one of the image files it lists, or the folder holding one series.")
+    if "SOPClassUID" not in ds and "Modality" not in ds and "Rows" not in ds:
+        raise InputError(
+            f"{path}: not a valid DICOM file (no standard DICOM attributes and no pixel data could be read); it is "
+            f"corrupt or truncated. Re-export it from the PACS or viewer."
+        )
+    sop_class = str(getattr(getattr(ds, "SOPClassUID", None), "name", "") or "")
+    if ("Rows" in ds and "Columns" in ds) or "Image" in sop_class:  # an image's header without its pixels
+        what = f"a {ds.get('Rows')} x {ds.get('Columns')} image" if "Rows" in ds else f"an image ({sop_class})"
+        raise InputError(f"{path}: the DICOM header describes {what} but the file holds no pixel data; it is "
+                         f"probably truncated. Re-export it from the PACS or viewer.")
+    raise InputError(f"{path}: the DICOM file holds no image (no PixelData); it may be a report or structured document.")
+
+
+def _decode(path: Path, ds: Any) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom and its plugins raise many types for broken or unsupported data
+        raise _decode_error(path, ds, exc) from None
+    except BaseException as exc:  # a Rust decoder (pylibjpeg-rle) panics on some damaged data: pyo3's PanicException
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise _decode_error(path, ds, exc) from None
+
+
+def _check_decoded_shape(path: Path, arr: np.ndarray, rows: int, cols: int, n_frames: int, samples: int) -> None:
+    """The decoded array must be what the header says: pydicom counts frames from the data's length when
+    NumberOfFrames is missing or wrong, and a volume posing as one image must not reach a 2-D model."""
+    expected = (rows, cols) + ((samples,) if samples > 1 else ())
+    expected = ((n_frames,) if n_frames > 1 else ()) + expected
+    if tuple(arr.shape) != expected:
+        raise InputError(f"{path}: the pixel data holds an array of shape {tuple(arr.shape)}, but the header describes "
+                         f"{' x '.join(map(str, expected))} (NumberOfFrames {n_frames}); the header does not match the "
+                         f"pixels. Fix NumberOfFrames or re-export the file from the PACS or viewer.")
+
+
+def _apply_palette(path: Path, ds: Any, arr: np.ndarray, volume: bool, notes: list[str]) -> tuple[np.ndarray, int, int]:
+    try:
+        arr = apply_color_lut(arr, ds)
+        stored = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except Exception as exc:  # noqa: BLE001 - missing or damaged palette tables
+        raise InputError(f"{path}: a PALETTE COLOR image whose colour tables cannot be used ({type(exc).__name__}: "
+                         f"{one_line(exc)}); re-export it as RGB or grayscale.") from None
+    notes.append("PALETTE COLOR: the file's colour tables applied")
+    if volume:
+        raise InputError(f"{path}: a multi-frame colour DICOM cannot be read as a volume; choose one frame (frame=/--frame).")
+    return arr, (stored if stored in (8, 16) else 16), 3
+
+
+def _grayscale(ds: Any, values: np.ndarray, window: Any, stored: int, photometric: str,
+               notes: list[str]) -> tuple[np.ndarray, Optional[tuple[float, float]]]:
+    """Modality LUT, then VOI LUT or window, then MONOCHROME1 inverted: the values and their nominal range."""
+    nominal: Optional[tuple[float, float]] = None
+    groups = _shared_functional_groups(ds)
+    slope = float(ds.get("RescaleSlope", groups.get("RescaleSlope", 1)) or 1)
+    intercept = float(ds.get("RescaleIntercept", groups.get("RescaleIntercept", 0)) or 0)
+    if "WindowCenter" not in ds and "WindowCenter" in groups:
+        ds.WindowCenter, ds.WindowWidth = groups["WindowCenter"], groups["WindowWidth"]
+    if slope != 1 or intercept != 0:
+        values = values * np.float32(slope) + np.float32(intercept)
+        notes.append(f"rescale slope {slope:g} and intercept {intercept:g} applied")
+    voi = ds.get("VOILUTSequence")
+    if window is True and voi:
+        values = _apply_voi_lut_sequence(values, voi[0])
+        notes.append("VOI LUT from the file applied")
+        nominal = (0.0, 1.0)
+    else:
+        win = dicom_window(ds, window, notes)
+        if win is not None:
+            values = _apply_window(values, *win, function=str(ds.get("VOILUTFunction", "LINEAR")))
+            nominal = (0.0, 1.0)
+        elif slope == 1 and intercept == 0 and int(ds.get("PixelRepresentation", 0) or 0) == 0:
+            nominal = (0.0, float(2**stored - 1))  # stored values of an unsigned image: 0 .. 2^BitsStored - 1
+    if photometric == "MONOCHROME1":
+        if nominal is not None:
+            values = nominal[0] + nominal[1] - values
+        else:
+            values = float(values.min()) + float(values.max()) - values
+        notes.append("MONOCHROME1: intensities inverted so that bright means dense")
+    return values, nominal
+
+
+def _geometry(ds: Any, volume: bool, frame: Optional[int], n_frames: int,
+              notes: list[str]) -> tuple[Optional[tuple[float, ...]], Optional[np.ndarray]]:
+    """Pixel spacing (in `pixels` axis order) and affine: of the image, of the chosen frame, or of the whole stack
+    of a multi-frame file (enhanced functional groups, RT Dose frame offsets)."""
+    frames = frame_affines(ds, n_frames) if n_frames > 1 else None
+    if n_frames > 1 and frame is not None:
+        affine = frames[frame] if frames else None
+    elif volume:
+        affine = stack_affine(frames, notes) if frames else None
+    else:
+        affine = patient_affine(ds)
+    plane = pixel_spacing(ds)
+    if plane is None and frames:
+        plane = (float(np.linalg.norm(frames[0][:3, 0])), float(np.linalg.norm(frames[0][:3, 1])))
+    if plane is None and "PixelSpacing" in ds:
+        notes.append(f"PixelSpacing {ds.get('PixelSpacing')!s} is not a usable spacing (zero, negative or damaged): "
+                     f"the image is treated as having no physical spacing")
+    if plane is None:
+        return None, affine
+    if not volume:
+        return plane, affine
+    if affine is not None:
+        depth = float(np.linalg.norm(affine[:3, 0]))
+    else:
+        try:
+            depth = abs(float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)) or 1.0
+        except (TypeError, ValueError):
+            depth = 1.0
+    return (depth, *plane), affine

@@ -32,6 +32,7 @@ class ImageResult:
     scan: Any = None  # the ScanImage read from input_file, when known (affines, DICOM references)
     provenance: dict[str, Any] = field(default_factory=dict)  # what the writers add to provenance.json
     displays: dict[str, str] = field(default_factory=dict)  # method -> how pictures draw it (positive, signed, magnitude)
+    model_source: Optional[dict[str, Any]] = None  # where the model came from (bundled name, file), when known
 
     @classmethod
     def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],

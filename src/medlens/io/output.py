@@ -51,9 +51,10 @@ def write_explanation(
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
     try:
         job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed)
+        job.model_source = dict(model_source) if model_source is not None else None
         staged: list[Path] = []
         for name in names:
-            staged += FORMATS[name](job, staging)
+            staged += _write_format(name, job, staging)
         staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance))
         return _move_in(staging, staged, folder)
     except BaseException:
@@ -62,6 +63,21 @@ def write_explanation(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+OPTIONAL_FORMATS = ("nifti", "dicom")  # formats that need what some inputs lack (geometry, a study)
+
+
+def _write_format(name: str, job: ImageResult, staging: Path) -> list[Path]:
+    """One format's files; a geometry-dependent format that cannot be made for this input is skipped with the reason
+    in provenance (`skipped_formats`), and the input's other formats are still written."""
+    try:
+        return FORMATS[name](job, staging)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, np.linalg.LinAlgError) as exc:
+        if name not in OPTIONAL_FORMATS:
+            raise
+        job.provenance.setdefault("skipped_formats", {})[name] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        return []
 
 
 def _write_provenance(job: "ImageResult", folder: Path, staged: Sequence[Path], loading_notes: Sequence[str],
