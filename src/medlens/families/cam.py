@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from medlens.tensor.autograd import call_model
+from medlens.tensor.autograd import call_model, logits_of
 from medlens.core.batching import chunks
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
@@ -253,7 +253,7 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> CamTerms:
     def head_scores(i: int, n: int) -> torch.Tensor:
         if not ctx.method_notes.get("input_repeated"):
             try:
-                out = ctx.model(ctx.x[i : i + 1])
+                out = logits_of(ctx.model(ctx.x[i : i + 1]))
             except RuntimeError:  # e.g. DenseNet's torch.cat of the layer's n copies with batch-1 features
                 out = None
             if isinstance(out, torch.Tensor) and tuple(out.shape) == (n, n_classes):
