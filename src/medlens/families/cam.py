@@ -247,8 +247,8 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> CamTerms:
     replacement: dict[str, torch.Tensor] = {}
     n_classes = ctx.logits.shape[1]
 
-    def swap(_m, _i, out):
-        return replacement["act"]
+    def swap(_m, _i, out):  # the ablated maps, in the layer's own layout (a token sequence keeps its class token)
+        return lp.layout.rebuild(out, replacement["act"])
 
     def head_scores(i: int, n: int) -> torch.Tensor:
         if not ctx.method_notes.get("input_repeated"):
