@@ -209,7 +209,7 @@ def test_model_and_input_mismatches_are_model_or_input_errors(model):
         medlens.explain(model, torch.randn(1, 1, 24, 24), None)
 
 
-def test_a_layer_that_is_not_a_feature_map_like_the_input_is_refused():
+def test_a_token_layer_is_read_on_its_patch_grid_and_a_flat_layer_is_refused():
     class Tokens(torch.nn.Module):  # a (B, N, C) token layer, as in a vision transformer
         def __init__(self) -> None:
             super().__init__()
@@ -221,8 +221,10 @@ def test_a_layer_that_is_not_a_feature_map_like_the_input_is_refused():
             tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))
             return self.head(tokens.mean(1))
 
-    with pytest.raises(medlens.MedlensError, match="not a spatial feature map"):
-        medlens.explain(Tokens().eval(), torch.randn(1, 1, 32, 32), "gradcam", layer="mix")
+    result = medlens.explain(Tokens().eval(), torch.randn(1, 1, 32, 32), "gradcam", layer="mix")
+    assert "64 patch tokens on a 8 x 8 grid" in result.provenance["layer"]["layout"]
+    with pytest.raises(MethodError, match="not a spatial feature map"):
+        medlens.explain(Tokens().eval(), torch.randn(1, 1, 32, 32), "gradcam", layer="head")
 
 
 def test_result_keys_are_found_whatever_their_case(model):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import medlens
-from medlens.errors import ModelError
+from medlens.errors import MethodError, ModelError
 from medlens.core.layers import is_activation, is_batchnorm, is_conv, is_global_pooling, is_linear, resolve_target_layer
 
 from conftest import torchvision_model
@@ -66,7 +66,7 @@ def test_a_wrong_layer_name_lists_real_names():
         medlens.explain(model, torch.randn(1, 3, 32, 32), "gradcam", layer="layer5")
     with pytest.raises(ModelError, match="not a submodule"):
         medlens.explain(model, torch.randn(1, 3, 32, 32), "gradcam", layer=nn.Conv2d(3, 3, 1))
-    with pytest.raises(ModelError, match="not a spatial feature map"):
+    with pytest.raises(MethodError, match="not a spatial feature map"):
         medlens.explain(model, torch.randn(1, 3, 32, 32), "gradcam", layer="fc")
     with pytest.raises(ModelError, match="layer must be"):
         medlens.explain(model, torch.randn(1, 3, 32, 32), "gradcam", layer=3)

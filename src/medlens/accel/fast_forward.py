@@ -229,7 +229,7 @@ def fast_forward(model: nn.Module, x: torch.Tensor, logits: Optional[torch.Tenso
             replace_submodule(fast, bn_name, nn.Identity())
         candidate = FastForward(module=fast, folded=len(seen.pairs), first_convolution=seen.first_convolution, layout=plain.layout)
         with torch.inference_mode():
-            reference = model(probe) if logits is None else logits[:1]
+            reference = call_model(model, probe) if logits is None else logits[:1]
             got = candidate(probe)
     except Exception as error:  # noqa: BLE001 - a copy that cannot be built or run: the model runs as given
         plain.note[key] = f"the model as given (the folded copy failed: {type(error).__name__})"

@@ -44,6 +44,17 @@ class _Precomputed(nn.Module):
         self.value: Optional[torch.Tensor] = None
         self.hits = 0
 
+    def __getattr__(self, name: str):
+        # What the model reads off its convolution (HuggingFace's patch embedding asks for .weight.dtype) is the
+        # convolution's own.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            conv = self.__dict__.get("_modules", {}).get("conv")
+            if conv is None:
+                raise
+            return getattr(conv, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.value is not None and x is self.expected:
             value, self.value, self.expected = self.value, None, None

@@ -17,6 +17,7 @@ from torch import nn
 from medlens.errors import ModelError
 from medlens.accel.fast_forward import FastForward, fast_forward
 from medlens.tensor.autograd import call_model
+from medlens.core.feature_layout import FeatureLayout, first_tensor, layout_of, with_first
 from medlens.core.layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
 from medlens.core.model_state import HookSet
 from medlens.core.targets import resolve_targets
@@ -39,6 +40,8 @@ class LayerPass:
     with_graph: bool
     leaf: Optional[torch.Tensor] = None  # the layer's output as a graph leaf (requires grad) when with_graph
     inplace_relu: bool = False
+    layout: Optional[FeatureLayout] = None  # where the map lies in the layer's output (channels first/last, tokens)
+    layout_shape: tuple[int, ...] = ()  # the shape of the layer's output tensor
     _gradients: Optional[torch.Tensor] = None
 
     def gradients(self, targets: torch.Tensor) -> torch.Tensor:
@@ -228,37 +231,32 @@ def run_layer_pass(
 
 
 def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph: bool, unrecorded_below: bool) -> LayerPass:
+    layer_name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__) or "<model>"
     captured: dict[str, Any] = {}
     linear_inputs: list[tuple[nn.Module, torch.Tensor]] = []
     below = _UnrecordedBelow()
 
     def capture(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         below.end()  # the layers above run in the call's mode (the first call of the layer ends the region)
-        if not isinstance(output, torch.Tensor):
-            raise ModelError(
-                f"the target layer returns {type(output).__name__}, not a tensor; choose a layer that outputs a feature map."
-            )
-        if output.dim() != x.dim():
-            raise ModelError(
-                f"the target layer's output has shape {tuple(output.shape)}: it is not a spatial feature map (batch, "
-                f"channels, {'depth, ' if x.dim() == 5 else ''}height, width) like the input {tuple(x.shape)}. "
-                f"Choose a convolutional layer (layer=...)."
-            )
+        layout = layout_of(model, x, output, layer_name, layer)
+        raw = first_tensor(output)
+        if raw.is_inference():  # made below the layer in inference mode: a normal copy (prefix tokens included)
+            raw = raw.clone()
+            output = with_first(output, raw)
         # The model goes on with a copy, so an in-place op that follows (ReLU(inplace=True)) cannot change
         # the captured output behind our back; we look at that copy afterwards to see what the op did.
         # Copies made here are normal tensors (with a version counter) even when the output is an inference tensor.
-        own = output.detach().clone() if output.is_inference() else output.detach()
+        # A channels-last map or a token sequence is captured as (B, C, *grid) and handed on in the layer's own layout.
+        feature_map = layout.to_map(raw.detach())
+        own = feature_map if layout.kind == "channels_first" else feature_map.clone()
         if with_graph:
             leaf = own.detach().requires_grad_(True)
             captured["leaf"] = leaf
-            captured["own"] = own
             passed = leaf.clone()
         else:
-            captured["own"] = own
             passed = own.clone()
-        captured["passed"] = passed
-        captured["version"] = passed._version
-        return passed
+        captured.update(own=own, passed=passed, version=passed._version, layout=layout, shape=tuple(raw.shape))
+        return layout.rebuild(output, passed)
 
     def capture_linear(module: nn.Module, inputs: Any) -> None:
         if inputs and isinstance(inputs[0], torch.Tensor):
@@ -295,7 +293,7 @@ def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph:
         raise ModelError("the target layer was not used in the model's forward pass; choose a layer the model runs.")
     activation, inplace_relu = captured["own"], False
     passed = captured["passed"].detach()
-    if passed._version != captured["version"]:
+    if passed._version != captured["version"] and captured["layout"].kind == "channels_first":
         with torch.no_grad():
             relu = torch.relu(activation)
             if torch.equal(passed, relu):
@@ -313,4 +311,6 @@ def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph:
         with_graph=with_graph,
         leaf=captured.get("leaf"),
         inplace_relu=inplace_relu,
+        layout=captured["layout"],
+        layout_shape=captured["shape"],
     )

@@ -270,7 +270,9 @@ def explain(
         layer_info = None
         if ctx._layer is not None:
             layer_info = {"name": ctx.layer.name, "chosen_automatically": ctx.layer.chosen_automatically,
-                          "type": type(ctx.layer.module).__name__}
+                          "type": type(ctx.layer.module).__name__, "reason": ctx.layer.reason}
+            if ctx._layer_pass is not None and ctx._layer_pass.layout is not None:
+                layer_info["layout"] = ctx._layer_pass.layout.describe(ctx._layer_pass.layout_shape)
     timings["total"] = time.perf_counter() - started
 
     provenance = {

@@ -70,6 +70,7 @@ class TargetLayer:
     module: nn.Module
     name: str
     chosen_automatically: bool
+    reason: str = "given by the caller"
 
 
 def module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
@@ -79,12 +80,30 @@ def module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
     return None
 
 
-# model -> {(input ndim, spatial shape): dotted name}; weak so a dropped model frees its entry
+# model -> {(input ndim, spatial shape): (dotted name, reason)}; weak so a dropped model frees its entry
 _AUTO_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+LAST_SPATIAL = "the last layer with a spatial output before the global pooling"
+LAST_BLOCK_NORM = ("the last transformer block's first norm (pytorch-grad-cam's choice for vision transformers): its "
+                   "patch tokens still reach the class token through that block's attention, whereas the patch "
+                   "embedding before the blocks maps the input, not the decision")
 
 
 def resolve_target_layer(model: nn.Module, x: torch.Tensor, layer: LayerSpec = None) -> TargetLayer:
-    """The layer whose activations CAM methods use: given by module or dotted name, or found automatically."""
+    """The layer whose activations CAM methods use: given by module or dotted name, or found automatically.
+
+    Args:
+        model: the model explained.
+        x: its input (B, C, *spatial); the automatic choice runs one inference pass on its first image.
+        layer: None (automatic: the last spatial layer before the pooling, or a vision transformer's last block's
+            first norm), a module of the model, or its dotted name.
+
+    Returns:
+        The layer, its dotted name, whether it was chosen automatically and why.
+
+    Raises:
+        ModelError: the layer is not part of the model, or no layer fits.
+    """
     if isinstance(layer, nn.Module):
         name = module_name(model, layer)
         if name is None:
@@ -105,21 +124,43 @@ def resolve_target_layer(model: nn.Module, x: torch.Tensor, layer: LayerSpec = N
     key = (x.dim(), tuple(x.shape[2:]))
     cached = _AUTO_CACHE.get(model, {}).get(key)
     modules = dict(model.named_modules())
-    if cached is not None and cached in modules:
-        return TargetLayer(modules[cached], cached, True)
-    name = _find_last_spatial_layer(model, x)
-    _AUTO_CACHE.setdefault(model, {})[key] = name
-    return TargetLayer(modules[name], name, True)
+    if cached is not None and cached[0] in modules:
+        return TargetLayer(modules[cached[0]], cached[0], True, cached[1])
+    name, reason = _find_auto_layer(model, x)
+    _AUTO_CACHE.setdefault(model, {})[key] = (name, reason)
+    return TargetLayer(modules[name], name, True, reason)
 
 
-def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
-    """Run one inference pass and return the last module (outermost on ties) with a spatial output."""
+def _is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(m).__name__.lower()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The innermost modules holding a norm as a direct child and an attention module below them (encoder blocks:
+    torchvision's EncoderBlock, timm's Block, HuggingFace's ViTLayer, Swin blocks), in module order."""
+    candidates = [m for m in model.modules()
+                  if any(_is_norm(c) for c in m.children()) and any(_is_attention(d) for d in m.modules() if d is not m)]
+    inner = set(map(id, candidates))
+    return [m for m in candidates if not any(id(d) in inner for d in m.modules() if d is not m)]
+
+
+def _find_auto_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
+    """Run one inference pass: a vision transformer's last block's first norm when the blocks run after every
+    spatial (B, C, *s) layer, else the last module (outermost on ties) with a spatial output; with the reason."""
     names = {m: n for n, m in model.named_modules()}
-    order: list[tuple[str, torch.Tensor]] = []  # (name, output); outputs kept alive so identity is exact
+    order: list[tuple[str, torch.Tensor, int]] = []  # (name, output, when); outputs kept alive so identity is exact
+    finished: dict[nn.Module, int] = {}  # module -> when its (last) forward ended
+    tick = [0]
     handles = []
 
     def make_hook(name: str, module: nn.Module):
         def hook(_m, _inp, out):
+            tick[0] += 1
+            finished[module] = tick[0]
             if (
                 name
                 and isinstance(out, torch.Tensor)
@@ -127,7 +168,7 @@ def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
                 and not is_global_pooling(module)
                 and int(torch.tensor(out.shape[2:]).prod()) > 1
             ):
-                order.append((name, out))
+                order.append((name, out, tick[0]))
         return hook
 
     for m, n in names.items():
@@ -142,6 +183,13 @@ def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
             h.remove()
         for m, mode in was_training:
             m.training = mode
+    blocks = [b for b in transformer_blocks(model) if b in finished]
+    last_spatial = max((when for _, _, when in order), default=-1)
+    if blocks:
+        last = max(blocks, key=lambda b: finished[b])
+        norms = [c for c in last.children() if _is_norm(c) and c in finished]
+        if norms and finished[last] > last_spatial:
+            return names[min(norms, key=lambda c: finished[c])], LAST_BLOCK_NORM
     if not order:
         raise ModelError(
             f"the model has no layer with a spatial output (B, C, *spatial) before its global pooling on an input of "
@@ -151,5 +199,5 @@ def _find_last_spatial_layer(model: nn.Module, x: torch.Tensor) -> str:
         )
     last_out = order[-1][1]
     # Several modules may return the same tensor (a container and its last child): take the outermost.
-    same = [n for n, out in order if out is last_out]
-    return min(same, key=lambda n: n.count("."))
+    same = [n for n, out, _ in order if out is last_out]
+    return min(same, key=lambda n: n.count(".")), LAST_SPATIAL

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from medlens.tensor.autograd import call_model
+from medlens.tensor.autograd import call_model, logits_of
 from medlens.core.batching import chunks
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
@@ -247,13 +247,13 @@ def _ablationcam(ctx: ExplainContext, batch_size: int) -> CamTerms:
     replacement: dict[str, torch.Tensor] = {}
     n_classes = ctx.logits.shape[1]
 
-    def swap(_m, _i, out):
-        return replacement["act"]
+    def swap(_m, _i, out):  # the ablated maps, in the layer's own layout (a token sequence keeps its class token)
+        return lp.layout.rebuild(out, replacement["act"])
 
     def head_scores(i: int, n: int) -> torch.Tensor:
         if not ctx.method_notes.get("input_repeated"):
             try:
-                out = ctx.model(ctx.x[i : i + 1])
+                out = logits_of(ctx.model(ctx.x[i : i + 1]))
             except RuntimeError:  # e.g. DenseNet's torch.cat of the layer's n copies with batch-1 features
                 out = None
             if isinstance(out, torch.Tensor) and tuple(out.shape) == (n, n_classes):

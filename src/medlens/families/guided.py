@@ -52,18 +52,31 @@ def guided_relus(output: torch.Tensor) -> Iterator[int]:
             handle.remove()
 
 
-def guided_backprop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
+def guided_backprop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any],
+                    relus_found: Optional[list] = None) -> torch.Tensor:
     if isinstance(model, torch.jit.ScriptModule):  # its ReLUs run inside TorchScript's own graph: no ReLU node to hook
         raise MethodError("guided backpropagation cannot run on a TorchScript model: its ReLUs run inside TorchScript, "
                           "where medlens cannot swap their backward (the result would silently be the plain gradient). "
                           "Load the model as a Python module, or use saliency / integratedgradients.")
-    return input_gradients(model, x, targets, around_backward=guided_relus)[0]
+    around = guided_relus
+    if relus_found is not None:
+        @contextlib.contextmanager
+        def around(output: torch.Tensor) -> Iterator[int]:
+            with guided_relus(output) as count:
+                relus_found.append(count)
+                yield count
+    return input_gradients(model, x, targets, around_backward=around)[0]
 
 
 def _cached_guided(ctx: ExplainContext) -> torch.Tensor:
     key = ("gradients", "guided")
     if key not in ctx.cache:
-        ctx.cache[key] = guided_backprop(ctx.model, ctx.x, ctx.targets, {})
+        found: list[int] = []
+        ctx.cache[key] = guided_backprop(ctx.model, ctx.x, ctx.targets, {}, relus_found=found)
+        ctx.cache[("guided", "relus")] = sum(found)
+    if ctx.cache[("guided", "relus")] == 0:
+        ctx.method_notes["relus"] = ("no ReLU in the model's graph (a GELU transformer?): guided backpropagation is the "
+                                     "plain gradient here")
     return ctx.cache[key]
 
 

@@ -1,12 +1,12 @@
 """Running the model and taking gradients of its target logits: the ground floor every gradient method stands on.
 
-Owns `call_model` (insists on (B, K) logits), `target_gradients` (every target of a batch from one batched
+Owns `call_model` (the logits of a model's output as it comes, insisting on (B, K)), `target_gradients` (every target of a batch from one batched
 backward), `input_gradients` and the (T, B, C, *s) -> (B, T, *s) map layout the gradient methods share.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -14,13 +14,44 @@ from torch import nn
 from medlens.errors import ModelError
 
 
+def logits_of(out: Any) -> Any:
+    """The logits in a model's output as it comes: a tensor; an object with `.logits` (HuggingFace); a mapping with
+    "logits" (or "out", torchvision's segmentation models); a tuple or list whose first element is the logits.
+    Anything else is returned as it is, for `call_model` to refuse with a message."""
+    if isinstance(out, torch.Tensor):
+        return out
+    found = getattr(out, "logits", None)  # HuggingFace ModelOutput (also a mapping, but .logits says it)
+    if isinstance(found, torch.Tensor):
+        return found
+    if isinstance(out, Mapping):
+        for key in ("logits", "out"):
+            if isinstance(out.get(key), torch.Tensor):
+                return out[key]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
 def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run the model and insist on (B, K) logits, with a message people can act on."""
-    out = model(x)
+    """Run the model and insist on (B, K) logits, with a message people can act on.
+
+    Args:
+        model: any module whose forward takes the input batch; its output may be a tensor, an object with
+            `.logits`, a mapping with "logits" or "out", or a tuple/list with the logits first (`logits_of`).
+        x: the input batch (B, C, *spatial).
+
+    Returns:
+        The logits (B, K), still attached to the model's graph.
+
+    Raises:
+        ModelError: the output holds no logits tensor, or not one of shape (batch, classes).
+    """
+    out = logits_of(model(x))
     if not isinstance(out, torch.Tensor):
         raise ModelError(
-            f"the model returned {type(out).__name__}, not a tensor of logits (batch, classes). Wrap it so that "
-            f"forward() returns the class scores."
+            f"the model returned {type(out).__name__}, with no tensor of logits (batch, classes) in it: medlens takes a "
+            f"tensor, an object with .logits, a dict with 'logits' or 'out', or a tuple with the logits first. Wrap it "
+            f"so that forward() returns the class scores."
         )
     if out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ModelError(f"the model must return logits of shape (batch, classes); for input {tuple(x.shape)} it returned {tuple(out.shape)}.")
