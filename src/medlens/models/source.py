@@ -36,9 +36,11 @@ class LoadOptions:
 class LoadedModel:
     """A module as a source loaded it, with the part of its description that the source knows.
 
-    partial: source, kind, sha256, sidecar path and notes; `input_spec` when the source itself says what the model
-        takes (TorchXRayVision); labels, multi-label and the checked spec are filled in by `metadata.build_description`.
+    partial: source, kind, sha256 and sidecar path; `input_spec` when the source itself says what the model takes
+        (TorchXRayVision); labels, multi-label, the checked spec and the notes are filled in by
+        `metadata.build_description`.
     sidecar: the fields of the sidecar JSON beside the file, if any (merged below the options and the model's own).
+    notes: what the loader did that a user should know (calibration turned off, num_classes read from the weights).
     """
 
     module: nn.Module
