@@ -101,7 +101,7 @@ def test_calls_on_one_model_wait_for_each_other():
     model.armed = True  # the first call's forward waits for a second forward inside this model: it never comes
     results: list = []
     errors = run_in_threads([lambda: results.append(medlens.explain(model, x, ["gradcam", "guidedbackprop"],
-                                                                    layer="inner.features.3"))] * 2)
+                                                                   layer="inner.features.3"))] * 2)
     assert errors == [] and model.met is False  # the other call waited outside the model (the barrier timed out)
     intervals = sorted(model.times)
     # No forward of one call ran while the other call was inside the model: the calls ran one after the other.
