@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from medlens.app.inputs import SAMPLES, phantom_sample
-from test_io_images import make_dicom
+from helpers import make_dicom
 
 
 def phantom_png() -> bytes:

@@ -128,7 +128,7 @@ def dicom_seed_bytes() -> list[bytes]:
 
 def made_dicom_bytes() -> list[bytes]:
     """Generated seeds: 16-bit signed CT with a window, 12-bit MONOCHROME1, an 8-bit-valued multi-frame."""
-    from test_io_images import make_dicom
+    from helpers import make_dicom
 
     rng = np.random.RandomState(0)
     arrays = [

@@ -13,7 +13,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from batch_helpers import manifest, maps_of, phantom_folder, run_cli
-from conftest import TinyCNN3d
+from helpers import TinyCNN3d
 from medlens.io import read_image
 from medlens.io.readers import take_slice
 

@@ -13,7 +13,7 @@ import medlens
 from medlens.errors import MethodError
 from medlens.tensor.spatial import upsample_to
 
-from conftest import TinyCNN2d, _randomise_bn, torchvision_model
+from helpers import correlation, layer_output, torchvision_model
 
 gradcam_lib = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
@@ -59,9 +59,7 @@ def relu_minmax(maps: torch.Tensor) -> torch.Tensor:
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm() + 1e-12))
+    return correlation(a, b, eps=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +131,6 @@ def _assert_agrees(method: str, ours: torch.Tensor, theirs: torch.Tensor, grid: 
         assert c >= 0.99, f"{method} image {i}: correlation {c:.4f} with pytorch-grad-cam"
 
 
-def _captured(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = {}
-    handle = module.register_forward_hook(lambda _m, _i, o: out.__setitem__("a", o.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return out["a"]
-
-
 @pytest.mark.parametrize("arch", list(THEIR_LAYER))
 def test_gradient_and_eigen_cams_agree_with_pytorch_grad_cam(nets, arch):
     model = nets[arch]
@@ -158,8 +145,8 @@ def test_gradient_and_eigen_cams_agree_with_pytorch_grad_cam(nets, arch):
                           "type": type(dict(model.named_modules())[OUR_AUTO_NAME[arch]]).__name__}
     assert result.provenance["layer"]["reason"] == "the last layer with a spatial output before the global pooling"
     ours_layer = dict(model.named_modules())[OUR_AUTO_NAME[arch]]
-    activation = _captured(model, ours_layer, x)
-    assert torch.equal(activation, _captured(model, THEIR_LAYER[arch](model), x))
+    activation = layer_output(model, ours_layer, x)
+    assert torch.equal(activation, layer_output(model, THEIR_LAYER[arch](model), x))
     for method in GRADIENT_CAMS:
         theirs = _theirs(method, model, THEIR_LAYER[arch](model), x, targets)
         _assert_agrees(method, result[method][:, 0], theirs, tuple(activation.shape[2:]))
@@ -177,7 +164,7 @@ def test_scorecam_and_ablationcam_agree_with_pytorch_grad_cam(nets, arch):
     targets = logits.argmax(dim=1).tolist()
     assert all(logits[i, t] > 0 for i, t in enumerate(targets)), "test setup: need positive logits"
     result = medlens.explain(model, x, ["scorecam", "ablationcam"], targets=[[t] for t in targets], layer=name)
-    grid = tuple(_captured(model, their_layer(model), x).shape[2:])
+    grid = tuple(layer_output(model, their_layer(model), x).shape[2:])
     for method in ("scorecam", "ablationcam"):
         theirs = _theirs(method, model, their_layer(model), x, targets)
         _assert_agrees(method, result[method][:, 0], theirs, grid)
@@ -244,7 +231,7 @@ def test_cam_on_densenet_applies_the_functional_relu(nets):
     model = nets["densenet121"]
     x = _input(64, batch=2)
     r = medlens.explain(model, x, "cam", targets=[2])
-    a = _captured(model, model.features, x)  # (B, C, 2, 2), before DenseNet's functional ReLU
+    a = layer_output(model, model.features, x)  # (B, C, 2, 2), before DenseNet's functional ReLU
     w = model.classifier.weight.detach()[2]
     textbook = (F.relu(a) * w[None, :, None, None]).sum(dim=1, keepdim=True) / a[0, 0].numel()
     torch.testing.assert_close(r["cam"], upsample_to(textbook, (64, 64)), rtol=1e-4, atol=1e-6)
@@ -307,7 +294,7 @@ def _first_pc(weighted: torch.Tensor) -> torch.Tensor:
 
 def test_eigen_smooth_gives_the_first_principal_component(tiny2d):
     x = _input(32, batch=1, seed=3)[:, :1]
-    layer_out = _captured(tiny2d, tiny2d.features, x)[0]
+    layer_out = layer_output(tiny2d, tiny2d.features, x)[0]
     r = medlens.explain(tiny2d, x, ["eigencam", "gradcam"], targets=1, eigen_smooth=True)
     plain = medlens.explain(tiny2d, x, "gradcam", targets=1)
     pc = _first_pc(layer_out)
@@ -361,7 +348,7 @@ def test_scorecam_matches_a_slow_textbook_loop_with_dead_channels(tiny2d):
     x = _input(24, batch=2, seed=11)[:, :1]
     r = medlens.explain(tiny2d, x, "scorecam", targets=[2, 0], batch_size=5)
     assert r.provenance["methods"]["scorecam"]["constant_channels_scored_once"] >= 6  # at least 3 per image
-    a = _captured(tiny2d, tiny2d.features, x)
+    a = layer_output(tiny2d, tiny2d.features, x)
     for b in range(2):
         for slot, t in enumerate([2, 0]):
             scores = []
@@ -385,5 +372,5 @@ def test_gradcam_plus_plus_higher_order_term_agrees_with_pytorch_grad_cam(tiny2d
     x = _input(32, batch=2, seed=4)[:, :1]
     ours = medlens.explain(tiny2d, x, "gradcam++", targets=[[0], [2]])["gradcam++"][:, 0]
     theirs = _theirs("gradcam++", tiny2d, tiny2d.features, x, [0, 2])
-    grid = tuple(_captured(tiny2d, tiny2d.features, x).shape[2:])
+    grid = tuple(layer_output(tiny2d, tiny2d.features, x).shape[2:])
     _assert_agrees("gradcam++", ours, theirs, grid)

@@ -11,9 +11,7 @@ import torch
 from PIL import Image
 
 import medlens
-from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
-from medlens.cli.group import main
-from test_io_images import make_dicom, make_nifti
+from helpers import TinyCNN2d, make_dicom, make_nifti, make_tiny2d, make_tiny3d, run
 
 LABELS = ["normal", "effusion", "mass"]
 
@@ -21,8 +19,7 @@ LABELS = ["normal", "effusion", "mass"]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN2d(), 0)
+    model = make_tiny2d(0)
     torch.save(model, root / "tiny.pt")
     (root / "tiny.pt.json").write_text(json.dumps({"labels": LABELS, "size": [32, 32]}))
     rng = np.random.RandomState(0)
@@ -43,14 +40,6 @@ def files(tmp_path_factory):
                                    torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval(), root / "nopad.pt")
     Image.fromarray(np.full((2, 2), 9, dtype=np.uint8)).save(root / "speck.png")
     return root
-
-
-def run(capsys, *args):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_methods_table_lists_the_registry(capsys):
@@ -99,8 +88,7 @@ def test_explain_two_images_end_to_end(capsys, files, tmp_path):
 
 
 def test_explain_volume_with_3d_model(capsys, tmp_path):
-    torch.manual_seed(0)
-    torch.save(_randomise_bn(TinyCNN3d(), 0), tmp_path / "tiny3d.pt")
+    torch.save(make_tiny3d(0), tmp_path / "tiny3d.pt")
     make_nifti(tmp_path / "brain.nii.gz", np.random.RandomState(1).rand(16, 16, 8).astype(np.float32))
     code, out, err = run(capsys, "explain", tmp_path / "brain.nii.gz", "--model", tmp_path / "tiny3d.pt", "--allow-pickle",
                          "--input-size", "8,16,16", "--out", tmp_path / "o")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import medlens
+from helpers import run_in_threads
 from medlens.core.model_state import hook_count
 
 
@@ -58,25 +59,6 @@ class _Meeting(nn.Module):
         return out
 
 
-def _run_in_threads(jobs: list) -> list:
-    errors: list = []
-    start = threading.Barrier(len(jobs))
-
-    def run(job):
-        try:
-            start.wait()
-            job()
-        except Exception as error:  # noqa: BLE001 - collected and asserted on
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
-
-
 def _x(seed: int, side: int = 12, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 1, side, side, generator=torch.Generator().manual_seed(seed))
 
@@ -99,7 +81,7 @@ def test_two_threads_explain_two_models_at_the_same_time_and_get_the_sequential_
         return lambda: results.__setitem__(name, medlens.explain(model, x, METHODS_TWO, targets=targets,
                                                                  layer="inner.features.3"))
 
-    assert _run_in_threads([job("a", a, xa, [0, 2]), job("b", b, xb, [1])]) == []
+    assert run_in_threads([job("a", a, xa, [0, 2]), job("b", b, xb, [1])]) == []
     # Each first forward waited at the barrier for the other: both calls were inside their models at once.
     assert a.met is True and b.met is True
     (a_start, _), (b_start, _) = a.times[0], b.times[0]
@@ -118,8 +100,8 @@ def test_calls_on_one_model_wait_for_each_other():
     model.times.clear()
     model.armed = True  # the first call's forward waits for a second forward inside this model: it never comes
     results: list = []
-    errors = _run_in_threads([lambda: results.append(medlens.explain(model, x, ["gradcam", "guidedbackprop"],
-                                                                    layer="inner.features.3"))] * 2)
+    errors = run_in_threads([lambda: results.append(medlens.explain(model, x, ["gradcam", "guidedbackprop"],
+                                                                   layer="inner.features.3"))] * 2)
     assert errors == [] and model.met is False  # the other call waited outside the model (the barrier timed out)
     intervals = sorted(model.times)
     # No forward of one call ran while the other call was inside the model: the calls ran one after the other.
@@ -160,7 +142,7 @@ def test_four_threads_fifty_calls_each_give_exactly_the_sequential_maps():
 
     expected = {key: call(*key) for key in set(calls)}  # the same calls, one after another
     got: list[list] = [[] for _ in range(4)]
-    errors = _run_in_threads([
+    errors = run_in_threads([
         (lambda t=t: got[t].extend((key, call(*key)) for key in calls[t::4])) for t in range(4)
     ])
     assert errors == []

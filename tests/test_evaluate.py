@@ -21,7 +21,7 @@ from medlens.io import prepare, read_image
 from medlens.core.input_spec import InputSpec
 from medlens.core.model_state import hook_count
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import make_tiny2d, make_tiny3d, shared_dataset
 
 LABELS = ["glioma", "meningioma"]
 
@@ -41,12 +41,7 @@ R = SimpleNamespace(evaluate=RUN.evaluate, METRICS=M.METRICS, LOCALISATION=M.LOC
 SPEC = InputSpec(size=(32, 32), channels=1, scale="uint8", mean=(0.5,), std=(0.25,), labels=tuple(LABELS))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded, setting restored after
 
 
 def write_folder(root: Path, per_class: int = 3, size: int = 64) -> Path:
@@ -67,8 +62,7 @@ def write_folder(root: Path, per_class: int = 3, size: int = 64) -> Path:
 
 
 def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN2d(in_channels=1, num_classes=2), 0)
+    model = make_tiny2d(0, in_channels=1, num_classes=2)
     model.labels, model.multi_label, model.input_spec = list(LABELS), False, SPEC
     return model
 
@@ -159,10 +153,7 @@ def test_unknown_labels_fall_back_to_the_predicted_class(tmp_path):
 
 
 def test_in_memory_3d_samples():
-    from conftest import TinyCNN3d
-
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN3d(num_classes=3), 0)
+    model = make_tiny3d(0, num_classes=3)
     gen = torch.Generator().manual_seed(0)
     samples = []
     for i in range(2):
@@ -220,8 +211,6 @@ def test_medlens_evaluate_command_end_to_end(tmp_path, monkeypatch):
 
 
 def test_folder_reader_on_the_shared_figshare_layout():
-    from conftest import shared_dataset
-
     root = shared_dataset("brain-tumor-figshare")
     data = R.FolderDataset(root, InputSpec(size=(64, 64), channels=1, scale="uint8"))
     classes = {cls for _, cls in data.items}

@@ -10,7 +10,7 @@ import torch
 import medlens
 from medlens.errors import InputError, MethodError
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import TinyCNN2d, make_tiny2d
 
 CAM_NAMES = ["cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam",
              "scorecam", "ablationcam"]
@@ -18,8 +18,7 @@ CAM_NAMES = ["cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return _randomise_bn(TinyCNN2d(num_classes=3), 0)
+    return make_tiny2d(0, num_classes=3)
 
 
 def test_every_cam_is_registered_with_its_capabilities():

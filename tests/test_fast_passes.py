@@ -15,7 +15,7 @@ from medlens.accel.masked_stem import build_masked_stem
 from medlens.accel.fast_forward import fast_forward
 from medlens.tensor.spatial import upsample_to
 
-from conftest import TinyCNN2d, _randomise_bn, torchvision_model
+from helpers import TinyCNN2d, randomise_bn, torchvision_model
 
 
 def _state(model: nn.Module) -> tuple:
@@ -33,7 +33,7 @@ def _same_state(model: nn.Module, before: tuple) -> bool:
 # ------------------------------------------------------------------------------------ BatchNorm folding
 @pytest.mark.parametrize("arch, expected", [("resnet18", 20), ("densenet121", 59)])
 def test_folded_trace_agrees_and_leaves_the_model_as_it_was(arch, expected):
-    model = _randomise_bn(torchvision_model(arch, num_classes=4, seed=3), 3)
+    model = randomise_bn(torchvision_model(arch, num_classes=4, seed=3), 3)
     before = _state(model)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     fast = fast_forward(model, x)
@@ -51,7 +51,7 @@ def test_folded_trace_agrees_and_leaves_the_model_as_it_was(arch, expected):
 
 
 def test_folding_in_float64_is_exact_to_rounding():
-    model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=5), 5).double()
+    model = randomise_bn(torchvision_model("resnet18", num_classes=4, seed=5), 5).double()
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fast = fast_forward(model, x)
     with torch.inference_mode():
@@ -73,11 +73,11 @@ class _Branching(TinyCNN2d):
 
 
 def _conv_bn_net() -> nn.Sequential:
-    return _randomise_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), 1)
+    return randomise_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)), 1)
 
 
 def test_the_copy_runs_the_models_own_forward_code_and_hooks():
-    model = _randomise_bn(_Branching(), 0)
+    model = randomise_bn(_Branching(), 0)
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     fast = fast_forward(model, x)
     assert "2 BatchNorm layer(s) folded" in fast.note["forward_passes"]
@@ -121,14 +121,14 @@ def test_a_layer_changed_in_place_before_its_batchnorm_is_not_folded():
             y.relu_()  # between the layer and its BatchNorm: folding would be wrong
             return self.fc(self.bn(y).mean(dim=(2, 3)))
 
-    model = _randomise_bn(InPlace(), 2)
+    model = randomise_bn(InPlace(), 2)
     fast = fast_forward(model, torch.randn(2, 1, 12, 12))
     assert fast.module is model and "no BatchNorm reads" in fast.note["forward_passes"]
 
 
 def test_a_rewrite_that_disagrees_is_not_used(monkeypatch):
     monkeypatch.setattr(inference, "AGREEMENT", 0.0)  # any rounding difference now counts as disagreement
-    model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=2), 2)
+    model = randomise_bn(torchvision_model("resnet18", num_classes=4, seed=2), 2)
     fast = fast_forward(model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
     assert fast.module is model and "differed" in fast.note["forward_passes"]
 
@@ -214,7 +214,7 @@ def _textbook_scorecam(model: nn.Module, layer: nn.Module, x: torch.Tensor, targ
 
 @pytest.fixture(scope="module")
 def resnet64():
-    return _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=7), 7).double()
+    return randomise_bn(torchvision_model("resnet18", num_classes=4, seed=7), 7).double()
 
 
 def test_scorecam_with_folding_and_precomputed_stem_matches_the_textbook(resnet64):
@@ -246,7 +246,7 @@ def test_scorecam_drops_a_shortcut_that_disagrees_and_still_matches(resnet64, mo
     ("kernelshap", {"num_samples": 40, "n_segments": 12}),
 ])
 def test_perturbation_methods_give_the_same_maps_through_the_folded_copy(method, options, monkeypatch):
-    model = _randomise_bn(torchvision_model("resnet18", num_classes=4, seed=9), 9)
+    model = randomise_bn(torchvision_model("resnet18", num_classes=4, seed=9), 9)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     fast = medlens.explain(model, x, method, targets=1, seed=0, **options)
     assert "20 BatchNorm layer(s) folded" in fast.provenance["methods"][method]["forward_passes"]
@@ -339,7 +339,7 @@ def _weight_normed() -> nn.Module:
 @pytest.mark.parametrize("method, layer", [("scorecam", None), ("occlusion", None)])
 def test_odd_models_give_the_same_maps_as_the_model_as_given(make, method, layer, monkeypatch):
     torch.manual_seed(0)
-    model = _randomise_bn(make(), 4).double()
+    model = randomise_bn(make(), 4).double()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     options = {"window": 4, "stride": 4} if method == "occlusion" else {}
     spec = {"layer": next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))} if method == "scorecam" else {}

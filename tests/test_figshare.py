@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_dataset
+from helpers import shared_dataset
 from medlens.data.figshare import (BLOCK, CLASSES, box_to_mask, load_arrays, parse_box_file, read_image, scan_folder,
                                    split_of)
 from medlens.errors import InputError

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from PIL import Image
 
 import fuzz_targets as F
-from conftest import TinyCNN2d
+from helpers import TinyCNN2d, write_noise_png
 
 SHORT = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                  suppress_health_check=list(HealthCheck))
@@ -67,9 +65,7 @@ def test_fuzz_sidecar_json(scripted_model, data):
 
 @pytest.fixture(scope="module")
 def phantom_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fuzz-cli") / "scan.png"
-    Image.fromarray(np.random.RandomState(0).randint(0, 256, (48, 40)).astype(np.uint8)).save(path)
-    return path
+    return write_noise_png(tmp_path_factory.mktemp("fuzz-cli") / "scan.png", (48, 40))
 
 
 @settings(SHORT, max_examples=15)

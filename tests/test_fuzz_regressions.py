@@ -11,12 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TinyCNN2d
+from helpers import TinyCNN2d, make_dicom
 from medlens.cli.group import main
 from medlens.errors import InputError, MedlensError, ModelError
 from medlens.io import read_image
 from medlens.models.loading import load_model
-from test_io_images import make_dicom
 
 
 def one_line_error(call, kind=MedlensError) -> str:

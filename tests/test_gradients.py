@@ -14,16 +14,10 @@ from medlens.families.integrated import gauss_legendre
 from medlens.families.guided import guided_relus
 from medlens.core.model_state import hook_count
 
-from conftest import torchvision_model
+from helpers import correlation, torchvision_model
 
 torch.set_num_threads(1)
 captum_attr = pytest.importorskip("captum.attr")
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
 
 
 def _per_target(attr_cls, model, x, targets, **kw):
@@ -80,7 +74,7 @@ def test_guided_backprop_covers_functional_relu_on_densenet():
     torch.testing.assert_close(r["guidedbackprop"], ref, rtol=1e-4, atol=1e-6)
     # and it differs from plain gradients (the guided ReLU really was in place)
     sal = medlens.explain(model, x, "saliency", targets=[0, 3])["saliency"]
-    assert _corr(sal, r["guidedbackprop"]) < 0.99
+    assert correlation(sal, r["guidedbackprop"]) < 0.99
 
 
 def test_guided_relu_is_restored_even_on_error():
@@ -159,7 +153,7 @@ def test_integrated_gradients_equal_captum(baseline, dtype):
                       internal_batch_size=64).float()
     for b in range(2):
         for t in range(2):
-            assert _corr(r["integratedgradients"][b, t], ref[b, t]) >= 0.99
+            assert correlation(r["integratedgradients"][b, t], ref[b, t]) >= 0.99
     if dtype == torch.float64:
         torch.testing.assert_close(r["integratedgradients"], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
 

@@ -4,6 +4,8 @@ Checked after successful calls and after calls that raise part-way, for every CA
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -12,14 +14,13 @@ import medlens
 from medlens.errors import MedlensError, MethodError
 from medlens.core.model_state import hook_count
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import make_tiny2d, run_in_threads
 
 CAMS = [n for n in medlens.methods() if medlens.method_info(n)["family"] == "cam"]
 
 
 def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _randomise_bn(TinyCNN2d(num_classes=3), seed)
+    return make_tiny2d(seed, num_classes=3)
 
 
 def _x(batch: int = 2) -> torch.Tensor:
@@ -154,24 +155,8 @@ def test_repeated_calls_leave_no_hooks_and_are_deterministic():
 
 # ------------------------------------------------------------------------------------------ threads
 def _in_threads(fn, n: int) -> list:
-    import threading
-
-    errors: list = []
-    start = threading.Barrier(n)
-
-    def run(i):
-        try:
-            start.wait()
-            fn(i)
-        except Exception as error:  # noqa: BLE001 - collected and asserted on
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
+    """fn(0) ... fn(n - 1), each in its own thread, started together: the exceptions they raised."""
+    return run_in_threads([functools.partial(fn, i) for i in range(n)])
 
 
 def test_threads_explaining_one_model_leave_it_as_found_and_get_the_same_maps():

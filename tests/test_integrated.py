@@ -10,7 +10,7 @@ import medlens
 from medlens.core.baselines import make_baseline
 from medlens.families.integrated import _affine_forward64, _transposed_jacobian64
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import make_tiny2d
 
 
 @pytest.mark.parametrize("layer,shape", [
@@ -33,8 +33,7 @@ def test_transposed_jacobian_equals_autograd_on_the_layer(layer, shape):
 
 
 def test_completeness_record_uses_the_model_on_the_baseline():
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN2d(), 0)
+    model = make_tiny2d(0)
     x = torch.randn(2, 1, 16, 16)
     for baseline in ("zero", "blur", 0.25):
         r = medlens.explain(model, x, "integratedgradients", targets=[0, 2], n_steps=8, baseline=baseline)

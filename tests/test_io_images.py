@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import medlens
+from helpers import make_dicom, make_nifti
 from medlens.errors import InputError
 from medlens.io import limits, load_input, prepare, read_image
 from medlens.io.preparation import box_resize, box_weights
@@ -16,44 +17,6 @@ from medlens.core.input_spec import InputSpec
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-
-
-def make_dicom(path: Path, arr: np.ndarray, **attrs) -> Path:
-    """A minimal, valid DICOM file from a uint16/int16 array (H, W) or frames (N, H, W)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = int(arr.shape[-2]), int(arr.shape[-1])
-    if arr.ndim == 3:
-        ds.NumberOfFrames = int(arr.shape[0])
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1 if arr.dtype == np.int16 else 0
-    ds.PixelSpacing = [0.5, 0.7]
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(arr).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def make_nifti(path: Path, data: np.ndarray, slope: float = 1.0, inter: float = 0.0, affine=None) -> Path:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
-    img.header.set_slope_inter(slope, inter)
-    nib.save(img, str(path))
-    return path
 
 
 def gray8(h: int = 12, w: int = 10, seed: int = 0) -> np.ndarray:

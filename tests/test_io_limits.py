@@ -19,7 +19,7 @@ from PIL import Image
 from medlens.errors import InputError
 from medlens.io import current_limits, read_image, set_limits
 from medlens.io import limits
-from test_io_images import make_dicom
+from helpers import make_dicom
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import medlens
-from conftest import TinyCNN2d, _randomise_bn, torchvision_model
+from helpers import make_tiny2d, torchvision_model
 from medlens.errors import ModelError
 from medlens.models.state_dicts import read_state_dict
 import medlens.models.loading
@@ -20,8 +20,7 @@ from medlens.core.input_spec import InputSpec
 
 
 def _tiny(seed: int = 0, num_classes: int = 3) -> nn.Module:
-    torch.manual_seed(seed)
-    return _randomise_bn(TinyCNN2d(num_classes=num_classes), seed)
+    return make_tiny2d(seed, num_classes=num_classes)
 
 
 def _x(seed: int = 1, shape=(2, 1, 24, 24)) -> torch.Tensor:

@@ -12,7 +12,7 @@ import medlens
 from medlens.errors import MethodError, ModelError
 from medlens.core.layers import is_activation, is_batchnorm, is_conv, is_global_pooling, is_linear, resolve_target_layer
 
-from conftest import torchvision_model
+from helpers import layer_output, torchvision_model
 
 
 @pytest.mark.parametrize(
@@ -32,14 +32,8 @@ def test_automatic_layer_is_the_last_feature_map_before_global_pooling(arch, exp
     assert layer.name == expected and layer.chosen_automatically
     assert layer.module is dict(model.named_modules())[expected]
     # It is spatial (more than one position) and the global pooling right after it is not chosen.
-    out = {}
-    handle = layer.module.register_forward_hook(lambda _m, _i, o: out.__setitem__("a", o))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    assert out["a"].dim() == 4 and out["a"].shape[2] * out["a"].shape[3] > 1
+    out = layer_output(model, layer.module, x)
+    assert out.dim() == 4 and out.shape[2] * out.shape[3] > 1
 
 
 def test_a_model_without_a_spatial_layer_gets_a_clear_error():

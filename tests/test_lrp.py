@@ -17,7 +17,7 @@ from medlens.families.lrp import (AlphaBeta, Epsilon, Flat, Gamma, Pass, WSquare
 from medlens.families.lrp.engine import _CallState
 from medlens.core.model_state import hook_count
 
-from conftest import torchvision_model
+from helpers import correlation, torchvision_model
 
 torch.set_num_threads(1)
 
@@ -329,12 +329,6 @@ def test_residual_addition_does_not_double_relevance():
 
 
 # ---------------------------------------------------------------------------------------- zennit oracle
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
-
-
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
 def test_epsilon_plus_flat_agrees_with_zennit(name, request):
     zennit = pytest.importorskip("zennit")
@@ -351,7 +345,7 @@ def test_epsilon_plus_flat_agrees_with_zennit(name, request):
         out, relevance = attributor(x.clone(), torch.eye(5)[[1, 1]] * model(x).detach())
     theirs = relevance.sum(1)
     for b in range(2):
-        assert _corr(r["lrp"][b, 0], theirs[b]) >= 0.99
+        assert correlation(r["lrp"][b, 0], theirs[b]) >= 0.99
     # zennit's input relevance sums to the same share of the logit
     torch.testing.assert_close(r["lrp"][:, 0].flatten(1).sum(1), theirs.flatten(1).sum(1), rtol=2e-2, atol=1e-3)
 

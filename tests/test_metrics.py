@@ -14,16 +14,10 @@ from medlens.evaluation import trust as TR
 from medlens.evaluation.stats import bootstrap_ci
 from medlens.core.model_state import hook_count
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import TinyCNN2d, TinyCNN3d, make_tiny2d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine is shared: these tests run single-threaded and restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-threaded, setting restored after
 
 
 class LinearToy(nn.Module):
@@ -127,8 +121,7 @@ def test_road_matches_grad_cam_road(order):
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer, ROADLeastRelevantFirst, ROADMostRelevantFirst
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN2d(in_channels=3, num_classes=3), 0)
+    model = make_tiny2d(0, in_channels=3, num_classes=3)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 8, 8, generator=g)
     cams = torch.rand(2, 8, 8, generator=g)  # distinct values: percentiles split cleanly
@@ -186,8 +179,7 @@ def test_average_drop_and_increase_in_confidence_by_hand():
 
 
 def test_scores_leave_the_model_as_found():
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN2d(), 0).train()
+    model = make_tiny2d(0).train()
     x = torch.randn(2, 1, 8, 8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     F.deletion(model, x, torch.rand(2, 1, 8, 8), torch.tensor([[0], [1]]), steps=4)
@@ -448,8 +440,6 @@ def test_multi_label_models_are_scored_with_sigmoid():
 @pytest.mark.parametrize("dims", [2, 3])
 def test_every_metric_is_finite_on_zero_and_constant_maps(fill, dims):
     # no division by zero anywhere: faithfulness, localisation, trust; values defined as documented
-    from conftest import TinyCNN3d
-
     torch.manual_seed(0)
     shape = (8, 8) if dims == 2 else (4, 6, 6)
     model = (TinyCNN2d(in_channels=1, num_classes=2) if dims == 2 else TinyCNN3d(in_channels=1, num_classes=2)).eval()

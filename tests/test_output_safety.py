@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import medlens
 from medlens.cli.group import main
@@ -22,7 +21,7 @@ from medlens.errors import OutputError
 from medlens.io import formats as formats_module
 from medlens.io.output import write_explanation
 
-from conftest import TinyCNN2d
+from helpers import TinyCNN2d, write_noise_png
 
 HOSTILE = ["../../evil", "..", "a/b\\c", "/etc/passwd", "", "C:\\x", ".hidden", "x" * 400]
 
@@ -52,7 +51,7 @@ def test_hostile_class_names_stay_inside_the_output_folder(tmp_path):
 def test_an_input_named_to_climb_out_writes_inside_out(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32)).astype(np.uint8)).save(data / "...png", format="PNG")
+    write_noise_png(data / "...png", (32, 32), high=255, format="PNG")
     out = tmp_path / "inner" / "out"
     code = main(["explain", str(data / "...png"), "--model", "phantom-lesion", "--methods", "gradcam", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -147,7 +146,7 @@ def test_sigterm_while_writing_leaves_no_partial_result(tmp_path):
         sys.exit(main(sys.argv[1:]))
     """))
     image = tmp_path / "scan.png"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32)).astype(np.uint8)).save(image)
+    write_noise_png(image, (32, 32), high=255)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), "explain", str(image), "--model", "phantom-lesion",

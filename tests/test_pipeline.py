@@ -10,14 +10,13 @@ import torch
 from PIL import Image
 
 import medlens
+from helpers import run, write_noise_png  # the CLI in this process: exit code, stdout, stderr
 from medlens.errors import InputError, MethodError, OutputError, TargetError
 from medlens.evaluation.localisation import energy_in_box, pointing_game
 from medlens.evaluation_run.dataset import box_mask
 from medlens.io.regions import boxes_to_mask, read_region, region_mask
 from medlens.io.render import OUTLINE_RGB, _with_outline, outline_of
 from medlens.pipeline import ExplainRequest, explain_file, explain_tensor, plan_for, write_outcome
-
-from test_cli import run  # the CLI run helper: exit code, stdout, stderr
 
 BOX = "1 0.25 0.5 0.25 0.375\n"  # centre (0.25, 0.5), 0.25 wide, 0.375 high: pixels 8..15 x 10..21 on 32 x 32
 
@@ -169,6 +168,4 @@ def test_explain_tensor_and_write(model, tmp_path):
 
 
 def _phantom_png(tmp_path):
-    path = tmp_path / "p.png"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64)).astype(np.uint8)).save(path)
-    return path
+    return write_noise_png(tmp_path / "p.png", (64, 64), high=255)

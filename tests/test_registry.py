@@ -12,7 +12,7 @@ from medlens.errors import MethodError
 from medlens.core.model_state import hook_count
 from medlens.core.registry import all_specs, markdown_table
 
-from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
+from helpers import make_tiny2d, make_tiny3d
 
 # Small settings so each method runs in well under a second on a tiny model.
 FAST = {
@@ -70,8 +70,7 @@ def test_docs_methods_table_is_current():
 
 @pytest.mark.parametrize("name", list(medlens.methods()))
 def test_every_method_2d(name):
-    torch.manual_seed(1)
-    model = _randomise_bn(TinyCNN2d(in_channels=1, num_classes=3), 1)
+    model = make_tiny2d(1, in_channels=1, num_classes=3)
     model.train()  # the call must use eval mode and give the training flag back
     model.fc.weight.grad = torch.ones_like(model.fc.weight)
     x = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(0))
@@ -95,8 +94,7 @@ def test_every_method_2d(name):
 
 @pytest.mark.parametrize("name", [n for n in medlens.methods() if medlens.method_info(n)["supports_3d"]])
 def test_every_3d_method_on_a_volume(name):
-    torch.manual_seed(2)
-    model = _randomise_bn(TinyCNN3d(in_channels=1, num_classes=3), 2)
+    model = make_tiny3d(2, in_channels=1, num_classes=3)
     x = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(1))
     before = _snapshot(model)
     maps = medlens.explain(model, x, methods=name, targets=1, seed=3, **_options(name))[name]
@@ -106,8 +104,7 @@ def test_every_3d_method_on_a_volume(name):
 
 
 def test_several_methods_in_one_call_equal_separate_calls():
-    torch.manual_seed(3)
-    model = _randomise_bn(TinyCNN2d(in_channels=1, num_classes=3), 3)
+    model = make_tiny2d(3, in_channels=1, num_classes=3)
     x = torch.rand(1, 1, 24, 24, generator=torch.Generator().manual_seed(2))
     names = ["gradcam", "layercam", "saliency", "occlusion"]
     options = {k: v for n in names for k, v in _options(n).items()}

@@ -12,7 +12,7 @@ import medlens
 from medlens.core import context
 from medlens.core.model_state import borrowed_model
 
-from conftest import TinyCNN2d, TinyCNN3d, _randomise_bn
+from helpers import make_tiny2d, make_tiny3d
 
 
 class ResidualNet(nn.Module):
@@ -66,10 +66,8 @@ def _pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, targets: torch.Te
 
 
 def _cases():
-    torch.manual_seed(0)
-    yield "tiny2d", _randomise_bn(TinyCNN2d(), 0), torch.randn(2, 1, 20, 20), "features"
-    torch.manual_seed(0)
-    yield "tiny3d", _randomise_bn(TinyCNN3d(), 0), torch.randn(2, 1, 8, 8, 8), "features"
+    yield "tiny2d", make_tiny2d(0), torch.randn(2, 1, 20, 20), "features"
+    yield "tiny3d", make_tiny3d(0), torch.randn(2, 1, 8, 8, 8), "features"
     for dims in (2, 3):
         torch.manual_seed(1)
         model = ResidualNet(dims).eval()

@@ -12,7 +12,7 @@ import medlens
 from medlens.errors import TargetError
 from medlens.core.targets import resolve_targets
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import make_tiny2d
 
 LOGITS = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, -2.0, 0.0, 1.0], [-1.0, -2.0, -0.5, -3.0]])
 
@@ -88,8 +88,7 @@ def test_bad_targets_raise_target_error(targets, labels, message):
 
 
 def _model(multi_label: bool = False, labels=None):
-    torch.manual_seed(0)
-    model = _randomise_bn(TinyCNN2d(num_classes=3), 0)
+    model = make_tiny2d(0, num_classes=3)
     model.multi_label = multi_label
     if labels:
         model.labels = labels

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import shared_dataset
+from helpers import shared_dataset
 from medlens.data.phantom import phantom_2d, shortcut_set
 from medlens.cli.demo import energy_inside, marker_zone
 from medlens.errors import ModelError
