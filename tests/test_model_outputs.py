@@ -16,7 +16,7 @@ import medlens
 from medlens.errors import ModelError
 from medlens.tensor.autograd import logits_of
 
-from conftest import TinyCNN2d, _randomise_bn
+from helpers import TinyCNN2d, randomise_bn
 
 METHODS = ["gradcam", "scorecam", "ablationcam", "saliency", "guidedbackprop", "guidedgradcam", "integratedgradients",
            "lrp", "occlusion", "rise", "lime"]
@@ -43,7 +43,7 @@ class _Wrapped(nn.Module):
     def __init__(self, form: str) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.net = _randomise_bn(TinyCNN2d(num_classes=3), 0)
+        self.net = randomise_bn(TinyCNN2d(num_classes=3), 0)
         self.form = form
 
     def forward(self, x):
