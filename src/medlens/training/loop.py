@@ -24,7 +24,7 @@ from medlens.training.augment import affine_jitter, lesion_crops
 from medlens.training.guided import guided_step
 from medlens.training.metrics import confusion_matrix, metrics_from_confusion, predict
 from medlens.training.recipes import BRAIN_RECIPES, PHANTOM_RECIPES, Recipe, recipe_record, with_overrides
-from medlens.training.splits import Split, TrainingData, load_data
+from medlens.training.splits import Split, TrainingData, check_data, load_data
 from medlens.training.validation import (baseline_localisation, cam_localisation, input_localisation, selection_key,
                                         selection_text)
 from medlens.training.weights import (WeightAverage, build_network, freeze_batchnorm, init_path, init_weights,
@@ -252,7 +252,8 @@ def train(recipe: Recipe, out_dir: Optional[PathLike], data_root: Optional[PathL
     """
     torch.set_num_threads(threads)
     out = Path(out_dir) if out_dir is not None else None
-    init_path(recipe.init, out)  # a missing first stage is refused before anything is decoded or written
+    check_data(recipe, data_root)  # the folder and its regions, then a missing first stage: before anything is decoded
+    init_path(recipe.init, out)  # or written
     data = load_data(recipe, data_root, cache_dir)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -196,13 +196,6 @@ def recipe_record(recipe: Recipe) -> dict[str, Any]:
     return record
 
 
-def plain(recipe: Union[Recipe, dict[str, Any]]) -> dict[str, Any]:
-    """The recipe as JSON-able values (tuples as lists); a typed recipe as its flat record."""
-    if isinstance(recipe, Recipe):
-        return recipe_record(recipe)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()}
-
-
 #: the first bundled brain model (now `brain-tumor-mri-v1`): whole slices, affine augmentation, 5 x 5 last grid
 BRAIN_V1_RECIPE = Recipe(
     name="brain-tumor-mri-v1", data=FigshareData(), network=Network("SmallResNet", (32, 64, 128, 256), last_stride=2),

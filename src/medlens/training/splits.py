@@ -49,16 +49,30 @@ class TrainingData:
     description: list[str]
 
 
+def check_data(recipe: Recipe, data_root: Optional[PathLike] = None) -> None:
+    """What can be checked of a brain recipe's data before decoding it: a folder given, in the figshare layout, with the
+    regions a guided option, lesion crops or in-painting need in its train split. (Phantoms are checked as generated.)
+
+    Raises:
+        InputError: naming the folder or the option and what to give instead.
+    """
+    if not isinstance(recipe.data, FigshareData):
+        return
+    if data_root is None:
+        raise InputError(f"{recipe.name} needs --data {DATA_HINT}.")
+    boxed = torch.tensor([s.box[0] == s.box[0] for s in scan_folder(data_root, ["train"], require_boxes=False)])
+    check_guidance(recipe, boxed, f"the train split of {data_root}")
+
+
 def load_data(recipe: Recipe, data_root: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None) -> TrainingData:
     """The recipe's data: the figshare slices under `data_root` (brain recipes) or freshly generated phantoms.
 
     Raises:
-        InputError: a brain recipe without a folder, a folder that is not in the figshare layout, or a guided option,
-            lesion crops or in-painting without the regions they need (before anything is decoded).
+        InputError: as `check_data`, and an in-painted control with a slice without a box in any split, or phantoms
+            without the regions an option needs.
     """
+    check_data(recipe, data_root)
     if isinstance(recipe.data, FigshareData):
-        if data_root is None:
-            raise InputError(f"{recipe.name} needs --data {DATA_HINT}.")
         return _figshare(recipe, recipe.data, data_root, cache_dir)
     assert isinstance(recipe.data, PhantomData)
     return _phantoms(recipe, recipe.data)
@@ -74,8 +88,6 @@ def _box_masks(boxes: torch.Tensor, has: torch.Tensor, size: int) -> torch.Tenso
 
 def _figshare(recipe: Recipe, d: FigshareData, root: PathLike, cache_dir: Optional[PathLike]) -> TrainingData:
     """The figshare folder's train, val and test splits at the recipe's size (decoded once, cached in cache_dir)."""
-    boxed = torch.tensor([s.box[0] == s.box[0] for s in scan_folder(root, ["train"], require_boxes=False)])
-    check_guidance(recipe, boxed, f"the train split of {root}")  # before anything is decoded or written
     arrays = {s: load_arrays(root, s, d.size, cache_dir=cache_dir, progress=True, require_boxes=False)
               for s in ("train", "val", "test")}
     splits = {}
