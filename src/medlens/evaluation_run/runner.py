@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -19,7 +20,7 @@ from medlens.evaluation_run.plots import write_plots
 from medlens.evaluation_run.scoring import Tally, region_prior, score_images
 from medlens.evaluation_run.tables import rows_to_csv, rows_to_markdown, summarise
 from medlens.io.files import atomic_write
-from medlens.pipeline import ExplainRequest, plan_for, read_input
+from medlens.pipeline import ExplainRequest, WorkerRecipe, plan_for, read_input
 
 BASELINES = ("baseline:center", "baseline:prior")
 
@@ -91,9 +92,9 @@ def evaluate(
         if model_source is None or not isinstance(dataset, (str, Path)):
             raise InputError(f"the {executor} executor runs workers that load the model and read the folder themselves: "
                              f"give the model by name or file (model_source=) and the data as a folder.")
-        factory = EvaluateTaskFactory(str(model_source), dict(model_options or {}), str(dataset), include,
-                                      [s.name for s in plan.specs], metric_names, options, layer, int(seed), batch_size,
-                                      prior)
+        request = replace(plan.request, methods=tuple(s.name for s in plan.specs))  # the registry's names
+        recipe = WorkerRecipe(str(model_source), dict(model_options or {}), request, threads=1)  # a core per worker
+        factory = EvaluateTaskFactory(recipe, str(dataset), include, metric_names, options, batch_size, prior)
 
     started = time.perf_counter()
     bar = None
