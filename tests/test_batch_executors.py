@@ -11,7 +11,7 @@ from medlens.batch.executors import ProcessExecutor, SerialExecutor, make_execut
 from medlens.batch.inputs import discover
 from medlens.batch.task import BatchTaskFactory
 from medlens.errors import MedlensError
-from medlens.pipeline import ExplainRequest
+from medlens.pipeline import ExplainRequest, WorkerRecipe
 
 ARGS = ("--model", "phantom-lesion", "--methods", "gradcam,lrp", "--threads", "1", "-q")
 
@@ -23,7 +23,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _factory(cls: type, out: Path) -> BatchTaskFactory:
     request = ExplainRequest.build("gradcam", formats="npz")
-    return cls("phantom-lesion", {}, request, str(out), "digest", threads=1)
+    return cls(WorkerRecipe("phantom-lesion", {}, request, threads=1), str(out), "digest")
 
 
 def test_a_worker_killed_mid_input_is_retried_and_nothing_is_lost(inputs: Path, tmp_path: Path) -> None:
@@ -92,3 +92,18 @@ def test_ray_missing_is_one_line_saying_what_to_install(inputs: Path, tmp_path: 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ['medlens: error: the ray executor needs Ray: pip install "medlens[ray]"']
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_and_evaluate_workers_share_one_recipe_that_pickles_without_its_model() -> None:
+    import pickle
+
+    from medlens.evaluation_run.parallel import EvaluateTaskFactory
+
+    recipe = WorkerRecipe("phantom-lesion", {}, ExplainRequest.build("gradcam,lrp", seed=3), threads=1, model=object())
+    batch = pickle.loads(pickle.dumps(BatchTaskFactory(recipe, "out", "digest")))
+    evaluate = pickle.loads(pickle.dumps(EvaluateTaskFactory(recipe, "data", None, ["deletion"], {}, 4)))
+    for sent in (batch.recipe, evaluate.recipe):
+        assert sent.model is None and sent == recipe  # the loaded model stays home; everything else travels
+    assert evaluate.methods == ["gradcam", "lrp"]
+    plan = batch.recipe.plan()  # what a worker does: its own model, the request checked against it
+    assert [s.name for s in plan.specs] == ["gradcam", "lrp"] and plan.request.seed == 3

@@ -5,13 +5,11 @@ runner is installed (`medlens.batch`); until then the view is hidden, never imit
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from medlens.app.metrics import background, last_line, server_folders
+from medlens.app.jobs import BackgroundJob, medlens_command, server_folders, start_job
 from medlens.batch.manifest import read_manifest as read_manifest_lines
 from medlens.errors import InputError, MedlensError
 from medlens.io.scan import image_suffix
@@ -32,26 +30,16 @@ def read_manifest(out: Path) -> list[dict[str, Any]]:
 
 
 @dataclass
-class BatchJob:
-    process: subprocess.Popen
-    out: Path
-    total: int
-    command: list[str]
-    log: Any = None
+class BatchJob(BackgroundJob):
+    """`medlens batch` running in the background; its progress read from OUT/manifest.jsonl."""
 
-    def message(self) -> str:
-        """The last line the batch printed (where the files went, or what failed)."""
-        return last_line(self.log) if self.log is not None else ""
+    total: int = 0  # inputs found when it started
 
     def progress(self) -> tuple[int, int, int]:
         """(done, failed, total) from the manifest."""
         records = read_manifest(self.out)
         return (sum(r.get("status") == "done" for r in records), sum(r.get("status") == "failed" for r in records),
                 self.total)
-
-    @property
-    def finished(self) -> bool:
-        return self.process.poll() is not None
 
 
 def count_inputs(folder: Path) -> int:
@@ -64,12 +52,10 @@ def start_batch(inputs: str, model_source: str, methods: Sequence[str], out_dir:
     if not methods:
         raise InputError("choose at least one method for the batch.")
     folder, out = server_folders(inputs, out_dir, "input")
-    command = [sys.executable, "-m", "medlens", "batch", str(folder), "--model", model_source,
-               "--methods", ",".join(methods), "--out", str(out), *(extra or [])]
-    if allow_pickle:
-        command.append("--allow-pickle")
-    process, log = background(command)
-    return BatchJob(process, out, count_inputs(folder) if folder.is_dir() else 1, command, log)
+    arguments = ["batch", str(folder), "--model", model_source, "--methods", ",".join(methods), "--out", str(out),
+                 *(extra or [])]
+    return start_job(BatchJob, medlens_command(arguments, allow_pickle), out,
+                     total=count_inputs(folder) if folder.is_dir() else 1)
 
 
 def render(catalogue: Any, config: Mapping[str, Any]) -> None:

@@ -5,11 +5,6 @@ back; and `medlens evaluate` started on a server-side folder in a background pro
 from __future__ import annotations
 
 import csv
-import os
-import re
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -18,11 +13,11 @@ import numpy as np
 import torch
 
 from medlens.app.catalogue import ModelEntry
+from medlens.app.jobs import PROGRESS, BackgroundJob, log_text, medlens_command, server_folders, start_job
 from medlens.errors import InputError
 from medlens.evaluation.faithfulness import deletion, insertion
 from medlens.evaluation.localisation import energy_in_box, pointing_game
 from medlens.evaluation.trust import randomization
-from medlens.io.files import ensure_writable
 
 CURVE_STEPS = 20
 
@@ -76,46 +71,15 @@ def read_evaluate_folder(folder: str) -> tuple[list[dict[str, str]], list[Path],
     return rows, sorted(root.glob("*.png")), summary.read_text() if summary.is_file() else ""
 
 
-_PROGRESS = re.compile(r"(\d+)/(\d+)")
-
-
 @dataclass
-class EvaluateJob:
-    """`medlens evaluate` running in a background process; its output (and log) in the folder the person chose."""
-
-    process: subprocess.Popen
-    out: Path
-    log: Any  # an anonymous temporary file (removed by the OS when closed): nothing is left in the output folder
-    command: list[str]
+class EvaluateJob(BackgroundJob):
+    """`medlens evaluate` running in the background; its progress read from the log's progress bar."""
 
     def progress(self) -> tuple[int, int]:
         """(images done, images in all) from the last progress line of the log; (0, 0) before the first."""
         text = log_text(self.log)[-4000:]
-        found = _PROGRESS.findall(text.replace("\r", "\n"))
+        found = PROGRESS.findall(text.replace("\r", "\n"))
         return (int(found[-1][0]), int(found[-1][1])) if found else (0, 0)
-
-    @property
-    def finished(self) -> bool:
-        return self.process.poll() is not None
-
-    def message(self) -> str:
-        return last_line(self.log)
-
-
-def server_folders(source: str, out_dir: str, what: str) -> tuple[Path, Path]:
-    """The server-side input folder (must exist) and the output folder (created, writable) a background run uses."""
-    if not str(source).strip() or not str(out_dir).strip():
-        raise InputError(f"give both the {what} folder and an output folder (full paths on the server).")
-    folder = Path(source).expanduser()
-    if not folder.exists():
-        raise InputError(f"{folder}: no such file or folder on the server.")
-    return folder, ensure_writable(Path(out_dir).expanduser())
-
-
-def background(command: list[str]) -> tuple[subprocess.Popen, Any]:
-    """`command` started in the background, its output into an anonymous temporary file (nothing left behind)."""
-    log = tempfile.TemporaryFile()
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
 
 
 def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequence[str], metrics: Sequence[str],
@@ -124,29 +88,10 @@ def start_evaluate(model_source: str, data_dir: str, out_dir: str, methods: Sequ
     if not methods:
         raise InputError("choose at least one method to evaluate.")
     data, out = server_folders(data_dir, out_dir, "data")
-    command = [sys.executable, "-m", "medlens", "evaluate", "--model", model_source, "--data", str(data),
-               "--methods", ",".join(methods), "--out", str(out)]
+    arguments = ["evaluate", "--model", model_source, "--data", str(data), "--methods", ",".join(methods), "--out", str(out)]
     if metrics:
-        command += ["--metrics", ",".join(metrics)]
+        arguments += ["--metrics", ",".join(metrics)]
     if limit:
-        command += ["--limit", str(int(limit))]
-    if allow_pickle:
-        command.append("--allow-pickle")
-    process, log = background(command)
-    return EvaluateJob(process, out, log, command)
+        arguments += ["--limit", str(int(limit))]
+    return start_job(EvaluateJob, medlens_command(arguments, allow_pickle), out)
 
-
-def last_line(log: Any) -> str:
-    """The last line of a background run's log that is not a progress bar (the error, or where the files went)."""
-    lines = [ln.strip() for ln in log_text(log).replace("\r", "\n").splitlines()]
-    text = [ln for ln in lines if ln and not _PROGRESS.search(ln)]
-    return text[-1] if text else ""
-
-
-def log_text(log: Any) -> str:
-    """What a background process wrote so far to its anonymous log file."""
-    try:
-        size = os.fstat(log.fileno()).st_size
-        return os.pread(log.fileno(), size, 0).decode(errors="replace")
-    except (OSError, ValueError):
-        return ""

@@ -20,7 +20,7 @@ from medlens.batch.task import BatchTaskFactory
 from medlens.errors import InputError, MedlensError
 from medlens.io.scan import SUPPORTED
 from medlens.io.files import ensure_writable
-from medlens.pipeline import ExplainRequest, plan_for
+from medlens.pipeline import ExplainRequest, WorkerRecipe, plan_for
 
 
 class SomeInputsFailed(MedlensError):
@@ -79,9 +79,9 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
         factory_threads: Optional[int] = None
     else:
         factory_threads = threads if threads is not None else 1  # one torch thread per worker unless told
-    factory = BatchTaskFactory(model_source, dict(model_options or {}), request, str(out), settings["digest"],
-                               device=device, threads=factory_threads, region=region,
-                               model=model if executor == "serial" else None)
+    recipe = WorkerRecipe(model_source, dict(model_options or {}), request, device, factory_threads,
+                          model=model if executor == "serial" else None)
+    factory = BatchTaskFactory(recipe, str(out), settings["digest"], region=region)
     if resume.todo:
         bar = tqdm(total=len(resume.todo), desc="explaining", unit="input", file=sys.stderr,
                    disable=not progress or None, dynamic_ncols=True)

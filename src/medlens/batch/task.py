@@ -1,57 +1,37 @@
-"""The batch's per-worker task: `BatchTaskFactory` (picklable settings) builds a `BatchTask` once per worker (model
-loaded once, torch threads set), which explains and writes one `WorkItem` and returns its manifest record.
+"""The batch's per-worker task: `BatchTaskFactory` (a picklable `WorkerRecipe` plus where results go) builds a
+`BatchTask` once per worker (model loaded once, torch threads set), which explains and writes one `WorkItem` and
+returns its manifest record.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-import medlens
 from medlens.batch.inputs import WorkItem
 from medlens.batch.manifest import DONE, FAILED
 from medlens.core.model_description import describe
 from medlens.errors import MedlensError, short_message
 from medlens.io.files import deferred_fsync
-from medlens.pipeline import ExplainRequest, Outcome, Plan, explain_file, plan_for, write_outcome
+from medlens.pipeline import Outcome, Plan, WorkerRecipe, explain_file, write_outcome
 
 
 @dataclass
 class BatchTaskFactory:
-    """Everything a worker needs to explain inputs, as plain values (sent to worker processes and Ray actors).
+    """Everything a worker needs to explain inputs, as plain values (sent to worker processes and Ray actors): the
+    shared `WorkerRecipe` (model source and request), where results go and the run's settings digest."""
 
-    `threads`: torch threads in the worker (None: leave torch's default). `model` may hold an already loaded model
-    for in-process use (the serial executor); it is never pickled, a worker loads its own from `model_source`."""
-
-    model_source: str
-    model_options: dict[str, Any]
-    request: ExplainRequest
+    recipe: WorkerRecipe
     out: str
     settings_digest: str
-    device: str = "cpu"
-    threads: Optional[int] = None
     region: Any = "auto"  # "auto": a box or mask file beside each input; None: none
-    model: Any = field(default=None, repr=False, compare=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["model"] = None
-        return state
-
-    def with_threads(self, threads: Optional[int]) -> "BatchTaskFactory":
-        return replace(self, threads=threads)
 
     def __call__(self) -> "BatchTask":
-        if self.threads is not None:
-            torch.set_num_threads(int(self.threads))
-        model = self.model
-        if model is None:
-            model = medlens.load_model(self.model_source, **self.model_options).to(self.device)
-        return BatchTask(self, plan_for(model, self.request))
+        return BatchTask(self, self.recipe.plan())
 
     def lost(self, item: WorkItem, message: str) -> dict[str, Any]:
         """The record of an input whose worker died or raised outside the task (see executors)."""

@@ -131,19 +131,35 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
         ensure_writable(out)
     except OutputError as exc:
         raise OutputError(f"cannot write the demo's results to {out}: {exc}") from None
+    names = _demo_methods(methods)
+    say = click.echo if echo else (lambda *_a, **_k: None)
+    say(f"medlens demo: {len(names)} methods ({', '.join(names)}) on {n_cases} phantom cases per model ...")
+    summary = {"seed": seed, "methods": names, "lesion": _lesion_cases(names, n_cases, seed, out),
+               "shortcut": _shortcut_cases(names, n_cases, seed, out)}
+    summary["seconds_total"] = time.perf_counter() - started
+    _write_summary_png(out, summary)
+    _write_summary_html(out, summary)
+    summary["seconds_total"] = time.perf_counter() - started
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    say(_text_table(summary))
+    say(f"wrote {n_cases + summary['shortcut']['n_cases']} overlay pages, summary.html, summary.png and summary.json "
+        f"to {out} in {summary['seconds_total']:.1f} s")
+    return out
+
+
+def _demo_methods(methods: Optional[Sequence[str]]) -> list[str]:
+    """The demo's methods: the user's names (all must exist; get_spec says which are close), else the default list
+    less what a reduced installation lacks."""
     available = set(medlens.methods())
-    if methods is not None:  # the user's names must all exist (get_spec says which are close); the default list may
-        # name methods a reduced installation lacks
-        wanted = [get_spec(m).name for m in methods]
-    else:
-        wanted = list(DEMO_METHODS)
+    wanted = [get_spec(m).name for m in methods] if methods is not None else list(DEMO_METHODS)
     names = [m for m in wanted if m in available]
     if not names:
         raise MedlensError(f"none of the demo's methods {wanted} is registered; registered: {sorted(available)}.")
-    say = click.echo if echo else (lambda *_a, **_k: None)
-    say(f"medlens demo: {len(names)} methods ({', '.join(names)}) on {n_cases} phantom cases per model ...")
+    return names
 
-    # 1. phantom-lesion on lesion cases: how much of each map lies inside the true lesion
+
+def _lesion_cases(names: Sequence[str], n_cases: int, seed: int, out: Path) -> dict[str, Any]:
+    """Step 1: phantom-lesion on lesion cases: how much of each map lies inside the true lesion (a page per case)."""
     lesion_model = load_bundled("phantom-lesion")
     lesion_idx = lesion_model.labels.index("lesion")
     cases = phantom_2d(n_cases, size=lesion_model.input_spec.size[-1], seed=seed, positive_rate=1.0)
@@ -159,8 +175,18 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
         _case_figure(cases.images[i, 0], {n: m[i] for n, m in maps.items()}, masks[i],
                      f"lesion case {i + 1}\nP(lesion) {probs[i]:.2f}", {n: float(e[i]) for n, e in lesion_energy.items()},
                      "in lesion", out / f"lesion-case-{i + 1:02d}.png")
+    return {
+        "model": "phantom-lesion", "n_cases": n_cases, "mean_lesion_area_fraction": float(area.mean()),
+        "p_lesion": probs.tolist(),
+        "energy_in_lesion": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in lesion_energy.items()},
+        "peak_in_lesion": {n: float(p.float().mean()) for n, p in lesion_peak.items()},
+        "seconds": seconds, "errors": errors,
+    }
 
-    # 2. phantom-shortcut on lesion cases carrying the marker: do the maps land on the marker?
+
+def _shortcut_cases(names: Sequence[str], n_cases: int, seed: int, out: Path) -> dict[str, Any]:
+    """Step 2: phantom-shortcut on lesion cases carrying the marker: do the maps land on the marker? Then the same
+    model when the marker no longer tracks the class."""
     sc_model = load_bundled("phantom-shortcut")
     sc_idx = sc_model.labels.index("lesion")
     sc_cases = shortcut_set(4 * n_cases, size=sc_model.input_spec.size[-1], seed=seed + 1)
@@ -178,42 +204,20 @@ def run_demo(out_dir: Optional[Union[str, Path]] = None, n_cases: int = 6, metho
         _case_figure(sc_cases.images[keep[i], 0], {n: m[i] for n, m in sc_maps.items()}, zone[i],
                      f"shortcut case {i + 1}\nP(lesion) {sc_probs[i]:.2f}", {n: float(e[i]) for n, e in marker_energy.items()},
                      "on marker", out / f"shortcut-case-{i + 1:02d}.png", contour_color="lime")
-    # the same model when the marker no longer tracks the class
     probe_set = phantom_2d(200, size=sc_model.input_spec.size[-1], seed=seed + 2, marker="random", lesion_contrast=(0.06, 0.1))
     with torch.no_grad():
         pred = sc_model(phantom_prepare(probe_set.images)).argmax(1)
     follows_marker = float((pred == probe_set.has_marker.long()).float().mean())
     follows_label = float((pred == probe_set.labels).float().mean())
-
-    summary = {
-        "seed": seed,
-        "methods": names,
-        "lesion": {
-            "model": "phantom-lesion", "n_cases": n_cases, "mean_lesion_area_fraction": float(area.mean()),
-            "p_lesion": probs.tolist(),
-            "energy_in_lesion": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in lesion_energy.items()},
-            "peak_in_lesion": {n: float(p.float().mean()) for n, p in lesion_peak.items()},
-            "seconds": seconds, "errors": errors,
-        },
-        "shortcut": {
-            "model": "phantom-shortcut", "n_cases": int(len(keep)), "marker_zone_area_fraction": float(zone.flatten(1).float().mean()),
-            "p_lesion": sc_probs.tolist(),
-            "energy_on_marker": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in marker_energy.items()},
-            "peak_on_marker": {n: float(p.float().mean()) for n, p in marker_peak.items()},
-            "energy_in_lesion": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in sc_lesion_energy.items()},
-            "decorrelated_marker": {"n": 200, "prediction_follows_marker": follows_marker, "accuracy": follows_label},
-            "seconds": sc_seconds, "errors": sc_errors,
-        },
+    return {
+        "model": "phantom-shortcut", "n_cases": int(len(keep)), "marker_zone_area_fraction": float(zone.flatten(1).float().mean()),
+        "p_lesion": sc_probs.tolist(),
+        "energy_on_marker": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in marker_energy.items()},
+        "peak_on_marker": {n: float(p.float().mean()) for n, p in marker_peak.items()},
+        "energy_in_lesion": {n: {"mean": float(e.mean()), "per_case": e.tolist()} for n, e in sc_lesion_energy.items()},
+        "decorrelated_marker": {"n": 200, "prediction_follows_marker": follows_marker, "accuracy": follows_label},
+        "seconds": sc_seconds, "errors": sc_errors,
     }
-    summary["seconds_total"] = time.perf_counter() - started
-    _write_summary_png(out, summary)
-    _write_summary_html(out, summary)
-    summary["seconds_total"] = time.perf_counter() - started
-    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    say(_text_table(summary))
-    say(f"wrote {n_cases + len(keep)} overlay pages, summary.html, summary.png and summary.json to {out} "
-        f"in {summary['seconds_total']:.1f} s")
-    return out
 
 
 def _text_table(s: dict[str, Any]) -> str:

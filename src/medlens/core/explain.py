@@ -11,7 +11,7 @@ import operator
 import platform
 import secrets
 import time
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -207,9 +207,7 @@ def explain(
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}; load one with medlens.load_model().")
-    was_compiled = type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
-    if was_compiled:  # a torch.compile'd graph does not run the hooks medlens adds; the original has the same parameters
-        model = model._orig_mod
+    model, was_compiled = _uncompiled(model)
     x = check_input(x)
     seed = _check_seed(seed)
     specs, per_method = check_methods(methods, options, model=model, input_shape=tuple(x.shape))
@@ -223,9 +221,7 @@ def explain(
     input_digest = tensor_digest(x)  # before any pass: a model that changes its input in place cannot alter it
 
     started = time.perf_counter()
-    maps: dict[str, torch.Tensor] = {}
     timings: dict[str, float] = {}
-    method_notes: dict[str, Any] = {}
     # The caller's grad mode must not decide whether a method can run: gradients are switched on and
     # inference mode off for the call (both restored on exit), and an inference tensor input is copied
     # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
@@ -247,40 +243,11 @@ def explain(
         logits = _first_pass(ctx)
         target_grid = ctx.targets
         timings["forward_and_targets"] = time.perf_counter() - t0
-        for spec in specs:
-            t0 = time.perf_counter()
-            ctx.method_notes = {}
-            try:
-                result = spec.run(ctx, per_method[spec.name])
-            except RuntimeError as error:
-                if "leaf Variable that requires grad is being used in an in-place operation" not in str(error):
-                    raise
-                raise ModelError(
-                    f"{spec.name} needs the gradient with respect to the input, but the model changes its input in "
-                    f"place (an in-place operation such as x.sub_() at the start of forward). Let the model work on a "
-                    f"copy (x = x.clone() or x = x - mean), or use a method that only runs the model (occlusion, rise)."
-                ) from error
-            expected = (x.shape[0], target_grid.shape[1], *x.shape[2:])
-            if tuple(result.shape) != expected:
-                raise RuntimeError(f"method {spec.name} returned shape {tuple(result.shape)}, expected {expected}")
-            maps[spec.name] = result.detach().to(dtype=torch.float32)
-            timings[spec.name] = time.perf_counter() - t0
-            if ctx.method_notes:
-                method_notes[spec.name] = ctx.method_notes
-        layer_info = None
-        if ctx._layer is not None:
-            layer_info = {"name": ctx.layer.name, "chosen_automatically": ctx.layer.chosen_automatically,
-                          "type": type(ctx.layer.module).__name__, "reason": ctx.layer.reason}
-            if ctx._layer_pass is not None and ctx._layer_pass.layout is not None:
-                layer_info["layout"] = ctx._layer_pass.layout.describe(ctx._layer_pass.layout_shape)
+        maps, method_notes = _run_methods(ctx, specs, per_method, timings)
+        layer_info = _layer_info(ctx)
     timings["total"] = time.perf_counter() - started
-
     provenance = {
-        "medlens_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(x.device),
+        **_environment(x),
         "methods": {s.name: {"family": s.family, "options": jsonable(per_method[s.name], list_up_to=8, digest_larger=True), **jsonable(method_notes.get(s.name, {}), list_up_to=8, digest_larger=True)} for s in specs},
         "targets": target_grid.tolist(),
         "target_names": [[labels[t] for t in row] for row in target_grid.tolist()] if labels else None,
@@ -293,3 +260,66 @@ def explain(
         "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }
     return ExplanationResult(maps, logits.detach(), target_grid, provenance, labels=labels, multi_label=multi_label)
+
+
+def _uncompiled(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module to explain, and whether it was a torch.compile'd wrapper: a compiled graph does not run the hooks
+    medlens adds, and the original module has the same parameters."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod, True
+    return model, False
+
+
+def _run_one(ctx: ExplainContext, spec: MethodSpec, options: Mapping[str, Any]) -> torch.Tensor:
+    """One method's maps, its in-place-input failure said in the user's terms, its shape checked."""
+    try:
+        result = spec.run(ctx, options)
+    except RuntimeError as error:
+        if "leaf Variable that requires grad is being used in an in-place operation" not in str(error):
+            raise
+        raise ModelError(
+            f"{spec.name} needs the gradient with respect to the input, but the model changes its input in "
+            f"place (an in-place operation such as x.sub_() at the start of forward). Let the model work on a "
+            f"copy (x = x.clone() or x = x - mean), or use a method that only runs the model (occlusion, rise)."
+        ) from error
+    expected = (ctx.x.shape[0], ctx.targets.shape[1], *ctx.x.shape[2:])
+    if tuple(result.shape) != expected:
+        raise RuntimeError(f"method {spec.name} returned shape {tuple(result.shape)}, expected {expected}")
+    return result.detach().to(dtype=torch.float32)
+
+
+def _run_methods(ctx: ExplainContext, specs: Sequence[MethodSpec], per_method: Mapping[str, Mapping[str, Any]],
+                 timings: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every method on the shared context, in order: maps by name and each method's notes; times into `timings`."""
+    maps: dict[str, torch.Tensor] = {}
+    method_notes: dict[str, Any] = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        ctx.method_notes = {}
+        maps[spec.name] = _run_one(ctx, spec, per_method[spec.name])
+        timings[spec.name] = time.perf_counter() - t0
+        if ctx.method_notes:
+            method_notes[spec.name] = ctx.method_notes
+    return maps, method_notes
+
+
+def _layer_info(ctx: ExplainContext) -> Optional[dict[str, Any]]:
+    """The target layer the call used, if any method needed one."""
+    if ctx._layer is None:
+        return None
+    info = {"name": ctx.layer.name, "chosen_automatically": ctx.layer.chosen_automatically,
+            "type": type(ctx.layer.module).__name__, "reason": ctx.layer.reason}
+    if ctx._layer_pass is not None and ctx._layer_pass.layout is not None:  # a token sequence read as a patch grid
+        info["layout"] = ctx._layer_pass.layout.describe(ctx._layer_pass.layout_shape)
+    return info
+
+
+def _environment(x: torch.Tensor) -> dict[str, Any]:
+    """The versions, time and device of a call, for its provenance."""
+    return {
+        "medlens_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(x.device),
+    }

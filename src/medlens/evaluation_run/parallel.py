@@ -12,35 +12,30 @@ from medlens.batch.executors import make_executor
 from medlens.errors import InputError
 from medlens.evaluation_run.dataset import FolderDataset
 from medlens.evaluation_run.scoring import Tally, score_images
-from medlens.models.loading import load_model
-from medlens.pipeline import ExplainRequest, Plan, plan_for, read_input
+from medlens.pipeline import Plan, WorkerRecipe, read_input
 
 BATCHES_PER_ITEM = 2  # batches a worker scores per item: enough to amortise sending, small enough to balance
 
 
 @dataclass
 class EvaluateTaskFactory:
-    """What a worker needs, as plain values: it loads the model from `model_source` and reads `data` itself."""
+    """What a worker needs, as plain values: the shared `WorkerRecipe` (it loads the model and plans the request), the
+    data folder it reads itself, and the scoring settings."""
 
-    model_source: str
-    model_options: dict[str, Any]
+    recipe: WorkerRecipe
     data: str
     include: Optional[list[str]]
-    methods: list[str]
     metrics: list[str]
     options: dict[str, dict[str, Any]]
-    layer: Optional[str]
-    seed: int
     batch_size: int
     prior: tuple[Optional[torch.Tensor], int] = (None, 0)
-    threads: Optional[int] = 1  # torch threads per worker: one each, so N workers use N cores
-    device: str = "cpu"
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.recipe.request.methods)
 
     def __call__(self) -> "EvaluateTask":
-        if self.threads is not None:
-            torch.set_num_threads(int(self.threads))
-        model = load_model(self.model_source, **self.model_options).to(self.device)
-        plan = plan_for(model, ExplainRequest.build(self.methods, layer=self.layer, seed=self.seed))
+        plan = self.recipe.plan()
         data = FolderDataset(self.data, lambda path: read_input(plan, path).tensor[0], self.include)
         return EvaluateTask(self, plan, data)
 

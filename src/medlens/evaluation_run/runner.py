@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from medlens.evaluation_run.plots import write_plots
 from medlens.evaluation_run.scoring import Tally, region_prior, score_images
 from medlens.evaluation_run.tables import rows_to_csv, rows_to_markdown, summarise
 from medlens.io.files import atomic_write
-from medlens.pipeline import ExplainRequest, plan_for, read_input
+from medlens.pipeline import ExplainRequest, WorkerRecipe, plan_for, read_input
 
 BASELINES = ("baseline:center", "baseline:prior")
 
@@ -67,51 +68,30 @@ def evaluate(
     if not _names(methods):
         raise MethodError("no method was given; pass methods such as 'gradcam,layercam'.")
     plan = plan_for(model, ExplainRequest.build(_names(methods), layer=layer, seed=int(seed)))
-    metric_names = _names(metrics) or list(METRICS)
-    unknown = [m for m in metric_names if m not in METRICS]
-    if unknown:
-        raise InputError(f"unknown metric(s) {', '.join(unknown)}; the metrics are: {', '.join(METRICS)}.")
-    bad = [k for k in (metric_options or {}) if k not in METRICS]
-    if bad:
-        raise InputError(f"metric_options names unknown metric(s) {', '.join(bad)}.")
-    options = {m: dict((metric_options or {}).get(m, {})) for m in metric_names}
+    metric_names, options = _metric_settings(metrics, metric_options)
     include = read_include(include)
     if isinstance(dataset, (str, Path)):
         data: Any = FolderDataset(dataset, lambda path: read_input(plan, path).tensor[0], include)
     else:
         data = dataset
-    order = list(range(len(data)))
-    if limit is not None:
-        if int(limit) < 1:
-            raise InputError(f"--limit must be at least 1, not {limit}.")
-        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(int(seed))).tolist()
-        order = sorted(perm[: int(limit)])
+    order = _subset(len(data), limit, seed)
     prior = region_prior(plan, data, order) if any(m in LOCALISATION for m in metric_names) else (None, 0)
     factory = None
     if executor != "serial":
         if model_source is None or not isinstance(dataset, (str, Path)):
             raise InputError(f"the {executor} executor runs workers that load the model and read the folder themselves: "
                              f"give the model by name or file (model_source=) and the data as a folder.")
-        factory = EvaluateTaskFactory(str(model_source), dict(model_options or {}), str(dataset), include,
-                                      [s.name for s in plan.specs], metric_names, options, layer, int(seed), batch_size,
-                                      prior)
+        request = replace(plan.request, methods=tuple(s.name for s in plan.specs))  # the registry's names
+        recipe = WorkerRecipe(str(model_source), dict(model_options or {}), request, threads=1)  # a core per worker
+        factory = EvaluateTaskFactory(recipe, str(dataset), include, metric_names, options, batch_size, prior)
 
     started = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # only when a progress bar is asked for
-
-        bar = tqdm(total=len(order), desc="evaluate", unit="image")
-    try:
-        if factory is None:
-            tally = score_images(plan, data, order, metric_names, options, prior, batch_size,
-                                 on_images=bar.update if bar is not None else None)
-        else:
-            tally = score_on_executor(factory, order, executor=executor, workers=workers, ray_address=ray_address,
-                                      on_images=bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    if factory is None:
+        tally = _with_bar(len(order), progress, lambda on_images: score_images(
+            plan, data, order, metric_names, options, prior, batch_size, on_images=on_images))
+    else:
+        tally = _with_bar(len(order), progress, lambda on_images: score_on_executor(
+            factory, order, executor=executor, workers=workers, ray_address=ray_address, on_images=on_images))
     method_names = [s.name for s in plan.specs]
     present = method_names + [b for b in BASELINES if any(k[0] == b for k in tally.values)]
     rows = summarise(tally.values, present, metric_names, int(seed))
@@ -128,6 +108,43 @@ def evaluate(
             "executor": executor if factory is None else {"name": executor, "workers": workers},
         })
     return rows
+
+
+def _metric_settings(metrics: Union[str, Sequence[str], None],
+                     metric_options: Optional[dict[str, dict[str, Any]]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The metric names (default: all) and each one's options, every name checked against the metric registry."""
+    metric_names = _names(metrics) or list(METRICS)
+    unknown = [m for m in metric_names if m not in METRICS]
+    if unknown:
+        raise InputError(f"unknown metric(s) {', '.join(unknown)}; the metrics are: {', '.join(METRICS)}.")
+    bad = [k for k in (metric_options or {}) if k not in METRICS]
+    if bad:
+        raise InputError(f"metric_options names unknown metric(s) {', '.join(bad)}.")
+    return metric_names, {m: dict((metric_options or {}).get(m, {})) for m in metric_names}
+
+
+def _subset(n: int, limit: Optional[int], seed: int) -> list[int]:
+    """The image indices to score: all, or a seeded random `limit` of them in their order."""
+    order = list(range(n))
+    if limit is not None:
+        if int(limit) < 1:
+            raise InputError(f"--limit must be at least 1, not {limit}.")
+        perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(int(seed))).tolist()
+        order = sorted(perm[: int(limit)])
+    return order
+
+
+def _with_bar(total: int, progress: bool, work: Callable[[Optional[Callable[[int], Any]]], Tally]) -> Tally:
+    """`work(on_images)`, with a progress bar over `total` images when one is asked for."""
+    if not progress:
+        return work(None)
+    from tqdm.auto import tqdm  # only when a progress bar is asked for
+
+    bar = tqdm(total=total, desc="evaluate", unit="image")
+    try:
+        return work(bar.update)
+    finally:
+        bar.close()
 
 
 def _write(out_dir: Path, rows: list[dict[str, Any]], tally: Tally, settings: dict[str, Any]) -> None:

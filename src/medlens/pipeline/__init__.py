@@ -1,9 +1,9 @@
 """One path from a file (or a tensor) to a written result, for every front end: the CLI, `evaluate`, the demo,
 the batch runner and the web app. `plan` checks a request once; `run` reads, prepares and explains; `write` saves.
 """
-from medlens.pipeline.plan import ExplainRequest, Plan, plan_for
+from medlens.pipeline.plan import ExplainRequest, Plan, WorkerRecipe, plan_for
 from medlens.pipeline.run import Outcome, explain_batch, explain_file, explain_prepared, explain_tensor, read_input
 from medlens.pipeline.write import write_outcome
 
 __all__ = ["ExplainRequest", "Outcome", "Plan", "explain_batch", "explain_file", "explain_prepared", "explain_tensor",
-           "plan_for", "read_input", "write_outcome"]
+           "plan_for", "read_input", "write_outcome", "WorkerRecipe"]

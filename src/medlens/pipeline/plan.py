@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
 from medlens.core.explain import check_methods, model_digest
@@ -18,6 +19,7 @@ from medlens.errors import InputError, ModelError
 from medlens.io import model_dims
 from medlens.io.files import jsonable
 from medlens.io.formats import DEFAULT_FORMATS, check_formats
+from medlens.models.loading import load_model
 from medlens.version import __version__
 
 
@@ -105,5 +107,33 @@ def plan_for(model: nn.Module, request: ExplainRequest) -> Plan:
                 tuple(check_formats(request.formats)))
 
 
-__all__ = ["ExplainRequest", "Plan", "plan_for"]
+@dataclass
+class WorkerRecipe:
+    """What a worker (a process, a Ray actor) needs to explain inputs, as picklable values: where the model comes
+    from and the request. `plan()` loads the model once per worker and checks the request against it.
+
+    `threads`: torch threads in the worker (None: leave torch's default). `model` may hold an already loaded model for
+    in-process use (a serial run); it is never pickled, a worker loads its own from `model_source`."""
+
+    model_source: str
+    model_options: dict[str, Any]
+    request: ExplainRequest
+    device: str = "cpu"
+    threads: Optional[int] = None
+    model: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "model": None}
+
+    def plan(self) -> Plan:
+        """The request's plan on this worker's model (loaded from `model_source` unless one was given in process)."""
+        if self.threads is not None:
+            torch.set_num_threads(int(self.threads))
+        model = self.model
+        if model is None:
+            model = load_model(self.model_source, **self.model_options).to(self.device)
+        return plan_for(model, self.request)
+
+
+__all__ = ["ExplainRequest", "Plan", "WorkerRecipe", "plan_for"]
 
