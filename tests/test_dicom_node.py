@@ -114,3 +114,29 @@ def test_killed_mid_study_and_restarted_every_result_arrives_once(tmp_path: Path
             stop_process(node)
         sent = [e["sop_instance_uid"] for e in ledger_events(state) if e["event"] == "sent"]
         assert len(sent) == len(set(sent)) == 8
+
+
+def test_batch_from_pacs_pulls_the_matching_study_and_explains_it(tmp_path: Path) -> None:
+    from batch_helpers import manifest, run_cli
+
+    node_port = free_port()  # the AE title and address Orthanc knows medlens by (C-GET needs no listening port)
+    with running_orthanc(tmp_path / "orthanc", "MEDLENS", node_port) as orthanc:
+        for path in _study(tmp_path / "study"):
+            orthanc.upload(path)
+        other = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        other.PatientID, other.StudyInstanceUID = "someone-else", "1.2.826.0.1.3680043.99.7"
+        other.SeriesInstanceUID, other.SOPInstanceUID = "1.2.826.0.1.3680043.99.8", "1.2.826.0.1.3680043.99.9"
+        other.save_as(tmp_path / "other.dcm")
+        orthanc.upload(tmp_path / "other.dcm")
+        patient = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).PatientID)
+        out = tmp_path / "out"
+        code = run_cli("batch", "--from-pacs", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--query",
+                       f"PatientID={patient}", "--model", "phantom-lesion", "--methods", "gradcam", "--formats", "npz",
+                       "--out", out, "-q")
+        assert code == 0
+        records = manifest(out)
+        assert len(records) == 2 and all(r["status"] == "done" for r in records)  # CT and MR of that study only
+        pulled = sorted(p.name for p in (tmp_path / "out-pacs").rglob("*.dcm"))
+        assert len(pulled) == 2
+        assert run_cli("batch", "--from-pacs", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", "--query", "NoSuchKey=1",
+                       "--model", "phantom-lesion", "--out", tmp_path / "out2", "-q") == 2
