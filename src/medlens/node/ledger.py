@@ -101,15 +101,15 @@ class Ledger:
         if event == "received":
             state.received[str(record["sop_instance_uid"])] = str(record.get("file", ""))
             state.last_received = max(state.last_received, when)
-        elif event == "explained":
-            state.explained_at = max(state.explained_at, when)
+        elif event == "explained":  # as of the batch's start: what arrived while it ran waits for the next one
+            state.explained_at = max(state.explained_at, float(record.get("as_of", when)))
             state.results.update({str(k): str(v) for k, v in (record.get("results") or {}).items()})
         elif event == "sent":
             state.sent.add(str(record["sop_instance_uid"]))
         elif event == "failed":
             state.failures.append(str(record.get("error", "")))
             if record.get("stage") == "explain":
-                state.explained_at = max(state.explained_at, when)
+                state.explained_at = max(state.explained_at, float(record.get("as_of", when)))
 
     def study(self, uid: str) -> Optional[StudyState]:
         return self.studies.get(uid)

@@ -99,7 +99,7 @@ class Node:
                 self._deliver(state.study)
 
     def _explain(self, study: str) -> None:
-        t0 = time.perf_counter()
+        t0, as_of = time.perf_counter(), time.time()
         state = self.ledger.studies[study]
         out = self.state_dir / RESULTS / self.settings[:16] / study
         try:
@@ -108,7 +108,7 @@ class Node:
                                 model_options=self.config.model_options, progress=False,
                                 log=lambda m: log.debug("study %s: %s", study, m))
         except MedlensError as exc:
-            self.ledger.append("failed", study, stage="explain", error=" ".join(str(exc).split()))
+            self.ledger.append("failed", study, stage="explain", as_of=as_of, error=" ".join(str(exc).split()))
             log.error("study %s: failed: %s", study, " ".join(str(exc).split()))
             return
         results: dict[str, str] = {}
@@ -120,8 +120,8 @@ class Node:
                         uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
                         results[uid] = path.relative_to(self.state_dir).as_posix()
         for path, message in summary.failures:
-            self.ledger.append("failed", study, stage="explain", input=path, error=message)
-        self.ledger.append("explained", study, settings=self.settings, results=results,
+            self.ledger.append("failed", study, stage="explain", as_of=as_of, input=path, error=message)
+        self.ledger.append("explained", study, settings=self.settings, as_of=as_of, results=results,
                            inputs=summary.total, failed_inputs=len(summary.failures))
         log.info("study %s: %d instance(s) received, %d input(s) explained (%d failed), %d result(s) in %.1f s",
                  study, len(state.received), summary.total - len(summary.failures), len(summary.failures),
