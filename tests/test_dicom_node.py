@@ -105,13 +105,10 @@ def test_killed_mid_study_and_restarted_every_result_arrives_once(tmp_path: Path
         stop_process(node, signal.SIGKILL)
         before = len(_results(orthanc, study_id))
         assert before < 8, "the node finished before it was killed; the test did not kill it mid-study"
-        node = start_node(state, node_port, orthanc, log_name="node-restarted.log")
-        try:
+        with node_in_process(state, node_port, orthanc):  # a new process would only add its start-up time
             wait_for("all 8 results", lambda: len(_results(orthanc, study_id)) == 8, timeout=90, every=0.5)
             time.sleep(1.5)
             assert len(_results(orthanc, study_id)) == 8
-        finally:
-            stop_process(node)
         sent = [e["sop_instance_uid"] for e in ledger_events(state) if e["event"] == "sent"]
         assert len(sent) == len(set(sent)) == 8
 

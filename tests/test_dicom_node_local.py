@@ -116,6 +116,16 @@ def test_a_full_queue_answers_out_of_resources(tmp_path: Path, model) -> None:
         node.stop()
 
 
+def test_serve_refuses_a_bad_peer_before_loading_a_model(tmp_path: Path, capsys) -> None:
+    from batch_helpers import run_cli
+
+    assert run_cli("serve", "--model", "phantom-lesion", "--out", tmp_path / "state", "--send-to", "ORTHANC:4242") == 2
+    assert "AET@HOST:PORT" in capsys.readouterr().err
+    assert run_cli("batch", "--model", "phantom-lesion", "--out", tmp_path / "out", "--from-pacs", "P@h:1",
+                   "--query", "PatientName") == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 def test_ledger_cuts_a_torn_line_and_peers_are_checked(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     ledger.append("received", "1.2.3", sop_instance_uid="1.2.3.4", file="incoming/a.dcm")

@@ -111,6 +111,11 @@ class Ledger:
             if record.get("stage") == "explain":
                 state.explained_at = max(state.explained_at, float(record.get("as_of", when)))
 
+    def snapshot(self) -> list[StudyState]:
+        """The studies as they stand (a list taken under the lock: the SCP's threads may add one meanwhile)."""
+        with self._lock:
+            return list(self.studies.values())
+
     def study(self, uid: str) -> Optional[StudyState]:
         return self.studies.get(uid)
 

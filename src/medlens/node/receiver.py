@@ -106,7 +106,7 @@ class Receiver:
             log.info("study %s: instance %s is one of medlens's own results; acknowledged, not explained", study, sop)
             return SUCCESS
         state = self.ledger.study(study)
-        waiting = sum(1 for s in self.ledger.studies.values() if s.waiting)
+        waiting = sum(1 for s in self.ledger.snapshot() if s.waiting)
         if (state is None or not state.waiting) and waiting >= self.limits.max_studies:
             log.warning("study %s refused for now: %d studies already wait (--max-queue)", study, waiting)
             return OUT_OF_RESOURCES

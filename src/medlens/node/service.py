@@ -81,7 +81,7 @@ class Node:
 
     def _recover_unrecorded(self) -> None:
         """Instances stored before a kill but not yet in the ledger (the sender got no success for them)."""
-        known = {f for s in self.ledger.studies.values() for f in s.received.values()}
+        known = {f for s in self.ledger.snapshot() for f in s.received.values()}
         for path in sorted((self.state_dir / INCOMING).rglob("*.dcm")) if (self.state_dir / INCOMING).is_dir() else []:
             relative = path.relative_to(self.state_dir).as_posix()
             if relative not in known:
@@ -92,7 +92,7 @@ class Node:
     def step(self) -> None:
         """Explain every study idle long enough, then deliver what is not yet delivered."""
         now = time.time()
-        for state in list(self.ledger.studies.values()):
+        for state in self.ledger.snapshot():
             if state.waiting and now - state.last_received >= self.config.study_timeout:
                 self._explain(state.study)
             if state.unsent and self.config.send_to is not None and not state.waiting:
