@@ -121,6 +121,9 @@ def test_serve_refuses_a_bad_peer_before_loading_a_model(tmp_path: Path, capsys)
 
     assert run_cli("serve", "--model", "phantom-lesion", "--out", tmp_path / "state", "--send-to", "ORTHANC:4242") == 2
     assert "AET@HOST:PORT" in capsys.readouterr().err
+    assert run_cli("serve", "--model", "phantom-lesion", "--out", tmp_path / "state", "--send-to", "P@h:1",
+                   "--formats", "png") == 2
+    assert "nothing to send" in capsys.readouterr().err
     assert run_cli("batch", "--model", "phantom-lesion", "--out", tmp_path / "out", "--from-pacs", "P@h:1",
                    "--query", "PatientName") == 2
     assert "KEY=VALUE" in capsys.readouterr().err

@@ -55,6 +55,9 @@ def serve_command(model_source: str, methods: str, state_dir: Path, ae_title: st
         raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
     check_methods(list(request.methods), dict(request.options))
     check_formats(request.formats)
+    if peer is not None and "dicom" not in request.formats:
+        raise MethodError(f"--formats {formats} has no dicom, so there would be nothing to send to {peer}; add dicom "
+                          f"(e.g. --formats dicom,png).")
     model_options: dict[str, Any] = {"allow_pickle": True} if allow_pickle else {}
     model = _model_on_device(model_source, device, **model_options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s medlens serve: %(message)s")

@@ -121,6 +121,7 @@ class Node:
                         results[uid] = path.relative_to(self.state_dir).as_posix()
         for path, message in summary.failures:
             self.ledger.append("failed", study, stage="explain", as_of=as_of, input=path, error=message)
+            log.warning("study %s: %s", study, message)
         self.ledger.append("explained", study, settings=self.settings, as_of=as_of, results=results,
                            inputs=summary.total, failed_inputs=len(summary.failures))
         log.info("study %s: %d instance(s) received, %d input(s) explained (%d failed), %d result(s) in %.1f s",
