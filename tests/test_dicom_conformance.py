@@ -207,3 +207,35 @@ def test_enhanced_geometry_is_read_per_frame(tmp_path: Path) -> None:
         np.testing.assert_allclose((scan.affine @ [k, 2, 5, 1.0])[:3], lps * [-1, -1, 1], atol=1e-6)
     one = read_image(tmp_path / "e.dcm", frame=3)
     np.testing.assert_allclose((one.affine @ [2, 5, 0, 1.0])[:3], [30.0 - 4.0, 20.0 - 1.8, 12.0], atol=1e-6)
+
+
+def test_a_volume_from_an_enhanced_file_is_mapped_frame_by_frame(tmp_path: Path) -> None:
+    """A 3-D model on the Enhanced MR (functional groups added): one Parametric Map frame per source frame, each at
+    that frame's position, and valid for dciodvfy."""
+    import json
+
+    import torch
+
+    from conftest import TinyCNN3d
+
+    if _testdata("emri_small.dcm") is None:
+        pytest.skip("emri_small.dcm (pydicom-data) is not available")
+    torch.manual_seed(0)
+    model = tmp_path / "tiny3d.pt"
+    torch.jit.save(torch.jit.script(TinyCNN3d().eval()), str(model))
+    (tmp_path / "tiny3d.pt.json").write_text(json.dumps({"labels": ["a", "b", "c"], "size": [16, 16, 16]}))
+    (tmp_path / "in").mkdir()
+    _enhanced_mr_with_geometry(tmp_path / "in" / "e.dcm")
+    out = tmp_path / "out"
+    assert run_cli("batch", tmp_path / "in", "--out", out, "--model", model, "--methods", "saliency", "--formats",
+                   "npz,dicom", "-q") == 0
+    record = manifest(out)[0]
+    pm_path = out / next(o for o in record["outputs"] if o.endswith("_pm.dcm"))
+    pm = pydicom.dcmread(pm_path)
+    assert int(pm.NumberOfFrames) == 10 and (pm.Rows, pm.Columns) == (64, 64)
+    z = sorted(float(g.PlanePositionSequence[0].ImagePositionPatient[2]) for g in pm.PerFrameFunctionalGroupsSequence)
+    assert z == pytest.approx([4.0 * k for k in range(10)])
+    assert not [o for o in record["outputs"] if o.endswith("_sc.dcm")]  # a volume has no single picture
+    if DCIODVFY:
+        report = subprocess.run([DCIODVFY, str(pm_path)], capture_output=True, text=True, timeout=60)
+        assert not [line for line in report.stderr.splitlines() if line.startswith("Error")]
