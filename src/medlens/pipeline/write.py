@@ -30,5 +30,6 @@ def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Option
         formats=formats if formats is not None else outcome.formats,
         region=outcome.region.cpu().numpy() if outcome.region is not None else None,
         scan=outcome.prepared.scan,
+        notes_out=outcome.notes,  # formats or DICOM objects skipped for this input: in the batch manifest too
     )
 
