@@ -24,6 +24,7 @@ FLOORS = {
     "pipeline": 8, "training": 8,
     "medlens": 9,  # the package root: the public API
     "batch": 10,  # many inputs, resumable, on executors
+    "node": 11,  # the DICOM node: receives studies, explains them through batch, sends results back
     "evaluation_run": 11,  # methods x metrics over a dataset
     "app": 12,
     "cli": 13, "__main__": 14,

@@ -4,6 +4,7 @@ error in any result made from pydicom's CT, MR, enhanced MR, oblique MR, NM and 
 method with unique instance numbers; laterality, body part and the CID 217 concept are there."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import warnings
@@ -115,6 +116,7 @@ def test_what_each_case_writes(results) -> None:
             provenance = next(o for o in records[case]["outputs"] if o.endswith("provenance.json"))
             text = (out / provenance).read_text()
             assert "no patient position" in text
+            assert any("_pm.dcm" in note and "not written" in note for note in records[case]["notes"])  # manifest
     if "oblique-mr" in records:
         sc = pydicom.dcmread(out / next(o for o in records["oblique-mr"]["outputs"] if o.endswith("_sc.dcm")))
         assert len(sc.PatientOrientation) == 2 and any(len(v) > 1 for v in sc.PatientOrientation)  # oblique letters
@@ -207,3 +209,55 @@ def test_enhanced_geometry_is_read_per_frame(tmp_path: Path) -> None:
         np.testing.assert_allclose((scan.affine @ [k, 2, 5, 1.0])[:3], lps * [-1, -1, 1], atol=1e-6)
     one = read_image(tmp_path / "e.dcm", frame=3)
     np.testing.assert_allclose((one.affine @ [2, 5, 0, 1.0])[:3], [30.0 - 4.0, 20.0 - 1.8, 12.0], atol=1e-6)
+
+
+def test_a_volume_from_an_enhanced_file_is_mapped_frame_by_frame(tmp_path: Path) -> None:
+    """A 3-D model on the Enhanced MR (functional groups added): one Parametric Map frame per source frame, each at
+    that frame's position, and valid for dciodvfy."""
+    import torch
+
+    from conftest import TinyCNN3d
+
+    if _testdata("emri_small.dcm") is None:
+        pytest.skip("emri_small.dcm (pydicom-data) is not available")
+    torch.manual_seed(0)
+    model = tmp_path / "tiny3d.pt"
+    torch.jit.save(torch.jit.script(TinyCNN3d().eval()), str(model))
+    (tmp_path / "tiny3d.pt.json").write_text(json.dumps({"labels": ["a", "b", "c"], "size": [16, 16, 16]}))
+    (tmp_path / "in").mkdir()
+    _enhanced_mr_with_geometry(tmp_path / "in" / "e.dcm")
+    out = tmp_path / "out"
+    assert run_cli("batch", tmp_path / "in", "--out", out, "--model", model, "--methods", "saliency", "--formats",
+                   "npz,dicom", "-q") == 0
+    record = manifest(out)[0]
+    pm_path = out / next(o for o in record["outputs"] if o.endswith("_pm.dcm"))
+    pm = pydicom.dcmread(pm_path)
+    assert int(pm.NumberOfFrames) == 10 and (pm.Rows, pm.Columns) == (64, 64)
+    z = sorted(float(g.PlanePositionSequence[0].ImagePositionPatient[2]) for g in pm.PerFrameFunctionalGroupsSequence)
+    assert z == pytest.approx([4.0 * k for k in range(10)])
+    assert not [o for o in record["outputs"] if o.endswith("_sc.dcm")]  # a volume has no single picture
+    if DCIODVFY:
+        report = subprocess.run([DCIODVFY, str(pm_path)], capture_output=True, text=True, timeout=60)
+        assert not [line for line in report.stderr.splitlines() if line.startswith("Error")]
+
+
+def test_a_format_that_cannot_be_made_is_skipped_and_the_others_are_written(tmp_path: Path, monkeypatch) -> None:
+    from medlens.io import formats
+
+    def broken(job, folder):
+        raise ValueError("Could not decompose affine")
+
+    monkeypatch.setitem(formats.FORMATS, "nifti", broken)
+    (tmp_path / "in").mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "in" / "ct.dcm")
+    out = tmp_path / "out"
+    assert run_cli("batch", tmp_path / "in", "--out", out, "--model", "phantom-lesion", "--methods", "gradcam",
+                   "--formats", "png,npz,nifti,dicom", "-q") == 0
+    record = manifest(out)[0]
+    assert record["status"] == "done"
+    names = {Path(o).name for o in record["outputs"]}
+    assert {"maps.npz", "panel.png", "gradcam_lesion_pm.dcm", "gradcam_lesion_sc.dcm"} <= names
+    assert not [n for n in names if n.endswith(".nii.gz")]
+    assert any(n.startswith("format nifti skipped: ValueError: Could not decompose affine") for n in record["notes"])
+    provenance = json.loads((out / next(o for o in record["outputs"] if o.endswith("provenance.json"))).read_text())
+    assert "Could not decompose affine" in provenance["skipped_formats"]["nifti"]

@@ -20,7 +20,7 @@ MAX_LISTED_FAILURES = 50
 
 
 @click.command("batch")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=False, type=click.Path(path_type=Path))
 @click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, torchvision:ARCH (with --weights) or xrv:NAME.")
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated method names (see `medlens methods`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder: manifest.jsonl, summary.csv, report.html, maps/.")
@@ -50,18 +50,30 @@ MAX_LISTED_FAILURES = 50
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
 @click.option("--signed", is_flag=True, default=False,
               help="Draw every map's raw signed values (default: each method as defined, e.g. Grad-CAM's positive part).")
+@click.option("--from-pacs", default=None, help="Pull the inputs from a PACS first: AET@HOST:PORT (C-FIND, then C-GET).")
+@click.option("--query", "query_items", multiple=True, help="With --from-pacs: KEY=VALUE a study must match (repeatable, all together).")
+@click.option("--ae-title", default="MEDLENS", show_default=True, help="With --from-pacs: this program's AE title.")
+@click.option("--pacs-folder", type=click.Path(path_type=Path), default=None, help="With --from-pacs: where pulled studies go (default: OUT-pacs beside OUT).")
 def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_dir: Path, targets: Optional[str],
                   formats: str, executor: str, workers: int, threads: Optional[int], ray_address: Optional[str],
                   include: Sequence[str], exclude: Sequence[str], limit: Optional[int], retry_failed: bool, force: bool,
                   layer: Optional[str], seed: Optional[int], option_items: Sequence[str], slice_index: Optional[int],
                   labels: Optional[str], input_size: Optional[str], channels: Optional[int], multi_label: Optional[bool],
                   weights: Optional[Path], device: str, no_region: bool, allow_pickle: bool, quiet: bool,
-                  signed: bool) -> None:
+                  signed: bool, from_pacs: Optional[str], query_items: Sequence[str], ae_title: str,
+                  pacs_folder: Optional[Path]) -> None:
     """Explain every input under INPUT... (files; folders searched recursively, a DICOM series folder as one input).
 
     Writes OUT/maps/<input>/ per input, OUT/manifest.jsonl (one line per finished input), OUT/summary.csv and
     OUT/report.html. Running the same command again resumes: inputs done with the same settings are skipped.
-    Exit status 0 when every input is done, 3 when some failed (listed), 2 for a usage error."""
+    With --from-pacs AET@HOST:PORT and --query KEY=VALUE, the matching studies are pulled from the PACS first (into
+    --pacs-folder) and explained as inputs. Exit status 0 when every input is done, 3 when some failed (listed), 2 for
+    a usage error."""
+    if not inputs and not from_pacs:
+        raise InputError("give the inputs to explain (files or folders), or --from-pacs AET@HOST:PORT with --query.")
+    if query_items and not from_pacs:
+        raise InputError("--query is for --from-pacs; give --from-pacs AET@HOST:PORT too.")
+    pacs = _pacs_request(from_pacs, query_items) if from_pacs else None  # checked before a model is loaded
     for p in inputs:  # cheap checks first: no model is loaded for a typo
         if not p.exists():
             raise InputError(f"{p}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
@@ -79,6 +91,8 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
                                                            multi_label=multi_label, weights=weights,
                                                            allow_pickle=allow_pickle or None).items() if v is not None}
     model = _model_on_device(model_source, device, **model_options)
+    if pacs is not None:
+        inputs = (*inputs, *_pull(*pacs, ae_title, pacs_folder or out_dir.with_name(f"{out_dir.name}-pacs")))
     summary = run_batch(inputs, out_dir, model=model, model_source=model_source, request=request,
                         model_options=model_options, executor=executor, workers=workers, ray_address=ray_address,
                         threads=threads, device=device, include=include, exclude=exclude, limit=limit,
@@ -91,6 +105,24 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
         if len(summary.failures) > MAX_LISTED_FAILURES:
             listed.append(f"  ... and {len(summary.failures) - MAX_LISTED_FAILURES} more (see manifest.jsonl)")
         raise SomeInputsFailed(f"{len(summary.failures)} of {summary.total} input(s) failed:\n" + "\n".join(listed))
+
+
+def _pacs_request(source: str, query_items: Sequence[str]) -> tuple[Any, dict[str, str]]:
+    from medlens.node.pull import parse_query
+    from medlens.node.receiver import pynetdicom_module
+    from medlens.node.sender import Peer
+
+    pynetdicom_module()
+    return Peer.parse(source, "--from-pacs"), parse_query(query_items)
+
+
+def _pull(peer: Any, query: dict[str, str], ae_title: str, folder: Path) -> tuple[Path, ...]:
+    """The folders of the studies pulled from the PACS (medlens.node.pull), said on stderr."""
+    from medlens.node.pull import pull
+
+    folders = pull(peer, query, folder, ae_title)
+    click.echo(f"medlens: {len(folders)} study(ies) pulled from {peer} into {folder}", err=True)
+    return tuple(folders)
 
 
 COMMANDS = [batch_command]

@@ -34,6 +34,7 @@ def write_explanation(
     region: Optional[np.ndarray] = None,
     scan: Any = None,
     signed: bool = False,
+    notes_out: Optional[list[str]] = None,
 ) -> list[Path]:
     """Write one image's results into `out_dir` in `formats` (see `medlens.io.formats.FORMATS`; by default
     `<method>_<target>.png` per method and target, `panel.png`, and `maps.npz`), and `provenance.json` last.
@@ -43,7 +44,9 @@ def write_explanation(
     what it had. Files of an earlier run in the folder that this run does not write are removed. `display` is
     the grayscale image in [0, 1] at the maps' size; `region` a boolean mask of that size, outlined on overlays;
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
-    signed instead of as its method is defined (Grad-CAM's positive part). Returns the paths.
+    signed instead of as its method is defined (Grad-CAM's positive part). A format or DICOM object that cannot be made
+    for this input is skipped, with the reason in provenance and appended to `notes_out` (the batch manifest's notes).
+    Returns the paths.
     """
     names = check_formats(formats)
     created = not Path(out_dir).exists()
@@ -56,7 +59,10 @@ def write_explanation(
         for name in names:
             staged += _write_format(name, job, staging)
         staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance))
-        return _move_in(staging, staged, folder)
+        written = _move_in(staging, staged, folder)
+        if notes_out is not None:
+            notes_out.extend(_skip_notes(job.provenance))
+        return written
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:  # a folder made for this result and left empty goes too: none of the result, not an empty shell
@@ -78,6 +84,13 @@ def _write_format(name: str, job: ImageResult, staging: Path) -> list[Path]:
             raise
         job.provenance.setdefault("skipped_formats", {})[name] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         return []
+
+
+def _skip_notes(provenance: Mapping[str, Any]) -> list[str]:
+    """One note per format skipped and per DICOM object not made, for the manifest."""
+    notes = [f"format {name} skipped: {reason}" for name, reason in (provenance.get("skipped_formats") or {}).items()]
+    notes += [f"dicom: {line} (not written)" for line in ((provenance.get("dicom") or {}).get("skipped") or [])]
+    return notes
 
 
 def _write_provenance(job: "ImageResult", folder: Path, staged: Sequence[Path], loading_notes: Sequence[str],

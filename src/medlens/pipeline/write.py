@@ -31,5 +31,6 @@ def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Option
         region=outcome.region.cpu().numpy() if outcome.region is not None else None,
         scan=outcome.prepared.scan,
         signed=outcome.signed,
+        notes_out=outcome.notes,  # formats or DICOM objects skipped for this input: in the batch manifest too
     )
 
