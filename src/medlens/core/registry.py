@@ -42,6 +42,8 @@ class MethodSpec:
     #: what the map's sum claims to equal, for the completeness metric: "conservation" (the target logit f(x), as
     #: LRP), "baseline" (f(x) - f(baseline) with the method's own `baseline` option), or None (no such claim)
     completeness: str | None = None
+    #: whether the method needs global self-attention blocks (a ViT or DeiT): it refuses other models
+    needs_attention: bool = False
 
     @property
     def supports_torchscript(self) -> bool:
@@ -59,6 +61,7 @@ class MethodSpec:
             "supports_torchscript": self.supports_torchscript,
             "cost": self.cost,
             "completeness": self.completeness,
+            "needs_attention": self.needs_attention,
             "options": dict(self.options),
         }
 
