@@ -13,61 +13,7 @@ from medlens.core.model_state import hook_count
 from medlens.errors import MethodError
 
 from conftest import TinyCNN2d
-from transformer_models import build
-
-
-class ExplicitAttention(nn.Module):
-    """Self-attention written out; keeps its probabilities (with their gradient when asked) for the test."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.kept: list[torch.Tensor] = []
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        if attn.requires_grad:
-            attn.retain_grad()
-        self.kept.append(attn)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), ExplicitAttention(dim, heads), nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class HandViT(nn.Module):
-    """A small ViT: 8-pixel patches, a class token, three blocks, the class token's norm into a linear head."""
-
-    def __init__(self, dim: int = 24, heads: int = 3, depth: int = 3, size: int = 32) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 8, stride=8)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
-        self.pos = nn.Parameter(torch.randn(1, (size // 8) ** 2 + 1, dim) * 0.5)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
-
-    def forward(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2)
-        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1) + self.pos
-        return self.head(self.norm(self.blocks(t))[:, 0])
-
-    def attention(self) -> list[torch.Tensor]:
-        return [b.attn.kept[-1] for b in self.blocks]
-
-    def forget(self) -> None:
-        for b in self.blocks:
-            b.attn.kept.clear()
+from transformer_models import HandViT, build
 
 
 @pytest.fixture
