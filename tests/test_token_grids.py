@@ -213,3 +213,15 @@ def test_transformers_are_left_as_found(name):
     assert hook_count(model) == hooks and model.training and all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_aug_smooth_on_a_fixed_size_vit_leaves_out_the_rescaled_copies_and_says_so():
+    model, size = build("tv_vit")
+    x = _x(size, batch=1)
+    result = medlens.explain(model, x, "gradcam", targets=[1], aug_smooth=True)
+    notes = result.provenance["methods"]["gradcam"]
+    assert notes["aug_smooth"] == ["identity", "intensity_1.1", "intensity_0.9"]
+    assert "takes only its own input size" in notes["aug_smooth_scales_left_out"]
+    # the average of the three maps it kept (Grad-CAM is linear in the input's intensity only through the model)
+    maps = [medlens.explain(model, x * f, "gradcam", targets=[1])["gradcam"] for f in (1.0, 1.1, 0.9)]
+    torch.testing.assert_close(result["gradcam"], sum(maps) / 3, rtol=1e-4, atol=1e-6)
