@@ -225,3 +225,23 @@ def test_aug_smooth_on_a_fixed_size_vit_leaves_out_the_rescaled_copies_and_says_
     # the average of the three maps it kept (Grad-CAM is linear in the input's intensity only through the model)
     maps = [medlens.explain(model, x * f, "gradcam", targets=[1])["gradcam"] for f in (1.0, 1.1, 0.9)]
     torch.testing.assert_close(result["gradcam"], sum(maps) / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_a_huggingface_vit_goes_through_the_pipeline_from_a_file_to_written_results(tmp_path):
+    from PIL import Image
+
+    from medlens.core.input_spec import InputSpec
+    from medlens.pipeline import ExplainRequest, explain_file, plan_for, write_outcome
+
+    model, size = build("hf_vit")
+    model.input_spec = InputSpec(size=size, channels=3, labels=("a", "b", "c"))
+    model.labels, model.multi_label = ["a", "b", "c"], False
+    image = (torch.rand(40, 40, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    plan = plan_for(model, ExplainRequest.build("gradcam,attention_rollout,lrp", targets="all"))
+    outcome = explain_file(plan, tmp_path / "scan.png")
+    assert set(outcome.prediction()) == {"a", "b", "c"} and abs(sum(outcome.prediction().values()) - 1) < 1e-5
+    for method in ("gradcam", "attention_rollout", "lrp"):
+        assert outcome.result[method].shape == (1, 3, *size) and outcome.result[method].abs().amax() > 0
+    write_outcome(outcome, tmp_path / "out")
+    assert list((tmp_path / "out").rglob("provenance.json")) and list((tmp_path / "out").rglob("*.png"))
