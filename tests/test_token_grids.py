@@ -245,3 +245,26 @@ def test_a_huggingface_vit_goes_through_the_pipeline_from_a_file_to_written_resu
         assert outcome.result[method].shape == (1, 3, *size) and outcome.result[method].abs().amax() > 0
     write_outcome(outcome, tmp_path / "out")
     assert list((tmp_path / "out").rglob("provenance.json")) and list((tmp_path / "out").rglob("*.png"))
+
+
+def test_a_cnn_with_channel_attention_keeps_its_last_spatial_layer():
+    class ChannelAttention(nn.Module):  # squeeze-and-excitation, named as many CNN papers name it
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(c, c)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.fc(x.mean(dim=(2, 3))))[:, :, None, None]
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.attention = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), ChannelAttention(8)
+
+        def forward(self, x):
+            return self.attention(torch.relu(self.bn(self.conv(x))))
+
+    model = nn.Sequential(Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    result = medlens.explain(model, torch.randn(1, 1, 16, 16), "gradcam", targets=[0])
+    assert result.provenance["layer"]["name"] == "0"
+    assert result.provenance["layer"]["reason"] == "the last layer with a spatial output before the global pooling"
