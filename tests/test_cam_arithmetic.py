@@ -126,3 +126,20 @@ def test_large_grids_and_other_dtypes_keep_f_interpolate():
     assert torch.equal(upsample_to(big, (80, 80)), F.interpolate(big, size=(80, 80), mode="bilinear", align_corners=False))
     half = torch.randn(1, 2, 7, 7).to(torch.bfloat16)
     assert torch.equal(upsample_to(half, (14, 14)), F.interpolate(half, size=(14, 14), mode="bilinear", align_corners=False))
+
+
+def test_top_eigenpair_falls_back_to_eigh_when_the_lu_path_fails(monkeypatch):
+    import medlens.families.cam_arithmetic as arithmetic
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 6, 6, dtype=torch.float64, generator=gen)
+    gram = a @ a.transpose(1, 2)
+
+    def broken(*args, **kwargs):  # oneMKL's batched LU handing back invalid pivots (two threads, ViT-sized grams)
+        raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1.")
+
+    monkeypatch.setattr(arithmetic.torch.linalg, "lu_factor_ex", broken)
+    top, vector = arithmetic.top_eigenpair(gram)
+    values, vectors = torch.linalg.eigh(gram)
+    torch.testing.assert_close(top, values[:, -1])
+    torch.testing.assert_close((vector * vectors[..., -1]).sum(dim=1).abs(), torch.ones(3, dtype=torch.float64))

@@ -88,4 +88,5 @@ def test_maps_equal_the_pre_refactor_reference(model_name: str, case: str) -> No
 def test_reference_covers_every_registered_method() -> None:
     index, _ = _reference()
     covered = {m for spec in index["cases"].values() for m in spec["methods"]}
-    assert set(medlens.methods()) <= covered
+    # the reference models are CNNs; methods that need attention blocks are checked in tests/test_attention.py
+    assert {m for m in medlens.methods() if not medlens.method_info(m)["needs_attention"]} <= covered

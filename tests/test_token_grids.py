@@ -213,3 +213,58 @@ def test_transformers_are_left_as_found(name):
     assert hook_count(model) == hooks and model.training and all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_aug_smooth_on_a_fixed_size_vit_leaves_out_the_rescaled_copies_and_says_so():
+    model, size = build("tv_vit")
+    x = _x(size, batch=1)
+    result = medlens.explain(model, x, "gradcam", targets=[1], aug_smooth=True)
+    notes = result.provenance["methods"]["gradcam"]
+    assert notes["aug_smooth"] == ["identity", "intensity_1.1", "intensity_0.9"]
+    assert "takes only its own input size" in notes["aug_smooth_scales_left_out"]
+    # the average of the three maps it kept (Grad-CAM is linear in the input's intensity only through the model)
+    maps = [medlens.explain(model, x * f, "gradcam", targets=[1])["gradcam"] for f in (1.0, 1.1, 0.9)]
+    torch.testing.assert_close(result["gradcam"], sum(maps) / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_a_huggingface_vit_goes_through_the_pipeline_from_a_file_to_written_results(tmp_path):
+    from PIL import Image
+
+    from medlens.core.input_spec import InputSpec
+    from medlens.pipeline import ExplainRequest, explain_file, plan_for, write_outcome
+
+    model, size = build("hf_vit")
+    model.input_spec = InputSpec(size=size, channels=3, labels=("a", "b", "c"))
+    model.labels, model.multi_label = ["a", "b", "c"], False
+    image = (torch.rand(40, 40, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    plan = plan_for(model, ExplainRequest.build("gradcam,attention_rollout,lrp", targets="all"))
+    outcome = explain_file(plan, tmp_path / "scan.png")
+    assert set(outcome.prediction()) == {"a", "b", "c"} and abs(sum(outcome.prediction().values()) - 1) < 1e-5
+    for method in ("gradcam", "attention_rollout", "lrp"):
+        assert outcome.result[method].shape == (1, 3, *size) and outcome.result[method].abs().amax() > 0
+    write_outcome(outcome, tmp_path / "out")
+    assert list((tmp_path / "out").rglob("provenance.json")) and list((tmp_path / "out").rglob("*.png"))
+
+
+def test_a_cnn_with_channel_attention_keeps_its_last_spatial_layer():
+    class ChannelAttention(nn.Module):  # squeeze-and-excitation, named as many CNN papers name it
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(c, c)
+
+        def forward(self, x):
+            return x * torch.sigmoid(self.fc(x.mean(dim=(2, 3))))[:, :, None, None]
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.attention = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), ChannelAttention(8)
+
+        def forward(self, x):
+            return self.attention(torch.relu(self.bn(self.conv(x))))
+
+    model = nn.Sequential(Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    result = medlens.explain(model, torch.randn(1, 1, 16, 16), "gradcam", targets=[0])
+    assert result.provenance["layer"]["name"] == "0"
+    assert result.provenance["layer"]["reason"] == "the last layer with a spatial output before the global pooling"

@@ -71,3 +71,91 @@ AUTO_LAYER = {
     "hf_deit": (r"deit\.(encoder\.layer|layers)\.1\.layernorm_before", "tokens", 2, (4, 4)),
     "hf_swin": (r"swin\.encoder\.layers\.1\.blocks\.0\.layernorm_before", "tokens", 0, (8, 8)),
 }
+
+
+# ------------------------------------------------------------------------- a hand-written ViT with explicit attention
+class ExplicitAttention(nn.Module):
+    """Self-attention written out (timm's attribute names); keeps its probabilities (with their gradient when asked).
+    With `lrp_rules` the softmax weights enter the value product detached (LRP for transformers, by hand)."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=bias), nn.Linear(dim, dim, bias=bias)
+        self.kept: list[torch.Tensor] = []
+        self.lrp_rules = False
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if attn.requires_grad:
+            attn.retain_grad()
+        self.kept.append(attn)
+        weights = attn.detach() if self.lrp_rules else attn
+        return self.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class HandNorm(nn.LayerNorm):
+    """LayerNorm written out; with `lrp_rules` its standard deviation is a constant."""
+
+    lrp_rules = False
+
+    def forward(self, x):
+        std = (x.var(dim=-1, unbiased=False, keepdim=True) + self.eps).sqrt()
+        y = (x - x.mean(dim=-1, keepdim=True)) / (std.detach() if self.lrp_rules else std)
+        y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class HandGELU(nn.GELU):
+    """GELU; with `lrp_rules` the identity rule: x times its (constant) ratio gelu(x) / x."""
+
+    lrp_rules = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        return x * (y / x).detach() if self.lrp_rules else y
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, bias: bool) -> None:
+        super().__init__()
+        self.norm1, self.attn = HandNorm(dim, bias=bias), ExplicitAttention(dim, heads, bias)
+        self.norm2 = HandNorm(dim, bias=bias)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim, bias=bias), HandGELU(), nn.Linear(2 * dim, dim, bias=bias))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class HandViT(nn.Module):
+    """A small ViT: 8-pixel patches, a class token, three blocks, the class token's norm into a linear head. With
+    `bias=False` no layer has a bias and the class token and position embeddings are zero (nothing absorbs relevance)."""
+
+    def __init__(self, dim: int = 24, heads: int = 3, depth: int = 3, size: int = 32, bias: bool = True) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8, bias=bias)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5 * bias)
+        self.pos = nn.Parameter(torch.randn(1, (size // 8) ** 2 + 1, dim) * 0.5 * bias)
+        self.blocks = nn.Sequential(*[Block(dim, heads, bias) for _ in range(depth)])
+        self.norm, self.head = HandNorm(dim, bias=bias), nn.Linear(dim, 3, bias=bias)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+    def attention(self) -> list[torch.Tensor]:
+        return [b.attn.kept[-1] for b in self.blocks]
+
+    def forget(self) -> None:
+        for b in self.blocks:
+            b.attn.kept.clear()
+
+    def with_lrp_rules(self, on: bool) -> "HandViT":
+        for m in self.modules():
+            if hasattr(m, "lrp_rules"):
+                m.lrp_rules = on
+        return self

@@ -136,7 +136,9 @@ def _is_attention(m: nn.Module) -> bool:
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(m).__name__.lower()
+    """A token norm (LayerNorm, RMSNorm, ...), not a CNN's BatchNorm."""
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or (
+        "norm" in type(m).__name__.lower() and not is_batchnorm(m) and not list(m.children()))
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

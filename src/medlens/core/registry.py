@@ -64,6 +64,8 @@ class MethodSpec:
     #: method's definition ends in a ReLU: Grad-CAM), "signed" (a diverging scale, where the sign means evidence
     #: for or against) or "magnitude" (|map|, where the definition takes it: Simonyan's saliency)
     display: str = "signed"
+    #: whether the method needs global self-attention blocks (a ViT or DeiT): it refuses other models
+    needs_attention: bool = False
 
     @property
     def supports_torchscript(self) -> bool:
@@ -82,6 +84,7 @@ class MethodSpec:
             "cost": self.cost,
             "completeness": self.completeness,
             "display": self.display,
+            "needs_attention": self.needs_attention,
             "options": dict(self.options),
         }
 

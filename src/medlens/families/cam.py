@@ -71,7 +71,7 @@ def _cam_runner(terms_of: Callable[[ExplainContext, Mapping[str, Any]], CamTerms
         if not flag(options, "aug_smooth"):
             return map_of(ctx, options)
         augs = _augmentations(flag(options, "aug_flip"), len(ctx.spatial_shape))
-        total = None
+        total, used, refused = None, [], ""
         for name, forward, back in augs:
             if name == "identity":
                 child = ctx
@@ -80,12 +80,22 @@ def _cam_runner(terms_of: Callable[[ExplainContext, Mapping[str, Any]], CamTerms
                 if key not in ctx.cache:
                     ctx.cache[key] = ctx.derive(forward(ctx.x))
                 child = ctx.cache[key]
-            m = upsample_to(map_of(child, options), ctx.spatial_shape)
+            try:
+                m = upsample_to(map_of(child, options), ctx.spatial_shape)
+            except (RuntimeError, ValueError, AssertionError) as error:
+                if not name.startswith("scale"):
+                    raise
+                # A model built for one input size (a ViT's fixed position embeddings) refuses rescaled copies.
+                refused = f"{type(error).__name__}: {str(error)[:120]}"
+                continue
             if back is not None:
                 m = back(m)
             total = m if total is None else total + m
-        ctx.method_notes["aug_smooth"] = [a[0] for a in augs]
-        return total / len(augs)
+            used.append(name)
+        ctx.method_notes["aug_smooth"] = used
+        if refused:
+            ctx.method_notes["aug_smooth_scales_left_out"] = f"the model takes only its own input size ({refused})"
+        return total / len(used)
 
     return run
 

@@ -162,11 +162,16 @@ def top_eigenpair(gram: torch.Tensor, tolerance: float = 1e-10) -> tuple[torch.T
         return top, torch.ones_like(gram[:, 0])
     scale = values.abs().amax(dim=1)
     shifted = gram - (top + 1e-13 * scale)[:, None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device)
-    lu, pivots, _ = torch.linalg.lu_factor_ex(shifted)
     vector = torch.linspace(1.0, 2.0, n, dtype=gram.dtype, device=gram.device).expand(gram.shape[0], n)[..., None]
-    for _ in range(2):
-        vector = torch.linalg.lu_solve(lu, pivots, vector)
-        vector = vector / vector.norm(dim=1, keepdim=True)
+    try:
+        lu, pivots, _ = torch.linalg.lu_factor_ex(shifted)
+        for _ in range(2):
+            vector = torch.linalg.lu_solve(lu, pivots, vector)
+            vector = vector / vector.norm(dim=1, keepdim=True)
+    except RuntimeError:
+        # Seen with two threads on a batch of 196 x 196 Gram matrices (a ViT's token grid): oneMKL's batched LU
+        # handed back invalid pivots. eigh gives the same vector.
+        return top, torch.linalg.eigh(gram)[1][..., -1]
     vector = vector[..., 0]
     residual = ((gram @ vector[..., None])[..., 0] - top[:, None] * vector).norm(dim=1)
     certified = torch.isfinite(vector).all(dim=1) & (residual <= tolerance * (top - values[:, -2]))

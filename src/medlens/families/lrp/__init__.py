@@ -17,6 +17,7 @@ from medlens.core.registry import MethodSpec, PerBatch, register
 from medlens.families.lrp.canonizers import ModelPlan, plan_model
 from medlens.families.lrp.composites import DEFAULT_COMPOSITE, PRESETS, assign_rules, make_rule
 from medlens.families.lrp.engine import LRPResult, input_bounds, lrp_model, lrp_relevance
+from medlens.families.lrp.transformer import CONSERVATION_TOLERANCE, is_transformer, transformer_relevance
 from medlens.families.lrp.rules import AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus
 
 __all__ = [
@@ -39,12 +40,37 @@ def _lrp_per_batch(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, opt
                          _number(options, "gamma")).relevance
 
 
+def _conservation(ctx: ExplainContext, relevance: torch.Tensor) -> dict[str, Any]:
+    relevance_sum = relevance.flatten(2).sum(dim=2).transpose(0, 1)  # (B, T)
+    logit = ctx.logits.gather(1, ctx.targets)
+    return {
+        "relevance_sum": relevance_sum.tolist(),
+        "logit": logit.tolist(),
+        "fraction_reaching_input": (relevance_sum / logit.where(logit != 0, torch.ones_like(logit))).tolist(),
+    }
+
+
+def _run_transformer_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
+    """`lrp` on a vision transformer: AttnLRP's rules (`transformer.py`); the CNN composites do not apply."""
+    if options["composite"] != DEFAULT_COMPOSITE:
+        raise MethodError(
+            f"lrp on a vision transformer uses AttnLRP's rules (LayerNorm, attention, GELU; LRP-0 on linear layers); "
+            f"composite={options['composite']!r} is a preset for CNNs. Leave composite at its default.")
+    result = transformer_relevance(ctx.model, ctx.x, ctx.targets, ctx.logits)
+    ctx.method_notes.update(result.notes)
+    ctx.method_notes["conservation"] = _conservation(ctx, result.relevance)
+    ctx.method_notes["conservation"]["tolerance"] = (
+        f"the sum equals the logit to {CONSERVATION_TOLERANCE:g} (relative) in a network without biases, LayerNorm "
+        f"shifts, class token or position embeddings; those absorb the rest")
+    return result.relevance.sum(dim=2).transpose(0, 1).contiguous()
+
+
 def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     epsilon, gamma = _number(options, "epsilon"), _number(options, "gamma")
+    if is_transformer(ctx.model):
+        return _run_transformer_lrp(ctx, options)
     bounds, bounds_note = input_bounds(ctx.model, ctx.x)
     result = lrp_relevance(ctx.model, ctx.x, ctx.targets, options["composite"], epsilon, gamma, bounds)
-    relevance_sum = result.relevance.flatten(2).sum(dim=2).transpose(0, 1)  # (B, T)
-    logit = ctx.logits.gather(1, ctx.targets)
     names = result.plan.names
     first = result.plan.order[0]
     notes = ctx.method_notes
@@ -58,11 +84,7 @@ def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
         "max_pooling": "winner takes all", "average_pooling": "LRP-0 (exact)",
         "additions_and_concatenation": "split by each branch's contribution",
     }
-    notes["conservation"] = {
-        "relevance_sum": relevance_sum.tolist(),
-        "logit": logit.tolist(),
-        "fraction_reaching_input": (relevance_sum / logit.where(logit != 0, torch.ones_like(logit))).tolist(),
-    }
+    notes["conservation"] = _conservation(ctx, result.relevance)
     if result.notes:
         notes["notes"] = result.notes
     return result.relevance.sum(dim=2).transpose(0, 1).contiguous()
@@ -71,7 +93,8 @@ def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
 register(MethodSpec(
     name="lrp", family="lrp",
     summary="Layer-wise relevance propagation with canonizers (BatchNorm merging; conservative at additions and "
-            "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015).",
+            "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015). "
+            "On vision transformers AttnLRP's rules for LayerNorm, attention and GELU (Achtibat et al. 2024).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
     options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25},
     completeness="conservation", per_batch=PerBatch(_lrp_per_batch),
