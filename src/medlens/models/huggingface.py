@@ -123,6 +123,9 @@ def load(source: Any, options: LoadOptions) -> LoadedModel:
         import transformers  # type: ignore[import-not-found]  # optional, heavy
     except ImportError:
         raise ModelError(f"{folder}: HuggingFace models need the transformers package: {INSTALL_HINT}") from None
+    bars = transformers.utils.logging
+    was_enabled = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # no "Loading weights" bar on the user's terminal; restored below
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = transformers.AutoModelForImageClassification.from_pretrained(
@@ -131,6 +134,9 @@ def load(source: Any, options: LoadOptions) -> LoadedModel:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{folder}: transformers cannot load this folder as an image classifier ({first}); give a "
                          f"save_pretrained folder of an AutoModelForImageClassification model.") from None
+    finally:
+        if was_enabled:
+            bars.enable_progress_bar()
     if options.map_location not in (None, "cpu"):
         model = model.to(options.map_location)
     weights = sorted(folder.glob("*.safetensors"))
