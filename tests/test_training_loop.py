@@ -65,6 +65,11 @@ def test_the_hybrid_vit_starts_from_the_cnn_stem_and_refuses_one_that_does_not_f
         vit.load_cnn_stem(SmallResNet(widths=(8, 8, 8, 8)).state_dict())
     with pytest.raises(InputError, match="multiple of the heads"):
         ViTNetwork(hidden_dim=10, heads=4)
+    from medlens.training.recipes import check_guidance
+
+    guided = with_overrides(BRAIN_RECIPES["brain-tumor-mri-vit"], guide="cam", guide_weight=1.0)
+    with pytest.raises(InputError, match="vision transformer .*--guide rrr or input"):
+        check_guidance(guided, torch.ones(4, dtype=torch.bool), "the train split")
 
 
 def test_a_recipe_refuses_what_it_does_not_have():

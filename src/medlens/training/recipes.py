@@ -313,6 +313,10 @@ def check_guidance(recipe: Recipe, has_region: torch.Tensor, where: str) -> None
         InputError: naming the option, the data (`where`) and what to give instead.
     """
     guide = recipe.guidance.guide
+    if "cam" in guide and isinstance(recipe.network, ViTNetwork):
+        raise InputError(f"--guide {guide} takes the class activation map of a CNN's global-average-pool head, and "
+                         f"{recipe.name} is a vision transformer (HybridViT); use --guide rrr or input, which work on "
+                         f"any model.")
     wants = [opt for opt, on in ((f"--guide {guide}", guide != "none"),
                                  ("--augment lesion-crop", recipe.augment == "lesion-crop")) if on]
     if getattr(recipe.data, "inpaint_region", False) and not bool(has_region.all()):
