@@ -32,9 +32,11 @@ def test_a_recipe_reads_back_from_its_flat_record_and_keeps_the_old_field_names(
     for recipe in (*BRAIN_RECIPES.values(), *PHANTOM_RECIPES.values()):
         record = recipe_record(recipe)
         assert with_overrides(recipe, **record) == recipe
-        changed = with_overrides(recipe, guide="cam", guide_weight=2.0, epochs=3, widths=[4, 8, 8])
+        widths = "widths" if hasattr(recipe.network, "widths") else "stem_widths"  # a CNN's, or a hybrid ViT's stem
+        changed = with_overrides(recipe, guide="cam", guide_weight=2.0, epochs=3, **{widths: [4, 8, 8]})
         assert changed.guidance == dataclasses.replace(recipe.guidance, guide="cam", weight=2.0)
-        assert changed.optimiser.epochs == 3 and changed.network.widths == (4, 8, 8) and changed.data == recipe.data
+        assert changed.optimiser.epochs == 3 and getattr(changed.network, widths) == (4, 8, 8)
+        assert changed.data == recipe.data
     # the names the metrics files, the model cards and `export` read
     v2 = recipe_record(BRAIN_RECIPES["brain-tumor-mri-v2"])
     assert {k: v2[k] for k in ("size", "widths", "last_stride", "mean", "std", "ema_decay", "guide", "guide_weight",
@@ -42,6 +44,32 @@ def test_a_recipe_reads_back_from_its_flat_record_and_keeps_the_old_field_names(
         "size": 160, "widths": [32, 64, 128, 256], "last_stride": 1, "mean": 0.15, "std": 0.2, "ema_decay": 0.99,
         "guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "init": "brain-tumor-mri-v1"}
     assert recipe_record(BRAIN_RECIPES["brain-tumor-mri"])["select"] == "pixel"
+
+
+def test_the_hybrid_vit_starts_from_the_cnn_stem_and_refuses_one_that_does_not_fit():
+    from medlens.errors import ModelError
+    from medlens.models.networks import SmallResNet
+    from medlens.training.recipes import ViTNetwork
+    from medlens.training.weights import build_network
+
+    torch.manual_seed(0)
+    cnn = SmallResNet(widths=(4, 8, 8, 8)).eval()
+    vit = build_network(ViTNetwork(stem_widths=(4, 8, 8), hidden_dim=8, depth=1, heads=2, mlp_dim=8), 3, size=32).eval()
+    assert len(vit.load_cnn_stem(cnn.state_dict())) > 0
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():  # the stem up to layer3 is the CNN's, value for value
+        expected = cnn.layer3(cnn.layer2(cnn.layer1(cnn.maxpool(cnn.relu(cnn.bn1(cnn.conv1(x)))))))
+        got = vit.conv_proj[:-1](x)
+        assert torch.equal(got, expected) and vit(x).shape == (2, 3)
+    with pytest.raises(ModelError, match="do not fit this network's convolutional stem"):
+        vit.load_cnn_stem(SmallResNet(widths=(8, 8, 8, 8)).state_dict())
+    with pytest.raises(InputError, match="multiple of the heads"):
+        ViTNetwork(hidden_dim=10, heads=4)
+    from medlens.training.recipes import check_guidance
+
+    guided = with_overrides(BRAIN_RECIPES["brain-tumor-mri-vit"], guide="cam", guide_weight=1.0)
+    with pytest.raises(InputError, match="vision transformer .*--guide rrr or input"):
+        check_guidance(guided, torch.ones(4, dtype=torch.bool), "the train split")
 
 
 def test_a_recipe_refuses_what_it_does_not_have():

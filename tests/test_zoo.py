@@ -21,6 +21,7 @@ EXPECTED = {
     "brain-tumor-mri": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "brain-tumor-mri-v1": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "brain-tumor-mri-v2": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
+    "brain-tumor-mri-vit": {"labels": ["pituitary", "meningioma", "glioma"], "size": (128, 128), "max_mb": 5},
     "phantom-lesion": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
     "phantom-shortcut": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
 }
@@ -56,11 +57,25 @@ def test_bundled_weights_stay_under_40_mb_in_all():
     assert total <= 40e6, total
 
 
-@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2"])
+BRAIN = ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2", "brain-tumor-mri-vit"]
+
+
+@pytest.mark.parametrize("name", BRAIN)
 def test_brain_card_credits_the_data(name):
     card = (zoo.CARDS_DIR / f"{name}.md").read_text()
     for needle in ("CC BY 4.0", "10.6084/m9.figshare.1512427", "Cheng", "(N - 1) // 30", "| **glioma** |"):
         assert needle in card
+
+
+def test_the_bundled_vit_explains_at_its_last_block_on_the_token_grid():
+    model = zoo.load_bundled("brain-tumor-mri-vit")
+    import medlens
+
+    x = torch.randn(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    result = medlens.explain(model, x, "gradcam", targets=[0])
+    layer = result.provenance["layer"]
+    assert layer["name"] == "encoder.layers.encoder_layer_3.ln_1" and "8 x 8 grid" in layer["layout"]
+    assert result["gradcam"].shape == (1, 1, 128, 128) and result["gradcam"].abs().amax() > 0
 
 
 def test_unknown_name_and_bad_weights_raise_model_error(tmp_path):
@@ -110,7 +125,7 @@ def test_shortcut_model_follows_and_points_at_the_marker():
     assert float(predict(model, always.images, prepare=phantom_prepare).float().mean()) > 0.8
 
 
-@pytest.mark.parametrize("name", ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2"])
+@pytest.mark.parametrize("name", BRAIN)
 def test_brain_model_accuracy_on_test_split_matches_card(name):
     from medlens.data.figshare import load_arrays
 

@@ -5,12 +5,14 @@ model source (`can_load`, `load`).
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
+from medlens.core.input_spec import InputSpec
 from medlens.core.model_description import ModelDescription
 from medlens.errors import ModelError
 from medlens.io.files import file_sha256
@@ -106,10 +108,9 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
         try:
             import timm  # type: ignore[import-not-found]  # optional, heavy
         except ImportError:
-            raise ModelError(
-                f"{source}: timm architectures need the timm package, which is not installed: `pip install timm`, then "
-                f"give the architecture with a local weights file."
-            ) from None
+            raise ModelError(f"{source}: timm architectures need the timm package: pip install \"medlens[transformers]\"") from None
+
+        img_size: Optional[int] = None
 
         def build(k: Optional[int]) -> nn.Module:
             kwargs: dict[str, Any] = {"pretrained": False}
@@ -117,6 +118,8 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
                 kwargs["num_classes"] = int(k)
             if in_channels is not None:
                 kwargs["in_chans"] = int(in_channels)
+            if img_size is not None:
+                kwargs["img_size"] = img_size
             try:
                 return timm.create_model(arch, **kwargs)
             except Exception as exc:  # noqa: BLE001
@@ -124,6 +127,9 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
 
     else:
         raise ModelError(f"{source}: unknown architecture library {library!r}; use torchvision:<name> or timm:<name>.")
+    if library == "timm":
+        with torch.device("meta"):
+            img_size = _timm_img_size(build(None), state, notes)
     if num_classes is None:
         with torch.device("meta"):  # a parameter-free skeleton, only to find the classifier's key
             skeleton = build(None)
@@ -137,6 +143,45 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
     check_state_dict(model, state, weights_path, f"the architecture {source}")
     model.load_state_dict(state)
     return model
+
+
+def _timm_img_size(skeleton: nn.Module, state: Mapping[str, torch.Tensor], notes: list[str]) -> Optional[int]:
+    """A timm vision transformer's input size from the weights' position embedding (grid x patch size) when it differs
+    from the architecture's default; None otherwise (or for a model without a patch embedding)."""
+    patch_embed, pos = getattr(skeleton, "patch_embed", None), state.get("pos_embed")
+    if patch_embed is None or pos is None or pos.dim() != 3 or not hasattr(patch_embed, "patch_size"):
+        return None
+    prefix = 0 if getattr(skeleton, "no_embed_class", False) else int(getattr(skeleton, "num_prefix_tokens", 1))
+    grid = math.isqrt(int(pos.shape[1]) - prefix)
+    patch = int(patch_embed.patch_size[0])
+    default = getattr(patch_embed, "img_size", None)
+    if grid * grid != int(pos.shape[1]) - prefix or (default is not None and tuple(default) == (grid * patch,) * 2):
+        return None
+    notes.append(f"input size {grid * patch} read from the weights' position embedding ({grid} x {grid} patches of {patch})")
+    return grid * patch
+
+
+def timm_input_spec(model: nn.Module) -> Optional[InputSpec]:
+    """What a timm model takes, from its pretrained config (channels, mean, std; the size from its patch embedding
+    when it has one, else from the config): images scaled to [0, 1] then normalised, as timm's transforms do.
+
+    Args:
+        model: a module timm built.
+
+    Returns:
+        The InputSpec, or None when the model carries no pretrained config.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not cfg or "mean" not in cfg or "std" not in cfg:
+        return None
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size", (None,))[1:]
+    channels = int(getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", 0)
+                   or cfg.get("input_size", (3,))[0])
+    mean, std = tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"])
+    if len(mean) != channels:  # in_chans changed from the config's: one value for every channel
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return InputSpec(size=tuple(int(v) for v in size) if size and all(size) else None, channels=channels,
+                     scale="uint8", mean=mean, std=std)
 
 
 def can_load(source: Any) -> bool:
@@ -169,6 +214,8 @@ def load(source: str, options: LoadOptions) -> LoadedModel:
     model = load_architecture(source, options.weights, options.map_location, options.num_classes, options.in_channels,
                               notes)
     sidecar, sidecar_path = read_sidecar(Path(options.weights))
+    spec = timm_input_spec(model) if source.lower().startswith("timm:") else None
     partial = ModelDescription(source=f"{source} + {options.weights}", kind="architecture+weights",
-                               sha256=file_sha256(options.weights), sidecar=str(sidecar_path) if sidecar_path else None)
+                               sha256=file_sha256(options.weights), sidecar=str(sidecar_path) if sidecar_path else None,
+                               input_spec=spec)
     return LoadedModel(model, partial, sidecar, notes)

@@ -13,7 +13,7 @@ from torch import nn
 
 from medlens.core.model_description import ModelDescription, attach_description
 from medlens.errors import ModelError
-from medlens.models import library, model_files, xrv, zoo
+from medlens.models import huggingface, library, model_files, xrv, zoo
 from medlens.models.metadata import build_description
 from medlens.models.sidecar import read_sidecar
 from medlens.models.source import LoadedModel, LoadOptions, ModelSource, PathLike
@@ -37,6 +37,7 @@ SOURCES: tuple[ModelSource, ...] = (
     ModelSource("xrv", xrv.can_load, xrv.load),
     ModelSource("architecture", library.can_load, library.load, takes_weights=True),
     ModelSource("bundled", zoo.can_load, zoo.load),
+    ModelSource("huggingface", huggingface.can_load, huggingface.load),
     ModelSource("file", model_files.can_load, model_files.load),
 )
 
@@ -85,7 +86,8 @@ def load_model(
     allow_pickle: bool = False,
     **options: Any,
 ) -> nn.Module:
-    """A bundled model name, a file path, "torchvision:<arch>"/"timm:<arch>" with `weights=`, "xrv:<name>", or a module.
+    """A bundled model name, a file path, a local HuggingFace folder ("hf:<folder>" or a folder with config.json),
+    "torchvision:<arch>"/"timm:<arch>" with `weights=`, "xrv:<name>", or a module.
 
     Files: TorchScript, a torch.export program (.pt2), weights (state dict or .safetensors) whose sidecar JSON names
     an "architecture" ("torchvision:<arch>"), or a pickled module, which loads only with `allow_pickle=True` because

@@ -11,6 +11,7 @@ from torch import nn
 from medlens.core.input_spec import InputSpec
 from medlens.core.layers import first_convolution
 from medlens.errors import ModelError, short_message
+from medlens.tensor.autograd import logits_of
 
 DEFAULT_PROBE_SIZE = {2: (224, 224), 3: (32, 64, 64)}  # the probe's size when the spec gives none
 
@@ -86,8 +87,7 @@ def probe_outputs(model: nn.Module, spec: InputSpec, dims: int, source: str) -> 
         ) from None
     finally:
         model.train(was_training)
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
+    out = logits_of(out)  # as the engine reads it: .logits (HuggingFace), a dict's "logits" or "out", a tuple's first
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"{source}: the model returns {shape}, not logits of shape (batch, classes); medlens explains classifiers.")

@@ -90,11 +90,12 @@ def _start(recipe: Recipe, data: TrainingData, out: Optional[Path]) -> _Run:
     """Seed, build the network from its starting weights, the weight average, AdamW and the one-cycle schedule."""
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    model = build_network(recipe.network, len(data.classes))
+    size = getattr(recipe.data, "size", 160)
+    model = build_network(recipe.network, len(data.classes), size)
     init_weights(model, recipe.init, out)
     o = recipe.optimiser
     average = WeightAverage(model, o.ema_decay) if o.ema_decay else None
-    eval_model = build_network(recipe.network, len(data.classes)) if average else model
+    eval_model = build_network(recipe.network, len(data.classes), size) if average else model
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     steps = math.ceil(len(data.train.labels) / o.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=o.epochs * steps, pct_start=o.warmup)

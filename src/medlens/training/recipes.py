@@ -63,6 +63,27 @@ class Network:
 
 
 @dataclass(frozen=True)
+class ViTNetwork:
+    """The hybrid vision transformer (`medlens.models.networks.HybridViT`): the convolutional stem's widths, the
+    token width, the number of encoder blocks, attention heads and the MLP width."""
+
+    architecture: str = "HybridViT"
+    stem_widths: tuple[int, ...] = (32, 64, 128)
+    hidden_dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_dim: int = 192
+
+    def __post_init__(self) -> None:
+        if self.architecture != "HybridViT" or not 1 <= len(self.stem_widths) <= 3:
+            raise InputError(f"a ViT network is HybridViT with one to three stem widths; got {self.architecture!r} with "
+                             f"{list(self.stem_widths)}.")
+        if self.depth < 1 or self.heads < 1 or self.hidden_dim % self.heads:
+            raise InputError(f"--depth {self.depth} and --heads {self.heads}: both at least 1, and the token width "
+                             f"{self.hidden_dim} a multiple of the heads.")
+
+
+@dataclass(frozen=True)
 class Optimiser:
     """AdamW with a one-cycle rate (`warmup`: the share of steps rising to `lr`), the epochs and batch size, label
     smoothing, an optional exponential weight average (`ema_decay`) and BatchNorm statistics kept (fine-tuning)."""
@@ -131,7 +152,7 @@ class Recipe:
 
     name: str
     data: Union[FigshareData, PhantomData]
-    network: Network
+    network: Union[Network, ViTNetwork]
     optimiser: Optimiser
     augment: str = "none"
     guidance: Guidance = field(default_factory=Guidance)
@@ -153,7 +174,8 @@ class Recipe:
 FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{name: ("data", name) for name in ("size", "mean", "std", "inpaint_region", "marker", "n_train", "n_val",
                                          "n_test", "lesion_contrast")},
-    **{name: ("network", name) for name in ("architecture", "widths", "last_stride")},
+    **{name: ("network", name) for name in ("architecture", "widths", "last_stride", "stem_widths", "hidden_dim", "depth",
+                                            "heads", "mlp_dim")},
     **{name: ("optimiser", name) for name in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
                                               "warmup", "ema_decay", "freeze_batchnorm")},
     "guide": ("guidance", "guide"), "guide_weight": ("guidance", "weight"),
@@ -224,7 +246,16 @@ BRAIN_RECIPE = dataclasses.replace(
     BRAIN_V3_RECIPE, name="brain-tumor-mri", optimiser=dataclasses.replace(BRAIN_V3_RECIPE.optimiser, epochs=4, lr=3e-4),
     selection=Selection("pixel", val_accuracy_floor=0.92), init="brain-tumor-mri-v3")
 
-BRAIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (BRAIN_RECIPE, BRAIN_V3_RECIPE, BRAIN_V2_RECIPE, BRAIN_V1_RECIPE)}
+#: `brain-tumor-mri-vit`: a small hybrid vision transformer (4 blocks of width 128 on an 8 x 8 token grid at 128 px)
+#: whose convolutional stem (conv1 to layer3) starts from the bundled CNN's; v1's affine augmentation
+BRAIN_VIT_RECIPE = Recipe(
+    name="brain-tumor-mri-vit", data=FigshareData(size=128), network=ViTNetwork(),
+    optimiser=Optimiser(epochs=6, batch_size=32, lr=5e-4, weight_decay=0.05, label_smoothing=0.1, warmup=0.2,
+                        ema_decay=0.98),
+    augment="affine", init="brain-tumor-mri")
+
+BRAIN_RECIPES: dict[str, Recipe] = {r.name: r for r in (BRAIN_RECIPE, BRAIN_V3_RECIPE, BRAIN_V2_RECIPE, BRAIN_V1_RECIPE,
+                                                        BRAIN_VIT_RECIPE)}
 
 _PHANTOM_OPTIMISER = Optimiser(epochs=8, batch_size=64, lr=3e-3, weight_decay=1e-4, warmup=0.2)
 PHANTOM_RECIPES: dict[str, Recipe] = {
@@ -275,6 +306,10 @@ def check_guidance(recipe: Recipe, has_region: torch.Tensor, where: str) -> None
         InputError: naming the option, the data (`where`) and what to give instead.
     """
     guide = recipe.guidance.guide
+    if "cam" in guide and isinstance(recipe.network, ViTNetwork):
+        raise InputError(f"--guide {guide} takes the class activation map of a CNN's global-average-pool head, and "
+                         f"{recipe.name} is a vision transformer (HybridViT); use --guide rrr or input, which work on "
+                         f"any model.")
     wants = [opt for opt, on in ((f"--guide {guide}", guide != "none"),
                                  ("--augment lesion-crop", recipe.augment == "lesion-crop")) if on]
     if getattr(recipe.data, "inpaint_region", False) and not bool(has_region.all()):

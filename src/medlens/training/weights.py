@@ -6,16 +6,16 @@ output, a file), the exponential weight average, BatchNorm statistics kept for f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from medlens.errors import InputError
 from medlens.io.files import atomic_write
-from medlens.models.networks import PhantomCNN, SmallResNet
+from medlens.models.networks import HybridViT, PhantomCNN, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
-from medlens.training.recipes import BRAIN_RECIPES, Network
+from medlens.training.recipes import BRAIN_RECIPES, Network, ViTNetwork
 
 
 def save_state(model: nn.Module, path: Path) -> None:
@@ -24,8 +24,12 @@ def save_state(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(model.state_dict(), fh))
 
 
-def build_network(network: Network, num_classes: int) -> nn.Module:
-    """A freshly initialised network as the recipe describes it (one grayscale channel in), from the global RNG."""
+def build_network(network: Union[Network, ViTNetwork], num_classes: int, size: int = 160) -> nn.Module:
+    """A freshly initialised network as the recipe describes it (one grayscale channel in, a ViT for `size` px
+    inputs), from the global RNG."""
+    if isinstance(network, ViTNetwork):
+        return HybridViT(num_classes=num_classes, in_channels=1, image_size=size, stem_widths=network.stem_widths,
+                         hidden_dim=network.hidden_dim, depth=network.depth, heads=network.heads, mlp_dim=network.mlp_dim)
     if network.architecture == "PhantomCNN":
         return PhantomCNN(num_classes=num_classes, in_channels=1, widths=network.widths)
     return SmallResNet(num_classes=num_classes, in_channels=1, widths=network.widths, last_stride=network.last_stride)
@@ -52,8 +56,14 @@ def init_path(init: Optional[str], out_dir: Optional[Path]) -> Optional[Path]:
 
 
 def init_weights(model: nn.Module, init: Optional[str], out_dir: Optional[Path]) -> None:
-    """Load the starting weights named by `init` (see init_path) into model."""
+    """Load the starting weights named by `init` (see init_path) into model; a hybrid ViT takes a CNN's
+    (SmallResNet's) convolutional stem from them and starts the rest fresh."""
     path = init_path(init, out_dir)
+    if path is not None and isinstance(model, HybridViT):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "conv1.weight" in state:
+            model.load_cnn_stem(state)
+            return
     if path is not None:
         load_state_dict_checked(model, path, f"the starting weights {init!r}")
 
