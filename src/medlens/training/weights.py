@@ -13,7 +13,7 @@ from torch import nn
 
 from medlens.errors import InputError
 from medlens.io.files import atomic_write
-from medlens.models.networks import PhantomCNN, SmallResNet
+from medlens.models.networks import PhantomCNN, PhantomUNet, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.recipes import BRAIN_RECIPES, Network
 
@@ -28,6 +28,8 @@ def build_network(network: Network, num_classes: int) -> nn.Module:
     """A freshly initialised network as the recipe describes it (one grayscale channel in), from the global RNG."""
     if network.architecture == "PhantomCNN":
         return PhantomCNN(num_classes=num_classes, in_channels=1, widths=network.widths)
+    if network.architecture == "PhantomUNet":
+        return PhantomUNet(num_classes=num_classes, in_channels=1, widths=network.widths)
     return SmallResNet(num_classes=num_classes, in_channels=1, widths=network.widths, last_stride=network.last_stride)
 
 
