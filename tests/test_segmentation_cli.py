@@ -58,3 +58,19 @@ def test_bad_regions_exit_2_with_a_message(capsys, scans):
     assert code == 2 and "a box is 4 numbers" in err
     code, err = _explain(capsys, root, "ph2.png", "--targets", "tumour")
     assert code == 2 and "unknown class name 'tumour'" in err
+
+
+def test_batch_keeps_each_predicted_mask_beside_its_maps(capsys, scans):
+    root, data = scans
+    inputs = root / "inputs"
+    inputs.mkdir(exist_ok=True)
+    for i in (0, 2):
+        (inputs / f"ph{i}.png").write_bytes((root / f"ph{i}.png").read_bytes())
+    code = main(["batch", str(inputs), "--model", "phantom-lesion-unet", "--methods", "gradcam", "--targets", "lesion",
+                 "--out", str(root / "batch")])
+    err = capsys.readouterr().err
+    assert code != 0 and "ph0.png: the model found nothing for 'lesion'" in err  # the normal slice fails alone
+    saved = np.load(root / "batch" / "maps" / "ph2_png" / "maps.npz")
+    truth = data.lesion_masks[2, 0].numpy()
+    overlap = 2 * (saved["region"] & truth).sum() / (saved["region"].sum() + truth.sum())
+    assert overlap > 0.8  # the predicted mask kept in maps.npz is the lesion (Dice with the truth)

@@ -186,7 +186,8 @@ def _region_masks(target: SegmentationTarget, k: int, logits: torch.Tensor, x: t
             if not masks[b].any():
                 raise MethodError(f"the model found nothing for {target.label!r} in image {b} of the batch (its "
                                   f"predicted region is empty), so there is no region to explain; give a region "
-                                  f"(a mask, a box, or None for the whole image) to explain the class there anyway.")
+                                  f"(a mask, a box, or None for the whole image; on the command line --region BOX or a mask file) to "
+                                  f"explain the class there anyway.")
         return masks
     if isinstance(region, torch.Tensor):
         mask = region.detach().cpu()
