@@ -171,6 +171,8 @@ def test_bad_targets_say_what_was_wrong():
         medlens.explain(model, x, targets=[medlens.SegmentationTarget(1, region=torch.zeros(24, 24))])
     with pytest.raises(MethodError, match="output='logit'"):
         medlens.explain(model, x, methods="occlusion", output="probability", targets=[medlens.SegmentationTarget(1)])
+    with pytest.raises(MethodError, match="aug_smooth / aug_flip"):
+        medlens.explain(model, x, methods="gradcam", aug_flip=True, targets=[medlens.SegmentationTarget(1)])
     with torch.no_grad():
         model.head.bias[1] -= 100.0  # the model now finds no lesion anywhere
     with pytest.raises(MethodError, match="found nothing for 'lesion' in image 0"):

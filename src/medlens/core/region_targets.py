@@ -336,7 +336,12 @@ def inner_name(name: str, record: Optional[dict]) -> str:
 
 
 def check_region_options(per_method: Mapping[str, Mapping[str, Any]]) -> None:
-    """Region scores are sums of logits: a softmax over them (perturbation's output="probability") means nothing."""
+    """Region scores are sums of logits: a softmax over them (perturbation's output="probability") means nothing; and
+    the region is fixed on the input as given, so CAM's test-time augmentation (aug_smooth, aug_flip) would misplace it."""
+    moved = [name for name, options in per_method.items() if options.get("aug_smooth") or options.get("aug_flip")]
+    if moved:
+        raise MethodError(f"{', '.join(moved)}: aug_smooth / aug_flip move the input, but a segmentation or box "
+                          f"target's region stays where it is on the unmoved image; explain without them.")
     asked = [name for name, options in per_method.items() if options.get("output") == "probability"]
     if asked:
         raise MethodError(f"{', '.join(asked)}: output='probability' is a softmax over classes, but a segmentation or "
