@@ -18,7 +18,6 @@ from medlens.core.model_description import describe
 from medlens.errors import MedlensError, short_message
 from medlens.io.files import deferred_fsync
 from medlens.pipeline import ExplainRequest, Outcome, Plan, explain_file, plan_for, write_outcome
-from medlens.pipeline.segmentation import is_segmentation, segmentation_plan
 
 
 @dataclass
@@ -52,10 +51,7 @@ class BatchTaskFactory:
         model = self.model
         if model is None:
             model = medlens.load_model(self.model_source, **self.model_options).to(self.device)
-        plan = plan_for(model, self.request)
-        if is_segmentation(plan):  # each input's predicted region explained, outlined and kept in maps.npz ("region")
-            plan = segmentation_plan(plan, "predicted")
-        return BatchTask(self, plan)
+        return BatchTask(self, plan_for(model, self.request))  # a segmentation model: its predicted regions (plan_for)
 
     def lost(self, item: WorkItem, message: str) -> dict[str, Any]:
         """The record of an input whose worker died or raised outside the task (see executors)."""

@@ -59,7 +59,7 @@ def segmentation_plan(plan: Plan, region: Any) -> Plan:
     """
     labels = describe(plan.model).labels
     classes = list(plan.targets) if plan.targets is not None else list(range(1, max(len(labels), 2)))
-    return dataclasses.replace(plan, targets=[SegmentationTarget(c, region=region) for c in classes])
+    return dataclasses.replace(plan, targets=[SegmentationTarget(getattr(c, "label", c), region=region) for c in classes])
 
 
 def targets_on_grid(targets: Any, scan_shape: Sequence[int], grid: Sequence[int],
