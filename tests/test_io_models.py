@@ -160,8 +160,16 @@ def test_model_that_is_not_a_classifier(tmp_path):
         def forward(self, x):
             return self.conv(x)
 
+    from medlens.core.model_description import describe
+
+    assert describe(load_model(Segmenter())).task == "segmentation"  # per-pixel logits: a segmentation model
+
+    class Flat(nn.Module):  # (B, K, W) for a 2-D input: neither classes nor classes per pixel
+        def forward(self, x):
+            return x[:, :, 0]
+
     with pytest.raises(ModelError, match="not logits of shape"):
-        load_model(Segmenter())
+        load_model(Flat(), input_size=8, channels=1)
 
 
 def test_model_own_spec_is_kept_and_3d_inferred(tiny3d):

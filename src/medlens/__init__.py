@@ -1,7 +1,8 @@
 """medlens: explain medical image classifiers with CAM, gradient, LRP and perturbation methods.
 
 The public surface, every name with its arguments, defaults, errors and an example in docs/api.md:
-`load_model`, `load_input`, `methods`, `method_info`, `explain`, `ExplanationResult`, `MedlensError`.
+`load_model`, `load_input`, `methods`, `method_info`, `explain`, `ExplanationResult`, `MedlensError`,
+`SegmentationTarget` and `BoxTarget` (explaining segmentation and detection models).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from medlens.errors import MedlensError  # noqa: E402
 from medlens.core.explain import explain  # noqa: E402
 from medlens.core.registry import method_info, methods  # noqa: E402
 from medlens.core.result import ExplanationResult  # noqa: E402
+from medlens.core.region_targets import BoxTarget, SegmentationTarget  # noqa: E402
 
 
 def load_model(source: Any, **options: Any):
@@ -78,6 +80,7 @@ def load_input(path: Any, model: Any = None, **options: Any):
 
 
 __all__ = [
+    "BoxTarget",
     "ExplanationResult",
     "MedlensError",
     "__version__",
@@ -86,4 +89,5 @@ __all__ = [
     "load_model",
     "method_info",
     "methods",
+    "SegmentationTarget",
 ]

@@ -25,6 +25,7 @@ from medlens.io.files import ensure_writable, safe_name
 from medlens.io.scan import image_stem
 from medlens.models.loading import BUNDLED_PROBLEM, XRV_KNOWN_FILES, _info_get, bundled_models
 from medlens.io.regions import read_region
+from medlens.pipeline.segmentation import is_segmentation, region_option, segmentation_plan
 from medlens.pipeline import ExplainRequest, Plan, explain_file, plan_for, write_outcome
 
 EPILOG_MODELS = """\
@@ -231,7 +232,9 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--option", "option_items", multiple=True, help="A method option key=value (repeatable), e.g. --option eigen_smooth=true.")
 @click.option("--region", type=click.Path(path_type=Path), default=None,
               help="Where the finding is: a YOLO box .txt, a PNG mask or a NIfTI mask; outlined on every overlay, with the "
-                   "pointing game and energy in the region in provenance.json. Default: a .txt box file beside the image.")
+                   "pointing game and energy in the region in provenance.json. Default: a .txt box file beside the image. "
+                   "A segmentation model: the region whose class logits are explained: 'predicted' (the default: the "
+                   "model's own mask), a box x0,y0,x1,y1 in input pixels, or a mask file; outlined the same way.")
 @click.option("--no-region", is_flag=True, default=False, help="Do not pick up a box file beside the image.")
 @click.option("--allow-pickle", is_flag=True, default=False, help="Load a pickled model file (torch.save(model)); loading it runs the code it holds, so only for files you trust.")
 @click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
@@ -280,11 +283,14 @@ def explain_command(
         if region is not None and len(images) > 1:
             raise InputError("--region names one region file, so it takes one image; for several images put a box "
                              "file with each image's name beside it (scan.png -> scan.txt).")
-        chosen_region = read_region(region) if region is not None else (None if no_region else "auto")
         model = _model_on_device(model_source, device, labels=labels, input_size=input_size, channels=channels,
                                  multi_label=multi_label, weights=weights,
                                  allow_pickle=allow_pickle or None)
         plan = plan_for(model, request)
+        if is_segmentation(plan):  # --region is the region explained: predicted, a box or a mask file
+            plan, chosen_region = segmentation_plan(plan, region_option(region)), None
+        else:
+            chosen_region = read_region(region) if region is not None else (None if no_region else "auto")
         _explain_each(plan, images, out, chosen_region, describe(model).provenance())
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):  # a run that wrote nothing leaves no empty folder

@@ -12,14 +12,14 @@ import click
 from medlens.errors import InputError
 from medlens.training.guided import GUIDES
 from medlens.training.loop import train
-from medlens.training.recipes import AUGMENTS, BRAIN_RECIPES, PHANTOM_RECIPES, with_overrides
+from medlens.training.recipes import AUGMENTS, BRAIN_RECIPES, PHANTOM_RECIPES, SEGMENTATION_RECIPES, with_overrides
 from medlens.training.splits import DATA_HINT
 
 __all__ = ["train_command", "COMMANDS"]
 
 
 @click.command("train")
-@click.argument("model_name", type=click.Choice([*BRAIN_RECIPES, "phantom-lesion", "phantom-shortcut", "all-phantoms"]))
+@click.argument("model_name", type=click.Choice([*BRAIN_RECIPES, *PHANTOM_RECIPES, *SEGMENTATION_RECIPES, "all-phantoms"]))
 @click.option("--data", "data_root", type=click.Path(), default=None,
               help="Brain models: the figshare brain tumour set (Cheng et al., doi:10.6084/m9.figshare.1512427), one "
                    "folder per class, N.jpg with an N.txt YOLO box beside it.")
@@ -77,9 +77,12 @@ def train_command(model_name: str, data_root: Optional[str], out_dir: str, epoch
         raise InputError("--last-stride, --init, --inpaint-region and --freeze-batchnorm apply to the brain models only; the phantom models "
                          "use PhantomCNN and generated data.")
     names = list(PHANTOM_RECIPES) if model_name == "all-phantoms" else [model_name]
+    recipes = {**PHANTOM_RECIPES, **SEGMENTATION_RECIPES}
     for name in names:
-        summary = train(with_overrides(PHANTOM_RECIPES[name], **overrides), out_dir, threads=threads)
-        click.echo(f"wrote {Path(out_dir) / (name + '.pt')} (test accuracy {summary['test']['accuracy']:.4f})")
+        summary = train(with_overrides(recipes[name], **overrides), out_dir, threads=threads)
+        test = summary["test"]
+        figure = f"test Dice {test['dice_mean']:.4f}" if "dice_mean" in test else f"test accuracy {test['accuracy']:.4f}"
+        click.echo(f"wrote {Path(out_dir) / (name + '.pt')} ({figure})")
 
 
 COMMANDS = [train_command]

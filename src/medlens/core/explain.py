@@ -25,6 +25,8 @@ from medlens.core.jsonable import jsonable
 from medlens.core.layers import LayerSpec
 from medlens.core.model_description import describe
 from medlens.core.model_state import borrowed_model
+from medlens.core.region_targets import (check_region_options, has_region_targets, inner_name, region_layer,
+                                         region_scores, wrap_for_targets)
 from medlens.core.registry import MethodSpec, all_specs, get_spec
 from medlens.core.result import ExplanationResult
 
@@ -232,8 +234,14 @@ def explain(
         # A copy of its own, detached: the caller's tensor is never changed or differentiated (a model that
         # writes into its input, an input that requires grad), and an inference tensor becomes a normal one.
         x = x.detach().clone()
+        called, region_record, layer_note = model, None, None
+        if description.task != "classification" or has_region_targets(targets):
+            called, targets, labels, region_record = wrap_for_targets(model, x, targets, labels, multi_label,
+                                                                      description.task)
+            (layer, layer_note), multi_label = region_layer(model, x, layer, region_record["kind"]), False
+            check_region_options(per_method)
         ctx = ExplainContext(
-            model, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
+            called, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
             need_layer_graph=any(s.needs_layer and s.needs_gradients for s in specs),
         )
         if was_compiled:
@@ -244,7 +252,9 @@ def explain(
         target_grid = ctx.targets
         timings["forward_and_targets"] = time.perf_counter() - t0
         maps, method_notes = _run_methods(ctx, specs, per_method, timings)
-        layer_info = _layer_info(ctx)
+        if region_record is not None:  # the region scores are the result's outputs, one per target slot
+            logits, target_grid = region_scores(logits, target_grid)
+        layer_info = _layer_info(ctx, region_record, layer_note)
     timings["total"] = time.perf_counter() - started
     provenance = {
         **_environment(x),
@@ -259,6 +269,8 @@ def explain(
         "notes": list(ctx.notes),
         "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }
+    if region_record is not None:
+        provenance["region_targets"] = region_record
     return ExplanationResult(maps, logits.detach(), target_grid, provenance, labels=labels, multi_label=multi_label)
 
 
@@ -303,14 +315,16 @@ def _run_methods(ctx: ExplainContext, specs: Sequence[MethodSpec], per_method: M
     return maps, method_notes
 
 
-def _layer_info(ctx: ExplainContext) -> Optional[dict[str, Any]]:
-    """The target layer the call used, if any method needed one."""
+def _layer_info(ctx: ExplainContext, region_record: Any, layer_note: Optional[str]) -> Optional[dict[str, Any]]:
+    """The target layer the call used, if any method needed one (named inside a region target's wrapper)."""
     if ctx._layer is None:
         return None
-    info = {"name": ctx.layer.name, "chosen_automatically": ctx.layer.chosen_automatically,
+    info = {"name": inner_name(ctx.layer.name, region_record), "chosen_automatically": ctx.layer.chosen_automatically,
             "type": type(ctx.layer.module).__name__, "reason": ctx.layer.reason}
     if ctx._layer_pass is not None and ctx._layer_pass.layout is not None:  # a token sequence read as a patch grid
         info["layout"] = ctx._layer_pass.layout.describe(ctx._layer_pass.layout_shape)
+    if layer_note:  # chosen for a segmentation or detection model (region_targets.region_layer)
+        info.update(chosen_automatically=True, reason=layer_note)
     return info
 
 

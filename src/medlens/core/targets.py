@@ -48,6 +48,15 @@ def _index(item: Any, labels: Optional[Sequence[str]], n_classes: int) -> int:
     return index
 
 
+def class_index(item: Any, labels: Optional[Sequence[str]], n_classes: int) -> int:
+    """The class index of `item` (an index or a class name) among `n_classes` classes named `labels`.
+
+    Raises:
+        TargetError: an index out of range, an unknown or ambiguous name, a name without labels, not a class.
+    """
+    return _index(item, labels, n_classes)
+
+
 def check_target_names(targets: Sequence[Any], labels: Sequence[str]) -> None:
     """Fail early (before any image is read) on a target index out of range or an unknown class name."""
     for t in targets:

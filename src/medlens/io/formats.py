@@ -50,7 +50,10 @@ class ImageResult:
         names = result.target_names()[index]
         displays = {m: "signed" if signed else _registry_display(m) for m in raw}
         scales = {m: color_scale(shown(raw[m], displays[m])) for m in raw}
-        job = cls(result, index, raw, image, [f"{n} (p={float(probs[t]):.2f})" for n, t in zip(names, targets)],
+        titles = [f"{n} (p={float(probs[t]):.2f})" for n, t in zip(names, targets)]
+        if "region_targets" in result.provenance:  # a region or box score is a sum, not a probability
+            titles = [f"{n} (score={float(result.logits[index, t]):.3g})" for n, t in zip(names, targets)]
+        job = cls(result, index, raw, image, titles,
                   target_file_names(result, index), scales, region, Path(input_file) if input_file is not None else None,
                   scan, displays=displays)
         job.provenance["rendering"] = {

@@ -22,7 +22,7 @@ from medlens.core.input_spec import InputSpec
 from medlens.core.model_description import ModelDescription, declared_fields
 from medlens.errors import ModelError
 from medlens.io.limits import current_limits
-from medlens.models.probe import convolution_channels_dims, probe_outputs
+from medlens.models.probe import convolution_channels_dims, probe_task
 from medlens.models.sidecar import as_labels, as_size, checked_field
 from medlens.models.source import LoadedModel
 
@@ -59,8 +59,8 @@ def build_description(loaded: LoadedModel, options: Optional[Mapping[str, Any]] 
     gathered = gather(loaded, options or {})
     spec, dims, conv_channels = complete_fields(loaded.module, gathered, source)
     spec = validate(spec, gathered.origin, conv_channels, source)
-    n_classes = probe_outputs(loaded.module, spec, dims, source)
-    return finish(loaded, spec, n_classes, gathered)
+    n_classes, task = probe_task(loaded.module, spec, dims, source)
+    return finish(loaded, spec, n_classes, gathered, task)
 
 
 def gather(loaded: LoadedModel, options: Mapping[str, Any]) -> Gathered:
@@ -215,7 +215,8 @@ def validate(spec: InputSpec, origin: Mapping[str, str], conv_channels: Optional
     return spec
 
 
-def finish(loaded: LoadedModel, spec: InputSpec, n_classes: int, gathered: Gathered) -> ModelDescription:
+def finish(loaded: LoadedModel, spec: InputSpec, n_classes: int, gathered: Gathered,
+           task: str = "classification") -> ModelDescription:
     """The description: labels for every one of the model's outputs, the multi-label default, the notes.
 
     Args:
@@ -223,9 +224,10 @@ def finish(loaded: LoadedModel, spec: InputSpec, n_classes: int, gathered: Gathe
         spec: the checked input spec.
         n_classes: the number of outputs the probe pass saw.
         gathered: the gathered fields' origins and notes (completed in place).
+        task: what the probe pass showed: "classification", or "segmentation" for per-pixel logits.
 
     Returns:
-        The ModelDescription of a classifier.
+        The ModelDescription of a classifier or a segmentation model.
 
     Raises:
         ModelError: the number of labels given differs from the number of outputs.
@@ -254,7 +256,7 @@ def finish(loaded: LoadedModel, spec: InputSpec, n_classes: int, gathered: Gathe
         notes.append("the model carries no input size: scans are used at their own size (give --input-size)")
     spec = replace(spec, labels=tuple(labels))
     return replace(loaded.partial, labels=tuple(labels), multi_label=bool(spec.multi_label), input_spec=spec,
-                   task="classification", origin=dict(origin), notes=tuple(notes))
+                   task=task, origin=dict(origin), notes=tuple(notes))
 
 
 def _norm(value: Any) -> Any:

@@ -1,7 +1,8 @@
 """The network classes behind the bundled models: a reduced-width ResNet-18 for brain MRI, small CNNs for phantoms,
-and a small hybrid vision transformer (a convolutional stem, then torchvision's ViT encoder) for brain MRI.
+and a small hybrid vision transformer (a convolutional stem, then torchvision's ViT encoder) for brain MRI, and a small
+U-Net that segments the phantoms' lesions.
 
-All use torchvision building blocks and torchvision's attribute names, so layer auto-selection works on them.
+The classifiers use torchvision building blocks and attribute names, so layer auto-selection works on them.
 """
 from __future__ import annotations
 
@@ -148,7 +149,47 @@ class HybridViT(VisionTransformer):
         return wanted
 
 
-ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN, "HybridViT": HybridViT}
+
+
+def _double_conv(conv: type, bn: type, c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(conv(c_in, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU(inplace=True),
+                         conv(c_out, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU(inplace=True))
+
+
+class PhantomUNet(nn.Module):
+    """A small U-Net for phantom segmentation (2-D or 3-D): an encoder of conv-BN-ReLU blocks with pooling, a decoder
+    that upsamples and concatenates the encoder's maps, and a 1x1 head giving logits (B, classes, *spatial).
+
+    The last decoder block (`decoders.0`) is where the automatic CAM layer falls for segmentation targets.
+    """
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 1, widths: Sequence[int] = (8, 16, 32), dims: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
+        self.mode = "bilinear" if dims == 2 else "trilinear"
+        self.encoders = nn.ModuleList()
+        prev = in_channels
+        for w in widths:
+            self.encoders.append(_double_conv(conv, bn, prev, w))
+            prev = w
+        self.decoders = nn.ModuleList(_double_conv(conv, bn, widths[i] + widths[i + 1], widths[i])
+                                      for i in range(len(widths) - 1))
+        self.head = conv(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for i in reversed(range(len(self.decoders))):
+            up = nn.functional.interpolate(x, size=skips[i].shape[2:], mode=self.mode, align_corners=False)
+            x = self.decoders[i](torch.cat([skips[i], up], dim=1))
+        return self.head(x)
+
+
+ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN, "HybridViT": HybridViT, "PhantomUNet": PhantomUNet}
 
 
 def build(arch: str, **kwargs) -> nn.Module:

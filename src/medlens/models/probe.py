@@ -55,7 +55,12 @@ def probe_input(spec: InputSpec, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def probe_outputs(model: nn.Module, spec: InputSpec, dims: int, source: str) -> int:
-    """The number of classes K, from one forward pass (no grad, eval mode, the model's mode restored) on an input of
+    """K, the number of classes (per pixel for a segmentation model): `probe_task`'s first value."""
+    return probe_task(model, spec, dims, source)[0]
+
+
+def probe_task(model: nn.Module, spec: InputSpec, dims: int, source: str) -> tuple[int, str]:
+    """The number of classes K and the task ("classification", or "segmentation" for per-pixel logits), from one forward pass (no grad, eval mode, the model's mode restored) on an input of
     the spec's size and range.
 
     Args:
@@ -65,10 +70,10 @@ def probe_outputs(model: nn.Module, spec: InputSpec, dims: int, source: str) -> 
         source: the model's name in messages.
 
     Returns:
-        K, the size of the logits' second axis.
+        (K, task): the size of the logits' second axis (classes, or classes per pixel) and the task it shows.
 
     Raises:
-        ModelError: the model cannot run on such an input, or does not return logits of shape (batch, classes).
+        ModelError: the model cannot run on such an input, or returns neither (batch, classes) nor per-pixel logits.
     """
     size = tuple(spec.size) if spec.size else DEFAULT_PROBE_SIZE[3 if dims == 3 else 2]
     x = probe_input(spec, size)
@@ -87,8 +92,11 @@ def probe_outputs(model: nn.Module, spec: InputSpec, dims: int, source: str) -> 
         ) from None
     finally:
         model.train(was_training)
-    out = logits_of(out)  # as the engine reads it: .logits (HuggingFace), a dict's "logits" or "out", a tuple's first
+    out = logits_of(out)
+    if isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0]:
+        return int(out.shape[1]), "segmentation"  # per-pixel logits (B, K, *spatial): K classes per pixel
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{source}: the model returns {shape}, not logits of shape (batch, classes); medlens explains classifiers.")
-    return int(out.shape[1])
+        raise ModelError(f"{source}: the model returns {shape}, not logits of shape (batch, classes) or per-pixel "
+                         f"logits (batch, classes, *spatial).")
+    return int(out.shape[1]), "classification"

@@ -43,7 +43,7 @@ def bundled_models() -> dict[str, dict[str, Any]]:
 
     Returns:
         name -> {labels, multi_label, input_spec (InputSpec), description, card (Path), weights (Path), architecture,
-        test_accuracy}.
+        test_accuracy, task ("classification" or "segmentation"), test_dice (segmentation models)}.
 
     Raises:
         ModelError: models.json is missing or not valid JSON.
@@ -59,6 +59,8 @@ def bundled_models() -> dict[str, dict[str, Any]]:
             "weights": WEIGHTS_DIR / s["weights"],
             "architecture": s["architecture"],
             "test_accuracy": s.get("test_accuracy"),
+            "task": s.get("task", "classification"),
+            "test_dice": s.get("test_dice"),
         }
     return out
 
@@ -88,7 +90,7 @@ def load_bundled(name: str) -> nn.Module:
     load_state_dict_checked(model, path, f"the bundled model {name!r} ({s['architecture']})")
     spec = InputSpec.from_dict(s["input_spec"])
     description = ModelDescription(labels=tuple(spec.labels), multi_label=bool(spec.multi_label), input_spec=spec,
-                                   source=name, kind="bundled", sha256=digest)
+                                   task=s.get("task", "classification"), source=name, kind="bundled", sha256=digest)
     return attach_description(model, description).eval()
 
 

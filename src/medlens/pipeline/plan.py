@@ -14,6 +14,7 @@ from torch import nn
 from medlens.core.explain import check_methods, model_digest
 from medlens.core.model_description import describe
 from medlens.core.registry import MethodSpec
+from medlens.core.region_targets import SegmentationTarget, has_region_targets
 from medlens.core.targets import check_target_names
 from medlens.errors import InputError, ModelError
 from medlens.io import model_dims
@@ -68,7 +69,7 @@ class Plan:
     model: nn.Module
     request: ExplainRequest
     specs: tuple[MethodSpec, ...]
-    targets: Any  # None or a list of class indices / names, checked against the model's labels
+    targets: Any  # None or a list of class indices / names (checked against the labels), or SegmentationTargets
     dims: int  # 2 or 3: what the model takes
     formats: tuple[str, ...]
 
@@ -101,8 +102,11 @@ def plan_for(model: nn.Module, request: ExplainRequest) -> Plan:
         targets = list(range(len(labels)))
     elif targets is not None and not isinstance(targets, (list, tuple)):
         targets = [targets]
-    if targets is not None and labels:
+    if targets is not None and labels and not has_region_targets(targets):
         check_target_names(targets, labels)
+    if describe(model).task == "segmentation" and not has_region_targets(targets):
+        # each class over the model's own predicted region (by default every class but the first, the background)
+        targets = [SegmentationTarget(c) for c in (targets if targets is not None else range(1, max(len(labels), 2)))]
     return Plan(model, request, tuple(specs), list(targets) if targets is not None else None, dims,
                 tuple(check_formats(request.formats)))
 

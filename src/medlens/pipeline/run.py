@@ -18,6 +18,7 @@ from medlens.evaluation.localisation import energy_in_box, pointing_game
 from medlens.io.formats import DEFAULT_FORMATS
 from medlens.io import PreparedInput, ScanImage, prepare, read_image, spec_for
 from medlens.io.regions import Region, read_region, region_beside, region_mask
+from medlens.pipeline.segmentation import explained_region, targets_on_grid
 from medlens.pipeline.plan import Plan
 
 RegionArg = Union[None, str, Path, Region]  # None: no region; "auto": a box file beside the image; a path; a Region
@@ -119,13 +120,17 @@ def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Pa
     request = plan.request
     notes = list(prepared.notes)
     found = _resolve_region(region, source, notes)
+    grid = tuple(prepared.tensor.shape[2:])
+    targets = targets_on_grid(plan.targets, read_shape or prepared.scan.spatial_shape, grid, request.slice_index)
     t0 = time.perf_counter()
-    result = explain_batch(plan, prepared.tensor)
+    result = explain_batch(plan, prepared.tensor, targets if targets is not plan.targets else None)
     seconds = {"explain": time.perf_counter() - t0}
     outcome = Outcome(result, prepared, source, notes=notes, seconds=seconds, formats=plan.formats,
                       signed=bool(getattr(request, "signed", False)))
+    explained = explained_region(plan, prepared.tensor, targets) if found is None else None
+    if explained is not None:  # a segmentation target: its region is outlined and scored
+        outcome.region, outcome.region_scores = explained, score_region(result, explained)
     if found is not None:
-        grid = tuple(prepared.tensor.shape[2:])
         outcome.region = region_mask(found, read_shape or prepared.scan.spatial_shape, grid,
                                      slice_index=request.slice_index)
         outcome.region_source = found.source

@@ -54,7 +54,9 @@ def call_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             f"so that forward() returns the class scores."
         )
     if out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ModelError(f"the model must return logits of shape (batch, classes); for input {tuple(x.shape)} it returned {tuple(out.shape)}.")
+        hint = (" It looks like per-pixel logits of a segmentation model: give targets=[medlens.SegmentationTarget(class, "
+                "region=...)]." if out.dim() == x.dim() and out.shape[0] == x.shape[0] else "")
+        raise ModelError(f"the model must return logits of shape (batch, classes); for input {tuple(x.shape)} it returned {tuple(out.shape)}.{hint}")
     return out
 
 

@@ -24,6 +24,7 @@ from medlens.training.augment import affine_jitter, lesion_crops
 from medlens.training.guided import guided_step
 from medlens.training.metrics import confusion_matrix, metrics_from_confusion, predict
 from medlens.training.recipes import BRAIN_RECIPES, PHANTOM_RECIPES, Recipe, recipe_record, with_overrides
+from medlens.training.segmentation import train_segmentation
 from medlens.training.splits import Split, TrainingData, check_data, load_data
 from medlens.training.validation import (baseline_localisation, cam_localisation, input_localisation, selection_key,
                                         selection_text)
@@ -253,6 +254,12 @@ def train(recipe: Recipe, out_dir: Optional[PathLike], data_root: Optional[PathL
     """
     torch.set_num_threads(threads)
     out = Path(out_dir) if out_dir is not None else None
+    if recipe.is_segmentation:  # per-pixel classes on the phantoms' masks: its own short loop
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        with _run_log(recipe.name, out, log) as say:
+            say(f"{recipe.name}: recipe {json.dumps(recipe_record(recipe))}")
+            return train_segmentation(recipe, out, threads, say)
     check_data(recipe, data_root)  # the folder and its regions, then a missing first stage: before anything is decoded
     init_path(recipe.init, out)  # or written
     data = load_data(recipe, data_root, cache_dir)

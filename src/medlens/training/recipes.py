@@ -56,8 +56,8 @@ class Network:
     last_stride: Optional[int] = 2
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("SmallResNet", "PhantomCNN"):
-            raise InputError(f"unknown architecture {self.architecture!r}; expected SmallResNet or PhantomCNN.")
+        if self.architecture not in ("SmallResNet", "PhantomCNN", "PhantomUNet"):
+            raise InputError(f"unknown architecture {self.architecture!r}; expected SmallResNet, PhantomCNN or PhantomUNet.")
         if self.last_stride not in (None, 1, 2):
             raise InputError(f"--last-stride {self.last_stride!r}: expected 1 or 2.")
 
@@ -165,6 +165,11 @@ class Recipe:
             raise InputError(f"unknown --augment {self.augment!r}; expected one of {list(AUGMENTS)}.")
 
     @property
+    def is_segmentation(self) -> bool:
+        """Whether the recipe trains a segmentation network (per-pixel classes; `medlens.training.segmentation`)."""
+        return self.network.architecture == "PhantomUNet"
+
+    @property
     def is_brain(self) -> bool:
         """Whether the recipe trains on the figshare brain slices (else on generated phantoms)."""
         return isinstance(self.data, FigshareData)
@@ -264,6 +269,13 @@ PHANTOM_RECIPES: dict[str, Recipe] = {
     "phantom-shortcut": Recipe("phantom-shortcut", PhantomData(marker="correlated"),
                                Network("PhantomCNN", (16, 32, 64), None), dataclasses.replace(_PHANTOM_OPTIMISER, epochs=6)),
 }
+#: `phantom-lesion-unet`: a small U-Net that segments the phantoms' lesions (background / lesion per pixel), trained
+#: on the exact lesion masks with cross-entropy plus soft Dice (`medlens.training.segmentation`)
+SEGMENTATION_RECIPES: dict[str, Recipe] = {
+    "phantom-lesion-unet": Recipe("phantom-lesion-unet", PhantomData(marker="none", n_train=1200, n_val=200, n_test=400),
+                                  Network("PhantomUNet", (8, 16, 32), None),
+                                  Optimiser(epochs=6, batch_size=32, lr=1e-2, weight_decay=1e-4, warmup=0.2)),
+}
 #: data seeds: train, validation and the model card's test set are drawn from different seeds
 PHANTOM_SEEDS = {"train": 1, "val": 2, "test": 3}
 
@@ -280,7 +292,7 @@ def phantom_data(name: str, split: str, n: Optional[int] = None, seed: Optional[
     """The phantom set a bundled phantom model is trained/validated/tested on (marker mode and, for the shortcut
     set, the lesion contrast overridable: a visible lesion beside the marker); `data`: the recipe's own data part
     (size, marker, split sizes) instead of the bundled recipe's."""
-    d = data if data is not None else PHANTOM_RECIPES[name].data
+    d = data if data is not None else {**PHANTOM_RECIPES, **SEGMENTATION_RECIPES}[name].data
     assert isinstance(d, PhantomData)
     n = getattr(d, f"n_{split}") if n is None else n
     seed = PHANTOM_SEEDS[split] if seed is None else seed

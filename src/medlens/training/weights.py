@@ -13,7 +13,7 @@ from torch import nn
 
 from medlens.errors import InputError
 from medlens.io.files import atomic_write
-from medlens.models.networks import HybridViT, PhantomCNN, SmallResNet
+from medlens.models.networks import HybridViT, PhantomCNN, PhantomUNet, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.recipes import BRAIN_RECIPES, Network, ViTNetwork
 
@@ -32,6 +32,8 @@ def build_network(network: Union[Network, ViTNetwork], num_classes: int, size: i
                          hidden_dim=network.hidden_dim, depth=network.depth, heads=network.heads, mlp_dim=network.mlp_dim)
     if network.architecture == "PhantomCNN":
         return PhantomCNN(num_classes=num_classes, in_channels=1, widths=network.widths)
+    if network.architecture == "PhantomUNet":
+        return PhantomUNet(num_classes=num_classes, in_channels=1, widths=network.widths)
     return SmallResNet(num_classes=num_classes, in_channels=1, widths=network.widths, last_stride=network.last_stride)
 
 
