@@ -31,5 +31,6 @@ def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Option
         region=outcome.region.cpu().numpy() if outcome.region is not None else None,
         scan=outcome.prepared.scan,
         signed=outcome.signed,
+        scan_region=outcome.region_on_scan.cpu().numpy() if outcome.region_on_scan is not None else None,
     )
 
