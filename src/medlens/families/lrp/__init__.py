@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
+from medlens.core.baselines import reference_of, scan_black
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
 from medlens.core.registry import MethodSpec, register
@@ -35,7 +36,9 @@ def _number(options: Mapping[str, Any], name: str) -> float:
 def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     epsilon, gamma = _number(options, "epsilon"), _number(options, "gamma")
     bounds, bounds_note = input_bounds(ctx.model, ctx.x)
-    result = lrp_relevance(ctx.model, ctx.x, ctx.targets, options["composite"], epsilon, gamma, bounds)
+    reference = reference_of(ctx.x.detach(), options.get("reference", "zero"), scan_black(ctx.model), {})
+    result = lrp_relevance(ctx.model, ctx.x, ctx.targets, options["composite"], epsilon, gamma, bounds,
+                           reference=reference)
     relevance_sum = result.relevance.flatten(2).sum(dim=2).transpose(0, 1)  # (B, T)
     logit = ctx.logits.gather(1, ctx.targets)
     names = result.plan.names
@@ -44,7 +47,11 @@ def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     notes["rules"] = dict(Counter(rule.describe() for rule in result.rules.values()))
     notes["first_layer"] = f"{names.get(first, '?')}: {result.rules[first].describe()}"
     if any(isinstance(r, ZBox) for r in result.rules.values()):
-        notes["zbox_bounds"] = {"low": bounds[0], "high": bounds[1], "source": bounds_note}
+        notes["zbox_bounds"] = {"low": bounds[0], "high": bounds[1], "source": bounds_note,
+                                "meaning": "the scan's black and white in the model's input space" if "input_spec" in
+                                bounds_note else "the input's own darkest and brightest values"}
+    if result.reference_note:
+        notes["input_reference"] = result.reference_note
     notes["canonization"] = {
         "batchnorm_merged": len(result.plan.merges),
         "batchnorm_elementwise": len(result.plan.elementwise_bn),
@@ -66,6 +73,6 @@ register(MethodSpec(
     summary="Layer-wise relevance propagation with canonizers (BatchNorm merging; conservative at additions and "
             "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
-    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25},
+    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25, "reference": "zero"},
     completeness="conservation",
 ))
