@@ -9,9 +9,9 @@ AUC (medlens.evaluation, probability of the explained class, 20 steps, the same 
 removed pixels replaced by 0 in the model's input space (a grey: `deletion`, as `medlens evaluate`) and by the scan's
 black (`deletion_black`). The explained class is the slice's own label.
 
-    python benchmarks/background_share.py --data ../shared/data/brain-tumor-figshare --limit 60 \
+    python benchmarks/background_share.py --data $DATA --limit 60 \
         --reference spec-zero --out docs/background-share/before.json
-    python benchmarks/background_share.py --data ../shared/data/brain-tumor-figshare --limit 60 \
+    python benchmarks/background_share.py --data $DATA --limit 60 \
         --reference zero --out docs/background-share/after.json
 
 `--reference spec-zero` gives every method the reference it had before (0 after the model's normalisation);
