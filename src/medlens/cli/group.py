@@ -1,4 +1,4 @@
-"""The `medlens` command line: methods, models, explain, batch, demo, evaluate, train, app.
+"""The `medlens` command line: methods, models, explain, batch, demo, evaluate, train, app, report.
 
 Each subcommand lives beside what it drives; this module only assembles the group and turns every
 `MedlensError` into a one-paragraph message and exit status 2.
@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
-from medlens.cli import app, batch, commands, demo, evaluate
+from medlens.cli import app, batch, commands, demo, evaluate, report
 from medlens.errors import MedlensError
 from medlens.training import train
 
@@ -24,7 +24,8 @@ def cli() -> None:
     """Explain medical image classifiers: which regions drove each finding, and how far to trust it."""
 
 
-for _command in (*commands.COMMANDS, *batch.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.COMMANDS, *app.COMMANDS):
+for _command in (*commands.COMMANDS, *batch.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.COMMANDS, *app.COMMANDS,
+                 *report.COMMANDS):
     cli.add_command(_command)
 
 
