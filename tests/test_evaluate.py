@@ -248,7 +248,7 @@ def test_completeness_checks_what_each_method_claims(tmp_path):
     R.evaluate(model, data, "lrp,integratedgradients", "completeness", seed=0, out=tmp_path / "out")
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["metric_notes"]["completeness"]["reference"] == {
-        "lrp": "f(x) (conservation)", "integratedgradients": "f(x) - f(zero)"}
+        "lrp": "f(x) (conservation)", "integratedgradients": "f(x) - f(zero: the scan's black)"}  # the model normalises
     _, rows = read_csv(tmp_path / "out" / "metrics.csv")
     value = {r["method"]: float(r["value"]) for r in rows if r["target"] == "all"}
     assert value["integratedgradients"] < 0.05  # IG's completeness holds at its default 50 steps

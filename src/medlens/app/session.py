@@ -17,6 +17,7 @@ from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
 from medlens.errors import MedlensError
 from medlens.io import PreparedInput
+from medlens.io.scan_view import ScanView, scan_view
 
 SLOW_COST_WORDS = ("per ", "n_steps", "n_samples")  # registry cost texts of methods that take many model passes
 
@@ -48,6 +49,7 @@ class Panel:
     raw: np.ndarray
     display: np.ndarray
     region: Optional[np.ndarray]
+    view: Optional[ScanView] = None  # where the picture is drawn: the scan's own plane when the preparation inverts
 
 
 @dataclass
@@ -113,10 +115,11 @@ class Current:
             except MedlensError as exc:
                 self.errors[key] = str(exc)
                 continue
+            view = scan_view(prepared.scan, prepared.tensor.shape[2:], prepared.display, region) if maps else None
             for (method, target), raw in maps.items():
                 name = entry.labels[target] if target < len(entry.labels) else str(target)
                 self.panels.append(Panel(key, method, target, name, run.probabilities.get(name, float("nan")), raw,
-                                         prepared.display, region))
+                                         prepared.display, region, view))
 
     def entry(self, key: str) -> ModelEntry:
         return self.catalogue.get(key)
@@ -132,6 +135,9 @@ class Current:
         """The panel's overlay, its method drawn as defined (or signed when the view asks)."""
         lines = overlay_title(panel.model, panel.method, panel.target_name, panel.probability)
         values, how = drawn(panel.raw, panel.method, self.settings)
+        if panel.view is not None:  # at the scan's own resolution (the map taken back through the resize)
+            return overlay_png(panel.view.display, panel.view.maps(values), lines, self.scale(panel), self.settings,
+                               panel.view.region, how)
         return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
 
     def export_zip(self) -> bytes:

@@ -1,4 +1,4 @@
-"""The `medlens` command line: methods, models, explain, batch, demo, evaluate, train, app, serve.
+"""The `medlens` command line: methods, models, explain, batch, demo, evaluate, train, app, serve, report.
 
 Each subcommand lives beside what it drives; this module only assembles the group and turns every
 `MedlensError` into a one-paragraph message and exit status 2.
@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
-from medlens.cli import app, batch, commands, demo, evaluate, serve, train
+from medlens.cli import app, batch, commands, demo, evaluate, report, serve, train
 from medlens.errors import MedlensError
 
 
@@ -24,7 +24,7 @@ def cli() -> None:
 
 
 for _command in (*commands.COMMANDS, *batch.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.COMMANDS, *app.COMMANDS,
-                 *serve.COMMANDS):
+                 *serve.COMMANDS, *report.COMMANDS):
     cli.add_command(_command)
 
 

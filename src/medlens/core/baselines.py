@@ -1,7 +1,8 @@
 """Reference images methods and metrics compare an input with: the one Gaussian blur and the one baseline resolver.
 
-`resolve_baseline` turns a `baseline=` option ("zero", "mean", "blur", "background", a number or a tensor) into
-a tensor broadcastable to the input plus provenance notes; `make_baseline` gives it at full input shape.
+`resolve_baseline` turns a `baseline=` option ("zero", "spec-zero", "mean", "blur", "background", a number or a tensor)
+into a tensor broadcastable to the input plus provenance notes; `make_baseline` gives it at full input shape;
+`scan_black` is the scan's black in a model's input space, what "zero" means when the model carries its input spec.
 """
 from __future__ import annotations
 
@@ -11,12 +12,39 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from medlens.core.model_description import describe
 from medlens.core.options import finite_number
 from medlens.errors import MethodError
 
 BaselineSpec = Union[str, float, int, torch.Tensor]
-BASELINE_NAMES = ("zero", "mean", "blur", "background")
+BASELINE_NAMES = ("zero", "spec-zero", "mean", "blur", "background")
+SPEC_ZERO_NOTE = "0 in the model's input space (after its normalisation: the normalisation's mean, not the scan's black)"
 
+
+def scan_black(model: Any) -> Optional[torch.Tensor]:
+    """The scan's black in the model's input space, per channel (1, C): (0 - mean) / std of the model's input spec
+    (its intensity scale maps the scan's black to 0 before normalising); None when the model carries no spec or
+    black is 0 there anyway (mean 0), so that "zero" is then the plain 0."""
+    spec = describe(model).input_spec if model is not None else None
+    if spec is None or not hasattr(spec, "_per_channel"):
+        return None
+    try:
+        mean = torch.tensor(spec._per_channel(spec.mean), dtype=torch.float32)
+        std = torch.tensor(spec._per_channel(spec.std), dtype=torch.float32)
+    except (TypeError, ValueError):
+        return None
+    if mean.numel() != int(spec.channels) or std.numel() != int(spec.channels) or bool((mean == 0).all()):
+        return None
+    return ((0.0 - mean) / std)[None]
+
+
+def _black_reference(x: torch.Tensor, black: Optional[torch.Tensor], nd: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    if black is None or black.shape[-1] != x.shape[1]:
+        return torch.zeros((1, 1) + (1,) * nd, dtype=x.dtype, device=x.device), {
+            "baseline_reference": "0 (the scan's black: the model has no input normalisation that moves it)"}
+    ref = black.to(device=x.device, dtype=x.dtype).reshape(1, -1, *([1] * nd))
+    return ref, {"baseline_reference": "the scan's black in the model's input space ((0 - mean) / std of its input spec)",
+                 "baseline_values": [[round(float(v), 6) for v in black.reshape(-1)]]}
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, C, *s) over its 1, 2 or 3 spatial axes, reflect-padded, in torch.
@@ -71,10 +99,12 @@ def resolve_baseline(
     x: torch.Tensor, baseline: BaselineSpec, blur_sigma: Optional[float] = None, *,
     names: Sequence[str] = BASELINE_NAMES,
     default_blur_sigma: Callable[[torch.Tensor], float] = _fraction_of_smallest_side(0.05),
+    black: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The reference for x (B, C, *s): a tensor broadcastable to x, and notes for provenance.
 
-    "zero": 0; "mean": each image's per-channel mean; "blur": a Gaussian blur of the image (sigma in pixels,
+    "zero": the scan's black in the model's input space (`black`, per channel, from `scan_black(model)`; 0 when
+    None); "spec-zero": 0 in the model's input space (after normalisation: a grey for most models); "mean": each image's per-channel mean; "blur": a Gaussian blur of the image (sigma in pixels,
     `blur_sigma`, by default `default_blur_sigma(x)`: 5% of the smallest spatial side); "background": each
     image's per-channel median of its outer frame (~3% of each side), the usual air/background intensity of a
     scan or radiograph; a number: that value; a tensor: used as given (broadcast to x). `names`: the names a
@@ -101,6 +131,11 @@ def resolve_baseline(
     if name not in names:
         raise MethodError(refused)
     if name == "zero":
+        ref, said = _black_reference(x, black, nd)
+        notes.update(said)
+        return ref, notes
+    if name == "spec-zero":
+        notes["baseline_reference"] = SPEC_ZERO_NOTE
         return torch.zeros((1, 1) + (1,) * nd, dtype=x.dtype, device=x.device), notes
     if name == "mean":
         ref = x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
@@ -120,8 +155,24 @@ def resolve_baseline(
 GRADIENT_BLUR_SIGMA = _fraction_of_smallest_side(0.1, minimum=1.0)
 
 
-def make_baseline(x: torch.Tensor, baseline: Any) -> torch.Tensor:
-    """The gradient methods' baseline for x at x's full shape: "zero", "blur", a number, or a tensor broadcastable
-    to x (integrated gradients' path start)."""
-    ref, _ = resolve_baseline(x, baseline, names=("zero", "blur"), default_blur_sigma=GRADIENT_BLUR_SIGMA)
+def make_baseline(x: torch.Tensor, baseline: Any, black: Optional[torch.Tensor] = None,
+                  notes: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """The gradient methods' baseline for x at x's full shape: "zero" (the scan's black, `black`), "spec-zero", "blur",
+    a number, or a tensor broadcastable to x (integrated gradients' path start); what it is goes into `notes`."""
+    ref, said = resolve_baseline(x, baseline, names=("zero", "spec-zero", "blur"), default_blur_sigma=GRADIENT_BLUR_SIGMA,
+                                 black=black)
+    if notes is not None:
+        notes.update({k: v for k, v in said.items() if k != "baseline"})
     return torch.broadcast_to(ref, x.shape).clone()
+
+
+def reference_of(x: torch.Tensor, reference: Any, black: Optional[torch.Tensor], notes: dict[str, Any]) -> torch.Tensor:
+    """The reference point of input x gradient and LRP's input layer: "zero" (the scan's black in the model's input
+    space) or "spec-zero" (0 in that space, the plain x); a tensor broadcastable to x. Notes say which."""
+    name = str(reference).strip().lower()
+    if name not in ("zero", "spec-zero"):
+        raise MethodError(f"option reference must be 'zero' (the scan's black) or 'spec-zero' (0 after the model's "
+                          f"normalisation), got {reference!r}.")
+    ref, said = resolve_baseline(x, name, names=("zero", "spec-zero"), black=black)
+    notes["reference"] = said["baseline_reference"]
+    return ref

@@ -106,8 +106,8 @@ def make_baseline(x: torch.Tensor, baseline: Baseline, blur_sigma: Optional[floa
         return torch.broadcast_to(baseline.to(x), x.shape).clone(), "tensor"
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return torch.full_like(x, float(baseline)), f"constant {float(baseline):g}"
-    if baseline == "zero":
-        return torch.zeros_like(x), "zero"
+    if baseline in ("zero", "spec-zero"):
+        return torch.zeros_like(x), str(baseline)
     if baseline == "mean":
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x).clone(), "per-image channel mean"
     if baseline == "blur":

@@ -15,6 +15,7 @@ from torch import nn
 
 from medlens.core.explain import explain
 from medlens.errors import InputError
+from medlens.core.baselines import scan_black
 from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline, model_scores, pick
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -204,7 +205,11 @@ def completeness(
     if baseline is None:
         delta, ref = fx, "f(x) (conservation)"
     else:
+        black = scan_black(model) if isinstance(baseline, str) and baseline == "zero" else None
+        if black is not None:  # the methods' "zero" (integrated gradients) is the scan's black in the model's input space
+            baseline = black.to(x).reshape(1, -1, *([1] * (x.dim() - 2)))
         xb, desc = make_baseline(x, baseline)
+        desc = "zero: the scan's black" if black is not None else desc
         delta, ref = fx - pick(model_scores(model, xb, "logit"), targets), f"f(x) - f({desc})"
     total = maps.flatten(2).double().sum(dim=2).float()
     err = (total - delta).abs()

@@ -9,7 +9,10 @@ Conventions (documented for users in `medlens methods`):
 - every map is the signed attribution summed over input channels, shape (B, T, *spatial): for a one-channel
   image it is the attribution itself; for RGB it is the per-pixel sum of the three channel attributions
   (signed, so completeness still holds: the map sums to what the channels sum to);
-- `saliency` is the signed gradient (not its absolute value; take `abs()` when rendering if you want it).
+- `saliency` is the signed gradient (not its absolute value; take `abs()` when rendering if you want it);
+- `inputxgradient` is (x - reference) x gradient, the reference being the scan's black in the model's input space
+  (option `reference="zero"`, the default; the plain x x gradient when the model does not normalise, or with
+  `reference="spec-zero"`): black background then carries no attribution, whatever the normalisation's mean.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from medlens.tensor.autograd import CHANNELS_NOTE, input_gradients, slots_first_to_maps
+from medlens.core.baselines import reference_of, scan_black
 from medlens.core.context import ExplainContext
 from medlens.core.registry import MethodSpec, PerBatch, register
 
@@ -30,7 +34,8 @@ def saliency(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: 
 
 
 def input_x_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
-    return input_gradients(model, x, targets)[0] * x.detach()[None]
+    reference = reference_of(x.detach(), options.get("reference", "zero"), scan_black(model), {})
+    return input_gradients(model, x, targets)[0] * (x.detach() - reference)[None]
 
 
 # ---------------------------------------------------------------------------------------------- runners
@@ -46,7 +51,9 @@ def _run_saliency(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tens
 
 
 def _run_inputxgradient(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
-    return slots_first_to_maps(_cached_plain_gradients(ctx) * ctx.x.detach()[None])
+    x = ctx.x.detach()
+    reference = reference_of(x, options.get("reference", "zero"), scan_black(ctx.model), ctx.method_notes)
+    return slots_first_to_maps(_cached_plain_gradients(ctx) * (x - reference)[None])
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -59,7 +66,9 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     name="inputxgradient", family="gradient",
-    summary="Input x gradient (Shrikumar et al. 2016); equals LRP-0 on ReLU networks." + CHANNELS_NOTE,
+    summary="Input x gradient (Shrikumar et al. 2016), the input taken from the scan's black (reference=); equals "
+            "LRP-0 on ReLU networks." + CHANNELS_NOTE,
     run=_run_inputxgradient, needs_gradients=True, needs_layer=False, cost="one forward + one backward",
     per_batch=PerBatch(input_x_gradient),
+    options={"reference": "zero"},
 ))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlens.tensor.autograd import CHANNELS_NOTE, call_model, slots_first_to_maps, target_gradients
-from medlens.core.baselines import make_baseline
+from medlens.core.baselines import make_baseline, scan_black
 from medlens.core.context import ExplainContext
 from medlens.core.model_state import override_forward
 from medlens.core.options import positive_int
@@ -197,7 +197,7 @@ def integrated_gradients(
 
 def _run_integratedgradients(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     x = ctx.x.detach()
-    baseline = make_baseline(x, options["baseline"])
+    baseline = make_baseline(x, options["baseline"], scan_black(ctx.model), ctx.method_notes)
     collected: list[torch.Tensor] = []
     attributions = integrated_gradients(ctx.model, x, ctx.targets, options, baseline=baseline, baseline_logits=collected,
                                         notes=ctx.method_notes)

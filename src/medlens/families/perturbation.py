@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from medlens.core.baselines import resolve_baseline
+from medlens.core.baselines import resolve_baseline, scan_black
 from medlens.core.batching import chunks
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
@@ -152,7 +152,7 @@ def _occlusion(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     stride = per_axis(options["stride"] if options["stride"] is not None else options["window"], nd, "stride", spatial)
     batch_size = positive_int(options, "batch_size")
     output = check_output(options)
-    ref, notes = resolve_baseline(x, options["baseline"], options.get("blur_sigma"))
+    ref, notes = resolve_baseline(x, options["baseline"], options.get("blur_sigma"), black=scan_black(ctx.model))
     ref = ref.expand_as(x)
     starts = [window_starts(s, w, st) for s, w, st in zip(spatial, window, stride)]
     grid = tuple(len(s) for s in starts)
@@ -226,7 +226,7 @@ def _rise(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     else:
         cell = per_axis(options["cell_size"], nd, "cell_size", spatial)
     grid_shape = tuple(int(math.ceil(s / cl)) + 1 for s, cl in zip(spatial, cell))
-    ref, notes = resolve_baseline(x, options["baseline"], options.get("blur_sigma"))
+    ref, notes = resolve_baseline(x, options["baseline"], options.get("blur_sigma"), black=scan_black(ctx.model))
     ref = ref.expand_as(x)
     common_notes(ctx, options, notes)
     ctx.method_notes.update(cell_size=list(cell), grid=[g - 1 for g in grid_shape], n_masks=n_masks, p_keep=p_keep,

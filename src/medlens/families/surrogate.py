@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from medlens.core.context import ExplainContext
-from medlens.core.baselines import resolve_baseline
+from medlens.core.baselines import resolve_baseline, scan_black
 from medlens.errors import MethodError
 from medlens.core.options import finite_float, positive_int
 from medlens.core.registry import MethodSpec, register
@@ -89,7 +89,7 @@ def _setup(ctx: ExplainContext, options: Mapping[str, Any], name: str) -> tuple[
     num_samples = positive_int(options, "num_samples", 2)
     batch_size = positive_int(options, "batch_size")
     output = check_output(options)
-    ref, notes = resolve_baseline(ctx.x, options["baseline"], options.get("blur_sigma"))
+    ref, notes = resolve_baseline(ctx.x, options["baseline"], options.get("blur_sigma"), black=scan_black(ctx.model))
     common_notes(ctx, options, notes)
     ctx.method_notes.update(segmentation=options["segmentation"], batch_size=batch_size)
     return num_samples, batch_size, output, ref.expand_as(ctx.x)

@@ -14,6 +14,7 @@ from medlens.io.files import atomic_write, safe_name
 from medlens.io.format_dicom import write_dicom
 from medlens.io.format_nifti import write_nifti
 from medlens.io.render import color_scale, render_overlay, render_panel, shown
+from medlens.io.scan_view import ScanView, scan_view
 
 
 @dataclass
@@ -33,11 +34,14 @@ class ImageResult:
     provenance: dict[str, Any] = field(default_factory=dict)  # what the writers add to provenance.json
     displays: dict[str, str] = field(default_factory=dict)  # method -> how pictures draw it (positive, signed, magnitude)
     model_source: Optional[dict[str, Any]] = None  # where the model came from (bundled name, file), when known
+    view: Optional[ScanView] = None  # where pictures are drawn: the scan's own plane when the preparation inverts
 
     @classmethod
     def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],
-              input_file: Any, scan: Any, signed: bool = False) -> "ImageResult":
-        """One image of `result`; pictures draw each method as its registry entry says (`signed`: the raw signed maps)."""
+              input_file: Any, scan: Any, signed: bool = False,
+              scan_region: Optional[np.ndarray] = None) -> "ImageResult":
+        """One image of `result`; pictures draw each method as its registry entry says (`signed`: the raw signed maps),
+        on the scan's own plane when the preparation can be inverted (`scan_region`: the region on that plane)."""
         raw = {m: result[m][index].detach().float().cpu().numpy() for m in result}
         spatial = next(iter(raw.values())).shape[1:] if raw else ()
         image = np.zeros(spatial, dtype=np.float32) if display is None else np.asarray(display, dtype=np.float32)
@@ -55,12 +59,13 @@ class ImageResult:
             titles = [f"{n} (score={float(result.logits[index, t]):.3g})" for n, t in zip(names, targets)]
         job = cls(result, index, raw, image, titles,
                   target_file_names(result, index), scales, region, Path(input_file) if input_file is not None else None,
-                  scan, displays=displays)
+                  scan, displays=displays, view=scan_view(scan, spatial, image, region, scan_region))
         job.provenance["rendering"] = {
             "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2], "display": displays[m]} for m, s in scales.items()},
             "note": "one colour scale per method shared by its targets, up to the 99.5th percentile of |map| for maps of "
                     "1024 values or more (higher values saturate); each method drawn as defined (display: its positive "
                     "part, |map|, or signed; --signed draws every map signed); maps.npz holds the raw, unnormalised values",
+            "grid": job.view.note if job.view is not None else "the model's grid",
         }
         return job
 
@@ -94,14 +99,16 @@ def overlay_name(method: str, file_part: str) -> str:
 def write_png(job: ImageResult, folder: Path) -> list[Path]:
     """An overlay PNG per method and target (raw-value colour bar, region outlined) and `panel.png` with them all."""
     written: list[Path] = []
-    for m, maps in job.raw.items():
+    view = job.view or ScanView(tuple(job.display.shape), job.display, job.region, False, "")
+    drawn = {m: view.maps(maps) for m, maps in job.raw.items()}  # on the scan's plane where the preparation inverts
+    for m, maps in drawn.items():
         for j, part in enumerate(job.file_parts):
-            png = render_overlay(job.display, maps[j], title=f"{m}: {job.titles[j]}", scale=job.scales[m], region=job.region,
-                                 display=job.displays.get(m, "signed"))
+            png = render_overlay(view.display, maps[j], title=f"{m}: {job.titles[j]}", scale=job.scales[m],
+                                 region=view.region, display=job.displays.get(m, "signed"))
             written.append(atomic_write(folder / overlay_name(m, part), png))
     if job.raw:
         written.append(atomic_write(folder / "panel.png",
-                                    render_panel(job.display, job.raw, job.titles, scales=job.scales, region=job.region,
+                                    render_panel(view.display, drawn, job.titles, scales=job.scales, region=view.region,
                                                  displays=job.displays)))
     return written
 

@@ -35,6 +35,7 @@ def write_explanation(
     scan: Any = None,
     signed: bool = False,
     notes_out: Optional[list[str]] = None,
+    scan_region: Optional[np.ndarray] = None,
 ) -> list[Path]:
     """Write one image's results into `out_dir` in `formats` (see `medlens.io.formats.FORMATS`; by default
     `<method>_<target>.png` per method and target, `panel.png`, and `maps.npz`), and `provenance.json` last.
@@ -44,16 +45,18 @@ def write_explanation(
     what it had. Files of an earlier run in the folder that this run does not write are removed. `display` is
     the grayscale image in [0, 1] at the maps' size; `region` a boolean mask of that size, outlined on overlays;
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
-    signed instead of as its method is defined (Grad-CAM's positive part). A format or DICOM object that cannot be made
-    for this input is skipped, with the reason in provenance and appended to `notes_out` (the batch manifest's notes).
-    Returns the paths.
+    signed instead of as its method is defined (Grad-CAM's positive part). Pictures are drawn on the scan's own plane
+    (the maps taken back through the preparation's resize) when `scan` holds one, with `scan_region` (the region on
+    that plane) outlined. A format or DICOM object that cannot be made for this input is skipped, with the reason in
+    provenance and appended to `notes_out` (the batch manifest's notes). Returns the paths.
     """
     names = check_formats(formats)
     created = not Path(out_dir).exists()
     folder = ensure_writable(out_dir)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
     try:
-        job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed)
+        job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed,
+                                scan_region=scan_region)
         job.model_source = dict(model_source) if model_source is not None else None
         staged: list[Path] = []
         for name in names:

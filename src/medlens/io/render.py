@@ -116,14 +116,16 @@ def blend(image: np.ndarray, amap: np.ndarray, scale: tuple[str, float, float], 
     """uint8 RGB (H, W, 3): the grayscale `image` in [0, 1] with `amap` coloured by `scale` on top.
 
     The colour's opacity grows with the map's magnitude (alpha * sqrt(|value| / scale)), so the anatomy stays
-    readable where the map is near zero and strong evidence is drawn almost opaque.
+    readable where the map is near zero and strong evidence is drawn almost opaque. On a diverging (signed) scale it
+    grows linearly (alpha * |value| / scale): the square root's steep rise from zero, with the light colours near the
+    middle of a diverging map, drew every zero crossing as a dark line once maps are drawn smooth at the scan's size.
     """
     cmap, vmin, vmax = scale
     span = vmax - vmin if vmax > vmin else 1.0
     t = np.clip(np.nan_to_num((amap - vmin) / span), 0.0, 1.0)
     colour = _lut(cmap)[(t * 255.0 + 0.5).astype(np.int64)]
     magnitude = np.abs(2.0 * t - 1.0) if vmin < 0 < vmax else t
-    weight = (alpha * np.sqrt(magnitude))[..., None]
+    weight = (alpha * (magnitude if vmin < 0 < vmax else np.sqrt(magnitude)))[..., None]
     gray = np.clip(image, 0.0, 1.0)[..., None] * 255.0
     return np.clip((1.0 - weight) * gray + weight * colour + 0.5, 0, 255).astype(np.uint8)
 

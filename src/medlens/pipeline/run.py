@@ -32,6 +32,7 @@ class Outcome:
     prepared: PreparedInput  # the model's input tensor, the grayscale display image, the notes, the scan as read
     source: Optional[Path] = None  # the file (or DICOM series folder) it came from
     region: Optional[torch.Tensor] = None  # boolean mask on the input's grid
+    region_on_scan: Optional[torch.Tensor] = None  # the same region on the scan's own plane (2-D), for pictures
     region_source: Optional[Path] = None
     region_scores: Optional[dict[str, dict[str, dict[str, float]]]] = None  # method -> target name -> metric -> value
     notes: list[str] = field(default_factory=list)  # what reading, preparing and the region lookup noted
@@ -134,6 +135,9 @@ def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Pa
         outcome.region = region_mask(found, read_shape or prepared.scan.spatial_shape, grid,
                                      slice_index=request.slice_index)
         outcome.region_source = found.source
+        plane = tuple(prepared.scan.spatial_shape)
+        if len(grid) == 2 and len(plane) == 2:  # pictures are drawn on the scan's plane: the region there, exactly
+            outcome.region_on_scan = region_mask(found, read_shape or plane, plane, slice_index=request.slice_index)
         outcome.region_scores = score_region(result, outcome.region)
     return outcome
 

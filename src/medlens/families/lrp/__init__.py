@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from medlens.core.baselines import reference_of, scan_black
 from medlens.core.context import ExplainContext
 from medlens.errors import MethodError
 from medlens.core.registry import MethodSpec, PerBatch, register
@@ -36,8 +37,9 @@ def _number(options: Mapping[str, Any], name: str) -> float:
 
 def _lrp_per_batch(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, options: Mapping[str, Any]) -> torch.Tensor:
     """Input relevance (T, N, C, *s) for a wrapper's batch (SmoothGrad's noisy copies), with the given composite."""
+    reference = reference_of(x.detach(), options.get("reference", "zero"), scan_black(model), {})
     return lrp_relevance(model, x, targets, options["composite"], _number(options, "epsilon"),
-                         _number(options, "gamma")).relevance
+                         _number(options, "gamma"), reference=reference).relevance
 
 
 def _conservation(ctx: ExplainContext, relevance: torch.Tensor) -> dict[str, Any]:
@@ -70,14 +72,20 @@ def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     if is_transformer(ctx.model):
         return _run_transformer_lrp(ctx, options)
     bounds, bounds_note = input_bounds(ctx.model, ctx.x)
-    result = lrp_relevance(ctx.model, ctx.x, ctx.targets, options["composite"], epsilon, gamma, bounds)
+    reference = reference_of(ctx.x.detach(), options.get("reference", "zero"), scan_black(ctx.model), {})
+    result = lrp_relevance(ctx.model, ctx.x, ctx.targets, options["composite"], epsilon, gamma, bounds,
+                           reference=reference)
     names = result.plan.names
     first = result.plan.order[0]
     notes = ctx.method_notes
     notes["rules"] = dict(Counter(rule.describe() for rule in result.rules.values()))
     notes["first_layer"] = f"{names.get(first, '?')}: {result.rules[first].describe()}"
     if any(isinstance(r, ZBox) for r in result.rules.values()):
-        notes["zbox_bounds"] = {"low": bounds[0], "high": bounds[1], "source": bounds_note}
+        notes["zbox_bounds"] = {"low": bounds[0], "high": bounds[1], "source": bounds_note,
+                                "meaning": "the scan's black and white in the model's input space" if "input_spec" in
+                                bounds_note else "the input's own darkest and brightest values"}
+    if result.reference_note:
+        notes["input_reference"] = result.reference_note
     notes["canonization"] = {
         "batchnorm_merged": len(result.plan.merges),
         "batchnorm_elementwise": len(result.plan.elementwise_bn),
@@ -96,6 +104,6 @@ register(MethodSpec(
             "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015). "
             "On vision transformers AttnLRP's rules for LayerNorm, attention and GELU (Achtibat et al. 2024).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
-    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25},
+    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25, "reference": "zero"},
     completeness="conservation", per_batch=PerBatch(_lrp_per_batch),
 ))

@@ -21,7 +21,7 @@ from medlens.core.model_description import describe
 from medlens.core.model_state import override_forward
 from medlens.families.lrp.canonizers import ModelPlan, bn_bypass, merged_parameters, plan_model
 from medlens.families.lrp.composites import DEFAULT_COMPOSITE, assign_rules
-from medlens.families.lrp.rules import LayerCall, Rule, stabilize
+from medlens.families.lrp.rules import Epsilon, LayerCall, Rule, stabilize
 
 # Elementwise activations whose plain gradient already passes relevance unchanged (f(a) = f'(a) a).
 _HOMOGENEOUS_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
@@ -42,6 +42,7 @@ class LRPResult:
     plan: ModelPlan
     rules: dict[nn.Module, Rule]
     notes: list[str]
+    reference_note: str = ""  # how the input layer's reference point was taken (empty: the plain input)
 
 
 def _linear_fn(module: nn.Module) -> Callable[..., torch.Tensor]:
@@ -114,8 +115,14 @@ def input_bounds(model: nn.Module, x: torch.Tensor) -> tuple[tuple[float, float]
 def lrp_relevance(
     model: nn.Module, x: torch.Tensor, targets: torch.Tensor, composite: Any = DEFAULT_COMPOSITE,
     epsilon: float = 1e-6, gamma: float = 0.25, bounds: Optional[tuple[float, float]] = None,
+    reference: Optional[torch.Tensor] = None,
 ) -> LRPResult:
-    """Input relevance (T, B, C, *s) of every target logit; relevance at the output is the logit itself."""
+    """Input relevance (T, B, C, *s) of every target logit; relevance at the output is the logit itself.
+
+    `reference` (broadcastable to x, e.g. the scan's black in the model's input space): the layers that read the
+    input with the epsilon (or zero) rule give relevance to x - reference instead of x, i.e. R_i = sum_k
+    (x_i - r_i) w_ik / z_k R_k; the share the reference accounts for stays with the layer's bias. Ignored (with a
+    note) when an input layer has another rule: z^B has its own bounds, and gamma and alpha-beta split by sign."""
     plan = plan_model(model, x)
     if bounds is None:
         bounds, _ = input_bounds(model, x)
@@ -126,7 +133,17 @@ def lrp_relevance(
         logits = call_model(model, state.input)
         picked = logits.gather(1, targets)
         grads = target_gradients(picked, [state.input, *state.leaves])
-    relevance = grads[0] * state.input.detach()[None]
+    start, reference_note = state.input.detach(), ""
+    if reference is not None and bool((reference != 0).any()):
+        input_rules = [rules[m] for m in plan.order if m in plan.input_layers]
+        if input_rules and all(isinstance(r, Epsilon) for r in input_rules):
+            start = start - reference.to(start)
+            reference_note = ("the input layer's relevance is of x minus the scan's black in the model's input space "
+                              "(what black accounts for stays with the layer's bias)")
+        else:
+            reference_note = ("the input layer's rule takes its own reference (z^B: the spec's bounds; gamma and "
+                              "alpha-beta: 0), so relevance is of x itself")
+    relevance = grads[0] * start[None]
     for leaf, grad in zip(state.leaves, grads[1:]):
         relevance = relevance + grad * leaf.detach()[None]
-    return LRPResult(relevance.detach(), logits.detach(), plan, rules, notes + list(plan.notes))
+    return LRPResult(relevance.detach(), logits.detach(), plan, rules, notes + list(plan.notes), reference_note)
