@@ -21,7 +21,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from medlens.accel.fast_forward import fast_forward
+from medlens.accel.fast_forward import FastForward, fast_forward
 from medlens.accel.heap import steady_heap
 from medlens.core.baselines import gaussian_blur
 from medlens.core.model_description import describe
@@ -64,20 +64,28 @@ def check_batch(x: torch.Tensor, maps: Optional[torch.Tensor] = None, targets: O
             raise InputError(f"targets must be (B, T) class indices matching the maps; got {tuple(targets.shape)}.")
 
 
+# Building the folded copy costs about two forwards of one image and saves about a third of each forward after it
+# (brain-tumor-mri, CPU, one thread): below this many inputs the model runs as given.
+FOLD_FROM = 8
+
+
 @contextlib.contextmanager
-def scoring(model: nn.Module, x: torch.Tensor, output: str = "probability") -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+def scoring(
+    model: nn.Module, x: torch.Tensor, output: str = "probability", fold: bool = True
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """For the length of the block, a function (N, C, *s) -> (N, K) float32 scores of inputs like `x`:
     probabilities (softmax, or sigmoid when `model.multi_label`) or raw logits (`output="logit"`).
 
     The model is borrowed once (eval mode, restored after), the forwards run in inference mode through the folded
     fast forward the perturbation methods use (BatchNorm folded into the layer before it, channels-last; built once
-    here and checked against the model on `x`), and the C heap is kept steady between chunks.
+    here and checked against the model on `x`; `fold=False`: the model as given), and the C heap is kept steady.
     Raises InputError for an unknown `output`."""
     if output not in ("probability", "logit"):
         raise InputError(f"output must be 'probability' or 'logit', not {output!r}.")
     multi = describe(model).multi_label
     with borrowed_model(model), steady_heap():
-        forward = fast_forward(model, x)  # outside inference mode: it watches version counters
+        # built outside inference mode (it watches version counters); unfolded: the model as given, its own layout
+        forward = fast_forward(model, x) if fold else FastForward(module=model, layout=False)
 
         def score(batch: torch.Tensor) -> torch.Tensor:
             logits = forward(batch).float()
@@ -92,10 +100,11 @@ def scoring(model: nn.Module, x: torch.Tensor, output: str = "probability") -> I
 def model_scores(
     model: nn.Module, x: torch.Tensor, output: str = "probability", chunk: int = 64
 ) -> torch.Tensor:
-    """(N, K) scores of `model` on `x` (see `scoring`), in chunks of at most `chunk` inputs.
+    """(N, K) scores of `model` on `x` (see `scoring`; folded from `FOLD_FROM` inputs), in chunks of at most
+    `chunk` inputs.
 
     Raises InputError for an unknown `output`."""
-    with scoring(model, x, output) as score:
+    with scoring(model, x, output, fold=x.shape[0] >= FOLD_FROM) as score:
         step = max(1, int(chunk))
         return torch.cat([score(x[i:i + step]) for i in range(0, x.shape[0], step)])
 
@@ -176,23 +185,13 @@ def _scored_steps(
 
 
 def _perturbation_curve(
-    model: nn.Module,
-    x: torch.Tensor,
-    maps: torch.Tensor,
-    targets: torch.Tensor,
-    start: torch.Tensor,
-    fill: torch.Tensor,
-    counts: torch.Tensor,
-    order: str,
-    output: str,
-    chunk: int,
+    model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
+    fill: torch.Tensor, counts: torch.Tensor, order: str, output: str, chunk: int,
 ) -> torch.Tensor:
     """Scores (B, T, K): at step k the first counts[k] pixels in `order` take their value from `fill`,
     the others from `start`."""
-    def make(bs: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-        return torch.where(removed[:, None], fill[bs], start[bs])
-
-    return _scored_steps(model, x, maps, targets, counts, order, output, chunk, make)
+    return _scored_steps(model, x, maps, targets, counts, order, output, chunk,
+                         lambda bs, removed: torch.where(removed[:, None], fill[bs], start[bs]))
 
 
 # --------------------------------------------------------------------------------------------- deletion / insertion
