@@ -12,7 +12,7 @@ from torch import nn
 from medlens.errors import ModelError
 
 
-# torchvision's `BasicBlock` and `conv1x1` (torchvision/models/resnet.py, BSD-3-Clause), copied so that loading a
+# torchvision's `BasicBlock` and `conv1x1` (its ResNet module, BSD-3-Clause licence), copied so that loading a
 # bundled model does not import torchvision: its import pulls in torch._dynamo and sympy, about 40% of the start-up
 # of `medlens batch` (python -X importtime). Same submodule names, parameters and forward as torchvision's.
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
