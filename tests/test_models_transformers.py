@@ -36,6 +36,8 @@ def _hf_folder(tmp_path, channels: int = 1):
 
 
 def _same_maps(loaded, module, x):
+    # the same input spec on both: occlusion's "zero" baseline is the scan's black, which the spec defines
+    module.input_spec = loaded.input_spec
     for method in METHODS:
         ours = medlens.explain(loaded, x, method, targets=[0, 2])
         direct = medlens.explain(module, x, method, targets=[0, 2])

@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 from medlens.errors import InputError
 from medlens.io.output import input_digest
 from medlens.io.readers import kind_of
-from medlens.io.dicom_series import SERIES_TAGS, check_series
 from medlens.io.scan import image_suffix
 
 DIGEST_CHARS = 16  # of the content sha256 in an input's id: enough to tell files apart, short enough to read
@@ -72,7 +71,7 @@ def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ())
             else:
                 suffix = path.suffix.lower() or "(no extension)"
                 skipped[suffix] = skipped.get(suffix, 0) + 1
-        if scans and check_series(here, scans, SERIES_TAGS).problem is None:
+        if scans and _one_series(here, scans):
             found.append(here)  # one DICOM series (the reader's own rule): one input, a volume
         else:
             found.extend(scans)
@@ -142,3 +141,11 @@ def _digest(path: Path) -> str:
         return input_digest(path) or "unreadable"
     except OSError:  # unreadable: its run fails with the reader's message
         return "unreadable"
+
+
+def _one_series(folder: Path, scans: list[Path]) -> bool:
+    """Whether the scans of `folder` form one DICOM series (the reader's own rule)."""
+    # imported on first use: pydicom takes over a second to import, which a run on single files need not pay
+    from medlens.io.dicom_series import SERIES_TAGS, check_series
+
+    return check_series(folder, scans, SERIES_TAGS).problem is None

@@ -12,11 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import click
-import matplotlib
 import torch
-
-matplotlib.use("Agg", force=False)  # files only: never a window
-import matplotlib.pyplot as plt  # noqa: E402
 
 import medlens  # noqa: E402
 from medlens.core.registry import get_spec  # noqa: E402
@@ -81,9 +77,21 @@ def _display(m: torch.Tensor) -> torch.Tensor:
     return (pos / hi).clamp(0, 1) if hi > 0 else pos
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, never a window), imported on first use: it takes a
+    second or more, and only the demo's figures need it, not the other commands this module is imported with."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _case_figure(image: torch.Tensor, maps: dict[str, torch.Tensor], contour: torch.Tensor, title: str,
                  scores: dict[str, float], score_name: str, path: Path, contour_color: str = "cyan") -> None:
     cols = 1 + len(maps)
+    plt = _pyplot()
     fig, axes = plt.subplots(1, cols, figsize=(2.1 * cols, 2.5))
     axes = [axes] if cols == 1 else list(axes)
     axes[0].imshow(image.numpy(), cmap="gray", vmin=0, vmax=1)
@@ -240,6 +248,7 @@ def _write_summary_png(out: Path, s: dict[str, Any]) -> None:
     names = [n for n in s["methods"] if n in s["lesion"]["energy_in_lesion"] or n in s["shortcut"]["energy_on_marker"]]
     le = [s["lesion"]["energy_in_lesion"].get(n, {}).get("mean", 0.0) for n in names]
     me = [s["shortcut"]["energy_on_marker"].get(n, {}).get("mean", 0.0) for n in names]
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 + 0.38 * max(len(names), 3)))
     for ax, vals, ref, title, color in (
         (axes[0], le, s["lesion"]["mean_lesion_area_fraction"], "phantom-lesion: map energy inside the true lesion", "tab:blue"),

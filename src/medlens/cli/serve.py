@@ -14,8 +14,6 @@ from medlens.cli.commands import _model_on_device, _parse_options
 from medlens.core.explain import check_methods
 from medlens.errors import MethodError
 from medlens.io.formats import check_formats
-from medlens.node import Limits, Node, NodeConfig, Peer
-from medlens.node.receiver import pynetdicom_module
 from medlens.pipeline import ExplainRequest
 
 
@@ -47,6 +45,10 @@ def serve_command(model_source: str, methods: str, state_dir: Path, ae_title: st
 
     Every event (received, explained, sent, failed) is appended to STATE/ledger.jsonl before it counts, so a node
     killed at any moment and started again with the same --out loses nothing and sends nothing twice."""
+    # the node (pydicom, pynetdicom) is imported when it is used, not when the command line starts
+    from medlens.node import Limits, Node, NodeConfig, Peer
+    from medlens.node.receiver import pynetdicom_module
+
     pynetdicom_module()  # a clear message before a model is loaded
     peer = Peer.parse(send_to) if send_to else None
     request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed, formats=formats,

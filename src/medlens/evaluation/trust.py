@@ -201,16 +201,17 @@ def completeness(
     delta = f_t(x) - f_t(baseline) (completeness, integrated gradients, DeepLIFT, SHAP), or f_t(x) itself
     when `baseline is None` (conservation, LRP). Checked with a tolerance, never exact float equality."""
     check_batch(x, maps, targets)
-    fx = pick(model_scores(model, x, "logit"), targets)
     if baseline is None:
-        delta, ref = fx, "f(x) (conservation)"
+        delta, ref = pick(model_scores(model, x, "logit"), targets), "f(x) (conservation)"
     else:
         black = scan_black(model) if isinstance(baseline, str) and baseline == "zero" else None
         if black is not None:  # the methods' "zero" (integrated gradients) is the scan's black in the model's input space
             baseline = black.to(x).reshape(1, -1, *([1] * (x.dim() - 2)))
         xb, desc = make_baseline(x, baseline)
         desc = "zero: the scan's black" if black is not None else desc
-        delta, ref = fx - pick(model_scores(model, xb, "logit"), targets), f"f(x) - f({desc})"
+        both = model_scores(model, torch.cat([x, xb.expand_as(x)]), "logit")  # one borrow, one folded copy, one batch
+        B = x.shape[0]
+        delta, ref = pick(both[:B], targets) - pick(both[B:], targets), f"f(x) - f({desc})"
     total = maps.flatten(2).double().sum(dim=2).float()
     err = (total - delta).abs()
     return CompletenessResult(err / delta.abs().clamp_min(1e-6), err <= atol + rtol * delta.abs(), total, delta, ref)
@@ -227,12 +228,14 @@ def max_sensitivity(
     seed: int = 0,
     layer: Any = None,
     options: Optional[dict[str, Any]] = None,
-    chunk: int = 32,
+    chunk: Optional[int] = None,
     original: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Max-sensitivity (Yeh et al., 2019): max over `samples` uniform perturbations
     |delta| <= radius * (max(x) - min(x)) of ||e(x + delta) - e(x)|| / ||e(x)|| (Frobenius norms, same
-    targets). Lower is better. When e(x) is all zero the denominator is 1 (the absolute change)."""
+    targets). Lower is better. When e(x) is all zero the denominator is 1 (the absolute change).
+    The noisy copies of all images are explained in one call (the method batches its own passes), or
+    `chunk` inputs (rounded to whole sets of the B images) at a time when memory asks for it."""
     check_batch(x, None, targets)
     base = original if original is not None else explain_maps(model, x, targets, method, layer, seed, options)
     B, T = targets.shape
@@ -245,7 +248,7 @@ def max_sensitivity(
         noisy.append(x + u * radius * span)
     xs = torch.cat(noisy)  # (S*B, C, *s)
     ts = targets.repeat(int(samples), 1)
-    per = max(1, int(chunk) // max(1, B)) * B
+    per = xs.shape[0] if chunk is None else max(1, int(chunk) // max(1, B)) * B
     outs = [explain_maps(model, xs[i:i + per], ts[i:i + per], method, layer, seed, options) for i in range(0, xs.shape[0], per)]
     maps = torch.cat(outs).view(int(samples), B, T, -1)
     ref = base.reshape(1, B, T, -1)

@@ -17,7 +17,6 @@ from medlens.errors import InputError, MethodError, OutputError
 from medlens.evaluation.metrics import LOCALISATION, METRICS
 from medlens.evaluation_run.dataset import FolderDataset, read_include
 from medlens.evaluation_run.parallel import EvaluateTaskFactory, score_on_executor
-from medlens.evaluation_run.plots import write_plots
 from medlens.evaluation_run.scoring import Tally, region_prior, score_images
 from medlens.evaluation_run.tables import rows_to_csv, rows_to_markdown, summarise
 from medlens.io.files import atomic_write
@@ -154,6 +153,9 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], tally: Tally, settings: di
         raise OutputError(f"cannot create the output folder {out_dir}: {exc}") from None
     atomic_write(out_dir / "metrics.csv", rows_to_csv(rows))
     atomic_write(out_dir / "metrics.md", rows_to_markdown(rows, settings["seconds_per_image"], settings))
+    # lazy: matplotlib takes seconds to import, and every CLI command imports this module
+    from medlens.evaluation_run.plots import write_plots
+
     settings["plots"] = write_plots(out_dir, rows, tally.curves)
     atomic_write(out_dir / "run.json", json.dumps(settings, indent=2, default=str))
 

@@ -11,8 +11,6 @@ import numpy as np
 
 from medlens.errors import OutputError
 from medlens.io.files import atomic_write, safe_name
-from medlens.io.format_dicom import write_dicom
-from medlens.io.format_nifti import write_nifti
 from medlens.io.render import color_scale, render_overlay, render_panel, shown
 from medlens.io.scan_view import ScanView, scan_view
 
@@ -132,6 +130,23 @@ def write_npz(job: ImageResult, folder: Path) -> list[Path]:
 
 
 FormatWriter = Callable[[ImageResult, Path], list[Path]]
+
+
+# The DICOM and NIfTI writers are imported on first use: pydicom and nibabel take over a second to import, which
+# every start of `medlens batch` writing PNG or NPZ paid.
+def write_dicom(*args: Any, **kwargs: Any) -> Any:
+    """`medlens.io.format_dicom.write_dicom`, imported on first use."""
+    from medlens.io.format_dicom import write_dicom as write
+
+    return write(*args, **kwargs)
+
+
+def write_nifti(*args: Any, **kwargs: Any) -> Any:
+    """`medlens.io.format_nifti.write_nifti`, imported on first use."""
+    from medlens.io.format_nifti import write_nifti as write
+
+    return write(*args, **kwargs)
+
 
 FORMATS: dict[str, FormatWriter] = {
     "png": write_png,

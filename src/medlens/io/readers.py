@@ -10,9 +10,6 @@ from typing import Any, Optional
 import numpy as np
 
 from medlens.errors import InputError
-from medlens.io.dicom import read_dicom
-from medlens.io.dicom_series import read_dicom_series
-from medlens.io.nifti import read_nifti
 from medlens.io.raster import read_raster
 from medlens.io.scan import (DICOM_EXTENSIONS, NIFTI_EXTENSIONS, RASTER_EXTENSIONS, SUPPORTED, PathLike, ScanImage,
                              check_file, downsample_if_needed, finite_check)
@@ -66,11 +63,19 @@ def read_image(
     else:
         check_file(path)
         kind = kind_of(path)
+    # the DICOM and NIfTI readers are imported on first use: pydicom and nibabel take over a second to import,
+    # which every start of `medlens batch` on PNG or JPEG files paid
     if kind == "dicom-series":
+        from medlens.io.dicom_series import read_dicom_series
+
         scan = read_dicom_series(path, window)
     elif kind == "dicom":
+        from medlens.io.dicom import read_dicom
+
         scan = read_dicom(path, frame, window)
     elif kind == "nifti":
+        from medlens.io.nifti import read_nifti
+
         scan = read_nifti(path, frame)
     else:
         scan = read_raster(path, kind, frame)

@@ -6,15 +6,48 @@ The classifiers use torchvision building blocks and attribute names, so layer au
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from collections import OrderedDict
-from torchvision.models.resnet import BasicBlock, conv1x1
-from torchvision.models.vision_transformer import VisionTransformer
 
 from medlens.errors import ModelError
+
+
+# torchvision's `BasicBlock` and `conv1x1` (its ResNet module, BSD-3-Clause licence), copied so that loading a
+# bundled model does not import torchvision: its import pulls in torch._dynamo and sympy, about 40% of the start-up
+# of `medlens batch` (python -X importtime). Same submodule names, parameters and forward as torchvision's.
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution without bias (torchvision's)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1, without bias (torchvision's)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the (downsampled) input, then ReLU."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)  # after the branch, in torchvision's order
+        out += identity
+        return self.relu(out)
 
 
 class SmallResNet(nn.Module):
@@ -101,56 +134,6 @@ class PhantomCNN(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class HybridViT(VisionTransformer):
-    """A small vision transformer whose patch embedding is a convolutional stem (the hybrid of Dosovitskiy et al.
-    2021; Xiao et al. 2021, "Early convolutions help transformers see better"): SmallResNet's first stages (conv1,
-    bn1, maxpool, then layer1 .. layerK, one per stem width) and a projection to `hidden_dim` that brings the grid to
-    1/16 of the input, so one token per 16 x 16 pixels; then torchvision's ViT encoder with a class token
-    (`encoder.layers`, `ln`, `heads`).
-
-    It is a `torchvision.models.VisionTransformer` with `conv_proj` replaced (grayscale in, patch size 16), so the
-    stem's names are SmallResNet's under `conv_proj.` and a SmallResNet's weights can start it (`load_cnn_stem`).
-    """
-
-    def __init__(self, num_classes: int = 3, in_channels: int = 1, image_size: int = 128,
-                 stem_widths: Sequence[int] = (32, 64, 128), hidden_dim: int = 128, depth: int = 4, heads: int = 4,
-                 mlp_dim: int = 192, dropout: float = 0.0) -> None:
-        super().__init__(image_size=image_size, patch_size=16, num_layers=depth, num_heads=heads, hidden_dim=hidden_dim,
-                         mlp_dim=mlp_dim, dropout=dropout, num_classes=num_classes)
-        widths = [int(w) for w in stem_widths]
-        if not 1 <= len(widths) <= 3:
-            raise ModelError(f"HybridViT takes one to three stem widths (SmallResNet's layer1 to layer3), not {widths}.")
-        stem = SmallResNet(in_channels=in_channels, widths=(*widths, *[1] * (4 - len(widths))))
-        layers: OrderedDict[str, nn.Module] = OrderedDict(conv1=stem.conv1, bn1=stem.bn1, relu=stem.relu,
-                                                          maxpool=stem.maxpool)
-        for i in range(len(widths)):
-            layers[f"layer{i + 1}"] = getattr(stem, f"layer{i + 1}")
-        patch = 16 // (4 * 2 ** (len(widths) - 1))  # the stem's grid is 1/4, 1/8 or 1/16 of the input
-        layers["proj"] = nn.Conv2d(widths[-1], hidden_dim, kernel_size=patch, stride=patch)
-        self.conv_proj = nn.Sequential(layers)
-        nn.init.trunc_normal_(self.class_token, std=0.02)
-
-    def load_cnn_stem(self, state: dict[str, torch.Tensor]) -> list[str]:
-        """Copy a SmallResNet state dict's conv1, bn1 and stem stages into the stem (the rest starts fresh).
-
-        Returns:
-            The stem keys copied.
-
-        Raises:
-            ModelError: the state dict lacks a stem key or its shape differs.
-        """
-        own = self.conv_proj.state_dict()
-        wanted = [k for k in own if not k.startswith("proj.")]
-        bad = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
-        if bad:
-            raise ModelError(f"the starting weights do not fit this network's convolutional stem ({bad[:3]} missing or "
-                             f"of another shape); give a SmallResNet state dict with the same first widths.")
-        self.conv_proj.load_state_dict({**own, **{k: state[k] for k in wanted}})
-        return wanted
-
-
-
-
 def _double_conv(conv: type, bn: type, c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(conv(c_in, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU(inplace=True),
                          conv(c_out, c_out, 3, padding=1, bias=False), bn(c_out), nn.ReLU(inplace=True))
@@ -189,11 +172,4 @@ class PhantomUNet(nn.Module):
         return self.head(x)
 
 
-ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN, "HybridViT": HybridViT, "PhantomUNet": PhantomUNet}
-
-
-def build(arch: str, **kwargs) -> nn.Module:
-    """Instantiate an architecture by its class name (as written in the weights spec JSON)."""
-    if arch not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}.")
-    return ARCHITECTURES[arch](**kwargs)
+ARCHITECTURES = {"SmallResNet": SmallResNet, "PhantomCNN": PhantomCNN, "PhantomUNet": PhantomUNet}

@@ -16,7 +16,7 @@ from medlens.core.input_spec import InputSpec
 from medlens.core.model_description import ModelDescription, attach_description
 from medlens.errors import ModelError
 from medlens.io.files import file_sha256
-from medlens.models.networks import build
+from medlens.models.networks import ARCHITECTURES
 from medlens.models.source import LoadedModel, LoadOptions
 from medlens.models.state_dicts import load_state_dict_checked
 
@@ -153,3 +153,18 @@ def load(source: str, options: LoadOptions) -> LoadedModel:
     weights_file = info_get(listed_models().get(source), "weights")
     digest = file_sha256(weights_file) if weights_file and Path(weights_file).is_file() else None
     return LoadedModel(load_bundled(source), ModelDescription(source=source, kind="bundled", sha256=digest))
+
+
+def build(arch: str, **kwargs: Any) -> nn.Module:
+    """Instantiate a bundled network by its class name (as written in models.json).
+
+    Raises:
+        ModelError: an architecture medlens does not ship.
+    """
+    if arch == "HybridViT":  # torchvision's ViT, whose import costs start-up time: only for the model that needs it
+        from medlens.models.hybrid_vit import HybridViT
+
+        return HybridViT(**kwargs)
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {arch!r}; expected one of {sorted([*ARCHITECTURES, 'HybridViT'])}.")
+    return ARCHITECTURES[arch](**kwargs)

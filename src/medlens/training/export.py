@@ -101,7 +101,7 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
              "**Intended use: research and teaching (how explanation methods behave on a model that learned something "
              "real or a known shortcut). Not a medical device; not for diagnosis or any clinical decision.**", "",
              "## Model", "",
-             f"- Architecture: `medlens.models.networks.{entry['architecture']}({', '.join(f'{k}={v}' for k, v in entry['kwargs'].items())})`",
+             f"- Architecture: `medlens.models.{'hybrid_vit' if entry['architecture'] == 'HybridViT' else 'networks'}.{entry['architecture']}({', '.join(f'{k}={v}' for k, v in entry['kwargs'].items())})`",
              f"- Weights: `{entry['weights']}`, {size_mb:.2f} MB (float32 state dict), SHA-256 `{digest}`",
              "- Load offline: `medlens.load_model(\"" + name + "\")` (eval mode, with `.labels`, `.multi_label`, `.input_spec`)", "",
              "## Input spec", "", "| field | value |", "|---|---|"]

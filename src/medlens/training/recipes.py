@@ -64,7 +64,7 @@ class Network:
 
 @dataclass(frozen=True)
 class ViTNetwork:
-    """The hybrid vision transformer (`medlens.models.networks.HybridViT`): the convolutional stem's widths, the
+    """The hybrid vision transformer (`medlens.models.hybrid_vit.HybridViT`): the convolutional stem's widths, the
     token width, the number of encoder blocks, attention heads and the MLP width."""
 
     architecture: str = "HybridViT"

@@ -13,7 +13,7 @@ from torch import nn
 
 from medlens.errors import InputError
 from medlens.io.files import atomic_write
-from medlens.models.networks import HybridViT, PhantomCNN, PhantomUNet, SmallResNet
+from medlens.models.networks import PhantomCNN, PhantomUNet, SmallResNet
 from medlens.models.zoo import bundled_models, load_state_dict_checked
 from medlens.training.recipes import BRAIN_RECIPES, Network, ViTNetwork
 
@@ -28,6 +28,8 @@ def build_network(network: Union[Network, ViTNetwork], num_classes: int, size: i
     """A freshly initialised network as the recipe describes it (one grayscale channel in, a ViT for `size` px
     inputs), from the global RNG."""
     if isinstance(network, ViTNetwork):
+        from medlens.models.hybrid_vit import HybridViT  # torchvision's ViT: imported for a ViT recipe only
+
         return HybridViT(num_classes=num_classes, in_channels=1, image_size=size, stem_widths=network.stem_widths,
                          hidden_dim=network.hidden_dim, depth=network.depth, heads=network.heads, mlp_dim=network.mlp_dim)
     if network.architecture == "PhantomCNN":
@@ -61,7 +63,7 @@ def init_weights(model: nn.Module, init: Optional[str], out_dir: Optional[Path])
     """Load the starting weights named by `init` (see init_path) into model; a hybrid ViT takes a CNN's
     (SmallResNet's) convolutional stem from them and starts the rest fresh."""
     path = init_path(init, out_dir)
-    if path is not None and isinstance(model, HybridViT):
+    if path is not None and hasattr(model, "load_cnn_stem"):  # a HybridViT starts its stem from a CNN
         state = torch.load(path, map_location="cpu", weights_only=True)
         if "conv1.weight" in state:
             model.load_cnn_stem(state)

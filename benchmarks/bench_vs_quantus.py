@@ -1,0 +1,155 @@
+"""medlens's evaluation metrics against Quantus 0.6 (the reference library for them): same maps, same
+parameters, values compared where the definitions agree, speed as interleaved medians on one thread.
+
+    pip install quantus==0.6.0 cachetools   # only for this script (`pip install medlens[quantus]`)
+    python benchmarks/bench_vs_quantus.py --data ../shared/data/brain-tumor-figshare --slices 8 --repeats 3
+
+Inputs: `--slices` slices of the figshare *test* split (never trained on), prepared for the bundled
+brain-tumor-mri model; maps: integrated gradients (few ties, so the pixel orders of both libraries agree),
+max-sensitivity re-explains with Grad-CAM. Each (metric, library) is timed `--repeats` times, the two libraries
+alternating, and the median is reported with the ratio Quantus time / medlens time (above 1: medlens faster).
+Prints a markdown table (docs/benchmarks.md keeps one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def _inputs(data: str, n: int):
+    import medlens
+    from medlens.data.figshare import box_to_mask, scan_folder
+
+    model = medlens.load_model("brain-tumor-mri")
+    test = scan_folder(data, splits=["test"])
+    picked = test[:: max(1, len(test) // n)][:n]
+    x = torch.cat([medlens.load_input(str(s.image_path), model) for s in picked])
+    masks = torch.stack([box_to_mask(s.box, tuple(x.shape[2:])) for s in picked])
+    res = medlens.explain(model, x, methods="integratedgradients", seed=0)
+    return model, x, masks, res["integratedgradients"], res.targets
+
+
+def _cases(model, x, masks, maps, targets, steps: int, samples: int, radius: float):
+    """(name, medlens call, Quantus call, compare(medlens result, Quantus result) -> str)."""
+    import quantus
+
+    import medlens
+    import medlens.evaluation.faithfulness as F
+    import medlens.evaluation.localisation as L
+    import medlens.evaluation.trust as TR
+
+    B = x.shape[0]
+    P = int(np.prod(x.shape[2:]))
+    xn, an, yn, sn = x.numpy(), maps.numpy(), targets[:, 0].numpy(), masks[:, None].numpy()
+    common = dict(model=model, x_batch=xn, y_batch=yn, a_batch=an, device="cpu", batch_size=B, channel_first=True)
+    quiet = dict(disable_warnings=True, display_progressbar=False)
+    blurred, _ = F.make_baseline(x, "blur")
+
+    def put_back(arr, indices, original=None, **_):  # Quantus pixel flipping run backwards: insertion
+        out = arr.copy()
+        np.put_along_axis(out, indices, np.take_along_axis(original, indices, axis=1), axis=1)
+        return out
+
+    # max-sensitivity: both libraries get the same noisy copies (uniform in +-radius * span, drawn by medlens's seed)
+    gen = torch.Generator().manual_seed(0)
+    span = (x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True))
+    noisy = [x + (torch.rand(x.shape, generator=gen) * 2 - 1) * radius * span for _ in range(samples)]
+    feed = {"i": 0}
+
+    def next_copy(arr, indices, indexed_axes=None, **_):
+        out = noisy[feed["i"] % samples].reshape(B, -1).numpy()
+        feed["i"] += 1
+        return out
+
+    def gradcam(model, inputs, targets, **_):
+        t = torch.as_tensor(targets).long().view(-1, 1)
+        return medlens.explain(model, torch.as_tensor(inputs), methods="gradcam", targets=t.tolist())["gradcam"].numpy()
+
+    cams = gradcam(model, x, targets[:, 0])  # max-sensitivity compares Grad-CAM maps with Grad-CAM maps
+
+    def curves_gap(ours, theirs):
+        return f"max |curve gap| {np.abs(ours.curves[:, 0, 1:].numpy() - np.asarray(theirs)).max():.1e}"
+
+    q_del = quantus.PixelFlipping(features_in_step=P // steps, perturb_baseline=0.0, normalise=False, abs=False, **quiet)
+    q_ins = quantus.PixelFlipping(features_in_step=P // steps, perturb_func=put_back, normalise=False, abs=False,
+                                  perturb_func_kwargs={"original": xn.reshape(B, -1)}, **quiet)
+    q_road = quantus.ROAD(percentages=list(range(10, 100, 10)), noise=0.01, normalise=False, abs=False, **quiet)
+    q_sens = quantus.MaxSensitivity(nr_samples=samples, perturb_func=next_copy, normalise=False, abs=False, **quiet)
+    q_point = quantus.PointingGame(**quiet)
+    q_sparse = quantus.Sparseness(normalise=False, abs=True, **quiet)
+    q_compl = quantus.Completeness(perturb_baseline=0.0, normalise=False, abs=False, **quiet)
+
+    def sens_reset(fn):
+        def run():
+            feed["i"] = 0
+            return fn()
+        return run
+
+    return [
+        ("deletion (20 steps, zero fill)",
+         lambda: F.deletion(model, x, maps, targets, steps=steps, baseline="zero"),
+         lambda: q_del(**common, softmax=True), curves_gap),
+        ("insertion (20 steps, from a blur)",
+         lambda: F.insertion(model, x, maps, targets, steps=steps, baseline="blur"),
+         lambda: q_ins(**{**common, "x_batch": blurred.numpy()}, softmax=True), curves_gap),
+        ("ROAD MoRF (10..90 %)",
+         lambda: F.road_morf(model, x, maps, targets),
+         lambda: q_road(**common, softmax=True),
+         lambda o, t: "score vs accuracy (definitions differ)"),
+        (f"max-sensitivity (Grad-CAM, {samples} samples)",
+         lambda: TR.max_sensitivity(model, x, targets, "gradcam", radius=radius, samples=samples,
+                                    original=torch.as_tensor(cams)),
+         sens_reset(lambda: q_sens(**{**common, "a_batch": cams}, explain_func=gradcam, softmax=False)),
+         lambda o, t: f"max |gap| {np.abs(o[:, 0].numpy() - np.asarray(t)).max():.1e}"),
+        ("pointing game (hit inside)",
+         lambda: L.pointing_game(maps, masks, tolerance=0),
+         lambda: q_point(**common, s_batch=sn),
+         lambda o, t: f"{int((o[:, 0].numpy() == np.asarray(t, dtype=float)).sum())}/{B} equal"),
+        ("sparseness (Gini of |map|)",
+         lambda: TR.sparseness(maps),
+         lambda: q_sparse(**common),
+         lambda o, t: f"max |gap| {np.abs(o[:, 0].numpy() - np.asarray(t)).max():.1e} (Quantus adds 1e-7)"),
+        ("completeness (zero baseline)",
+         lambda: TR.completeness(model, x, maps, targets, baseline="zero"),
+         lambda: q_compl(**common, softmax=False),
+         lambda o, t: "tolerance vs exact equality (definitions differ)"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/brain-tumor-figshare")
+    parser.add_argument("--slices", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated substrings of the metric names to run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, x, masks, maps, targets = _inputs(args.data, args.slices)
+    print(f"{x.shape[0]} slices {tuple(x.shape[2:])}, 1 thread, load average {os.getloadavg()[0]:.1f}, "
+          f"torch {torch.__version__}")
+    print("| metric | medlens (s) | Quantus (s) | speed-up | values |\n| --- | ---: | ---: | ---: | --- |")
+    for name, ours, theirs, compare in _cases(model, x, masks, maps, targets, steps=20, samples=8, radius=0.02):
+        if args.only and not any(k in name for k in args.only.split(",")):
+            continue
+        times: dict[str, list[float]] = {"m": [], "q": []}
+        for _ in range(args.repeats):
+            for key, fn in (("m", ours), ("q", theirs)):
+                t = time.perf_counter()
+                out = fn()
+                times[key].append(time.perf_counter() - t)
+                if key == "m":
+                    mine = out
+                else:
+                    quant = out
+        m, q = statistics.median(times["m"]), statistics.median(times["q"])
+        print(f"| {name} | {m:.3f} | {q:.3f} | {q / m:.2f}x | {compare(mine, quant)} |", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
