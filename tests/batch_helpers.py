@@ -42,6 +42,25 @@ def comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "seconds"}
 
 
+def same_within_float(a: Any, b: Any) -> bool:
+    """Records (or parts) equal but for float rounding: a mini-batch's maps equal one input's within float tolerance,
+    and a resumed run explains its remaining inputs in other mini-batches than an uninterrupted one."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_within_float(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_within_float(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return bool(np.isclose(a, b, rtol=1e-4, atol=1e-6))
+    return a == b
+
+
+def close_maps(a: np.ndarray, b: np.ndarray) -> bool:
+    """Maps equal within float tolerance: 1e-4 of the map's peak (LRP's epsilon rule divides by small sums)."""
+    if a.dtype.kind != "f" or b.dtype.kind != "f":
+        return np.array_equal(a, b)
+    return a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1e-12, float(np.abs(b).max())))
+
+
 def maps_of(out: Path, record: dict) -> dict[str, np.ndarray]:
     npz = next(o for o in record["outputs"] if o.endswith("maps.npz"))
     with np.load(out / npz) as data:

@@ -6,12 +6,15 @@ The interface (all an executor needs to know of the work):
   model there, set torch threads there); `factory.lost(item, message)` returns the record of an item whose worker
   died (or whose task raised) so that the run can go on. `medlens.batch.task.BatchTaskFactory` is the batch's.
 - *items*: picklable values (the batch sends `WorkItem`s); `task(item)` returns a JSON-able record (a dict).
-- `executor.run(factory, items)` yields one record per item, in the order they finish (not the items' order). The
-  caller (only the driver) persists each record as it arrives, so a record yielded is a result kept.
-Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` items sent to each worker (one in work, the next waiting in its
-pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies the item it was
-working on is known: that item goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record;
-the items still waiting are handed out again without counting an attempt. `ray` leaves restarts to Ray (actors are
+- `executor.run(factory, items, batch_size)` yields one record per item, in the order they finish (not the items'
+  order). The caller (only the driver) persists each record as it arrives, so a record yielded is a result kept.
+  Items go to a task `batch_size` at a time (a mini-batch): a task with `run_many(items)` gets them in one call
+  (the batch's explains inputs of one prepared shape in one pass), any other task one by one.
+Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` mini-batches sent to each worker (one in work, the next
+waiting in its pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies
+the mini-batch it was working on is known: one of several inputs is split into single inputs (no attempt counted);
+a single input goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record; the
+mini-batches still waiting are handed out again without counting an attempt. `ray` leaves restarts to Ray (actors are
 restarted and their tasks retried).
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
 RAY_HINT = 'the ray executor needs Ray: pip install "medlens[ray]"'
-ITEMS_PER_WORKER = 2  # sent and not yet answered, per worker process
+ITEMS_PER_WORKER = 2  # mini-batches sent and not yet answered, per worker process
 
 
 class TaskFactory(Protocol):
@@ -50,10 +53,20 @@ class SerialExecutor:
     name = "serial"
     workers = 1
 
-    def run(self, factory: TaskFactory, items: Sequence[Any]) -> Iterator[dict]:
+    def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
         task = factory()
-        for item in items:
-            yield _call(task, factory, item)
+        for start in range(0, len(items), max(1, batch_size)):
+            yield from _call_many(task, factory, list(items[start:start + max(1, batch_size)]))
+
+
+def _call_many(task: Any, factory: TaskFactory, items: list) -> list[dict]:
+    """The records of a mini-batch: in one `task.run_many` call where the task has one, else item by item."""
+    if len(items) > 1 and hasattr(task, "run_many"):
+        try:
+            return list(task.run_many(items))
+        except Exception:  # noqa: BLE001 - one at a time, so that only the item at fault is lost
+            pass
+    return [_call(task, factory, item) for item in items]
 
 
 def _call(task: Callable[[Any], dict], factory: TaskFactory, item: Any) -> dict:
@@ -79,12 +92,12 @@ def _worker_main(factory: TaskFactory, conn: Connection) -> None:
             return
         if message is None:
             return
-        index, item = message
-        conn.send(("record", index, _call(task, factory, item)))
+        index, chunk = message
+        conn.send(("records", index, _call_many(task, factory, chunk)))
 
 
 class ProcessExecutor:
-    """`workers` standard-library processes, each working on one item with the next one waiting in its pipe."""
+    """`workers` standard-library processes, each working on one mini-batch with the next one waiting in its pipe."""
 
     name = "processes"
 
@@ -105,10 +118,12 @@ class ProcessExecutor:
         child.close()
         return _Worker(process, parent)
 
-    def run(self, factory: TaskFactory, items: Sequence[Any]) -> Iterator[dict]:
-        queue = deque(range(len(items)))
+    def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
+        step = max(1, batch_size)
+        chunks = [list(range(start, min(start + step, len(items)))) for start in range(0, len(items), step)]
+        queue = deque(range(len(chunks)))
         attempts = [0] * len(items)
-        workers = [self._start(factory) for _ in range(min(self.workers, len(items)))]
+        workers = [self._start(factory) for _ in range(min(self.workers, len(chunks)))]
         finished = 0
         try:
             while finished < len(items):
@@ -119,11 +134,11 @@ class ProcessExecutor:
                             raise ExecutorError(f"a worker process could not start: {index}")
                         if kind == "ready":
                             worker.ready = True
-                        elif kind == "record":
+                        elif kind == "records":
                             worker.holding.remove(index)
-                            finished += 1
-                            yield payload
-                    if worker.dead:  # the item it was on goes to a fresh worker, or is lost after max_attempts
+                            finished += len(payload)
+                            yield from payload
+                    if worker.dead:
                         workers.remove(worker)
                         worker.close()
                         if not worker.ready:
@@ -132,25 +147,37 @@ class ProcessExecutor:
                         held = worker.holding.popleft() if worker.holding else None
                         queue.extendleft(reversed(worker.holding))  # not started: handed out again as they were
                         if held is not None:
-                            attempts[held] += 1
-                            if attempts[held] >= self.max_attempts:
+                            lost = self._requeue(chunks, held, queue, attempts)
+                            if lost is not None:
                                 finished += 1
-                                yield factory.lost(items[held], f"the worker process died while working on it "
-                                                                f"{attempts[held]} times (last exit code {worker.process.exitcode})")
-                            else:
-                                queue.appendleft(held)
+                                yield factory.lost(items[lost], f"the worker process died while working on it "
+                                                                f"{attempts[lost]} times (last exit code {worker.process.exitcode})")
                         if queue:
                             workers.append(self._start(factory))
                 for worker in workers:
                     while worker.ready and len(worker.holding) < ITEMS_PER_WORKER and queue:
                         index = queue.popleft()
                         worker.holding.append(index)
-                        worker.send((index, items[index]))
+                        worker.send((index, [items[i] for i in chunks[index]]))
         finally:
             for worker in workers:
                 worker.send(None)
             for worker in workers:
                 worker.close()
+
+    def _requeue(self, chunks: list[list[int]], held: int, queue: deque, attempts: list[int]) -> Optional[int]:
+        """A dead worker's mini-batch goes back to the front of the queue: split into single items (the one at fault
+        is not known), or a single item with one attempt more; returns the item given up after `max_attempts`."""
+        members = chunks[held]
+        if len(members) > 1:
+            chunks.extend([i] for i in members)
+            queue.extendleft(reversed(range(len(chunks) - len(members), len(chunks))))
+            return None
+        attempts[members[0]] += 1
+        if attempts[members[0]] >= self.max_attempts:
+            return members[0]
+        queue.appendleft(held)
+        return None
 
 
 class _Worker:
@@ -193,16 +220,17 @@ class RayTask:
         self.task = factory()
 
     def __call__(self, batch: dict) -> dict:
-        records = [json.dumps(_call(self.task, self.factory, pickle.loads(blob))) for blob in batch["item"]]
+        items = [pickle.loads(blob) for blob in batch["item"]]
+        records = [json.dumps(record) for record in _call_many(self.task, self.factory, items)]
         return {"record": np.array(records, dtype=object)}
 
 
 class RayExecutor:
     """Ray Data `map_batches` with a callable class over an actor pool of `workers` actors, one CPU each: the model
-    is loaded once per actor, items stream through (one per batch), and Ray restarts actors that die."""
+    is loaded once per actor (the factory holds no model), items stream through a mini-batch per Ray task (which
+    amortises Ray's per-task cost; records arrive in groups), and Ray restarts actors that die."""
 
     name = "ray"
-    batch_size = 1  # inputs per Ray task: more amortises Ray's per-task cost, records then arrive in groups
 
     def __init__(self, workers: int = 2, address: Optional[str] = None) -> None:
         if workers < 1:
@@ -211,7 +239,7 @@ class RayExecutor:
         self.address = address
         self.ray = load_ray()
 
-    def run(self, factory: TaskFactory, items: Sequence[Any]) -> Iterator[dict]:
+    def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
         ray = self.ray
         started = False
         if not ray.is_initialized():
@@ -233,7 +261,7 @@ class RayExecutor:
             context.enable_progress_bars = False  # the runner's own bar counts inputs
             logging.getLogger("ray.data").setLevel(logging.WARNING)
             data = ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
-            data = data.map_batches(RayTask, fn_constructor_args=(factory,), batch_size=self.batch_size, batch_format="numpy",
+            data = data.map_batches(RayTask, fn_constructor_args=(factory,), batch_size=max(1, batch_size), batch_format="numpy",
                                     compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1)
             for row in data.iter_rows():
                 yield json.loads(row["record"])

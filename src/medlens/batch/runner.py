@@ -23,6 +23,9 @@ from medlens.io.files import ensure_writable
 from medlens.pipeline import ExplainRequest, WorkerRecipe, plan_for
 
 
+BATCH_SIZE = 8  # inputs per mini-batch by default: measured in docs/batch.md (1, 4, 8, 16)
+
+
 class SomeInputsFailed(MedlensError):
     """The run finished, and some inputs could not be explained (each is listed); exit status 3."""
 
@@ -51,15 +54,20 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
               ray_address: Optional[str] = None, threads: Optional[int] = None, device: str = "cpu",
               include: Sequence[str] = (), exclude: Sequence[str] = (), limit: Optional[int] = None,
               retry_failed: bool = False, force: bool = False, region: Any = "auto", progress: bool = True,
+              batch_size: int = BATCH_SIZE,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
               on_record: Optional[Callable[[dict], None]] = None) -> BatchSummary:
     """Explain every input under `inputs` into `out`, resuming an earlier run of the same settings there.
 
     `model` is the loaded model (the driver uses it for the settings digest and, with the serial executor, the work);
     workers of other executors load their own from `model_source` and `model_options`. `on_record` is called with
-    each record once it is in the manifest (a front end's own progress display, a benchmark's clock). Usage errors (missing input,
-    unknown executor, a folder of other settings) raise before any work."""
+    each record once it is in the manifest (a front end's own progress display, a benchmark's clock). Inputs of one
+    prepared shape are explained `batch_size` at a time in one call (a mini-batch; the maps equal one-at-a-time's
+    within float tolerance, and an input that fails, fails alone). Usage errors (missing input, unknown executor, a
+    folder of other settings, a batch size below 1) raise before any work."""
     t0 = time.perf_counter()
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more, not {batch_size}.")
     plan = plan_for(model, request)
     found = discover(inputs, include=include, exclude=exclude, limit=limit, leave_out=[Path(out)])
     if not found.items:
@@ -87,7 +95,7 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
                    disable=not progress or None, dynamic_ncols=True)
         failed_now = 0
         with ManifestWriter(manifest_path) as manifest:
-            for record in runner.run(factory, resume.todo):
+            for record in runner.run(factory, resume.todo, batch_size):
                 manifest.append(record)
                 if on_record is not None:
                     on_record(record)

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import click
 
 from medlens.batch import EXECUTORS, SomeInputsFailed, run_batch
+from medlens.batch.runner import BATCH_SIZE
 from medlens.batch.executors import ExecutorError, load_ray
 from medlens.cli.commands import _model_on_device, _parse_options
 from medlens.core.explain import check_methods
@@ -29,6 +30,8 @@ MAX_LISTED_FAILURES = 50
 @click.option("--executor", type=click.Choice(EXECUTORS), default="serial", show_default=True, help="Where the work runs.")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Worker processes or Ray actors.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker (default 1; serial: torch's default).")
+@click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True,
+              help="Inputs of one prepared shape explained together in one pass (a mini-batch); also per Ray task.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. ray://head:10001); default: a local Ray for the run.")
 @click.option("--include", multiple=True, help="Only inputs matching this glob on their relative path or name (repeatable).")
 @click.option("--exclude", multiple=True, help="Leave out inputs matching this glob (repeatable).")
@@ -55,7 +58,8 @@ MAX_LISTED_FAILURES = 50
 @click.option("--ae-title", default="MEDLENS", show_default=True, help="With --from-pacs: this program's AE title.")
 @click.option("--pacs-folder", type=click.Path(path_type=Path), default=None, help="With --from-pacs: where pulled studies go (default: OUT-pacs beside OUT).")
 def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_dir: Path, targets: Optional[str],
-                  formats: str, executor: str, workers: int, threads: Optional[int], ray_address: Optional[str],
+                  formats: str, executor: str, workers: int, threads: Optional[int], batch_size: int,
+                  ray_address: Optional[str],
                   include: Sequence[str], exclude: Sequence[str], limit: Optional[int], retry_failed: bool, force: bool,
                   layer: Optional[str], seed: Optional[int], option_items: Sequence[str], slice_index: Optional[int],
                   labels: Optional[str], input_size: Optional[str], channels: Optional[int], multi_label: Optional[bool],
@@ -97,7 +101,7 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
                         model_options=model_options, executor=executor, workers=workers, ray_address=ray_address,
                         threads=threads, device=device, include=include, exclude=exclude, limit=limit,
                         retry_failed=retry_failed, force=force, region=None if no_region else "auto",
-                        progress=not quiet, log=lambda m: click.echo(m, err=True))
+                        progress=not quiet, batch_size=batch_size, log=lambda m: click.echo(m, err=True))
     click.echo(f"{summary.done} of {summary.total} input(s) done ({summary.ran} run now, {summary.skipped_done} "
                f"skipped as done) in {summary.seconds:.1f} s; results in {summary.out} (report.html, summary.csv)")
     if summary.failures:

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from medlens.core.digests import tensor_digest
 from medlens.core.explain import explain
 from medlens.core.result import ExplanationResult
 from medlens.errors import InputError
@@ -18,6 +19,7 @@ from medlens.evaluation.localisation import energy_in_box, pointing_game
 from medlens.io.formats import DEFAULT_FORMATS
 from medlens.io import PreparedInput, ScanImage, prepare, read_image, spec_for
 from medlens.io.regions import Region, read_region, region_beside, region_mask
+from medlens.core.region_targets import has_region_targets
 from medlens.pipeline.segmentation import explained_region, targets_on_grid
 from medlens.pipeline.plan import Plan
 
@@ -62,11 +64,12 @@ class Outcome:
 
 def read_input(plan: Plan, path: Union[str, Path]) -> PreparedInput:
     """Read a scan file (or DICOM series folder) and prepare it for the plan's model."""
-    return _read(plan, Path(path))[0]
+    return read_with_shape(plan, Path(path))[0]
 
 
-def _read(plan: Plan, path: Path) -> tuple[PreparedInput, tuple[int, ...]]:
-    """The prepared input and the spatial shape of the scan as read (a volume's, before a 2-D model's slice)."""
+def read_with_shape(plan: Plan, path: Path) -> tuple[PreparedInput, tuple[int, ...]]:
+    """The prepared input and the spatial shape of the scan as read (a volume's, before a 2-D model's slice): what
+    `explain_prepared_many` takes as `read_shapes`."""
     request = plan.request
     scan = read_image(path, frame=request.frame, window=request.window)
     return prepare(scan, spec_for(plan.model), dims=plan.dims, slice_index=request.slice_index), scan.spatial_shape
@@ -118,35 +121,81 @@ def explain_prepared(plan: Plan, prepared: PreparedInput, *, source: Optional[Pa
                      region: RegionArg = None, read_shape: Optional[tuple[int, ...]] = None) -> Outcome:
     """Explain an already prepared input under the plan; `region` adds its outline and scores. `read_shape` is
     the scan's spatial shape as read (default: the prepared scan's), which a region mask must match."""
-    request = plan.request
-    notes = list(prepared.notes)
-    found = _resolve_region(region, source, notes)
-    grid = tuple(prepared.tensor.shape[2:])
-    targets = targets_on_grid(plan.targets, read_shape or prepared.scan.spatial_shape, grid, request.slice_index)
+    return explain_prepared_many(plan, [prepared], sources=[source], region=region, read_shapes=[read_shape])[0]
+
+
+def explain_prepared_many(plan: Plan, prepared: Sequence[PreparedInput], *,
+                          sources: Optional[Sequence[Optional[Path]]] = None, region: RegionArg = None,
+                          read_shapes: Optional[Sequence[Optional[tuple[int, ...]]]] = None) -> list[Outcome]:
+    """Explain prepared inputs of one shape in one `explain` call (a mini-batch): one `Outcome` per input, its
+    maps those of the input explained alone (within float tolerance). `region` as for `explain_prepared`, per input.
+
+    Raises:
+        InputError: the inputs do not share one prepared shape; whatever `explain` raises for the mini-batch (the
+            caller explains the inputs one at a time to find the one at fault).
+    """
+    n = len(prepared)
+    sources = list(sources) if sources is not None else [None] * n
+    read_shapes = list(read_shapes) if read_shapes is not None else [None] * n
+    shapes = {tuple(p.tensor.shape[1:]) for p in prepared}
+    if len(shapes) > 1:
+        raise InputError(f"a mini-batch takes inputs of one prepared shape, not {sorted(shapes)}.")
+    if n > 1 and has_region_targets(plan.targets):  # region targets are mapped onto each input's own grid: one by one
+        return [explain_prepared_many(plan, [one], sources=[src], region=region, read_shapes=[shape])[0]
+                for one, src, shape in zip(prepared, sources, read_shapes)]
+    notes = [list(p.notes) for p in prepared]
+    found = [_resolve_region(region, src, note) for src, note in zip(sources, notes)]
+    first = prepared[0]
+    targets = targets_on_grid(plan.targets, read_shapes[0] or first.scan.spatial_shape, tuple(first.tensor.shape[2:]),
+                              plan.request.slice_index)
     t0 = time.perf_counter()
-    result = explain_batch(plan, prepared.tensor, targets if targets is not plan.targets else None)
-    seconds = {"explain": time.perf_counter() - t0}
-    outcome = Outcome(result, prepared, source, notes=notes, seconds=seconds, formats=plan.formats,
-                      signed=bool(getattr(request, "signed", False)))
-    explained = explained_region(plan, prepared.tensor, targets) if found is None else None
-    if explained is not None:  # a segmentation target: its region is outlined and scored
-        outcome.region, outcome.region_scores = explained, score_region(result, explained)
-    if found is not None:
-        outcome.region = region_mask(found, read_shape or prepared.scan.spatial_shape, grid,
-                                     slice_index=request.slice_index)
-        outcome.region_source = found.source
-        plane = tuple(prepared.scan.spatial_shape)
-        if len(grid) == 2 and len(plane) == 2:  # pictures are drawn on the scan's plane: the region there, exactly
-            outcome.region_on_scan = region_mask(found, read_shape or plane, plane, slice_index=request.slice_index)
-        outcome.region_scores = score_region(result, outcome.region)
-    return outcome
+    x = first.tensor if n == 1 else torch.cat([p.tensor for p in prepared])
+    whole = explain_batch(plan, x, targets if targets is not plan.targets else None)
+    share = (time.perf_counter() - t0) / n
+    signed = bool(getattr(plan.request, "signed", False))
+    outcomes = []
+    for i, one in enumerate(prepared):
+        result = whole if n == 1 else split_result(whole, i, one.tensor)
+        outcome = Outcome(result, one, sources[i], notes=notes[i], seconds={"explain": share},
+                          formats=plan.formats, signed=signed)
+        _add_region(plan, outcome, found[i], read_shapes[i], targets)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _add_region(plan: Plan, outcome: Outcome, found: Any, read_shape: Optional[tuple[int, ...]], targets: Any) -> None:
+    """The outcome's region (outlined, scored): a region file's mask on the input's grid and on the scan's plane, or
+    the region a segmentation target explains."""
+    one, result = outcome.prepared, outcome.result
+    grid = tuple(one.tensor.shape[2:])
+    if found is None:
+        explained = explained_region(plan, one.tensor, targets)
+        if explained is not None:  # a segmentation target: its region is outlined and scored
+            outcome.region, outcome.region_scores = explained, score_region(result, explained)
+        return
+    outcome.region = region_mask(found, read_shape or one.scan.spatial_shape, grid, slice_index=plan.request.slice_index)
+    outcome.region_source = found.source
+    plane = tuple(one.scan.spatial_shape)
+    if len(grid) == 2 and len(plane) == 2:  # pictures are drawn on the scan's plane: the region there, exactly
+        outcome.region_on_scan = region_mask(found, read_shape or plane, plane, slice_index=plan.request.slice_index)
+    outcome.region_scores = score_region(result, outcome.region)
+
+
+def split_result(result: ExplanationResult, i: int, x: torch.Tensor) -> ExplanationResult:
+    """Image `i` of a mini-batch's result as the result of that image alone (`x`, its (1, C, *spatial) input): maps,
+    logits and targets sliced, and the provenance's input shape and digest those of `x`."""
+    provenance = result.provenance
+    provenance["input"] = {**provenance.get("input", {}), "shape": list(x.shape), "sha256": tensor_digest(x)}
+    provenance["mini_batch"] = {"index": i, "size": int(result.logits.shape[0])}
+    return ExplanationResult({m: result[m][i:i + 1] for m in result}, result.logits[i:i + 1],
+                             result.targets[i:i + 1], provenance, result.labels, result.multi_label)
 
 
 def explain_file(plan: Plan, path: Union[str, Path], *, region: RegionArg = "auto") -> Outcome:
     """Read, prepare and explain one file (or DICOM series folder); a box file beside it is its region by default."""
     source = Path(path)
     t0 = time.perf_counter()
-    prepared, read_shape = _read(plan, source)
+    prepared, read_shape = read_with_shape(plan, source)
     read_seconds = time.perf_counter() - t0
     outcome = explain_prepared(plan, prepared, source=source, region=region, read_shape=read_shape)
     outcome.seconds = {"read": read_seconds, **outcome.seconds}
