@@ -126,13 +126,16 @@ def image_sources(page: Any) -> list[str]:
     return page.locator(IMAGE).evaluate_all("els => els.map(e => e.src)")
 
 
-def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None, timeout: float = 60.0) -> float:
-    """Seconds until `count` overlays are shown (all with a new source when `changed_from` is given)."""
+def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None, timeout: float = 60.0,
+                changed: Optional[int] = None) -> float:
+    """Seconds until `count` overlays are shown (with a new source when `changed_from` is given: all of them, or at
+    least `changed` of them, for views where an overlay has nothing the change can alter, e.g. a blank map)."""
     t0 = time.perf_counter()
     deadline = t0 + timeout
+    need = count if changed is None else changed
     while time.perf_counter() < deadline:
         sources = image_sources(page)
-        if len(sources) >= count and (changed_from is None or all(s not in changed_from for s in sources[:count])):
+        if len(sources) >= count and (changed_from is None or sum(s not in changed_from for s in sources[:count]) >= need):
             loaded = page.locator(IMAGE).evaluate_all("els => els.every(e => e.complete && e.naturalWidth > 0)")
             if loaded:
                 return time.perf_counter() - t0
