@@ -165,7 +165,13 @@ def observe(model: nn.Module, probe: torch.Tensor) -> _Observation:
     finally:
         for handle in handles:
             handle.remove()
-    modules = dict(model.named_modules(remove_duplicate=False))
+    return _observation(dict(model.named_modules(remove_duplicate=False)), calls, other_uses, reads, takes_input)
+
+
+def _observation(modules: dict[str, nn.Module], calls: Counter, other_uses: Counter,
+                 reads: list[tuple[str, str, tuple]], takes_input: list[str]) -> _Observation:
+    """What the observed pass allows: the (layer, BatchNorm) pairs that fold (each called once, the BatchNorm the
+    only reader of the layer's untouched output, in eval mode with running statistics), and the first convolution."""
 
     def foldable(layer: str, bn: str, tensor: tuple) -> bool:
         lay, norm = modules[layer], modules[bn]

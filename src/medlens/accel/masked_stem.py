@@ -159,14 +159,7 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
         return None, "the first convolution is not a zero-padded convolution of the input's dimension"
     k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     out = [(spatial[a] + 2 * p[a] - d[a] * (k[a] - 1) - 1) // s[a] + 1 for a in range(len(spatial))]
-    bands_per_axis = []
-    for a, (g, size) in enumerate(zip(grid, spatial)):
-        one_d = F.interpolate(torch.eye(g, dtype=torch.float64)[:, None, :], size=size, mode="linear", align_corners=False)[:, 0]
-        support = []
-        for row in one_d:
-            nz = torch.nonzero(row).flatten()
-            support.append(range(int(nz[0]), int(nz[-1]) + 1) if nz.numel() else range(0))
-        bands_per_axis.append(_bands(support, size, out[a], k[a], s[a], p[a], d[a]))
+    bands_per_axis = _bands_per_axis(grid, spatial, out, k, s, p, d)
     terms = 1
     for bands in bands_per_axis:
         terms *= max(len(b[2]) for b in bands)
@@ -217,8 +210,28 @@ def build_masked_stem(fast: FastForward, x: torch.Tensor, grid: Sequence[int]) -
         tile.rows = moved.reshape(*moved.shape[:-2], -1).contiguous()
         tile.values = None
     if swap is None:
-        if not fast.folded:  # never swap inside the caller's model: make the fast module a copy first
-            fast.module = structural_copy(fast.module)
-        swap = _Precomputed(conv)
-        replace_submodule(fast.module, fast.first_convolution, swap)
+        swap = _swap_in(fast, conv)
     return MaskedStem(fast.module, swap, tiles, (c_out, *out)), ""
+
+
+def _bands_per_axis(grid: Sequence[int], spatial: Sequence[int], out: Sequence[int], k: Sequence[int],
+                    s: Sequence[int], p: Sequence[int], d: Sequence[int]) -> list:
+    """Per spatial axis, the bands of outputs of the first convolution that each grid cell's upsampled mask reaches."""
+    bands_per_axis = []
+    for a, (g, size) in enumerate(zip(grid, spatial)):
+        one_d = F.interpolate(torch.eye(g, dtype=torch.float64)[:, None, :], size=size, mode="linear", align_corners=False)[:, 0]
+        support = []
+        for row in one_d:
+            nz = torch.nonzero(row).flatten()
+            support.append(range(int(nz[0]), int(nz[-1]) + 1) if nz.numel() else range(0))
+        bands_per_axis.append(_bands(support, size, out[a], k[a], s[a], p[a], d[a]))
+    return bands_per_axis
+
+
+def _swap_in(fast: FastForward, conv: nn.Module) -> "_Precomputed":
+    """The first convolution replaced by its precomputed stand-in, in the fast module (a copy, never the caller's)."""
+    if not fast.folded:  # never swap inside the caller's model: make the fast module a copy first
+        fast.module = structural_copy(fast.module)
+    swap = _Precomputed(conv)
+    replace_submodule(fast.module, fast.first_convolution, swap)
+    return swap

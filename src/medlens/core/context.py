@@ -291,6 +291,13 @@ def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph:
             raise _RecordBelow()
     if "own" not in captured:
         raise ModelError("the target layer was not used in the model's forward pass; choose a layer the model runs.")
+    return _finished_pass(captured, linear_inputs, logits, with_graph)
+
+
+def _finished_pass(captured: dict[str, Any], linear_inputs: list[tuple[nn.Module, torch.Tensor]], logits: torch.Tensor,
+                   with_graph: bool) -> LayerPass:
+    """The layer pass from what its hooks captured: the activation (with a ReLU applied in place right after the
+    layer taken into it), the classifier head and its input."""
     activation, inplace_relu = captured["own"], False
     passed = captured["passed"].detach()
     if passed._version != captured["version"] and captured["layout"].kind == "channels_first":

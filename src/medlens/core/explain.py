@@ -11,6 +11,7 @@ import operator
 import platform
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -207,6 +208,58 @@ def explain(
         >>> result["gradcam"].shape   # (B, T, H, W)
         torch.Size([1, 1, 160, 160])
     """
+    call = _checked_call(model, x, methods, options, seed)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    # The caller's grad mode must not decide whether a method can run: gradients are switched on and
+    # inference mode off for the call (both restored on exit), and an inference tensor input is copied
+    # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
+    # Chunked passes (methods with a batch_size) reuse the C heap's pages instead of faulting them in again (heap.py).
+    chunked = any("batch_size" in s.options for s in call.specs)
+    heap_block = steady_heap() if chunked else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), heap_block, borrowed_model(call.model) as hooks:
+        # A copy of its own, detached: the caller's tensor is never changed or differentiated (a model that
+        # writes into its input, an input that requires grad), and an inference tensor becomes a normal one.
+        call.x = call.x.detach().clone()
+        done = _run_call(call, hooks, targets, layer, timings)
+    timings["total"] = time.perf_counter() - started
+    provenance = _provenance(call, done, timings)
+    return ExplanationResult(done.maps, done.logits.detach(), done.target_grid, provenance, labels=done.labels,
+                             multi_label=done.multi_label)
+
+
+@dataclass
+class _Call:
+    """One call's checked arguments: the module explained, the input, the methods with their options, the seed."""
+
+    model: nn.Module
+    was_compiled: bool
+    x: torch.Tensor
+    seed: Optional[int]
+    specs: list
+    per_method: dict
+    description: Any
+    input_digest: str
+
+
+@dataclass
+class _Done:
+    """What the methods gave: maps, the outputs and targets explained, the labels, the layer and notes."""
+
+    maps: dict
+    method_notes: dict
+    logits: torch.Tensor
+    target_grid: torch.Tensor
+    labels: Any
+    multi_label: bool
+    layer_info: Optional[dict]
+    region_record: Any
+    ctx: ExplainContext
+
+
+def _checked_call(model: Any, x: Any, methods: MethodsArg, options: dict[str, Any], seed: Any) -> _Call:
+    """The arguments checked before any pass: the module (a compiled one's original), the input, the methods and
+    their options, the seed (drawn for stochastic methods), the devices, and the input's digest."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, not {type(model).__name__}; load one with medlens.load_model().")
     model, was_compiled = _uncompiled(model)
@@ -215,63 +268,63 @@ def explain(
     specs, per_method = check_methods(methods, options, model=model, input_shape=tuple(x.shape))
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
-    description = describe(model)
-    labels, multi_label = description.labels, description.multi_label
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
         raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")
-    input_digest = tensor_digest(x)  # before any pass: a model that changes its input in place cannot alter it
+    # the digest before any pass: a model that changes its input in place cannot alter it
+    return _Call(model, was_compiled, x, seed, specs, per_method, describe(model), tensor_digest(x))
 
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    # The caller's grad mode must not decide whether a method can run: gradients are switched on and
-    # inference mode off for the call (both restored on exit), and an inference tensor input is copied
-    # into a normal one, since autograd cannot record it. Methods that need no graph turn it off themselves.
-    # Chunked passes (methods with a batch_size) reuse the C heap's pages instead of faulting them in again (heap.py).
-    chunked = any("batch_size" in s.options for s in specs)
-    heap_block = steady_heap() if chunked else contextlib.nullcontext()
-    with torch.inference_mode(False), torch.enable_grad(), heap_block, borrowed_model(model) as hooks:
-        # A copy of its own, detached: the caller's tensor is never changed or differentiated (a model that
-        # writes into its input, an input that requires grad), and an inference tensor becomes a normal one.
-        x = x.detach().clone()
-        called, region_record, layer_note = model, None, None
-        if description.task != "classification" or has_region_targets(targets):
-            called, targets, labels, region_record = wrap_for_targets(model, x, targets, labels, multi_label,
-                                                                      description.task)
-            (layer, layer_note), multi_label = region_layer(model, x, layer, region_record["kind"]), False
-            check_region_options(per_method)
-        ctx = ExplainContext(
-            called, x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=seed,
-            need_layer_graph=any(s.needs_layer and s.needs_gradients for s in specs),
-        )
-        if was_compiled:
-            ctx.notes.append("a torch.compile'd model: explained through its original module (the same parameters), "
-                             "since a compiled graph does not run the hooks the methods need")
-        t0 = time.perf_counter()
-        logits = _first_pass(ctx)
-        target_grid = ctx.targets
-        timings["forward_and_targets"] = time.perf_counter() - t0
-        maps, method_notes = _run_methods(ctx, specs, per_method, timings)
-        if region_record is not None:  # the region scores are the result's outputs, one per target slot
-            logits, target_grid = region_scores(logits, target_grid)
-        layer_info = _layer_info(ctx, region_record, layer_note)
-    timings["total"] = time.perf_counter() - started
+
+def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: dict[str, float]) -> _Done:
+    """Inside the borrowed model: region targets wrapped, the shared context made, the first pass, every method."""
+    description = call.description
+    labels, multi_label = description.labels, description.multi_label
+    called, region_record, layer_note = call.model, None, None
+    if description.task != "classification" or has_region_targets(targets):
+        called, targets, labels, region_record = wrap_for_targets(call.model, call.x, targets, labels, multi_label,
+                                                                  description.task)
+        (layer, layer_note), multi_label = region_layer(call.model, call.x, layer, region_record["kind"]), False
+        check_region_options(call.per_method)
+    ctx = ExplainContext(
+        called, call.x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=call.seed,
+        need_layer_graph=any(s.needs_layer and s.needs_gradients for s in call.specs),
+    )
+    if call.was_compiled:
+        ctx.notes.append("a torch.compile'd model: explained through its original module (the same parameters), "
+                         "since a compiled graph does not run the hooks the methods need")
+    t0 = time.perf_counter()
+    logits = _first_pass(ctx)
+    target_grid = ctx.targets
+    timings["forward_and_targets"] = time.perf_counter() - t0
+    maps, method_notes = _run_methods(ctx, call.specs, call.per_method, timings)
+    if region_record is not None:  # the region scores are the result's outputs, one per target slot
+        logits, target_grid = region_scores(logits, target_grid)
+    return _Done(maps, method_notes, logits, target_grid, labels, multi_label,
+                 _layer_info(ctx, region_record, layer_note), region_record, ctx)
+
+
+def _provenance(call: _Call, done: _Done, timings: dict[str, float]) -> dict[str, Any]:
+    """The result's provenance: versions, each method's options and notes, targets, layer, seed, digests, timings."""
+    labels, rows = done.labels, done.target_grid.tolist()
     provenance = {
-        **_environment(x),
-        "methods": {s.name: {"family": s.family, "options": jsonable(per_method[s.name], list_up_to=8, digest_larger=True), **jsonable(method_notes.get(s.name, {}), list_up_to=8, digest_larger=True)} for s in specs},
-        "targets": target_grid.tolist(),
-        "target_names": [[labels[t] for t in row] for row in target_grid.tolist()] if labels else None,
-        "target_rule": ctx.target_note,
-        "layer": layer_info,
-        "seed": seed,
-        "model": {"class": type(model).__name__, "sha256": model_digest(model), "mode_during_call": "eval"},
-        "input": {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": input_digest},
-        "notes": list(ctx.notes),
+        **_environment(call.x),
+        "methods": {s.name: {"family": s.family,
+                             "options": jsonable(call.per_method[s.name], list_up_to=8, digest_larger=True),
+                             **jsonable(done.method_notes.get(s.name, {}), list_up_to=8, digest_larger=True)}
+                    for s in call.specs},
+        "targets": rows,
+        "target_names": [[labels[t] for t in row] for row in rows] if labels else None,
+        "target_rule": done.ctx.target_note,
+        "layer": done.layer_info,
+        "seed": call.seed,
+        "model": {"class": type(call.model).__name__, "sha256": model_digest(call.model), "mode_during_call": "eval"},
+        "input": {"shape": list(call.x.shape), "dtype": str(call.x.dtype), "sha256": call.input_digest},
+        "notes": list(done.ctx.notes),
         "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }
-    if region_record is not None:
-        provenance["region_targets"] = region_record
-    return ExplanationResult(maps, logits.detach(), target_grid, provenance, labels=labels, multi_label=multi_label)
+    if done.region_record is not None:
+        provenance["region_targets"] = done.region_record
+    return provenance
 
 
 def _uncompiled(model: nn.Module) -> tuple[nn.Module, bool]:

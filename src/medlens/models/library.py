@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -88,48 +88,17 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
     if in_channels is None:
         in_channels = _first_conv_in(state)
     if library == "torchvision":
-        import torchvision  # lazy: importing torchvision takes seconds, and only this path needs it
-
-        names = torchvision.models.list_models()
-        if arch not in names:
-            close = difflib.get_close_matches(arch, names, n=4)
-            raise ModelError(f"unknown torchvision architecture {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()."))
-
-        def build(k: Optional[int]) -> nn.Module:
-            kwargs: dict[str, Any] = {"weights": None}
-            if k is not None:
-                kwargs["num_classes"] = int(k)
-            if arch in ("inception_v3", "googlenet"):
-                kwargs["aux_logits"] = any("Aux" in key for key in state)
-                kwargs["init_weights"] = False
-            return torchvision.models.get_model(arch, **kwargs)
-
+        build = _torchvision_builder(arch, state)
     elif library == "timm":
-        try:
-            import timm  # type: ignore[import-not-found]  # optional, heavy
-        except ImportError:
-            raise ModelError(f"{source}: timm architectures need the timm package: pip install \"medlens[transformers]\"") from None
-
-        img_size: Optional[int] = None
+        make = _timm_builder(source, arch, in_channels)
+        with torch.device("meta"):
+            img_size = _timm_img_size(make(None, None), state, notes)
 
         def build(k: Optional[int]) -> nn.Module:
-            kwargs: dict[str, Any] = {"pretrained": False}
-            if k is not None:
-                kwargs["num_classes"] = int(k)
-            if in_channels is not None:
-                kwargs["in_chans"] = int(in_channels)
-            if img_size is not None:
-                kwargs["img_size"] = img_size
-            try:
-                return timm.create_model(arch, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                raise ModelError(f"{source}: timm cannot build {arch!r} ({exc}).") from None
+            return make(k, img_size)
 
     else:
         raise ModelError(f"{source}: unknown architecture library {library!r}; use torchvision:<name> or timm:<name>.")
-    if library == "timm":
-        with torch.device("meta"):
-            img_size = _timm_img_size(build(None), state, notes)
     if num_classes is None:
         with torch.device("meta"):  # a parameter-free skeleton, only to find the classifier's key
             skeleton = build(None)
@@ -143,6 +112,58 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
     check_state_dict(model, state, weights_path, f"the architecture {source}")
     model.load_state_dict(state)
     return model
+
+
+def _torchvision_builder(arch: str, state: Mapping[str, torch.Tensor]) -> Callable[[Optional[int]], nn.Module]:
+    """A function building torchvision's `arch` without weights for k classes (None: its default).
+
+    Raises:
+        ModelError: torchvision has no such architecture (the closest names said).
+    """
+    import torchvision  # lazy: importing torchvision takes seconds, and only this path needs it
+
+    names = torchvision.models.list_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=4)
+        raise ModelError(f"unknown torchvision architecture {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()."))
+
+    def build(k: Optional[int]) -> nn.Module:
+        kwargs: dict[str, Any] = {"weights": None}
+        if k is not None:
+            kwargs["num_classes"] = int(k)
+        if arch in ("inception_v3", "googlenet"):
+            kwargs["aux_logits"] = any("Aux" in key for key in state)
+            kwargs["init_weights"] = False
+        return torchvision.models.get_model(arch, **kwargs)
+
+    return build
+
+
+def _timm_builder(source: str, arch: str, in_channels: Any) -> Callable[[Optional[int], Optional[int]], nn.Module]:
+    """A function building timm's `arch` without weights for k classes and an image size (None: its defaults).
+
+    Raises:
+        ModelError: timm is not installed, or cannot build the architecture.
+    """
+    try:
+        import timm  # type: ignore[import-not-found]  # optional, heavy
+    except ImportError:
+        raise ModelError(f"{source}: timm architectures need the timm package: pip install \"medlens[transformers]\"") from None
+
+    def build(k: Optional[int], img_size: Optional[int]) -> nn.Module:
+        kwargs: dict[str, Any] = {"pretrained": False}
+        if k is not None:
+            kwargs["num_classes"] = int(k)
+        if in_channels is not None:
+            kwargs["in_chans"] = int(in_channels)
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        try:
+            return timm.create_model(arch, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{source}: timm cannot build {arch!r} ({exc}).") from None
+
+    return build
 
 
 def _timm_img_size(skeleton: nn.Module, state: Mapping[str, torch.Tensor], notes: list[str]) -> Optional[int]:

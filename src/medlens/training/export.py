@@ -88,26 +88,9 @@ def _confusion_table(m: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weights_path: Path, note: str = "",
-                sections: str = "") -> str:
-    """The Markdown model card of a bundled model, from its training metrics; `sections` (Markdown, e.g. the
-    localisation tables from `medlens evaluate`) goes before the limitations."""
-    size_mb = weights_path.stat().st_size / 1e6
-    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-    spec = entry["input_spec"]
-    r = metrics["recipe"]
-    test = metrics["test"]
-    lines = [f"# Model card: `{name}`", "", entry["description"], "",
-             "**Intended use: research and teaching (how explanation methods behave on a model that learned something "
-             "real or a known shortcut). Not a medical device; not for diagnosis or any clinical decision.**", "",
-             "## Model", "",
-             f"- Architecture: `medlens.models.{'hybrid_vit' if entry['architecture'] == 'HybridViT' else 'networks'}.{entry['architecture']}({', '.join(f'{k}={v}' for k, v in entry['kwargs'].items())})`",
-             f"- Weights: `{entry['weights']}`, {size_mb:.2f} MB (float32 state dict), SHA-256 `{digest}`",
-             "- Load offline: `medlens.load_model(\"" + name + "\")` (eval mode, with `.labels`, `.multi_label`, `.input_spec`)", "",
-             "## Input spec", "", "| field | value |", "|---|---|"]
-    for key in ("size", "channels", "scale", "resample", "mean", "std", "labels", "multi_label", "modality", "notes"):
-        lines.append(f"| {key} | {spec[key]} |")
-    lines += ["", "## Data", ""]
+def _data_lines(name: str, metrics: dict[str, Any], r: dict[str, Any], test: dict[str, Any]) -> list[str]:
+    """The card's data section: the figshare source, licence, layout and split, or the phantoms' seeds."""
+    lines: list[str] = []
     if is_brain(name):
         lines += [
             f"- Source and licence: {CREDIT}. Papers: Cheng et al., PLoS ONE 10(10), 2015; PLoS ONE 11(6), 2016. "
@@ -133,6 +116,29 @@ def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weigh
         if name == "phantom-shortcut":
             lines.append("- Shortcut variant: lesions are faint (contrast 0.06-0.1) and a corner tag is burned in on every "
                          "lesion case and on no normal case, so the tag alone separates the classes in training.")
+    return lines
+
+
+def render_card(name: str, metrics: dict[str, Any], entry: dict[str, Any], weights_path: Path, note: str = "",
+                sections: str = "") -> str:
+    """The Markdown model card of a bundled model, from its training metrics; `sections` (Markdown, e.g. the
+    localisation tables from `medlens evaluate`) goes before the limitations."""
+    size_mb = weights_path.stat().st_size / 1e6
+    digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    spec = entry["input_spec"]
+    r = metrics["recipe"]
+    test = metrics["test"]
+    lines = [f"# Model card: `{name}`", "", entry["description"], "",
+             "**Intended use: research and teaching (how explanation methods behave on a model that learned something "
+             "real or a known shortcut). Not a medical device; not for diagnosis or any clinical decision.**", "",
+             "## Model", "",
+             f"- Architecture: `medlens.models.{'hybrid_vit' if entry['architecture'] == 'HybridViT' else 'networks'}.{entry['architecture']}({', '.join(f'{k}={v}' for k, v in entry['kwargs'].items())})`",
+             f"- Weights: `{entry['weights']}`, {size_mb:.2f} MB (float32 state dict), SHA-256 `{digest}`",
+             "- Load offline: `medlens.load_model(\"" + name + "\")` (eval mode, with `.labels`, `.multi_label`, `.input_spec`)", "",
+             "## Input spec", "", "| field | value |", "|---|---|"]
+    for key in ("size", "channels", "scale", "resample", "mean", "std", "labels", "multi_label", "modality", "notes"):
+        lines.append(f"| {key} | {spec[key]} |")
+    lines += ["", "## Data", ""] + _data_lines(name, metrics, r, test)
     lines += ["", "## Training", "",
               f"- Recipe (`medlens.training.recipes`): {json.dumps(r)}",
               f"- Epoch kept: {metrics.get('selection', 'the best validation accuracy')} (validation accuracy "
