@@ -2,7 +2,8 @@
 
 The public surface, every name with its arguments, defaults, errors and an example in docs/api.md:
 `load_model`, `load_input`, `methods`, `method_info`, `explain`, `ExplanationResult`, `MedlensError`,
-`SegmentationTarget` and `BoxTarget` (explaining segmentation and detection models).
+`SegmentationTarget`, `BoxTarget` and `SimilarityTarget` (explaining segmentation and detection models and
+encoders).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from medlens.core.explain import explain  # noqa: E402
 from medlens.core.registry import method_info, methods  # noqa: E402
 from medlens.core.result import ExplanationResult  # noqa: E402
 from medlens.core.region_targets import BoxTarget, SegmentationTarget  # noqa: E402
+from medlens.core.similarity_targets import SimilarityTarget  # noqa: E402
 
 
 def load_model(source: Any, **options: Any):
@@ -90,4 +92,5 @@ __all__ = [
     "method_info",
     "methods",
     "SegmentationTarget",
+    "SimilarityTarget",
 ]

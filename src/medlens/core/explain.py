@@ -284,7 +284,7 @@ def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: 
         called, targets, labels, region_record = wrap_for_targets(call.model, call.x, targets, labels, multi_label,
                                                                   description.task)
         (layer, layer_note), multi_label = region_layer(call.model, call.x, layer, region_record["kind"]), False
-        check_region_options(call.per_method)
+        check_region_options(call.per_method, region_record["kind"])
     ctx = ExplainContext(
         called, call.x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=call.seed,
         need_layer_graph=any(s.needs_layer and s.needs_gradients for s in call.specs),

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medlens.errors import MethodError, ModelError, TargetError
+from medlens.core.similarity_targets import SimilarityTarget, wrap_for_similarity
 from medlens.tensor.autograd import logits_of
 
 Region = Union[str, torch.Tensor, Sequence[float], None]
@@ -72,11 +73,11 @@ class BoxTarget:
 
 
 def is_region_target(item: Any) -> bool:
-    return isinstance(item, (SegmentationTarget, BoxTarget))
+    return isinstance(item, (SegmentationTarget, BoxTarget, SimilarityTarget))
 
 
 def has_region_targets(targets: Any) -> bool:
-    """Whether `targets=` (any of its accepted forms) holds a SegmentationTarget or BoxTarget."""
+    """Whether `targets=` (any of its accepted forms) holds a SegmentationTarget, BoxTarget or SimilarityTarget."""
     if is_region_target(targets):
         return True
     if isinstance(targets, (list, tuple)):
@@ -214,7 +215,8 @@ def wrap_for_targets(model: nn.Module, x: torch.Tensor, targets: Any, labels: Se
     Args:
         model: the model as given (in eval mode, inside the call's borrowed state).
         x: the input batch (B, C, *spatial).
-        targets: a SegmentationTarget, BoxTarget, or a list of them (plain classes become SegmentationTarget(class,
+        targets: a SegmentationTarget, BoxTarget, SimilarityTarget (handed to `similarity_targets`), or a list of
+            them (plain classes become SegmentationTarget(class,
             "predicted") on a segmentation model); None on a segmentation model: every class but the first.
         labels: the model's class names (may be empty).
         multi_label: whether the classes are independent (sigmoid): then "predicted" is logit > 0.
@@ -228,6 +230,9 @@ def wrap_for_targets(model: nn.Module, x: torch.Tensor, targets: Any, labels: Se
         MethodError: an empty predicted region, or a detector with no detection matching a BoxTarget.
         ModelError: the output is not per-pixel logits or detections.
     """
+    if isinstance(targets, SimilarityTarget) or (isinstance(targets, (list, tuple))
+                                                 and any(isinstance(t, SimilarityTarget) for t in targets)):
+        return wrap_for_similarity(model, x, list(targets) if isinstance(targets, (list, tuple)) else [targets])
     with torch.no_grad():
         out = model(x)
     if isinstance(targets, (list, tuple)) and any(isinstance(t, (list, tuple)) and not _is_box(t) for t in targets):
@@ -306,7 +311,7 @@ def region_layer(model: nn.Module, x: torch.Tensor, layer: Any, task: str) -> tu
         from medlens.core.layers import resolve_target_layer
 
         return resolve_target_layer(model, x, layer).module, None
-    if layer is not None:
+    if layer is not None or task == "similarity":  # an encoder: the general rule (a ViT's last block's first norm)
         return layer, None
     root = model
     if task == "detection":
@@ -335,9 +340,15 @@ def inner_name(name: str, record: Optional[dict]) -> str:
     return name
 
 
-def check_region_options(per_method: Mapping[str, Mapping[str, Any]]) -> None:
+def check_region_options(per_method: Mapping[str, Mapping[str, Any]], kind: str = "segmentation") -> None:
     """Region scores are sums of logits: a softmax over them (perturbation's output="probability") means nothing; and
     the region is fixed on the input as given, so CAM's test-time augmentation (aug_smooth, aug_flip) would misplace it."""
+    if kind == "similarity":  # a reference fixed in embedding space: a moved input is fine, a softmax is not
+        asked = [name for name, options in per_method.items() if options.get("output") == "probability"]
+        if asked:
+            raise MethodError(f"{', '.join(asked)}: output='probability' is a softmax over classes, but a similarity "
+                              f"target's score is a cosine similarity; use output='logit'.")
+        return
     moved = [name for name, options in per_method.items() if options.get("aug_smooth") or options.get("aug_flip")]
     if moved:
         raise MethodError(f"{', '.join(moved)}: aug_smooth / aug_flip move the input, but a segmentation or box "
