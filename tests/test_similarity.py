@@ -18,16 +18,18 @@ from medlens.errors import MedlensError, TargetError
 
 
 class TinyEncoder(nn.Module):
-    """A CNN with no classifier head: a 12-wide embedding per image."""
+    """A CNN with no classifier head: a 12-wide embedding per image of its features' layout (each channel's 2 x 2
+    pooled map less its mean, so embeddings of different images point different ways)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
-        self.proj = nn.Linear(8, 12)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.proj = nn.Linear(32, 12, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.c2(torch.relu(self.c1(x))))
-        return self.proj(h.mean(dim=(2, 3)))
+        pooled = self.pool(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return self.proj((pooled - pooled.mean(dim=(2, 3), keepdim=True)).flatten(1))
 
 
 class CosineOf(nn.Module):
@@ -42,12 +44,16 @@ class CosineOf(nn.Module):
         return ((e @ self.ref) / (e.norm(dim=1) * self.ref.norm()))[:, None]
 
 
+def _images(n: int) -> torch.Tensor:
+    return torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4), size=16, mode="bilinear", align_corners=False)
+
+
 def _encoder() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = TinyEncoder().eval()
-    x = torch.rand(2, 1, 16, 16)
+    x = _images(2)
     with torch.no_grad():
-        ref = model(torch.rand(1, 1, 16, 16))[0]  # another image's embedding
+        ref = model(_images(1))[0]  # another image's embedding
     return model, x, ref
 
 
@@ -57,6 +63,7 @@ def test_score_is_the_cosine_similarity():
     with torch.no_grad():
         expected = cosine_similarity(model(x), ref[None], dim=1)
     assert torch.allclose(result.logits[:, 0], expected, atol=1e-6)
+    assert expected.abs().max() < 0.9 and (expected[0] - expected[1]).abs() > 0.05  # not all alike
     assert result.target_names()[0] == ["similarity"]
     record = result.provenance["region_targets"]
     assert record["kind"] == "similarity" and record["targets"][0]["width"] == 12
@@ -80,6 +87,7 @@ def test_integrated_gradients_complete_against_the_similarity():
     with torch.no_grad():
         delta = cosine_similarity(model(x), ref[None], dim=1) - cosine_similarity(model(baseline), ref[None], dim=1)
     total = result["integratedgradients"][:, 0].flatten(1).sum(1)
+    assert delta.abs().min() > 0.3
     assert torch.allclose(total, delta, rtol=0.01, atol=1e-4), (total, delta)
 
 
@@ -154,3 +162,13 @@ def test_an_encoder_without_pooler_is_read_at_its_class_token():
     assert result.provenance["region_targets"]["targets"][0]["embedding"] == "last_hidden_state[:, 0]"
     with pytest.raises(TargetError, match=r"width 32.*width 16"):
         medlens.explain(model, x, methods=["saliency"], targets=medlens.SimilarityTarget(torch.ones(32)))
+
+
+def test_the_relevance_entering_the_encoder_sums_to_zero():
+    """Why LRP does not conserve a similarity (the documented note): embedding x gradient of the cosine is 0."""
+    model, x, ref = _encoder()
+    e = model(x).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(cosine_similarity(e, ref[None], dim=1).sum(), e)
+    assert torch.allclose((e * grad).sum(1), torch.zeros(2), atol=1e-6)
+    record = medlens.explain(model, x, methods=["lrp"], targets=medlens.SimilarityTarget(ref)).provenance
+    assert "does not conserve" in record["region_targets"]["note"]

@@ -14,6 +14,9 @@ from torch import nn
 
 from medlens.errors import ModelError, TargetError
 
+LRP_NOTE = ("lrp does not conserve a similarity: a cosine does not change when the embedding is scaled, so the "
+            "relevance entering the encoder (embedding x gradient of the cosine) sums to 0, and its conservation "
+            "record shows the gap; integrated gradients complete against sim(x) - sim(baseline)")
 EMBEDDING_RULE = ("the model's output (batch, width) as it is; for a HuggingFace encoder output, its `.pooler_output` "
                   "when it has one, else the class token `.last_hidden_state[:, 0]`")
 
@@ -137,4 +140,5 @@ def wrap_for_similarity(model: nn.Module, x: torch.Tensor, items: list) -> tuple
     for name, ref, score in zip(names, rows, scores):
         records.append({"name": name, "width": width, "references": ref.shape[0], "embedding": rule,
                         "score": [round(float(s), 6) for s in score]})
-    return wrapped, grid, names, {"kind": "similarity", "rule": EMBEDDING_RULE, "targets": records}
+    return wrapped, grid, names, {"kind": "similarity", "rule": EMBEDDING_RULE, "note": LRP_NOTE,
+                                  "targets": records}
