@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.functional import cosine_similarity
 
 import medlens
-from medlens.errors import MedlensError, TargetError
+from medlens.errors import MedlensError, ModelError, TargetError
 
 
 class TinyEncoder(nn.Module):
@@ -60,8 +60,10 @@ def _encoder() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_score_is_the_cosine_similarity():
     model, x, ref = _encoder()
     result = medlens.explain(model, x, methods=["saliency"], targets=medlens.SimilarityTarget(ref))
+    as_list = medlens.explain(model, x, methods=["saliency"], targets=[medlens.SimilarityTarget(ref.tolist())])
     with torch.no_grad():
         expected = cosine_similarity(model(x), ref[None], dim=1)
+    assert torch.allclose(as_list.logits[:, 0], expected, atol=1e-6)
     assert torch.allclose(result.logits[:, 0], expected, atol=1e-6)
     assert expected.abs().max() < 0.9 and (expected[0] - expected[1]).abs() > 0.05  # not all alike
     assert result.target_names()[0] == ["similarity"]
@@ -114,6 +116,11 @@ def test_a_reference_of_the_wrong_width_is_refused():
         medlens.explain(model, x, methods=["saliency"], targets=medlens.SimilarityTarget(torch.ones(7)))
     with pytest.raises(TargetError, match="mixed"):
         medlens.explain(model, x, methods=["saliency"], targets=[medlens.SimilarityTarget(torch.ones(12)), 0])
+    with pytest.raises(TargetError, match=r"shape \(3, 12\)"):  # neither one reference nor one per image
+        medlens.explain(model, x, methods=["saliency"], targets=medlens.SimilarityTarget(torch.ones(3, 12)))
+    tokens = nn.Sequential(nn.Conv2d(1, 12, 4, stride=4), nn.Flatten(2))  # (B, 12, 16): not one vector per image
+    with pytest.raises(ModelError, match=r"\(batch, width\).*\(2, 12, 16\)"):
+        medlens.explain(tokens, x, methods=["saliency"], targets=medlens.SimilarityTarget(torch.ones(12)))
     with pytest.raises(MedlensError, match="probability"):
         medlens.explain(model, x, methods=["occlusion"], targets=medlens.SimilarityTarget(torch.ones(12)),
                         output="probability")

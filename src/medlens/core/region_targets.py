@@ -6,6 +6,7 @@ the model in `RegionScores` for the call, so every method (CAMs, gradients, IG, 
 explains the wrapped output's columns exactly as it explains classes: no method indexes a segmentation map itself.
 A region fixed per image (the model's own predicted mask) is one column per (target, image); the grid picks each
 image's own column, so perturbed copies of image b are scored against image b's region whatever batch they run in.
+`SimilarityTarget`s (an encoder's embedding against a reference) are wrapped the same way, in `similarity_targets`.
 """
 from __future__ import annotations
 
