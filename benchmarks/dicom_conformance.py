@@ -17,31 +17,16 @@ from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 
 from medlens.cli.group import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import with_functional_groups  # noqa: E402  (the same enhanced MR the conformance test builds)
 
 FILES = {"CT": "CT_small.dcm", "MR": "MR_small.dcm", "Enhanced MR (no functional groups)": "emri_small.dcm",
          "Enhanced MR (with functional groups)": "emri_small.dcm", "Enhanced CT": "eCT_Supplemental.dcm",
          "Oblique MR": "MR2_UNCR.dcm", "NM (no position)": "JPEG2000_UNC.dcm", "CR (Pixel Spacing 0\\0)": "RG1_UNCR.dcm",
          "CR (Laterality R)": "RG3_UNCR.dcm"}
-
-
-def _with_functional_groups(source: Path, target: Path) -> None:
-    ds = pydicom.dcmread(source)
-    shared, measures, orientation = Dataset(), Dataset(), Dataset()
-    measures.PixelSpacing, measures.SliceThickness = [0.9, 0.8], 4.0
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
-    ds.SharedFunctionalGroupsSequence = [shared]
-    frames = []
-    for k in range(int(ds.NumberOfFrames)):
-        item, position = Dataset(), Dataset()
-        position.ImagePositionPatient = [-30.0, -20.0, 4.0 * k]
-        item.PlanePositionSequence = [position]
-        frames.append(item)
-    ds.PerFrameFunctionalGroupsSequence = frames
-    ds.save_as(target)
 
 
 def _messages(path: Path, kind: str) -> list[str]:
@@ -58,7 +43,7 @@ def main_table(folder: Path) -> str:
             source = Path(get_testdata_file(name))
         (inputs / f"case{n}").mkdir(parents=True, exist_ok=True)
         if "with functional groups" in case:
-            _with_functional_groups(source, inputs / f"case{n}" / name)
+            with_functional_groups(source, inputs / f"case{n}" / name)
         else:
             shutil.copy(source, inputs / f"case{n}" / name)
     out = folder / "out"

@@ -14,9 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 
 from batch_helpers import manifest, run_cli
+from helpers import with_functional_groups
 from medlens.errors import InputError
 from medlens.io import read_image
 
@@ -35,22 +35,8 @@ def _testdata(name: str) -> Path | None:
 
 
 def _enhanced_mr_with_geometry(path: Path) -> None:
-    """pydicom-data's emri_small.dcm (an Enhanced MR whose functional groups were stripped) with the shared and
-    per-frame functional groups an Enhanced MR carries: orientation and spacing shared, one position per frame."""
-    ds = pydicom.dcmread(_testdata("emri_small.dcm"))
-    shared, measures, orientation = Dataset(), Dataset(), Dataset()
-    measures.PixelSpacing, measures.SliceThickness = [0.9, 0.8], 4.0
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
-    ds.SharedFunctionalGroupsSequence = [shared]
-    frames = []
-    for k in range(int(ds.NumberOfFrames)):
-        item, position = Dataset(), Dataset()
-        position.ImagePositionPatient = [-30.0, -20.0, 4.0 * k]
-        item.PlanePositionSequence = [position]
-        frames.append(item)
-    ds.PerFrameFunctionalGroupsSequence = frames
-    ds.save_as(path)
+    """pydicom-data's emri_small.dcm with the functional groups an Enhanced MR carries (see helpers)."""
+    with_functional_groups(_testdata("emri_small.dcm"), path)
 
 
 CASES = {  # name -> (file, what it tests)

@@ -74,3 +74,61 @@ def test_batch_keeps_each_predicted_mask_beside_its_maps(capsys, scans):
     truth = data.lesion_masks[2, 0].numpy()
     overlap = 2 * (saved["region"] & truth).sum() / (saved["region"].sum() + truth.sum())
     assert overlap > 0.8  # the predicted mask kept in maps.npz is the lesion (Dice with the truth)
+
+
+def test_region_results_give_scores_not_probabilities(capsys, scans):
+    """A softmax over region scores means nothing: the manifest's `prediction` is null and `scores` holds the region
+    score (the sum of the lesion logits over the predicted region, recomputed here), summary.csv has it under
+    `score` with `probability` empty, maps.npz has no probabilities, and the overlay title says score=."""
+    import csv
+
+    import medlens
+    from medlens.io.format_dicom import _title_name as title_name
+    from medlens.pipeline import ExplainRequest, plan_for, read_input
+
+    root, _ = scans
+    inputs, out = root / "scored", root / "batch-scored"
+    inputs.mkdir(exist_ok=True)
+    (inputs / "ph2.png").write_bytes((root / "ph2.png").read_bytes())
+    code = main(["batch", str(inputs), "--model", "phantom-lesion-unet", "--methods", "gradcam", "--targets", "lesion",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[-1])
+    assert record["prediction"] is None and set(record["scores"]) == {"lesion@predicted"}
+    saved = np.load(out / "maps" / "ph2_png" / "maps.npz")
+    assert "probabilities" not in saved.files
+    model = medlens.load_model("phantom-lesion-unet")
+    x = read_input(plan_for(model, ExplainRequest.build("gradcam", targets=["lesion"])), root / "ph2.png").tensor
+    import torch
+
+    with torch.no_grad():
+        expected = float(model(x)[0, 1][torch.from_numpy(saved["region"])].sum())
+    assert record["scores"]["lesion@predicted"] == pytest.approx(expected, rel=1e-4)
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    done = [r for r in rows if r["status"] == "done"]
+    assert done and all(r["probability"] == "" and float(r["score"]) == pytest.approx(expected, rel=1e-4) for r in done)
+    assert "score " in (out / "report.html").read_text()
+    assert main(["report", str(out / "maps")]) == 0
+    page = (out / "maps" / "report.html").read_text()
+    assert f"lesion@predicted: score {expected:.3g}" in page
+    assert title_name("lesion (score=41.2)") == "lesion" and title_name("Effusion (p=0.93)") == "Effusion"
+    assert title_name("a (b)") == "a (b)"
+
+
+def test_dicom_results_of_a_region_name_the_target_without_its_score(capsys, scans, tmp_path):
+    import pydicom
+    from helpers import make_dicom
+
+    root, data = scans
+    from pydicom.uid import generate_uid
+
+    source = make_dicom(tmp_path / "ph2.dcm", (data.images[2, 0].numpy() * 1000).astype(np.uint16), Modality="MR",
+                        StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(), PatientID="P1",
+                        PatientName="Phantom^Lesion", FrameOfReferenceUID=generate_uid(), ImagePositionPatient=[0, 0, 0],
+                        ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[1, 1], SliceThickness=1)
+    code = main(["explain", str(source), "--model", "phantom-lesion-unet", "--methods", "gradcam", "--targets", "lesion",
+                 "--formats", "dicom", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    written = sorted((tmp_path / "out").rglob("*.dcm"))
+    descriptions = {pydicom.dcmread(p, stop_before_pixels=True).SeriesDescription for p in written}
+    assert written and all("lesion@predicted" in d and "score" not in d for d in descriptions), descriptions

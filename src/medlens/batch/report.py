@@ -13,7 +13,8 @@ from medlens.batch.manifest import DONE
 from medlens.io.files import atomic_write
 
 MAX_CARDS = 2000  # a gallery of more would be too heavy to open; summary.csv lists every input
-SUMMARY_COLUMNS = ("path", "status", "target", "probability", "method", "peak", "energy_in_region", "error")
+#: `score`: for region targets (a segmentation model) the region score explained, where `probability` stays empty
+SUMMARY_COLUMNS = ("path", "status", "target", "probability", "method", "peak", "energy_in_region", "error", "score")
 
 
 def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -25,15 +26,16 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if record.get("status") != DONE:
             rows.append({**base, "error": record.get("error")})
             continue
-        prediction = record.get("prediction") or {}
+        prediction, scores = record.get("prediction") or {}, record.get("scores") or {}
         for method, per_target in (record.get("maps") or {}).items():
             for target, entry in per_target.items():
                 energy = entry.get("energy_in_region")
-                probability = prediction.get(target)
+                probability, score = prediction.get(target), scores.get(target)
                 rows.append({**base, "target": target,
                              "probability": f"{probability:.6f}" if isinstance(probability, float) else "",
                              "method": method, "peak": " ".join(map(str, entry.get("peak", []))),
-                             "energy_in_region": f"{energy:.6f}" if isinstance(energy, float) else "", "error": ""})
+                             "energy_in_region": f"{energy:.6f}" if isinstance(energy, float) else "", "error": "",
+                             "score": f"{score:.6g}" if isinstance(score, float) else ""})
     return rows
 
 
@@ -63,9 +65,10 @@ def _card(record: dict[str, Any]) -> str:
     thumb = next((o for o in outputs if o.endswith(".png")), None) if panel is None else panel
     image = f'<a href="{esc(thumb)}"><img loading="lazy" src="{esc(thumb)}" alt="maps of {esc(record["path"])}"></a>' \
         if thumb else '<p class="muted">(no PNG format written)</p>'
-    prediction = record.get("prediction") or {}
+    prediction, scores = record.get("prediction") or {}, record.get("scores") or {}
     top = sorted(prediction.items(), key=lambda kv: -kv[1])[:3]
     lines = "".join(f"<tr><td>{esc(k)}</td><td>{v:.3f}</td></tr>" for k, v in top)
+    lines += "".join(f"<tr><td>{esc(k)}</td><td>score {v:.3g}</td></tr>" for k, v in scores.items())
     targets = ", ".join(map(str, record.get("targets") or []))
     folder = Path(outputs[0]).parent.as_posix() if outputs else ""
     link = f' <a href="{esc(folder)}/provenance.json">provenance</a>' if folder else ""

@@ -42,7 +42,7 @@ class BatchTaskFactory:
 
 def failed_record(item: WorkItem, message: str, digest: str, seconds: float = 0.0) -> dict[str, Any]:
     return {"id": item.id, "path": item.relative, "status": FAILED, "error": message, "prediction": None,
-            "targets": [], "outputs": [], "seconds": {"total": round(seconds, 6)}, "settings": digest,
+            "scores": None, "targets": [], "outputs": [], "seconds": {"total": round(seconds, 6)}, "settings": digest,
             "digest": item.digest}
 
 
@@ -105,7 +105,8 @@ class BatchTask:
         seconds = {"read": round(read_s, 6), "explain": round(outcome.seconds["explain"], 6),
                    "write": round(write_s, 6), "total": round(read_s + outcome.seconds["explain"] + write_s, 6)}
         return {"id": item.id, "path": item.relative, "status": DONE, "error": None,
-                "prediction": outcome.prediction(), "targets": outcome.target_names(),
+                "prediction": outcome.prediction() or None, "scores": outcome.scores() or None,
+                "targets": outcome.target_names(),
                 "outputs": sorted(p.relative_to(self.out).as_posix() for p in written), "seconds": seconds,
                 "settings": self.factory.settings_digest, "digest": item.digest, "maps": map_summary(outcome),
                 "notes": list(outcome.notes)}

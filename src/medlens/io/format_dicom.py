@@ -159,7 +159,7 @@ def write_dicom(job: Any, folder: Path) -> list[Path]:
     provenance = job.result.provenance
     model = ident.model_name(getattr(job, "model_source", None), provenance)
     targets = job.result.targets[job.index].tolist()
-    target = ident.target_text(provenance, [t.rsplit(" (p=", 1)[0] for t in job.titles])
+    target = ident.target_text(provenance, [_title_name(t) for t in job.titles])
     written: list[Path] = []
     skipped: list[str] = []
     geometry = None
@@ -264,3 +264,11 @@ def _secondary_capture(hd: Any, source: Dataset, rgb: np.ndarray, orientation: t
     capture.DerivationDescription = f"medlens {__version__} {method} overlay for {part}"[:1024]
     capture.ImageType = ["DERIVED", "SECONDARY"]
     return capture
+
+
+def _title_name(title: str) -> str:
+    """The target name of an overlay title: "Effusion (p=0.93)" and "lesion (score=41.2)" give "Effusion", "lesion"."""
+    for suffix in (" (p=", " (score="):
+        if title.endswith(")") and suffix in title:
+            return title.rsplit(suffix, 1)[0]
+    return title

@@ -23,7 +23,7 @@ class ImageResult:
     index: int  # which image of its batch
     raw: dict[str, np.ndarray]  # method -> (T, *spatial) float32 raw maps
     display: np.ndarray  # grayscale (*spatial) in [0, 1]
-    titles: list[str]  # per target: "name (p=0.93)"
+    titles: list[str]  # per target: "name (p=0.93)", for region targets "name (score=41.2)"
     file_parts: list[str]  # per target: a unique, file-name-safe name
     scales: dict[str, tuple[str, float, float]]  # method -> colour scale shared by its targets (of what is drawn)
     region: Optional[np.ndarray] = None  # boolean (*spatial) region, outlined on overlays
@@ -112,12 +112,14 @@ def write_png(job: ImageResult, folder: Path) -> list[Path]:
 
 
 def write_npz(job: ImageResult, folder: Path) -> list[Path]:
-    """`maps.npz`: per method the (1, T, *spatial) raw maps, plus targets, logits, probabilities, labels (and region)."""
+    """`maps.npz`: per method the (1, T, *spatial) raw maps, plus targets, logits, probabilities (not for region
+    targets, whose logits are the region scores), labels (and region)."""
     result, i = job.result, job.index
     arrays: dict[str, np.ndarray] = {m: maps[None] for m, maps in job.raw.items()}
     arrays["targets"] = result.targets[i : i + 1].cpu().numpy()
     arrays["logits"] = result.logits[i : i + 1].detach().float().cpu().numpy()
-    arrays["probabilities"] = result.probabilities[i : i + 1].detach().float().cpu().numpy()
+    if "region_targets" not in result.provenance:  # region scores are sums of logits: a softmax of them means nothing
+        arrays["probabilities"] = result.probabilities[i : i + 1].detach().float().cpu().numpy()
     if result.labels:
         arrays["labels"] = np.array(result.labels, dtype=str)
     if job.region is not None:

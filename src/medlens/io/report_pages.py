@@ -56,6 +56,9 @@ def _prediction(folder: Path, provenance: dict[str, Any]) -> list[str]:
     npz = folder / "maps.npz"
     if npz.is_file():
         with np.load(npz) as data:
+            if "region_targets" in provenance and {"logits", "targets"} <= set(data.files):  # region scores
+                names = (provenance.get("target_names") or [[]])[0] or [str(t) for t in data["targets"][0]]
+                return [f"{name}: score {float(data['logits'][0][t]):.3g}" for name, t in zip(names, data["targets"][0])]
             if "probabilities" in data.files:
                 probs = data["probabilities"][0]
                 labels = list(data["labels"]) if "labels" in data.files else [f"class {i}" for i in range(len(probs))]

@@ -42,11 +42,27 @@ class Outcome:
     formats: tuple[str, ...] = DEFAULT_FORMATS  # what the plan asked to write
     signed: bool = False  # pictures draw the raw signed maps (the request's --signed)
 
+    @property
+    def scores_regions(self) -> bool:
+        """Whether the targets are regions (a segmentation model): the outputs are then region scores, not classes."""
+        return "region_targets" in self.result.provenance
+
     def prediction(self) -> dict[str, float]:
-        """Class label (or index) -> probability, for the one image."""
+        """Class label (or index) -> probability, for the one image; empty for region targets, whose outputs are sums
+        of logits over a region (a softmax over them means nothing): see `scores`."""
+        if self.scores_regions:
+            return {}
         probs = self.result.probabilities[0].detach().float().cpu().tolist()
         labels = self.result.labels or [str(i) for i in range(len(probs))]
         return {str(label): float(p) for label, p in zip(labels, probs)}
+
+    def scores(self) -> dict[str, float]:
+        """For region targets, target name -> the region score explained (the sum of the class's logits over the
+        region), for the one image; empty for a classifier (see `prediction`)."""
+        if not self.scores_regions:
+            return {}
+        values = self.result.logits[0].detach().float().cpu().tolist()
+        return {str(name): float(values[t]) for name, t in zip(self.target_names(), self.result.targets[0].tolist())}
 
     def target_names(self) -> list[str]:
         return self.result.target_names()[0]
