@@ -335,9 +335,13 @@ def inner_name(name: str, record: Optional[dict]) -> str:
     return name
 
 
-def check_region_options(per_method: Mapping[str, Mapping[str, Any]]) -> None:
-    """Region scores are sums of logits: a softmax over them (perturbation's output="probability") means nothing; and
-    the region is fixed on the input as given, so CAM's test-time augmentation (aug_smooth, aug_flip) would misplace it."""
+def check_region_options(per_method: Mapping[str, Mapping[str, Any]], output: str = "logit") -> None:
+    """Region scores are sums of logits: a softmax over them (perturbation's output="probability", or the call's
+    output="log-probability" or "contrast") means nothing; and the region is fixed on the input as given, so CAM's
+    test-time augmentation (aug_smooth, aug_flip) would misplace it."""
+    if output != "logit":
+        raise MethodError(f"output={output!r} compares a class with the others, but a segmentation or box target's "
+                          f"score is a sum over a region; explain it with output='logit' (the default).")
     moved = [name for name, options in per_method.items() if options.get("aug_smooth") or options.get("aug_flip")]
     if moved:
         raise MethodError(f"{', '.join(moved)}: aug_smooth / aug_flip move the input, but a segmentation or box "
