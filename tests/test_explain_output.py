@@ -180,3 +180,26 @@ def test_cli_batch_explains_the_chosen_output(capsys, files, tmp_path):
     assert code == 0, err
     (provenance,) = (tmp_path / "b" / "maps").rglob("provenance.json")
     assert json.loads(provenance.read_text())["output"]["explained"] == "log-probability"
+
+
+def test_cam_reads_the_contrast_of_the_head_weights_and_refuses_the_log_probability():
+    model, x = net(), data()
+    for output in ("logit", "contrast"):  # on a GAP + linear head CAM is Grad-CAM of the same score
+        result = medlens.explain(model, x, methods=["cam", "gradcam"], targets=[1], layer="3", output=output)
+        torch.testing.assert_close(result["cam"], result["gradcam"], atol=1e-6, rtol=1e-4)
+    with pytest.raises(MethodError, match="not linear"):
+        medlens.explain(model, x, methods="cam", layer="3", output="log-probability")
+
+
+@pytest.mark.parametrize("method", ["ablationcam", "scorecam", "gradcam", "lrp"])
+def test_the_contrast_map_is_the_class_map_minus_the_mean_of_the_others(method):
+    """The contrast is linear in the logits and these maps are linear in the score explained."""
+    model, x = net(bias=False), data()
+    every = [0, 1, 2]
+    logit = medlens.explain(model, x, methods=method, targets=every, layer="3", output="logit")[method]
+    contrast = medlens.explain(model, x, methods=method, targets=every, layer="3", output="contrast")[method]
+    expected = logit - (logit.sum(dim=1, keepdim=True) - logit) / 2
+    if method == "scorecam":  # Score-CAM's channel weights are a softmax of the scores: not linear, only checked to run
+        assert torch.isfinite(contrast).all() and not torch.allclose(contrast, logit)
+    else:
+        torch.testing.assert_close(contrast, expected, atol=1e-5, rtol=1e-4)

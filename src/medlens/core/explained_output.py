@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlens.errors import MethodError
-from medlens.tensor.autograd import call_model
+from medlens.tensor.autograd import call_model, logits_of
 
 OUTPUTS = ("logit", "log-probability", "contrast")
 
@@ -70,7 +70,10 @@ class OutputScores(nn.Module):
         self.multi_label = multi_label
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return output_scores(call_model(self.model, x), self.output, self.multi_label)
+        logits = logits_of(self.model(x))  # (n, K) also when a hook gives n copies of a layer (Ablation-CAM)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            logits = call_model(self.model, x)  # says what the model returned instead
+        return output_scores(logits, self.output, self.multi_label)
 
 
 def wrap_for_output(model: nn.Module, output: str, multi_label: bool, n_classes: int) -> OutputScores:
