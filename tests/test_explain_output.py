@@ -203,3 +203,17 @@ def test_the_contrast_map_is_the_class_map_minus_the_mean_of_the_others(method):
         assert torch.isfinite(contrast).all() and not torch.allclose(contrast, logit)
     else:
         torch.testing.assert_close(contrast, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_vision_transformer_explains_the_contrast_too():
+    """AttnLRP and Grad-CAM on token grids run through the same wrapper: the contrast map is linear in the classes'."""
+    from transformer_models import HandViT
+
+    torch.manual_seed(0)
+    model, x = HandViT().eval(), torch.rand(1, 3, 32, 32)
+    maps = {output: medlens.explain(model, x, methods=["lrp", "gradcam"], targets=[0, 1, 2], output=output)
+            for output in ("logit", "contrast")}
+    for method in ("lrp", "gradcam"):
+        logit = maps["logit"][method]
+        torch.testing.assert_close(maps["contrast"][method], logit - (logit.sum(dim=1, keepdim=True) - logit) / 2,
+                                   atol=1e-6, rtol=1e-4)
