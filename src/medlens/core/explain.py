@@ -199,7 +199,8 @@ def explain(
         digests, seed, timings).
 
     Raises:
-        MethodError: an unknown method or option, a 2-D-only method on a volume, a hooking method on TorchScript.
+        MethodError: an unknown method, option or `output`, a 2-D-only method on a volume, a hooking method on
+            TorchScript.
         InputError: `x` is not a finite floating-point 4-D/5-D tensor, is on another device, or a bad `seed`.
         TargetError: targets that are out of range, unknown class names, or lists of unequal length.
         ModelError: `model` is not a module, its forward pass fails or returns non-finite logits, the layer is not
