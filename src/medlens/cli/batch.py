@@ -11,7 +11,7 @@ import click
 from medlens.batch import EXECUTORS, SomeInputsFailed, run_batch
 from medlens.batch.runner import BATCH_SIZE
 from medlens.batch.executors import ExecutorError, load_ray
-from medlens.cli.commands import _model_on_device, _parse_options
+from medlens.cli.commands import _model_on_device, parse_options
 from medlens.core.explain import check_methods
 from medlens.errors import InputError, MethodError
 from medlens.io.formats import check_formats
@@ -53,6 +53,9 @@ MAX_LISTED_FAILURES = 50
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar.")
 @click.option("--signed", is_flag=True, default=False,
               help="Draw every map's raw signed values (default: each method as defined, e.g. Grad-CAM's positive part).")
+@click.option("--explain-output", default=None,
+              help="The score every method explains: logit (default), log-probability or contrast (the logit minus the "
+                   "mean of the other classes' logits).")
 @click.option("--from-pacs", default=None, help="Pull the inputs from a PACS first: AET@HOST:PORT (C-FIND, then C-GET).")
 @click.option("--query", "query_items", multiple=True, help="With --from-pacs: KEY=VALUE a study must match (repeatable, all together).")
 @click.option("--ae-title", default="MEDLENS", show_default=True, help="With --from-pacs: this program's AE title.")
@@ -65,7 +68,7 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
                   labels: Optional[str], input_size: Optional[str], channels: Optional[int], multi_label: Optional[bool],
                   weights: Optional[Path], device: str, no_region: bool, allow_pickle: bool, quiet: bool,
                   signed: bool, from_pacs: Optional[str], query_items: Sequence[str], ae_title: str,
-                  pacs_folder: Optional[Path]) -> None:
+                  pacs_folder: Optional[Path], explain_output: Optional[str]) -> None:
     """Explain every input under INPUT... (files; folders searched recursively, a DICOM series folder as one input).
 
     Writes OUT/maps/<input>/ per input, OUT/manifest.jsonl (one line per finished input), OUT/summary.csv and
@@ -82,7 +85,8 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
         if not p.exists():
             raise InputError(f"{p}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
     request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed, formats=formats,
-                                   options=_parse_options(option_items), slice_index=slice_index, signed=signed)
+                                   options=parse_options(option_items, explain_output), slice_index=slice_index,
+                                   signed=signed)
     if not request.methods:
         raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
     check_methods(list(request.methods), dict(request.options))

@@ -179,6 +179,17 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def parse_options(items: Sequence[str], explain_output: Optional[str] = None) -> dict[str, Any]:
+    """--option key=value items (and --explain-output, the call's `output`) as explain()'s options."""
+    options = _parse_options(items)
+    if explain_output is not None:
+        if options.get("output", explain_output) != explain_output:
+            raise MethodError(f"--explain-output {explain_output} and --option output={options['output']} disagree; "
+                              f"give one of them.")
+        options["output"] = explain_output
+    return options
+
+
 def _parse_options(items: Sequence[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in items:
@@ -240,6 +251,9 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
 @click.option("--signed", is_flag=True, default=False,
               help="Draw every map's raw signed values (default: each method as defined, e.g. Grad-CAM's positive part).")
+@click.option("--explain-output", default=None,
+              help="The score every method explains: logit (default), log-probability or contrast (the logit minus the "
+                   "mean of the other classes' logits).")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -262,6 +276,7 @@ def explain_command(
     allow_pickle: bool,
     formats: str,
     signed: bool,
+    explain_output: Optional[str],
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -272,7 +287,7 @@ def explain_command(
     out = ensure_writable(out_dir)
     try:
         request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed,
-                                       options=_parse_options(option_items), slice_index=slice_index, frame=frame,
+                                       options=parse_options(option_items, explain_output), slice_index=slice_index, frame=frame,
                                        formats=formats, signed=signed)
         if not request.methods:
             raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")

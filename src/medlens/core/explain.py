@@ -22,8 +22,9 @@ from medlens.core.context import ExplainContext
 from medlens.errors import InputError, MedlensError, MethodError, ModelError, short_message
 from medlens.accel.heap import steady_heap
 from medlens.core.digests import model_digest, tensor_digest
+from medlens.core.explained_output import output_record, take_output, wrap_for_output
 from medlens.core.jsonable import jsonable
-from medlens.core.layers import LayerSpec
+from medlens.core.layers import LayerSpec, resolve_target_layer
 from medlens.core.model_description import describe
 from medlens.core.model_state import borrowed_model
 from medlens.core.region_targets import (check_region_options, has_region_targets, inner_name, region_layer,
@@ -122,7 +123,7 @@ def check_methods(
     options of each method. `input_shape` (B, C, *spatial) or `model_dims` (2 or 3) says whether volumes come."""
     names = _method_names(methods)
     specs = [get_spec(n) for n in names]
-    per_method = _split_options(specs, options)
+    per_method = _split_options(specs, take_output(options)[1])
     flat = [s.name for s in specs if not s.supports_3d]
     if flat and input_shape is not None and len(input_shape) == 5:
         raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(input_shape)}.")
@@ -189,7 +190,8 @@ def explain(
         layer: the layer CAM methods read: None chooses it automatically, or a module, or its dotted name.
         seed: for stochastic methods (drawn and recorded in the provenance when None).
         **options: method options, e.g. `n_steps=`, `num_samples=`, `composite=` (docs/api.md, "Method options");
-            each goes to every requested method that takes it.
+            each goes to every requested method that takes it. `output=` ("logit", the default; "log-probability";
+            "contrast") is the score every method explains; `.logits` stays the model's logits.
 
     Returns:
         An `ExplanationResult`: `result[name]` is a float32 tensor (B, T, *x.shape[2:]), raw and signed, at input
@@ -197,7 +199,8 @@ def explain(
         digests, seed, timings).
 
     Raises:
-        MethodError: an unknown method or option, a 2-D-only method on a volume, a hooking method on TorchScript.
+        MethodError: an unknown method, option or `output`, a 2-D-only method on a volume, a hooking method on
+            TorchScript.
         InputError: `x` is not a finite floating-point 4-D/5-D tensor, is on another device, or a bad `seed`.
         TargetError: targets that are out of range, unknown class names, or lists of unequal length.
         ModelError: `model` is not a module, its forward pass fails or returns non-finite logits, the layer is not
@@ -240,6 +243,7 @@ class _Call:
     per_method: dict
     description: Any
     input_digest: str
+    output: str = "logit"
 
 
 @dataclass
@@ -255,6 +259,7 @@ class _Done:
     layer_info: Optional[dict]
     region_record: Any
     ctx: ExplainContext
+    output_record: Any = None
 
 
 def _checked_call(model: Any, x: Any, methods: MethodsArg, options: dict[str, Any], seed: Any) -> _Call:
@@ -265,6 +270,7 @@ def _checked_call(model: Any, x: Any, methods: MethodsArg, options: dict[str, An
     model, was_compiled = _uncompiled(model)
     x = check_input(x)
     seed = _check_seed(seed)
+    output, options = take_output(options)
     specs, per_method = check_methods(methods, options, model=model, input_shape=tuple(x.shape))
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
@@ -272,7 +278,7 @@ def _checked_call(model: Any, x: Any, methods: MethodsArg, options: dict[str, An
     if param is not None and param.device != x.device:
         raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")
     # the digest before any pass: a model that changes its input in place cannot alter it
-    return _Call(model, was_compiled, x, seed, specs, per_method, describe(model), tensor_digest(x))
+    return _Call(model, was_compiled, x, seed, specs, per_method, describe(model), tensor_digest(x), output)
 
 
 def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: dict[str, float]) -> _Done:
@@ -284,7 +290,13 @@ def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: 
         called, targets, labels, region_record = wrap_for_targets(call.model, call.x, targets, labels, multi_label,
                                                                   description.task)
         (layer, layer_note), multi_label = region_layer(call.model, call.x, layer, region_record["kind"]), False
-        check_region_options(call.per_method, region_record["kind"])
+        check_region_options(call.per_method, region_record["kind"], call.output)
+    elif call.output != "logit":  # targets chosen on the model's own logits, then every method explains the score
+        raw = ExplainContext(call.model, call.x, hooks, targets=targets, labels=labels, multi_label=multi_label)
+        raw_logits, targets = _first_pass(raw), raw.targets
+        called = wrap_for_output(call.model, call.output, multi_label, raw_logits.shape[1])
+        if isinstance(layer, str):  # a dotted name in the model as given, not in the wrapper
+            layer = resolve_target_layer(call.model, call.x, layer).module
     ctx = ExplainContext(
         called, call.x, hooks, layer=layer, targets=targets, labels=labels, multi_label=multi_label, seed=call.seed,
         need_layer_graph=any(s.needs_layer and s.needs_gradients for s in call.specs),
@@ -292,15 +304,20 @@ def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: 
     if call.was_compiled:
         ctx.notes.append("a torch.compile'd model: explained through its original module (the same parameters), "
                          "since a compiled graph does not run the hooks the methods need")
+    wrapped = called is not call.model and region_record is None  # wrapped for the explained output
+    if wrapped:
+        ctx._targets, ctx.target_note = targets, raw.target_note
     t0 = time.perf_counter()
     logits = _first_pass(ctx)
     target_grid = ctx.targets
+    explained = output_record(call.output, multi_label, logits.gather(1, target_grid).tolist(), region_record)
+    logits = raw_logits if wrapped else logits  # the result's logits are the model's; the scores are in provenance
     timings["forward_and_targets"] = time.perf_counter() - t0
     maps, method_notes = _run_methods(ctx, call.specs, call.per_method, timings)
     if region_record is not None:  # the region scores are the result's outputs, one per target slot
         logits, target_grid = region_scores(logits, target_grid)
-    return _Done(maps, method_notes, logits, target_grid, labels, multi_label,
-                 _layer_info(ctx, region_record, layer_note), region_record, ctx)
+    layer_info = _layer_info(ctx, region_record or (True if wrapped else None), layer_note)
+    return _Done(maps, method_notes, logits, target_grid, labels, multi_label, layer_info, region_record, ctx, explained)
 
 
 def _provenance(call: _Call, done: _Done, timings: dict[str, float]) -> dict[str, Any]:
@@ -316,6 +333,7 @@ def _provenance(call: _Call, done: _Done, timings: dict[str, float]) -> dict[str
         "target_names": [[labels[t] for t in row] for row in rows] if labels else None,
         "target_rule": done.ctx.target_note,
         "layer": done.layer_info,
+        "output": done.output_record,
         "seed": call.seed,
         "model": {"class": type(call.model).__name__, "sha256": model_digest(call.model), "mode_during_call": "eval"},
         "input": {"shape": list(call.x.shape), "dtype": str(call.x.dtype), "sha256": call.input_digest},

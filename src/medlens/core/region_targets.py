@@ -341,9 +341,15 @@ def inner_name(name: str, record: Optional[dict]) -> str:
     return name
 
 
-def check_region_options(per_method: Mapping[str, Mapping[str, Any]], kind: str = "segmentation") -> None:
-    """Region scores are sums of logits: a softmax over them (perturbation's output="probability") means nothing; and
-    the region is fixed on the input as given, so CAM's test-time augmentation (aug_smooth, aug_flip) would misplace it."""
+def check_region_options(per_method: Mapping[str, Mapping[str, Any]], kind: str = "segmentation",
+                         output: str = "logit") -> None:
+    """Region scores are sums of logits: a softmax over them (perturbation's output="probability", or the call's
+    output="log-probability" or "contrast") means nothing; and the region is fixed on the input as given, so CAM's
+    test-time augmentation (aug_smooth, aug_flip) would misplace it."""
+    if output != "logit":
+        what = "a cosine similarity" if kind == "similarity" else "a sum over a region"
+        raise MethodError(f"output={output!r} compares a class with the others, but a {kind} target's score is {what}; "
+                          f"explain it with output='logit' (the default).")
     if kind == "similarity":  # a reference fixed in embedding space: a moved input is fine, a softmax is not
         asked = [name for name, options in per_method.items() if options.get("output") == "probability"]
         if asked:

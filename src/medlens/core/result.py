@@ -18,7 +18,8 @@ class ExplanationResult(Mapping[str, torch.Tensor]):
 
     Args:
         maps: method name -> tensor (B, T, *spatial).
-        logits: the model's output (B, K) for the input.
+        logits: the model's output (B, K) for the input, whatever `output=` explained (that score is in
+            `provenance["output"]`; for region targets, the region scores (B, T)).
         targets: (B, T) long tensor, the class explained in each slot.
         provenance: settings, layer, versions, digests, seed, timings (a JSON-ready dict).
         labels: the model's class names, if it has them.

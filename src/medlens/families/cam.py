@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from medlens.tensor.autograd import call_model, logits_of
 from medlens.core.batching import chunks
 from medlens.core.context import ExplainContext
+from medlens.core.explained_output import OutputScores, output_scores
 from medlens.errors import MethodError
 from medlens.core.options import flag, positive_int
 from medlens.core.registry import MethodSpec, register
@@ -150,8 +151,18 @@ def _cam(ctx: ExplainContext, options: Mapping[str, Any]) -> CamTerms:
             f"cam needs the target layer's map to be average-pooled straight into the last linear layer; the "
             f"linear layer's input is not the spatial mean of {ctx.layer.name}'s output. Use gradcam instead."
         )
-    weights = head.weight.detach()[ctx.targets] / a[0, 0].numel()  # (B, T, C)
+    weights = _explained_head_weights(ctx, head.weight.detach())[ctx.targets] / a[0, 0].numel()  # (B, T, C)
     return CamTerms(features, channel_weights=weights)
+
+
+def _explained_head_weights(ctx: ExplainContext, weight: torch.Tensor) -> torch.Tensor:
+    """The head's class weights (K, C) for the score explained (`explain(output=...)`): the contrast is linear in
+    the logits, so its weights are the same contrast of the classes' weights; the log-probability is not linear."""
+    output = getattr(ctx.model, "output", "logit") if isinstance(ctx.model, OutputScores) else "logit"
+    if output == "log-probability":
+        raise MethodError("cam reads the linear head's class weights, and the log-probability is not linear in the "
+                          "logits; use gradcam (the same map as cam for the logit on such heads) or output='contrast'.")
+    return output_scores(weight.T, output, False).T
 
 
 # ------------------------------------------------------------------------------------ perturbation CAMs

@@ -127,7 +127,8 @@ def explain_batch(plan: Plan, x: torch.Tensor, targets: Any = None, *,
     """Explain prepared inputs (B, C, *spatial) under the plan: the plan's methods (or a subset), its layer, seed and
     options, and its targets unless per-image `targets` are given (the evaluation run explains each image's class)."""
     specs = plan.specs if methods is None else tuple(s for s in plan.specs if s.name in set(methods))
-    options = {k: v for k, v in plan.request.options.items() if any(k in s.options for s in specs)}
+    options = {k: v for k, v in plan.request.options.items()  # `output` (but "probability") is for every method
+               if any(k in s.options for s in specs) or (k == "output" and v != "probability")}
     return explain(plan.model, x.to(plan.device), methods=[s.name for s in specs],
                    targets=plan.targets if targets is None else targets, layer=plan.request.layer,
                    seed=plan.request.seed, **options)
