@@ -49,12 +49,18 @@ def _sop_classes(orthanc, study_id: str) -> list[str]:
     return found
 
 
+def _upload_study(orthanc, folder: Path) -> str:
+    """The test study's files uploaded to Orthanc; returns its Orthanc study id."""
+    study_id = None
+    for path in _study(folder):
+        study_id = orthanc.upload(path)["ParentStudy"]
+    return study_id
+
+
 def test_a_study_from_orthanc_comes_back_as_results_exactly_once(tmp_path: Path) -> None:
     node_port = free_port()
     with running_orthanc(tmp_path / "orthanc", "MEDLENS", node_port) as orthanc:
-        study_id = None
-        for path in _study(tmp_path / "study"):
-            study_id = orthanc.upload(path)["ParentStudy"]
+        study_id = _upload_study(orthanc, tmp_path / "study")
         state = tmp_path / "state"
         with node_in_process(state, node_port, orthanc):
             orthanc.store_to("medlens", [study_id])
@@ -92,9 +98,7 @@ def test_a_study_from_orthanc_comes_back_as_results_exactly_once(tmp_path: Path)
 def test_killed_mid_study_and_restarted_every_result_arrives_once(tmp_path: Path) -> None:
     node_port = free_port()
     with running_orthanc(tmp_path / "orthanc", "MEDLENS", node_port) as orthanc:
-        study_id = None
-        for path in _study(tmp_path / "study"):
-            study_id = orthanc.upload(path)["ParentStudy"]
+        study_id = _upload_study(orthanc, tmp_path / "study")
         state = tmp_path / "state"
         node = start_node(state, node_port, orthanc)
         orthanc.store_to("medlens", [study_id])
