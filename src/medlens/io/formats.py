@@ -33,6 +33,7 @@ class ImageResult:
     displays: dict[str, str] = field(default_factory=dict)  # method -> how pictures draw it (positive, signed, magnitude)
     model_source: Optional[dict[str, Any]] = None  # where the model came from (bundled name, file), when known
     view: Optional[ScanView] = None  # where pictures are drawn: the scan's own plane when the preparation inverts
+    segmentation_logits: Any = None  # a segmentation model's per-pixel logits (K, *spatial) on the model's grid, or None
 
     @classmethod
     def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],
@@ -136,11 +137,13 @@ FormatWriter = Callable[[ImageResult, Path], list[Path]]
 
 # The DICOM and NIfTI writers are imported on first use: pydicom and nibabel take over a second to import, which
 # every start of `medlens batch` writing PNG or NPZ paid.
-def write_dicom(*args: Any, **kwargs: Any) -> Any:
-    """`medlens.io.format_dicom.write_dicom`, imported on first use."""
+def write_dicom(job: ImageResult, folder: Path) -> list[Path]:
+    """`medlens.io.format_dicom.write_dicom` (Parametric Map, Secondary Capture) and, for a segmentation model, the
+    predicted mask as a DICOM Segmentation (`medlens.io.format_dicom_seg`), imported on first use."""
     from medlens.io.format_dicom import write_dicom as write
+    from medlens.io.format_dicom_seg import write_segmentation
 
-    return write(*args, **kwargs)
+    return write(job, folder) + write_segmentation(job, folder)
 
 
 def write_nifti(*args: Any, **kwargs: Any) -> Any:
@@ -154,7 +157,7 @@ FORMATS: dict[str, FormatWriter] = {
     "png": write_png,
     "npz": write_npz,
     "nifti": write_nifti,  # maps in the input's world space (io/format_nifti.py)
-    "dicom": write_dicom,  # Parametric Map + Secondary Capture in the source's study (io/format_dicom.py)
+    "dicom": write_dicom,  # Parametric Map + Secondary Capture in the source's study (io/format_dicom.py), SEG (_seg)
 }
 DEFAULT_FORMATS: tuple[str, ...] = ("png", "npz")
 

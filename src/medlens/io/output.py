@@ -36,6 +36,7 @@ def write_explanation(
     signed: bool = False,
     notes_out: Optional[list[str]] = None,
     scan_region: Optional[np.ndarray] = None,
+    segmentation_logits: Any = None,
 ) -> list[Path]:
     """Write one image's results into `out_dir` in `formats` (see `medlens.io.formats.FORMATS`; by default
     `<method>_<target>.png` per method and target, `panel.png`, and `maps.npz`), and `provenance.json` last.
@@ -47,7 +48,8 @@ def write_explanation(
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
     signed instead of as its method is defined (Grad-CAM's positive part). Pictures are drawn on the scan's own plane
     (the maps taken back through the preparation's resize) when `scan` holds one, with `scan_region` (the region on
-    that plane) outlined. A format or DICOM object that cannot be made for this input is skipped, with the reason in
+    that plane) outlined. `segmentation_logits` (a segmentation model's per-pixel logits (K, *spatial)) give the
+    `dicom` format its Segmentation of the predicted mask. A format or DICOM object that cannot be made for this input is skipped, with the reason in
     provenance and appended to `notes_out` (the batch manifest's notes). Returns the paths.
     """
     names = check_formats(formats)
@@ -58,6 +60,7 @@ def write_explanation(
         job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed,
                                 scan_region=scan_region)
         job.model_source = dict(model_source) if model_source is not None else None
+        job.segmentation_logits = segmentation_logits
         staged: list[Path] = []
         for name in names:
             staged += _write_format(name, job, staging)
@@ -93,6 +96,8 @@ def _skip_notes(provenance: Mapping[str, Any]) -> list[str]:
     """One note per format skipped and per DICOM object not made, for the manifest."""
     notes = [f"format {name} skipped: {reason}" for name, reason in (provenance.get("skipped_formats") or {}).items()]
     notes += [f"dicom: {line} (not written)" for line in ((provenance.get("dicom") or {}).get("skipped") or [])]
+    notes += [f"dicom: {line} (not written)"
+              for line in ((provenance.get("dicom_segmentation") or {}).get("skipped") or [])]
     return notes
 
 

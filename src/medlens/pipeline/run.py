@@ -20,7 +20,7 @@ from medlens.io.formats import DEFAULT_FORMATS
 from medlens.io import PreparedInput, ScanImage, prepare, read_image, spec_for
 from medlens.io.regions import Region, read_region, region_beside, region_mask
 from medlens.core.region_targets import has_region_targets
-from medlens.pipeline.segmentation import explained_region, targets_on_grid
+from medlens.pipeline.segmentation import explained_region, segmentation_output, targets_on_grid
 from medlens.pipeline.plan import Plan
 
 RegionArg = Union[None, str, Path, Region]  # None: no region; "auto": a box file beside the image; a path; a Region
@@ -41,6 +41,7 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)  # read, explain
     formats: tuple[str, ...] = DEFAULT_FORMATS  # what the plan asked to write
     signed: bool = False  # pictures draw the raw signed maps (the request's --signed)
+    segmentation_logits: Optional[torch.Tensor] = None  # (K, *grid) per-pixel logits, when `dicom` writes a SEG
 
     @property
     def scores_regions(self) -> bool:
@@ -176,6 +177,8 @@ def explain_prepared_many(plan: Plan, prepared: Sequence[PreparedInput], *,
         outcome = Outcome(result, one, sources[i], notes=notes[i], seconds={"explain": share},
                           formats=plan.formats, signed=signed)
         _add_region(plan, outcome, found[i], read_shapes[i], targets)
+        if "dicom" in plan.formats:  # a segmentation model's predicted mask, filed as a DICOM Segmentation
+            outcome.segmentation_logits = segmentation_output(plan, one.tensor, targets)
         outcomes.append(outcome)
     return outcomes
 

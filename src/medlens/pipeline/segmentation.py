@@ -97,3 +97,14 @@ def explained_region(plan: Plan, x: torch.Tensor, targets: Any) -> Optional[torc
     mask = torch.zeros(x.shape[2:], dtype=torch.bool)
     mask[(Ellipsis, *(slice(int(a), int(round(b))) for a, b in zip(region[:n][::-1], region[n:][::-1])))] = True
     return mask
+
+
+def segmentation_output(plan: Plan, x: torch.Tensor, targets: Any) -> Optional[torch.Tensor]:
+    """The model's per-pixel logits (K, *spatial) for image 0 of `x`, on the CPU, when the targets are segmentation
+    targets (the `dicom` format files the predicted mask as a DICOM Segmentation); None otherwise."""
+    items = targets if isinstance(targets, (list, tuple)) else [targets]
+    if not any(isinstance(t, SegmentationTarget) for t in items):
+        return None
+    with torch.no_grad():
+        logits = segmentation_logits(plan.model(x[:1].to(plan.device)), x[:1])
+    return logits[0].detach().float().cpu()

@@ -33,5 +33,6 @@ def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Option
         signed=outcome.signed,
         notes_out=outcome.notes,  # formats or DICOM objects skipped for this input: in the batch manifest too
         scan_region=outcome.region_on_scan.cpu().numpy() if outcome.region_on_scan is not None else None,
+        segmentation_logits=outcome.segmentation_logits,  # the DICOM Segmentation's predicted mask
     )
 
