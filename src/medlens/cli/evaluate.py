@@ -18,9 +18,11 @@ from medlens.io.files import ensure_writable
 @click.command("evaluate")
 @click.option("--model", "model_source", required=True, help="A bundled model name or a model file (with its sidecar JSON).")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="A folder with one sub-folder per class; each image N.jpg has a YOLO box file N.txt beside it.")
+              help="A folder with one sub-folder per class; each image N.jpg has a YOLO box file N.txt (or a mask "
+                   "image N_mask.png) beside it.")
 @click.option("--methods", required=True, help="Comma-separated method names, e.g. gradcam,layercam (see `medlens methods`).")
-@click.option("--metrics", default=",".join(METRICS), show_default=True, help="Comma-separated metric names.")
+@click.option("--metrics", default=None, help=f"Comma-separated metric names. Default: all ({','.join(METRICS)}); for a "
+                                               f"segmentation model, those that apply to a region score.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for metrics.csv, metrics.md and plots.")
 @click.option("--limit", type=int, default=None, help="Evaluate a seeded random subset of N images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the subset, noise, randomisation and bootstrap.")
@@ -33,7 +35,7 @@ from medlens.io.files import ensure_writable
               help="Where batches are scored: this process, worker processes, or Ray (pip install \"medlens[ray]\").")
 @click.option("--workers", type=int, default=2, show_default=True, help="Workers for processes or ray, one torch thread each.")
 @click.option("--ray-address", default=None, help="An existing Ray cluster to join (default: a local one for the run).")
-def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: str, out_dir: str,
+def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: Optional[str], out_dir: str,
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
                      include_file: Optional[str], allow_pickle: bool, executor: str, workers: int,
                      ray_address: Optional[str]) -> None:

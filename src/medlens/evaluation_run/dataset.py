@@ -1,5 +1,5 @@
-"""What an evaluation runs over: a folder with one sub-folder per class and a YOLO box file beside each image
-(the figshare brain tumour data's layout, `medlens.data.figshare`), or in-memory samples; each a prepared `Sample`.
+"""What an evaluation runs over: a folder with one sub-folder per class and a YOLO box file (or a mask image
+`N_mask.png`) beside each image (the figshare brain tumour data's layout), or in-memory samples; each a `Sample`.
 """
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
+import numpy as np
 import torch
 
 from medlens.errors import InputError
-from medlens.io.regions import boxes_to_mask
+from medlens.io.readers import read_image
+from medlens.io.regions import Region, boxes_to_mask, region_mask
 from medlens.io.scan import RASTER_EXTENSIONS
 
 IMAGE_SUFFIXES = RASTER_EXTENSIONS  # a dataset of 2-D pictures with box files beside them
@@ -57,6 +59,35 @@ def box_mask(box_file: Optional[Path], size: tuple[int, int]) -> torch.Tensor:
     return boxes_to_mask(boxes, size)
 
 
+MASK_SUFFIX = "_mask"  # `N_mask.png` beside `N.png` is N's region mask (non-zero inside), not an image of its own
+
+
+def mask_beside(image: Path) -> Optional[Path]:
+    """The mask image beside `image` (`N.png` -> `N_mask.png`, any raster suffix), if there is one."""
+    for suffix in sorted(IMAGE_SUFFIXES):
+        candidate = image.with_name(image.stem + MASK_SUFFIX + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def true_mask(image: Path, size: tuple[int, ...]) -> torch.Tensor:
+    """Boolean mask on `size` of the region annotated for `image`: its mask image (`N_mask.png`, brought onto the grid
+    nearest-neighbour as `medlens explain --region` does) when there is one, else its YOLO box file `N.txt` (none:
+    an empty mask)."""
+    found = mask_beside(image)
+    if found is None:
+        return box_mask(image.with_suffix(".txt"), size)
+    try:
+        scan = read_image(found, window=False)
+    except InputError as exc:
+        raise InputError(f"{found}: the mask beside {image.name} could not be read: {exc}") from None
+    values = np.asarray(scan.grayscale() if scan.layout == "color" else scan.pixels) > 0
+    if not values.any():  # an empty mask: nothing annotated on this image (a normal case)
+        return torch.zeros(size, dtype=torch.bool)
+    return region_mask(Region(found, mask=values), tuple(values.shape), size)
+
+
 def read_include(include: Union[str, Path, Iterable[str], None]) -> Optional[list[str]]:
     """`include` as a list of `class/N.jpg` entries: a list, or a text file with one per line."""
     if include is None:
@@ -81,7 +112,8 @@ class FolderDataset:
         self.reader = reader
         self.items: list[tuple[Path, str]] = []
         for cls in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for img in sorted((p for p in cls.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key):
+            images = (p for p in cls.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(MASK_SUFFIX))
+            for img in sorted(images, key=_natural_key):
                 self.items.append((img, cls.name))
         if include is not None:
             wanted = {str(w).strip().replace("\\", "/") for w in include if str(w).strip()}
@@ -100,7 +132,7 @@ class FolderDataset:
     def __getitem__(self, i: int) -> Sample:
         path, cls = self.items[i]
         x = self.reader(path)
-        return Sample(x, box_mask(path.with_suffix(".txt"), tuple(x.shape[1:])), cls, f"{cls}/{path.name}")
+        return Sample(x, true_mask(path, tuple(x.shape[1:])), cls, f"{cls}/{path.name}")
 
 
 def as_sample(item: Any) -> Sample:
@@ -115,4 +147,5 @@ def as_sample(item: Any) -> Sample:
     raise InputError("each dataset item must be a Sample, a dict with 'image', 'mask', 'label', or a tuple (image, mask, label).")
 
 
-__all__ = ["FolderDataset", "IMAGE_SUFFIXES", "Sample", "as_sample", "box_mask", "read_include"]
+__all__ = ["FolderDataset", "IMAGE_SUFFIXES", "MASK_SUFFIX", "Sample", "as_sample", "box_mask", "mask_beside",
+           "read_include", "true_mask"]

@@ -18,6 +18,7 @@ from medlens.evaluation.metrics import LOCALISATION, METRICS
 from medlens.evaluation_run.dataset import FolderDataset, read_include
 from medlens.evaluation_run.parallel import EvaluateTaskFactory, score_on_executor
 from medlens.evaluation_run.scoring import Tally, region_prior, score_images
+from medlens.evaluation_run.segmentation import SEGMENTATION_METRICS, score_segmentation, segmentation_metrics
 from medlens.evaluation_run.tables import rows_to_csv, rows_to_markdown, summarise
 from medlens.io.files import atomic_write
 from medlens.pipeline import ExplainRequest, WorkerRecipe, plan_for, read_input
@@ -63,11 +64,23 @@ def evaluate(
 
     `executor` "processes" or "ray" (with `workers`, `ray_address`) scores groups of batches in worker processes
     that load the model themselves: they need `model_source` (what `load_model` takes, with `model_options`) and a
-    folder `dataset`. The rows are those of the serial run (same batches, seeds and order)."""
+    folder `dataset`. The rows are those of the serial run (same batches, seeds and order).
+
+    A segmentation model (described as one) is evaluated on region scores (`medlens.evaluation_run.segmentation`):
+    each image's predicted region of each foreground class is explained; `metrics` default to those that apply, and
+    the others are refused with the reason; the serial executor only."""
     if not _names(methods):
         raise MethodError("no method was given; pass methods such as 'gradcam,layercam'.")
     plan = plan_for(model, ExplainRequest.build(_names(methods), layer=layer, seed=int(seed)))
+    segmentation = describe(model).task == "segmentation"  # region scores: evaluation_run.segmentation
+    if segmentation and not _names(metrics):
+        metrics = list(SEGMENTATION_METRICS)
     metric_names, options = _metric_settings(metrics, metric_options)
+    if segmentation:
+        metric_names = segmentation_metrics(metric_names)
+        if executor != "serial":
+            raise InputError(f"a segmentation model is evaluated with the serial executor only for now; drop "
+                             f"--executor {executor}.")
     include = read_include(include)
     if isinstance(dataset, (str, Path)):
         data: Any = FolderDataset(dataset, lambda path: read_input(plan, path).tensor[0], include)
@@ -85,7 +98,10 @@ def evaluate(
         factory = EvaluateTaskFactory(recipe, str(dataset), include, metric_names, options, batch_size, prior)
 
     started = time.perf_counter()
-    if factory is None:
+    if segmentation:
+        tally = _with_bar(len(order), progress, lambda on_images: score_segmentation(
+            plan, data, order, metric_names, options, prior, batch_size, on_images=on_images))
+    elif factory is None:
         tally = _with_bar(len(order), progress, lambda on_images: score_images(
             plan, data, order, metric_names, options, prior, batch_size, on_images=on_images))
     else:
@@ -103,7 +119,8 @@ def evaluate(
             "metric_options": {k: {kk: repr(vv) for kk, vv in v.items()} for k, v in options.items() if v},
             "seconds_per_image": {m: tally.seconds[m] / max(len(order), 1) for m in method_names},
             "elapsed_s": round(time.perf_counter() - started, 3),
-            "probabilities": "sigmoid" if describe(model).multi_label else "softmax",
+            "probabilities": "region score (sum of logits)" if segmentation else
+                             "sigmoid" if describe(model).multi_label else "softmax",
             "executor": executor if factory is None else {"name": executor, "workers": workers},
         })
     return rows

@@ -15,7 +15,7 @@ from medlens.core.model_description import describe
 import medlens.evaluation.localisation as L
 from medlens.evaluation.faithfulness import model_scores
 from medlens.evaluation.metrics import LOCALISATION, CurvePart, MetricCall, MetricScore, get_metric
-from medlens.evaluation_run.dataset import FolderDataset, Sample, as_sample, box_mask
+from medlens.evaluation_run.dataset import FolderDataset, Sample, as_sample, true_mask
 from medlens.io import read_image
 from medlens.pipeline import Plan, explain_batch
 
@@ -91,14 +91,14 @@ def _label_index(label: Union[str, int, None], labels: Sequence[str], n_classes:
 
 
 def region_prior(plan: Plan, data: Any, order: Sequence[int]) -> tuple[Optional[torch.Tensor], int]:
-    """The mean region mask over the images (the `baseline:prior` map); box files need no image decoding."""
+    """The mean region mask over the images (the `baseline:prior` map); box and mask files need no image decoding."""
     total, count = None, 0
     for i in order:
         if isinstance(data, FolderDataset):
             path, _ = data.items[i]
             spec = describe(plan.model).input_spec
             size = tuple(spec.size[-2:]) if spec is not None and spec.size else read_image(path).spatial_shape[-2:]
-            mask = box_mask(path.with_suffix(".txt"), size)
+            mask = true_mask(path, tuple(size))
         else:
             mask = as_sample(data[i]).mask
         if total is not None and total.shape != mask.shape:
