@@ -1,9 +1,9 @@
 """Evaluating a segmentation model's explanations: each image's predicted region of each foreground class explained
 (the score is the sum of the class's logits over that region), scored by the metrics that apply to such a score.
 
-Deletion and insertion perturb the image and follow the region score (the sum of the class's logits over the region
-predicted on the unperturbed image, held fixed), not a softmax; the localisation metrics compare the map with the
-annotated region (the true mask or box), and an image without one has no value for them. The metrics defined on class
+Deletion, insertion and completeness follow the region score (the sum of the class's logits over the region predicted
+on the unperturbed image, held fixed), not a softmax; the localisation metrics compare the map with the annotated
+region (the true mask or box), and an image without one has no value for them. The metrics defined on class
 probabilities, and those that re-explain the image, are refused with the reason (`refused_metrics`).
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from medlens.evaluation_run.scoring import Tally
 from medlens.pipeline import Plan, explain_batch
 
 #: the metrics that apply to a region score, in table order; the default of `medlens evaluate` on a segmentation model
-SEGMENTATION_METRICS = ("deletion", "insertion", "pointing_game", "energy_in_box", "iou", "dice", "auprc", "sparseness")
+SEGMENTATION_METRICS = ("deletion", "insertion", "pointing_game", "energy_in_box", "iou", "dice", "auprc", "sparseness",
+                        "completeness")
 _PROBABILITY = ("they compare class probabilities; a segmentation target's score is a sum of logits over a region, "
                 "which has no probability, so a relative drop or rise of it is not the quantity they define")
 _REEXPLAIN = ("it re-explains the image for a class index; for a region target that path is not implemented yet")
@@ -32,7 +33,6 @@ WHY_NOT = {
     "road_morf": "ROAD's imputation is scored on class outputs here; on a region score it is not implemented yet",
     "road_lerf": "ROAD's imputation is scored on class outputs here; on a region score it is not implemented yet",
     "randomization": _REEXPLAIN, "max_sensitivity": _REEXPLAIN,
-    "completeness": "the reference (the output difference a method claims) is not implemented for region scores yet",
 }
 CURVES = ("deletion", "insertion")  # scored on the region score itself: output="logit"
 
@@ -68,8 +68,11 @@ def predicted_masks(logits: torch.Tensor, k: int, multi_label: bool) -> torch.Te
 
 def region_scorer(model: Any, k: int, regions: torch.Tensor) -> RegionScores:
     """The model with its output turned into the region scores (N, B): column b is the sum of class k's logits over
-    image b's region (held fixed), for any input. Perturbed copies of image b are scored by column b."""
-    return RegionScores(model, "segmentation", [(k, regions.flatten(1).float(), None)])
+    image b's region (held fixed), for any input. Perturbed copies of image b are scored by column b. It carries the
+    model's input spec, so that "zero" is the scan's black for it as for the model (completeness)."""
+    scorer = RegionScores(model, "segmentation", [(k, regions.flatten(1).float(), None)])
+    scorer.input_spec = describe(model).input_spec
+    return scorer
 
 
 def score_segmentation(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[str],
