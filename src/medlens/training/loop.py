@@ -228,7 +228,8 @@ def _finish(run: _Run, data: TrainingData, val: _Validation, out: Optional[Path]
                                                           len(data.classes)), data.classes)
                for k, s in data.reports().items()}
     summary = {"model": r.name, "recipe": recipe_record(r), "best_val_accuracy": run.best_acc, "train_seconds": seconds,
-               "selection": selection_text(r.selection, val.watch, averaged=run.average is not None),
+               "selection": selection_text(r.selection, val.watch, averaged=run.average is not None,
+                                            transformer=not has_cam_head(run.model)),
                "val_baselines": val.baselines, "threads": threads, "history": run.history, **results, **data.record}
     atomic_write(out / f"{r.name}.metrics.json", json.dumps(summary, indent=2))
     test = results["test"]

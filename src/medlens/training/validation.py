@@ -98,8 +98,9 @@ def selection_key(selection: "Selection", checks: dict[str, float], baselines: d
     return (meets, val_accuracy >= float(selection.val_accuracy_floor), pixel, val_accuracy, -val_loss)
 
 
-def selection_text(selection: "Selection", guided: bool, averaged: bool = True) -> str:
-    """The rule of selection_key in words, for the run's metrics (`averaged`: the run keeps a weight average)."""
+def selection_text(selection: "Selection", guided: bool, averaged: bool = True, transformer: bool = False) -> str:
+    """The rule of selection_key in words, for the run's metrics (`averaged`: the run keeps a weight average;
+    `transformer`: its rollout and transformer attribution are checked too)."""
     kept = "the weight average of the epoch" if averaged else "the epoch"
     if selection.rule == "pixel":
         return (f"{kept}, among those that pass the Grad-CAM and gradient x input checks and reach "
@@ -107,4 +108,5 @@ def selection_text(selection: "Selection", guided: bool, averaged: bool = True) 
                 "integrated gradients")
     return f"{kept} with the best validation accuracy" + (
         " among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 and has twice the "
-        "prior's energy in the box (if any)" if guided else "")
+        "prior's energy in the box" + (" and whose attention rollout and transformer attribution beat the centre's "
+                                       "pointing game" if transformer else "") + " (if any)" if guided else "")
