@@ -67,8 +67,8 @@ def test_the_hybrid_vit_starts_from_the_cnn_stem_and_refuses_one_that_does_not_f
         ViTNetwork(hidden_dim=10, heads=4)
     from medlens.training.recipes import check_guidance
 
-    guided = with_overrides(BRAIN_RECIPES["brain-tumor-mri-vit"], guide="cam", guide_weight=1.0)
-    with pytest.raises(InputError, match="vision transformer .*--guide rrr or input"):
+    guided = with_overrides(BRAIN_RECIPES["brain-tumor-mri-v1"], guide="cam+attention", guide_weight=1.0)
+    with pytest.raises(InputError, match="without attention; use --guide cam"):
         check_guidance(guided, torch.ones(4, dtype=torch.bool), "the train split")
 
 

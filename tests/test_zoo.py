@@ -22,6 +22,7 @@ EXPECTED = {
     "brain-tumor-mri-v1": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "brain-tumor-mri-v2": {"labels": ["pituitary", "meningioma", "glioma"], "size": (160, 160), "max_mb": 25},
     "brain-tumor-mri-vit": {"labels": ["pituitary", "meningioma", "glioma"], "size": (128, 128), "max_mb": 5},
+    "brain-tumor-mri-vit-v1": {"labels": ["pituitary", "meningioma", "glioma"], "size": (128, 128), "max_mb": 5},
     "phantom-lesion": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
     "phantom-shortcut": {"labels": ["normal", "lesion"], "size": (64, 64), "max_mb": 1},
 }
@@ -52,12 +53,13 @@ def test_bundled_model_loads_offline_with_documented_spec(name):
     assert f"{acc:.2%}" in card
 
 
-def test_bundled_weights_stay_under_40_mb_in_all():
+def test_bundled_weights_stay_under_45_mb_in_all():
+    # 40 MB until the first vision transformer was kept as brain-tumor-mri-vit-v1 (4.8 MB) beside its guided successor
     total = sum(info["weights"].stat().st_size for info in zoo.bundled_models().values())
-    assert total <= 40e6, total
+    assert total <= 45e6, total
 
 
-BRAIN = ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2", "brain-tumor-mri-vit"]
+BRAIN = ["brain-tumor-mri", "brain-tumor-mri-v1", "brain-tumor-mri-v2", "brain-tumor-mri-vit", "brain-tumor-mri-vit-v1"]
 
 
 @pytest.mark.parametrize("name", BRAIN)

@@ -36,7 +36,9 @@ __all__ = ["train_command", "COMMANDS"]
                    "last stage) outside the box (GAIN-style); rrr = squared input gradients outside the box (Ross et al. "
                    "2017, 'right for the right reasons'; about 3x slower); input = the same attention loss as cam on the "
                    "gradient x input map (what LRP-epsilon and integrated gradients show; about 3x slower); cam+rrr, "
-                   "cam+input = cam plus the other.")
+                   "cam+input = cam plus the other. On a vision transformer cam is Grad-CAM at its default layer; "
+                   "attention = the same loss on its attention rollout and transformer attribution; cam+attention = "
+                   "both (about 1.5x slower).")
 @click.option("--input-alpha", type=click.Choice(["image", "path"]), default=None,
               help="--guide input / cam+input: take the gradient at the image (gradient x input, LRP-epsilon's map; the "
                    "default) or at a random point alpha * image of the integrated-gradients path (its mean over alpha is "

@@ -49,7 +49,11 @@ def bundled_entry(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
         )
         if r.get("architecture") == "HybridViT":
             return {"architecture": "HybridViT", "kwargs": vit_kwargs(r), "weights": f"{name}.pt", "card": f"{name}.md",
-                    "input_spec": spec.to_dict(), "description": VIT_DESCRIPTION, "test_accuracy": metrics["test"]["accuracy"]}
+                    "input_spec": spec.to_dict(), "test_accuracy": metrics["test"]["accuracy"],
+                    "description": VIT_DESCRIPTION + (
+                        f" Fine-tuned from {r['init']} to look at the tumour (training boxes, {r['guide']} guidance: an "
+                        f"attention loss on its Grad-CAM, attention rollout and transformer attribution; crops that keep "
+                        f"the tumour)." if r.get("guide", "none") != "none" else "")}
         kwargs = {"num_classes": 3, "in_channels": 1, "widths": list(r["widths"])}
         guided = r.get("guide", "none") != "none"
         if r.get("last_stride", 2) != 2:

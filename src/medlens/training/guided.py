@@ -3,12 +3,12 @@
 Owns the differentiable class activation map of a GAP + linear head (equal to Grad-CAM at the last stage, up to a
 positive scale), an attention loss that asks for the map's mass in the region (in the spirit of GAIN's external
 supervision, Li et al. 2018), the same loss on the gradient x input map (what LRP-epsilon and integrated gradients
-show), the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017), and one training
-batch's loss from a recipe's guidance.
+show), the input-gradient penalty outside it ("right for the right reasons", Ross et al. 2017), the same attention loss on a
+vision transformer's Grad-CAM, attention rollout and transformer attribution, and one batch's loss from a recipe's guide.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,14 @@ from medlens.errors import ModelError
 if TYPE_CHECKING:
     from medlens.training.recipes import Guidance
 
-GUIDES = ("none", "cam", "rrr", "cam+rrr", "input", "cam+input")
+GUIDES = ("none", "cam", "rrr", "cam+rrr", "input", "cam+input", "attention", "cam+attention")
+
+
+def has_cam_head(model: nn.Module) -> bool:
+    """Whether the model ends in a global-average-pool + linear head (`avgpool`, `fc`), whose CAM is Grad-CAM at the
+    last stage without a backward pass; other models (vision transformers) are guided through `token_guidance_loss`."""
+    return isinstance(getattr(model, "avgpool", None), (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)) \
+        and isinstance(getattr(model, "fc", None), nn.Linear)
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +134,88 @@ def input_attention_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tenso
     return logits, torch.where(has, loss, torch.zeros((), dtype=maps.dtype))
 
 
+def _token_pass(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], Any]:
+    """One forward pass of a vision transformer with graph: (logits, the default Grad-CAM layer's output (the last
+    block's first norm, as `medlens explain` picks it), every block's attention probabilities (B, H, N, N) recomputed
+    in the graph from the block's own weights, the token layout). The hooks live for this call only."""
+    from medlens.core.feature_layout import first_tensor, layout_of
+    from medlens.core.layers import resolve_target_layer
+    from medlens.core.model_state import HookSet
+    from medlens.families.attention import attention_modules, install_recomputation
+
+    layer = resolve_target_layer(model, x[:1].detach())
+    modules = attention_modules(model)
+    seen: dict[str, Any] = {}
+    probabilities: list[torch.Tensor] = []
+    hooks = HookSet()
+    try:
+        install_recomputation(modules, hooks, probabilities)
+        hooks.forward(layer.module, lambda module, args, out: seen.update(out=out))
+        logits = model(x)
+    finally:
+        hooks.remove()
+    features = first_tensor(seen["out"])
+    return logits, features, probabilities, layout_of(model, x, seen["out"], layer.name, layer.module)
+
+
+def _mass_outside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """-log of the share of a non-negative map's mass inside the region, maps and masks (N, *s)."""
+    flat = maps.flatten(1)
+    inside = (flat * masks.flatten(1).to(flat)).sum(1)
+    return -torch.log(inside.clamp_min(1e-12) / flat.sum(1).clamp_min(1e-12))
+
+
+def token_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(logits, {"gradcam", "rollout", "attribution"}: (N, *grid) maps on the patch grid), differentiable (double
+    backpropagation): Grad-CAM at the default layer (gradients averaged over the patch tokens, times the tokens,
+    summed over channels, before its ReLU), attention rollout (heads averaged, the residual as (A + I) / 2, rows
+    renormalised, multiplied through the blocks) and transformer attribution (the positive gradient x attention,
+    heads averaged, R <- R + A R from the identity), the class token's row: what `medlens explain` computes for
+    gradcam, attention_rollout and transformer_attribution, kept in the graph."""
+    from medlens.families.attention import rollout
+
+    logits, features, probs, layout = _token_pass(model, x)
+    picked = logits.gather(1, targets[:, None]).sum()
+    grads = torch.autograd.grad(picked, [features, *probs], create_graph=True)
+    fmap, gmap = layout.to_map(features), layout.to_map(grads[0])  # (N, C, *grid)
+    weights = gmap.flatten(2).mean(2)
+    gradcam = torch.einsum("nc,nc...->n...", weights, fmap)
+    n = probs[0].shape[-1]
+    relevance = torch.eye(n, dtype=x.dtype).expand(len(x), n, n)
+    for p, g in zip(probs, grads[1:]):
+        relevance = relevance + (g * p).clamp_min(0).mean(1) @ relevance
+    rows = {"rollout": rollout(probs, "mean", 0.0), "attribution": relevance}
+    out = {"gradcam": gradcam}
+    for name, r in rows.items():
+        source = r[:, 0] if layout.prefix else r.mean(1)
+        out[name] = source[:, layout.prefix:].reshape(len(x), *layout.grid)
+    return logits, out
+
+
+def token_guidance_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+                        guidance: "Guidance") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-image guided loss of a vision transformer), every map upsampled bilinearly to the masks as
+    `medlens explain` does: for "cam", Grad-CAM at the default layer divided by its root mean square (its shape, not
+    its scale, counts) times `token_temperature`, under the region attention loss, plus `energy_weight` x its outside
+    energy; for "attention", `attention_weight` x (-log the share of the rollout's and of the transformer attribution's
+    mass inside the region), each. Images whose mask is empty get 0."""
+    logits, maps = token_maps(model, x, targets)
+    up = {k: F.interpolate(m[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+          for k, m in maps.items()}
+    has = masks.flatten(1).any(1)
+    safe = torch.where(has[:, None, None], masks.bool(), torch.ones_like(masks, dtype=torch.bool))
+    loss = torch.zeros(len(x), dtype=up["gradcam"].dtype)
+    if "cam" in guidance.guide:
+        cam = up["gradcam"]
+        scale = cam.flatten(1).pow(2).mean(1).add(1e-12).sqrt()[:, None, None]
+        loss = loss + region_attention_loss(float(guidance.token_temperature) * cam / scale, safe) \
+            + float(guidance.energy_weight) * outside_energy(cam, safe)
+    if "attention" in guidance.guide:
+        loss = loss + float(guidance.attention_weight) * (_mass_outside(up["rollout"], safe)
+                                                          + _mass_outside(up["attribution"], safe))
+    return logits, torch.where(has, loss, torch.zeros((), dtype=loss.dtype))
+
+
 def _mean_over_regions(per_image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """A guided loss's batch value: the sum over images divided by the number of images that have a region."""
     return per_image.sum() / masks.flatten(1).any(1).sum().clamp_min(1)
@@ -146,11 +235,15 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
                 guidance: "Guidance", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One batch's (loss, logits, guided part): cross-entropy (+ guidance.weight x the mean guided loss over images
     with a region). A guide is "cam", a pixel-level term ("rrr", "input"), or "cam+" one of them (the term weighted by
-    `<term>_weight`, on the first `<term>_images` images of the batch: double backpropagation costs about 3x).
-    Without masks (an augmentation that loses them) or an inactive guide, the cross-entropy alone."""
+    `<term>_weight`, on the first `<term>_images` images of the batch: double backpropagation costs about 3x). On a
+    model without a CAM head (a vision transformer) "cam" is Grad-CAM at its default layer, and "attention" / "cam+
+    attention" add its attention rollout and transformer attribution (`token_guidance_loss`). Without masks (an augmentation that loses them) or an inactive guide, the cross-entropy alone."""
     if not guidance.active or masks is None:
         logits = model(xb)
         guided = torch.zeros(())
+    elif "attention" in guidance.guide or (guidance.guide == "cam" and not has_cam_head(model)):
+        logits, per_image = token_guidance_loss(model, xb, yb, masks, guidance)
+        guided = _mean_over_regions(per_image, masks)
     else:
         parts = guidance.guide.split("+")
         pixel = parts[-1] if parts[-1] != "cam" else None

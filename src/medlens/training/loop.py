@@ -26,8 +26,9 @@ from medlens.training.metrics import confusion_matrix, metrics_from_confusion, p
 from medlens.training.recipes import BRAIN_RECIPES, PHANTOM_RECIPES, Recipe, recipe_record, with_overrides
 from medlens.training.segmentation import train_segmentation
 from medlens.training.splits import Split, TrainingData, check_data, load_data
+from medlens.training.guided import has_cam_head
 from medlens.training.validation import (baseline_localisation, cam_localisation, input_localisation, selection_key,
-                                        selection_text)
+                                        selection_text, transformer_localisation)
 from medlens.training.weights import (WeightAverage, build_network, freeze_batchnorm, init_path, init_weights,
                                       save_state)
 
@@ -163,7 +164,10 @@ def _validate(run: _Run, val: _Validation) -> tuple[float, float, dict[str, floa
         logits = torch.cat([model(val.x[i: i + VAL_BATCH]) for i in range(0, len(val.x), VAL_BATCH)])
     loss = float(F.cross_entropy(logits, val.labels))
     acc = float((logits.argmax(1) == val.labels).float().mean())
-    checks = cam_localisation(model, val.x, val.labels, val.masks) if val.watch else {}
+    checks = {}
+    if val.watch:
+        localisation = cam_localisation if has_cam_head(model) else transformer_localisation
+        checks = localisation(model, val.x, val.labels, val.masks)
     if val.watch and "input" in run.recipe.guidance.guide:  # the pixel-level maps: gradient x input, integrated gradients
         for kind, steps in (("input", 0), ("integrated", 16 if run.recipe.selection.rule == "pixel" else None)):
             if steps is not None:
@@ -191,7 +195,8 @@ def _epoch_line(run: _Run, entry: dict[str, Any], checks: dict[str, float], kept
             f"{entry['val_acc']:.4f}")
     if checks:
         line += f" gradcam pointing {checks['pointing_game']:.3f} energy {checks['energy_in_box']:.3f}"
-    for kind, label in (("input", "gradient x input"), ("integrated", "integrated gradients")):
+    for kind, label in (("input", "gradient x input"), ("integrated", "integrated gradients"), ("rollout", "rollout"),
+                        ("attribution", "transformer attribution")):
         if kind + "_pointing_game" in checks:
             line += f" {label} pointing {checks[kind + '_pointing_game']:.3f} energy {checks[kind + '_energy_in_box']:.3f}"
     return line + f"{'  * best, saved' if kept else ''} | {seconds:.0f} s"
@@ -204,7 +209,7 @@ def _epochs(run: _Run, data: TrainingData, val: _Validation, out: Optional[Path]
         loss, acc, checks = _validate(run, val)
         kept = _select(run, val, loss, acc, checks, out)
         entry.update({"val_loss": loss, "val_acc": acc})
-        entry.update({(f"val_{k}" if k.startswith(("input_", "integrated_")) else f"val_gradcam_{k}"): v
+        entry.update({(f"val_{k}" if k.startswith(("input_", "integrated_", "rollout_", "attribution_")) else f"val_gradcam_{k}"): v
                       for k, v in checks.items()})
         run.history.append(entry)
         say(_epoch_line(run, entry, checks, kept, time.time() - t0))
@@ -223,7 +228,8 @@ def _finish(run: _Run, data: TrainingData, val: _Validation, out: Optional[Path]
                                                           len(data.classes)), data.classes)
                for k, s in data.reports().items()}
     summary = {"model": r.name, "recipe": recipe_record(r), "best_val_accuracy": run.best_acc, "train_seconds": seconds,
-               "selection": selection_text(r.selection, val.watch, averaged=run.average is not None),
+               "selection": selection_text(r.selection, val.watch, averaged=run.average is not None,
+                                            transformer=not has_cam_head(run.model)),
                "val_baselines": val.baselines, "threads": threads, "history": run.history, **results, **data.record}
     atomic_write(out / f"{r.name}.metrics.json", json.dumps(summary, indent=2))
     test = results["test"]

@@ -1,7 +1,7 @@
 """The localisation checks a guided training run is selected by, on the validation split's boxes.
 
-Owns the pointing game and energy in the box of the class activation map, gradient x input and integrated gradients,
-the baselines', and the rule an epoch is kept by.
+Owns the pointing game and energy in the box of the class activation map, gradient x input, integrated gradients and
+a transformer's Grad-CAM, rollout and transformer attribution, the baselines', and the rule an epoch is kept by.
 """
 from __future__ import annotations
 
@@ -50,6 +50,26 @@ def input_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
             "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
 
 
+def transformer_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                             masks: torch.Tensor) -> dict[str, float]:
+    """Mean pointing game and energy in the box of a vision transformer's Grad-CAM at the default layer (keys as
+    `cam_localisation`'s), attention rollout ("rollout_...") and transformer attribution ("attribution_..."): the
+    registry's maps, as `medlens explain` shows them; the validation checks of a guided transformer."""
+    model.eval()
+    methods = {"gradcam": "", "attention_rollout": "rollout_", "transformer_attribution": "attribution_"}
+    found: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    for i in range(0, len(x), 64):
+        maps = explain(model, x[i: i + 64], methods=list(methods), targets=targets[i: i + 64, None].tolist())
+        for m in methods:
+            found[m].append(maps[m])
+    checks = {}
+    for m, prefix in methods.items():
+        maps = torch.cat(found[m])
+        checks[f"{prefix}pointing_game"] = float(pointing_game(maps, masks).nanmean())
+        checks[f"{prefix}energy_in_box"] = float(energy_in_box(maps, masks).nanmean())
+    return checks
+
+
 def baseline_localisation(masks: torch.Tensor) -> dict[str, float]:
     """The centre and (leave-one-out) prior baselines' pointing game and energy on these masks."""
     centre = center_map(tuple(masks.shape[-2:]), batch=len(masks))
@@ -62,22 +82,25 @@ def selection_key(selection: "Selection", checks: dict[str, float], baselines: d
                   val_loss: float) -> tuple:
     """The order epochs are kept by (higher is better). Unguided: validation accuracy, then loss. Guided: epochs whose
     Grad-CAM beats the centre's pointing game by 0.10 and has twice the prior's energy in the box come first (for an
-    input guide, whose gradient x input also beats the centre). With the rule "pixel": among those, epochs at or above
+    input guide, whose gradient x input also beats the centre; for a transformer, whose attention rollout and
+    transformer attribution also do). With the rule "pixel": among those, epochs at or above
     `val_accuracy_floor` first, then the higher of the gradient x input and integrated-gradients pointing game."""
     if not checks:
         return (False, val_accuracy, -val_loss)
     meets = checks["pointing_game"] >= baselines["centre pointing_game"] + 0.10 \
         and checks["energy_in_box"] >= 2 * baselines["prior energy_in_box"]
-    if "input_pointing_game" in checks:
-        meets = meets and checks["input_pointing_game"] > baselines["centre pointing_game"]
+    for pixel_or_token in ("input", "rollout", "attribution"):
+        if f"{pixel_or_token}_pointing_game" in checks:
+            meets = meets and checks[f"{pixel_or_token}_pointing_game"] > baselines["centre pointing_game"]
     if selection.rule != "pixel":
         return (meets, val_accuracy, -val_loss)
     pixel = max(checks["input_pointing_game"], checks.get("integrated_pointing_game", 0.0))
     return (meets, val_accuracy >= float(selection.val_accuracy_floor), pixel, val_accuracy, -val_loss)
 
 
-def selection_text(selection: "Selection", guided: bool, averaged: bool = True) -> str:
-    """The rule of selection_key in words, for the run's metrics (`averaged`: the run keeps a weight average)."""
+def selection_text(selection: "Selection", guided: bool, averaged: bool = True, transformer: bool = False) -> str:
+    """The rule of selection_key in words, for the run's metrics (`averaged`: the run keeps a weight average;
+    `transformer`: its rollout and transformer attribution are checked too)."""
     kept = "the weight average of the epoch" if averaged else "the epoch"
     if selection.rule == "pixel":
         return (f"{kept}, among those that pass the Grad-CAM and gradient x input checks and reach "
@@ -85,4 +108,5 @@ def selection_text(selection: "Selection", guided: bool, averaged: bool = True) 
                 "integrated gradients")
     return f"{kept} with the best validation accuracy" + (
         " among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 and has twice the "
-        "prior's energy in the box (if any)" if guided else "")
+        "prior's energy in the box" + (" and whose attention rollout and transformer attribution beat the centre's "
+                                       "pointing game" if transformer else "") + " (if any)" if guided else "")
