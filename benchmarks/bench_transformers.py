@@ -10,6 +10,9 @@ in medlens's calls), the order alternating (ABBA) after one warm-up of each; med
     gradcam vs pytorch-grad-cam   both at the last block's ln_1 (theirs with its reshape transform), 1 target
 
     PYTHONPATH=src python benchmarks/bench_transformers.py --reps 5 --batches 1,8 --threads 1,2
+    PYTHONPATH=src python benchmarks/bench_transformers.py --short     # batch 1, 1 thread, 1 pair per case
+
+Each row ends with the machine's 1-minute load average when it finished (os.getloadavg).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def _row(batch: int, threads: int, name: str, ours: list[float], base: list[floa
     pairs = sorted(o / t for o, t in zip(ours, base))
     return (f"| {batch} | {threads} | {name} | {statistics.median(ours):.3f} | {peer} | {statistics.median(base):.3f} | "
             f"{statistics.median(ours) / statistics.median(base):.2f} | {statistics.median(pairs):.2f} "
-            f"({pairs[0]:.2f}-{pairs[-1]:.2f}) |")
+            f"({pairs[0]:.2f}-{pairs[-1]:.2f}) | {os.getloadavg()[0]:.1f} |")
 
 
 def main() -> None:
@@ -49,7 +52,10 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--only", default="", help="comma list of: attribution, lrp, cams, peer")
+    parser.add_argument("--short", action="store_true", help="batch 1, 1 thread, 1 pair per case (a quick check)")
     args = parser.parse_args()
+    if args.short:
+        args.reps, args.batches, args.threads = 1, "1", "1"
     import medlens
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -65,8 +71,9 @@ def main() -> None:
 
     only = set(filter(None, args.only.split(",")))
     print(f"load before: {os.getloadavg()}")
-    print("| batch | threads | case | medlens (s) | against | that (s) | ratio of medians | median pair ratio (range) |")
-    print("|---:|---:|---|---:|---|---:|---:|---:|")
+    print("| batch | threads | case | medlens (s) | against | that (s) | ratio of medians | median pair ratio (range) "
+          "| load |")
+    print("|---:|---:|---|---:|---|---:|---:|---:|---:|")
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         for batch in map(int, args.batches.split(",")):

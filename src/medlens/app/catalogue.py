@@ -1,5 +1,5 @@
-"""The app's model catalogue: the bundled models, the model files in the folder given with `--models DIR`, and the
-`xrv:` models whose weights are already on disk; each loaded once per server process, on first use, under a lock.
+"""The app's model catalogue: the bundled models, the model files and HuggingFace folders in the folder given with
+`--models DIR`, and the `xrv:` models whose weights are on disk; each loaded once per process, on first use, under a lock.
 
 Nothing here loads a model uploaded through the page (there is no such upload); a pickled file loads only when the
 person starting the app passed `--allow-pickle`. A model that does not load is an entry with its error, not a crash.
@@ -28,9 +28,9 @@ DEFAULT_2D_MODEL = "brain-tumor-mri"  # the bundled model an upload gets when no
 class ModelEntry:
     """One model the page can offer: a key shown in the picker, where it comes from, and (once loaded) the module."""
 
-    key: str  # what the picker shows and the cache is keyed by: a bundled name, "file:<name>", "xrv:<name>"
+    key: str  # what the picker shows and the cache is keyed by: a bundled name, "file:<name>", "hf:<name>", "xrv:<name>"
     source: str  # what `medlens.load_model` is given (and the `medlens explain --model` value)
-    kind: str  # "bundled", "file" or "xrv"
+    kind: str  # "bundled", "file", "huggingface" or "xrv"
     description: str = ""
     model: Optional[nn.Module] = None
     error: Optional[str] = None  # why it did not load (shown in the page; the entry stays listed)
@@ -68,6 +68,9 @@ class ModelCatalogue:
             if path.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
                 key = f"file:{path.name}"
                 self.entries[key] = ModelEntry(key, str(path), "file", f"model file {path.name} from {folder}")
+            elif path.is_dir() and (path / "config.json").is_file():  # a HuggingFace save_pretrained folder
+                key = f"hf:{path.name}"
+                self.entries[key] = ModelEntry(key, str(path), "huggingface", f"HuggingFace folder {path.name} from {folder}")
 
     def _add_xrv(self, cache: Path) -> None:
         for name, file_name in sorted(XRV_KNOWN_FILES.items()):

@@ -109,6 +109,9 @@ class Current:
         for key in list(self.request["models"]):
             try:
                 entry = self.catalogue.get(key)
+                if entry.model is None:  # it did not load: its own message, not "model must be a module"
+                    self.errors[key] = entry.error or f"{key}: the model is not loaded."
+                    continue
                 maps = self.maps(key, self.methods, self.chosen_targets(key))
                 prepared, region, input_id = self.prepared(key)
                 run = self.store.run_of(key, input_id)

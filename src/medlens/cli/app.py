@@ -32,8 +32,8 @@ def streamlit_command(port: int, address: str = "127.0.0.1") -> list[str]:
 @click.command("app")
 @click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True, help="Port on localhost.")
 @click.option("--models", "models_dir", type=click.Path(path_type=Path), default=None,
-              help="A folder of model files to offer besides the bundled ones (TorchScript, .pt2, or weights with a "
-                   "sidecar JSON naming the architecture).")
+              help="A folder of model files to offer besides the bundled ones (TorchScript, .pt2, weights with a "
+                   "sidecar JSON naming the architecture, or a HuggingFace save_pretrained folder).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="The figshare brain tumour folder: a few of its slices are offered as samples.")
 @click.option("--allow-pickle", is_flag=True, default=False,

@@ -16,7 +16,11 @@ from medlens.io.files import ensure_writable
 
 
 @click.command("evaluate")
-@click.option("--model", "model_source", required=True, help="A bundled model name or a model file (with its sidecar JSON).")
+@click.option("--model", "model_source", required=True,
+              help="A bundled name, a model file (with its sidecar JSON), a local HuggingFace folder, torchvision:ARCH or "
+                   "timm:ARCH (with --weights) or xrv:NAME.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file for an architecture name.")
+@click.option("--labels", default=None, help="Comma-separated class names, when the model carries none.")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="A folder with one sub-folder per class; each image N.jpg has a YOLO box file N.txt (or a mask "
                    "image N_mask.png) beside it.")
@@ -35,7 +39,8 @@ from medlens.io.files import ensure_writable
               help="Where batches are scored: this process, worker processes, or Ray (pip install \"medlens[ray]\").")
 @click.option("--workers", type=int, default=2, show_default=True, help="Workers for processes or ray, one torch thread each.")
 @click.option("--ray-address", default=None, help="An existing Ray cluster to join (default: a local one for the run).")
-def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: Optional[str], out_dir: str,
+def evaluate_command(model_source: str, weights: Optional[str], labels: Optional[str], data_dir: str, methods: str,
+                     metrics: Optional[str], out_dir: str,
                      limit: Optional[int], seed: int, batch_size: int, layer: Optional[str],
                      include_file: Optional[str], allow_pickle: bool, executor: str, workers: int,
                      ray_address: Optional[str]) -> None:
@@ -45,7 +50,8 @@ def evaluate_command(model_source: str, data_dir: str, methods: str, metrics: Op
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
     if workers < 1:
         raise MethodError(f"--workers must be at least 1, got {workers}.")
-    model_options = {"allow_pickle": True} if allow_pickle else {}
+    model_options = {k: v for k, v in dict(weights=weights, labels=labels, allow_pickle=allow_pickle or None).items()
+                     if v is not None}  # what worker processes load the model with, too
     model = load_model_for_cli(model_source, **model_options)
     rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
                     batch_size=batch_size, layer=layer, progress=True, include=include_file, executor=executor,

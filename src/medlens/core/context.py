@@ -19,7 +19,7 @@ from medlens.accel.fast_forward import FastForward, fast_forward
 from medlens.tensor.autograd import call_model
 from medlens.core.feature_layout import FeatureLayout, first_tensor, layout_of, with_first
 from medlens.core.layers import LayerSpec, TargetLayer, is_linear, resolve_target_layer
-from medlens.core.model_state import HookSet
+from medlens.core.model_state import HookSet, module_tree
 from medlens.core.targets import resolve_targets
 
 
@@ -265,7 +265,7 @@ def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph:
     local = HookSet()
     try:
         local.forward(layer, capture)
-        for m in model.modules():
+        for m in module_tree(model)[0]:
             if is_linear(m):
                 local.forward_pre(m, capture_linear)
         # no_grad rather than inference mode above the layer without a graph: the copy handed on must keep a

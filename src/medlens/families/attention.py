@@ -123,11 +123,21 @@ class AttentionPass:
     layout: FeatureLayout
 
 
+def _uniform(product: torch.Tensor) -> torch.Tensor:
+    """The same values with half the gradient: on a product of two inputs, each input then gets half the relevance
+    (AttnLRP's uniform rule for the bilinear query-key and value products, in gradient x input form)."""
+    half = 0.5 * product
+    return half + half.detach()
+
+
 def install_recomputation(modules: list[tuple[str, nn.Module, _Heads]], hooks: HookSet, probabilities: list,
-                          constant: bool = False) -> None:
+                          constant: bool = False, softmax_rule: bool = False) -> None:
     """Hooks that hand the model each attention module's output recomputed from its captured input, appending the
     probabilities (B, H, N, N) to `probabilities` in forward order; with `constant` they enter the output detached
-    (attention weights held constant, as LRP for transformers treats them)."""
+    (attention weights held constant, as LRP for transformers treats them); with `softmax_rule` (AttnLRP's own rules)
+    the softmax keeps its gradient (R_s = s (R_p - p sum R_p) in gradient x input form) and the query-key and value
+    products pass half the gradient to each factor (the uniform rule)."""
+    product = _uniform if softmax_rule else (lambda t: t)
     inputs: dict[nn.Module, torch.Tensor] = {}
 
     def capture(module, args, kwargs):
@@ -143,9 +153,10 @@ def install_recomputation(modules: list[tuple[str, nn.Module, _Heads]], hooks: H
     def recompute(adapter: _Heads):
         def hook(module, _args, output):
             q, k, v = adapter.split(inputs.pop(module))
-            probs = torch.softmax((q * adapter.scale) @ k.transpose(-2, -1), dim=-1)
+            probs = torch.softmax(product((q * adapter.scale) @ k.transpose(-2, -1)), dim=-1)
             probabilities.append(probs)
-            context = ((probs.detach() if constant else probs) @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+            weights = probs.detach() if constant and not softmax_rule else probs
+            context = product(weights @ v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
             out = adapter.finish(context, output, probs)
             if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
                 out = with_first(out, out[0].transpose(0, 1))

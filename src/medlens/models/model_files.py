@@ -200,11 +200,13 @@ def load(source: Any, options: LoadOptions) -> LoadedModel:
     if architecture is not None:  # weights beside a sidecar that names their architecture
         model, sidecar = _architecture_from_sidecar(path, architecture, sidecar, sidecar_path, options, notes)
         source_text, kind = f"{architecture} + {path}", "architecture+weights"
+        # a timm model says what it takes (size, mean, std), as with --model timm:ARCH --weights; the sidecar's win
+        spec = library.timm_input_spec(model) if architecture.lower().startswith("timm:") else None
     else:
         model, kind = load_model_file(path, options.map_location, options.allow_pickle, notes)
-        source_text = str(path)
+        source_text, spec = str(path), None
     partial = ModelDescription(source=source_text, kind=kind, sha256=file_sha256(path),
-                               sidecar=str(sidecar_path) if sidecar_path else None)
+                               sidecar=str(sidecar_path) if sidecar_path else None, input_spec=spec)
     return LoadedModel(model, partial, sidecar, notes)
 
 

@@ -58,12 +58,14 @@ def _run_transformer_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> tor
         raise MethodError(
             f"lrp on a vision transformer uses AttnLRP's rules (LayerNorm, attention, GELU; LRP-0 on linear layers); "
             f"composite={options['composite']!r} is a preset for CNNs. Leave composite at its default.")
-    result = transformer_relevance(ctx.model, ctx.x, ctx.targets, ctx.logits)
+    result = transformer_relevance(ctx.model, ctx.x, ctx.targets, ctx.logits, options["softmax"])
     ctx.method_notes.update(result.notes)
     ctx.method_notes["conservation"] = _conservation(ctx, result.relevance)
     ctx.method_notes["conservation"]["tolerance"] = (
         f"the sum equals the logit to {CONSERVATION_TOLERANCE:g} (relative) in a network without biases, LayerNorm "
-        f"shifts, class token or position embeddings; those absorb the rest")
+        f"shifts, class token or position embeddings; those absorb the rest" + (
+            "; with softmax='attnlrp' the softmax's linearisation absorbs a share too" if options["softmax"] ==
+            "attnlrp" else ""))
     return result.relevance.sum(dim=2).transpose(0, 1).contiguous()
 
 
@@ -71,6 +73,9 @@ def _run_lrp(ctx: ExplainContext, options: Mapping[str, Any]) -> torch.Tensor:
     epsilon, gamma = _number(options, "epsilon"), _number(options, "gamma")
     if is_transformer(ctx.model):
         return _run_transformer_lrp(ctx, options)
+    if options["softmax"] != "constant":
+        raise MethodError(f"option softmax={options['softmax']!r} of lrp is a rule for the attention of vision "
+                          f"transformers; this model has none. Leave softmax at its default.")
     bounds, bounds_note = input_bounds(ctx.model, ctx.x)
     reference = reference_of(ctx.x.detach(), options.get("reference", "zero"), scan_black(ctx.model), {})
     result = lrp_relevance(ctx.model, ctx.x, ctx.targets, options["composite"], epsilon, gamma, bounds,
@@ -104,6 +109,6 @@ register(MethodSpec(
             "concatenations) for VGG, ResNet, DenseNet and 3-D CNNs; composite= picks the rules (Bach et al. 2015). "
             "On vision transformers AttnLRP's rules for LayerNorm, attention and GELU (Achtibat et al. 2024).",
     run=_run_lrp, needs_gradients=True, needs_layer=False, cost="one forward + one backward", torchscript=False,
-    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25, "reference": "zero"},
+    options={"composite": DEFAULT_COMPOSITE, "epsilon": 1e-6, "gamma": 0.25, "reference": "zero", "softmax": "constant"},
     completeness="conservation", per_batch=PerBatch(_lrp_per_batch),
 ))
