@@ -55,7 +55,7 @@ def parse_window(value: Any, what: str = "sliding_window") -> Optional[tuple[int
     Raises:
         MethodError: anything but 2 or 3 positive integers.
     """
-    if value is None:
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("none", "off", "")):
         return None
     items = value.replace("x", ",").split(",") if isinstance(value, str) else value
     try:
@@ -66,6 +66,26 @@ def parse_window(value: Any, what: str = "sliding_window") -> Optional[tuple[int
         raise MethodError(f"{what} must be the window's size as 2 or 3 positive integers, e.g. (96, 96, 96) "
                           f"(--window 96,96,96); got {value!r}.")
     return size
+
+
+def declared_window(model: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with the model's declared patch size as `sliding_window` (its input spec's `extra["patch_size"]`,
+    from a sidecar's "patch_size"), unless the options give one (or "none", to explain the volume at once).
+
+    Args:
+        model: the model (medlens-loaded or not).
+        options: the request's options.
+
+    Returns:
+        The options, with "sliding_window" set when the model declares a patch size and the options say nothing.
+    """
+    from medlens.core.model_description import describe
+
+    spec = describe(model).input_spec
+    patch = (spec.extra or {}).get("patch_size") if spec is not None else None
+    if patch is None or "sliding_window" in options:
+        return dict(options)
+    return {**options, "sliding_window": tuple(parse_window(patch, "the model's patch_size"))}
 
 
 def take_window(options: Mapping[str, Any]) -> tuple[Optional[SlidingWindow], dict[str, Any]]:
