@@ -43,6 +43,8 @@ Model sources for --model:
                       or give the weights file as the model with "architecture":
                       "torchvision:ARCH" in its sidecar JSON
   timm:ARCH           the same for timm architectures (needs `pip install timm`)
+  monai:NAME          a MONAI network (UNet, SegResNet, SwinUNETR, ...) with --weights FILE and its
+                      constructor "arguments" in the sidecar JSON (needs `pip install monai`)
   xrv:NAME            a TorchXRayVision model (needs `pip install torchxrayvision` and its weights
                       file already in ~/.torchxrayvision/models_data/); e.g.
                       xrv:densenet121-res224-all. Nothing is downloaded.
