@@ -140,6 +140,8 @@ def test_gradient_holds_one_window_graph_at_a_time(seg: nn.Module, volume: torch
     windowed = _peak_saved(WindowedModel(seg, SlidingWindow((16, 16, 16))), volume)
     whole = _peak_saved(OneGraphBlend(seg, 16, 0.25), volume)
     assert windowed <= 1.1 * (one_window + volume.numel() * 4)  # one window's graph, plus the input kept
+    batch = volume.repeat(3, 1, 1, 1, 1)  # IG's path points, SmoothGrad's copies: one image's window at a time
+    assert _peak_saved(WindowedModel(seg, SlidingWindow((16, 16, 16))), batch) <= 1.1 * (one_window + batch.numel() * 4)
     assert whole >= 20 * one_window
 
 

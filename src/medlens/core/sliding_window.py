@@ -193,7 +193,8 @@ class _Plan:
 
 
 class _BlendedLogits(torch.autograd.Function):
-    """Blended logits with a backward that runs one window's graph at a time (input gradient only)."""
+    """Blended logits with a backward that runs one window of one image at a time (input gradient only): a batch
+    (integrated gradients' path points, SmoothGrad's noisy copies) adds volume-sized buffers, not window graphs."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, model: nn.Module, window: SlidingWindow) -> torch.Tensor:
@@ -201,10 +202,11 @@ class _BlendedLogits(torch.autograd.Function):
         padded = F.pad(x, plan.pads)
         out = None
         for where in plan.slices():
-            y = _window_logits(model, padded[(..., *where)])
-            if out is None:
-                out = y.new_zeros((*y.shape[:2], *plan.padded))
-            out[(..., *where)] += y * plan.weights
+            for b in range(x.shape[0]):
+                y = _window_logits(model, padded[(slice(b, b + 1), slice(None), *where)])
+                if out is None:
+                    out = y.new_zeros((x.shape[0], y.shape[1], *plan.padded))
+                out[(slice(b, b + 1), slice(None), *where)] += y * plan.weights
         ctx.save_for_backward(x)
         ctx.model, ctx.plan = model, plan
         return (out / plan.count)[(..., *plan.crop)]
@@ -219,11 +221,13 @@ class _BlendedLogits(torch.autograd.Function):
         padded = F.pad(x.detach(), plan.pads)
         grad_in = torch.zeros_like(padded)
         for where in plan.slices():
-            with torch.enable_grad():
-                piece = padded[(..., *where)].detach().requires_grad_(True)
-                y = _window_logits(ctx.model, piece)
-                (g,) = torch.autograd.grad(y, piece, grad[(..., *where)] * plan.weights)
-            grad_in[(..., *where)] += g
+            for b in range(x.shape[0]):
+                at = (slice(b, b + 1), slice(None), *where)
+                with torch.enable_grad():
+                    piece = padded[at].detach().requires_grad_(True)
+                    y = _window_logits(ctx.model, piece)
+                    (g,) = torch.autograd.grad(y, piece, grad[at] * plan.weights)
+                grad_in[at] += g
         return grad_in[(slice(None), slice(None), *plan.crop)], None, None
 
 
