@@ -134,6 +134,6 @@ def test_a_new_source_is_one_table_entry(monkeypatch):
 def test_every_source_is_named_once_and_a_path_is_asked_last():
     names = [s.name for s in loading.SOURCES]
     assert len(names) == len(set(names)) and names[-1] == "file"
-    assert [s.name for s in loading.SOURCES if s.takes_weights] == ["architecture"]
+    assert [s.name for s in loading.SOURCES if s.takes_weights] == ["architecture", "monai"]
     with pytest.raises(ModelError, match="must be a name, a path or an nn.Module, not int"):
         medlens.load_model(3)

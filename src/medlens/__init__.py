@@ -25,7 +25,7 @@ def load_model(source: Any, **options: Any):
     Args:
         source: a bundled name (`medlens models` lists them, e.g. "brain-tumor-mri"); a model file (TorchScript,
             a torch.export program `.pt2`, weights whose sidecar JSON names an "architecture", or a pickled module);
-            "torchvision:<arch>" or "timm:<arch>" with `weights=`; "xrv:<weights name>"; or an `nn.Module`,
+            "torchvision:<arch>", "timm:<arch>" or "monai:<Name>" with `weights=`; "xrv:<weights name>"; or an `nn.Module`,
             which gets its labels and input spec attached.
         **options: `weights` (a local state dict or .safetensors file for an architecture name), `num_classes`,
             `in_channels` (override what the weights say), `map_location` (default "cpu"), `allow_pickle` (default

@@ -22,7 +22,7 @@ MAX_LISTED_FAILURES = 50
 
 @click.command("batch")
 @click.argument("inputs", nargs=-1, required=False, type=click.Path(path_type=Path))
-@click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, a local HuggingFace folder, torchvision:ARCH or timm:ARCH (with --weights) or xrv:NAME.")
+@click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, a local HuggingFace folder, torchvision:ARCH, timm:ARCH or monai:NAME (with --weights) or xrv:NAME.")
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated method names (see `medlens methods`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder: manifest.jsonl, summary.csv, report.html, maps/.")
 @click.option("--targets", default=None, help="Comma-separated class indices or names, or 'all'; default: top-1 (multi-label: p >= 0.5).")

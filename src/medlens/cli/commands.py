@@ -43,6 +43,8 @@ Model sources for --model:
                       or give the weights file as the model with "architecture":
                       "torchvision:ARCH" in its sidecar JSON
   timm:ARCH           the same for timm architectures (needs `pip install timm`)
+  monai:NAME          a MONAI network (UNet, SegResNet, SwinUNETR, ...) with --weights FILE and its
+                      constructor "arguments" in the sidecar JSON (needs `pip install monai`)
   xrv:NAME            a TorchXRayVision model (needs `pip install torchxrayvision` and its weights
                       file already in ~/.torchxrayvision/models_data/); e.g.
                       xrv:densenet121-res224-all. Nothing is downloaded.
@@ -179,9 +181,13 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def parse_options(items: Sequence[str], explain_output: Optional[str] = None) -> dict[str, Any]:
-    """--option key=value items (and --explain-output, the call's `output`) as explain()'s options."""
+def parse_options(items: Sequence[str], explain_output: Optional[str] = None,
+                  window: Optional[str] = None) -> dict[str, Any]:
+    """--option key=value items (and --explain-output, the call's `output`; --window, `sliding_window`) as explain()'s
+    options."""
     options = _parse_options(items)
+    if window is not None:
+        options["sliding_window"] = window
     if explain_output is not None:
         if options.get("output", explain_output) != explain_output:
             raise MethodError(f"--explain-output {explain_output} and --option output={options['output']} disagree; "
@@ -226,7 +232,7 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 
 @click.command("explain")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, a local HuggingFace folder, torchvision:ARCH or timm:ARCH (with --weights) or xrv:NAME.")
+@click.option("--model", "-m", "model_source", required=True, help="A bundled name, a model file, a local HuggingFace folder, torchvision:ARCH, timm:ARCH or monai:NAME (with --weights) or xrv:NAME.")
 @click.option("--methods", default="gradcam", show_default=True, help="Comma-separated method names (see `medlens methods`).")
 @click.option("--targets", default=None, help="Comma-separated class indices or names, or 'all'; default: top-1 (multi-label: p >= 0.5).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created if needed).")
@@ -254,6 +260,9 @@ def load_model_for_cli(source: str, **options: Any) -> Any:
 @click.option("--explain-output", default=None,
               help="The score every method explains: logit (default), log-probability or contrast (the logit minus the "
                    "mean of the other classes' logits).")
+@click.option("--window", default=None,
+              help="A 3-D segmentation model's window D,H,W (e.g. 96,96,96): the volume is explained at its own size, run "
+                   "window by window (default: the model's declared patch_size; 'none' for the whole volume at once).")
 def explain_command(
     images: Sequence[Path],
     model_source: str,
@@ -277,6 +286,7 @@ def explain_command(
     formats: str,
     signed: bool,
     explain_output: Optional[str],
+    window: Optional[str],
 ) -> None:
     """Explain a model's findings on IMAGE... (PNG, JPEG, TIFF, DICOM, NIfTI, or a folder holding one DICOM series).
 
@@ -287,7 +297,8 @@ def explain_command(
     out = ensure_writable(out_dir)
     try:
         request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed,
-                                       options=parse_options(option_items, explain_output), slice_index=slice_index, frame=frame,
+                                       options=parse_options(option_items, explain_output, window),
+                                       slice_index=slice_index, frame=frame,
                                        formats=formats, signed=signed)
         if not request.methods:
             raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,layercam.")

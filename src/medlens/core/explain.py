@@ -31,6 +31,7 @@ from medlens.core.region_targets import (check_region_options, has_region_target
                                          region_scores, wrap_for_targets)
 from medlens.core.registry import MethodSpec, all_specs, get_spec
 from medlens.core.result import ExplanationResult
+from medlens.core.sliding_window import checked_window, take_window, windowed_model
 
 MethodsArg = Union[str, Iterable[str]]
 
@@ -123,7 +124,7 @@ def check_methods(
     options of each method. `input_shape` (B, C, *spatial) or `model_dims` (2 or 3) says whether volumes come."""
     names = _method_names(methods)
     specs = [get_spec(n) for n in names]
-    per_method = _split_options(specs, take_output(options)[1])
+    per_method = _split_options(specs, take_output(checked_window(options, [s.name for s in specs]))[1])
     flat = [s.name for s in specs if not s.supports_3d]
     if flat and input_shape is not None and len(input_shape) == 5:
         raise MethodError(f"method(s) {', '.join(flat)} support 2-D inputs only; the input is a 3-D volume {tuple(input_shape)}.")
@@ -192,6 +193,7 @@ def explain(
         **options: method options, e.g. `n_steps=`, `num_samples=`, `composite=` (docs/api.md, "Method options");
             each goes to every requested method that takes it. `output=` ("logit", the default; "log-probability";
             "contrast") is the score every method explains; `.logits` stays the model's logits.
+            `sliding_window=(D, H, W)` (`_overlap`, `_blend`): a volume run window by window (core/sliding_window.py).
 
     Returns:
         An `ExplanationResult`: `result[name]` is a float32 tensor (B, T, *x.shape[2:]), raw and signed, at input
@@ -244,6 +246,7 @@ class _Call:
     description: Any
     input_digest: str
     output: str = "logit"
+    window: Any = None  # the SlidingWindow, when the model runs over the input window by window
 
 
 @dataclass
@@ -270,15 +273,17 @@ def _checked_call(model: Any, x: Any, methods: MethodsArg, options: dict[str, An
     model, was_compiled = _uncompiled(model)
     x = check_input(x)
     seed = _check_seed(seed)
+    window, options = take_window(options)
     output, options = take_output(options)
     specs, per_method = check_methods(methods, options, model=model, input_shape=tuple(x.shape))
+    description, model = describe(model), windowed_model(model, window, [s.name for s in specs], x)
     if any(s.stochastic for s in specs) and seed is None:
         seed = secrets.randbelow(2**31)
     param = next(model.parameters(), None)
     if param is not None and param.device != x.device:
         raise InputError(f"the input is on {x.device} but the model is on {param.device}; move one of them (x.to(device)).")
     # the digest before any pass: a model that changes its input in place cannot alter it
-    return _Call(model, was_compiled, x, seed, specs, per_method, describe(model), tensor_digest(x), output)
+    return _Call(model, was_compiled, x, seed, specs, per_method, description, tensor_digest(x), output, window)
 
 
 def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: dict[str, float]) -> _Done:
@@ -289,7 +294,8 @@ def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: 
     if description.task != "classification" or has_region_targets(targets):
         called, targets, labels, region_record = wrap_for_targets(call.model, call.x, targets, labels, multi_label,
                                                                   description.task)
-        (layer, layer_note), multi_label = region_layer(call.model, call.x, layer, region_record["kind"]), False
+        (layer, layer_note), multi_label = region_layer(call.model, call.x, layer, region_record["kind"],
+                                                        any(s.needs_layer for s in call.specs)), False
         check_region_options(call.per_method, region_record["kind"], call.output)
     elif call.output != "logit":  # targets chosen on the model's own logits, then every method explains the score
         raw = ExplainContext(call.model, call.x, hooks, targets=targets, labels=labels, multi_label=multi_label)
@@ -323,6 +329,7 @@ def _run_call(call: _Call, hooks: Any, targets: Any, layer: LayerSpec, timings: 
 def _provenance(call: _Call, done: _Done, timings: dict[str, float]) -> dict[str, Any]:
     """The result's provenance: versions, each method's options and notes, targets, layer, seed, digests, timings."""
     labels, rows = done.labels, done.target_grid.tolist()
+    inner = call.model.model if call.window is not None else call.model
     provenance = {
         **_environment(call.x),
         "methods": {s.name: {"family": s.family,
@@ -335,9 +342,10 @@ def _provenance(call: _Call, done: _Done, timings: dict[str, float]) -> dict[str
         "layer": done.layer_info,
         "output": done.output_record,
         "seed": call.seed,
-        "model": {"class": type(call.model).__name__, "sha256": model_digest(call.model), "mode_during_call": "eval"},
+        "model": {"class": type(inner).__name__, "sha256": model_digest(inner), "mode_during_call": "eval"},
         "input": {"shape": list(call.x.shape), "dtype": str(call.x.dtype), "sha256": call.input_digest},
         "notes": list(done.ctx.notes),
+        **({"sliding_window": call.window.record()} if call.window is not None else {}),
         "timings_s": {k: round(v, 6) for k, v in timings.items()},
     }
     if done.region_record is not None:

@@ -300,8 +300,10 @@ def _wrap_detector(model: nn.Module, x: torch.Tensor, out: Any, items: list, lab
     return RegionScores(model, "detection", scorers), grid, names, {"kind": "detection", "targets": records}
 
 
-def region_layer(model: nn.Module, x: torch.Tensor, layer: Any, task: str) -> tuple[Any, Optional[str]]:
-    """The CAM layer for a segmentation or detection model, and a note when it was chosen here.
+def region_layer(model: nn.Module, x: torch.Tensor, layer: Any, task: str,
+                 needed: bool = True) -> tuple[Any, Optional[str]]:
+    """The CAM layer for a segmentation or detection model, and a note when it was chosen here (`needed=False`: no
+    method reads a layer, so the model is not run over every module; the layer is returned as given).
 
     A dotted name is looked up in the model as given (the wrapper holds it as `model`). Chosen automatically: for a
     segmentation model the last module with a spatial output that is not already the output's shape (so not the
@@ -312,7 +314,7 @@ def region_layer(model: nn.Module, x: torch.Tensor, layer: Any, task: str) -> tu
         from medlens.core.layers import resolve_target_layer
 
         return resolve_target_layer(model, x, layer).module, None
-    if layer is not None or task == "similarity":  # an encoder: the general rule (a ViT's last block's first norm)
+    if layer is not None or task == "similarity" or not needed:  # an encoder: the general rule (a ViT's last block's first norm)
         return layer, None
     root = model
     if task == "detection":

@@ -89,7 +89,8 @@ class _AffineInputLayers:
         self.alphas: Optional[torch.Tensor] = None  # (k,): the chunk's rows are k path points x N images, step-major
         self.overrides = {} if isinstance(model, torch.jit.ScriptModule) else {  # TorchScript: calls only
             m: self._forward_for(m) for m in model.modules()
-            if type(m).forward in _STOCK_AFFINE_FORWARDS and "forward" not in m.__dict__
+            if not isinstance(m, torch.jit.ScriptModule)  # TorchScript inside a wrapper (a region, a window)
+            and type(m).forward in _STOCK_AFFINE_FORWARDS and "forward" not in m.__dict__
         }
 
     def _forward_for(self, module: nn.Module) -> Callable[..., torch.Tensor]:

@@ -19,6 +19,7 @@ from medlens.io.files import file_sha256
 from medlens.models.sidecar import read_sidecar
 from medlens.models.source import LoadedModel, LoadOptions
 from medlens.models.state_dicts import check_state_dict, read_state_dict
+from medlens.models.torchvision_tasks import builder_options, detection_classes
 
 LIBRARIES = ("torchvision:", "timm:")  # the prefixes of an architecture named by library
 
@@ -99,6 +100,9 @@ def load_architecture(source: str, weights: Any, map_location: Any, num_classes:
 
     else:
         raise ModelError(f"{source}: unknown architecture library {library!r}; use torchvision:<name> or timm:<name>.")
+    if num_classes is None and library == "torchvision" and detection_classes(arch, state) is not None:
+        num_classes = detection_classes(arch, state)  # a detector: its class scores, not its last (box) layer
+        notes.append(f"num_classes={num_classes} read from the detector's weights")
     if num_classes is None:
         with torch.device("meta"):  # a parameter-free skeleton, only to find the classifier's key
             skeleton = build(None)
@@ -128,7 +132,8 @@ def _torchvision_builder(arch: str, state: Mapping[str, torch.Tensor]) -> Callab
         raise ModelError(f"unknown torchvision architecture {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()."))
 
     def build(k: Optional[int]) -> nn.Module:
-        kwargs: dict[str, Any] = {"weights": None}
+        kwargs: dict[str, Any] = {"weights": None}  # segmentation and detection: weights_backbone=None too
+        kwargs.update(builder_options(torchvision.models.get_model_builder(arch), state))
         if k is not None:
             kwargs["num_classes"] = int(k)
         if arch in ("inception_v3", "googlenet"):

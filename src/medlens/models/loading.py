@@ -13,7 +13,7 @@ from torch import nn
 
 from medlens.core.model_description import ModelDescription, attach_description
 from medlens.errors import ModelError
-from medlens.models import huggingface, library, model_files, xrv, zoo
+from medlens.models import huggingface, library, model_files, monai_nets, xrv, zoo
 from medlens.models.metadata import build_description
 from medlens.models.sidecar import read_sidecar
 from medlens.models.source import LoadedModel, LoadOptions, ModelSource, PathLike
@@ -36,6 +36,7 @@ SOURCES: tuple[ModelSource, ...] = (
     ModelSource("module", _is_module, _given_module),
     ModelSource("xrv", xrv.can_load, xrv.load),
     ModelSource("architecture", library.can_load, library.load, takes_weights=True),
+    ModelSource("monai", monai_nets.can_load, monai_nets.load, takes_weights=True),
     ModelSource("bundled", zoo.can_load, zoo.load),
     ModelSource("huggingface", huggingface.can_load, huggingface.load),
     ModelSource("file", model_files.can_load, model_files.load),
@@ -70,7 +71,7 @@ def source_for(source: Any, weights: Optional[PathLike] = None) -> ModelSource:
         raise ModelError(f"a model source must be a name, a path or an nn.Module, not {type(source).__name__}.")
     if weights is not None and not entry.takes_weights:
         text = f"a {type(source).__name__}" if isinstance(source, nn.Module) else repr(str(source))
-        raise ModelError(f"weights= is only used with an architecture name (torchvision:<arch> or timm:<arch>); {text} "
+        raise ModelError(f"weights= is only used with an architecture name (torchvision:, timm: or monai:<arch>); {text} "
                          f"(a bundled name, xrv: or a model file) comes with its own weights. To explain other weights, "
                          f"give the architecture and the file.")
     return entry
@@ -87,7 +88,7 @@ def load_model(
     **options: Any,
 ) -> nn.Module:
     """A bundled model name, a file path, a local HuggingFace folder ("hf:<folder>" or a folder with config.json),
-    "torchvision:<arch>"/"timm:<arch>" with `weights=`, "xrv:<name>", or a module.
+    "torchvision:<arch>"/"timm:<arch>"/"monai:<Name>" with `weights=`, "xrv:<name>", or a module.
 
     Files: TorchScript, a torch.export program (.pt2), weights (state dict or .safetensors) whose sidecar JSON names
     an "architecture" ("torchvision:<arch>"), or a pickled module, which loads only with `allow_pickle=True` because

@@ -106,7 +106,10 @@ def _other_labels(model: nn.Module) -> Optional[list[str]]:
 
 
 def _from_sidecar(gathered: Gathered, sidecar: Mapping[str, Any], where: str, source: str) -> None:
-    unknown = sorted(set(sidecar) - set(InputSpec.__dataclass_fields__))
+    unknown = sorted(set(sidecar) - set(InputSpec.__dataclass_fields__) - {"patch_size"})
+    if sidecar.get("patch_size") is not None:  # a segmentation model's window (sliding-window explanations)
+        extra = {**(gathered.fields.get("extra") or {}), "patch_size": list(as_size(sidecar["patch_size"]))}
+        gathered.fields["extra"], gathered.origin["extra"] = extra, where
     if unknown:
         gathered.notes.append(f"sidecar fields not used: {', '.join(unknown)}")
     for key, value in sidecar.items():

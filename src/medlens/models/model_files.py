@@ -19,7 +19,7 @@ from torch import nn
 from medlens.core.model_description import ModelDescription
 from medlens.errors import ModelError, short_message
 from medlens.io.files import file_sha256
-from medlens.models import library, zoo
+from medlens.models import library, monai_nets, zoo
 from medlens.models.sidecar import read_sidecar
 from medlens.models.source import LoadedModel, LoadOptions
 from medlens.models.state_dicts import state_dict_of
@@ -213,9 +213,13 @@ def load(source: Any, options: LoadOptions) -> LoadedModel:
 def _architecture_from_sidecar(path: Path, architecture: Any, sidecar: dict[str, Any], sidecar_path: Path,
                                options: LoadOptions, notes: list[str]) -> tuple[nn.Module, dict[str, Any]]:
     """The architecture a sidecar names, built and given the weights at `path`; the sidecar without its build keys."""
+    if isinstance(architecture, str) and monai_nets.can_load(architecture):  # constructor arguments in the sidecar
+        model = monai_nets.build_network(architecture, path, sidecar.get("arguments"), options.map_location,
+                                         sidecar_path.name)
+        return model, {k: v for k, v in sidecar.items() if k not in monai_nets.BUILD_FIELDS}
     if not isinstance(architecture, str) or not library.can_load(architecture):
-        raise ModelError(f"{sidecar_path}: \"architecture\" must be \"torchvision:<name>\" or \"timm:<name>\", not "
-                         f"{architecture!r}.")
+        raise ModelError(f"{sidecar_path}: \"architecture\" must be \"torchvision:<name>\", \"timm:<name>\" or "
+                         f"\"monai:<Name>\", not {architecture!r}.")
     build = {k: v for k, v in sidecar.items() if k in SIDECAR_BUILD_FIELDS}
     rest = {k: v for k, v in sidecar.items() if k not in SIDECAR_BUILD_FIELDS}
     model = library.load_architecture(

@@ -3,7 +3,7 @@ range (`probe_outputs`), and what the first convolution says about channels and 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch import nn
 from medlens.core.input_spec import InputSpec
 from medlens.core.layers import first_convolution
 from medlens.errors import ModelError, short_message
+from medlens.models.torchvision_tasks import detector_classes
 from medlens.tensor.autograd import logits_of
 
 DEFAULT_PROBE_SIZE = {2: (224, 224), 3: (32, 64, 64)}  # the probe's size when the spec gives none
@@ -61,7 +62,7 @@ def probe_outputs(model: nn.Module, spec: InputSpec, dims: int, source: str) -> 
 
 def probe_task(model: nn.Module, spec: InputSpec, dims: int, source: str) -> tuple[int, str]:
     """The number of classes K and the task ("classification", or "segmentation" for per-pixel logits), from one forward pass (no grad, eval mode, the model's mode restored) on an input of
-    the spec's size and range.
+    the spec's size (else its declared patch size) and range.
 
     Args:
         model: the module.
@@ -75,7 +76,8 @@ def probe_task(model: nn.Module, spec: InputSpec, dims: int, source: str) -> tup
     Raises:
         ModelError: the model cannot run on such an input, or returns neither (batch, classes) nor per-pixel logits.
     """
-    size = tuple(spec.size) if spec.size else DEFAULT_PROBE_SIZE[3 if dims == 3 else 2]
+    patch = (spec.extra or {}).get("patch_size")  # a segmentation model's window, when it declares one
+    size = tuple(spec.size or patch or DEFAULT_PROBE_SIZE[3 if dims == 3 else 2])
     x = probe_input(spec, size)
     param = next(model.parameters(), None)
     if param is not None:
@@ -92,6 +94,8 @@ def probe_task(model: nn.Module, spec: InputSpec, dims: int, source: str) -> tup
         ) from None
     finally:
         model.train(was_training)
+    if _detections(out, x.shape[0]):  # torchvision-style detections: one dict of boxes, labels, scores per image
+        return detector_classes(model) or 0, "detection"
     out = logits_of(out)
     if isinstance(out, torch.Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0]:
         return int(out.shape[1]), "segmentation"  # per-pixel logits (B, K, *spatial): K classes per pixel
@@ -100,3 +104,13 @@ def probe_task(model: nn.Module, spec: InputSpec, dims: int, source: str) -> tup
         raise ModelError(f"{source}: the model returns {shape}, not logits of shape (batch, classes) or per-pixel "
                          f"logits (batch, classes, *spatial).")
     return int(out.shape[1]), "classification"
+
+
+def _detections(out: Any, batch: int) -> bool:
+    from medlens.core.region_targets import detections_of
+
+    try:
+        detections_of(out, batch)
+    except ModelError:
+        return False
+    return True

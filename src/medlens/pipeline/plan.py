@@ -3,6 +3,7 @@ model before any file is read, so a wrong option fails in a second and not after
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from medlens.core.explain import check_methods, model_digest
 from medlens.core.model_description import describe
 from medlens.core.registry import MethodSpec
 from medlens.core.region_targets import SegmentationTarget, has_region_targets
+from medlens.core.sliding_window import declared_window
 from medlens.core.targets import check_target_names
 from medlens.errors import InputError, ModelError
 from medlens.io import model_dims
@@ -93,6 +95,8 @@ def plan_for(model: nn.Module, request: ExplainRequest) -> Plan:
     if not isinstance(request, ExplainRequest):
         raise InputError(f"request must be an ExplainRequest, not {type(request).__name__}.")
     dims = model_dims(model)
+    if declared_window(model, request.options) != dict(request.options):  # the model's patch size: a sliding window
+        request = dataclasses.replace(request, options=declared_window(model, request.options))
     specs, _ = check_methods(list(request.methods), dict(request.options), model=model, model_dims=dims)
     labels = list(describe(model).labels)
     targets = request.targets

@@ -3,6 +3,7 @@ prediction, the region (when given) and its pointing-game and energy scores, wha
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from medlens.io.formats import DEFAULT_FORMATS
 from medlens.io import PreparedInput, ScanImage, prepare, read_image, spec_for
 from medlens.io.regions import Region, read_region, region_beside, region_mask
 from medlens.core.region_targets import has_region_targets
+from medlens.core.sliding_window import WINDOW_OPTIONS, take_window
 from medlens.pipeline.segmentation import explained_region, segmentation_output, targets_on_grid
 from medlens.pipeline.plan import Plan
 
@@ -89,7 +91,10 @@ def read_with_shape(plan: Plan, path: Path) -> tuple[PreparedInput, tuple[int, .
     `explain_prepared_many` takes as `read_shapes`."""
     request = plan.request
     scan = read_image(path, frame=request.frame, window=request.window)
-    return prepare(scan, spec_for(plan.model), dims=plan.dims, slice_index=request.slice_index), scan.spatial_shape
+    spec = spec_for(plan.model)
+    if take_window(request.options)[0] is not None:  # run window by window: the volume keeps its own size
+        spec = dataclasses.replace(spec, size=None)
+    return prepare(scan, spec, dims=plan.dims, slice_index=request.slice_index), scan.spatial_shape
 
 
 def _resolve_region(region: RegionArg, source: Optional[Path], notes: list[str]) -> Optional[Region]:
@@ -129,7 +134,7 @@ def explain_batch(plan: Plan, x: torch.Tensor, targets: Any = None, *,
     options, and its targets unless per-image `targets` are given (the evaluation run explains each image's class)."""
     specs = plan.specs if methods is None else tuple(s for s in plan.specs if s.name in set(methods))
     options = {k: v for k, v in plan.request.options.items()  # `output` (but "probability") is for every method
-               if any(k in s.options for s in specs) or (k == "output" and v != "probability")}
+               if any(k in s.options for s in specs) or (k == "output" and v != "probability") or k in WINDOW_OPTIONS}
     return explain(plan.model, x.to(plan.device), methods=[s.name for s in specs],
                    targets=plan.targets if targets is None else targets, layer=plan.request.layer,
                    seed=plan.request.seed, **options)

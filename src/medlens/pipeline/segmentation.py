@@ -15,6 +15,7 @@ import torch
 from medlens.core.model_description import describe
 from medlens.core.targets import class_index
 from medlens.core.region_targets import SegmentationTarget, has_region_targets, segmentation_logits
+from medlens.core.sliding_window import WindowedModel, take_window
 from medlens.errors import InputError
 from medlens.io.regions import Region, read_region, region_mask
 from medlens.pipeline.plan import Plan
@@ -88,8 +89,10 @@ def explained_region(plan: Plan, x: torch.Tensor, targets: Any) -> Optional[torc
     if region is None:
         return torch.ones(x.shape[2:], dtype=torch.bool)
     if isinstance(region, str):
+        window = take_window(plan.request.options)[0]  # a volume larger than the window: blended window by window
+        model = WindowedModel(plan.model, window) if window is not None else plan.model
         with torch.no_grad():
-            logits = segmentation_logits(plan.model(x.to(plan.device)), x)
+            logits = segmentation_logits(model(x.to(plan.device)), x)
         k = class_index(first.label, describe(plan.model).labels or None, logits.shape[1])
         mask = logits[0, k] > 0 if logits.shape[1] == 1 else logits[0].argmax(0) == k
         return mask.cpu() if tuple(mask.shape) == tuple(x.shape[2:]) else None
