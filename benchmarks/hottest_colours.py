@@ -113,22 +113,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n, k in enumerate(chosen):
             rows.append(one_slice(plan, slices[k], Path(tmp) / str(n)))
-            if (n + 1) % 20 == 0:
+            if (n + 1) % 10 == 0 or n + 1 == len(chosen):
                 print(f"{n + 1}/{len(chosen)} slices, {time.perf_counter() - t0:.0f} s", flush=True)
+                summary = summarise(args, rows, t0)  # written as it goes: an interrupted run keeps its slices
     n = len(rows)
+    print(f"{args.model}, {n} test slices (seed {args.seed}), default Grad-CAM picture, load {os.getloadavg()[0]:.1f}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    for k, v in summary.items():
+        print(f"  {k:28s} {v if isinstance(v, int) else f'{v:.3f}'}" + (f"  ({v / n:.2f})" if isinstance(v, int) else ""))
+
+
+def summarise(args: argparse.Namespace, rows: list[dict], t0: float) -> dict:
+    """The counts over the slices so far (written to --out with the rows)."""
     summary = {k: sum(r[k] for r in rows) for k in ("picture_inside", "top_level_inside", "argmax_inside",
                                                     "argmax_among_hottest", "blank")}
     summary["both"] = sum(r["picture_inside"] and r["argmax_inside"] for r in rows)
     summary["mean_hottest_inside_share"] = float(np.mean([r["hottest_inside_share"] for r in rows]))
     summary["correct_predictions"] = sum(r["target"] == r["label"] for r in rows)
-    load = os.getloadavg()[0]
-    print(f"{args.model}, {n} test slices (seed {args.seed}), default Grad-CAM picture, load {load:.1f}, "
-          f"{time.perf_counter() - t0:.0f} s")
-    for k, v in summary.items():
-        print(f"  {k:28s} {v if isinstance(v, int) else f'{v:.3f}'}" + (f"  ({v / n:.2f})" if isinstance(v, int) else ""))
     if args.out:
-        Path(args.out).write_text(json.dumps({"n": n, "seed": args.seed, "load": load, "summary": summary,
+        Path(args.out).write_text(json.dumps({"n": len(rows), "seed": args.seed, "load": os.getloadavg()[0],
+                                              "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
                                               "rows": rows}, indent=1, default=bool))
+    return summary
 
 
 if __name__ == "__main__":
