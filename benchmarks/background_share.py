@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -103,16 +104,24 @@ def main() -> None:
                 "deletion": float(deletion(model, x, amap, targets).values[0, 0]),
                 "deletion_black": float(deletion(model, x, amap, targets, baseline=black).values[0, 0]),
             })
-        if (n + 1) % 10 == 0:
-            print(f"{n + 1}/{len(chosen)} slices, {time.perf_counter() - t0:.0f} s", flush=True)
-    summary = {m: {k: float(np.nanmean([r[k] for r in rs])) for k in
-                   ("outside_head", "pointing", "pointing_abs", "peak_outside_head", "deletion", "deletion_black")} for m, rs in rows.items()}
-    out = {"model": args.model, "reference": args.reference, "n": len(chosen), "seed": args.seed,
-           "seconds": round(time.perf_counter() - t0, 1), "torch_threads": 1, "summary": summary, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+        if (n + 1) % 10 == 0 or n + 1 == len(chosen):
+            print(f"{n + 1}/{len(chosen)} slices, {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+            summary = write(args, rows, n + 1, t0)
     for m, s in summary.items():
         print(f"{m:22s} " + "  ".join(f"{k} {v:.3f}" for k, v in s.items()))
+
+
+def write(args: argparse.Namespace, rows: dict[str, list[dict]], done: int, t0: float) -> dict:
+    """Writes the figures so far (a long run interrupted keeps its slices); returns the summary."""
+    summary = {m: {k: float(np.nanmean([r[k] for r in rs])) for k in
+                   ("outside_head", "pointing", "pointing_abs", "peak_outside_head", "deletion", "deletion_black")}
+               for m, rs in rows.items()}
+    out = {"model": args.model, "reference": args.reference, "n": done, "seed": args.seed,
+           "seconds": round(time.perf_counter() - t0, 1), "torch_threads": 1, "load": os.getloadavg()[0],
+           "summary": summary, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -111,6 +111,28 @@ def test_what_each_case_writes(results) -> None:
         assert sc.Laterality == "R" and sc.BodyPartExamined == "EXTREMITY"
 
 
+def test_the_secondary_capture_is_the_png_overlay_on_the_scans_own_plane(results) -> None:
+    """The Secondary Capture shows the picture the PNG overlay shows, pixel for pixel: the map taken back onto the
+    scan's plane at the source's resolution (not the model's grid), under the same title and colour bar."""
+    from PIL import Image
+
+    out, records = results
+    checked = 0
+    for case in ("ct", "oblique-mr", "cr-laterality"):
+        if case not in records:
+            continue
+        outputs = records[case]["outputs"]
+        source = pydicom.dcmread(next((out / case).parent.parent.glob(f"in/{case}/*.dcm")), stop_before_pixels=True)
+        for name in (o for o in outputs if o.endswith("_sc.dcm")):
+            sc = pydicom.dcmread(out / name)
+            png = np.asarray(Image.open(out / name.replace("_sc.dcm", ".png")).convert("RGB"))
+            np.testing.assert_array_equal(sc.pixel_array, png)
+            assert int(sc.Columns) >= min(int(source.Columns), 2048)  # the map area spans the source's columns
+            checked += 1
+    if not checked:
+        pytest.skip("no Secondary Capture case available (pydicom-data not installed)")
+
+
 def test_parametric_map_carries_its_concept_window_and_value_mapping(results) -> None:
     out, records = results
     if "ct" not in records:

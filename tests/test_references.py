@@ -93,3 +93,36 @@ def test_occlusion_fills_with_black_and_a_model_without_normalisation_keeps_zero
     a = medlens.explain(plain, x, methods=["integratedgradients"], targets=[0], n_steps=8)
     b = medlens.explain(plain, x, methods=["integratedgradients"], targets=[0], n_steps=8, baseline="spec-zero")
     torch.testing.assert_close(a["integratedgradients"], b["integratedgradients"])
+
+
+def _scan_with_air(level: float, seed: int = 0) -> torch.Tensor:
+    """A prepared scan whose air is not the scale's 0: a noise floor around `level` (in [0, 1]) outside the object."""
+    g = torch.Generator().manual_seed(seed)
+    img = (level + 0.004 * torch.randn(1, 1, 24, 24, generator=g)).clamp_min(0.0)
+    img[..., 6:18, 5:19] = 0.3 + 0.7 * torch.rand(1, 1, 12, 14, generator=g)
+    return (img - MEAN) / STD
+
+
+def test_zero_is_the_air_measured_in_the_frame_when_that_is_dark_and_the_scales_black_otherwise(normalised_model):
+    """"zero" is the median of the image's outer frame (its air, with the noise floor of the scan) when that lies in the
+    darkest 5% of the image's range, so input x gradient takes x minus that level; a grey frame is not air: the scale's
+    black stays. Checked against the definition computed here, and integrated gradients by completeness."""
+    x = _scan_with_air(0.012)
+    frame = torch.ones(24, 24, dtype=torch.bool)
+    frame[1:-1, 1:-1] = False  # 3% of 24 rounds to one pixel a side
+    air = float(x[0, 0][frame].median())
+    assert BLACK < air < BLACK + 0.05 * (float(x.max()) - BLACK)
+    result = medlens.explain(normalised_model, x, methods=["inputxgradient", "integratedgradients"], targets=[1],
+                             n_steps=64)
+    expected = ((x - air) * _grad(normalised_model, x, 1)).sum(dim=1)
+    torch.testing.assert_close(result["inputxgradient"][:, 0], expected, rtol=1e-5, atol=1e-6)
+    assert result.provenance["methods"]["integratedgradients"]["baseline_values"] == [[pytest.approx(air)]]
+    with torch.no_grad():
+        gap = float(normalised_model(x)[0, 1] - normalised_model(torch.full_like(x, air))[0, 1])
+    assert float(result["integratedgradients"].sum()) == pytest.approx(gap, rel=5e-3, abs=1e-4)  # quadrature
+    from medlens.evaluation.trust import completeness  # evaluate's check takes the same per-image reference
+    check = completeness(normalised_model, x, result["integratedgradients"], torch.tensor([[1]]))
+    assert bool(check.holds.all()), check
+    grey = _scan_with_air(0.5)  # a grey frame: not air, the scale's black is kept
+    kept = medlens.explain(normalised_model, grey, methods=["integratedgradients"], targets=[1], n_steps=8)
+    assert kept.provenance["methods"]["integratedgradients"]["baseline_values"] == [[pytest.approx(BLACK)]]

@@ -95,3 +95,34 @@ def test_a_volume_shown_on_the_model_grid_says_so_and_never_moves_the_map():
     assert not view.inverted and "model's grid" in view.note and view.shape == (8, 16, 16)
     maps = np.random.rand(2, 8, 16, 16).astype(np.float32)
     np.testing.assert_array_equal(view.maps(maps), maps)  # unchanged: drawn where it was computed, with the note
+
+
+def test_the_hottest_drawn_colours_of_a_positive_picture_sit_on_the_maps_argmax():
+    """A Grad-CAM-like map (positive display) on a 240 x 256 scan, drawn from the model's 32 x 32 grid: the pixels of
+    the overlay showing the colour map's top colour (found in the PNG's RGB, composed here from matplotlib's inferno
+    over the scan's gray at the overlay's 0.75 opacity) are the argmax's region taken to the source, and nowhere else."""
+    from types import SimpleNamespace
+
+    from matplotlib import colormaps
+
+    from medlens.io.render import color_scale, render_overlay, shown
+
+    rows, cols = np.mgrid[0:240, 0:256]
+    pixels = (40 + 150 * (cols / 255.0) * (rows / 239.0)).astype(np.float32)  # a ramp: the gray differs under the map
+    view = scan_view(SimpleNamespace(pixels=pixels, layout="gray", is_volume=False), (32, 32), np.zeros((32, 32)))
+    gi, gj = np.mgrid[0:32, 0:32]
+    raw = np.exp(-((gi - 9) ** 2 + (gj - 22) ** 2) / 8.0) + 0.6 * np.exp(-((gi - 24) ** 2 + (gj - 6) ** 2) / 8.0) - 0.2
+    scale = color_scale(shown(raw, "positive"))
+    png = np.asarray(Image.open(__import__("io").BytesIO(
+        render_overlay(view.display, view.maps(raw), scale=scale, display="positive"))).convert("RGB")).astype(int)
+    assert png.shape[1] == 256  # the scan's width: drawn on its plane, not enlarged
+    area = png[png.shape[0] - 50 - 240: png.shape[0] - 50]
+    gray = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    top = colormaps["inferno"](1.0)[:3]
+    expected = np.stack([0.25 * gray * 255 + 0.75 * 255 * c for c in top], axis=-1)
+    hottest = np.all(np.abs(area - expected) <= 1, axis=-1)
+    assert hottest.sum() > 0
+    ys, xs = np.nonzero(hottest)
+    peak = ((9 + 0.5) * 7.5 - 0.5, (22 + 0.5) * 8 - 0.5)  # the argmax's centre on the source (7.5 rows, 8 columns)
+    assert np.hypot(ys.mean() - peak[0], xs.mean() - peak[1]) <= 1.0  # centred on the argmax
+    assert np.hypot(ys - peak[0], xs - peak[1]).max() <= 2 * 8  # within two model pixels of it: not the second bump

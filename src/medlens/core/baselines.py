@@ -2,7 +2,8 @@
 
 `resolve_baseline` turns a `baseline=` option ("zero", "spec-zero", "mean", "blur", "background", a number or a tensor)
 into a tensor broadcastable to the input plus provenance notes; `make_baseline` gives it at full input shape;
-`scan_black` is the scan's black in a model's input space, what "zero" means when the model carries its input spec.
+`scan_black` is the scale's black in a model's input space and `air_level` the scan's own black measured from its frame:
+what "zero" means when the model carries its input spec.
 """
 from __future__ import annotations
 
@@ -38,13 +39,34 @@ def scan_black(model: Any) -> Optional[torch.Tensor]:
     return ((0.0 - mean) / std)[None]
 
 
+#: the frame's median is taken as the scan's black (its air) only when it lies in this darkest share of the image's
+#: range above the intensity scale's black: the noise floor of air in a magnitude image, never a grey border
+AIR_SHARE_OF_RANGE = 0.05
+
+
+def air_level(x: torch.Tensor, black: torch.Tensor) -> torch.Tensor:
+    """Per image and channel (B, C) the scan's black as measured in x (B, C, *s): the median of its outer frame (the air
+    around the body, with its noise floor and the JPEG ringing above the scale's 0) when that lies between the scale's
+    `black` (1, C) and `black` plus AIR_SHARE_OF_RANGE of the image's range; the scale's `black` otherwise."""
+    black = black.to(device=x.device, dtype=x.dtype).reshape(1, -1).expand(x.shape[0], -1)
+    flat = x.detach().flatten(2)
+    frame = torch.stack([border_median(x[i].detach()) for i in range(x.shape[0])])
+    reach = AIR_SHARE_OF_RANGE * (flat.amax(dim=2) - black)
+    dark = (frame >= black) & (frame - black <= reach)
+    return torch.where(dark, frame, black)
+
+
 def _black_reference(x: torch.Tensor, black: Optional[torch.Tensor], nd: int) -> tuple[torch.Tensor, dict[str, Any]]:
     if black is None or black.shape[-1] != x.shape[1]:
         return torch.zeros((1, 1) + (1,) * nd, dtype=x.dtype, device=x.device), {
             "baseline_reference": "0 (the scan's black: the model has no input normalisation that moves it)"}
-    ref = black.to(device=x.device, dtype=x.dtype).reshape(1, -1, *([1] * nd))
-    return ref, {"baseline_reference": "the scan's black in the model's input space ((0 - mean) / std of its input spec)",
-                 "baseline_values": [[round(float(v), 6) for v in black.reshape(-1)]]}
+    level = air_level(x, black)
+    ref = level.reshape(*level.shape, *([1] * nd))
+    return ref, {"baseline_reference": "the scan's black in the model's input space: the median of the image's outer "
+                 f"frame (its air) where that lies in the darkest {AIR_SHARE_OF_RANGE:.0%} of its range, else "
+                 "(0 - mean) / std of the input spec",
+                 "baseline_values": [[round(float(v), 6) for v in row] for row in level]}
+
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, C, *s) over its 1, 2 or 3 spatial axes, reflect-padded, in torch.

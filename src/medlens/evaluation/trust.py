@@ -15,7 +15,7 @@ from torch import nn
 
 from medlens.core.explain import explain
 from medlens.errors import InputError
-from medlens.core.baselines import scan_black
+from medlens.core.baselines import resolve_baseline, scan_black
 from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline, model_scores, pick
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -206,7 +206,7 @@ def completeness(
     else:
         black = scan_black(model) if isinstance(baseline, str) and baseline == "zero" else None
         if black is not None:  # the methods' "zero" (integrated gradients) is the scan's black in the model's input space
-            baseline = black.to(x).reshape(1, -1, *([1] * (x.dim() - 2)))
+            baseline = resolve_baseline(x, "zero", black=black)[0]  # per image, as the methods measure it
         xb, desc = make_baseline(x, baseline)
         desc = "zero: the scan's black" if black is not None else desc
         both = model_scores(model, torch.cat([x, xb.expand_as(x)]), "logit")  # one borrow, one folded copy, one batch

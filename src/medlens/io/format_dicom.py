@@ -1,5 +1,6 @@
 """The `dicom` output format, for DICOM inputs: per method and target a Parametric Map of the raw map (on the source's
-own grid, with its CID 217 concept) and a Secondary Capture of the overlay, made with highdicom, in the source's study.
+own grid, with its CID 217 concept) and a Secondary Capture of the overlay (drawn like the PNG overlays, on the scan's
+own plane at the source's resolution), made with highdicom, in the source's study.
 
 Nothing about the patient is invented: patient and study attributes are copied from the source by highdicom. UIDs
 come from `dicom_identity` (same settings, same UIDs). An object that cannot be made is skipped with the reason in
@@ -26,6 +27,7 @@ from medlens.io.dicom_geometry import LPS_TO_RAS
 from medlens.io.files import atomic_write, safe_name
 from medlens.io.render import render_overlay
 from medlens.io.scan import resampled_affine
+from medlens.io.scan_view import ScanView
 from medlens.version import __version__
 
 HIGHDICOM_HINT = 'the dicom output format needs highdicom: pip install highdicom'
@@ -163,6 +165,7 @@ def write_dicom(job: Any, folder: Path) -> list[Path]:
     written: list[Path] = []
     skipped: list[str] = []
     geometry = None
+    view = _picture_view(job)
     for method, maps in job.raw.items():
         digest = ident.settings_digest(provenance, method)
         grid = tuple(maps.shape[1:])
@@ -187,8 +190,9 @@ def write_dicom(job: Any, folder: Path) -> list[Path]:
                 skipped.append(f"{name}_sc.dcm: a Secondary Capture shows one 2-D picture; this map is a volume")
                 continue
             try:
-                png = render_overlay(job.display, maps[j], title=f"{method}: {job.titles[j]}", scale=job.scales[method],
-                                     region=job.region, display=job.displays.get(method, "signed"))
+                png = render_overlay(view.display, view.maps(maps[j]), title=f"{method}: {job.titles[j]}",
+                                     scale=job.scales[method], region=view.region,
+                                     display=job.displays.get(method, "signed"))
                 sc = _secondary_capture(hd, first, _overlay_rgb(png), _patient_orientation(first, geometry), method,
                                         part, (ident.series_uid(sources, digest, "sc"),
                                                ident.instance_uid(sources, digest, "sc", targets[j]), number))
@@ -203,8 +207,15 @@ def write_dicom(job: Any, folder: Path) -> list[Path]:
                                "maps.npz holds the map at the model's grid" if geometry is not None else None,
         "uids_from": "source instance(s), model weights digest, method with its options (and layer for CAMs), target",
         "written_files": [p.name for p in written], "skipped": skipped,
-        "parametric_map": _summary(written, skipped, "_pm.dcm"), "secondary_capture": _summary(written, skipped, "_sc.dcm")}
+        "parametric_map": _summary(written, skipped, "_pm.dcm"), "secondary_capture": _summary(written, skipped, "_sc.dcm"),
+        "secondary_capture_grid": view.note or "the model's grid"}
     return written
+
+
+def _picture_view(job: Any) -> ScanView:
+    """Where the Secondary Capture is drawn: the PNG overlays' view, the scan's own plane at the source's resolution
+    when the preparation inverts (the map taken back through its resize), else the model's grid."""
+    return job.view or ScanView(tuple(job.display.shape), job.display, job.region, False, "")
 
 
 def _summary(written: list[Path], skipped: list[str], suffix: str) -> str:
