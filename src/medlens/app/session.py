@@ -12,11 +12,13 @@ from medlens.app.catalogue import ModelCatalogue, ModelEntry
 from medlens.app.export import ExportItem, build_zip, command_lines, overlay_title
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
-from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, scale_for
+from medlens.app.figures import overlay_figure, set_picture
+from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, overlay_rgb, scale_for
 from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
 from medlens.errors import MedlensError
 from medlens.io import PreparedInput
+from medlens.io.render import display_label
 from medlens.io.scan_view import ScanView, scan_view
 
 SLOW_COST_WORDS = ("per ", "n_steps", "n_samples")  # registry cost texts of methods that take many model passes
@@ -50,6 +52,13 @@ class Panel:
     display: np.ndarray
     region: Optional[np.ndarray]
     view: Optional[ScanView] = None  # where the picture is drawn: the scan's own plane when the preparation inverts
+    predicted_region: bool = False  # the outline is the model's own predicted mask (a segmentation model)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # drawn values, kept across view redraws
+
+    @property
+    def title(self) -> str:
+        what = "the predicted mask outlined" if self.predicted_region else f"p={self.probability:.3f}"
+        return f"{self.model} · {self.method} · {self.target_name} ({what})"
 
 
 @dataclass
@@ -115,30 +124,59 @@ class Current:
             except MedlensError as exc:
                 self.errors[key] = str(exc)
                 continue
-            view = scan_view(prepared.scan, prepared.tensor.shape[2:], prepared.display, region) if maps else None
+            views: dict[int, Optional[ScanView]] = {}
             for (method, target), raw in maps.items():
                 name = entry.labels[target] if target < len(entry.labels) else str(target)
+                # a segmentation model's map explains its predicted mask of the class: that is the outline drawn
+                outlined = run.regions.get(target, region)
+                if target not in views:
+                    views[target] = scan_view(prepared.scan, prepared.tensor.shape[2:], prepared.display, outlined)
                 self.panels.append(Panel(key, method, target, name, run.probabilities.get(name, float("nan")), raw,
-                                         prepared.display, region, view))
+                                         prepared.display, outlined, views[target], target in run.regions))
 
     def entry(self, key: str) -> ModelEntry:
         return self.catalogue.get(key)
 
+    def drawn(self, panel: Panel) -> tuple[np.ndarray, str, np.ndarray]:
+        """(what the picture draws of the raw map on the model's grid, how, the same on the picture's grid), computed
+        once per panel and signed setting: a redraw (threshold, opacity) only blends."""
+        key = ("drawn", self.settings.signed)
+        if key not in panel.cache:
+            values, how = drawn(panel.raw, panel.method, self.settings)
+            panel.cache[key] = (values, how, panel.view.maps(values) if panel.view is not None else values)
+        return panel.cache[key]
+
     def scale(self, panel: Panel) -> Scale:
         """One colour scale for the whole grid when asked, else one per model and method (shared by its targets)."""
-        if self.settings.shared_scale:
-            return scale_for([drawn(p.raw, p.method, self.settings)[0] for p in self.panels], self.settings.cmap)
-        return scale_for([drawn(p.raw, p.method, self.settings)[0] for p in self.panels
-                          if p.model == panel.model and p.method == panel.method], self.settings.cmap)
+        chosen = [p for p in self.panels if self.settings.shared_scale or (p.model == panel.model and p.method == panel.method)]
+        return scale_for([self.drawn(p)[0] for p in chosen], self.settings.cmap)
 
     def png(self, panel: Panel) -> bytes:
         """The panel's overlay, its method drawn as defined (or signed when the view asks)."""
         lines = overlay_title(panel.model, panel.method, panel.target_name, panel.probability)
-        values, how = drawn(panel.raw, panel.method, self.settings)
+        values, how, picture = self.drawn(panel)
         if panel.view is not None:  # at the scan's own resolution (the map taken back through the resize)
-            return overlay_png(panel.view.display, panel.view.maps(values), lines, self.scale(panel), self.settings,
-                               panel.view.region, how)
+            return overlay_png(panel.view.display, picture, lines, self.scale(panel), self.settings, panel.view.region, how)
         return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
+
+    def figure(self, panel: Panel) -> Any:
+        """The panel's interactive overlay (Plotly): the picture as `png` draws it, the colour bar, and the map's value
+        and the scan's grey level under the cursor (at the model pixel there)."""
+        values, how, picture = self.drawn(panel)
+        scale = self.scale(panel)
+        if panel.view is not None:
+            rgb, k = overlay_rgb(panel.view.display, picture, scale, self.settings, panel.view.region)
+        else:
+            rgb, k = overlay_rgb(panel.display, values, scale, self.settings, panel.region)
+        grey = np.asarray(panel.display, dtype=np.float32)
+        if k is not None:  # a volume: the slice drawn
+            values, grey = values[k], (grey[k] if grey.ndim == 3 else grey)
+        key = ("figure", self.settings.signed, scale, k)
+        if key not in panel.cache:  # built once (Plotly's objects are slow to build); a redraw swaps the picture only
+            panel.cache[key] = overlay_figure(rgb, values, grey, scale, panel.title, display_label(how, scale))
+        else:
+            set_picture(panel.cache[key], rgb)
+        return panel.cache[key]
 
     def export_zip(self) -> bytes:
         """The ZIP of every panel as drawn now, the raw maps, provenance and the equivalent command lines."""
