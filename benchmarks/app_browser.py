@@ -18,10 +18,17 @@ from typing import Any, Iterator, Optional
 CHROMIUM = os.environ.get("MEDLENS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
-# the pictures in the page: Streamlit images and the overlay picture of each interactive (Plotly) overlay
-OVERLAY = '[data-testid="stMain"] [data-testid="stPlotlyChart"] g.imagelayer g.im image'
+# the pictures in the page: Streamlit images, and the interactive overlays (each a small page in an iframe)
+OVERLAY = '[data-testid="stMain"] iframe[data-testid="stIFrame"]'
 IMAGE = '[data-testid="stMain"] [data-testid="stImage"] img, ' + OVERLAY
-HOVER_TEXT = '[data-testid="stMain"] [data-testid="stPlotlyChart"] g.hoverlayer g.hovertext'
+# an <img>: its source; an overlay: a digest of the picture its page shows once loaded ("loading" until then)
+_SOURCES = """els => els.map(e => {
+  if (e.tagName.toLowerCase() === 'img') return e.src;
+  const doc = e.contentDocument, pic = doc && doc.getElementById('picture');
+  if (!pic || !pic.complete || !pic.naturalWidth || doc.readyState !== 'complete') return 'loading';
+  let h = 0; const s = pic.src; for (let i = 0; i < s.length; i += 7) h = (h * 31 + s.charCodeAt(i)) | 0;
+  return 'overlay:' + s.length + ':' + h;
+})"""
 
 
 def browser_missing() -> Optional[str]:
@@ -140,8 +147,8 @@ def press_explain(page: Any) -> None:
 
 
 def image_sources(page: Any) -> list[str]:
-    """The source of every picture shown (an <img>'s src, an overlay <image>'s href), in page order."""
-    return page.locator(IMAGE).evaluate_all("els => els.map(e => e.tagName.toLowerCase() === 'img' ? e.src : e.href.baseVal)")
+    """A token per picture shown (an <img>'s src, a digest of an overlay's loaded picture), in page order."""
+    return page.locator(IMAGE).evaluate_all(_SOURCES)
 
 
 def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None, timeout: float = 60.0,
@@ -153,7 +160,8 @@ def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None,
     need = count if changed is None else changed
     while time.perf_counter() < deadline:
         sources = image_sources(page)
-        if len(sources) >= count and (changed_from is None or sum(s not in changed_from for s in sources[:count]) >= need):
+        ready = "loading" not in sources[:count]
+        if ready and len(sources) >= count and (changed_from is None or sum(s not in changed_from for s in sources[:count]) >= need):
             loaded = page.locator(IMAGE).evaluate_all(
                 "els => els.every(e => e.tagName.toLowerCase() !== 'img' || (e.complete && e.naturalWidth > 0))")
             if loaded:
@@ -197,21 +205,28 @@ def add_target(page: Any, name: str) -> None:
 
 
 def overlays_shown(page: Any) -> int:
-    """How many overlays the page shows now, with no script run in progress (a check that does not wait)."""
+    """How many overlays the page shows now, loaded, with no script run in progress (a check that does not wait)."""
     busy = '[data-testid="stApp"][data-test-script-state="running"], [data-stale="true"]'
-    return 0 if page.locator(busy).count() else page.locator(OVERLAY).count()
+    if page.locator(busy).count():
+        return 0
+    return sum(s.startswith("overlay:") for s in page.locator(OVERLAY).evaluate_all(_SOURCES))
+
+
+def overlay_picture(page: Any, index: int) -> Any:
+    """The picture inside the `index`-th overlay."""
+    return page.frame_locator(OVERLAY).nth(index).locator("#picture")
 
 
 def hover_picture(page: Any, index: int, row: float, col: float, shape: tuple[int, int]) -> str:
     """Move the mouse over picture pixel (row, col) of the `index`-th overlay (a picture of `shape` pixels) and
     return the read-out's text ("" when none appears)."""
-    picture = page.locator(OVERLAY).nth(index)
+    picture = overlay_picture(page, index)
     picture.scroll_into_view_if_needed()
     box = picture.bounding_box()
     page.mouse.move(box["x"] + (col + 0.5) * box["width"] / shape[1], box["y"] + (row + 0.5) * box["height"] / shape[0])
-    label = page.locator(HOVER_TEXT).first
+    label = page.frame_locator(OVERLAY).nth(index).locator("#readout")
     try:
-        label.wait_for(timeout=10_000)
+        label.wait_for(state="visible", timeout=10_000)
     except Exception:  # noqa: BLE001 - no read-out: the caller's assertion says so
         return ""
     return label.text_content() or ""

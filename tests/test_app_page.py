@@ -3,7 +3,6 @@ that redraw without recomputing, ensemble and difference views, the export ZIP, 
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from pathlib import Path
 
@@ -41,12 +40,12 @@ def _captions(at: AppTest) -> list[str]:
 
 
 def _overlays(at: AppTest) -> list:
-    """The interactive overlays (Plotly charts) of the Overlays view."""
-    return list(at.get("plotly_chart"))
+    """The interactive overlays (each a page in an iframe) of the Overlays view."""
+    return list(at.get("iframe"))
 
 
 def _titles(at: AppTest) -> list[str]:
-    return [json.loads(chart.proto.spec)["layout"]["title"]["text"] for chart in _overlays(at)]
+    return [c.value for c in at.caption if " · " in str(c.value)]
 
 
 def _texts(elements) -> str:

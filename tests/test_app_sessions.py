@@ -1,9 +1,10 @@
 """The app's shared models and interactive overlays without a browser: explain calls borrow private copies of a model
 (two at once never wait on each other, the loaded model is never hooked, the number of copies is bounded), a
 segmentation model's panel outlines its own predicted mask, and the overlay figure's read-out holds the map's values
-on the model's grid, placed over the picture pixels each covers."""
+on the model's grid, once per model pixel."""
 from __future__ import annotations
 
+import base64
 import threading
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import medlens
 from medlens.app import catalogue as app_catalogue
 from medlens.app.catalogue import ModelCatalogue
-from medlens.app.figures import hover_grid
+from medlens.app.figures import hover_grid, readout_parts
 from medlens.app.inputs import SAMPLES, load_sample, prepare_input
 from medlens.app.maps import MapStore
 from medlens.app.session import Current
@@ -78,19 +79,21 @@ def test_a_segmentation_panel_outlines_the_models_predicted_mask(catalogue):
     np.testing.assert_allclose(panel.raw, reference, rtol=1e-5, atol=1e-7)
     run = current.store.run_of("phantom-lesion-unet", panel_input(current))
     assert list(run.scores) == ["lesion@predicted"] and run.default_targets == [1]
-    figure = current.figure(panel)
-    assert figure.data[0].source.startswith("data:image/png;base64,")
+    page = current.page(panel)
+    assert 'src="data:image/png;base64,' in page and "__" not in page.replace("__proto__", "")  # every part filled
 
 
 def panel_input(current: Current) -> str:
     return current.input_id("phantom-lesion-unet")
 
 
-def test_the_read_out_holds_each_model_pixel_over_the_picture_pixels_it_covers():
+def test_the_read_out_holds_each_model_pixel_once_as_float32_bytes():
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
-    grid = hover_grid(values, values / 12, (6, 12))  # the picture: 2 x 3 picture pixels per model pixel
-    assert grid["z"].tolist() == values.tolist() and grid["step"] == 1
-    # model pixel (i, j) is centred at picture coordinates (2i + 0.5, 3j + 1): the centre of the pixels it covers
-    assert (grid["y0"], grid["dy"], grid["x0"], grid["dx"]) == (0.5, 2.0, 1.0, 3.0)
-    big = hover_grid(np.zeros((600, 300), np.float32), np.zeros((600, 300), np.float32), (600, 300))
-    assert big["z"].shape == (200, 100) and big["step"] == 3 and big["dx"] == 3.0 and big["x0"] == 1.0
+    grid = hover_grid(values, values / 11)
+    assert grid["values"].tolist() == values.tolist() and grid["step"] == 1
+    assert grid["grey"].tolist() == np.rint(values / 11 * 255).astype(int).tolist()  # grey levels 0-255
+    parts = readout_parts(values, values / 11)
+    assert np.frombuffer(base64.b64decode(parts["__VALUES__"]), "<f4").reshape(3, 4).tolist() == values.tolist()
+    assert (parts["__GH__"], parts["__GW__"]) == ("3", "4")
+    big = hover_grid(np.zeros((600, 300), np.float32), np.zeros((600, 300), np.float32))
+    assert big["values"].shape == (200, 100) and big["step"] == 3

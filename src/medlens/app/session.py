@@ -12,7 +12,7 @@ from medlens.app.catalogue import ModelCatalogue, ModelEntry
 from medlens.app.export import ExportItem, build_zip, command_lines, overlay_title
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
-from medlens.app.figures import overlay_figure, set_picture
+from medlens.app.figures import overlay_page, readout_parts
 from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, overlay_rgb, scale_for
 from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
@@ -73,6 +73,7 @@ class Current:
     config: Mapping[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     panels: list[Panel] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # colour scales, kept across view redraws
 
     @property
     def models(self) -> list[str]:
@@ -114,7 +115,7 @@ class Current:
 
     def compute_all(self) -> None:
         """Every panel of the grid; a model that fails on this input becomes an error message, the others go on."""
-        self.panels = []
+        self.panels, self.cache = [], {}
         for key in list(self.request["models"]):
             try:
                 entry = self.catalogue.get(key)
@@ -148,8 +149,12 @@ class Current:
 
     def scale(self, panel: Panel) -> Scale:
         """One colour scale for the whole grid when asked, else one per model and method (shared by its targets)."""
-        chosen = [p for p in self.panels if self.settings.shared_scale or (p.model == panel.model and p.method == panel.method)]
-        return scale_for([self.drawn(p)[0] for p in chosen], self.settings.cmap)
+        shared = self.settings.shared_scale
+        key = ("scale", None if shared else (panel.model, panel.method), self.settings.signed, self.settings.cmap)
+        if key not in self.cache:  # kept across redraws: a threshold or opacity change keeps every scale
+            chosen = [p for p in self.panels if shared or (p.model == panel.model and p.method == panel.method)]
+            self.cache[key] = scale_for([self.drawn(p)[0] for p in chosen], self.settings.cmap)
+        return self.cache[key]
 
     def png(self, panel: Panel) -> bytes:
         """The panel's overlay, its method drawn as defined (or signed when the view asks)."""
@@ -159,24 +164,22 @@ class Current:
             return overlay_png(panel.view.display, picture, lines, self.scale(panel), self.settings, panel.view.region, how)
         return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
 
-    def figure(self, panel: Panel) -> Any:
-        """The panel's interactive overlay (Plotly): the picture as `png` draws it, the colour bar, and the map's value
-        and the scan's grey level under the cursor (at the model pixel there)."""
+    def page(self, panel: Panel) -> str:
+        """The panel's interactive overlay (an HTML page): the picture as `png` draws it, the colour bar, and the map's
+        value and the scan's grey level under the cursor (at the model pixel there)."""
         values, how, picture = self.drawn(panel)
         scale = self.scale(panel)
         if panel.view is not None:
             rgb, k = overlay_rgb(panel.view.display, picture, scale, self.settings, panel.view.region)
         else:
             rgb, k = overlay_rgb(panel.display, values, scale, self.settings, panel.region)
-        grey = np.asarray(panel.display, dtype=np.float32)
-        if k is not None:  # a volume: the slice drawn
-            values, grey = values[k], (grey[k] if grey.ndim == 3 else grey)
-        key = ("figure", self.settings.signed, scale, k)
-        if key not in panel.cache:  # built once (Plotly's objects are slow to build); a redraw swaps the picture only
-            panel.cache[key] = overlay_figure(rgb, values, grey, scale, panel.title, display_label(how, scale))
-        else:
-            set_picture(panel.cache[key], rgb)
-        return panel.cache[key]
+        key = ("readout", self.settings.signed, k)
+        if key not in panel.cache:  # the read-out's bytes are the same for every redraw
+            grey = np.asarray(panel.display, dtype=np.float32)
+            if k is not None:  # a volume: the slice drawn
+                values, grey = values[k], (grey[k] if grey.ndim == 3 else grey)
+            panel.cache[key] = readout_parts(values, grey)
+        return overlay_page(rgb, panel.cache[key], scale, panel.title, display_label(how, scale))
 
     def export_zip(self) -> bytes:
         """The ZIP of every panel as drawn now, the raw maps, provenance and the equivalent command lines."""

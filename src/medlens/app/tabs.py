@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import streamlit as st
 
 from medlens.app import batch_runs, metrics
+from medlens.app.figures import FRAME_HEIGHT
 from medlens.app.inputs import MAX_UPLOAD_MB, UPLOAD_TYPES, read_upload
 from medlens.app.session import Current, Panel
 from medlens.app.views import COLOUR_MAPS, ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
@@ -55,7 +56,14 @@ def render_predictions(current: Current) -> None:
                 st.caption(note)
 
 
-PLOTLY_CONFIG = {"displaylogo": False, "scrollZoom": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
+def _frame(page: str) -> None:
+    """An overlay's page in an iframe (st.iframe where this Streamlit has it)."""
+    if hasattr(st, "iframe"):
+        st.iframe(page, height=FRAME_HEIGHT)
+    else:
+        import streamlit.components.v1 as components
+
+        components.html(page, height=FRAME_HEIGHT)
 
 
 def _overlays(current: Current) -> None:
@@ -67,8 +75,8 @@ def _overlays(current: Current) -> None:
         columns = st.columns(max(len(panels), 3))
         for column, panel in zip(columns, panels):
             with column:  # hover: the map's value and the scan's grey level under the cursor
-                st.plotly_chart(current.figure(panel), key=f"fig::{model}::{panel.method}::{target}", theme=None,
-                                config=PLOTLY_CONFIG)
+                st.caption(panel.title)
+                _frame(current.page(panel))
                 if panel.predicted_region:
                     st.caption("Outlined in green: the model's predicted mask of this class (the region explained).")
                 # the annotated PNG is drawn only when asked for, with the view as it is now
