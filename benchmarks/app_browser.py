@@ -18,7 +18,17 @@ from typing import Any, Iterator, Optional
 CHROMIUM = os.environ.get("MEDLENS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
-IMAGE = '[data-testid="stMain"] [data-testid="stImage"] img'
+# the pictures in the page: Streamlit images, and the interactive overlays (each a small page in an iframe)
+OVERLAY = '[data-testid="stMain"] iframe[data-testid="stIFrame"]'
+IMAGE = '[data-testid="stMain"] [data-testid="stImage"] img, ' + OVERLAY
+# an <img>: its source; an overlay: a digest of the picture its page shows once loaded ("loading" until then)
+_SOURCES = """els => els.map(e => {
+  if (e.tagName.toLowerCase() === 'img') return e.src;
+  const doc = e.contentDocument, pic = doc && doc.getElementById('picture');
+  if (!pic || !pic.complete || !pic.naturalWidth || doc.readyState !== 'complete') return 'loading';
+  let h = 0; const s = pic.src; for (let i = 0; i < s.length; i += 7) h = (h * 31 + s.charCodeAt(i)) | 0;
+  return 'overlay:' + s.length + ':' + h;
+})"""
 
 
 def browser_missing() -> Optional[str]:
@@ -39,10 +49,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served_app(*args: str, port: Optional[int] = None, log: Optional[Path] = None) -> Iterator[str]:
-    """`medlens app --port P ARGS` running until the block ends; yields its URL."""
+def served_app(*args: str, port: Optional[int] = None, log: Optional[Path] = None,
+               env: Optional[dict[str, str]] = None) -> Iterator[str]:
+    """`medlens app --port P ARGS` running until the block ends (with `env` added to its environment); yields its URL."""
     port = port or free_port()
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", **(env or {}))
     out = open(log, "wb") if log else subprocess.DEVNULL
     process = subprocess.Popen([sys.executable, "-m", "medlens", "app", "--port", str(port), *args], env=env,
                                stdout=out, stderr=subprocess.STDOUT)
@@ -71,19 +82,32 @@ def served_app(*args: str, port: Optional[int] = None, log: Optional[Path] = Non
 
 
 @contextlib.contextmanager
-def browser_page(url: str, width: int = 1500, height: int = 1100) -> Iterator[Any]:
+def browser(headless: bool = True) -> Iterator[Any]:
+    """One headless Chromium (Debian's), closed when the block ends."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=headless)
         try:
-            page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
-            page.goto(url)
-            page.get_by_text("what did the model look at").wait_for(timeout=60_000)
-            wait_idle(page)  # the title comes first; the rest of the first script run follows it
-            yield page
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@contextlib.contextmanager
+def browser_page(url: str, width: int = 1500, height: int = 1100) -> Iterator[Any]:
+    """One page on the app in a headless Chromium, closed when the block ends."""
+    with browser() as chromium:
+        yield open_page(chromium, url, width, height)
+
+
+def open_page(browser: Any, url: str, width: int = 1500, height: int = 1100) -> Any:
+    """A new page in its own browser context (its own Streamlit session) on the app, once the first run is done."""
+    page = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True).new_page()
+    page.goto(url)
+    page.get_by_text("what did the model look at").wait_for(timeout=60_000)
+    wait_idle(page)
+    return page
 
 
 def wait_idle(page: Any, timeout: float = 60.0) -> None:
@@ -123,7 +147,8 @@ def press_explain(page: Any) -> None:
 
 
 def image_sources(page: Any) -> list[str]:
-    return page.locator(IMAGE).evaluate_all("els => els.map(e => e.src)")
+    """A token per picture shown (an <img>'s src, a digest of an overlay's loaded picture), in page order."""
+    return page.locator(IMAGE).evaluate_all(_SOURCES)
 
 
 def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None, timeout: float = 60.0,
@@ -135,8 +160,10 @@ def wait_images(page: Any, count: int, changed_from: Optional[list[str]] = None,
     need = count if changed is None else changed
     while time.perf_counter() < deadline:
         sources = image_sources(page)
-        if len(sources) >= count and (changed_from is None or sum(s not in changed_from for s in sources[:count]) >= need):
-            loaded = page.locator(IMAGE).evaluate_all("els => els.every(e => e.complete && e.naturalWidth > 0)")
+        ready = "loading" not in sources[:count]
+        if ready and len(sources) >= count and (changed_from is None or sum(s not in changed_from for s in sources[:count]) >= need):
+            loaded = page.locator(IMAGE).evaluate_all(
+                "els => els.every(e => e.tagName.toLowerCase() !== 'img' || (e.complete && e.naturalWidth > 0))")
             if loaded:
                 return time.perf_counter() - t0
         page.wait_for_timeout(10)
@@ -175,3 +202,31 @@ def add_target(page: Any, name: str) -> None:
     page.locator("h1").first.click()
     page.wait_for_timeout(300)
     wait_idle(page)
+
+
+def overlays_shown(page: Any) -> int:
+    """How many overlays the page shows now, loaded, with no script run in progress (a check that does not wait)."""
+    busy = '[data-testid="stApp"][data-test-script-state="running"], [data-stale="true"]'
+    if page.locator(busy).count():
+        return 0
+    return sum(s.startswith("overlay:") for s in page.locator(OVERLAY).evaluate_all(_SOURCES))
+
+
+def overlay_picture(page: Any, index: int) -> Any:
+    """The picture inside the `index`-th overlay."""
+    return page.frame_locator(OVERLAY).nth(index).locator("#picture")
+
+
+def hover_picture(page: Any, index: int, row: float, col: float, shape: tuple[int, int]) -> str:
+    """Move the mouse over picture pixel (row, col) of the `index`-th overlay (a picture of `shape` pixels) and
+    return the read-out's text ("" when none appears)."""
+    picture = overlay_picture(page, index)
+    picture.scroll_into_view_if_needed()
+    box = picture.bounding_box()
+    page.mouse.move(box["x"] + (col + 0.5) * box["width"] / shape[1], box["y"] + (row + 0.5) * box["height"] / shape[0])
+    label = page.frame_locator(OVERLAY).nth(index).locator("#readout")
+    try:
+        label.wait_for(state="visible", timeout=10_000)
+    except Exception:  # noqa: BLE001 - no read-out: the caller's assertion says so
+        return ""
+    return label.text_content() or ""

@@ -39,6 +39,15 @@ def _captions(at: AppTest) -> list[str]:
     return [c for image in at.image for c in image.captions]
 
 
+def _overlays(at: AppTest) -> list:
+    """The interactive overlays (each a page in an iframe) of the Overlays view."""
+    return list(at.get("iframe"))
+
+
+def _titles(at: AppTest) -> list[str]:
+    return [c.value for c in at.caption if " · " in str(c.value)]
+
+
 def _texts(elements) -> str:
     return " | ".join(str(e.value) for e in elements)
 
@@ -50,7 +59,7 @@ def test_banner_and_upload_with_defaults_gives_one_overlay(app):
     assert app.sidebar.multiselect(key="methods").value == ["gradcam"]
     _explain(app)
     assert not app.exception and not app.error
-    assert len(app.image) == 1 and _captions(app)[0].startswith("brain-tumor-mri · gradcam · ")
+    assert len(_overlays(app)) == 1 and _titles(app)[0].startswith("brain-tumor-mri · gradcam · ")
     assert app.session_state["store"].computed == 1
 
 
@@ -60,7 +69,7 @@ def test_models_methods_sliders_redraw_without_recomputing(app):
     app.sidebar.multiselect(key="methods").set_value(["gradcam", "gradcam++", "lrp"])
     _explain(app)
     assert not app.exception and not app.error
-    assert len(app.image) == 6  # 2 models x 3 methods
+    assert len(_overlays(app)) == 6  # 2 models x 3 methods
     store = app.session_state["store"]
     computed = store.computed
     assert computed == 2  # one pipeline call per model, the methods sharing it
@@ -68,11 +77,11 @@ def test_models_methods_sliders_redraw_without_recomputing(app):
     app.slider(key="opacity").set_value(0.4).run()
     app.selectbox(key="cmap").set_value("viridis").run()
     app.checkbox(key="shared_scale").check().run()
-    assert not app.exception and len(app.image) == 6
+    assert not app.exception and len(_overlays(app)) == 6
     assert app.session_state["store"].computed == computed  # nothing recomputed
     # a second target for a model: only that map set is computed
     app.multiselect(key=f"targets::phantom-lesion::{app.session_state['request']['input']}").set_value(["normal", "lesion"]).run()
-    assert len(app.image) == 9 and app.session_state["store"].computed == computed + 1
+    assert len(_overlays(app)) == 9 and app.session_state["store"].computed == computed + 1
 
 
 def test_ensemble_difference_and_export_views(app):
@@ -101,7 +110,7 @@ def test_dicom_upload_shows_window_presets_and_no_patient_fields(app, tmp_path):
     assert "brain (40/80)" in app.sidebar.selectbox(key="window").options
     app.sidebar.multiselect(key="models::brain-tumor-mri").set_value(["phantom-lesion"])
     _explain(app)
-    assert not app.exception and len(app.image) == 1
+    assert not app.exception and len(_overlays(app)) == 1
     page_text = " ".join(str(e.value) for kind in (app.markdown, app.caption, app.info, app.error) for e in kind)
     assert "Doe" not in page_text and "SECRET-123" not in page_text
 
@@ -111,7 +120,7 @@ def test_volume_with_a_two_d_model_gets_a_slice_slider(app):
     app.sidebar.multiselect(key="models::brain-tumor-mri").set_value(["phantom-lesion"])
     app.sidebar.selectbox(key="slice_axis").set_value("coronal").run()
     _explain(app)
-    assert not app.exception and not app.error and len(app.image) == 1
+    assert not app.exception and not app.error and len(_overlays(app)) == 1
     slider = [s for s in app.sidebar.slider if s.key.startswith("slice_index::coronal")][0]
     computed = app.session_state["store"].computed
     slider.set_value(10).run()
@@ -127,7 +136,7 @@ def test_bad_inputs_are_messages_and_the_page_keeps_working(app, monkeypatch):
     monkeypatch.delenv("MEDLENS_APP_MAX_UPLOAD_MB")
     _upload(app, "scan.png", phantom_png(), "image/png")
     _explain(app)
-    assert not app.exception and not app.error and len(app.image) == 1  # the page still works
+    assert not app.exception and not app.error and len(_overlays(app)) == 1  # the page still works
 
 
 def test_model_files_a_three_d_model_a_broken_file_and_a_pickle_without_allow_pickle(monkeypatch, tmp_path):
@@ -145,14 +154,14 @@ def test_model_files_a_three_d_model_a_broken_file_and_a_pickle_without_allow_pi
     assert "file:broken.pt" in errors and "file:pickled.pth" in errors and "allow-pickle" in errors
     assert "runs" in errors or "code" in errors  # the reason: loading a pickle runs code
     assert "file:tiny3d.pt" in errors and "3-D" in errors  # the image the model cannot take
-    assert len(at.image) == 1  # phantom-lesion still explained
+    assert len(_overlays(at)) == 1  # phantom-lesion still explained
 
 
 def test_two_sessions_do_not_share_uploads_or_results(app):
     _upload(app, "scan.png", phantom_png(), "image/png")
     _explain(app)
     other = AppTest.from_file(PAGE, default_timeout=120).run()
-    assert "request" not in other.session_state and len(other.image) == 0
+    assert "request" not in other.session_state and len(_overlays(other)) == 0
     assert "store" in other.session_state and other.session_state["store"].computed == 0
 
 

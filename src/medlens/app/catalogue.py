@@ -1,17 +1,22 @@
 """The app's model catalogue: the bundled models, the model files and HuggingFace folders in the folder given with
-`--models DIR`, and the `xrv:` models whose weights are on disk; each loaded once per process, on first use, under a lock.
+`--models DIR`, and the `xrv:` models whose weights are on disk; each loaded once per server process, on first use, under
+a lock, and lent to explain calls as private copies (`ModelEntry.borrow`) so sessions explaining at once never wait.
 
 Nothing here loads a model uploaded through the page (there is no such upload); a pickled file loads only when the
 person starting the app passed `--allow-pickle`. A model that does not load is an entry with its error, not a crash.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+import torch
 from torch import nn
 
 from medlens.core.model_description import describe
@@ -22,6 +27,8 @@ from medlens.models.loading import XRV_CACHE, XRV_KNOWN_FILES, bundled_models
 
 MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".pt2", ".safetensors", ".bin")  # what a --models folder is searched for
 DEFAULT_2D_MODEL = "brain-tumor-mri"  # the bundled model an upload gets when nothing else is chosen
+#: at most this many copies of one model explain at once (MEDLENS_APP_REPLICAS); a further call waits for a free one
+MAX_REPLICAS = max(1, int(os.environ.get("MEDLENS_APP_REPLICAS") or 4))
 
 
 @dataclass
@@ -35,7 +42,52 @@ class ModelEntry:
     model: Optional[nn.Module] = None
     error: Optional[str] = None  # why it did not load (shown in the page; the entry stays listed)
     warnings: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # explain() hooks the model for one call
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held while the model loads
+    _idle: list[nn.Module] = field(default_factory=list, repr=False)  # copies no call is using
+    _made: int = field(default=0, repr=False)
+    _copyable: bool = field(default=True, repr=False)
+    _pool: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[nn.Module]:
+        """A copy of the loaded model for one explain (or metrics) call, which hooks it for the length of the call.
+
+        `model` itself is never hooked (it is what copies are made from, and what labels and dims are read from);
+        a call takes an idle copy, or makes one (up to MAX_REPLICAS), or waits for one. A model that cannot be
+        deep-copied (some compiled modules) is lent itself, to one call at a time.
+        """
+        with self._pool:
+            limit = MAX_REPLICAS if self._copyable else 1
+            while not self._idle and self._made >= limit:
+                self._pool.wait()
+            replica = self._idle.pop() if self._idle else None
+            if replica is None:
+                self._made += 1
+        if replica is None:
+            try:
+                replica = self._copy()
+            except BaseException:
+                with self._pool:
+                    self._made -= 1
+                    self._pool.notify()
+                raise
+        try:
+            yield replica
+        finally:
+            with self._pool:
+                self._idle.append(replica)
+                self._pool.notify()
+
+    def _copy(self) -> nn.Module:
+        return replica_of(self.model) if self._copyable else self.model
+
+    def first_copy(self) -> None:
+        """Right after loading: the first copy, which also tells whether this model can be copied at all."""
+        try:
+            self._idle.append(replica_of(self.model))
+            self._made = 1
+        except Exception:  # noqa: BLE001 - a module deepcopy refuses: lend the one model, one call at a time
+            self._copyable = False
 
     @property
     def labels(self) -> list[str]:
@@ -44,6 +96,23 @@ class ModelEntry:
     @property
     def dims(self) -> int:
         return model_dims(self.model) if self.model is not None else 2
+
+
+def replica_of(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` with the same weights and the same `requires_grad` flags, its parameters leaves (a
+    TorchScript module copied with gradients on gets non-leaf parameters, which explain() cannot borrow).
+
+    Raises:
+        ModelError: the copy's parameters are not its own leaves.
+    """
+    with torch.no_grad():
+        copied = copy.deepcopy(model)
+    pairs = list(zip(copied.parameters(), model.parameters()))
+    if len(pairs) != len(list(model.parameters())) or not all(c.is_leaf for c, _ in pairs):
+        raise ModelError("this model cannot be copied")
+    for c, original in pairs:
+        c.requires_grad_(original.requires_grad)
+    return copied
 
 
 class ModelCatalogue:
@@ -97,6 +166,7 @@ class ModelCatalogue:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 entry.model = medlens.load_model(entry.source, **options)
+                entry.first_copy()
             entry.warnings = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         except MedlensError as exc:
             entry.error = str(exc) + (" The app was started without --allow-pickle." if "allow_pickle" in str(exc)

@@ -14,6 +14,7 @@ from medlens.app.catalogue import ModelEntry
 from medlens.core.registry import get_spec
 from medlens.io import PreparedInput
 from medlens.pipeline import ExplainRequest, explain_prepared, plan_for
+from medlens.pipeline.segmentation import explained_region
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class ModelRun:
     prepared: PreparedInput
     region: Optional[np.ndarray]
     provenance: dict[str, Any] = field(default_factory=dict)  # method -> the ExplanationResult's provenance
+    # a segmentation model: class -> the model's predicted mask of that class on the input's grid (the region each of
+    # its maps explains, outlined on them), and class -> the region score explained (the sum of its logits there)
+    regions: dict[int, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 class MapStore:
@@ -85,22 +90,43 @@ class MapStore:
         used = {k: v for m in methods for k, v in method_options(m, options).items()}
         request = ExplainRequest.build(list(methods), targets=targets, seed=seed, options=used)
         t0 = time.perf_counter()
-        with entry.lock:  # explain() hooks the shared model for the length of one call
-            outcome = explain_prepared(plan_for(entry.model, request), prepared)
+        with entry.borrow() as model:  # a private copy: explain() hooks it for the length of one call
+            plan = plan_for(model, request)
+            outcome = explain_prepared(plan, prepared)
+            regions = _predicted_regions(plan, prepared, outcome)
         self.seconds.append(time.perf_counter() - t0)
         self.computed += 1
         result = outcome.result
-        chosen = result.targets[0].tolist()
+        region_targets = result.provenance.get("region_targets")
+        # a segmentation model's maps come in target slots; each slot explains one class (over its predicted region)
+        chosen = ([int(t["class"]) for t in region_targets["targets"]] if region_targets
+                  else result.targets[0].tolist())
         for method in result:
             maps = result[method][0].detach().float().cpu().numpy()
             for j, t in enumerate(chosen):
                 self.maps[map_key(entry.key, input_id, method, options, t, seed)] = maps[j]
         run = self.runs.get((entry.key, input_id))
         if run is None:
-            run = ModelRun(outcome.prediction(), chosen if targets is None else _top_targets(result), prepared, region)
+            default = chosen if (targets is None or region_targets) else _top_targets(result)
+            run = ModelRun(outcome.prediction(), default, prepared, region)
             self.runs[(entry.key, input_id)] = run
+        run.regions.update(regions)
+        run.scores.update(outcome.scores())
         for method in result:
             run.provenance[method] = dict(result.provenance)
+
+
+def _predicted_regions(plan: Any, prepared: PreparedInput, outcome: Any) -> dict[int, np.ndarray]:
+    """class -> the region a segmentation model's map of that class explains (its predicted mask), on the grid."""
+    found = outcome.result.provenance.get("region_targets")
+    if not found:
+        return {}
+    out = {}
+    for target, info in zip(plan.targets or [], found["targets"]):
+        mask = explained_region(plan, prepared.tensor, [target])
+        if mask is not None:
+            out[int(info["class"])] = mask.numpy()
+    return out
 
 
 def _top_targets(result: Any) -> list[int]:

@@ -32,9 +32,9 @@ def image_metrics(entry: ModelEntry, x: torch.Tensor, maps: Mapping[tuple[str, i
     for (method, target), amap in maps.items():
         m = torch.from_numpy(np.ascontiguousarray(amap))[None, None]
         t = torch.tensor([[int(target)]])
-        with entry.lock:
-            dele = deletion(entry.model, x, m, t, steps=steps)
-            ins = insertion(entry.model, x, m, t, steps=steps)
+        with entry.borrow() as model:
+            dele = deletion(model, x, m, t, steps=steps)
+            ins = insertion(model, x, m, t, steps=steps)
         name = labels[target] if target < len(labels) else str(target)
         row: dict[str, Any] = {"model": entry.key, "method": method, "target": name,
                                "deletion_auc": float(dele.values[0, 0]), "insertion_auc": float(ins.values[0, 0])}
@@ -52,8 +52,8 @@ def randomisation_check(entry: ModelEntry, x: torch.Tensor, method: str, target:
                         options: Optional[dict[str, Any]] = None, seed: int = 0, steps: int = 4) -> dict[str, Any]:
     """Cascading weight randomisation (on a copy of the model): the Spearman similarity to the original map after each
     step, and whether the map lost similarity (< 0.5 after the cascade) as a method that explains the model must."""
-    with entry.lock:
-        res = randomization(entry.model, x, torch.tensor([[int(target)]]), method, max_steps=steps, seed=seed,
+    with entry.borrow() as model:
+        res = randomization(model, x, torch.tensor([[int(target)]]), method, max_steps=steps, seed=seed,
                             options=options or None)
     return {"method": method, "layers": list(res.layers), "spearman": res.spearman[0, 0].tolist(),
             "final": float(res.values[0, 0]), "passes": bool(res.passes[0, 0]), "threshold": res.threshold}

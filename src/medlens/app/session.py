@@ -12,11 +12,13 @@ from medlens.app.catalogue import ModelCatalogue, ModelEntry
 from medlens.app.export import ExportItem, build_zip, command_lines, overlay_title
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
-from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, scale_for
+from medlens.app.figures import overlay_page, readout_parts
+from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, overlay_rgb, scale_for
 from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
 from medlens.errors import MedlensError
 from medlens.io import PreparedInput
+from medlens.io.render import display_label
 from medlens.io.scan_view import ScanView, scan_view
 
 SLOW_COST_WORDS = ("per ", "n_steps", "n_samples")  # registry cost texts of methods that take many model passes
@@ -50,6 +52,13 @@ class Panel:
     display: np.ndarray
     region: Optional[np.ndarray]
     view: Optional[ScanView] = None  # where the picture is drawn: the scan's own plane when the preparation inverts
+    predicted_region: bool = False  # the outline is the model's own predicted mask (a segmentation model)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # drawn values, kept across view redraws
+
+    @property
+    def title(self) -> str:
+        what = "the predicted mask outlined" if self.predicted_region else f"p={self.probability:.3f}"
+        return f"{self.model} · {self.method} · {self.target_name} ({what})"
 
 
 @dataclass
@@ -64,6 +73,7 @@ class Current:
     config: Mapping[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     panels: list[Panel] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # colour scales, kept across view redraws
 
     @property
     def models(self) -> list[str]:
@@ -105,7 +115,7 @@ class Current:
 
     def compute_all(self) -> None:
         """Every panel of the grid; a model that fails on this input becomes an error message, the others go on."""
-        self.panels = []
+        self.panels, self.cache = [], {}
         for key in list(self.request["models"]):
             try:
                 entry = self.catalogue.get(key)
@@ -118,30 +128,61 @@ class Current:
             except MedlensError as exc:
                 self.errors[key] = str(exc)
                 continue
-            view = scan_view(prepared.scan, prepared.tensor.shape[2:], prepared.display, region) if maps else None
+            views: dict[int, Optional[ScanView]] = {}
             for (method, target), raw in maps.items():
                 name = entry.labels[target] if target < len(entry.labels) else str(target)
+                # a segmentation model's map explains its predicted mask of the class: that is the outline drawn
+                outlined = run.regions.get(target, region)
+                if target not in views:
+                    views[target] = scan_view(prepared.scan, prepared.tensor.shape[2:], prepared.display, outlined)
                 self.panels.append(Panel(key, method, target, name, run.probabilities.get(name, float("nan")), raw,
-                                         prepared.display, region, view))
+                                         prepared.display, outlined, views[target], target in run.regions))
 
     def entry(self, key: str) -> ModelEntry:
         return self.catalogue.get(key)
 
+    def drawn(self, panel: Panel) -> tuple[np.ndarray, str, np.ndarray]:
+        """(what the picture draws of the raw map on the model's grid, how, the same on the picture's grid), computed
+        once per panel and signed setting: a redraw (threshold, opacity) only blends."""
+        key = ("drawn", self.settings.signed)
+        if key not in panel.cache:
+            values, how = drawn(panel.raw, panel.method, self.settings)
+            panel.cache[key] = (values, how, panel.view.maps(values) if panel.view is not None else values)
+        return panel.cache[key]
+
     def scale(self, panel: Panel) -> Scale:
         """One colour scale for the whole grid when asked, else one per model and method (shared by its targets)."""
-        if self.settings.shared_scale:
-            return scale_for([drawn(p.raw, p.method, self.settings)[0] for p in self.panels], self.settings.cmap)
-        return scale_for([drawn(p.raw, p.method, self.settings)[0] for p in self.panels
-                          if p.model == panel.model and p.method == panel.method], self.settings.cmap)
+        shared = self.settings.shared_scale
+        key = ("scale", None if shared else (panel.model, panel.method), self.settings.signed, self.settings.cmap)
+        if key not in self.cache:  # kept across redraws: a threshold or opacity change keeps every scale
+            chosen = [p for p in self.panels if shared or (p.model == panel.model and p.method == panel.method)]
+            self.cache[key] = scale_for([self.drawn(p)[0] for p in chosen], self.settings.cmap)
+        return self.cache[key]
 
     def png(self, panel: Panel) -> bytes:
         """The panel's overlay, its method drawn as defined (or signed when the view asks)."""
         lines = overlay_title(panel.model, panel.method, panel.target_name, panel.probability)
-        values, how = drawn(panel.raw, panel.method, self.settings)
+        values, how, picture = self.drawn(panel)
         if panel.view is not None:  # at the scan's own resolution (the map taken back through the resize)
-            return overlay_png(panel.view.display, panel.view.maps(values), lines, self.scale(panel), self.settings,
-                               panel.view.region, how)
+            return overlay_png(panel.view.display, picture, lines, self.scale(panel), self.settings, panel.view.region, how)
         return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
+
+    def page(self, panel: Panel) -> str:
+        """The panel's interactive overlay (an HTML page): the picture as `png` draws it, the colour bar, and the map's
+        value and the scan's grey level under the cursor (at the model pixel there)."""
+        values, how, picture = self.drawn(panel)
+        scale = self.scale(panel)
+        if panel.view is not None:
+            rgb, k = overlay_rgb(panel.view.display, picture, scale, self.settings, panel.view.region)
+        else:
+            rgb, k = overlay_rgb(panel.display, values, scale, self.settings, panel.region)
+        key = ("readout", self.settings.signed, k)
+        if key not in panel.cache:  # the read-out's bytes are the same for every redraw
+            grey = np.asarray(panel.display, dtype=np.float32)
+            if k is not None:  # a volume: the slice drawn
+                values, grey = values[k], (grey[k] if grey.ndim == 3 else grey)
+            panel.cache[key] = readout_parts(values, grey)
+        return overlay_page(rgb, panel.cache[key], scale, panel.title, display_label(how, scale))
 
     def export_zip(self) -> bytes:
         """The ZIP of every panel as drawn now, the raw maps, provenance and the equivalent command lines."""

@@ -3,11 +3,14 @@ metrics, export, batch): Streamlit layout only; the work is done by `Current` an
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import streamlit as st
 
 from medlens.app import batch_runs, metrics
+from medlens.app.figures import FRAME_HEIGHT
 from medlens.app.inputs import MAX_UPLOAD_MB, UPLOAD_TYPES, read_upload
 from medlens.app.session import Current, Panel
 from medlens.app.views import COLOUR_MAPS, ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
@@ -38,9 +41,13 @@ def render_predictions(current: Current) -> None:
         run = current.store.run_of(key, input_id)
         with column:
             st.markdown(f"**{key}**")
-            rows = sorted(run.probabilities.items(), key=lambda kv: -kv[1])
-            st.dataframe({"finding": [r[0] for r in rows], "probability": [round(r[1], 4) for r in rows]},
-                         hide_index=True, width="stretch")
+            if run.probabilities:
+                rows = sorted(run.probabilities.items(), key=lambda kv: -kv[1])
+                st.dataframe({"finding": [r[0] for r in rows], "probability": [round(r[1], 4) for r in rows]},
+                             hide_index=True, width="stretch")
+            else:  # a segmentation model: each class's score over its predicted region (a sum of logits)
+                st.dataframe({"region": list(run.scores), "score (sum of logits)": [round(v, 3) for v in run.scores.values()]},
+                             hide_index=True, width="stretch")
             labels = current.entry(key).labels
             default = [labels[t] for t in run.default_targets if t < len(labels)]
             st.multiselect("Explain for", labels, default=default, key=targets_key(key, current.loaded.digest),
@@ -49,18 +56,37 @@ def render_predictions(current: Current) -> None:
                 st.caption(note)
 
 
+def _frame(page: str) -> None:
+    """An overlay's page in an iframe (st.iframe where this Streamlit has it)."""
+    if hasattr(st, "iframe"):
+        st.iframe(page, height=FRAME_HEIGHT)
+    else:
+        import streamlit.components.v1 as components
+
+        components.html(page, height=FRAME_HEIGHT)
+
+
 def _overlays(current: Current) -> None:
     rows: dict[tuple[str, str], list[Panel]] = {}
     for panel in current.panels:
         rows.setdefault((panel.model, panel.target_name), []).append(panel)
+    settings = current.settings
     for (model, target), panels in rows.items():
         columns = st.columns(max(len(panels), 3))
         for column, panel in zip(columns, panels):
-            png = current.png(panel)
-            with column:
-                st.image(png, caption=f"{model} · {panel.method} · {target}", width="stretch")
-                st.download_button("PNG", png, file_name=f"{safe_name(model)}_{safe_name(panel.method)}_{safe_name(target)}.png",
+            with column:  # hover: the map's value and the scan's grey level under the cursor
+                st.caption(panel.title)
+                _frame(current.page(panel))
+                if panel.predicted_region:
+                    st.caption("Outlined in green: the model's predicted mask of this class (the region explained).")
+                # the annotated PNG is drawn only when asked for, with the view as it is now
+                st.download_button("PNG", functools.partial(_png, current, settings, panel),
+                                   file_name=f"{safe_name(model)}_{safe_name(panel.method)}_{safe_name(target)}.png",
                                    mime="image/png", key=f"png::{model}::{panel.method}::{target}")
+
+
+def _png(current: Current, settings: ViewSettings, panel: Panel) -> bytes:
+    return dataclasses.replace(current, settings=settings).png(panel)
 
 
 def _label(panel: Panel) -> str:
