@@ -29,7 +29,7 @@ MAX_LISTED_FAILURES = 50
 @click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="serial", show_default=True, help="Where the work runs.")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Worker processes or Ray actors.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker (default 1; serial: torch's default).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker (default: the cores shared among the workers; serial: one core less, left to reading and writing).")
 @click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True,
               help="Inputs of one prepared shape explained together in one pass (a mini-batch); also per Ray task.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. ray://head:10001); default: a local Ray for the run.")
