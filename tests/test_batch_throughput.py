@@ -91,3 +91,32 @@ def test_default_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> Non
     assert runner.default_threads("ray", 4) == 2 and runner.default_threads("ray", 4, "head:6379") == 1
     monkeypatch.setattr(runner, "usable_cores", lambda: 2)
     assert runner.default_threads("serial", 2) == 1 and runner.default_threads("processes", 4) == 1
+
+
+def test_a_panel_from_the_overlays_cells_is_the_panel_drawn_afresh() -> None:
+    import numpy as np
+
+    from medlens.io.render import color_scale, overlay_cell, render_panel
+
+    rng = np.random.default_rng(0)
+    image = rng.random((40, 48)).astype(np.float32)
+    maps = {"gradcam": rng.random((2, 40, 48)).astype(np.float32),
+            "lrp": rng.standard_normal((2, 40, 48)).astype(np.float32)}
+    region = np.zeros((40, 48), dtype=bool)
+    region[10:20, 12:30] = True
+    displays = {"gradcam": "positive", "lrp": "signed"}
+    titles = ["a (p=0.70)", "b (p=0.20)"]
+    scales = {"gradcam": ("inferno", 0.0, 1.0), "lrp": color_scale(maps["lrp"])}
+    cells = {m: [overlay_cell(image, raw[j], title=f"{m}: {titles[j]}", region=region, display=displays[m],
+                              scale=scales[m])[0] for j in range(2)] for m, raw in maps.items()}
+    fresh = render_panel(image, maps, titles, scales=scales, region=region, displays=displays)
+    reused = render_panel(image, maps, titles, scales=scales, region=region, displays=displays, drawn=cells)
+    assert fresh == reused
+
+
+def test_the_preload_key_names_cpu_models_with_plain_options_only() -> None:
+    from medlens.batch.preload import preload_key
+
+    assert preload_key("m", {"weights": Path("/w.pt")}, "cpu") == preload_key("m", {"weights": "/w.pt"}, "cpu")
+    assert preload_key("m", {}, "cuda") is None  # CUDA is never set up before a fork
+    assert preload_key("m", {"x": object()}, "cpu") is None

@@ -21,6 +21,7 @@ restarts to Ray (actors are restarted and their tasks retried).
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from collections import deque
@@ -33,6 +34,7 @@ from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
 PRELOAD_ENV = "MEDLENS_FORKSERVER_MODEL"  # medlens.batch.preload.ENV (not imported here: it loads a model there)
+PRELOAD_MODULES = ["medlens.batch.task", "medlens.batch.preload"]  # what the forkserver imports before forking
 ITEMS_PER_WORKER = 2  # mini-batches sent and not yet answered, per worker process
 
 
@@ -87,7 +89,7 @@ class ProcessExecutor:
         # forkserver: a clean server process imports torch and medlens once, and each worker is forked from it (no
         # torch thread state is forked from the driver, and a worker starts in the time it takes to load the model)
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["medlens.batch.task", "medlens.batch.preload"])
+        self.context.set_forkserver_preload(PRELOAD_MODULES)
 
     def _start(self, factory: TaskFactory) -> "_Worker":
         parent, child = self.context.Pipe()
@@ -98,19 +100,11 @@ class ProcessExecutor:
 
     def _first_workers(self, factory: TaskFactory, n: int) -> list["_Worker"]:
         """The first workers; a forkserver started for them loads the factory's model first (`preload_key`, see
-        `medlens.batch.preload`), so that each worker is forked with it. A forkserver already running (an earlier
-        run in this process) keeps what it has: a worker whose model it does not hold loads its own."""
-        key = getattr(factory, "preload_key", lambda: None)()
-        before = os.environ.get(PRELOAD_ENV)
-        if key is not None:
-            os.environ[PRELOAD_ENV] = key
-        try:
+        `medlens.batch.preload`), so that each worker is forked with it. A forkserver already running (started early
+        by `start_forkserver`, or by an earlier run in this process) keeps what it has: a worker whose model it does
+        not hold loads its own."""
+        with _naming_model(getattr(factory, "preload_key", lambda: None)()):
             return [self._start(factory) for _ in range(n)]
-        finally:
-            if before is None:
-                os.environ.pop(PRELOAD_ENV, None)
-            else:
-                os.environ[PRELOAD_ENV] = before
 
     def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
         step = max(1, batch_size)
@@ -172,6 +166,33 @@ class ProcessExecutor:
             return members[0]
         queue.appendleft(held)
         return None
+
+
+@contextlib.contextmanager
+def _naming_model(key: Optional[str]) -> Iterator[None]:
+    """`MEDLENS_FORKSERVER_MODEL` set to `key` while a forkserver may be started (it inherits the environment)."""
+    before = os.environ.get(PRELOAD_ENV)
+    if key is not None:
+        os.environ[PRELOAD_ENV] = key
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PRELOAD_ENV, None)
+        else:
+            os.environ[PRELOAD_ENV] = before
+
+
+def start_forkserver(key: Optional[str]) -> None:
+    """Start the processes executor's forkserver now, so that it imports torch and medlens and loads the model named
+    by `key` (`medlens.batch.preload.preload_key`) while the driver loads its own copy and finds the inputs, instead
+    of after. `medlens batch --executor processes` calls it before loading the model; without it the first worker
+    starts the forkserver."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD_MODULES)
+    with _naming_model(key):
+        forkserver.ensure_running()
 
 
 class _Worker:

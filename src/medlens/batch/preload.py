@@ -16,14 +16,19 @@ _LOADED: dict[str, Any] = {}
 
 
 def preload_key(model_source: str, model_options: dict[str, Any], device: str) -> Optional[str]:
-    """The text that names a model for the forkserver (None: not one to preload: not on the CPU, or its options
-    are not plain JSON values)."""
+    """The text that names a model for the forkserver (None: not one to preload: not on the CPU, or options that are
+    not JSON values or paths)."""
     if device != "cpu":
         return None
     try:
-        return json.dumps([model_source, model_options, device], sort_keys=True)
+        return json.dumps([model_source, model_options, device], sort_keys=True,
+                          default=lambda v: str(v) if isinstance(v, os.PathLike) else _refuse(v))
     except (TypeError, ValueError):
         return None
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(type(value).__name__)
 
 
 def preloaded(key: Optional[str]) -> Any:

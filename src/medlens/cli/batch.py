@@ -10,7 +10,8 @@ import click
 
 from medlens.batch import EXECUTORS, SomeInputsFailed, run_batch
 from medlens.batch.runner import BATCH_SIZE
-from medlens.batch.executors import ExecutorError, load_ray
+from medlens.batch.executors import ExecutorError, load_ray, start_forkserver
+from medlens.batch.preload import preload_key
 from medlens.cli.commands import _model_on_device, parse_options
 from medlens.core.explain import check_methods
 from medlens.errors import InputError, MethodError
@@ -98,6 +99,8 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
     model_options: dict[str, Any] = {k: v for k, v in dict(labels=labels, input_size=input_size, channels=channels,
                                                            multi_label=multi_label, weights=weights,
                                                            allow_pickle=allow_pickle or None).items() if v is not None}
+    if executor == "processes":  # the workers' forkserver imports torch and loads the model meanwhile
+        start_forkserver(preload_key(model_source, model_options, device))
     model = _model_on_device(model_source, device, **model_options)
     if pacs is not None:
         inputs = (*inputs, *_pull(*pacs, ae_title, pacs_folder or out_dir.with_name(f"{out_dir.name}-pacs")))
