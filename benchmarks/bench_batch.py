@@ -102,6 +102,10 @@ def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
            for key, v in runs.items()}
     ratios = {}
     for b in sizes:
+        if 1 not in sizes:  # the "vs b=1" ratios need b=1 in the sweep
+            ratios[f"runner overhead b={b} (pure / serial wall - 1)"] = (
+                med[f"pure b={b} w=1"]["images_per_s_steady"] / med[f"serial b={b} w=1"]["images_per_s_wall"] - 1)
+            continue
         ratios[f"runner overhead b={b} (pure / serial wall - 1)"] = (med[f"pure b={b} w=1"]["images_per_s_steady"]
                                                                     / med[f"serial b={b} w=1"]["images_per_s_wall"] - 1)
         ratios[f"serial b={b} vs b=1 (wall)"] = (med[f"serial b={b} w=1"]["images_per_s_wall"]
