@@ -2,9 +2,13 @@
 worker: mini-batch size against throughput (pure in-process explaining and the serial runner, 1/4/8/16), the
 runner's overhead against pure explaining, 2-worker scaling (processes against serial) and Ray against processes.
 
-Run: OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_batch.py [--n 48] [--rounds 3] [--json out.json]
-Every configuration runs once per round, the rounds interleaved (so a load that comes and goes touches all of them),
-each run into a fresh folder; figures are medians over the rounds. `steady` is the rate from the first burst of
+Run: PYTHONPATH=src python benchmarks/bench_batch.py [--n 48] [--rounds 3] [--sections sweep,startup,cli] [--json out.json]
+Sections: `sweep` (in process: pure explaining and the serial runner per mini-batch size, the processes and Ray
+executors with 2 workers), `startup` (`medlens batch` on one input as a fresh command: seconds to its first manifest
+line and to its end, beside `python -c "import torch"` as the floor), `cli` (the whole `medlens batch` command on the
+N inputs, serial against 2 processes against Ray 2 workers, each a fresh command with its own start-up). Every
+configuration runs once per round, the rounds interleaved (so a load that comes and goes touches all of them),
+each run into a fresh folder; figures are medians over the rounds, ratios taken within a round. `steady` is the rate from the first burst of
 records to the last (start-up out; for the 2-worker runs), `wall` includes start-up (serial: the whole `run_batch`,
 discovery, summary and report included) (worker processes or a local Ray, each loading the model). The pure
 rate is `medlens.explain` on the already prepared inputs in the same mini-batches (no reading, no writing, no
@@ -98,11 +102,25 @@ def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
            for key, v in runs.items()}
     ratios = {}
     for b in sizes:
+        if 1 not in sizes:  # the "vs b=1" ratios need b=1 in the sweep
+            ratios[f"runner overhead b={b} (pure / serial wall - 1)"] = (
+                med[f"pure b={b} w=1"]["images_per_s_steady"] / med[f"serial b={b} w=1"]["images_per_s_wall"] - 1)
+            continue
         ratios[f"runner overhead b={b} (pure / serial wall - 1)"] = (med[f"pure b={b} w=1"]["images_per_s_steady"]
                                                                     / med[f"serial b={b} w=1"]["images_per_s_wall"] - 1)
         ratios[f"serial b={b} vs b=1 (wall)"] = (med[f"serial b={b} w=1"]["images_per_s_wall"]
                                                 / med["serial b=1 w=1"]["images_per_s_wall"])
         ratios[f"pure b={b} vs b=1"] = med[f"pure b={b} w=1"]["images_per_s_steady"] / med["pure b=1 w=1"]["images_per_s_steady"]
+    per_round = {}  # the same ratios within each round (the same moment of the machine's load)
+    for b in sizes:
+        per_round[f"runner overhead b={b}"] = [p["images_per_s_steady"] / s["images_per_s_wall"] - 1
+                                              for p, s in zip(runs[f"pure b={b} w=1"], runs[f"serial b={b} w=1"])]
+    for name in ("processes", "ray"):
+        key, base = f"{name} b={args.parallel_batch} w=2", f"serial b={args.parallel_batch} w=1"
+        if key in runs:
+            per_round[f"{name} 2 workers vs serial (steady)"] = [a["images_per_s_steady"] / b["images_per_s_steady"]
+                                                                  for a, b in zip(runs[key], runs[base])]
+    ratios.update({f"{k} (median of rounds)": statistics.median(v) for k, v in per_round.items()})
     pb = args.parallel_batch
     serial = med.get(f"serial b={pb} w=1")
     for name in ("processes", "ray"):
@@ -113,7 +131,65 @@ def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
     if "ray b=%d w=2" % pb in med and "processes b=%d w=2" % pb in med:
         for rate in ("images_per_s_steady", "images_per_s_wall"):
             ratios[f"ray vs processes ({rate})"] = (med[f"ray b={pb} w=2"][rate] / med[f"processes b={pb} w=2"][rate])
-    return {"medians": med, "ratios": ratios, "runs": runs}
+    return {"medians": med, "ratios": ratios, "ratio_rounds": per_round, "runs": runs}
+
+
+def cli_run(inputs: list[Path], out: Path, args: argparse.Namespace, *extra: str) -> dict:
+    """`medlens batch` as a fresh command: seconds from launch to its first manifest line and to its end."""
+    command = [sys.executable, "-m", "medlens", "batch", *map(str, inputs), "--model", "brain-tumor-mri", "--methods",
+               args.methods, "--formats", args.formats, "--out", str(out), "-q", *extra]
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = float("nan")
+    manifest = out / "manifest.jsonl"
+    while proc.poll() is None:
+        if first != first and manifest.is_file() and manifest.stat().st_size:
+            first = time.perf_counter() - t0
+        time.sleep(0.005)
+    wall = time.perf_counter() - t0
+    if first != first and manifest.is_file() and manifest.stat().st_size:
+        first = wall
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 0, err[-800:]
+    return {"first_result_s": first, "wall_s": wall, "images_per_s_wall": len(inputs) / wall, "load": load}
+
+
+def startup(args: argparse.Namespace, one: Path) -> dict:
+    """Seconds from launch to the first result of `medlens batch` on one input (serial and 2 processes), beside
+    the time `python -c "import torch"` takes at the same moment (the floor no medlens change can go under)."""
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        for r in range(args.rounds):
+            t0 = time.perf_counter()
+            load = os.getloadavg()[0]
+            subprocess.run([sys.executable, "-c", "import torch"], check=True)
+            runs.setdefault("import torch", []).append({"wall_s": time.perf_counter() - t0, "load": load})
+            for name, extra in (("serial", ()), ("processes", ("--executor", "processes", "--workers", "2"))):
+                run = cli_run([one], Path(tmp) / f"{name}-{r}", args, *extra)
+                runs.setdefault(f"batch one input {name}", []).append(run)
+            print(json.dumps({"round": r, "startup": {k: v[-1] for k, v in runs.items()}}), flush=True)
+    return {key: {m: statistics.median(x[m] for x in v) for m in v[0]} for key, v in runs.items()} | {"runs": runs}
+
+
+def whole_commands(args: argparse.Namespace, inputs: list[Path]) -> dict:
+    """The whole `medlens batch` command on the inputs: serial, processes (2) and Ray (2), fresh commands, interleaved;
+    ratios of wall times within each round, their medians."""
+    names = [e for e in args.executors.split(",")]
+    runs: dict[str, list[dict]] = {}
+    ratios: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
+        for r in range(args.rounds):
+            for name in names:
+                extra = () if name == "serial" else ("--executor", name, "--workers", "2")
+                runs.setdefault(name, []).append(cli_run(inputs, Path(tmp) / f"{name}-{r}", args, *extra))
+                print(json.dumps({"round": r, "cli": name, **runs[name][-1]}), flush=True)
+            wall = {name: runs[name][-1]["wall_s"] for name in names}
+            for a, b in (("processes", "serial"), ("ray", "processes"), ("ray", "serial")):
+                if a in wall and b in wall:
+                    ratios.setdefault(f"{a} vs {b} (speed, whole command)", []).append(wall[b] / wall[a])
+    return {"medians": {name: {m: statistics.median(x[m] for x in v) for m in v[0]} for name, v in runs.items()},
+            "ratios": {k: statistics.median(v) for k, v in ratios.items()}, "ratio_rounds": ratios, "runs": runs}
 
 
 def overhead(out: Path, wall: float) -> dict:
@@ -143,6 +219,7 @@ def main() -> None:
     parser.add_argument("--methods", default="gradcam,lrp")
     parser.add_argument("--formats", default="npz")
     parser.add_argument("--executors", default="serial,processes,ray")
+    parser.add_argument("--sections", default="sweep,startup,cli", help="which of sweep, startup, cli to run")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -150,9 +227,18 @@ def main() -> None:
     inputs = pick_inputs(args.n)
     model = medlens.load_model("brain-tumor-mri")
     if not args.legacy:
+        sections = args.sections.split(",")
         results = {"n": len(inputs), "methods": args.methods, "formats": args.formats, "cpu_count": os.cpu_count(),
-                   "load_before": os.getloadavg(), **sweep(args, inputs, model), "load_after": os.getloadavg()}
-        print(json.dumps({k: results[k] for k in ("medians", "ratios", "load_before", "load_after")}, indent=2))
+                   "load_before": os.getloadavg()}
+        if "startup" in sections:
+            results["startup"] = startup(args, inputs[0])
+        if "cli" in sections:
+            results["cli"] = whole_commands(args, inputs)
+        if "sweep" in sections:
+            results.update(sweep(args, inputs, model))
+        results["load_after"] = os.getloadavg()
+        print(json.dumps({k: results[k] for k in ("startup", "cli", "medians", "ratios", "load_before", "load_after")
+                          if k in results}, indent=2))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
         return

@@ -1,4 +1,4 @@
-"""The Ray executor (Ray Data map_batches over an actor pool) gives the same records and maps as the serial one.
+"""The Ray executor (a warm pool of Ray actors, a mini-batch per call) gives the same records and maps as the serial one.
 
 Ray is started once for the module with 2 CPUs, no dashboard and no usage statistics, and shut down after."""
 from __future__ import annotations
@@ -20,7 +20,6 @@ def ray_local() -> Iterator[object]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError:
         pytest.skip('ray is not installed (pip install "medlens[ray]"); the Ray executor is not tested here.')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -231,7 +231,7 @@ def test_volume_result_draws_slice_with_largest_mass(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "blend", spy_blend)
     monkeypatch.setattr(render, "_tile", spy_tile)
     write_explanation(result, tmp_path / "v", display=np.random.rand(6, 8, 8).astype(np.float32))
-    assert drawn == [((8, 8), (8, 8), 9.0)] * 2  # overlay + panel, both on slice 4
+    assert drawn == [((8, 8), (8, 8), 9.0)]  # blended once, on slice 4: the panel reuses the overlay's cell
     assert len(titles) == 2 and all("slice 4" in t and "mass" in t for t in titles)
     with np.load(tmp_path / "v" / "maps.npz") as npz:
         assert npz["gradcam"].shape == (1, 1, 6, 8, 8)

@@ -7,7 +7,13 @@ encoders).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# OpenMP threads that wait for work sleep instead of spinning (unless the user chose): a spinning thread on a machine
+# with other busy processes takes the core the thread it waits for needs (docs/batch.md, "Threads"). Only effective
+# when medlens is imported before torch, which `medlens` commands and worker processes always do.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from medlens.version import __version__  # noqa: E402
 

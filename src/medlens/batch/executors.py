@@ -9,42 +9,33 @@ The interface (all an executor needs to know of the work):
 - `executor.run(factory, items, batch_size)` yields one record per item, in the order they finish (not the items'
   order). The caller (only the driver) persists each record as it arrives, so a record yielded is a result kept.
   Items go to a task `batch_size` at a time (a mini-batch): a task with `run_many(items)` gets them in one call
-  (the batch's explains inputs of one prepared shape in one pass), any other task one by one.
+  (the batch's explains inputs of one prepared shape in one pass), any other task one by one. The serial executor
+  gives a task with `stream(chunks)` all the mini-batches at once (the batch's reads the next one and writes the last
+  one on threads while it explains; `medlens.batch.overlap`).
 Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` mini-batches sent to each worker (one in work, the next
 waiting in its pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies
 the mini-batch it was working on is known: one of several inputs is split into single inputs (no attempt counted);
 a single input goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record; the
-mini-batches still waiting are handed out again without counting an attempt. `ray` leaves restarts to Ray (actors are
-restarted and their tasks retried).
+mini-batches still waiting are handed out again without counting an attempt. `ray` (`medlens.batch.ray_pool`) leaves
+restarts to Ray (actors are restarted and their tasks retried).
 """
 from __future__ import annotations
 
-import json
-import logging
+import contextlib
 import multiprocessing
 import os
-import pickle
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-import numpy as np
-
+from medlens.batch.work import (RAY_HINT, ExecutorError, TaskFactory, _call, _call_many,  # noqa: F401 - re-exported
+                                 load_ray)
 from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
-RAY_HINT = 'the ray executor needs Ray: pip install "medlens[ray]"'
+PRELOAD_ENV = "MEDLENS_FORKSERVER_MODEL"  # medlens.batch.preload.ENV (not imported here: it loads a model there)
+PRELOAD_MODULES = ["medlens.batch.task", "medlens.batch.preload"]  # what the forkserver imports before forking
 ITEMS_PER_WORKER = 2  # mini-batches sent and not yet answered, per worker process
-
-
-class TaskFactory(Protocol):
-    def __call__(self) -> Callable[[Any], dict]: ...
-
-    def lost(self, item: Any, message: str) -> dict: ...
-
-
-class ExecutorError(MedlensError):
-    """An executor could not start its workers (Ray missing, a cluster that cannot be reached, a worker that fails)."""
 
 
 class SerialExecutor:
@@ -55,25 +46,14 @@ class SerialExecutor:
 
     def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
         task = factory()
-        for start in range(0, len(items), max(1, batch_size)):
-            yield from _call_many(task, factory, list(items[start:start + max(1, batch_size)]))
-
-
-def _call_many(task: Any, factory: TaskFactory, items: list) -> list[dict]:
-    """The records of a mini-batch: in one `task.run_many` call where the task has one, else item by item."""
-    if len(items) > 1 and hasattr(task, "run_many"):
-        try:
-            return list(task.run_many(items))
-        except Exception:  # noqa: BLE001 - one at a time, so that only the item at fault is lost
-            pass
-    return [_call(task, factory, item) for item in items]
-
-
-def _call(task: Callable[[Any], dict], factory: TaskFactory, item: Any) -> dict:
-    try:
-        return task(item)
-    except Exception as exc:  # noqa: BLE001 - a task that raises loses its item, not the run
-        return factory.lost(item, f"the task raised {type(exc).__name__}: {short_message(exc)}")
+        step = max(1, batch_size)
+        chunks = (list(items[start:start + step]) for start in range(0, len(items), step))
+        if hasattr(task, "stream"):  # reading and writing overlapped with explaining (threads), records in order
+            for records in task.stream(chunks):
+                yield from records
+            return
+        for chunk in chunks:
+            yield from _call_many(task, factory, chunk)
 
 
 def _worker_main(factory: TaskFactory, conn: Connection) -> None:
@@ -109,7 +89,7 @@ class ProcessExecutor:
         # forkserver: a clean server process imports torch and medlens once, and each worker is forked from it (no
         # torch thread state is forked from the driver, and a worker starts in the time it takes to load the model)
         self.context = multiprocessing.get_context("forkserver")
-        self.context.set_forkserver_preload(["medlens.batch.task"])
+        self.context.set_forkserver_preload(PRELOAD_MODULES)
 
     def _start(self, factory: TaskFactory) -> "_Worker":
         parent, child = self.context.Pipe()
@@ -118,12 +98,20 @@ class ProcessExecutor:
         child.close()
         return _Worker(process, parent)
 
+    def _first_workers(self, factory: TaskFactory, n: int) -> list["_Worker"]:
+        """The first workers; a forkserver started for them loads the factory's model first (`preload_key`, see
+        `medlens.batch.preload`), so that each worker is forked with it. A forkserver already running (started early
+        by `start_forkserver`, or by an earlier run in this process) keeps what it has: a worker whose model it does
+        not hold loads its own."""
+        with _naming_model(getattr(factory, "preload_key", lambda: None)()):
+            return [self._start(factory) for _ in range(n)]
+
     def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
         step = max(1, batch_size)
         chunks = [list(range(start, min(start + step, len(items)))) for start in range(0, len(items), step)]
         queue = deque(range(len(chunks)))
         attempts = [0] * len(items)
-        workers = [self._start(factory) for _ in range(min(self.workers, len(chunks)))]
+        workers = self._first_workers(factory, min(self.workers, len(chunks)))
         finished = 0
         try:
             while finished < len(items):
@@ -180,6 +168,33 @@ class ProcessExecutor:
         return None
 
 
+@contextlib.contextmanager
+def _naming_model(key: Optional[str]) -> Iterator[None]:
+    """`MEDLENS_FORKSERVER_MODEL` set to `key` while a forkserver may be started (it inherits the environment)."""
+    before = os.environ.get(PRELOAD_ENV)
+    if key is not None:
+        os.environ[PRELOAD_ENV] = key
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PRELOAD_ENV, None)
+        else:
+            os.environ[PRELOAD_ENV] = before
+
+
+def start_forkserver(key: Optional[str]) -> None:
+    """Start the processes executor's forkserver now, so that it imports torch and medlens and loads the model named
+    by `key` (`medlens.batch.preload.preload_key`) while the driver loads its own copy and finds the inputs, instead
+    of after. `medlens batch --executor processes` calls it before loading the model; without it the first worker
+    starts the forkserver."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD_MODULES)
+    with _naming_model(key):
+        forkserver.ensure_running()
+
+
 class _Worker:
     """A worker process, its pipe, and the indices of the items sent to it and not yet answered (in order)."""
 
@@ -212,75 +227,6 @@ class _Worker:
         self.conn.close()
 
 
-class RayTask:
-    """Ray Data callable class: the task is built once per actor; each batch of pickled items gives JSON records."""
-
-    def __init__(self, factory: TaskFactory) -> None:
-        self.factory = factory
-        self.task = factory()
-
-    def __call__(self, batch: dict) -> dict:
-        items = [pickle.loads(blob) for blob in batch["item"]]
-        records = [json.dumps(record) for record in _call_many(self.task, self.factory, items)]
-        return {"record": np.array(records, dtype=object)}
-
-
-class RayExecutor:
-    """Ray Data `map_batches` with a callable class over an actor pool of `workers` actors, one CPU each: the model
-    is loaded once per actor (the factory holds no model), items stream through a mini-batch per Ray task (which
-    amortises Ray's per-task cost; records arrive in groups), and Ray restarts actors that die."""
-
-    name = "ray"
-
-    def __init__(self, workers: int = 2, address: Optional[str] = None) -> None:
-        if workers < 1:
-            raise ExecutorError(f"--workers must be 1 or more, not {workers}.")
-        self.workers = workers
-        self.address = address
-        self.ray = load_ray()
-
-    def run(self, factory: TaskFactory, items: Sequence[Any], batch_size: int = 1) -> Iterator[dict]:
-        ray = self.ray
-        started = False
-        if not ray.is_initialized():
-            try:
-                if self.address:
-                    ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
-                else:  # a local Ray started for this run, as large as the workers asked for
-                    ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                             logging_level=logging.WARNING)
-            except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
-                raise ExecutorError(f"cannot start {where} ({type(exc).__name__}: {short_message(exc)}); check "
-                                    f"--ray-address (e.g. ray://head:10001 or head:6379) and that `ray status` works there.") from None
-            started = True
-        try:
-            if not items:
-                return
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = False  # the runner's own bar counts inputs
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            data = ray.data.from_items([{"item": pickle.dumps(item)} for item in items])
-            data = data.map_batches(RayTask, fn_constructor_args=(factory,), batch_size=max(1, batch_size), batch_format="numpy",
-                                    compute=ray.data.ActorPoolStrategy(size=self.workers), num_cpus=1)
-            for row in data.iter_rows():
-                yield json.loads(row["record"])
-        finally:
-            if started:
-                ray.shutdown()
-
-
-def load_ray() -> Any:
-    """Import Ray, or say in one line how to install it. Imported only here: a heavy, optional dependency."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise ExecutorError(RAY_HINT) from None
-    return ray
-
-
 def make_executor(name: str, workers: int = 2, ray_address: Optional[str] = None) -> Any:
     """The executor named `name` (serial, processes, ray), checked before any work."""
     if name == "serial":
@@ -288,5 +234,7 @@ def make_executor(name: str, workers: int = 2, ray_address: Optional[str] = None
     if name == "processes":
         return ProcessExecutor(workers)
     if name == "ray":
+        from medlens.batch.ray_pool import RayExecutor
+
         return RayExecutor(workers, ray_address)
     raise ExecutorError(f"unknown executor {name!r}; choose from {', '.join(EXECUTORS)}.")

@@ -3,6 +3,7 @@ resume rules applied, the work sent to an executor, each record appended as it a
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,10 +84,7 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     manifest_path = out / MANIFEST_FILE
     resume = plan_resume(found.items, read_manifest(manifest_path), settings["digest"], retry_failed)
     _say_what(log, found, resume)
-    if executor == "serial" and threads is None:
-        factory_threads: Optional[int] = None
-    else:
-        factory_threads = threads if threads is not None else 1  # one torch thread per worker unless told
+    factory_threads = threads if threads is not None else default_threads(executor, workers, ray_address)
     recipe = WorkerRecipe(model_source, dict(model_options or {}), request, device, factory_threads,
                           model=model if executor == "serial" else None)
     factory = BatchTaskFactory(recipe, str(out), settings["digest"], region=region)
@@ -110,6 +108,30 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     failures = [(str(r.get("path")), str(r.get("error"))) for r in records if r.get("status") != DONE]
     return BatchSummary(out, len(found.items), len(resume.todo), len(resume.done), failures,
                         time.perf_counter() - t0, found)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's or `taskset`'s share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(executor: str, workers: int, ray_address: Optional[str] = None) -> int:
+    """torch threads per worker when `--threads` is not given: the cores shared out, never more threads than cores.
+
+    Serial: one core less than there are (at least 1), the core left to the reader and writer threads that overlap
+    with explaining (`medlens.batch.overlap`); processes and a local Ray: the cores divided among the workers (at
+    least 1 each); a Ray cluster elsewhere: 1 (its machines' cores are not known here). More threads than free cores
+    make OpenMP's threads wait on each other: with another busy process on a 2-core machine a 2-thread run fell to a
+    tenth of its speed while 1-thread workers kept theirs (docs/batch.md)."""
+    cores = usable_cores()
+    if executor == "serial":
+        return max(1, cores - 1)
+    if executor == "ray" and ray_address:
+        return 1
+    return max(1, cores // max(1, workers))
 
 
 def _current_records(manifest_path: Path, found: Discovery, digest: str) -> list[dict[str, Any]]:

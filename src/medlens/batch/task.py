@@ -5,15 +5,17 @@ mini-batch of one prepared shape in one call) and returns their manifest records
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from medlens.batch.inputs import WorkItem
 from medlens.batch.manifest import DONE, FAILED
+from medlens.batch.overlap import overlapped
+from medlens.batch.preload import preload_key, preloaded
 from medlens.core.model_description import describe
 from medlens.errors import MedlensError, short_message
 from medlens.io.files import deferred_fsync
@@ -33,7 +35,17 @@ class BatchTaskFactory:
     region: Any = "auto"  # "auto": a box or mask file beside each input; None: none
 
     def __call__(self) -> "BatchTask":
-        return BatchTask(self, self.recipe.plan())
+        recipe = self.recipe
+        if recipe.model is None:  # a worker forked from the forkserver that loaded the model (see batch.preload)
+            model = preloaded(self.preload_key())
+            if model is not None:
+                recipe = replace(recipe, model=model)
+        return BatchTask(self, recipe.plan())
+
+    def preload_key(self) -> Optional[str]:
+        """What names this factory's model for the processes executor's forkserver (None: not preloaded)."""
+        r = self.recipe
+        return preload_key(r.model_source, r.model_options, r.device)
 
     def lost(self, item: WorkItem, message: str) -> dict[str, Any]:
         """The record of an input whose worker died or raised outside the task (see executors)."""
@@ -44,6 +56,17 @@ def failed_record(item: WorkItem, message: str, digest: str, seconds: float = 0.
     return {"id": item.id, "path": item.relative, "status": FAILED, "error": message, "prediction": None,
             "scores": None, "targets": [], "outputs": [], "seconds": {"total": round(seconds, 6)}, "settings": digest,
             "digest": item.digest}
+
+
+@dataclass
+class ReadChunk:
+    """A mini-batch read: its items, the records of those that could not be read, the others by prepared shape."""
+
+    items: list[WorkItem]
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[tuple, list[tuple[int, float, PreparedInput, tuple[int, ...], float, Path]]] = field(
+        default_factory=dict)
+    broken: bool = False  # reading raised outside an input's failure: its items are run one at a time
 
 
 CAUGHT = (MedlensError, RuntimeError, ValueError, MemoryError, OSError)  # an input's failure, not the run's
@@ -65,21 +88,67 @@ class BatchTask:
         """The records of `items`, in their order: those of one prepared shape are explained in one call (a
         mini-batch). An input that cannot be read fails alone; a mini-batch whose explanation fails is explained
         one input at a time, so that only the input at fault is `failed`."""
-        records: dict[int, dict[str, Any]] = {}
-        groups: dict[tuple, list[tuple[int, float, PreparedInput, tuple[int, ...], float, Path]]] = {}
+        read = self.read(items)
+        return self.write(read, self.explain(read))
+
+    def stream(self, chunks: Iterable[Sequence[WorkItem]]) -> Iterator[list[dict[str, Any]]]:
+        """The records of each mini-batch of `chunks`, in order, as `run_many` gives them, with reading and writing
+        overlapped with explaining: a reader thread reads and prepares the next mini-batch while this one is
+        explained, a writer thread writes the last one's outcomes (see `medlens.batch.overlap`)."""
+        return overlapped(chunks, self._read_or_none, self._explain_or_none, self._write_or_one_by_one)
+
+    def _read_or_none(self, items: Sequence[WorkItem]) -> "ReadChunk":
+        try:
+            return self.read(items)
+        except Exception:  # noqa: BLE001 - not an input's failure (those are records): one at a time when written
+            return ReadChunk(list(items), broken=True)
+
+    def _explain_or_none(self, chunk: "ReadChunk") -> Any:
+        try:
+            return None if chunk.broken else self.explain(chunk)
+        except Exception:  # noqa: BLE001 - as run_many's callers do: one at a time, so only the input at fault is lost
+            return None
+
+    def _write_or_one_by_one(self, chunk: "ReadChunk", explained: Any) -> list[dict[str, Any]]:
+        if explained is not None:
+            try:
+                return self.write(chunk, explained)
+            except Exception:  # noqa: BLE001 - one at a time below
+                pass
+        return [self._alone(item) for item in chunk.items]
+
+    def _alone(self, item: WorkItem) -> dict[str, Any]:
+        try:
+            return self(item)
+        except Exception as exc:  # noqa: BLE001 - a task that raises loses its item, not the run (as the executors)
+            return self.factory.lost(item, f"the task raised {type(exc).__name__}: {short_message(exc)}")
+
+    def read(self, items: Sequence[WorkItem]) -> "ReadChunk":
+        """Read and prepare `items`: the records of those that cannot be read, the others grouped by prepared shape."""
+        chunk = ReadChunk(list(items))
         for i, item in enumerate(items):
             t0 = time.perf_counter()
             try:
                 prepared, read_shape = read_with_shape(self.plan, Path(item.path))
             except CAUGHT as exc:
-                records[i] = self._failed(item, exc, "the model could not explain this input", t0)
+                chunk.records[i] = self._failed(item, exc, "the model could not explain this input", t0)
                 continue
             key = (tuple(prepared.tensor.shape[1:]), prepared.tensor.dtype)
-            groups.setdefault(key, []).append((i, t0, prepared, read_shape, time.perf_counter() - t0, Path(item.path)))
-        for group in groups.values():
-            for (i, t0, _, _, read_s, _), outcome in zip(group, self._explain(group)):
-                records[i] = self._write(items[i], outcome, read_s, t0)
-        return [records[i] for i in range(len(items))]
+            chunk.groups.setdefault(key, []).append((i, t0, prepared, read_shape, time.perf_counter() - t0,
+                                                     Path(item.path)))
+        return chunk
+
+    def explain(self, chunk: "ReadChunk") -> list[tuple[int, float, float, Any]]:
+        """(index, t0, read seconds, outcome or the exception) of each input read, a group of one shape per call."""
+        return [(i, t0, read_s, outcome) for group in chunk.groups.values()
+                for (i, t0, _, _, read_s, _), outcome in zip(group, self._explain(group))]
+
+    def write(self, chunk: "ReadChunk", explained: list[tuple[int, float, float, Any]]) -> list[dict[str, Any]]:
+        """Write the explained outcomes; the records of the whole mini-batch, in its order."""
+        records = dict(chunk.records)
+        for i, t0, read_s, outcome in explained:
+            records[i] = self._write(chunk.items[i], outcome, read_s, t0)
+        return [records[i] for i in range(len(chunk.items))]
 
     def _explain(self, group: list) -> list[Any]:
         """Outcomes of a group of one shape (an exception in place of an input that could not be explained)."""

@@ -10,7 +10,8 @@ import click
 
 from medlens.batch import EXECUTORS, SomeInputsFailed, run_batch
 from medlens.batch.runner import BATCH_SIZE
-from medlens.batch.executors import ExecutorError, load_ray
+from medlens.batch.executors import ExecutorError, load_ray, start_forkserver
+from medlens.batch.preload import preload_key
 from medlens.cli.commands import _model_on_device, parse_options
 from medlens.core.explain import check_methods
 from medlens.errors import InputError, MethodError
@@ -29,7 +30,7 @@ MAX_LISTED_FAILURES = 50
 @click.option("--formats", default="png,npz", show_default=True, help="Comma-separated: png, npz, nifti, dicom (provenance.json always).")
 @click.option("--executor", type=click.Choice(EXECUTORS), default="serial", show_default=True, help="Where the work runs.")
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Worker processes or Ray actors.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker (default 1; serial: torch's default).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch threads per worker (default: the cores shared among the workers; serial: one core less, left to reading and writing).")
 @click.option("--batch-size", type=click.IntRange(1), default=BATCH_SIZE, show_default=True,
               help="Inputs of one prepared shape explained together in one pass (a mini-batch); also per Ray task.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (e.g. ray://head:10001); default: a local Ray for the run.")
@@ -98,6 +99,8 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
     model_options: dict[str, Any] = {k: v for k, v in dict(labels=labels, input_size=input_size, channels=channels,
                                                            multi_label=multi_label, weights=weights,
                                                            allow_pickle=allow_pickle or None).items() if v is not None}
+    if executor == "processes":  # the workers' forkserver imports torch and loads the model meanwhile
+        start_forkserver(preload_key(model_source, model_options, device))
     model = _model_on_device(model_source, device, **model_options)
     if pacs is not None:
         inputs = (*inputs, *_pull(*pacs, ae_title, pacs_folder or out_dir.with_name(f"{out_dir.name}-pacs")))

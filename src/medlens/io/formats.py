@@ -11,7 +11,7 @@ import numpy as np
 
 from medlens.errors import OutputError
 from medlens.io.files import atomic_write, safe_name
-from medlens.io.render import color_scale, render_overlay, render_panel, shown
+from medlens.io.render import color_scale, overlay_cell, render_panel, render_rgb, shown
 from medlens.io.scan_view import ScanView, scan_view
 
 
@@ -100,15 +100,18 @@ def write_png(job: ImageResult, folder: Path) -> list[Path]:
     written: list[Path] = []
     view = job.view or ScanView(tuple(job.display.shape), job.display, job.region, False, "")
     drawn = {m: view.maps(maps) for m, maps in job.raw.items()}  # on the scan's plane where the preparation inverts
+    cells: dict[str, list[np.ndarray]] = {}  # each map blended once, for its overlay and for the panel
     for m, maps in drawn.items():
         for j, part in enumerate(job.file_parts):
-            png = render_overlay(view.display, maps[j], title=f"{m}: {job.titles[j]}", scale=job.scales[m],
-                                 region=view.region, display=job.displays.get(m, "signed"))
-            written.append(atomic_write(folder / overlay_name(m, part), png))
+            rgb, lines, scale, label = overlay_cell(view.display, maps[j], title=f"{m}: {job.titles[j]}",
+                                                    scale=job.scales[m], region=view.region,
+                                                    display=job.displays.get(m, "signed"))
+            cells.setdefault(m, []).append(rgb)
+            written.append(atomic_write(folder / overlay_name(m, part), render_rgb(rgb, lines, scale, label=label)))
     if job.raw:
         written.append(atomic_write(folder / "panel.png",
                                     render_panel(view.display, drawn, job.titles, scales=job.scales, region=view.region,
-                                                 displays=job.displays)))
+                                                 displays=job.displays, drawn=cells)))
     return written
 
 

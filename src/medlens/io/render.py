@@ -141,6 +141,12 @@ def _fmt(v: float) -> str:
 
 def _wrap(lines: Sequence[str], width: int) -> list[str]:
     """`lines` broken at spaces so that each fits in `width` pixels (a word longer than that stays whole)."""
+    return list(_wrapped(tuple(lines), width))
+
+
+@functools.lru_cache(maxsize=512)
+def _wrapped(lines: tuple[str, ...], width: int) -> tuple[str, ...]:
+    """`_wrap`, measured once per layout: a batch draws the same titles at the same width again and again."""
     font = _font()
     out: list[str] = []
     for line in lines:
@@ -153,7 +159,7 @@ def _wrap(lines: Sequence[str], width: int) -> list[str]:
             else:
                 current = candidate
         out.append(current)
-    return out
+    return tuple(out)
 
 
 def _tile(rgb: np.ndarray, lines: Sequence[str], min_side: int = MIN_TILE_SIDE, n_lines: int = 0) -> Any:
@@ -183,9 +189,8 @@ def _colour_bar(width: int, scale: tuple[str, float, float], label: str = "") ->
     font = _font(12)
     margin = 8
     bar_w = max(16, width - 2 * margin)
-    ramp = _lut(cmap)[np.linspace(0, 255, bar_w).astype(np.int64)].astype(np.uint8)
     strip = Image.new("RGB", (width, 50 if label else 34), "white")
-    strip.paste(Image.fromarray(np.repeat(ramp[None], 12, axis=0)), (margin, 2))
+    strip.paste(_ramp(cmap, bar_w), (margin, 2))
     draw = ImageDraw.Draw(strip)
     draw.text((margin, 16), _fmt(vmin), fill="black", font=font)
     right = _fmt(vmax)
@@ -195,6 +200,15 @@ def _colour_bar(width: int, scale: tuple[str, float, float], label: str = "") ->
     if label:
         draw.text((margin, 32), label, fill="black", font=font)
     return strip
+
+
+@functools.lru_cache(maxsize=32)
+def _ramp(cmap: str, width: int) -> Any:
+    """The colour bar's ramp, drawn once per colour map and width (pasted, never changed)."""
+    from PIL import Image
+
+    ramp = _lut(cmap)[np.linspace(0, 255, width).astype(np.int64)].astype(np.uint8)
+    return Image.fromarray(np.repeat(ramp[None], 12, axis=0))
 
 
 def _stack(parts: Sequence[Any]) -> Any:
@@ -245,6 +259,15 @@ def render_overlay(image: np.ndarray, amap: np.ndarray, *, title: str = "", scal
 
     For a volume (D, H, W) the slice with the largest map mass is drawn and named in the title.
     """
+    rgb, lines, scale, label = overlay_cell(image, amap, title=title, scale=scale, region=region, display=display)
+    return render_rgb(rgb, lines, scale, label=label)
+
+
+def overlay_cell(image: np.ndarray, amap: np.ndarray, *, title: str = "", scale: Optional[tuple[str, float, float]] = None,
+                 region: Optional[np.ndarray] = None, display: str = "signed") -> tuple[np.ndarray, list[str], Any, str]:
+    """What `render_overlay` draws before encoding: the blended uint8 RGB (region outlined), its title lines, its
+    colour scale and the bar's caption. A panel of the same maps takes the RGBs (`render_panel(drawn=...)`) instead
+    of blending every map a second time."""
     image = _display_ready(image, amap.shape)
     lines = ([title] if title else []) + empty_note(amap, display)
     amap = shown(amap, display)
@@ -252,8 +275,7 @@ def render_overlay(image: np.ndarray, amap: np.ndarray, *, title: str = "", scal
     img2d, map2d, k = _plane(image, amap)
     if k is not None:
         lines.append(f"slice {k} of {amap.shape[0]} (largest map mass)")
-    return render_rgb(_with_outline(blend(img2d, map2d, scale), _region_plane(region, k)), lines, scale,
-                      label=display_label(display, scale))
+    return _with_outline(blend(img2d, map2d, scale), _region_plane(region, k)), lines, scale, display_label(display, scale)
 
 
 def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, float], label: str = "") -> bytes:
@@ -265,9 +287,11 @@ def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, f
 
 def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequence[str], *,
                  scales: Optional[Mapping[str, tuple[str, float, float]]] = None, region: Optional[np.ndarray] = None,
-                 displays: Optional[Mapping[str, str]] = None) -> bytes:
+                 displays: Optional[Mapping[str, str]] = None,
+                 drawn: Optional[Mapping[str, Sequence[np.ndarray]]] = None) -> bytes:
     """PNG bytes: a grid of methods (rows) x targets (columns), `maps[method]` being (T, *spatial) raw maps; each row
-    has one colour scale (shared by its targets) shown under it, drawn as `displays[method]` says (default signed)."""
+    has one colour scale (shared by its targets) shown under it, drawn as `displays[method]` says (default signed).
+    `drawn[method][target]`: the cells already blended by `overlay_cell` with the same scale and region (reused)."""
     from PIL import Image
 
     rows = []
@@ -281,7 +305,8 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
             img2d, map2d, k = _plane(_display_ready(image, amap.shape), amap)
             lines = ([f"{name}: {titles[col]}"] + empty_note(raw[col], display)
                      + ([f"slice {k} (largest map mass)"] if k is not None else []))
-            rgb = _with_outline(blend(img2d, map2d, scale), _region_plane(region, k))
+            done = (drawn or {}).get(name)
+            rgb = done[col] if done is not None else _with_outline(blend(img2d, map2d, scale), _region_plane(region, k))
             cells.append((rgb, lines, len(_wrap(lines, _enlarge(rgb, MIN_PANEL_TILE_SIDE).shape[1]))))
         n_lines = max(c[2] for c in cells)
         tiles = [_tile(rgb, lines, MIN_PANEL_TILE_SIDE, n_lines) for rgb, lines, _ in cells]
