@@ -5,10 +5,13 @@ parameters, values compared where the definitions agree, speed as interleaved me
     python benchmarks/bench_vs_quantus.py --data ../shared/data/brain-tumor-figshare --slices 8 --repeats 3
 
 Inputs: `--slices` slices of the figshare *test* split (never trained on), prepared for the bundled
-brain-tumor-mri model; maps: integrated gradients (few ties, so the pixel orders of both libraries agree),
-max-sensitivity re-explains with Grad-CAM. Each (metric, library) is timed `--repeats` times, the two libraries
-alternating, and the median is reported with the ratio Quantus time / medlens time (above 1: medlens faster).
-Prints a markdown table (docs/benchmarks.md keeps one).
+brain-tumor-mri model; maps: integrated gradients (exactly 0, hence tied, only where the scan is black),
+max-sensitivity re-explains with Grad-CAM; exact ties in the maps are broken in raster order first (see
+`_without_ties`). Each (metric, library) is timed `--repeats` times, the two libraries alternating, and the median
+is reported with the ratio Quantus time / medlens time (above 1: medlens faster), in wall-clock time and in the
+process's CPU time (on a shared machine the CPU-time ratio is the steadier one: waiting for a core is not
+counted). The load average is printed at the start, after each metric and at the end. `--short`: 4 slices,
+2 repeats. Prints a markdown table (docs/benchmarks.md keeps one).
 """
 from __future__ import annotations
 
@@ -145,7 +148,10 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated substrings of the metric names to run")
+    parser.add_argument("--short", action="store_true", help="a quick look: 4 slices, 2 repeats")
     args = parser.parse_args()
+    if args.short:
+        args.slices, args.repeats = 4, 2
     torch.set_num_threads(1)
     model, x, masks, maps, targets = _inputs(args.data, args.slices)
     print(f"{x.shape[0]} slices {tuple(x.shape[2:])}, 1 thread, load average {os.getloadavg()[0]:.1f}, "
@@ -169,7 +175,8 @@ def main() -> None:
                     quant = out
         m, q = statistics.median(times["m"]), statistics.median(times["q"])
         cm, cq = statistics.median(cpu["m"]), statistics.median(cpu["q"])
-        print(f"| {name} | {m:.3f} | {q:.3f} | {q / m:.2f}x | {cq / cm:.2f}x | {compare(mine, quant)} |", flush=True)
+        print(f"| {name} | {m:.3f} | {q:.3f} | {q / m:.2f}x | {cq / cm:.2f}x | {compare(mine, quant)} "
+              f"(load {os.getloadavg()[0]:.1f}) |", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
