@@ -128,13 +128,13 @@ def _scored_steps(
     scores = torch.empty(B, T, K, dtype=torch.float32, device=x.device)
     step = max(1, int(chunk))
     with scoring(model, x, output) as score:
+        for at, src in ((counts == 0, ends[0]), (counts == P, ends[1])) if ends is not None else ():
+            if bool(at.any()):
+                rows, index = distinct_rows(src)
+                got = torch.cat([score(rows[i:i + step]) for i in range(0, rows.shape[0], step)])
+                scores[:, :, at] = pick(got[index], targets)[:, :, None]
         if ends is not None:
-            parts = [(at, *distinct_rows(src)) for at, src in ((counts == 0, ends[0]), (counts == P, ends[1])) if bool(at.any())]
-            if parts:
-                got = score(torch.cat([rows for _, rows, _ in parts])).split([rows.shape[0] for _, rows, _ in parts])
-                for (at, _, index), s in zip(parts, got):
-                    scores[:, :, at] = pick(s[index], targets)[:, :, None]
-                jobs = jobs[(counts[jobs[:, 2]] > 0) & (counts[jobs[:, 2]] < P)]
+            jobs = jobs[(counts[jobs[:, 2]] > 0) & (counts[jobs[:, 2]] < P)]
         for i in range(0, jobs.shape[0], step):
             bs, ts, ks = jobs[i:i + step].unbind(1)
             removed = (rank[bs, ts] < counts[ks][:, None]).view(bs.numel(), *x.shape[2:])

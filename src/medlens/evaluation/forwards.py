@@ -24,7 +24,8 @@ from medlens.errors import InputError
 # it (brain-tumor-mri, CPU, one thread): below this many inputs the model runs as given, unless a copy is at hand.
 FOLD_FROM = 8
 # Inputs per forward, whatever the chunk: measured on the brain-tumor-mri model, one thread, a busy machine
-# (benchmarks/bench_vs_quantus.py), deletion on 8 slices took 12.7 s in forwards of 8 or 16, 15.4 s of 32, 18.4 s of 64.
+# (benchmarks/bench_vs_quantus.py), deletion on 8 slices took 12.7 s in forwards of 8 or 16, 15.4 s of 32, 18.4 s of 64;
+# in CPU time (load 10-19) 1.74-1.78 s in forwards of 16, 1.66-1.83 s of 32, 1.85 s of 64: no steady difference.
 FORWARD_BATCH = 16
 
 @dataclass
