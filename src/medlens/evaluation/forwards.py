@@ -1,7 +1,7 @@
 """The model's forward passes for the evaluation metrics: scores of many inputs in inference mode, batched.
 
 Owns the folded fast forward's reuse across metric calls (built once per model and input shape, rebuilt when a
-parameter, buffer, module or hook of the model changes) and the scoring of distinct inputs only.
+module, a hook or a folded weight or statistic of the model changes) and the scoring of distinct inputs only.
 """
 from __future__ import annotations
 
