@@ -13,20 +13,16 @@ Conventions shared by every function here:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from medlens.accel.fast_forward import FastForward, fast_forward
-from medlens.accel.heap import steady_heap
 from medlens.core.baselines import gaussian_blur
-from medlens.core.model_description import describe
 from medlens.errors import InputError
-from medlens.core.model_state import borrowed_model
+from medlens.evaluation.forwards import FOLD_FROM, FORWARD_BATCH, distinct_rows, model_scores, pick, scoring  # noqa: F401
 
 Baseline = Union[str, float, torch.Tensor]
 
@@ -62,60 +58,6 @@ def check_batch(x: torch.Tensor, maps: Optional[torch.Tensor] = None, targets: O
     if targets is not None:
         if targets.dim() != 2 or targets.shape[0] != x.shape[0] or (maps is not None and targets.shape[1] != maps.shape[1]):
             raise InputError(f"targets must be (B, T) class indices matching the maps; got {tuple(targets.shape)}.")
-
-
-# Building the folded copy costs about two forwards of one image and saves about a third of each forward after it
-# (brain-tumor-mri, CPU, one thread): below this many inputs the model runs as given.
-FOLD_FROM = 8
-# Inputs per forward, whatever the chunk: measured on the brain-tumor-mri model, one thread, a busy machine
-# (benchmarks/bench_vs_quantus.py), deletion on 8 slices took 12.7 s in forwards of 8 or 16, 15.4 s of 32, 18.4 s of 64.
-FORWARD_BATCH = 16
-
-
-@contextlib.contextmanager
-def scoring(
-    model: nn.Module, x: torch.Tensor, output: str = "probability", fold: bool = True
-) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """For the length of the block, a function (N, C, *s) -> (N, K) float32 scores of inputs like `x`:
-    probabilities (softmax, or sigmoid when `model.multi_label`) or raw logits (`output="logit"`).
-
-    The model is borrowed once (eval mode, restored after); the forwards run in inference mode, `FORWARD_BATCH`
-    inputs at a time, through the folded fast forward the perturbation methods use (BatchNorm folded into the layer
-    before it, channels-last; built once here and checked against the model on `x`; `fold=False`: the model as
-    given), and the C heap is kept steady. Raises InputError for an unknown `output`."""
-    if output not in ("probability", "logit"):
-        raise InputError(f"output must be 'probability' or 'logit', not {output!r}.")
-    multi = describe(model).multi_label
-    with borrowed_model(model), steady_heap():
-        # built outside inference mode (it watches version counters); unfolded: the model as given, its own layout
-        forward = fast_forward(model, x) if fold else FastForward(module=model, layout=False)
-
-        def score(batch: torch.Tensor) -> torch.Tensor:
-            parts = [forward(batch[i:i + FORWARD_BATCH]) for i in range(0, batch.shape[0], FORWARD_BATCH)]
-            logits = torch.cat(parts).float()
-            if output == "probability":
-                logits = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=1)
-            return logits
-
-        with torch.inference_mode():
-            yield score
-
-
-def model_scores(
-    model: nn.Module, x: torch.Tensor, output: str = "probability", chunk: int = 64
-) -> torch.Tensor:
-    """(N, K) scores of `model` on `x` (see `scoring`; folded from `FOLD_FROM` inputs), in chunks of at most
-    `chunk` inputs.
-
-    Raises InputError for an unknown `output`."""
-    with scoring(model, x, output, fold=x.shape[0] >= FOLD_FROM) as score:
-        step = max(1, int(chunk))
-        return torch.cat([score(x[i:i + step]) for i in range(0, x.shape[0], step)])
-
-
-def pick(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """scores (B, K), targets (B, T) -> (B, T)."""
-    return scores.gather(1, targets.to(scores.device))
 
 
 def relevance_rank(maps: torch.Tensor) -> torch.Tensor:
@@ -168,18 +110,31 @@ def _jobs(B: int, T: int, K: int, device: torch.device) -> torch.Tensor:
 def _scored_steps(
     model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor, order: str,
     output: str, chunk: int, make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ends: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Scores (B, T, K) of the target: for each (image b, target t, step k) the first counts[k] pixels of the map
     in `order` are `removed`, and `make(bs, removed)` builds the (n, C, *s) inputs of a chunk of such jobs.
-    Up to `chunk` jobs (several images, targets and steps) go through the model in one batch."""
+    Up to `chunk` jobs (several images, targets and steps) go through the model in one batch.
+
+    `ends=(start, fill)`: a step that removes nothing is `start[b]` and one that removes everything `fill[b]`,
+    whatever the map: those are scored once per distinct image (once for all images when the fill is a
+    constant), not once per (image, target)."""
     B, T = targets.shape
     K = counts.numel()
     rank = relevance_rank(maps if order == "morf" else -maps)  # (B, T, P)
     counts, targets = counts.to(x.device), targets.to(x.device)
+    P = rank.shape[2]
     jobs = _jobs(B, T, K, x.device)
     scores = torch.empty(B, T, K, dtype=torch.float32, device=x.device)
     step = max(1, int(chunk))
     with scoring(model, x, output) as score:
+        for at, src in ((counts == 0, ends[0]), (counts == P, ends[1])) if ends is not None else ():
+            if bool(at.any()):
+                rows, index = distinct_rows(src)
+                got = torch.cat([score(rows[i:i + step]) for i in range(0, rows.shape[0], step)])
+                scores[:, :, at] = pick(got[index], targets)[:, :, None]
+        if ends is not None:
+            jobs = jobs[(counts[jobs[:, 2]] > 0) & (counts[jobs[:, 2]] < P)]
         for i in range(0, jobs.shape[0], step):
             bs, ts, ks = jobs[i:i + step].unbind(1)
             removed = (rank[bs, ts] < counts[ks][:, None]).view(bs.numel(), *x.shape[2:])
@@ -195,7 +150,7 @@ def _perturbation_curve(
     """Scores (B, T, K): at step k the first counts[k] pixels in `order` take their value from `fill`,
     the others from `start`."""
     return _scored_steps(model, x, maps, targets, counts, order, output, chunk,
-                         lambda bs, removed: torch.where(removed[:, None], fill[bs], start[bs]))
+                         lambda bs, removed: torch.where(removed[:, None], fill[bs], start[bs]), ends=(start, fill))
 
 
 # --------------------------------------------------------------------------------------------- deletion / insertion

@@ -16,7 +16,8 @@ from torch import nn
 from medlens.core.explain import explain
 from medlens.errors import InputError
 from medlens.core.baselines import resolve_baseline, scan_black
-from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline, model_scores, pick
+from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline
+from medlens.evaluation.forwards import distinct_rows, model_scores, pick
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -209,9 +210,10 @@ def completeness(
             baseline = resolve_baseline(x, "zero", black=black)[0]  # per image, as the methods measure it
         xb, desc = make_baseline(x, baseline)
         desc = "zero: the scan's black" if black is not None else desc
-        both = model_scores(model, torch.cat([x, xb.expand_as(x)]), "logit")  # one borrow, one folded copy, one batch
+        rows, index = distinct_rows(xb)  # a constant baseline is scored once for all images
+        both = model_scores(model, torch.cat([x, rows]), "logit")  # one borrow, one folded copy, one batch
         B = x.shape[0]
-        delta, ref = pick(both[:B], targets) - pick(both[B:], targets), f"f(x) - f({desc})"
+        delta, ref = pick(both[:B], targets) - pick(both[B:][index], targets), f"f(x) - f({desc})"
     total = maps.flatten(2).double().sum(dim=2).float()
     err = (total - delta).abs()
     return CompletenessResult(err / delta.abs().clamp_min(1e-6), err <= atol + rtol * delta.abs(), total, delta, ref)
