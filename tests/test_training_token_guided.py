@@ -69,7 +69,7 @@ def test_the_token_guidance_gradient_is_the_true_gradient():
         for step in (h, -2 * h, h):  # the loss takes gradients inside, so it runs with autograd on
             with torch.no_grad():
                 p[index] += step
-            values.append(float(loss()))
+            values.append(float(loss().detach()))
         up, down = values[:2]
         assert (up - down) / (2 * h) == pytest.approx(float(g[index]), rel=1e-4), name
 
