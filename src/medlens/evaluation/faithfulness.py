@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from medlens.core.baselines import gaussian_blur
 from medlens.errors import InputError
-from medlens.evaluation.forwards import FOLD_FROM, FORWARD_BATCH, distinct_rows, model_scores, pick, scoring  # noqa: F401
+from medlens.evaluation.forwards import (  # noqa: F401 - re-exported: these lived here before forwards.py
+    FOLD_FROM, FORWARD_BATCH, distinct_rows, model_scores, pick, scoring,
+)
 
 Baseline = Union[str, float, torch.Tensor]
 

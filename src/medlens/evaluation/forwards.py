@@ -34,7 +34,8 @@ class _Held:
 
     modules: tuple[nn.Module, ...]  # the model's submodules when built (not the model itself: it is the weak key)
     signature: tuple
-    forward: Optional[FastForward]  # None: the model does not fold (kept as its layout: the model itself would never be let go)
+    # None: the model does not fold; only its layout is kept (the model itself as a value would never be let go)
+    forward: Optional[FastForward]
     layout: bool
     baked: list[tuple[torch.Tensor, torch.Tensor]]  # (the model's tensor, a copy of it) of every module folded away
 
@@ -57,7 +58,8 @@ def _baked(model: nn.Module, forward: FastForward) -> list[tuple[torch.Tensor, t
     out = []
     for name, module in model.named_modules():
         if forward.module.get_submodule(name)._parameters is not module._parameters:
-            out += [(t, t.detach().clone()) for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))]
+            own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+            out += [(t, t.detach().clone()) for t in own]
     return out
 
 
@@ -76,7 +78,8 @@ def folded_forward(model: nn.Module, x: torch.Tensor, fold: bool = True) -> Fast
         return FastForward(module=model, layout=False)
     forward = fast_forward(model, x)
     folded = forward.module is not model
-    _FOLDED[model] = _Held(modules, signature, forward if folded else None, forward.layout, _baked(model, forward) if folded else [])
+    _FOLDED[model] = _Held(modules, signature, forward if folded else None, forward.layout,
+                           _baked(model, forward) if folded else [])
     return forward
 
 
