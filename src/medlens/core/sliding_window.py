@@ -129,7 +129,8 @@ def _check_methods(method_names: Sequence[str]) -> None:
     if refused:
         raise MethodError(f"method(s) {', '.join(refused)} cannot run with sliding_window (--window): they hook a "
                           f"layer or perturb the input, and would see one window at a time, not the volume. Use "
-                          f"{', '.join(WINDOWED_METHODS)}, or explain without a window.")
+                          f"{', '.join(WINDOWED_METHODS)}, or explain the volume at once (sliding_window='none'; "
+                          f"--window none).")
 
 
 def window_starts(image: Sequence[int], size: Sequence[int], overlap: float) -> list[tuple[int, ...]]:
