@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 import streamlit as st
 
 from medlens.app import batch_runs, metrics
-from medlens.app.figures import FRAME_HEIGHT
+from medlens.app.figures import FRAME_HEIGHT, data_url
 from medlens.app.inputs import MAX_UPLOAD_MB, UPLOAD_TYPES, read_upload
 from medlens.app.session import Current, Panel
 from medlens.app.views import COLOUR_MAPS, ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
@@ -56,6 +56,16 @@ def render_predictions(current: Current) -> None:
                 st.caption(note)
 
 
+def _publish(data: bytes, mimetype: str, name: str) -> str:
+    """The URL the app serves `data` at for this session (Streamlit's media files, as its images use; identical bytes
+    keep their URL, so the browser fetches a read-out once); a data URL where no server runs (AppTest)."""
+    from streamlit import runtime
+
+    if not runtime.exists():
+        return data_url(data, mimetype)
+    return runtime.get_instance().media_file_mgr.add(data, mimetype, f"medlens-overlay|{name}")
+
+
 def _frame(page: str) -> None:
     """An overlay's page in an iframe (st.iframe where this Streamlit has it)."""
     if hasattr(st, "iframe"):
@@ -76,7 +86,7 @@ def _overlays(current: Current) -> None:
         for column, panel in zip(columns, panels):
             with column:  # hover: the map's value and the scan's grey level under the cursor
                 st.caption(panel.title)
-                _frame(current.page(panel))
+                _frame(current.page(panel, _publish))
                 if panel.predicted_region:
                     st.caption("Outlined in green: the model's predicted mask of this class (the region explained).")
                 # the annotated PNG is drawn only when asked for, with the view as it is now
