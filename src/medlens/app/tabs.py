@@ -240,7 +240,11 @@ def _metrics(current: Current) -> None:
             for key in current.models:
                 prepared, region, _ = current.prepared(key)
                 maps = {(p.method, p.target): p.raw for p in current.panels if p.model == key}
-                r, c = metrics.image_metrics(current.entry(key), prepared.tensor, maps, region)
+                try:  # e.g. a segmentation model: its curves are not offered here
+                    r, c = metrics.image_metrics(current.entry(key), prepared.tensor, maps, region)
+                except MedlensError as exc:
+                    st.error(f"{key}: no deletion / insertion curves: {exc}")
+                    continue
                 rows += r
                 prefix = f"{key} " if len(current.models) > 1 else ""
                 curves.update({f"{prefix}{k}".replace(" / ", " "): v for k, v in c.items()})
@@ -263,9 +267,12 @@ def _metrics(current: Current) -> None:
         panel = [p for p in current.panels if p.model == model and p.method == method][0]
         prepared, _, _ = current.prepared(model)
         with st.spinner("Randomising the model's weights from the top, layer by layer..."):
-            st.session_state["random_result"] = metrics.randomisation_check(
-                current.entry(model), prepared.tensor, method, panel.target, current.request.get("options"),
-                current.request.get("seed") or 0)
+            try:
+                st.session_state["random_result"] = metrics.randomisation_check(
+                    current.entry(model), prepared.tensor, method, panel.target, current.request.get("options"),
+                    current.request.get("seed") or 0)
+            except MedlensError as exc:
+                st.error(f"{model}: the randomisation check cannot run: {exc}")
     if "random_result" in st.session_state:
         res = st.session_state["random_result"]
         verdict = "passes" if res["passes"] else "FAILS"
