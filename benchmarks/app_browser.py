@@ -221,6 +221,7 @@ def hover_picture(page: Any, index: int, row: float, col: float, shape: tuple[in
     """Move the mouse over picture pixel (row, col) of the `index`-th overlay (a picture of `shape` pixels) and
     return the read-out's text ("" when none appears)."""
     picture = overlay_picture(page, index)
+    page.frame_locator(OVERLAY).nth(index).locator('#picture[data-ready="1"]').wait_for(timeout=30_000)  # values read
     picture.scroll_into_view_if_needed()
     box = picture.bounding_box()
     page.mouse.move(box["x"] + (col + 0.5) * box["width"] / shape[1], box["y"] + (row + 0.5) * box["height"] / shape[0])

@@ -205,3 +205,15 @@ def test_batch_view_is_offered_once_the_batch_runner_exists(app):
         assert not app.exception and app.text_input(key="batch_in") is not None
         app.button(key="batch_start").click().run()  # no folder given: a message, no crash
         assert "give both the input folder and an output folder" in _texts(app.error)
+
+
+def test_a_segmentation_model_shows_its_region_score_and_outline_and_metrics_say_why_not(app):
+    app.sidebar.radio(key="source").set_value("Sample scan").run()
+    app.sidebar.multiselect(key="models::phantom-lesion").set_value(["phantom-lesion-unet"])
+    _explain(app)
+    assert not app.exception and not app.error and len(_overlays(app)) == 1
+    assert _titles(app)[0].startswith("phantom-lesion-unet · gradcam · lesion (the predicted mask outlined)")
+    assert any("predicted mask" in str(c.value) for c in app.caption)
+    app.radio(key="view").set_value("Metrics").run()
+    app.button(key="run_metrics").click().run()
+    assert not app.exception and "no deletion / insertion curves" in _texts(app.error)

@@ -1,9 +1,9 @@
-"""The app's interactive overlay: a small self-contained HTML page (shown in an iframe) with the overlay as drawn, its
-colour bar, and a read-out under the cursor of the map's raw value and the scan's grey level at the model pixel there.
+"""The app's interactive overlay: a small HTML page (shown in an iframe) with the overlay as drawn, its colour bar,
+and a read-out under the cursor of the map's raw value and the scan's grey level at the model pixel there.
 
 The picture is one PNG at the picture's grid; the read-out reads the map on its own grid (the model's input grid: each
-cell is one value the method computed, never an interpolated one), kept in the page as float32 bytes. A redraw
-(threshold, opacity) replaces the page; no chart library is loaded. No Streamlit here; `tabs` shows the page.
+cell is one value the method computed, never an interpolated one) from float32 bytes. Both come by URL, so a redraw
+(threshold, opacity) sends a new page of a few kB and one PNG; no chart library. No Streamlit here (`tabs` serves it).
 """
 from __future__ import annotations
 
@@ -28,19 +28,20 @@ border-radius:3px;font:12px monospace;line-height:1.3;white-space:nowrap;z-index
 #bar{height:10px;margin-top:6px;background:linear-gradient(to right,__GRADIENT__)}
 #ticks{display:flex;justify-content:space-between;color:#555}
 </style></head><body>
-<div id="wrap"><img id="picture" alt="__TITLE__" src="data:image/png;base64,__PNG__"><div id="readout"></div></div>
+<div id="wrap"><img id="picture" alt="__TITLE__" src="__PNG__"><div id="readout"></div></div>
 <div id="barbox"><div id="bar"></div><div id="ticks"><span>__VMIN__</span><span>__LABEL__</span><span>__VMAX__</span></div></div>
 <script>
 const W=__W__, H=__H__, w=__GW__, h=__GH__, maxH=__MAXH__;
-function bytes(b64){const s=atob(b64);const a=new Uint8Array(s.length);for(let i=0;i<s.length;i++)a[i]=s.charCodeAt(i);return a;}
-const values=new Float32Array(bytes("__VALUES__").buffer), grey=bytes("__GREY__");
+let values=null, grey=null;
+Promise.all(["__VALUES__","__GREY__"].map(u=>fetch(u).then(r=>r.arrayBuffer()))).then(([v,g])=>{
+values=new Float32Array(v);grey=new Uint8Array(g);document.getElementById("picture").dataset.ready="1";});
 const img=document.getElementById("picture"), out=document.getElementById("readout");
 function fit(){const s=Math.min((document.body.clientWidth||W)/W, maxH/H);img.style.width=(W*s)+"px";img.style.height=(H*s)+"px";
 document.getElementById("barbox").style.width=(W*s)+"px";}
 fit();window.addEventListener("resize",fit);
 img.addEventListener("mousemove",e=>{const r=img.getBoundingClientRect();
 const j=Math.min(w-1,Math.floor((e.clientX-r.left)/r.width*w)), i=Math.min(h-1,Math.floor((e.clientY-r.top)/r.height*h));
-if(i<0||j<0)return;const v=values[i*w+j];
+if(i<0||j<0||!values)return;const v=values[i*w+j];
 out.textContent="map "+(v===0?"0":v.toPrecision(4))+"  scan grey "+grey[i*w+j]+"/255";
 out.style.display="block";const x=e.clientX-r.left+12, y=e.clientY-r.top+12;
 out.style.left=Math.min(x,r.width-out.offsetWidth)+"px";out.style.top=(y+out.offsetHeight>r.height?y-out.offsetHeight-24:y)+"px";});
@@ -48,13 +49,13 @@ img.addEventListener("mouseleave",()=>{out.style.display="none";});
 </script></body></html>"""
 
 
-def png_base64(rgb: np.ndarray) -> str:
-    """uint8 RGB pixels as a base64 PNG (fast compression: it is sent on every redraw)."""
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """uint8 RGB pixels as a PNG (fast compression: it is made on every redraw)."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 def grey_levels(grey: np.ndarray) -> np.ndarray:
@@ -80,35 +81,43 @@ def colour_stops(cmap: str, steps: int = 11) -> str:
     return ",".join(f"rgb({r:.0f},{g:.0f},{b:.0f})" for r, g, b in colours)
 
 
-def readout_parts(values: np.ndarray, grey: np.ndarray) -> dict[str, str]:
-    """The parts of the page that stay the same across redraws (computed once per panel): the read-out's bytes."""
+def readout_bytes(values: np.ndarray, grey: np.ndarray) -> tuple[bytes, bytes, tuple[int, int]]:
+    """The read-out's bytes (computed once per panel): the map as drawn on the model's grid as little-endian float32,
+    the scan's grey levels as uint8, and their (rows, columns)."""
     grid = hover_grid(values, grey)
-    rows, cols = grid["values"].shape
-    return {"__VALUES__": base64.b64encode(grid["values"].tobytes()).decode("ascii"),
-            "__GREY__": base64.b64encode(grid["grey"].tobytes()).decode("ascii"), "__GW__": str(cols), "__GH__": str(rows)}
+    return grid["values"].tobytes(), grid["grey"].tobytes(), tuple(grid["values"].shape)
 
 
-def overlay_page(rgb: np.ndarray, readout: dict[str, str], scale: tuple[str, float, float], title: str,
-                 colour_label: str = "", max_height: int = PICTURE_HEIGHT) -> str:
-    """The HTML page of one overlay.
+def data_url(data: bytes, mimetype: str) -> str:
+    """A data URL of `data` (where the page cannot serve the bytes from a URL of its own)."""
+    return f"data:{mimetype};base64," + base64.b64encode(data).decode("ascii")
+
+
+def overlay_page(picture: str, values: str, grey: str, shape: tuple[int, int], grid: tuple[int, int],
+                 scale: tuple[str, float, float], title: str, colour_label: str = "",
+                 max_height: int = PICTURE_HEIGHT) -> str:
+    """The HTML page of one overlay; the picture and the read-out's bytes are URLs (served by the app, or data URLs).
 
     Args:
-        rgb: the overlay as drawn (uint8 H x W x 3, the picture's grid).
-        readout: `readout_parts` of the map as drawn on the model's grid and the scan's grey level there.
+        picture: URL of the overlay as drawn (a PNG on the picture's grid, `shape` = (H, W)).
+        values: URL of the read-out's float32 map values (`readout_bytes`), `grid` = (rows, columns).
+        grey: URL of the read-out's uint8 grey levels, on the same grid.
+        shape: the picture's (H, W) in pixels.
+        grid: the read-out's (rows, columns).
         scale: (colour map, vmin, vmax) the overlay was coloured with: its colour bar.
         title: the picture's text alternative.
         colour_label: the colour bar's caption (how the map is drawn).
         max_height: the largest height, in CSS pixels, the picture is shown at.
 
     Returns:
-        A self-contained HTML page (no network: the picture and the values are inside it).
+        A small HTML page: a redraw changes only the picture's URL, the read-out's URLs stay (and stay cached).
     """
     cmap, vmin, vmax = scale
-    parts = {**readout, "__W__": str(int(rgb.shape[1])), "__H__": str(int(rgb.shape[0])), "__MAXH__": str(int(max_height)),
+    parts = {"__W__": str(int(shape[1])), "__H__": str(int(shape[0])), "__MAXH__": str(int(max_height)),
              "__TITLE__": html.escape(title), "__LABEL__": html.escape(colour_label), "__VMIN__": f"{vmin:.3g}",
-             "__VMAX__": f"{vmax:.3g}", "__GRADIENT__": colour_stops(cmap), "__PNG__": png_base64(rgb)}
+             "__VMAX__": f"{vmax:.3g}", "__GRADIENT__": colour_stops(cmap), "__GW__": str(int(grid[1])),
+             "__GH__": str(int(grid[0])), "__PNG__": picture, "__VALUES__": values, "__GREY__": grey}
     page = _PAGE
     for key, value in parts.items():
         page = page.replace(key, value)
     return page
-

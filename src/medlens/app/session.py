@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from medlens.app.catalogue import ModelCatalogue, ModelEntry
 from medlens.app.export import ExportItem, build_zip, command_lines, overlay_title
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
-from medlens.app.figures import overlay_page, readout_parts
+from medlens.app.figures import data_url, overlay_page, png_bytes, readout_bytes
 from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, overlay_rgb, scale_for
 from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
@@ -167,9 +167,10 @@ class Current:
             return overlay_png(panel.view.display, picture, lines, self.scale(panel), self.settings, panel.view.region, how)
         return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
 
-    def page(self, panel: Panel) -> str:
+    def page(self, panel: Panel, publish: Callable[[bytes, str, str], str] = lambda data, mime, _: data_url(data, mime)) -> str:
         """The panel's interactive overlay (an HTML page): the picture as `png` draws it, the colour bar, and the map's
-        value and the scan's grey level under the cursor (at the model pixel there)."""
+        value and the scan's grey level under the cursor (at the model pixel there). `publish(bytes, mimetype, name)`
+        gives the URL the page reads bytes from (the app serves them; a data URL by default)."""
         values, how, picture = self.drawn(panel)
         scale = self.scale(panel)
         if panel.view is not None:
@@ -181,8 +182,13 @@ class Current:
             grey = np.asarray(panel.display, dtype=np.float32)
             if k is not None:  # a volume: the slice drawn
                 values, grey = values[k], (grey[k] if grey.ndim == 3 else grey)
-            panel.cache[key] = readout_parts(values, grey)
-        return overlay_page(rgb, panel.cache[key], scale, panel.title, display_label(how, scale))
+            panel.cache[key] = readout_bytes(values, grey)
+        value_bytes, grey_bytes, grid = panel.cache[key]
+        name = f"{panel.model}|{panel.method}|{panel.target}"
+        return overlay_page(publish(png_bytes(rgb), "image/png", name + "|picture"),
+                            publish(value_bytes, "application/octet-stream", name + "|values"),
+                            publish(grey_bytes, "application/octet-stream", name + "|grey"),
+                            rgb.shape[:2], grid, scale, panel.title, display_label(how, scale))
 
     def export_zip(self) -> bytes:
         """The ZIP of every panel as drawn now, the raw maps, provenance and the equivalent command lines."""

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 import streamlit as st
 
 from medlens.app import batch_runs, metrics
-from medlens.app.figures import FRAME_HEIGHT
+from medlens.app.figures import FRAME_HEIGHT, data_url
 from medlens.app.inputs import MAX_UPLOAD_MB, UPLOAD_TYPES, read_upload
 from medlens.app.session import Current, Panel
 from medlens.app.views import COLOUR_MAPS, ViewSettings, agreement, centred_scale, difference, ensemble, overlay_png, scale_for
@@ -56,6 +56,16 @@ def render_predictions(current: Current) -> None:
                 st.caption(note)
 
 
+def _publish(data: bytes, mimetype: str, name: str) -> str:
+    """The URL the app serves `data` at for this session (Streamlit's media files, as its images use; identical bytes
+    keep their URL, so the browser fetches a read-out once); a data URL where no server runs (AppTest)."""
+    from streamlit import runtime
+
+    if not runtime.exists():
+        return data_url(data, mimetype)
+    return runtime.get_instance().media_file_mgr.add(data, mimetype, f"medlens-overlay|{name}")
+
+
 def _frame(page: str) -> None:
     """An overlay's page in an iframe (st.iframe where this Streamlit has it)."""
     if hasattr(st, "iframe"):
@@ -76,7 +86,7 @@ def _overlays(current: Current) -> None:
         for column, panel in zip(columns, panels):
             with column:  # hover: the map's value and the scan's grey level under the cursor
                 st.caption(panel.title)
-                _frame(current.page(panel))
+                _frame(current.page(panel, _publish))
                 if panel.predicted_region:
                     st.caption("Outlined in green: the model's predicted mask of this class (the region explained).")
                 # the annotated PNG is drawn only when asked for, with the view as it is now
@@ -230,7 +240,11 @@ def _metrics(current: Current) -> None:
             for key in current.models:
                 prepared, region, _ = current.prepared(key)
                 maps = {(p.method, p.target): p.raw for p in current.panels if p.model == key}
-                r, c = metrics.image_metrics(current.entry(key), prepared.tensor, maps, region)
+                try:  # e.g. a segmentation model: its curves are not offered here
+                    r, c = metrics.image_metrics(current.entry(key), prepared.tensor, maps, region)
+                except MedlensError as exc:
+                    st.error(f"{key}: no deletion / insertion curves: {exc}")
+                    continue
                 rows += r
                 prefix = f"{key} " if len(current.models) > 1 else ""
                 curves.update({f"{prefix}{k}".replace(" / ", " "): v for k, v in c.items()})
@@ -253,9 +267,12 @@ def _metrics(current: Current) -> None:
         panel = [p for p in current.panels if p.model == model and p.method == method][0]
         prepared, _, _ = current.prepared(model)
         with st.spinner("Randomising the model's weights from the top, layer by layer..."):
-            st.session_state["random_result"] = metrics.randomisation_check(
-                current.entry(model), prepared.tensor, method, panel.target, current.request.get("options"),
-                current.request.get("seed") or 0)
+            try:
+                st.session_state["random_result"] = metrics.randomisation_check(
+                    current.entry(model), prepared.tensor, method, panel.target, current.request.get("options"),
+                    current.request.get("seed") or 0)
+            except MedlensError as exc:
+                st.error(f"{model}: the randomisation check cannot run: {exc}")
     if "random_result" in st.session_state:
         res = st.session_state["random_result"]
         verdict = "passes" if res["passes"] else "FAILS"
