@@ -6,6 +6,7 @@ in medlens's calls), the order alternating (ABBA) after one warm-up of each; med
 
     transformer_attribution   1 target
     lrp                       AttnLRP rules, 1 target
+    lrp_softmax               the same with AttnLRP's own softmax rule (softmax="attnlrp"), 1 target
     six CAMs x 14 targets     gradcam, gradcam++, xgradcam, hirescam, layercam, eigengradcam in one call
     gradcam vs pytorch-grad-cam   both at the last block's ln_1 (theirs with its reshape transform), 1 target
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--only", default="", help="comma list of: attribution, lrp, cams, peer")
+    parser.add_argument("--only", default="", help="comma list of: attribution, lrp, lrp_softmax, cams, peer")
     parser.add_argument("--short", action="store_true", help="batch 1, 1 thread, 1 pair per case (a quick check)")
     args = parser.parse_args()
     if args.short:
@@ -94,6 +95,8 @@ def main() -> None:
             cases = {
                 "attribution": ("transformer_attribution", lambda: medlens.explain(model, x, "transformer_attribution", targets=[target])),
                 "lrp": ("lrp (AttnLRP)", lambda: medlens.explain(model, x, "lrp", targets=[target])),
+                "lrp_softmax": ("lrp (AttnLRP, softmax='attnlrp')",
+                                lambda: medlens.explain(model, x, "lrp", targets=[target], softmax="attnlrp")),
                 "cams": ("six CAMs x 14 targets", lambda: medlens.explain(model, x, SIX, targets=list(range(14)))),
             }
             for key, (name, run) in cases.items():

@@ -121,3 +121,18 @@ def test_a_bad_softmax_choice_and_softmax_on_a_cnn_are_refused(block):
     cnn = make_tiny2d(0, in_channels=1, num_classes=2)
     with pytest.raises(MethodError, match="attention of vision transformers"):
         medlens.explain(cnn, torch.randn(1, 1, 16, 16), "lrp", softmax="attnlrp")
+
+
+@pytest.mark.parametrize("name", ["tv_vit", "timm_vit"])
+def test_the_softmax_rule_runs_on_library_vits_and_leaves_them_as_found(name):
+    from transformer_models import build
+
+    model, size = build(name)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = medlens.explain(model, x, "lrp", targets=0, softmax="attnlrp")
+    held = medlens.explain(model, x, "lrp", targets=0)
+    assert torch.isfinite(own["lrp"]).all() and own["lrp"].abs().amax() > 0
+    assert not torch.allclose(own["lrp"], held["lrp"])  # relevance now also flows through queries and keys
+    assert own.provenance["methods"]["lrp"]["softmax"] == "attnlrp"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

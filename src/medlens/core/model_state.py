@@ -4,6 +4,7 @@
 handle, and on exit (also on error) removes them and restores modes, `requires_grad` flags and `.grad`.
 Borrowing is serialised per model: calls on one model wait for each other, calls on two models run at once.
 `override_forward()` gives modules a temporary instance `forward` for one block (LRP, integrated gradients).
+`module_tree()` lists a model's modules and parameters in one walk (the borrow and the digest's cache key use it).
 """
 from __future__ import annotations
 

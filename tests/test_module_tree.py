@@ -1,0 +1,39 @@
+"""`module_tree` (the one walk the borrow and the model digest use) lists exactly `modules()` and `parameters()`, in
+their order, shared submodules and parameters once; the digest's cache still sees a parameter changed in place or
+replaced."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medlens.core.digests import model_digest
+from medlens.core.model_state import module_tree
+
+from helpers import make_tiny2d
+
+
+def test_module_tree_equals_modules_and_parameters_with_shared_ones_once():
+    shared = nn.Linear(3, 3)
+    models = [make_tiny2d(0), nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.Identity()), shared)]
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight  # one parameter in two modules
+    for model in [*models, tied]:
+        modules, params = module_tree(model)
+        assert [id(m) for m in modules] == [id(m) for m in model.modules()]
+        assert [id(p) for p in params] == [id(p) for p in model.parameters()]
+
+
+def test_the_digest_changes_when_a_parameter_changes_in_place_or_is_replaced():
+    model = make_tiny2d(0)
+    first = model_digest(model)
+    assert model_digest(model) == first
+    linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    original = linear.bias.detach().clone()
+    with torch.no_grad():
+        linear.bias.add_(1.0)
+    second = model_digest(model)
+    assert second != first
+    linear.bias = nn.Parameter(original)
+    assert model_digest(model) == first  # the same values again: the same digest, recomputed
+    model.register_buffer("extra", torch.zeros(2))
+    assert model_digest(model) != first
