@@ -11,7 +11,8 @@ Conventions (documented for users in `medlens methods`):
   (signed, so completeness still holds: the map sums to what the channels sum to);
 - `saliency` is the signed gradient (not its absolute value; take `abs()` when rendering if you want it);
 - `inputxgradient` is (x - reference) x gradient, the reference being the scan's black in the model's input space
-  (option `reference="zero"`, the default; the plain x x gradient when the model does not normalise, or with
+  (its air, measured in the image's frame when that is dark: `core.baselines.air_level`; option `reference="zero"`,
+  the default; the plain x x gradient when the model does not normalise, or with
   `reference="spec-zero"`): black background then carries no attribution, whatever the normalisation's mean.
 """
 from __future__ import annotations
