@@ -103,10 +103,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--explain-output", default="logit", choices=["logit", "log-probability", "contrast"],
+                        help="The score Grad-CAM explains (medlens explain --explain-output).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = medlens.load_model(args.model)
-    plan = plan_for(model, ExplainRequest.build(["gradcam"], formats="png,npz"))
+    plan = plan_for(model, ExplainRequest.build(["gradcam"], formats="png,npz",
+                                                       options={"output": args.explain_output}))
     slices = scan_folder(args.data, splits=["test"])
     chosen = sorted(random.Random(args.seed).sample(range(len(slices)), min(args.limit, len(slices))))
     rows, t0 = [], time.perf_counter()
@@ -117,7 +120,7 @@ def main() -> None:
                 print(f"{n + 1}/{len(chosen)} slices, {time.perf_counter() - t0:.0f} s", flush=True)
                 summary = summarise(args, rows, t0)  # written as it goes: an interrupted run keeps its slices
     n = len(rows)
-    print(f"{args.model}, {n} test slices (seed {args.seed}), default Grad-CAM picture, load {os.getloadavg()[0]:.1f}, "
+    print(f"{args.model}, {n} test slices (seed {args.seed}), Grad-CAM picture of the {args.explain_output}, load {os.getloadavg()[0]:.1f}, "
           f"{time.perf_counter() - t0:.0f} s")
     for k, v in summary.items():
         print(f"  {k:28s} {v if isinstance(v, int) else f'{v:.3f}'}" + (f"  ({v / n:.2f})" if isinstance(v, int) else ""))
@@ -131,7 +134,7 @@ def summarise(args: argparse.Namespace, rows: list[dict], t0: float) -> dict:
     summary["mean_hottest_inside_share"] = float(np.mean([r["hottest_inside_share"] for r in rows]))
     summary["correct_predictions"] = sum(r["target"] == r["label"] for r in rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"n": len(rows), "seed": args.seed, "load": os.getloadavg()[0],
+        Path(args.out).write_text(json.dumps({"n": len(rows), "seed": args.seed, "output": args.explain_output, "load": os.getloadavg()[0],
                                               "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
                                               "rows": rows}, indent=1, default=bool))
     return summary
