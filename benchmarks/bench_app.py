@@ -1,7 +1,9 @@
 """Web app speed, measured in headless Chromium: from pressing Explain to the first overlay on the bundled brain model
 with gradcam, gradcam++ and lrp (goal < 1.5 s), and from moving the threshold slider to the redrawn 2 x 3 grid of
-interactive (Plotly) overlays, every picture replaced (goal < 0.3 s). Medians of repeats (the threshold alternating
-between two levels); the first Explain (the model loaded from disk) is reported apart; the load average is printed.
+interactive overlays (goal < 0.3 s): in the page, from the click (a capture-phase timestamp) to the animation frame
+after the last overlay page redrew its canvas; and, as seen from the test driver, until every overlay shows the new
+threshold. Medians of repeats (the threshold alternating between two levels); the first Explain (the model loaded from
+disk) is reported apart; the load average is printed.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_app.py [--repeats 7] [--short]
 """
@@ -34,6 +36,7 @@ def _scans(folder: Path, n: int) -> list[Path]:
 def measure(repeats: int) -> dict[str, object]:
     explain_times: list[float] = []
     threshold_times: list[float] = []
+    driver_times: list[float] = []
     with tempfile.TemporaryDirectory() as temp:
         scans = _scans(Path(temp), repeats + 1)
         with ab.served_app() as url, ab.browser_page(url, width=1500, height=1900) as page:
@@ -68,13 +71,14 @@ def measure(repeats: int) -> dict[str, object]:
             for n in range(repeats):
                 before = ab.image_sources(page)
                 t0 = time.perf_counter()
-                ab.click_slider(page, "Threshold", 0.5 if n % 2 == 0 else 0.8)
+                level = 0.5 if n % 2 == 0 else 0.8
+                threshold_times.append(ab.redraw_seconds(page, 6, lambda: ab.click_slider(page, "Threshold", level)))
                 ab.wait_images(page, 6, changed_from=before, changed=changing)
-                threshold_times.append(time.perf_counter() - t0)
+                driver_times.append(time.perf_counter() - t0)
                 ab.wait_idle(page)
     return {"explain_first_overlay_s": statistics.median(explain_times), "explain_all_s": explain_times,
             "explain_cold_s": cold, "threshold_redraw_s": statistics.median(threshold_times),
-            "threshold_all_s": threshold_times}
+            "threshold_all_s": threshold_times, "threshold_driver_s": driver_times}
 
 
 def main() -> None:
@@ -92,10 +96,12 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
     print(f"Explain -> first overlay (brain-tumor-mri; gradcam, gradcam++, lrp): median {result['explain_first_overlay_s']:.3f} s "
           f"over {args.repeats} new scans (goal < 1.5 s); first Explain with the model loading: {result['explain_cold_s']:.3f} s")
-    print(f"threshold slider -> redrawn 2 x 3 grid: median {result['threshold_redraw_s']:.3f} s over {args.repeats} moves "
-          f"(goal < 0.3 s)")
+    print(f"threshold slider -> redrawn 2 x 3 grid (in the page: click -> frame after the last canvas): median "
+          f"{result['threshold_redraw_s']:.3f} s over {args.repeats} moves (goal < 0.3 s); seen from the driver: median "
+          f"{statistics.median(result['threshold_driver_s']):.3f} s")
     print("all explain:", [round(t, 3) for t in result["explain_all_s"]])
-    print("all threshold:", [round(t, 3) for t in result["threshold_all_s"]])
+    print("all threshold (in the page):", [round(t, 3) for t in result["threshold_all_s"]])
+    print("all threshold (driver):", [round(t, 3) for t in result["threshold_driver_s"]])
 
 
 if __name__ == "__main__":
