@@ -263,7 +263,7 @@ def canvas_pixels(page: Any, index: int) -> Any:
 
 #: in the page: when a control was last changed (a key or a click, in the capture phase: before Streamlit sees it)
 _STAMP = """() => { if (!window.medlensInput) { window.medlensInput = 0;
-  for (const kind of ['keydown', 'mousedown']) document.addEventListener(kind,
+  for (const kind of ['keydown', 'pointerdown']) document.addEventListener(kind,
     () => { window.medlensInput = performance.timeOrigin + performance.now(); }, true); } }"""
 
 
