@@ -45,7 +45,7 @@ region=new Uint8Array(o);draw(level());watch();img.dataset.ready="1";});
 // the threshold is the page's Streamlit slider (one control for every overlay and the exports): read in the browser
 function slider(){try{return window.parent.document.querySelector(SLIDER);}catch(e){return null;}}
 function level(){const s=slider();const v=s?parseFloat(s.value):NaN;return isNaN(v)?0:v;}
-function cutoff(q){if(q<=0)return 0;if(MODE!=="quantile")return q*TOP;
+function cutoff(q){if(q<=0)return 0;if(MODE!=="quantile")return Math.fround(q*TOP);
 if(!sorted){sorted=Float32Array.from(plane,Math.abs).sort();}
 const x=q*(sorted.length-1), lo=Math.floor(x), hi=Math.min(lo+1,sorted.length-1), t=x-lo, a=sorted[lo], b=sorted[hi];
 return Math.fround(t>=0.5?b-(b-a)*(1-t):a+(b-a)*t);}
