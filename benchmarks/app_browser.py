@@ -21,13 +21,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # the pictures in the page: Streamlit images, and the interactive overlays (each a small page in an iframe)
 OVERLAY = '[data-testid="stMain"] iframe[data-testid="stIFrame"]'
 IMAGE = '[data-testid="stMain"] [data-testid="stImage"] img, ' + OVERLAY
-# an <img>: its source; an overlay: a digest of the picture its page shows once loaded ("loading" until then)
+# an <img>: its source; an overlay: what its canvas shows once drawn (its view and threshold; "loading" until then)
 _SOURCES = """els => els.map(e => {
   if (e.tagName.toLowerCase() === 'img') return e.src;
   const doc = e.contentDocument, pic = doc && doc.getElementById('picture');
-  if (!pic || !pic.complete || !pic.naturalWidth || doc.readyState !== 'complete') return 'loading';
-  let h = 0; const s = pic.src; for (let i = 0; i < s.length; i += 7) h = (h * 31 + s.charCodeAt(i)) | 0;
-  return 'overlay:' + s.length + ':' + h;
+  if (!pic || !pic.dataset.drawn || doc.readyState !== 'complete') return 'loading';
+  return 'overlay:' + pic.dataset.drawn;
 })"""
 
 
@@ -231,3 +230,53 @@ def hover_picture(page: Any, index: int, row: float, col: float, shape: tuple[in
     except Exception:  # noqa: BLE001 - no read-out: the caller's assertion says so
         return ""
     return label.text_content() or ""
+
+
+def slider_value(page: Any, label: str) -> float:
+    """The value the slider labelled `label` shows now."""
+    slider = page.locator('[data-testid="stSlider"]').filter(has_text=label).first.get_by_role("slider")
+    return float(slider.input_value())
+
+
+def mark_overlays(page: Any) -> int:
+    """Mark every overlay's document (a reloaded overlay loses its mark); returns how many were marked."""
+    return page.locator(OVERLAY).evaluate_all("els => els.map(e => { e.contentWindow.medlensMark = 1; }).length")
+
+
+def overlays_kept(page: Any, count: int) -> bool:
+    """Whether the first `count` overlays are still the documents `mark_overlays` marked (none reloaded)."""
+    marks = page.locator(OVERLAY).evaluate_all("els => els.map(e => e.contentWindow.medlensMark === 1)")
+    return len(marks) >= count and all(marks[:count])
+
+
+def canvas_pixels(page: Any, index: int) -> Any:
+    """The `index`-th overlay's canvas as drawn (uint8 RGB at the picture's own size)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    url = overlay_picture(page, index).evaluate("c => c.toDataURL('image/png')")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+#: in the page: when a control was last changed (a key or a click, in the capture phase: before Streamlit sees it)
+_STAMP = """() => { if (!window.medlensInput) { window.medlensInput = 0;
+  for (const kind of ['keydown', 'pointerdown']) document.addEventListener(kind,
+    () => { window.medlensInput = performance.timeOrigin + performance.now(); }, true); } }"""
+
+
+def redraw_seconds(page: Any, count: int, action: Any, timeout: float = 30.0) -> float:
+    """Seconds from the control change `action()` makes to the frame that shows the last of `count` overlays redrawn
+    (each overlay page stamps the animation frame after it draws)."""
+    page.evaluate(_STAMP)
+    before = page.locator(OVERLAY).evaluate_all("els => els.map(e => (e.contentWindow.medlensDrawn || {}).frame || 0)")
+    action()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        frames = page.locator(OVERLAY).evaluate_all("els => els.map(e => (e.contentWindow.medlensDrawn || {}).frame || 0)")
+        if len(frames) >= count and all(f > b for f, b in zip(frames[:count], before[:count])):
+            return (max(frames[:count]) - page.evaluate("() => window.medlensInput")) / 1000.0
+        page.wait_for_timeout(10)
+    raise TimeoutError(f"{count} overlays were not redrawn")

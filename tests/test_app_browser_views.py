@@ -1,7 +1,7 @@
 """The app's interactive overlays in a real headless Chromium (Playwright, Debian's /usr/bin/chromium): the read-out
 under the cursor equals the map at that pixel (computed here with `medlens.explain`), a threshold move redraws the
-picture, and a segmentation model's predicted mask (computed here from the model's output) is what its overlay
-outlines. One server and one page for the module; skips only when no browser is present."""
+canvas in the browser (no reload) as the server draws the exported picture, and a segmentation model's predicted mask
+(computed here from the model's output) is what its overlay outlines. One server and one page for the module; skips only when no browser is present."""
 from __future__ import annotations
 
 import io
@@ -18,7 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import app_browser as ab  # noqa: E402
 
 import medlens  # noqa: E402
+from medlens.app.catalogue import ModelCatalogue  # noqa: E402
 from medlens.app.inputs import SAMPLES, load_sample, prepare_input  # noqa: E402
+from medlens.app.maps import MapStore  # noqa: E402
+from medlens.app.session import Current  # noqa: E402
+from medlens.app.views import ViewSettings, overlay_rgb  # noqa: E402
 
 pytestmark = pytest.mark.skipif(ab.browser_missing() is not None, reason=f"no browser: {ab.browser_missing()}")
 
@@ -65,11 +69,34 @@ def test_the_cursor_reads_the_maps_value_and_a_threshold_redraws(page):
         assert _number("scan grey", text) == round(float(grey[i, j]) * 255), text
     page.mouse.move(0, 0)
     before = ab.image_sources(page)
-    ab.set_slider(page, "Threshold", "End")
-    ab.wait_images(page, 2, changed_from=before)  # both overlays redrawn with the threshold
+    frames = ab.mark_overlays(page)
+    ab.click_slider(page, "Threshold", 0.6)
+    ab.wait_images(page, 2, changed_from=before)  # both overlays redrawn in the browser with the threshold
     ab.wait_idle(page)
+    assert ab.overlays_kept(page, frames), "a threshold move reloaded an overlay (it must redraw in place)"
+    level = ab.slider_value(page, "Threshold")
+    assert 0.3 < level < 0.9
+    drawn = ab.canvas_pixels(page, 0)  # the canvas as drawn in the browser, against the server's render (exports)
+    server = _server_render(prepared, ViewSettings(threshold=level))
+    assert drawn.shape == server.shape
+    off = np.abs(drawn.astype(int) - server.astype(int)).max(axis=2)
+    assert (off > 3).mean() <= 0.002 and np.median(off) <= 1, f"{(off > 3).sum()} pixels differ by more than 3"
+    assert (np.abs(server.astype(int) - [0, 220, 255]).max(axis=2) == 0).sum() > 0  # the threshold outline is there
     ab.set_slider(page, "Threshold", "Home")
     ab.wait_idle(page)
+
+
+def _server_render(prepared, settings: ViewSettings) -> np.ndarray:
+    """phantom-lesion's gradcam overlay as the server draws it (the exported PNG's picture) with `settings`."""
+    catalogue = ModelCatalogue()
+    loaded = load_sample(SAMPLES[0])
+    request = {"input": loaded.digest, "models": ["phantom-lesion"], "methods": ["gradcam"], "options": {},
+               "seed": None, "axis": "axial", "index": None, "targets": {}}
+    current = Current(catalogue, MapStore(), loaded, request, settings)
+    current.compute_all()
+    panel = current.panels[0]
+    _, _, picture = current.drawn(panel)
+    return overlay_rgb(panel.view.display, picture, current.scale(panel), settings, panel.view.region)[0]
 
 
 def test_a_segmentation_models_predicted_mask_is_outlined_on_its_explanation(page, tmp_path):

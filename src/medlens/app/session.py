@@ -12,8 +12,8 @@ from medlens.app.catalogue import ModelCatalogue, ModelEntry
 from medlens.app.export import ExportItem, build_zip, command_lines, overlay_title
 from medlens.app.inputs import LoadedInput, prepare_input
 from medlens.app.maps import MapStore, method_options
-from medlens.app.figures import data_url, overlay_page, png_bytes, readout_bytes
-from medlens.app.views import ViewSettings, Scale, drawn, overlay_png, overlay_rgb, scale_for
+from medlens.app.figures import canvas_bytes, data_url, overlay_page, readout_bytes
+from medlens.app.views import ViewSettings, Scale, drawn, overlay_planes, overlay_png, scale_for
 from medlens.core.model_description import describe
 from medlens.core.registry import get_spec
 from medlens.errors import MedlensError
@@ -168,27 +168,30 @@ class Current:
         return overlay_png(panel.display, values, lines, self.scale(panel), self.settings, panel.region, how)
 
     def page(self, panel: Panel, publish: Callable[[bytes, str, str], str] = lambda data, mime, _: data_url(data, mime)) -> str:
-        """The panel's interactive overlay (an HTML page): the picture as `png` draws it, the colour bar, and the map's
-        value and the scan's grey level under the cursor (at the model pixel there). `publish(bytes, mimetype, name)`
-        gives the URL the page reads bytes from (the app serves them; a data URL by default)."""
+        """The panel's interactive overlay (an HTML page): the overlay drawn in the browser as `png` draws it (the
+        threshold read from the page's slider), the colour bar, and the map's value and the scan's grey level under
+        the cursor (at the model pixel there). `publish(bytes, mimetype, name)` gives the URL the page reads bytes
+        from (the app serves them; a data URL by default). The page does not depend on the threshold."""
         values, how, picture = self.drawn(panel)
         scale = self.scale(panel)
         if panel.view is not None:
-            rgb, k = overlay_rgb(panel.view.display, picture, scale, self.settings, panel.view.region)
+            image, plane, region, k = overlay_planes(panel.view.display, picture, panel.view.region)
         else:
-            rgb, k = overlay_rgb(panel.display, values, scale, self.settings, panel.region)
-        key = ("readout", self.settings.signed, k)
-        if key not in panel.cache:  # the read-out's bytes are the same for every redraw
+            image, plane, region, k = overlay_planes(panel.display, values, panel.region)
+        key = ("page bytes", self.settings.signed)
+        if key not in panel.cache:  # the bytes are the same for every redraw (threshold, opacity, colour map)
             grey = np.asarray(panel.display, dtype=np.float32)
             if k is not None:  # a volume: the slice drawn
                 values, grey = values[k], (grey[k] if grey.ndim == 3 else grey)
-            panel.cache[key] = readout_bytes(values, grey)
-        value_bytes, grey_bytes, grid = panel.cache[key]
+            panel.cache[key] = readout_bytes(values, grey), canvas_bytes(np.asarray(image, np.float32), plane, region)
+        (value_bytes, grey_bytes, grid), (scan_bytes, plane_bytes, region_bytes) = panel.cache[key]
         name = f"{panel.model}|{panel.method}|{panel.target}"
-        return overlay_page(publish(png_bytes(rgb), "image/png", name + "|picture"),
-                            publish(value_bytes, "application/octet-stream", name + "|values"),
-                            publish(grey_bytes, "application/octet-stream", name + "|grey"),
-                            rgb.shape[:2], grid, scale, panel.title, display_label(how, scale))
+        octets = "application/octet-stream"
+        urls = {part: publish(data, octets, f"{name}|{part}") for part, data in
+                (("values", value_bytes), ("grey", grey_bytes), ("scan", scan_bytes), ("plane", plane_bytes))}
+        urls["region"] = publish(region_bytes, octets, name + "|region") if region_bytes else data_url(b"", octets)
+        return overlay_page(urls, plane.shape[:2], grid, scale, (self.settings.opacity, self.settings.threshold_mode),
+                            panel.title, display_label(how, scale))
 
     def export_zip(self) -> bytes:
         """The ZIP of every panel as drawn now, the raw maps, provenance and the equivalent command lines."""

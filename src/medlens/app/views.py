@@ -71,7 +71,8 @@ def kept(amap: np.ndarray, mode: str, level: float, scale: Optional[Scale] = Non
     raise InputError(f"unknown threshold mode {mode!r}; use 'quantile' or 'value'.")
 
 
-def _planes(display: np.ndarray, amap: np.ndarray, region: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[int]]:
+def overlay_planes(display: np.ndarray, amap: np.ndarray, region: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[int]]:
+    """(image, map, region) of the plane an overlay draws (a volume: the slice with the largest map mass), and k."""
     if amap.ndim == 3:  # a 3-D model's map: the slice with the largest mass, as medlens's overlays do
         k = best_slice(amap)
         return (display[k] if display.ndim == 3 else display), amap[k], (region[k] if region is not None and region.ndim == 3 else region), k
@@ -82,7 +83,7 @@ def overlay_rgb(display: np.ndarray, amap: np.ndarray, scale: Scale, settings: V
                 region: Optional[np.ndarray] = None) -> tuple[np.ndarray, Optional[int]]:
     """uint8 RGB: the map blended on the image below the threshold hidden, the kept part outlined (cyan), the region
     outlined (green); and the slice drawn for a volume."""
-    image, plane, region_plane, k = _planes(np.asarray(display, dtype=np.float32), np.asarray(amap, dtype=np.float32), region)
+    image, plane, region_plane, k = overlay_planes(np.asarray(display, dtype=np.float32), np.asarray(amap, dtype=np.float32), region)
     keep = kept(plane, settings.threshold_mode, settings.threshold, scale)
     rgb = blend(image, np.where(keep, plane, 0.0), scale, alpha=settings.opacity)
     if settings.threshold > 0:
