@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = ("torchvision", "matplotlib", "pydicom", "nibabel", "highdicom", "pandas", "skimage")
 # What torch itself imports lazily on the way to the first map: sympy (through torch.fx's symbolic shapes) comes
 # with the first backward given `grad_outputs`, about a second on its own; a one-target run needs none of it.
-FIRST_RESULT_HEAVY = tuple(n for n in HEAVY if n != "matplotlib") + ("sympy", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "tqdm.auto")
+FIRST_RESULT_HEAVY = HEAVY + ("sympy", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "tqdm.auto")
 
 # One subprocess for both checks (a fresh interpreter costs seconds on a loaded machine): the modules after the
 # CLI and a bundled model load, then after `medlens batch` on one small image has written its first result.
@@ -58,6 +58,20 @@ def test_cli_and_bundled_model_load_without_heavy_imports(imported):
     assert not _heavy(imported["after_load"], HEAVY), f"imported at start-up: {_heavy(imported['after_load'], HEAVY)}"
 
 
-def test_batch_first_result_without_sympy(imported):
+def test_batch_first_result_without_sympy_or_matplotlib(imported):
     found = _heavy(imported["after_batch"], FIRST_RESULT_HEAVY)
     assert not found, f"imported on the way to the first result of `medlens batch`: {found}"
+
+
+def test_default_colour_tables_are_matplotlibs():
+    """The copied tables of the default colour maps are matplotlib's own, value for value (the PNGs stay the same)."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    from medlens.io.colour_tables import colour_table
+    from medlens.io.render import DIVERGING_CMAP, SEQUENTIAL_CMAP
+
+    for name in (SEQUENTIAL_CMAP, DIVERGING_CMAP):
+        reference = (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+        assert np.array_equal(colour_table(name), reference), name
+    assert colour_table("viridis") is None  # the others still come from matplotlib
