@@ -18,6 +18,9 @@ HEAVY = ("torchvision", "matplotlib", "pydicom", "nibabel", "highdicom", "pandas
 # What torch itself imports lazily on the way to the first map: sympy (through torch.fx's symbolic shapes) comes
 # with the first backward given `grad_outputs`, about a second on its own; a one-target run needs none of it.
 FIRST_RESULT_HEAVY = HEAVY + ("sympy", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "tqdm.auto")
+# The commands `medlens batch` does not use, and what they bring (training, evaluation, the app, reports).
+OTHER_COMMANDS = ("medlens.cli.demo", "medlens.cli.evaluate", "medlens.cli.train", "medlens.cli.app", "medlens.cli.serve",
+                  "medlens.cli.report", "medlens.training", "medlens.evaluation_run")
 
 # One subprocess for both checks (a fresh interpreter costs seconds on a loaded machine): the modules after the
 # CLI and a bundled model load, then after `medlens batch` on one small image has written its first result.
@@ -59,7 +62,7 @@ def test_cli_and_bundled_model_load_without_heavy_imports(imported):
 
 
 def test_batch_first_result_without_sympy_or_matplotlib(imported):
-    found = _heavy(imported["after_batch"], FIRST_RESULT_HEAVY)
+    found = _heavy(imported["after_batch"], FIRST_RESULT_HEAVY + OTHER_COMMANDS)
     assert not found, f"imported on the way to the first result of `medlens batch`: {found}"
 
 
@@ -75,3 +78,13 @@ def test_default_colour_tables_are_matplotlibs():
         reference = (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
         assert np.array_equal(colour_table(name), reference), name
     assert colour_table("viridis") is None  # the others still come from matplotlib
+
+
+def test_lazy_commands_are_named_as_their_modules_export_them():
+    import importlib
+
+    from medlens.cli.group import LAZY_COMMANDS, cli
+
+    for name, module in LAZY_COMMANDS.items():
+        assert [c.name for c in importlib.import_module(module).COMMANDS] == [name], module
+    assert set(LAZY_COMMANDS) <= set(cli.commands)  # a full listing (help, the docs tools) imports them all
