@@ -11,17 +11,80 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 HEAVY = ("torchvision", "matplotlib", "pydicom", "nibabel", "highdicom", "pandas", "skimage")
+# What torch itself imports lazily on the way to the first map: sympy (through torch.fx's symbolic shapes) comes
+# with the first backward given `grad_outputs`, about a second on its own; a one-target run needs none of it.
+FIRST_RESULT_HEAVY = HEAVY + ("sympy", "torch.fx.experimental.symbolic_shapes", "torch._dynamo", "tqdm.auto")
+# The commands `medlens batch` does not use, and what they bring (training, evaluation, the app, reports).
+OTHER_COMMANDS = ("medlens.cli.demo", "medlens.cli.evaluate", "medlens.cli.train", "medlens.cli.app", "medlens.cli.serve",
+                  "medlens.cli.report", "medlens.training", "medlens.evaluation_run")
+
+# One subprocess for both checks (a fresh interpreter costs seconds on a loaded machine): the modules after the
+# CLI and a bundled model load, then after `medlens batch` on one small image has written its first result.
+_PROBE = """
+import sys, json
+import numpy as np
+from PIL import Image
+import medlens.cli.group
+import medlens
+medlens.load_model('brain-tumor-mri')
+after_load = sorted(sys.modules)
+work = sys.argv[1]
+Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)).save(work + '/one.png')
+code = medlens.cli.group.main(['batch', work + '/one.png', '--model', 'brain-tumor-mri', '--methods', 'gradcam',
+                               '--out', work + '/out', '--threads', '1'])
+print(json.dumps({'after_load': after_load, 'after_batch': sorted(sys.modules), 'code': code}))
+"""
 
 
-def _imported_after(code: str) -> set[str]:
-    probe = f"import sys, json\n{code}\nprint(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("startup")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(work)], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0, out.stderr
+    assert list((work / "out" / "maps").glob("*/gradcam_*.png")), "the batch wrote no overlay"
+    return result
 
 
-def test_cli_and_bundled_model_load_without_heavy_imports():
-    loaded = _imported_after("import medlens.cli.group\nimport medlens\nmedlens.load_model('brain-tumor-mri')")
-    assert not loaded & set(HEAVY), f"imported at start-up: {sorted(loaded & set(HEAVY))}"
+def _heavy(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    loaded = set(modules)
+    return sorted(n for n in names if n in loaded)
+
+
+def test_cli_and_bundled_model_load_without_heavy_imports(imported):
+    assert not _heavy(imported["after_load"], HEAVY), f"imported at start-up: {_heavy(imported['after_load'], HEAVY)}"
+
+
+def test_batch_first_result_without_sympy_or_matplotlib(imported):
+    found = _heavy(imported["after_batch"], FIRST_RESULT_HEAVY + OTHER_COMMANDS)
+    assert not found, f"imported on the way to the first result of `medlens batch`: {found}"
+
+
+def test_default_colour_tables_are_matplotlibs():
+    """The copied tables of the default colour maps are matplotlib's own, value for value (the PNGs stay the same)."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    from medlens.io.colour_tables import colour_table
+    from medlens.io.render import DIVERGING_CMAP, SEQUENTIAL_CMAP
+
+    for name in (SEQUENTIAL_CMAP, DIVERGING_CMAP):
+        reference = (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+        assert np.array_equal(colour_table(name), reference), name
+    assert colour_table("viridis") is None  # the others still come from matplotlib
+
+
+def test_lazy_commands_are_named_as_their_modules_export_them():
+    import importlib
+
+    from medlens.cli.group import LAZY_COMMANDS, cli
+
+    for name, module in LAZY_COMMANDS.items():
+        assert [c.name for c in importlib.import_module(module).COMMANDS] == [name], module
+    assert set(LAZY_COMMANDS) <= set(cli.commands)  # a full listing (help, the docs tools) imports them all

@@ -6,6 +6,7 @@ Each subcommand lives beside what it drives; this module only assembles the grou
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import sys
 import threading
@@ -13,18 +14,53 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
-from medlens.cli import app, batch, commands, demo, evaluate, report, serve, train
+from medlens.cli import batch, commands
 from medlens.errors import MedlensError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands imported only when named (or listed, as by --help): their modules pull in training, evaluation, the app or
+# report code, a noticeable part of `medlens batch`'s start-up (issue 28) for commands that run is not using.
+LAZY_COMMANDS = {"demo": "medlens.cli.demo", "evaluate": "medlens.cli.evaluate", "train": "medlens.cli.train",
+                 "app": "medlens.cli.app", "serve": "medlens.cli.serve", "report": "medlens.cli.report"}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands in `LAZY_COMMANDS` are imported on first use; `commands` lists them all."""
+
+    @property
+    def commands(self) -> dict[str, click.Command]:  # type: ignore[override]
+        for name in list(self._lazy):
+            self._load(name)
+        return self._commands
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._commands = dict(value)
+        self._lazy = dict(LAZY_COMMANDS)
+
+    def _load(self, name: str) -> None:
+        for command in importlib.import_module(self._lazy.pop(name)).COMMANDS:
+            self._commands[command.name] = command
+
+    def add_command(self, cmd: click.Command, name: Optional[str] = None) -> None:
+        self._commands[name or cmd.name] = cmd
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        if cmd_name in self._lazy:
+            self._load(cmd_name)
+        return self._commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self._commands, *self._lazy})
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medlens")
 def cli() -> None:
     """Explain medical image classifiers: which regions drove each finding, and how far to trust it."""
 
 
-for _command in (*commands.COMMANDS, *batch.COMMANDS, *demo.COMMANDS, *evaluate.COMMANDS, *train.COMMANDS, *app.COMMANDS,
-                 *serve.COMMANDS, *report.COMMANDS):
+for _command in (*commands.COMMANDS, *batch.COMMANDS):
     cli.add_command(_command)
 
 

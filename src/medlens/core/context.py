@@ -54,6 +54,11 @@ class LayerPass:
             # One batched backward over the layers above the target layer only: the activation is a leaf, and
             # no parameter requires grad during the call, so nothing below it or on the weights is traced.
             # Measured on densenet121 (224 px, 14 targets): about 2x faster than a loop of backwards, same values.
+            if n_slots == 1:
+                # A scalar's backward: torch imports sympy (about a second) on the first backward given
+                # `grad_outputs`, which the first result of a one-target run does not need to wait for.
+                self._gradients = torch.autograd.grad(picked[:, 0].sum(), self.leaf, retain_graph=True)[0][None].detach()
+                return self._gradients
             eye = torch.eye(n_slots, dtype=picked.dtype, device=picked.device)
             grad_outputs = eye[:, None, :].expand(n_slots, picked.shape[0], n_slots)
             try:

@@ -1,7 +1,7 @@
 """Drawing maps for people: colour scales, overlays with a colour bar and an optional region outline, panels.
 
 Maps are normalised here and only here (one colour scale per method shared by its targets); numpy and Pillow
-compose the images, matplotlib supplies only its colour maps (no figures, no backend).
+compose the images, matplotlib supplies only colour maps other than the defaults (no figures, no backend).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from medlens.errors import OutputError
+from medlens.io.colour_tables import colour_table
 
 SEQUENTIAL_CMAP = "inferno"  # perceptual colour map for non-negative maps
 DIVERGING_CMAP = "RdBu_r"  # diverging colour map centred at 0 for signed maps
@@ -31,6 +32,9 @@ MIN_PANEL_TILE_SIDE = 224  # the same for each cell of a panel
 
 @functools.lru_cache(maxsize=8)
 def _lut(cmap: str) -> np.ndarray:
+    table = colour_table(cmap)  # the default maps' own tables: no matplotlib import before the first overlay
+    if table is not None:
+        return table
     from matplotlib import colormaps
 
     return (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
