@@ -73,14 +73,7 @@ def evaluate(
         raise MethodError("no method was given; pass methods such as 'gradcam,layercam'.")
     plan = plan_for(model, ExplainRequest.build(_names(methods), layer=layer, seed=int(seed)))
     segmentation = describe(model).task == "segmentation"  # region scores: evaluation_run.segmentation
-    if segmentation and not _names(metrics):
-        metrics = list(SEGMENTATION_METRICS)
-    metric_names, options = _metric_settings(metrics, metric_options)
-    if segmentation:
-        metric_names = segmentation_metrics(metric_names)
-        if executor != "serial":
-            raise InputError(f"a segmentation model is evaluated with the serial executor only for now; drop "
-                             f"--executor {executor}.")
+    metric_names, options = _metrics_for(segmentation, metrics, metric_options, executor)
     include = read_include(include)
     if isinstance(dataset, (str, Path)):
         data: Any = FolderDataset(dataset, lambda path: read_input(plan, path).tensor[0], include)
@@ -88,14 +81,8 @@ def evaluate(
         data = dataset
     order = _subset(len(data), limit, seed)
     prior = region_prior(plan, data, order) if any(m in LOCALISATION for m in metric_names) else (None, 0)
-    factory = None
-    if executor != "serial":
-        if model_source is None or not isinstance(dataset, (str, Path)):
-            raise InputError(f"the {executor} executor runs workers that load the model and read the folder themselves: "
-                             f"give the model by name or file (model_source=) and the data as a folder.")
-        request = replace(plan.request, methods=tuple(s.name for s in plan.specs))  # the registry's names
-        recipe = WorkerRecipe(str(model_source), dict(model_options or {}), request, threads=1)  # a core per worker
-        factory = EvaluateTaskFactory(recipe, str(dataset), include, metric_names, options, batch_size, prior)
+    factory = None if executor == "serial" else _task_factory(
+        plan, executor, dataset, model_source, model_options, include, metric_names, options, batch_size, prior)
 
     started = time.perf_counter()
     if segmentation:
@@ -124,6 +111,32 @@ def evaluate(
             "executor": executor if factory is None else {"name": executor, "workers": workers},
         })
     return rows
+
+
+def _metrics_for(segmentation: bool, metrics: Any, metric_options: Optional[dict[str, dict[str, Any]]],
+                 executor: str) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The metric names and options of a run; a segmentation model gets those that apply to region scores."""
+    if segmentation and not _names(metrics):
+        metrics = list(SEGMENTATION_METRICS)
+    metric_names, options = _metric_settings(metrics, metric_options)
+    if segmentation:
+        metric_names = segmentation_metrics(metric_names)
+        if executor != "serial":
+            raise InputError(f"a segmentation model is evaluated with the serial executor only for now; drop "
+                             f"--executor {executor}.")
+    return metric_names, options
+
+
+def _task_factory(plan: Any, executor: str, dataset: Any, model_source: Optional[str],
+                  model_options: Optional[dict[str, Any]], include: Any, metric_names: list[str],
+                  options: dict[str, dict[str, Any]], batch_size: int, prior: Any) -> "EvaluateTaskFactory":
+    """What worker processes need to score groups of batches: the model by source, the folder, the metrics."""
+    if model_source is None or not isinstance(dataset, (str, Path)):
+        raise InputError(f"the {executor} executor runs workers that load the model and read the folder themselves: "
+                         f"give the model by name or file (model_source=) and the data as a folder.")
+    request = replace(plan.request, methods=tuple(s.name for s in plan.specs))  # the registry's names
+    recipe = WorkerRecipe(str(model_source), dict(model_options or {}), request, threads=1)  # a core per worker
+    return EvaluateTaskFactory(recipe, str(dataset), include, metric_names, options, batch_size, prior)
 
 
 def _metric_settings(metrics: Union[str, Sequence[str], None],
