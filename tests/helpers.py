@@ -227,3 +227,23 @@ def layer_output(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.
     finally:
         handle.remove()
     return out["a"]
+
+
+def write_box_folder(root: Path, labels: Sequence[str], per_class: int = 3, size: int = 64,
+                     suffix: str = ".jpg") -> Path:
+    """Class folders of grey images (seeded noise), each with a bright 16-pixel square and its YOLO box file beside
+    it, named 11, 12, ... in the first class, 21, 22, ... in the second; JPEGs at quality 95 or PNGs by `suffix`."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c, cls in enumerate(labels):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            img = (torch.rand(size, size, generator=gen) * 60).to(torch.uint8)
+            r, col = (int(v) for v in torch.randint(4, size - 20, (2,), generator=gen))
+            img[r:r + 16, col:col + 16] = 220
+            name = f"{10 * c + i + 1}"
+            Image.fromarray(img.numpy()).save(root / cls / f"{name}{suffix}", **({"quality": 95} if suffix == ".jpg" else {}))
+            (root / cls / f"{name}.txt").write_text(
+                f"{c} {(col + 8) / size:.4f} {(r + 8) / size:.4f} {16 / size:.4f} {16 / size:.4f}\n")
+    return root

@@ -21,7 +21,7 @@ from medlens.io import prepare, read_image
 from medlens.core.input_spec import InputSpec
 from medlens.core.model_state import hook_count
 
-from helpers import make_tiny2d, make_tiny3d, shared_dataset
+from helpers import write_box_folder, make_tiny2d, make_tiny3d, shared_dataset
 
 LABELS = ["glioma", "meningioma"]
 
@@ -45,20 +45,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: single-thread
 
 
 def write_folder(root: Path, per_class: int = 3, size: int = 64) -> Path:
-    """Class folders of grey JPEGs with a bright square and its YOLO box file beside each image."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for c, cls in enumerate(LABELS):
-        (root / cls).mkdir(parents=True)
-        for i in range(per_class):
-            img = (torch.rand(size, size, generator=gen) * 60).to(torch.uint8)
-            r, col = (int(v) for v in torch.randint(4, size - 20, (2,), generator=gen))
-            img[r:r + 16, col:col + 16] = 220
-            Image.fromarray(img.numpy()).save(root / cls / f"{10 * c + i + 1}.jpg", quality=95)
-            (root / cls / f"{10 * c + i + 1}.txt").write_text(
-                f"{c} {(col + 8) / size:.4f} {(r + 8) / size:.4f} {16 / size:.4f} {16 / size:.4f}\n")
-    return root
+    """Class folders of the LABELS with a bright square and its YOLO box file beside each image."""
+    return write_box_folder(root, LABELS, per_class, size, suffix=".jpg")
 
 
 def tiny_model() -> torch.nn.Module:

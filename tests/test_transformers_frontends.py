@@ -26,6 +26,7 @@ from medlens.evaluation_run.dataset import FolderDataset
 from medlens.pipeline import ExplainRequest, WorkerRecipe, explain_prepared, plan_for, read_input
 
 from batch_helpers import close_maps, manifest, maps_of, phantom_folder, run_cli
+from helpers import write_box_folder
 
 METHODS = ["gradcam", "saliency", "attention_rollout"]
 LABELS = ["glioma", "meningioma"]  # the class folders of write_folder
@@ -68,19 +69,8 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_folder(root: Path, per_class: int = 2, size: int = 64) -> Path:
-    """Class folders of grey PNGs, each with a bright square and its YOLO box file beside it."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for c, cls in enumerate(LABELS):
-        (root / cls).mkdir(parents=True)
-        for i in range(per_class):
-            img = (torch.rand(size, size, generator=gen) * 60).to(torch.uint8)
-            r, col = (int(v) for v in torch.randint(4, size - 20, (2,), generator=gen))
-            img[r:r + 16, col:col + 16] = 220
-            Image.fromarray(img.numpy()).save(root / cls / f"{i + 1}.png")
-            (root / cls / f"{i + 1}.txt").write_text(f"{c} {(col + 8) / size:.4f} {(r + 8) / size:.4f} 0.25 0.25\n")
-    return root
+    """Class folders of the LABELS with a bright square and its YOLO box file beside each image."""
+    return write_box_folder(root, LABELS, per_class, size, suffix=".png")
 
 
 def _source(kind: str, request: pytest.FixtureRequest) -> tuple[str, dict]:
