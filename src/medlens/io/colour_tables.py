@@ -3,6 +3,8 @@
 matplotlib's import costs a fraction of a second before the first overlay of a run; these are its own tables
 (256 entries x RGB, 0-255 as float32, as `colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255` gives them),
 copied here and checked against matplotlib in tests/test_startup.py. Other colour maps come from matplotlib.
+Credit: inferno by Nathaniel J. Smith and Stefan van der Walt (CC0); RdBu from ColorBrewer by Cynthia A. Brewer
+(Apache-2.0 style licence).
 """
 from __future__ import annotations
 
