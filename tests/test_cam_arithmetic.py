@@ -143,3 +143,21 @@ def test_top_eigenpair_falls_back_to_eigh_when_the_lu_path_fails(monkeypatch):
     values, vectors = torch.linalg.eigh(gram)
     torch.testing.assert_close(top, values[:, -1])
     torch.testing.assert_close((vector * vectors[..., -1]).sum(dim=1).abs(), torch.ones(3, dtype=torch.float64))
+
+
+def test_top_eigenpair_of_large_grams_never_calls_the_batched_lu(monkeypatch):
+    import medlens.families.cam_arithmetic as arithmetic
+
+    gen = torch.Generator().manual_seed(1)
+    n = arithmetic.LU_LIMIT + 1  # a ViT's 14 x 14 token grid is 196
+    a = torch.randn(2, n, n, dtype=torch.float64, generator=gen)
+    gram = a @ a.transpose(1, 2)
+
+    def refuse(*args, **kwargs):  # with two threads oneMKL prints errors to stderr for these sizes
+        raise AssertionError("the batched LU was called on a Gram matrix above LU_LIMIT")
+
+    monkeypatch.setattr(arithmetic.torch.linalg, "lu_factor_ex", refuse)
+    top, vector = arithmetic.top_eigenpair(gram)
+    values, vectors = torch.linalg.eigh(gram)
+    torch.testing.assert_close(top, values[:, -1])
+    torch.testing.assert_close((vector * vectors[..., -1]).sum(dim=1).abs(), torch.ones(2, dtype=torch.float64))

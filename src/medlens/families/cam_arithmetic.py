@@ -147,6 +147,9 @@ def first_component(weighted: torch.Tensor, channel_sum: Optional[torch.Tensor] 
     return (projection * sign).to(weighted.dtype).reshape(b, t, *spatial)
 
 
+LU_LIMIT = 128  # the largest Gram matrix (a CNN's 7 x 7 or 14 x 14 grid) taken through inverse iteration
+
+
 def top_eigenpair(gram: torch.Tensor, tolerance: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest eigenvalue (M,) and a unit eigenvector (M, n) of each symmetric (M, n, n) float64 matrix.
 
@@ -155,9 +158,12 @@ def top_eigenpair(gram: torch.Tensor, tolerance: float = 1e-10) -> tuple[torch.T
     the true eigenvector is at most |G v - l1 v| / (l1 - l2), which must stay below `tolerance`. Matrices that
     fail it (a repeated top eigenvalue, a zero matrix) get `eigh`'s vector, as before.
     """
+    n = gram.shape[-1]
+    if n > LU_LIMIT:  # oneMKL's batched LU of large matrices fails with two threads and prints to stderr: eigh
+        values, vectors = torch.linalg.eigh(gram)
+        return values[:, -1], vectors[..., -1]
     values = torch.linalg.eigvalsh(gram)  # ascending
     top = values[:, -1]
-    n = gram.shape[-1]
     if n == 1:
         return top, torch.ones_like(gram[:, 0])
     scale = values.abs().amax(dim=1)
@@ -169,8 +175,8 @@ def top_eigenpair(gram: torch.Tensor, tolerance: float = 1e-10) -> tuple[torch.T
             vector = torch.linalg.lu_solve(lu, pivots, vector)
             vector = vector / vector.norm(dim=1, keepdim=True)
     except RuntimeError:
-        # Seen with two threads on a batch of 196 x 196 Gram matrices (a ViT's token grid): oneMKL's batched LU
-        # handed back invalid pivots. eigh gives the same vector.
+        # Seen with two threads on a batch of 196 x 196 Gram matrices (a ViT's token grid, now above LU_LIMIT):
+        # oneMKL's batched LU handed back invalid pivots. eigh gives the same vector.
         return top, torch.linalg.eigh(gram)[1][..., -1]
     vector = vector[..., 0]
     residual = ((gram @ vector[..., None])[..., 0] - top[:, None] * vector).norm(dim=1)
