@@ -120,3 +120,20 @@ def test_the_preload_key_names_cpu_models_with_plain_options_only() -> None:
     assert preload_key("m", {"weights": Path("/w.pt")}, "cpu") == preload_key("m", {"weights": "/w.pt"}, "cpu")
     assert preload_key("m", {}, "cuda") is None  # CUDA is never set up before a fork
     assert preload_key("m", {"x": object()}, "cpu") is None
+
+
+def test_a_serial_run_gives_torchs_thread_count_back(tmp_path: Path) -> None:
+    import torch
+
+    import medlens
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = medlens.load_model("phantom-lesion")
+        summary = runner.run_batch([phantom_folder(tmp_path, 2, seed=3)], tmp_path / "out", model=model,
+                                   model_source="phantom-lesion", request=ExplainRequest.build("gradcam", formats="npz"),
+                                   threads=1, progress=False, log=lambda m: None)
+        assert summary.failures == [] and torch.get_num_threads() == 2  # the run used 1, the caller keeps its 2
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from tqdm import tqdm
 
 from medlens.batch.executors import make_executor
@@ -88,20 +89,24 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     recipe = WorkerRecipe(model_source, dict(model_options or {}), request, device, factory_threads,
                           model=model if executor == "serial" else None)
     factory = BatchTaskFactory(recipe, str(out), settings["digest"], region=region)
-    if resume.todo:
-        bar = tqdm(total=len(resume.todo), desc="explaining", unit="input", file=sys.stderr,
-                   disable=not progress or None, dynamic_ncols=True)
-        failed_now = 0
-        with ManifestWriter(manifest_path) as manifest:
-            for record in runner.run(factory, resume.todo, batch_size):
-                manifest.append(record)
-                if on_record is not None:
-                    on_record(record)
-                if record.get("status") != DONE:
-                    failed_now += 1
-                    bar.set_postfix_str(f"{failed_now} failed", refresh=False)
-                bar.update(1)
-        bar.close()
+    threads_before = torch.get_num_threads()  # a serial run sets this process's torch threads: given back after
+    try:
+        if resume.todo:
+            bar = tqdm(total=len(resume.todo), desc="explaining", unit="input", file=sys.stderr,
+                       disable=not progress or None, dynamic_ncols=True)
+            failed_now = 0
+            with ManifestWriter(manifest_path) as manifest:
+                for record in runner.run(factory, resume.todo, batch_size):
+                    manifest.append(record)
+                    if on_record is not None:
+                        on_record(record)
+                    if record.get("status") != DONE:
+                        failed_now += 1
+                        bar.set_postfix_str(f"{failed_now} failed", refresh=False)
+                    bar.update(1)
+            bar.close()
+    finally:
+        torch.set_num_threads(threads_before)
     records = _current_records(manifest_path, found, settings["digest"])
     write_summary(out, records)
     write_report(out, records, f"medlens batch: {out.name}", settings)
