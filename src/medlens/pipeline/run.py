@@ -48,7 +48,7 @@ class Outcome:
     @property
     def scores_regions(self) -> bool:
         """Whether the targets are regions (a segmentation model): the outputs are then region scores, not classes."""
-        return "region_targets" in self.result.provenance
+        return self.result.has_provenance("region_targets")
 
     def prediction(self) -> dict[str, float]:
         """Class label (or index) -> probability, for the one image; empty for region targets, whose outputs are sums
