@@ -86,3 +86,63 @@ def test_a_written_set_leaves_no_staging_folder_and_replaces_an_earlier_one(tmp_
     second = write_explanation(result, tmp_path, formats=("npz",))
     assert sorted(p.name for p in first) == sorted(p.name for p in second) == ["maps.npz", "provenance.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maps.npz", "provenance.json"]
+
+
+def _run(tmp_path: Path, n: int = 4):
+    import medlens
+    from batch_helpers import phantom_folder
+    from medlens.batch import runner
+    from medlens.pipeline import ExplainRequest
+
+    model = medlens.load_model("phantom-lesion")
+    return runner.run_batch([phantom_folder(tmp_path, n, seed=3)], tmp_path / "out", model=model,
+                            model_source="phantom-lesion", request=ExplainRequest.build("gradcam", formats="npz"),
+                            threads=1, progress=False, log=lambda m: None, batch_size=4)
+
+
+def test_an_input_whose_region_cannot_be_scored_fails_alone_on_the_writer_thread(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from medlens.errors import InputError
+    from medlens.pipeline import run
+
+    real, threads = run._add_region, set()
+
+    def add_region(plan, outcome, found, read_shape, targets):
+        threads.add(threading.current_thread().name)
+        if found is not None:  # case000 has a box file beside it
+            raise InputError("case000: the region cannot be scored")
+        return real(plan, outcome, found, read_shape, targets)
+
+    monkeypatch.setattr(run, "_add_region", add_region)
+    summary = _run(tmp_path)
+    assert [Path(p).name for p, _ in summary.failures] == ["case000.png"] and summary.done == 3
+    assert "region cannot be scored" in summary.failures[0][1]
+    assert all(name.startswith("medlens-write") for name in threads)  # made beside the next explanation
+
+
+def test_a_mini_batch_that_fails_while_written_is_rerun_one_by_one_on_the_explaining_thread(tmp_path: Path,
+                                                                                            monkeypatch) -> None:
+    import threading
+
+    from medlens.batch import task as task_module
+
+    explained_on: set[str] = set()
+    real_write, real_explain = task_module.BatchTask.write, task_module.explain_pending
+    calls = {"n": 0}
+
+    def write(self, chunk, explained):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("a bug in writing")  # not an input's failure: the mini-batch runs again one at a time
+        return real_write(self, chunk, explained)
+
+    def explain_pending(*args, **kwargs):
+        explained_on.add(threading.current_thread().name)
+        return real_explain(*args, **kwargs)
+
+    monkeypatch.setattr(task_module.BatchTask, "write", write)
+    monkeypatch.setattr(task_module, "explain_pending", explain_pending)
+    summary = _run(tmp_path)
+    assert summary.failures == [] and summary.done == 4 and calls["n"] == 5  # 1 failed + 4 one by one
+    assert explained_on == {threading.current_thread().name}  # never on the writer thread, beside the next one
