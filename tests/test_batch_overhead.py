@@ -146,3 +146,28 @@ def test_a_mini_batch_that_fails_while_written_is_rerun_one_by_one_on_the_explai
     summary = _run(tmp_path)
     assert summary.failures == [] and summary.done == 4 and calls["n"] == 5  # 1 failed + 4 one by one
     assert explained_on == {threading.current_thread().name}  # never on the writer thread, beside the next one
+
+
+def test_the_manifest_syncs_beside_the_caller_and_once_more_on_close(tmp_path: Path, monkeypatch) -> None:
+    import json
+    import threading
+
+    from medlens.batch import manifest
+
+    synced_on: list[str] = []
+    real = manifest.ManifestWriter._sync
+
+    def sync(self):
+        synced_on.append(threading.current_thread().name)
+        real(self)
+
+    monkeypatch.setattr(manifest.ManifestWriter, "_sync", sync)
+    monkeypatch.setattr(manifest, "FSYNC_SECONDS", 0.0)
+    path = tmp_path / "manifest.jsonl"
+    with manifest.ManifestWriter(path) as writer:
+        for i in range(20):
+            writer.append({"id": str(i), "status": "done"})
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [str(i) for i in range(20)]
+    assert synced_on[-1] == threading.current_thread().name  # the last sync, on close, by the caller
+    assert set(synced_on[:-1]) == {"medlens-manifest-sync"} and synced_on[:-1]  # the periodic ones beside it
+    assert not any(t.name == "medlens-manifest-sync" for t in threading.enumerate())
