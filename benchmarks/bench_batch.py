@@ -15,7 +15,8 @@ digests, the first mini-batch read before anything can be explained, the last on
 2 workers: worker processes or a local Ray, each loading the model). The pure rate is `medlens.explain` on the
 already prepared inputs in the same mini-batches (no reading, no writing, no manifest): the runner's overhead is pure
 rate / runner rate - 1; as the wall-clock figures move with the load, the CPU time per input (all threads, and
-the explaining thread alone) is recorded too: runner CPU / pure CPU is the work the runner adds. Both run in this process with one torch thread, after the same warm-up; neither includes
+the explaining thread alone; of this process only, so for 2 workers the driver's) is recorded too: runner CPU / pure
+CPU is the work the serial runner adds. Both run in this process with one torch thread, after the same warm-up; neither includes
 importing torch or loading the model; the runner's reader and writer threads may use a second core. The load
 average is recorded before every run.
 --legacy runs the earlier single-pass comparison (serial, processes, ray with --n0 for the marginal rate).
