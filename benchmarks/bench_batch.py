@@ -9,10 +9,16 @@ line and to its end, beside `python -c "import torch"` as the floor), `cli` (the
 N inputs, serial against 2 processes against Ray 2 workers, each a fresh command with its own start-up). Every
 configuration runs once per round, the rounds interleaved (so a load that comes and goes touches all of them),
 each run into a fresh folder; figures are medians over the rounds, ratios taken within a round. `steady` is the rate from the first burst of
-records to the last (start-up out; for the 2-worker runs), `wall` includes start-up (serial: the whole `run_batch`,
-discovery, summary and report included) (worker processes or a local Ray, each loading the model). The pure
-rate is `medlens.explain` on the already prepared inputs in the same mini-batches (no reading, no writing, no
-manifest): the runner's overhead is pure rate / runner rate - 1. The load average is recorded before every run.
+records to the last (start-up out: the records between the first mini-batch's and the last's, over the time
+between those bursts), `wall` includes start-up (serial: the whole `run_batch` on the already loaded model: plan, discovery and
+digests, the first mini-batch read before anything can be explained, the last one written after, summary and report;
+2 workers: worker processes or a local Ray, each loading the model). The pure rate is `medlens.explain` on the
+already prepared inputs in the same mini-batches (no reading, no writing, no manifest): the runner's overhead is pure
+rate / runner rate - 1; as the wall-clock figures move with the load, the CPU time per input (all threads, and
+the explaining thread alone; of this process only, so for 2 workers the driver's) is recorded too: runner CPU / pure
+CPU is the work the serial runner adds. Both run in this process with one torch thread, after the same warm-up; neither includes
+importing torch or loading the model; the runner's reader and writer threads may use a second core. The load
+average is recorded before every run.
 --legacy runs the earlier single-pass comparison (serial, processes, ray with --n0 for the marginal rate).
 Figures go to docs/batch.md.
 """
@@ -49,27 +55,34 @@ def pick_inputs(n: int) -> list[Path]:
 def timed_run(inputs: list[Path], out: Path, model, executor: str, formats: str, methods: str,
               batch_size: int = 1, workers: int = 2) -> dict:
     stamps: list[float] = []
-    t0 = time.perf_counter()
     load = os.getloadavg()[0]
+    cpu0, thread0 = time.process_time(), time.thread_time()
+    t0 = time.perf_counter()
     summary = run_batch(inputs, out, model=model, model_source="brain-tumor-mri",
                         request=ExplainRequest.build(methods, formats=formats), executor=executor, workers=workers,
                         threads=1, progress=False, log=lambda m: None, batch_size=batch_size,
                         on_record=lambda r: stamps.append(time.perf_counter()))
     wall = time.perf_counter() - t0
-    first = next((i for i, t in enumerate(stamps) if t > stamps[0]), 0) if stamps else 0  # after the first burst
-    steady = ((len(stamps) - first) / (stamps[-1] - stamps[first - 1]) if 0 < first < len(stamps) - 1
-              else float("nan"))
+    cpu, thread = time.process_time() - cpu0, time.thread_time() - thread0
+    # once running: the records after the first mini-batch's and before the last's, over the time between those
+    # bursts (the serial runner yields a mini-batch's records after explaining the next one: the first burst comes
+    # after two explanations, the last after the last write, so counting either would credit a mini-batch of work
+    # that was done outside the interval)
+    first, last = min(batch_size, len(stamps)), len(stamps) - (len(stamps) % batch_size or batch_size)
+    steady = (last - first) / (stamps[last - 1] - stamps[first - 1]) if 0 < first < last else float("nan")
     return {"executor": executor, "batch_size": batch_size, "n": summary.total, "failed": len(summary.failures),
             "wall_s": wall, "images_per_s_wall": summary.total / wall, "images_per_s_steady": steady,
-            "startup_s": stamps[0] - t0 if stamps else float("nan"), "load": load}
+            "startup_s": stamps[0] - t0 if stamps else float("nan"), "load": load,
+            "cpu_ms_per_input": 1000 * cpu / summary.total, "calling_thread_cpu_ms_per_input": 1000 * thread / summary.total}
 
 
-def pure_rate(plan, tensors: list[torch.Tensor], batch_size: int) -> float:
-    """Images/s of `explain` alone on prepared inputs, `batch_size` per call."""
+def pure_rate(plan, tensors: list[torch.Tensor], batch_size: int) -> tuple[float, float]:
+    """Images/s of `explain` alone on prepared inputs, `batch_size` per call, and its CPU ms per input."""
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     for start in range(0, len(tensors), batch_size):
         explain_batch(plan, torch.cat(tensors[start:start + batch_size]))
-    return len(tensors) / (time.perf_counter() - t0)
+    return len(tensors) / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / len(tensors)
 
 
 def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
@@ -90,9 +103,10 @@ def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
                 key = f"{kind} b={b} w={workers}"
                 if kind == "pure":
                     load = os.getloadavg()[0]
-                    rate = pure_rate(plan, tensors, b)
+                    rate, cpu = pure_rate(plan, tensors, b)
                     run = {"executor": "pure", "batch_size": b, "images_per_s_steady": rate,
-                           "images_per_s_wall": rate, "load": load}
+                           "images_per_s_wall": rate, "load": load, "cpu_ms_per_input": cpu,
+                           "calling_thread_cpu_ms_per_input": cpu}
                 else:
                     run = timed_run(inputs, Path(tmp) / f"{kind}-{b}-{r}", model, kind, args.formats, args.methods,
                                     b, workers)
@@ -115,6 +129,15 @@ def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
     for b in sizes:
         per_round[f"runner overhead b={b}"] = [p["images_per_s_steady"] / s["images_per_s_wall"] - 1
                                               for p, s in zip(runs[f"pure b={b} w=1"], runs[f"serial b={b} w=1"])]
+        per_round[f"runner CPU / pure CPU b={b}"] = [  # the work added, whatever the load (all threads)
+            s["cpu_ms_per_input"] / p["cpu_ms_per_input"]
+            for p, s in zip(runs[f"pure b={b} w=1"], runs[f"serial b={b} w=1"])]
+        per_round[f"runner's explaining thread CPU / pure CPU b={b}"] = [
+            s["calling_thread_cpu_ms_per_input"] / p["cpu_ms_per_input"]
+            for p, s in zip(runs[f"pure b={b} w=1"], runs[f"serial b={b} w=1"])]
+        per_round[f"runner overhead once running b={b}"] = [
+            p["images_per_s_steady"] / s["images_per_s_steady"] - 1
+            for p, s in zip(runs[f"pure b={b} w=1"], runs[f"serial b={b} w=1"])]
     for name in ("processes", "ray"):
         key, base = f"{name} b={args.parallel_batch} w=2", f"serial b={args.parallel_batch} w=1"
         if key in runs:

@@ -20,7 +20,7 @@ from medlens.core.model_description import describe
 from medlens.errors import MedlensError, short_message
 from medlens.io.files import deferred_fsync
 from medlens.io import PreparedInput
-from medlens.pipeline import (Outcome, Plan, WorkerRecipe, explain_prepared_many, read_with_shape,
+from medlens.pipeline import (Outcome, Plan, WorkerRecipe, explain_pending, read_with_shape,
                               write_outcome)
 
 
@@ -94,8 +94,13 @@ class BatchTask:
     def stream(self, chunks: Iterable[Sequence[WorkItem]]) -> Iterator[list[dict[str, Any]]]:
         """The records of each mini-batch of `chunks`, in order, as `run_many` gives them, with reading and writing
         overlapped with explaining: a reader thread reads and prepares the next mini-batch while this one is
-        explained, a writer thread writes the last one's outcomes (see `medlens.batch.overlap`)."""
-        return overlapped(chunks, self._read_or_none, self._explain_or_none, self._write_or_one_by_one)
+        explained, a writer thread makes the last one's outcomes (split per input, regions scored) and writes them
+        (see `medlens.batch.overlap`). A mini-batch that fails outside an input's own failure is run one input at a
+        time on this thread, never on the writer's beside the next explanation (they share the model's hooks)."""
+        for records in overlapped(chunks, self._read_or_none, self._explain_or_none, self._write_or_later):
+            if isinstance(records, _OneByOne):  # on this thread: the model is never run beside an explanation
+                records = [self._alone(item) for item in records.items]
+            yield records
 
     def _read_or_none(self, items: Sequence[WorkItem]) -> "ReadChunk":
         try:
@@ -109,13 +114,13 @@ class BatchTask:
         except Exception:  # noqa: BLE001 - as run_many's callers do: one at a time, so only the input at fault is lost
             return None
 
-    def _write_or_one_by_one(self, chunk: "ReadChunk", explained: Any) -> list[dict[str, Any]]:
+    def _write_or_later(self, chunk: "ReadChunk", explained: Any) -> Any:
         if explained is not None:
             try:
                 return self.write(chunk, explained)
-            except Exception:  # noqa: BLE001 - one at a time below
+            except Exception:  # noqa: BLE001 - one at a time, by `stream` on the explaining thread
                 pass
-        return [self._alone(item) for item in chunk.items]
+        return _OneByOne(chunk.items)
 
     def _alone(self, item: WorkItem) -> dict[str, Any]:
         try:
@@ -151,16 +156,24 @@ class BatchTask:
         return [records[i] for i in range(len(chunk.items))]
 
     def _explain(self, group: list) -> list[Any]:
-        """Outcomes of a group of one shape (an exception in place of an input that could not be explained)."""
+        """(pending outcomes, index) of each input of a group of one shape (an exception in place of an input that
+        could not be explained)."""
         try:
-            return explain_prepared_many(self.plan, [g[2] for g in group], sources=[g[5] for g in group],
-                                         region=self.factory.region, read_shapes=[g[3] for g in group])
+            pending = explain_pending(self.plan, [g[2] for g in group], sources=[g[5] for g in group],
+                                      region=self.factory.region, read_shapes=[g[3] for g in group])
+            return [(pending, j) for j in range(len(group))]
         except CAUGHT as exc:
             if len(group) == 1:
                 return [exc]
         return [self._explain([g])[0] for g in group]  # one at a time: the input at fault fails alone
 
     def _write(self, item: WorkItem, outcome: Any, read_s: float, t0: float) -> dict[str, Any]:
+        if isinstance(outcome, tuple):  # (pending outcomes, index): the outcome made here (no model call)
+            pending, j = outcome
+            try:
+                outcome = pending.outcome(j)
+            except CAUGHT as exc:
+                outcome = exc
         if isinstance(outcome, BaseException):
             return self._failed(item, outcome, "the model could not explain this input", t0)
         t1 = time.perf_counter()
@@ -186,6 +199,13 @@ class BatchTask:
         else:  # e.g. a volume the model cannot take
             message = f"{item.relative}: {step} ({type(exc).__name__}: {short_message(exc)})"
         return failed_record(item, message, self.factory.settings_digest, time.perf_counter() - t0)
+
+
+class _OneByOne:
+    """A mini-batch to run one input at a time on the explaining thread (see `BatchTask.stream`)."""
+
+    def __init__(self, items: Sequence[WorkItem]) -> None:
+        self.items = list(items)
 
 
 def _one_line(exc: BaseException, item: WorkItem) -> str:

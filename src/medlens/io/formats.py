@@ -54,7 +54,7 @@ class ImageResult:
         displays = {m: "signed" if signed else _registry_display(m) for m in raw}
         scales = {m: color_scale(shown(raw[m], displays[m])) for m in raw}
         titles = [f"{n} (p={float(probs[t]):.2f})" for n, t in zip(names, targets)]
-        if "region_targets" in result.provenance:  # a region or box score is a sum, not a probability
+        if _region_targets(result):  # a region or box score is a sum, not a probability
             titles = [f"{n} (score={float(result.logits[index, t]):.3g})" for n, t in zip(names, targets)]
         job = cls(result, index, raw, image, titles,
                   target_file_names(result, index), scales, region, Path(input_file) if input_file is not None else None,
@@ -67,6 +67,12 @@ class ImageResult:
             "grid": job.view.note if job.view is not None else "the model's grid",
         }
         return job
+
+
+def _region_targets(result: Any) -> bool:
+    """Whether the result explains region targets (its provenance says so), without copying its provenance."""
+    has = getattr(result, "has_provenance", None)
+    return bool(has("region_targets")) if has is not None else "region_targets" in result.provenance
 
 
 def _registry_display(method: str) -> str:
@@ -122,7 +128,7 @@ def write_npz(job: ImageResult, folder: Path) -> list[Path]:
     arrays: dict[str, np.ndarray] = {m: maps[None] for m, maps in job.raw.items()}
     arrays["targets"] = result.targets[i : i + 1].cpu().numpy()
     arrays["logits"] = result.logits[i : i + 1].detach().float().cpu().numpy()
-    if "region_targets" not in result.provenance:  # region scores are sums of logits: a softmax of them means nothing
+    if not _region_targets(result):  # region scores are sums of logits: a softmax of them means nothing
         arrays["probabilities"] = result.probabilities[i : i + 1].detach().float().cpu().numpy()
     if result.labels:
         arrays["labels"] = np.array(result.labels, dtype=str)

@@ -135,10 +135,11 @@ def _move_in(staging: Path, staged: Sequence[Path], folder: Path) -> list[Path]:
     written: list[Path] = []
     set_aside: list[Path] = []
     try:
-        previous.mkdir()
         for path in staged:
             target = folder / path.name
             if target.exists():
+                if not set_aside:  # made only when something is replaced (a fresh folder has nothing to set aside)
+                    previous.mkdir()
                 os.replace(target, previous / path.name)
                 set_aside.append(target)
             os.replace(path, target)
@@ -155,7 +156,7 @@ def _move_in(staging: Path, staged: Sequence[Path], folder: Path) -> list[Path]:
         raise OutputError(f"cannot write the results into {folder} ({exc.strerror or exc}); the folder keeps what it "
                           f"had. Close any program that holds its files open, or choose another folder with --out.") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(staging)
     # Files of the earlier run that this one did not write. Compared without case: on a case-insensitive file
     # system "gradcam_Mass.png" and "gradcam_mass.png" are one file, which this run has just written.
     kept = {p.name.casefold() for p in written}
@@ -164,6 +165,14 @@ def _move_in(staging: Path, staged: Sequence[Path], folder: Path) -> list[Path]:
         if name.casefold() not in kept and stale.is_file() and stale.parent == folder:
             stale.unlink()
     return written
+
+
+def _remove_staging(staging: Path) -> None:
+    """Remove the staging folder: one rmdir when it is empty (every file moved in), else the whole tree."""
+    try:
+        os.rmdir(staging)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _files_of_earlier_run(folder: Path) -> set[str]:

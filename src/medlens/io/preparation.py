@@ -5,6 +5,7 @@ Owns `PreparedInput`, the resampling filters (Pillow's box filter in torch) and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 import numpy as np
@@ -77,7 +78,13 @@ def _scale(values: np.ndarray, scan: ScanImage, scale: str, notes: list[str]) ->
 def box_weights(n_in: int, n_out: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(n_out, n_in) weights of Pillow's BOX filter along one axis: output pixel i is the mean of the input
     pixels j whose centres fall in its footprint, -1/2 < (j + 1/2 - c) / f <= 1/2 with c = (i + 1/2) s,
-    s = n_in / n_out and f = max(s, 1) (when enlarging: the input pixel under c). Rows sum to 1."""
+    s = n_in / n_out and f = max(s, 1) (when enlarging: the input pixel under c). Rows sum to 1.
+    (`box_resize` reuses them per (n_in, n_out, dtype): a batch of same-sized scans computes them once.)"""
+    return _box_weights(int(n_in), int(n_out), dtype).clone()
+
+
+@lru_cache(maxsize=64)
+def _box_weights(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
     s = n_in / n_out
     f = max(s, 1.0)
     centre = (torch.arange(n_out, dtype=torch.float64)[:, None] + 0.5) * s
@@ -97,7 +104,7 @@ def box_resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         n_in = out.shape[dim]
         if n_in == n_out:
             continue
-        w = box_weights(n_in, n_out, out.dtype).to(out.device)
+        w = _box_weights(int(n_in), int(n_out), out.dtype).to(out.device)  # kept: never modified
         out = torch.movedim(torch.movedim(out, dim, -1) @ w.T, -1, dim)
     return out.contiguous()
 

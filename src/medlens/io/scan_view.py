@@ -54,11 +54,15 @@ def _plane_of(scan: Any) -> Optional[np.ndarray]:
 
 
 def _unit(values: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(values.shape, np.float32)
-    lo, hi = float(values[finite].min()), float(values[finite].max())
-    out = (np.nan_to_num(values, nan=lo) - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    lo, hi = float(values.min()), float(values.max())
+    everywhere = np.isfinite(lo) and np.isfinite(hi)  # no NaN or infinity anywhere: no mask, no copy (the usual case)
+    if not everywhere:
+        finite = np.isfinite(values)
+        if not finite.any():
+            return np.zeros(values.shape, np.float32)
+        lo, hi = float(values[finite].min()), float(values[finite].max())
+    scaled = values if everywhere else np.nan_to_num(values, nan=lo)
+    out = (scaled - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

@@ -48,7 +48,7 @@ class Outcome:
     @property
     def scores_regions(self) -> bool:
         """Whether the targets are regions (a segmentation model): the outputs are then region scores, not classes."""
-        return "region_targets" in self.result.provenance
+        return self.result.has_provenance("region_targets")
 
     def prediction(self) -> dict[str, float]:
         """Class label (or index) -> probability, for the one image; empty for region targets, whose outputs are sums
@@ -157,6 +157,42 @@ def explain_prepared_many(plan: Plan, prepared: Sequence[PreparedInput], *,
         InputError: the inputs do not share one prepared shape; whatever `explain` raises for the mini-batch (the
             caller explains the inputs one at a time to find the one at fault).
     """
+    return explain_pending(plan, prepared, sources=sources, region=region, read_shapes=read_shapes).outcomes()
+
+
+@dataclass
+class PendingOutcomes:
+    """A mini-batch explained, its `Outcome`s not yet made: `outcomes()` splits the result per input and adds the
+    regions and their scores, which call no model (the batch runner makes them on its writer thread while the next
+    mini-batch is explained). Region targets are made at once (their regions may need the model)."""
+
+    plan: Plan
+    prepared: Sequence[PreparedInput]
+    ready: Optional[list[Outcome]] = None
+    whole: Optional[ExplanationResult] = None
+    sources: Sequence[Optional[Path]] = ()
+    read_shapes: Sequence[Optional[tuple[int, ...]]] = ()
+    found: Sequence[Any] = ()
+    notes: Sequence[list[str]] = ()
+    targets: Any = None
+    share: float = 0.0
+
+    def outcomes(self) -> list[Outcome]:
+        """One `Outcome` per input, in order."""
+        if self.ready is None:
+            self.ready = [self.outcome(i) for i in range(len(self.prepared))]
+        return self.ready
+
+    def outcome(self, i: int) -> Outcome:
+        """Input `i`'s `Outcome` (what it raises concerns that input alone: its region)."""
+        return self.ready[i] if self.ready is not None else _outcome(self, i)
+
+
+def explain_pending(plan: Plan, prepared: Sequence[PreparedInput], *,
+                    sources: Optional[Sequence[Optional[Path]]] = None, region: RegionArg = None,
+                    read_shapes: Optional[Sequence[Optional[tuple[int, ...]]]] = None) -> PendingOutcomes:
+    """`explain_prepared_many`'s model work (the explanation, the region files read): the outcomes, made on
+    `outcomes()`. Raises as `explain_prepared_many`."""
     n = len(prepared)
     sources = list(sources) if sources is not None else [None] * n
     read_shapes = list(read_shapes) if read_shapes is not None else [None] * n
@@ -164,8 +200,9 @@ def explain_prepared_many(plan: Plan, prepared: Sequence[PreparedInput], *,
     if len(shapes) > 1:
         raise InputError(f"a mini-batch takes inputs of one prepared shape, not {sorted(shapes)}.")
     if n > 1 and has_region_targets(plan.targets):  # region targets are mapped onto each input's own grid: one by one
-        return [explain_prepared_many(plan, [one], sources=[src], region=region, read_shapes=[shape])[0]
-                for one, src, shape in zip(prepared, sources, read_shapes)]
+        return PendingOutcomes(plan, prepared, ready=[
+            explain_prepared_many(plan, [one], sources=[src], region=region, read_shapes=[shape])[0]
+            for one, src, shape in zip(prepared, sources, read_shapes)])
     notes = [list(p.notes) for p in prepared]
     found = [_resolve_region(region, src, note) for src, note in zip(sources, notes)]
     first = prepared[0]
@@ -174,18 +211,22 @@ def explain_prepared_many(plan: Plan, prepared: Sequence[PreparedInput], *,
     t0 = time.perf_counter()
     x = first.tensor if n == 1 else torch.cat([p.tensor for p in prepared])
     whole = explain_batch(plan, x, targets if targets is not plan.targets else None)
-    share = (time.perf_counter() - t0) / n
-    signed = bool(getattr(plan.request, "signed", False))
-    outcomes = []
-    for i, one in enumerate(prepared):
-        result = whole if n == 1 else split_result(whole, i, one.tensor)
-        outcome = Outcome(result, one, sources[i], notes=notes[i], seconds={"explain": share},
-                          formats=plan.formats, signed=signed)
-        _add_region(plan, outcome, found[i], read_shapes[i], targets)
-        if "dicom" in plan.formats:  # a segmentation model's predicted mask, filed as a DICOM Segmentation
-            outcome.segmentation_logits = segmentation_output(plan, one.tensor, targets)
-        outcomes.append(outcome)
-    return outcomes
+    pending = PendingOutcomes(plan, prepared, None, whole, sources, read_shapes, found, notes, targets,
+                              (time.perf_counter() - t0) / n)
+    if has_region_targets(targets):  # the explained region and a DICOM Segmentation may call the model: now
+        pending.outcomes()
+    return pending
+
+
+def _outcome(pending: PendingOutcomes, i: int) -> Outcome:
+    plan, whole, one = pending.plan, pending.whole, pending.prepared[i]
+    result = whole if len(pending.prepared) == 1 else split_result(whole, i, one.tensor)
+    outcome = Outcome(result, one, pending.sources[i], notes=pending.notes[i], seconds={"explain": pending.share},
+                      formats=plan.formats, signed=bool(getattr(plan.request, "signed", False)))
+    _add_region(plan, outcome, pending.found[i], pending.read_shapes[i], pending.targets)
+    if "dicom" in plan.formats:  # a segmentation model's predicted mask, filed as a DICOM Segmentation
+        outcome.segmentation_logits = segmentation_output(plan, one.tensor, pending.targets)
+    return outcome
 
 
 def _add_region(plan: Plan, outcome: Outcome, found: Any, read_shape: Optional[tuple[int, ...]], targets: Any) -> None:
