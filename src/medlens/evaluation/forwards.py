@@ -113,11 +113,23 @@ def scoring(
 
 
 def distinct_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, index): `batch` is `rows[index]`; rows is one row when every row of `batch` is the same (a constant
-    baseline), else `batch` itself. Only whole-batch equality is looked for: it is the case that pays."""
-    if batch.shape[0] > 1 and bool((batch == batch[:1]).all()):
-        return batch[:1], torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device)
-    return batch, torch.arange(batch.shape[0], device=batch.device)
+    """(rows, index): `batch` is `rows[index]`, rows its distinct inputs (bit for bit), in their first order: one
+    row for a constant baseline, one per distinct value for a baseline that is constant per image (the scan's
+    black, measured per image, takes a few values over a batch)."""
+    B = batch.shape[0]
+    if B <= 1:
+        return batch, torch.arange(B, device=batch.device)
+    if bool((batch == batch[:1]).all()):  # the common case, without a sort
+        return batch[:1], torch.zeros(B, dtype=torch.long, device=batch.device)
+    _, inverse = torch.unique(batch.reshape(B, -1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long, device=batch.device)
+    first.scatter_reduce_(0, inverse, torch.arange(B, device=batch.device), reduce="amin")
+    if first.numel() == B:
+        return batch, torch.arange(B, device=batch.device)
+    keep = first.sort().values  # the first image of each distinct row, in batch order
+    where = torch.empty_like(first)
+    where[inverse[keep]] = torch.arange(keep.numel(), device=batch.device)
+    return batch[keep], where[inverse]
 
 
 def model_scores(
@@ -130,6 +142,30 @@ def model_scores(
     with scoring(model, x, output, fold=x.shape[0] >= FOLD_FROM) as score:
         step = max(1, int(chunk))
         return torch.cat([score(x[i:i + step]) for i in range(0, x.shape[0], step)])
+
+
+def given_scores(
+    model: nn.Module, logits: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, output: str = "probability"
+) -> torch.Tensor:
+    """(B, K) float32 scores from logits the caller already has for the unperturbed inputs `x` (B, ...), e.g.
+    `ExplanationResult.logits` or the logits `medlens evaluate` picks its targets with: the same scores `scoring`
+    gives (softmax, or sigmoid when `model.multi_label`; raw for `output="logit"`), without running the model.
+
+    Raises InputError when `logits` is not a (B, K) tensor for the B inputs with a column for every target, or
+    for an unknown `output`."""
+    if output not in ("probability", "logit"):
+        raise InputError(f"output must be 'probability' or 'logit', not {output!r}.")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(f"logits must be the model's (B, K) output on the {x.shape[0]} inputs (as "
+                         f"ExplanationResult.logits); got {got}.")
+    if targets.numel() and int(targets.max()) >= logits.shape[1]:
+        raise InputError(f"logits have {logits.shape[1]} classes but a target is class {int(targets.max())}: pass the "
+                         f"model's logits on these inputs.")
+    scores = logits.detach().to(device=x.device, dtype=torch.float32)
+    if output == "probability":
+        scores = torch.sigmoid(scores) if describe(model).multi_label else torch.softmax(scores, dim=1)
+    return scores
 
 
 def pick(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
