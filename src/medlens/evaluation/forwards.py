@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from medlens.accel import fast_forward as fast_forward_module
-from medlens.accel.fast_forward import FastForward, fast_forward
+from medlens.accel.fast_forward import AGREEMENT, FastForward, fast_forward
 from medlens.accel.heap import steady_heap
 from medlens.core.model_description import describe
 from medlens.core.model_state import borrowed_model
 from medlens.errors import InputError
+from medlens.evaluation.winograd import with_winograd
 
 # Building the folded copy costs about three forwards of one image and saves about a third of each forward after
 # it (brain-tumor-mri, CPU, one thread): below this many inputs the model runs as given, unless a copy is at hand.
@@ -64,7 +65,8 @@ def _baked(model: nn.Module, forward: FastForward) -> list[tuple[torch.Tensor, t
 
 
 def folded_forward(model: nn.Module, x: torch.Tensor, fold: bool = True) -> FastForward:
-    """The folded fast forward of `model` for inputs like `x` (call inside `borrowed_model`, outside inference mode):
+    """The folded fast forward of `model` for inputs like `x` (call inside `borrowed_model`, outside inference mode),
+    its wide 3x3 convolutions as Winograd ones (`medlens.evaluation.winograd`):
     the copy an earlier call built when nothing it depends on has changed since (module tree, hooks, input shape,
     the folded tensors' values), else a new one, kept for the next call. `fold=False`: the copy at hand if there is
     one, else the model as given (building would not pay for a few inputs)."""
@@ -77,6 +79,8 @@ def folded_forward(model: nn.Module, x: torch.Tensor, fold: bool = True) -> Fast
     if not fold:
         return FastForward(module=model, layout=False)
     forward = fast_forward(model, x)
+    if forward.module is not model:  # only where the model could be folded (a copy checked against it)
+        forward = with_winograd(forward, x, AGREEMENT)
     folded = forward.module is not model
     _FOLDED[model] = _Held(modules, signature, forward if folded else None, forward.layout,
                            _baked(model, forward) if folded else [])
