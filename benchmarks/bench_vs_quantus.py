@@ -11,7 +11,10 @@ max-sensitivity re-explains with Grad-CAM; exact ties in the maps are broken in 
 is reported with the ratio Quantus time / medlens time (above 1: medlens faster), in wall-clock time and in the
 process's CPU time (on a shared machine the CPU-time ratio is the steadier one: waiting for a core is not
 counted). Each side is called once untimed before the timed calls (medlens's first call on a model builds
-the folded copy it reuses: docs/benchmarks.md gives that cost). The load average is printed at the start, after
+the folded copy it reuses: docs/benchmarks.md gives that cost). Deletion, insertion and completeness get the
+model's logits on the unperturbed slices from the explanation's result (`logits=`, as `medlens evaluate` passes
+them): medlens then runs no pass of the unperturbed slices, which Quantus runs for completeness and not for the
+curves; those rows also time medlens without them (the column "without the logits", interleaved too). The load average is printed at the start, after
 each metric and at the end. `--short`: 4 slices, 2 repeats (a quick look: with 4 slices completeness scores 5
 inputs and runs the model as given, below the 8 inputs from which the folded copy is built). Prints a markdown
 table (docs/benchmarks.md keeps one).

@@ -89,7 +89,7 @@ def with_winograd(forward: FastForward, x: torch.Tensor, agreement: float) -> Fa
         replace_submodule(tree, name, WinogradConv2d(tree.get_submodule(name)))
     candidate = FastForward(module=tree, folded=forward.folded, first_convolution=forward.first_convolution,
                             layout=forward.layout, note=dict(forward.note))
-    probe = x[: min(4, x.shape[0])]
+    probe = x[:1]  # as fast_forward checks the folded copy: one input, two passes
     with torch.inference_mode():
         gap = relative_gap(candidate(probe), forward(probe))
     if not gap <= agreement:
