@@ -59,3 +59,13 @@ def test_the_metrics_swap_wide_convolutions_and_keep_their_values(monkeypatch):
     conv.weight.data.mul_(2)  # the swapped convolution's weights changed behind its back: rebuilt
     with borrowed_model(model):
         assert forwards.folded_forward(model, x) is not held
+
+
+
+def test_the_output_keeps_the_input_layout():
+    """A model whose code `.view`s a feature map needs a contiguous one when it is fed contiguous inputs."""
+    swapped = W.WinogradConv2d(nn.Conv2d(3, 5, 3, padding=1))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert swapped(x).is_contiguous()
+        assert swapped(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
