@@ -26,7 +26,8 @@ from medlens.evaluation.winograd import with_winograd
 FOLD_FROM = 8
 # Inputs per forward, whatever the chunk: measured on the brain-tumor-mri model, one thread, a busy machine
 # (benchmarks/bench_vs_quantus.py), deletion on 8 slices took 12.7 s in forwards of 8 or 16, 15.4 s of 32, 18.4 s of 64;
-# in CPU time (load 10-19) 1.74-1.78 s in forwards of 16, 1.66-1.83 s of 32, 1.85 s of 64: no steady difference.
+# in CPU time (load 10-19) 1.74-1.78 s in forwards of 16, 1.66-1.83 s of 32, 1.85 s of 64: no steady difference;
+# again with the Winograd copy and the logits given (load 3.3): 1.49, 1.51, 1.53, 1.54 s in forwards of 8, 16, 32, 64.
 FORWARD_BATCH = 16
 
 @dataclass
