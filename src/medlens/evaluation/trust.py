@@ -217,7 +217,7 @@ def completeness(
             baseline = resolve_baseline(x, "zero", black=black)[0]  # per image, as the methods measure it
         xb, desc = make_baseline(x, baseline)
         desc = "zero: the scan's black" if black is not None else desc
-        rows, index = distinct_rows(xb)  # a constant baseline is scored once for all images
+        rows, index = distinct_rows(xb)  # each distinct baseline image scored once (a constant one: once in all)
         if given is None:
             both = model_scores(model, torch.cat([x, rows]), "logit")  # one borrow, one folded copy, one batch
             given, at_baseline = both[:B], both[B:]
