@@ -11,7 +11,10 @@ max-sensitivity re-explains with Grad-CAM; exact ties in the maps are broken in 
 is reported with the ratio Quantus time / medlens time (above 1: medlens faster), in wall-clock time and in the
 process's CPU time (on a shared machine the CPU-time ratio is the steadier one: waiting for a core is not
 counted). Each side is called once untimed before the timed calls (medlens's first call on a model builds
-the folded copy it reuses: docs/benchmarks.md gives that cost). The load average is printed at the start, after
+the folded copy it reuses: docs/benchmarks.md gives that cost). Deletion, insertion and completeness get the
+model's logits on the unperturbed slices from the explanation's result (`logits=`, as `medlens evaluate` passes
+them): medlens then runs no pass of the unperturbed slices, which Quantus runs for completeness and not for the
+curves; those rows also time medlens without them (the column "without the logits", interleaved too). The load average is printed at the start, after
 each metric and at the end. `--short`: 4 slices, 2 repeats (a quick look: with 4 slices completeness scores 5
 inputs and runs the model as given, below the 8 inputs from which the folded copy is built). Prints a markdown
 table (docs/benchmarks.md keeps one).
@@ -37,7 +40,7 @@ def _inputs(data: str, n: int):
     x = torch.cat([medlens.load_input(str(s.image_path), model) for s in picked])
     masks = torch.stack([box_to_mask(s.box, tuple(x.shape[2:])) for s in picked])
     res = medlens.explain(model, x, methods="integratedgradients", seed=0)
-    return model, x, masks, _without_ties(res["integratedgradients"]), res.targets
+    return model, x, masks, _without_ties(res["integratedgradients"]), res.targets, res.logits
 
 
 def _without_ties(maps: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,10 @@ def _without_ties(maps: torch.Tensor) -> torch.Tensor:
     return flat.view_as(maps)
 
 
-def _cases(model, x, masks, maps, targets, steps: int, samples: int, radius: float):
-    """(name, medlens call, Quantus call, compare(medlens result, Quantus result) -> str)."""
+def _cases(model, x, masks, maps, targets, logits, steps: int, samples: int, radius: float):
+    """(name, medlens call, Quantus call, compare(medlens result, Quantus result) -> str, medlens call without the
+    explanation's logits or None). Deletion, insertion and completeness get the model's logits on the slices from
+    the explanation's result, as `medlens evaluate` passes them (Quantus has no way to take them)."""
     import quantus
 
     import medlens
@@ -116,32 +121,35 @@ def _cases(model, x, masks, maps, targets, steps: int, samples: int, radius: flo
 
     return [
         ("deletion (20 steps, zero fill)",
-         lambda: F.deletion(model, x, maps, targets, steps=steps, baseline="zero"),
-         lambda: q_del(**common, softmax=True), curves_gap),
+         lambda: F.deletion(model, x, maps, targets, steps=steps, baseline="zero", logits=logits),
+         lambda: q_del(**common, softmax=True), curves_gap,
+         lambda: F.deletion(model, x, maps, targets, steps=steps, baseline="zero")),
         ("insertion (20 steps, from a blur)",
-         lambda: F.insertion(model, x, maps, targets, steps=steps, baseline="blur"),
-         lambda: q_ins(**{**common, "x_batch": blurred.numpy()}, softmax=True), curves_gap),
+         lambda: F.insertion(model, x, maps, targets, steps=steps, baseline="blur", logits=logits),
+         lambda: q_ins(**{**common, "x_batch": blurred.numpy()}, softmax=True), curves_gap,
+         lambda: F.insertion(model, x, maps, targets, steps=steps, baseline="blur")),
         ("ROAD MoRF (10..90 %)",
          lambda: F.road_morf(model, x, maps, targets),
          lambda: q_road(**common, softmax=True),
-         lambda o, t: "score vs accuracy (definitions differ)"),
+         lambda o, t: "score vs accuracy (definitions differ)", None),
         (f"max-sensitivity (Grad-CAM, {samples} samples)",
          lambda: TR.max_sensitivity(model, x, targets, "gradcam", radius=radius, samples=samples,
                                     original=torch.as_tensor(cams)),
          sens_reset(lambda: q_sens(**{**common, "a_batch": cams}, explain_func=gradcam, softmax=False)),
-         lambda o, t: f"max |gap| {np.abs(o[:, 0].numpy() - np.asarray(t)).max():.1e}"),
+         lambda o, t: f"max |gap| {np.abs(o[:, 0].numpy() - np.asarray(t)).max():.1e}", None),
         ("pointing game (hit inside)",
          lambda: L.pointing_game(maps, masks, tolerance=0),
          lambda: q_point(**common, s_batch=sn),
-         lambda o, t: f"{int((o[:, 0].numpy() == np.asarray(t, dtype=float)).sum())}/{B} equal"),
+         lambda o, t: f"{int((o[:, 0].numpy() == np.asarray(t, dtype=float)).sum())}/{B} equal", None),
         ("sparseness (Gini of |map|)",
          lambda: TR.sparseness(maps),
          lambda: q_sparse(**common),
-         lambda o, t: f"max |gap| {np.abs(o[:, 0].numpy() - np.asarray(t)).max():.1e} (Quantus adds 1e-7)"),
+         lambda o, t: f"max |gap| {np.abs(o[:, 0].numpy() - np.asarray(t)).max():.1e} (Quantus adds 1e-7)", None),
         ("completeness (zero baseline)",
-         lambda: TR.completeness(model, x, maps, targets, baseline="zero"),
+         lambda: TR.completeness(model, x, maps, targets, baseline="zero", logits=logits),
          lambda: q_compl(**common, softmax=False),
-         lambda o, t: "tolerance vs exact equality (definitions differ)"),
+         lambda o, t: "tolerance vs exact equality (definitions differ)",
+         lambda: TR.completeness(model, x, maps, targets, baseline="zero")),
     ]
 
 
@@ -156,31 +164,32 @@ def main() -> None:
     if args.short:
         args.slices, args.repeats = 4, 2
     torch.set_num_threads(1)
-    model, x, masks, maps, targets = _inputs(args.data, args.slices)
+    model, x, masks, maps, targets, logits = _inputs(args.data, args.slices)
     print(f"{x.shape[0]} slices {tuple(x.shape[2:])}, 1 thread, load average {os.getloadavg()[0]:.1f}, "
           f"torch {torch.__version__}")
-    print("| metric | medlens (s) | Quantus (s) | speed-up | CPU-time speed-up | values |\n"
-          "| --- | ---: | ---: | ---: | ---: | --- |")
-    for name, ours, theirs, compare in _cases(model, x, masks, maps, targets, steps=20, samples=8, radius=0.02):
+    print("| metric | medlens (s) | Quantus (s) | speed-up | CPU-time speed-up | without the logits: speed-up "
+          "(wall / CPU) | values |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, ours, theirs, compare, plain in _cases(model, x, masks, maps, targets, logits, steps=20, samples=8,
+                                                     radius=0.02):
         if args.only and not any(k in name for k in args.only.split(",")):
             continue
-        ours(), theirs()  # one untimed call each: medlens builds its folded copy of the model once per model and shape
-        times: dict[str, list[float]] = {"m": [], "q": []}
-        cpu: dict[str, list[float]] = {"m": [], "q": []}
+        sides = {"m": ours, "q": theirs, **({"p": plain} if plain is not None else {})}
+        for fn in sides.values():  # one untimed call each: medlens builds its folded copy once per model and shape
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu: dict[str, list[float]] = {k: [] for k in sides}
+        out: dict[str, object] = {}
         for _ in range(args.repeats):
-            for key, fn in (("m", ours), ("q", theirs)):
+            for key, fn in sides.items():  # interleaved: medlens, Quantus, medlens without the logits
                 t, c = time.perf_counter(), time.process_time()
-                out = fn()
+                out[key] = fn()
                 times[key].append(time.perf_counter() - t)
                 cpu[key].append(time.process_time() - c)
-                if key == "m":
-                    mine = out
-                else:
-                    quant = out
-        m, q = statistics.median(times["m"]), statistics.median(times["q"])
-        cm, cq = statistics.median(cpu["m"]), statistics.median(cpu["q"])
-        print(f"| {name} | {m:.3f} | {q:.3f} | {q / m:.2f}x | {cq / cm:.2f}x | {compare(mine, quant)} "
-              f"(load {os.getloadavg()[0]:.1f}) |", flush=True)
+        wall = {k: statistics.median(v) for k, v in times.items()}
+        proc = {k: statistics.median(v) for k, v in cpu.items()}
+        without = f"{wall['q'] / wall['p']:.2f}x / {proc['q'] / proc['p']:.2f}x" if "p" in sides else "-"
+        print(f"| {name} | {wall['m']:.3f} | {wall['q']:.3f} | {wall['q'] / wall['m']:.2f}x "
+              f"| {proc['q'] / proc['m']:.2f}x | {without} | {compare(out['m'], out['q'])} (load {os.getloadavg()[0]:.1f}) |", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from medlens.evaluation import faithfulness as F
 from medlens.evaluation import forwards
 from medlens.evaluation import trust as TR
+from medlens.errors import InputError
 
 from helpers import make_tiny2d
 
@@ -106,3 +107,63 @@ def test_completeness_scores_a_constant_baseline_once():
         delta = model(x).gather(1, targets) - model(torch.full_like(x, 0.25)).gather(1, targets)
     assert torch.allclose(r.delta, delta, atol=1e-5)
     assert torch.allclose(r.attribution_sum, maps.flatten(1).sum(1, keepdim=True), atol=1e-5)
+
+
+def test_given_logits_save_the_unperturbed_passes_and_leave_the_values_equal():
+    model = make_tiny2d(3).eval()
+    x, maps = torch.randn(3, 1, 8, 8), torch.randn(3, 2, 8, 8)
+    targets = torch.tensor([[0, 1], [2, 0], [1, 1]])
+    with torch.no_grad():
+        logits = model(x)
+    counted = Counted(model)
+    for name, baseline in (("deletion", "zero"), ("insertion", "blur")):
+        for output in ("probability", "logit"):
+            plain = getattr(F, name)(counted, x, maps, targets, steps=4, baseline=baseline, output=output)
+            counted.seen[0] = 0
+            given = getattr(F, name)(counted, x, maps, targets, steps=4, baseline=baseline, output=output,
+                                     logits=logits)
+            # insertion: its last point (everything put back) is x; deletion: its first point
+            assert counted.images == 3 * 2 * 3 + (1 if name == "deletion" else 3)
+            assert torch.allclose(given.curves, plain.curves, atol=1e-6) and torch.allclose(given.values, plain.values,
+                                                                                             atol=1e-6)
+    for baseline, passes in ((0.25, 1), ("zero", 1), (None, 0)):
+        plain = TR.completeness(counted, x, maps, targets, baseline=baseline)
+        counted.seen[0] = 0
+        given = TR.completeness(counted, x, maps, targets, baseline=baseline, logits=logits)
+        assert counted.images == passes
+        assert torch.allclose(given.delta, plain.delta, atol=1e-6) and torch.equal(given.holds, plain.holds)
+        assert given.reference == plain.reference
+    with pytest.raises(InputError, match="logits"):
+        F.deletion(model, x, maps, targets, steps=4, logits=logits[:2])
+    with pytest.raises(InputError, match="classes"):
+        TR.completeness(model, x, maps, targets, logits=logits[:, :2])
+
+
+def test_a_metric_call_with_logits_scores_as_one_without():
+    from medlens.evaluation.metrics import MetricCall, get_metric
+
+    model = make_tiny2d(4).eval()
+    x, maps, targets = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([[1], [2]])
+    with torch.no_grad():
+        logits = model(x)
+    for metric in ("deletion", "insertion", "completeness"):
+        plain = get_metric(metric).score(MetricCall(model, x, maps, targets, None, "integratedgradients"))
+        call = MetricCall(model, x, maps, targets, None, "integratedgradients", logits=logits)
+        given = get_metric(metric).score(call)
+        assert torch.allclose(given.values, plain.values, rtol=1e-5, atol=1e-6), metric
+
+
+def test_a_baseline_constant_per_image_is_scored_once_per_distinct_value():
+    model = make_tiny2d(5).eval()
+    x, maps, targets = torch.randn(5, 1, 8, 8), torch.randn(5, 1, 8, 8), torch.tensor([[0], [1], [2], [0], [1]])
+    black = torch.tensor([-0.5, 0.25, -0.5, 0.25, 0.0]).view(5, 1, 1, 1)  # e.g. the scan's black, measured per image
+    rows, index = forwards.distinct_rows(black.expand_as(x).clone())
+    assert rows[:, 0, 0, 0].tolist() == [-0.5, 0.25, 0.0] and index.tolist() == [0, 1, 0, 1, 2]
+    counted = Counted(model)
+    TR.completeness(counted, x, maps, targets, baseline=black)  # 8 inputs: builds the folded copy
+    counted.seen[0] = 0
+    r = TR.completeness(counted, x, maps, targets, baseline=black)
+    assert counted.images == 5 + 3
+    with torch.no_grad():
+        delta = model(x).gather(1, targets) - model(black.expand_as(x)).gather(1, targets)
+    assert torch.allclose(r.delta, delta, atol=1e-5)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from medlens.core.baselines import gaussian_blur
 from medlens.errors import InputError
 from medlens.evaluation.forwards import (  # noqa: F401 - re-exported: these lived here before forwards.py
-    FOLD_FROM, FORWARD_BATCH, distinct_rows, model_scores, pick, scoring,
+    FOLD_FROM, FORWARD_BATCH, distinct_rows, given_scores, model_scores, pick, scoring,
 )
 
 Baseline = Union[str, float, torch.Tensor]
@@ -113,6 +113,7 @@ def _scored_steps(
     model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor, order: str,
     output: str, chunk: int, make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ends: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    known: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> torch.Tensor:
     """Scores (B, T, K) of the target: for each (image b, target t, step k) the first counts[k] pixels of the map
     in `order` are `removed`, and `make(bs, removed)` builds the (n, C, *s) inputs of a chunk of such jobs.
@@ -120,7 +121,8 @@ def _scored_steps(
 
     `ends=(start, fill)`: a step that removes nothing is `start[b]` and one that removes everything `fill[b]`,
     whatever the map: those are scored once per distinct image (once for all images when the fill is a
-    constant), not once per (image, target)."""
+    constant), not once per (image, target); `known`: the (B, K) scores of `start` and of `fill` where the caller
+    has them (the unperturbed image's), which are then not scored again."""
     B, T = targets.shape
     K = counts.numel()
     rank = relevance_rank(maps if order == "morf" else -maps)  # (B, T, P)
@@ -130,11 +132,12 @@ def _scored_steps(
     scores = torch.empty(B, T, K, dtype=torch.float32, device=x.device)
     step = max(1, int(chunk))
     with scoring(model, x, output) as score:
-        for at, src in ((counts == 0, ends[0]), (counts == P, ends[1])) if ends is not None else ():
+        for at, src, got in ((counts == 0, ends[0], known[0]), (counts == P, ends[1], known[1])) if ends else ():
             if bool(at.any()):
-                rows, index = distinct_rows(src)
-                got = torch.cat([score(rows[i:i + step]) for i in range(0, rows.shape[0], step)])
-                scores[:, :, at] = pick(got[index], targets)[:, :, None]
+                if got is None:
+                    rows, index = distinct_rows(src)
+                    got = torch.cat([score(rows[i:i + step]) for i in range(0, rows.shape[0], step)])[index]
+                scores[:, :, at] = pick(got, targets)[:, :, None]
         if ends is not None:
             jobs = jobs[(counts[jobs[:, 2]] > 0) & (counts[jobs[:, 2]] < P)]
         for i in range(0, jobs.shape[0], step):
@@ -148,11 +151,13 @@ def _scored_steps(
 def _perturbation_curve(
     model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, start: torch.Tensor,
     fill: torch.Tensor, counts: torch.Tensor, order: str, output: str, chunk: int,
+    known: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> torch.Tensor:
     """Scores (B, T, K): at step k the first counts[k] pixels in `order` take their value from `fill`,
-    the others from `start`."""
+    the others from `start` (`known`: see `_scored_steps`)."""
     return _scored_steps(model, x, maps, targets, counts, order, output, chunk,
-                         lambda bs, removed: torch.where(removed[:, None], fill[bs], start[bs]), ends=(start, fill))
+                         lambda bs, removed: torch.where(removed[:, None], fill[bs], start[bs]), ends=(start, fill),
+                         known=known)
 
 
 # --------------------------------------------------------------------------------------------- deletion / insertion
@@ -166,15 +171,20 @@ def deletion(
     blur_sigma: Optional[float] = None,
     output: str = "probability",
     chunk: int = 64,
+    logits: Optional[torch.Tensor] = None,
 ) -> CurveResult:
     """Deletion AUC (Petsiuk et al., RISE, 2018): remove pixels most-relevant first, replacing them by the
     baseline, and integrate the target's score over the fraction removed (trapezoid on [0, 1],
-    steps + 1 points). Lower is better: a faithful map makes the score fall early."""
+    steps + 1 points). Lower is better: a faithful map makes the score fall early.
+    `logits`: the model's (B, K) logits on `x` when the caller has them (`ExplanationResult.logits`): the curve's
+    first point (nothing removed) is then taken from them instead of another pass of every image."""
     check_batch(x, maps, targets)
     ref, desc = make_baseline(x, baseline, blur_sigma)
     P = int(torch.tensor(x.shape[2:]).prod())
     fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    curves = _perturbation_curve(model, x, maps, targets, x, ref, _counts(fractions, P), "morf", output, chunk)
+    given = None if logits is None else given_scores(model, logits, x, targets, output)
+    curves = _perturbation_curve(model, x, maps, targets, x, ref, _counts(fractions, P), "morf", output, chunk,
+                                 known=(given, None))
     return CurveResult(_trapezoid(curves, fractions), curves, fractions.float(), desc, {"output": output})
 
 
@@ -188,14 +198,19 @@ def insertion(
     blur_sigma: Optional[float] = None,
     output: str = "probability",
     chunk: int = 64,
+    logits: Optional[torch.Tensor] = None,
 ) -> CurveResult:
     """Insertion AUC (RISE): start from the baseline (a blurred image by default) and put the original
-    pixels back most-relevant first; integrate the target's score. Higher is better."""
+    pixels back most-relevant first; integrate the target's score. Higher is better.
+    `logits`: the model's (B, K) logits on `x` when the caller has them: the curve's last point (everything put
+    back, i.e. `x`) is then taken from them instead of another pass of every image."""
     check_batch(x, maps, targets)
     ref, desc = make_baseline(x, baseline, blur_sigma)
     P = int(torch.tensor(x.shape[2:]).prod())
     fractions = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    curves = _perturbation_curve(model, x, maps, targets, ref, x, _counts(fractions, P), "morf", output, chunk)
+    given = None if logits is None else given_scores(model, logits, x, targets, output)
+    curves = _perturbation_curve(model, x, maps, targets, ref, x, _counts(fractions, P), "morf", output, chunk,
+                                 known=(None, given))
     return CurveResult(_trapezoid(curves, fractions), curves, fractions.float(), desc, {"output": output})
 
 

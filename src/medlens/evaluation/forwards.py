@@ -14,18 +14,20 @@ import torch
 from torch import nn
 
 from medlens.accel import fast_forward as fast_forward_module
-from medlens.accel.fast_forward import FastForward, fast_forward
+from medlens.accel.fast_forward import AGREEMENT, FastForward, fast_forward
 from medlens.accel.heap import steady_heap
 from medlens.core.model_description import describe
 from medlens.core.model_state import borrowed_model
 from medlens.errors import InputError
+from medlens.evaluation.winograd import with_winograd
 
 # Building the folded copy costs about three forwards of one image and saves about a third of each forward after
 # it (brain-tumor-mri, CPU, one thread): below this many inputs the model runs as given, unless a copy is at hand.
 FOLD_FROM = 8
 # Inputs per forward, whatever the chunk: measured on the brain-tumor-mri model, one thread, a busy machine
 # (benchmarks/bench_vs_quantus.py), deletion on 8 slices took 12.7 s in forwards of 8 or 16, 15.4 s of 32, 18.4 s of 64;
-# in CPU time (load 10-19) 1.74-1.78 s in forwards of 16, 1.66-1.83 s of 32, 1.85 s of 64: no steady difference.
+# in CPU time (load 10-19) 1.74-1.78 s in forwards of 16, 1.66-1.83 s of 32, 1.85 s of 64: no steady difference;
+# again with the Winograd copy and the logits given (load 3.3): 1.49, 1.51, 1.53, 1.54 s in forwards of 8, 16, 32, 64.
 FORWARD_BATCH = 16
 
 @dataclass
@@ -64,7 +66,8 @@ def _baked(model: nn.Module, forward: FastForward) -> list[tuple[torch.Tensor, t
 
 
 def folded_forward(model: nn.Module, x: torch.Tensor, fold: bool = True) -> FastForward:
-    """The folded fast forward of `model` for inputs like `x` (call inside `borrowed_model`, outside inference mode):
+    """The folded fast forward of `model` for inputs like `x` (call inside `borrowed_model`, outside inference mode),
+    its wide 3x3 convolutions as Winograd ones (`medlens.evaluation.winograd`):
     the copy an earlier call built when nothing it depends on has changed since (module tree, hooks, input shape,
     the folded tensors' values), else a new one, kept for the next call. `fold=False`: the copy at hand if there is
     one, else the model as given (building would not pay for a few inputs)."""
@@ -77,6 +80,8 @@ def folded_forward(model: nn.Module, x: torch.Tensor, fold: bool = True) -> Fast
     if not fold:
         return FastForward(module=model, layout=False)
     forward = fast_forward(model, x)
+    if forward.module is not model:  # only where the model could be folded (a copy checked against it)
+        forward = with_winograd(forward, x, AGREEMENT)
     folded = forward.module is not model
     _FOLDED[model] = _Held(modules, signature, forward if folded else None, forward.layout,
                            _baked(model, forward) if folded else [])
@@ -113,11 +118,23 @@ def scoring(
 
 
 def distinct_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, index): `batch` is `rows[index]`; rows is one row when every row of `batch` is the same (a constant
-    baseline), else `batch` itself. Only whole-batch equality is looked for: it is the case that pays."""
-    if batch.shape[0] > 1 and bool((batch == batch[:1]).all()):
-        return batch[:1], torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device)
-    return batch, torch.arange(batch.shape[0], device=batch.device)
+    """(rows, index): `batch` is `rows[index]`, rows its distinct inputs (bit for bit), in their first order: one
+    row for a constant baseline, one per distinct value for a baseline that is constant per image (the scan's
+    black, measured per image, takes a few values over a batch)."""
+    B = batch.shape[0]
+    if B <= 1:
+        return batch, torch.arange(B, device=batch.device)
+    if bool((batch == batch[:1]).all()):  # the common case, without a sort
+        return batch[:1], torch.zeros(B, dtype=torch.long, device=batch.device)
+    _, inverse = torch.unique(batch.reshape(B, -1), dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), B, dtype=torch.long, device=batch.device)
+    first.scatter_reduce_(0, inverse, torch.arange(B, device=batch.device), reduce="amin")
+    if first.numel() == B:
+        return batch, torch.arange(B, device=batch.device)
+    keep = first.sort().values  # the first image of each distinct row, in batch order
+    where = torch.empty_like(first)
+    where[inverse[keep]] = torch.arange(keep.numel(), device=batch.device)
+    return batch[keep], where[inverse]
 
 
 def model_scores(
@@ -130,6 +147,30 @@ def model_scores(
     with scoring(model, x, output, fold=x.shape[0] >= FOLD_FROM) as score:
         step = max(1, int(chunk))
         return torch.cat([score(x[i:i + step]) for i in range(0, x.shape[0], step)])
+
+
+def given_scores(
+    model: nn.Module, logits: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, output: str = "probability"
+) -> torch.Tensor:
+    """(B, K) float32 scores from logits the caller already has for the unperturbed inputs `x` (B, ...), e.g.
+    `ExplanationResult.logits` or the logits `medlens evaluate` picks its targets with: the same scores `scoring`
+    gives (softmax, or sigmoid when `model.multi_label`; raw for `output="logit"`), without running the model.
+
+    Raises InputError when `logits` is not a (B, K) tensor for the B inputs with a column for every target, or
+    for an unknown `output`."""
+    if output not in ("probability", "logit"):
+        raise InputError(f"output must be 'probability' or 'logit', not {output!r}.")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(f"logits must be the model's (B, K) output on the {x.shape[0]} inputs (as "
+                         f"ExplanationResult.logits); got {got}.")
+    if targets.numel() and int(targets.max()) >= logits.shape[1]:
+        raise InputError(f"logits have {logits.shape[1]} classes but a target is class {int(targets.max())}: pass the "
+                         f"model's logits on these inputs.")
+    scores = logits.detach().to(device=x.device, dtype=torch.float32)
+    if output == "probability":
+        scores = torch.sigmoid(scores) if describe(model).multi_label else torch.softmax(scores, dim=1)
+    return scores
 
 
 def pick(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

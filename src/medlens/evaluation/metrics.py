@@ -30,6 +30,7 @@ class MetricCall:
     layer: Any = None
     seed: int = 0  # the run's seed (methods re-explained inside a metric use it, as the maps were made with it)
     batch_seed: int = 0  # seed + batch number: metrics that draw noise per batch
+    logits: Optional[torch.Tensor] = None  # the model's (B, K) logits on x when the caller has them (saves passes)
 
 
 @dataclass
@@ -102,9 +103,14 @@ def completeness_options(method: str, options: Mapping[str, Any]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------------------- the entries
+def _given(c: MetricCall) -> dict[str, Any]:
+    """The call's logits on x as a keyword, when it has them (deletion, insertion and completeness reuse them)."""
+    return {} if c.logits is None else {"logits": c.logits}
+
+
 def _curve(name: str) -> Callable[[MetricCall], MetricScore]:
     def score(c: MetricCall) -> MetricScore:
-        res = getattr(F, name)(c.model, c.x, c.maps, c.targets, **c.options)
+        res = getattr(F, name)(c.model, c.x, c.maps, c.targets, **{**_given(c), **c.options})
         part = CurvePart(res.fractions.tolist(), res.curves.sum(dim=(0, 1)).cpu(), res.curves.shape[0] * res.curves.shape[1])
         return MetricScore(res.values, note={"baseline": res.baseline, **res.notes}, curves={name: part})
     return score
@@ -136,7 +142,7 @@ def _randomization(c: MetricCall) -> MetricScore:
 
 
 def _completeness(c: MetricCall) -> MetricScore:
-    res = TR.completeness(c.model, c.x, c.maps, c.targets, **completeness_options(c.method, c.options))
+    res = TR.completeness(c.model, c.x, c.maps, c.targets, **_given(c), **completeness_options(c.method, c.options))
     return MetricScore(res.values, method_note=("reference", res.reference))
 
 

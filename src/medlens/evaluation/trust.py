@@ -17,7 +17,7 @@ from medlens.core.explain import explain
 from medlens.errors import InputError
 from medlens.core.baselines import resolve_baseline, scan_black
 from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline
-from medlens.evaluation.forwards import distinct_rows, model_scores, pick
+from medlens.evaluation.forwards import distinct_rows, given_scores, model_scores, pick
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -197,23 +197,33 @@ def completeness(
     baseline: Optional[Baseline] = "zero",
     rtol: float = 0.05,
     atol: float = 1e-4,
+    logits: Optional[torch.Tensor] = None,
 ) -> CompletenessResult:
     """Completeness / conservation: the map's sum should equal the target logit's change
     delta = f_t(x) - f_t(baseline) (completeness, integrated gradients, DeepLIFT, SHAP), or f_t(x) itself
-    when `baseline is None` (conservation, LRP). Checked with a tolerance, never exact float equality."""
+    when `baseline is None` (conservation, LRP). Checked with a tolerance, never exact float equality.
+    `logits`: the model's (B, K) logits on `x` when the caller has them (`ExplanationResult.logits`, or those
+    `medlens evaluate` picks its targets with): f(x) is then read from them and only the baseline goes through
+    the model (one pass for a constant baseline, none for conservation)."""
     check_batch(x, maps, targets)
+    B = x.shape[0]
+    given = None if logits is None else given_scores(model, logits, x, targets, "logit")
     if baseline is None:
-        delta, ref = pick(model_scores(model, x, "logit"), targets), "f(x) (conservation)"
+        scores = given if given is not None else model_scores(model, x, "logit")
+        delta, ref = pick(scores, targets), "f(x) (conservation)"
     else:
         black = scan_black(model) if isinstance(baseline, str) and baseline == "zero" else None
         if black is not None:  # the methods' "zero" (integrated gradients) is the scan's black in the model's input space
             baseline = resolve_baseline(x, "zero", black=black)[0]  # per image, as the methods measure it
         xb, desc = make_baseline(x, baseline)
         desc = "zero: the scan's black" if black is not None else desc
-        rows, index = distinct_rows(xb)  # a constant baseline is scored once for all images
-        both = model_scores(model, torch.cat([x, rows]), "logit")  # one borrow, one folded copy, one batch
-        B = x.shape[0]
-        delta, ref = pick(both[:B], targets) - pick(both[B:][index], targets), f"f(x) - f({desc})"
+        rows, index = distinct_rows(xb)  # each distinct baseline image scored once (a constant one: once in all)
+        if given is None:
+            both = model_scores(model, torch.cat([x, rows]), "logit")  # one borrow, one folded copy, one batch
+            given, at_baseline = both[:B], both[B:]
+        else:
+            at_baseline = model_scores(model, rows, "logit")
+        delta, ref = pick(given, targets) - pick(at_baseline[index], targets), f"f(x) - f({desc})"
     total = maps.flatten(2).double().sum(dim=2).float()
     err = (total - delta).abs()
     return CompletenessResult(err / delta.abs().clamp_min(1e-6), err <= atol + rtol * delta.abs(), total, delta, ref)

@@ -140,7 +140,8 @@ def score_images(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[
                 maps = explain_batch(plan, x, targets, methods=[m])[m]
                 tally.seconds[m] += time.perf_counter() - t0
                 for metric in metrics:
-                    call = MetricCall(model, x, maps, targets, masks, m, options[metric], layer, seed, seed + bi)
+                    call = MetricCall(model, x, maps, targets, masks, m, options[metric], layer, seed, seed + bi,
+                                      logits)
                     tally.add(m, metric, names, get_metric(metric).score(call))
             baselines = {}
             if region_metrics:
