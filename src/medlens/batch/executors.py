@@ -33,6 +33,8 @@ from medlens.batch.work import (RAY_HINT, ExecutorError, TaskFactory, _call, _ca
 from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
+BATCH_SIZE = 8  # inputs per mini-batch by default: measured in docs/batch.md (1, 4, 8, 16); here, not in the runner,
+# so that the command line reads it without importing torch
 PRELOAD_ENV = "MEDLENS_FORKSERVER_MODEL"  # medlens.batch.preload.ENV (not imported here: it loads a model there)
 PRELOAD_MODULES = ["medlens.batch.task", "medlens.batch.preload"]  # what the forkserver imports before forking
 ITEMS_PER_WORKER = 2  # mini-batches sent and not yet answered, per worker process
@@ -183,16 +185,38 @@ def _naming_model(key: Optional[str]) -> Iterator[None]:
             os.environ[PRELOAD_ENV] = before
 
 
-def start_forkserver(key: Optional[str]) -> None:
+def start_forkserver(key: Optional[str]) -> bool:
     """Start the processes executor's forkserver now, so that it imports torch and medlens and loads the model named
-    by `key` (`medlens.batch.preload.preload_key`) while the driver loads its own copy and finds the inputs, instead
-    of after. `medlens batch --executor processes` calls it before loading the model; without it the first worker
-    starts the forkserver."""
+    by `key` (`medlens.batch.preload.preload_key`) while the driver does the same, instead of after.
+
+    `medlens batch --executor processes` calls it first, before the driver imports torch (nothing on the way from the
+    `medlens` command to here imports torch), so that the two imports run at once on two cores; without it the first
+    worker starts the forkserver. Returns True when a forkserver was started now, False when one was running already
+    (it keeps what it has preloaded)."""
     from multiprocessing import forkserver
 
+    server = forkserver._forkserver  # the module's one ForkServer, as multiprocessing's own functions use it
+    running = server._forkserver_pid
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD_MODULES)
     with _naming_model(key):
         forkserver.ensure_running()
+    return server._forkserver_pid != running
+
+
+def stop_forkserver() -> None:
+    """Stop the forkserver (started by `start_forkserver` for a run that then stopped on a usage error), at once:
+    while it is still importing torch it would not notice that it is no longer wanted until it is done."""
+    import signal
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        server._stop()  # closes its pipe, reaps it and removes its socket
 
 
 class _Worker:
