@@ -13,11 +13,12 @@ The interface (all an executor needs to know of the work):
   gives a task with `stream(chunks)` all the mini-batches at once (the batch's reads the next one and writes the last
   one on threads while it explains; `medlens.batch.overlap`).
 Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` mini-batches sent to each worker (one in work, the next
-waiting in its pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies
-the mini-batch it was working on is known: one of several inputs is split into single inputs (no attempt counted);
-a single input goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record; the
-mini-batches still waiting are handed out again without counting an attempt. `ray` (`medlens.batch.ray_pool`) leaves
-restarts to Ray (actors are restarted and their tasks retried).
+waiting in its pipe, so a worker never waits for the driver; at the end of a run one, so that no worker waits while
+another still has two; the mini-batches are the serial run's, so the maps are too), and a worker answers them in
+order, so when it dies the mini-batch it was working on is known: one of several inputs is split into single inputs
+(no attempt counted); a single input goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its
+record; the mini-batches still waiting are handed out again without counting an attempt. `ray`
+(`medlens.batch.ray_pool`) leaves restarts to Ray (actors are restarted and their tasks retried).
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ class ProcessExecutor:
                         if queue:
                             workers.append(self._start(factory))
                 for worker in workers:
-                    while worker.ready and len(worker.holding) < ITEMS_PER_WORKER and queue:
+                    while worker.ready and queue and len(worker.holding) < _held_at_most(len(queue), len(workers)):
                         index = queue.popleft()
                         worker.holding.append(index)
                         worker.send((index, [items[i] for i in chunks[index]]))
@@ -168,6 +169,13 @@ class ProcessExecutor:
             return members[0]
         queue.appendleft(held)
         return None
+
+
+def _held_at_most(queued: int, workers: int) -> int:
+    """Mini-batches a worker may hold: `ITEMS_PER_WORKER` (the next one waiting in its pipe) while there is more work
+    than workers, then one: at the end of a run a mini-batch waiting behind another worker's would leave this one
+    idle while that one still has two to do."""
+    return ITEMS_PER_WORKER if queued > workers else 1
 
 
 @contextlib.contextmanager
