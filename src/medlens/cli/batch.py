@@ -90,6 +90,7 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
                                                            allow_pickle=allow_pickle or None).items() if v is not None}
     with _workers_started_early(executor, preload_key(model_source, model_options, device)):
         # torch is imported from here on (in this process; the forkserver imports its own meanwhile)
+        from medlens.batch.runner import SomeInputsFailed, run_batch
         from medlens.batch.work import load_ray
         from medlens.cli.commands import _model_on_device, parse_options
         from medlens.core.explain import check_methods
@@ -106,9 +107,20 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
         if executor == "ray":
             load_ray()
         model = _model_on_device(model_source, device, **model_options)
-    _run(inputs, pacs, model, model_source, request, model_options, executor, workers, threads, batch_size,
-         ray_address, device, include, exclude, limit, retry_failed, force, no_region, quiet, ae_title,
-         pacs_folder or out_dir.with_name(f"{out_dir.name}-pacs"), out_dir)
+    if pacs is not None:
+        inputs = (*inputs, *_pull(*pacs, ae_title, pacs_folder or out_dir.with_name(f"{out_dir.name}-pacs")))
+    summary = run_batch(inputs, out_dir, model=model, model_source=model_source, request=request,
+                        model_options=model_options, executor=executor, workers=workers, ray_address=ray_address,
+                        threads=threads, device=device, include=include, exclude=exclude, limit=limit,
+                        retry_failed=retry_failed, force=force, region=None if no_region else "auto",
+                        progress=not quiet, batch_size=batch_size, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{summary.done} of {summary.total} input(s) done ({summary.ran} run now, {summary.skipped_done} "
+               f"skipped as done) in {summary.seconds:.1f} s; results in {summary.out} (report.html, summary.csv)")
+    if summary.failures:
+        listed = [f"  {message if path in message else f'{path}: {message}'}" for path, message in summary.failures[:MAX_LISTED_FAILURES]]
+        if len(summary.failures) > MAX_LISTED_FAILURES:
+            listed.append(f"  ... and {len(summary.failures) - MAX_LISTED_FAILURES} more (see manifest.jsonl)")
+        raise SomeInputsFailed(f"{len(summary.failures)} of {summary.total} input(s) failed:\n" + "\n".join(listed))
 
 
 @contextlib.contextmanager
@@ -123,29 +135,6 @@ def _workers_started_early(executor: str, key: Optional[str]) -> Iterator[None]:
         if started:
             stop_forkserver()
         raise
-
-
-def _run(inputs: Sequence[Path], pacs: Any, model: Any, model_source: str, request: Any, model_options: dict,
-         executor: str, workers: int, threads: Optional[int], batch_size: int, ray_address: Optional[str], device: str,
-         include: Sequence[str], exclude: Sequence[str], limit: Optional[int], retry_failed: bool, force: bool,
-         no_region: bool, quiet: bool, ae_title: str, pacs_folder: Path, out_dir: Path) -> None:
-    """Pull from the PACS if asked, run the batch, and say what it did; raises `SomeInputsFailed` (exit 3)."""
-    from medlens.batch.runner import SomeInputsFailed, run_batch
-
-    if pacs is not None:
-        inputs = (*inputs, *_pull(*pacs, ae_title, pacs_folder))
-    summary = run_batch(inputs, out_dir, model=model, model_source=model_source, request=request,
-                        model_options=model_options, executor=executor, workers=workers, ray_address=ray_address,
-                        threads=threads, device=device, include=include, exclude=exclude, limit=limit,
-                        retry_failed=retry_failed, force=force, region=None if no_region else "auto",
-                        progress=not quiet, batch_size=batch_size, log=lambda m: click.echo(m, err=True))
-    click.echo(f"{summary.done} of {summary.total} input(s) done ({summary.ran} run now, {summary.skipped_done} "
-               f"skipped as done) in {summary.seconds:.1f} s; results in {summary.out} (report.html, summary.csv)")
-    if summary.failures:
-        listed = [f"  {message if path in message else f'{path}: {message}'}" for path, message in summary.failures[:MAX_LISTED_FAILURES]]
-        if len(summary.failures) > MAX_LISTED_FAILURES:
-            listed.append(f"  ... and {len(summary.failures) - MAX_LISTED_FAILURES} more (see manifest.jsonl)")
-        raise SomeInputsFailed(f"{len(summary.failures)} of {summary.total} input(s) failed:\n" + "\n".join(listed))
 
 
 def _pacs_request(source: str, query_items: Sequence[str]) -> tuple[Any, dict[str, str]]:
