@@ -1,6 +1,7 @@
 """Start-up of `medlens batch` on one input (issue 28, "start fast"): launch to the first result, beside `import torch`.
 
 Run: PYTHONPATH=src OPENBLAS_NUM_THREADS=1 python benchmarks/bench_startup.py [--rounds 5] [--before OTHER/src] [--no-pyc]
+     [--executor processes]   (the same with `--executor processes --workers 2`: its forkserver's start-up too)
 
 Each round launches, in a rotating order, `python -c "import torch"` (the floor no medlens change goes under) and
 `medlens batch ONE.jpg --model brain-tumor-mri --methods gradcam --threads 1` from this tree (and from `--before`'s
@@ -29,6 +30,7 @@ HERE_SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 PYC: dict = {}  # set by main(): where compiled modules go (an installed package has its .pyc files)
+EXECUTOR: list = []  # set by main(): `--executor processes --workers 2` for the processes executor
 
 
 def _env(src: Path) -> dict:
@@ -41,7 +43,7 @@ def _env(src: Path) -> dict:
 
 def _batch_argv(image: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, *extra, "-m", "medlens.cli.group", "batch", str(image), "--model", "brain-tumor-mri",
-            "--methods", "gradcam", "--threads", "1", "--out", str(out)]
+            "--methods", "gradcam", "--threads", "1", "--out", str(out), *EXECUTOR]
 
 
 def _first_result(out: Path) -> float:
@@ -91,13 +93,17 @@ def main() -> None:
     parser.add_argument("--no-pyc", action="store_true", help="compile every module from source at each launch "
                         "(as under PYTHONDONTWRITEBYTECODE=1); by default .pyc files are kept under a temporary "
                         "PYTHONPYCACHEPREFIX, as an installed package has them, and one untimed warm-up run fills it")
+    parser.add_argument("--executor", choices=("serial", "processes"), default="serial",
+                        help="the batch runs' executor (processes: 2 workers, forked from a forkserver)")
     args = parser.parse_args()
+    if args.executor == "processes":
+        EXECUTOR.extend(["--executor", "processes", "--workers", "2"])
     if not args.no_pyc:
         PYC["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "medlens-bench-pycache")
     trees = {"import torch": HERE_SRC, "batch (this tree)": HERE_SRC}
     if args.before:
         trees["batch (--before)"] = args.before.resolve()
-    print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count(),
+    print(json.dumps({"load_before": os.getloadavg(), "cpus": os.cpu_count(), "executor": args.executor,
                       "pyc": "kept" if PYC else "none (compiled from source at each launch)"}), flush=True)
     runs: dict[str, list[dict]] = {k: [] for k in trees}
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
@@ -116,7 +122,8 @@ def main() -> None:
                 res["what"] = what
                 runs[what].append(res)
                 print(json.dumps({"round": r, **res}), flush=True)
-        split = breakdown(HERE_SRC, image, work)
+        split = (breakdown(HERE_SRC, image, work) if not EXECUTOR else  # the forkserver inherits -X importtime
+                 "not split: the driver's and the forkserver's imports are in one -X importtime output")
     torch_s = [x["wall_s"] for x in runs["import torch"]]
     summary = {"medians_s": {k: statistics.median(x["first_result_s"] for x in v) for k, v in runs.items()},
                "ratio_to_import_torch (median of rounds)": {

@@ -107,3 +107,12 @@ def test_batch_and_evaluate_workers_share_one_recipe_that_pickles_without_its_mo
     assert evaluate.methods == ["gradcam", "lrp"]
     plan = batch.recipe.plan()  # what a worker does: its own model, the request checked against it
     assert [s.name for s in plan.specs] == ["gradcam", "lrp"] and plan.request.seed == 3
+
+
+
+def test_a_worker_holds_a_second_mini_batch_only_while_there_is_more_work_than_workers() -> None:
+    """At the end of a run a mini-batch waiting in a busy worker's pipe would leave another worker idle."""
+    from medlens.batch.executors import ITEMS_PER_WORKER, _held_at_most
+
+    assert _held_at_most(10, 2) == ITEMS_PER_WORKER == 2
+    assert _held_at_most(3, 2) == 2 and _held_at_most(2, 2) == 1 and _held_at_most(1, 2) == 1

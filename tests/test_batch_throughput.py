@@ -62,12 +62,15 @@ class ReportsPreload(BatchTaskFactory):
     """A batch task whose records say whether the worker found the model already loaded by its forkserver."""
 
     def __call__(self):  # type: ignore[override]
+        import sys
+
+        families = "medlens.families.cam" in sys.modules  # before this worker explained anything
         task = super().__call__()
         found = preloaded(self.preload_key()) is not None
 
         def run(item):
             return {**task(item), "preloaded": found, "same_model": found and task.plan.model is preloaded(
-                self.preload_key())}
+                self.preload_key()), "families": families}
 
         return run
 
@@ -81,7 +84,7 @@ def test_workers_are_forked_with_the_model_the_forkserver_loaded(tmp_path: Path)
     factory = ReportsPreload(WorkerRecipe("phantom-lesion", {}, request, threads=1), str(tmp_path / "out"), "d")
     records = list(ProcessExecutor(workers=1).run(factory, items))
     assert [r["status"] for r in records] == ["done", "done"]
-    assert all(r["preloaded"] and r["same_model"] for r in records)
+    assert all(r["preloaded"] and r["same_model"] and r["families"] for r in records)
 
 
 def test_default_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,11 +4,15 @@ The public surface, every name with its arguments, defaults, errors and an examp
 `load_model`, `load_input`, `methods`, `method_info`, `explain`, `ExplanationResult`, `MedlensError`,
 `SegmentationTarget`, `BoxTarget` and `SimilarityTarget` (explaining segmentation and detection models and
 encoders).
+
+Importing the package does not import torch: the names that need it are imported on first use (PEP 562
+`__getattr__`), so that `medlens batch --executor processes` can start its workers' forkserver, which imports torch
+in a process of its own, before the command imports torch itself (docs/batch.md, "Start-up").
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # OpenMP threads that wait for work sleep instead of spinning (unless the user chose): a spinning thread on a machine
 # with other busy processes takes the core the thread it waits for needs (docs/batch.md, "Threads"). Only effective
@@ -18,11 +22,46 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from medlens.version import __version__  # noqa: E402
 
 from medlens.errors import MedlensError  # noqa: E402
-from medlens.core.explain import explain  # noqa: E402
-from medlens.core.registry import method_info, methods  # noqa: E402
-from medlens.core.result import ExplanationResult  # noqa: E402
-from medlens.core.region_targets import BoxTarget, SegmentationTarget  # noqa: E402
-from medlens.core.similarity_targets import SimilarityTarget  # noqa: E402
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from medlens.core.explain import explain
+    from medlens.core.registry import method_info, methods
+    from medlens.core.region_targets import BoxTarget, SegmentationTarget
+    from medlens.core.result import ExplanationResult
+    from medlens.core.similarity_targets import SimilarityTarget
+
+_LAZY = ("explain", "method_info", "methods", "ExplanationResult", "BoxTarget", "SegmentationTarget",
+         "SimilarityTarget")  # the public names that need torch, imported on first use
+
+
+def __getattr__(name: str) -> Any:
+    """A public name that needs torch, imported on first use and then kept as a plain attribute of the package.
+
+    Raises:
+        AttributeError: `name` is not a name of the package.
+    """
+    if name == "explain":
+        from medlens.core.explain import explain as value
+    elif name == "method_info":
+        from medlens.core.registry import method_info as value
+    elif name == "methods":
+        from medlens.core.registry import methods as value
+    elif name == "ExplanationResult":
+        from medlens.core.result import ExplanationResult as value
+    elif name == "BoxTarget":
+        from medlens.core.region_targets import BoxTarget as value
+    elif name == "SegmentationTarget":
+        from medlens.core.region_targets import SegmentationTarget as value
+    elif name == "SimilarityTarget":
+        from medlens.core.similarity_targets import SimilarityTarget as value
+    else:
+        raise AttributeError(f"module 'medlens' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 def load_model(source: Any, **options: Any):

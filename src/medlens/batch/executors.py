@@ -13,11 +13,12 @@ The interface (all an executor needs to know of the work):
   gives a task with `stream(chunks)` all the mini-batches at once (the batch's reads the next one and writes the last
   one on threads while it explains; `medlens.batch.overlap`).
 Fault tolerance: `processes` keeps `ITEMS_PER_WORKER` mini-batches sent to each worker (one in work, the next
-waiting in its pipe, so a worker never waits for the driver), and a worker answers them in order, so when it dies
-the mini-batch it was working on is known: one of several inputs is split into single inputs (no attempt counted);
-a single input goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its record; the
-mini-batches still waiting are handed out again without counting an attempt. `ray` (`medlens.batch.ray_pool`) leaves
-restarts to Ray (actors are restarted and their tasks retried).
+waiting in its pipe, so a worker never waits for the driver; at the end of a run one, so that no worker waits while
+another still has two; the mini-batches are the serial run's, so the maps are too), and a worker answers them in
+order, so when it dies the mini-batch it was working on is known: one of several inputs is split into single inputs
+(no attempt counted); a single input goes to a fresh worker, up to `max_attempts` times in all, then `lost` is its
+record; the mini-batches still waiting are handed out again without counting an attempt. `ray`
+(`medlens.batch.ray_pool`) leaves restarts to Ray (actors are restarted and their tasks retried).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from medlens.batch.work import (RAY_HINT, ExecutorError, TaskFactory, _call, _ca
 from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
+BATCH_SIZE = 8  # inputs per mini-batch by default: measured in docs/batch.md (1, 4, 8, 16); here, not in the runner,
+# so that the command line reads it without importing torch
 PRELOAD_ENV = "MEDLENS_FORKSERVER_MODEL"  # medlens.batch.preload.ENV (not imported here: it loads a model there)
 PRELOAD_MODULES = ["medlens.batch.task", "medlens.batch.preload"]  # what the forkserver imports before forking
 ITEMS_PER_WORKER = 2  # mini-batches sent and not yet answered, per worker process
@@ -143,7 +146,7 @@ class ProcessExecutor:
                         if queue:
                             workers.append(self._start(factory))
                 for worker in workers:
-                    while worker.ready and len(worker.holding) < ITEMS_PER_WORKER and queue:
+                    while worker.ready and queue and len(worker.holding) < _held_at_most(len(queue), len(workers)):
                         index = queue.popleft()
                         worker.holding.append(index)
                         worker.send((index, [items[i] for i in chunks[index]]))
@@ -168,6 +171,13 @@ class ProcessExecutor:
         return None
 
 
+def _held_at_most(queued: int, workers: int) -> int:
+    """Mini-batches a worker may hold: `ITEMS_PER_WORKER` (the next one waiting in its pipe) while there is more work
+    than workers, then one: at the end of a run a mini-batch waiting behind another worker's would leave this one
+    idle while that one still has two to do."""
+    return ITEMS_PER_WORKER if queued > workers else 1
+
+
 @contextlib.contextmanager
 def _naming_model(key: Optional[str]) -> Iterator[None]:
     """`MEDLENS_FORKSERVER_MODEL` set to `key` while a forkserver may be started (it inherits the environment)."""
@@ -183,16 +193,38 @@ def _naming_model(key: Optional[str]) -> Iterator[None]:
             os.environ[PRELOAD_ENV] = before
 
 
-def start_forkserver(key: Optional[str]) -> None:
+def start_forkserver(key: Optional[str]) -> bool:
     """Start the processes executor's forkserver now, so that it imports torch and medlens and loads the model named
-    by `key` (`medlens.batch.preload.preload_key`) while the driver loads its own copy and finds the inputs, instead
-    of after. `medlens batch --executor processes` calls it before loading the model; without it the first worker
-    starts the forkserver."""
+    by `key` (`medlens.batch.preload.preload_key`) while the driver does the same, instead of after.
+
+    `medlens batch --executor processes` calls it first, before the driver imports torch (nothing on the way from the
+    `medlens` command to here imports torch), so that the two imports run at once on two cores; without it the first
+    worker starts the forkserver. Returns True when a forkserver was started now, False when one was running already
+    (it keeps what it has preloaded)."""
     from multiprocessing import forkserver
 
+    server = forkserver._forkserver  # the module's one ForkServer, as multiprocessing's own functions use it
+    running = server._forkserver_pid
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD_MODULES)
     with _naming_model(key):
         forkserver.ensure_running()
+    return server._forkserver_pid != running
+
+
+def stop_forkserver() -> None:
+    """Stop the forkserver (started by `start_forkserver` for a run that then stopped on a usage error), at once:
+    while it is still importing torch it would not notice that it is no longer wanted until it is done."""
+    import signal
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        server._stop()  # closes its pipe, reaps it and removes its socket
 
 
 class _Worker:

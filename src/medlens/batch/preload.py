@@ -2,8 +2,9 @@
 preload module, it loads the model the driver named in `MEDLENS_FORKSERVER_MODEL`, and each worker takes it as is.
 
 A forked worker shares the model's memory with the forkserver (copy on write) and starts in the time a fork takes
-instead of importing torch and loading the weights itself. Only CPU models: CUDA must not be set up before a fork.
-If the model cannot be loaded here, nothing is kept, and the worker loads it itself and reports what went wrong.
+instead of importing torch and loading the weights itself (and the method families, imported here too). Only CPU
+models: CUDA must not be set up before a fork. If the model cannot be loaded here, nothing is kept, and the worker
+loads it itself and reports what went wrong.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def _load_named() -> None:
     except Exception:  # noqa: BLE001 - the worker loads the model itself and says what is wrong
         return
     _LOADED[key] = model
+    from medlens.core.registry import methods
+
+    methods()  # every family imported (registered) here once, not by each worker on its first explanation
 
 
 _load_named()

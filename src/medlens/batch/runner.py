@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from medlens.batch.executors import make_executor
+from medlens.batch.executors import BATCH_SIZE, make_executor  # BATCH_SIZE defined there, torch-free for the CLI
 from medlens.batch.inputs import Discovery, discover
 from medlens.batch.manifest import DONE, ManifestWriter, latest_records, plan_resume, read_manifest
 from medlens.batch.report import write_report, write_summary
@@ -23,9 +23,6 @@ from medlens.errors import InputError, MedlensError
 from medlens.io.scan import SUPPORTED
 from medlens.io.files import ensure_writable
 from medlens.pipeline import ExplainRequest, WorkerRecipe, plan_for
-
-
-BATCH_SIZE = 8  # inputs per mini-batch by default: measured in docs/batch.md (1, 4, 8, 16)
 
 
 class SomeInputsFailed(MedlensError):

@@ -1,22 +1,20 @@
 """`medlens batch`: many inputs explained into one folder (manifest, summary.csv, report.html), resumable, on the
 serial, processes or Ray executor. Gathers the request and hands it to `medlens.batch.run_batch`.
+
+Importing this module does not import torch: with `--executor processes` the workers' forkserver is started first, so
+that it imports torch and loads the model while this process does the same (docs/batch.md, "Start-up").
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import click
 
-from medlens.batch import EXECUTORS, SomeInputsFailed, run_batch
-from medlens.batch.runner import BATCH_SIZE
-from medlens.batch.executors import ExecutorError, load_ray, start_forkserver
+from medlens.batch.executors import BATCH_SIZE, EXECUTORS, ExecutorError, start_forkserver, stop_forkserver
 from medlens.batch.preload import preload_key
-from medlens.cli.commands import _model_on_device, parse_options
-from medlens.core.explain import check_methods
 from medlens.errors import InputError, MethodError
-from medlens.io.formats import check_formats
-from medlens.pipeline import ExplainRequest
 
 MAX_LISTED_FAILURES = 50
 
@@ -81,27 +79,34 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
         raise InputError("give the inputs to explain (files or folders), or --from-pacs AET@HOST:PORT with --query.")
     if query_items and not from_pacs:
         raise InputError("--query is for --from-pacs; give --from-pacs AET@HOST:PORT too.")
+    if ray_address and executor != "ray":
+        raise ExecutorError("--ray-address is for --executor ray.")
     pacs = _pacs_request(from_pacs, query_items) if from_pacs else None  # checked before a model is loaded
     for p in inputs:  # cheap checks first: no model is loaded for a typo
         if not p.exists():
             raise InputError(f"{p}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
-    request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed, formats=formats,
-                                   options=parse_options(option_items, explain_output), slice_index=slice_index,
-                                   signed=signed)
-    if not request.methods:
-        raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
-    check_methods(list(request.methods), dict(request.options))
-    check_formats(request.formats)
-    if executor == "ray":
-        load_ray()
-    if ray_address and executor != "ray":
-        raise ExecutorError("--ray-address is for --executor ray.")
     model_options: dict[str, Any] = {k: v for k, v in dict(labels=labels, input_size=input_size, channels=channels,
                                                            multi_label=multi_label, weights=weights,
                                                            allow_pickle=allow_pickle or None).items() if v is not None}
-    if executor == "processes":  # the workers' forkserver imports torch and loads the model meanwhile
-        start_forkserver(preload_key(model_source, model_options, device))
-    model = _model_on_device(model_source, device, **model_options)
+    with _workers_started_early(executor, preload_key(model_source, model_options, device)):
+        # torch is imported from here on (in this process; the forkserver imports its own meanwhile)
+        from medlens.batch.runner import SomeInputsFailed, run_batch
+        from medlens.batch.work import load_ray
+        from medlens.cli.commands import _model_on_device, parse_options
+        from medlens.core.explain import check_methods
+        from medlens.io.formats import check_formats
+        from medlens.pipeline import ExplainRequest
+
+        request = ExplainRequest.build(methods, targets=targets, layer=layer, seed=seed, formats=formats,
+                                       options=parse_options(option_items, explain_output), slice_index=slice_index,
+                                       signed=signed)
+        if not request.methods:
+            raise MethodError("--methods is empty; give one or more names, e.g. --methods gradcam,lrp.")
+        check_methods(list(request.methods), dict(request.options))
+        check_formats(request.formats)
+        if executor == "ray":
+            load_ray()
+        model = _model_on_device(model_source, device, **model_options)
     if pacs is not None:
         inputs = (*inputs, *_pull(*pacs, ae_title, pacs_folder or out_dir.with_name(f"{out_dir.name}-pacs")))
     summary = run_batch(inputs, out_dir, model=model, model_source=model_source, request=request,
@@ -116,6 +121,20 @@ def batch_command(inputs: Sequence[Path], model_source: str, methods: str, out_d
         if len(summary.failures) > MAX_LISTED_FAILURES:
             listed.append(f"  ... and {len(summary.failures) - MAX_LISTED_FAILURES} more (see manifest.jsonl)")
         raise SomeInputsFailed(f"{len(summary.failures)} of {summary.total} input(s) failed:\n" + "\n".join(listed))
+
+
+@contextlib.contextmanager
+def _workers_started_early(executor: str, key: Optional[str]) -> Iterator[None]:
+    """With `--executor processes`, the workers' forkserver started before the block (which imports torch and loads
+    the model), so that it imports torch and loads the model named by `key` meanwhile; stopped again if the block
+    raises (a usage error found after it was started: a misspelt method, a model that cannot be loaded)."""
+    started = executor == "processes" and start_forkserver(key)
+    try:
+        yield
+    except BaseException:
+        if started:
+            stop_forkserver()
+        raise
 
 
 def _pacs_request(source: str, query_items: Sequence[str]) -> tuple[Any, dict[str, str]]:

@@ -1,7 +1,9 @@
 """The `medlens` command line: methods, models, explain, batch, demo, evaluate, train, app, serve, report.
 
 Each subcommand lives beside what it drives; this module only assembles the group and turns every
-`MedlensError` into a one-paragraph message and exit status 2.
+`MedlensError` into a one-paragraph message and exit status 2. Every command's module is imported when the command is
+named (or listed), and nothing here imports torch: `medlens batch --executor processes` starts its workers' forkserver
+before anything imports torch (docs/batch.md, "Start-up").
 """
 from __future__ import annotations
 
@@ -14,14 +16,15 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
-from medlens.cli import batch, commands
 from medlens.errors import MedlensError
 
 
-# Commands imported only when named (or listed, as by --help): their modules pull in training, evaluation, the app or
-# report code, a noticeable part of `medlens batch`'s start-up (issue 28) for commands that run is not using.
-LAZY_COMMANDS = {"demo": "medlens.cli.demo", "evaluate": "medlens.cli.evaluate", "train": "medlens.cli.train",
-                 "app": "medlens.cli.app", "serve": "medlens.cli.serve", "report": "medlens.cli.report"}
+# Commands imported only when named (or listed, as by --help): their modules pull in torch, training, evaluation, the
+# app or report code, a noticeable part of `medlens batch`'s start-up (issue 28) for commands that run is not using.
+LAZY_COMMANDS = {"methods": "medlens.cli.commands", "models": "medlens.cli.commands", "explain": "medlens.cli.commands",
+                 "batch": "medlens.cli.batch", "demo": "medlens.cli.demo", "evaluate": "medlens.cli.evaluate",
+                 "train": "medlens.cli.train", "app": "medlens.cli.app", "serve": "medlens.cli.serve",
+                 "report": "medlens.cli.report"}
 
 
 class LazyGroup(click.Group):
@@ -29,8 +32,8 @@ class LazyGroup(click.Group):
 
     @property
     def commands(self) -> dict[str, click.Command]:  # type: ignore[override]
-        for name in list(self._lazy):
-            self._load(name)
+        while self._lazy:
+            self._load(next(iter(self._lazy)))
         return self._commands
 
     @commands.setter
@@ -39,8 +42,10 @@ class LazyGroup(click.Group):
         self._lazy = dict(LAZY_COMMANDS)
 
     def _load(self, name: str) -> None:
-        for command in importlib.import_module(self._lazy.pop(name)).COMMANDS:
+        module = self._lazy[name]
+        for command in importlib.import_module(module).COMMANDS:
             self._commands[command.name] = command
+        self._lazy = {n: m for n, m in self._lazy.items() if m != module}  # its other commands came with it
 
     def add_command(self, cmd: click.Command, name: Optional[str] = None) -> None:
         self._commands[name or cmd.name] = cmd
@@ -58,10 +63,6 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="medlens")
 def cli() -> None:
     """Explain medical image classifiers: which regions drove each finding, and how far to trust it."""
-
-
-for _command in (*commands.COMMANDS, *batch.COMMANDS):
-    cli.add_command(_command)
 
 
 class Terminated(BaseException):
