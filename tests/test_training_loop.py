@@ -43,7 +43,10 @@ def test_a_recipe_reads_back_from_its_flat_record_and_keeps_the_old_field_names(
                                "energy_weight", "init")} == {
         "size": 160, "widths": [32, 64, 128, 256], "last_stride": 1, "mean": 0.15, "std": 0.2, "ema_decay": 0.99,
         "guide": "cam", "guide_weight": 0.5, "energy_weight": 2.0, "init": "brain-tumor-mri-v1"}
-    assert recipe_record(BRAIN_RECIPES["brain-tumor-mri"])["select"] == "pixel"
+    assert recipe_record(BRAIN_RECIPES["brain-tumor-mri-v4"])["select"] == "pixel"
+    third = recipe_record(BRAIN_RECIPES["brain-tumor-mri"])
+    assert (third["select"], third["tune"], third["sign_weight"], third["init"]) == (
+        "picture", "shared-head", 4.0, "brain-tumor-mri-v4")
 
 
 def test_the_hybrid_vit_starts_from_the_cnn_stem_and_refuses_one_that_does_not_fit():

@@ -137,7 +137,7 @@ def test_the_second_stage_without_the_first_is_refused_before_anything_is_writte
         for n in (1 + k, 31 + k, 151 + k):  # one slice per split
             Image.fromarray(torch.full((16, 16), 40 + n, dtype=torch.uint8).numpy()).save(data / name / f"{n}.jpg")
     out = tmp_path / "out"
-    result = CliRunner().invoke(train_command, ["brain-tumor-mri", "--data", str(data), "--out", str(out), "--guide", "none",
+    result = CliRunner().invoke(train_command, ["brain-tumor-mri-v4", "--data", str(data), "--out", str(out), "--guide", "none",
                                                 "--augment", "affine", "--size", "16", "--threads", "1"])
     assert isinstance(result.exception, InputError), result.output
     assert "medlens train brain-tumor-mri-v3" in str(result.exception)

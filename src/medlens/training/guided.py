@@ -72,17 +72,32 @@ def region_attention_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tens
     return torch.logsumexp(flat, 1) - torch.logsumexp(flat.masked_fill(~inside, float("-inf")), 1)
 
 
+def peak_sign_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, relu(1 - max_{p in region} m_p / rms(m)), maps and masks (N, *s): 0 once the map's highest value in
+    the region is positive and at least its root mean square; grows as that peak sinks below zero. The region
+    attention loss cannot see the map's sign (a softmax share is blind to adding a constant), and the outside energy
+    has no gradient where the map has no positive part, so without this term a map can peak in the region while
+    being negative everywhere, and Grad-CAM's picture (its positive part) is then blank."""
+    flat = maps.flatten(1)
+    peak = flat.masked_fill(~masks.bool().flatten(1), float("-inf")).amax(1)
+    rms = flat.pow(2).mean(1).add(1e-12).sqrt()
+    return (1 - peak / rms).clamp_min(0)
+
+
 def cam_guidance_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
-                      energy_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      energy_weight: float = 1.0, sign_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, per-image guided loss of the target class's CAM, upsampled bilinearly to the input as Grad-CAM is):
     the region attention loss (the map's peak and mass in the region) plus `energy_weight` x the outside energy (its
-    positive part, what Grad-CAM shows after its ReLU, in the region too). Images whose mask is empty get 0."""
+    positive part, what Grad-CAM shows after its ReLU, in the region too) plus `sign_weight` x the peak sign loss (the
+    peak in the region positive, so that the positive part exists). Images whose mask is empty get 0."""
     features, logits = features_and_logits(model, x)
     cams = class_activation_maps(features, model.fc, targets)
     up = F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     has = masks.flatten(1).any(1)
     safe = torch.where(has[:, None, None], masks.bool(), torch.ones_like(masks, dtype=torch.bool))
     loss = region_attention_loss(up, safe) + energy_weight * outside_energy(up, safe)
+    if sign_weight:
+        loss = loss + sign_weight * peak_sign_loss(up, safe)
     return logits, torch.where(has, loss, torch.zeros((), dtype=up.dtype))
 
 
@@ -248,7 +263,8 @@ def guided_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, masks: Opt
         parts = guidance.guide.split("+")
         pixel = parts[-1] if parts[-1] != "cam" else None
         if parts[0] == "cam":
-            logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(guidance.energy_weight))
+            logits, per_image = cam_guidance_loss(model, xb, yb, masks, float(guidance.energy_weight),
+                                                  float(guidance.sign_weight))
             guided = _mean_over_regions(per_image, masks)
             if pixel is not None:
                 k = int(getattr(guidance, f"{pixel}_images") or len(xb))

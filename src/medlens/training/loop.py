@@ -30,7 +30,7 @@ from medlens.training.guided import has_cam_head
 from medlens.training.validation import (baseline_localisation, cam_localisation, input_localisation, selection_key,
                                         selection_text, transformer_localisation)
 from medlens.training.weights import (WeightAverage, build_network, freeze_batchnorm, init_path, init_weights,
-                                      save_state)
+                                      save_state, share_head_gradient, shared_head_parameters)
 
 PathLike = Union[str, Path]
 Say = Callable[[str], None]
@@ -98,7 +98,8 @@ def _start(recipe: Recipe, data: TrainingData, out: Optional[Path]) -> _Run:
     o = recipe.optimiser
     average = WeightAverage(model, o.ema_decay) if o.ema_decay else None
     eval_model = build_network(recipe.network, len(data.classes), size) if average else model
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    params = shared_head_parameters(model) if recipe.tune == "shared-head" else model.parameters()
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     steps = math.ceil(len(data.train.labels) / o.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=o.epochs * steps, pct_start=o.warmup)
     return _Run(recipe, model, eval_model, average, opt, sched, gen, steps)
@@ -143,6 +144,8 @@ def _train_epoch(run: _Run, train: Split, epoch: int, quiet: bool) -> dict[str, 
         loss, logits, guided = guided_step(run.model, xb, yb, masks, r.guidance, r.optimiser.label_smoothing)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if r.tune == "shared-head":
+            share_head_gradient(run.model)
         run.opt.step()
         run.sched.step()
         if run.average is not None:
@@ -169,7 +172,8 @@ def _validate(run: _Run, val: _Validation) -> tuple[float, float, dict[str, floa
         localisation = cam_localisation if has_cam_head(model) else transformer_localisation
         checks = localisation(model, val.x, val.labels, val.masks)
     if val.watch and "input" in run.recipe.guidance.guide:  # the pixel-level maps: gradient x input, integrated gradients
-        for kind, steps in (("input", 0), ("integrated", 16 if run.recipe.selection.rule == "pixel" else None)):
+        integrated = 16 if run.recipe.selection.rule in ("pixel", "picture") else None
+        for kind, steps in (("input", 0), ("integrated", integrated)):
             if steps is not None:
                 pixel = input_localisation(model, val.x, val.labels, val.masks, n_steps=steps)
                 checks.update({f"{kind}_{k}": v for k, v in pixel.items()})
@@ -195,6 +199,8 @@ def _epoch_line(run: _Run, entry: dict[str, Any], checks: dict[str, float], kept
             f"{entry['val_acc']:.4f}")
     if checks:
         line += f" gradcam pointing {checks['pointing_game']:.3f} energy {checks['energy_in_box']:.3f}"
+        if "picture_pointing_game" in checks:
+            line += f" picture pointing {checks['picture_pointing_game']:.3f}"
     for kind, label in (("input", "gradient x input"), ("integrated", "integrated gradients"), ("rollout", "rollout"),
                         ("attribution", "transformer attribution")):
         if kind + "_pointing_game" in checks:

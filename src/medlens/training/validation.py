@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     """Mean pointing game and energy in the box of the target class's CAM (= Grad-CAM at the last stage), upsampled
-    bilinearly to the input: the validation check of a guided run."""
+    bilinearly to the input: the validation check of a guided run; and "picture_pointing_game", the share of images
+    whose positive part (Grad-CAM's picture, after its ReLU) exists and peaks in the box (a blank picture misses)."""
     model.eval()
     maps = []
     for i in range(0, len(x), 64):
@@ -31,7 +32,17 @@ def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, m
         maps.append(F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False))
     maps = torch.cat(maps)
     return {"pointing_game": float(pointing_game(maps, masks).nanmean()),
-            "energy_in_box": float(energy_in_box(maps, masks).nanmean())}
+            "energy_in_box": float(energy_in_box(maps, masks).nanmean()),
+            "picture_pointing_game": float(picture_pointing(maps, masks).nanmean())}
+
+
+def picture_pointing(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image (N,), 1.0 where the map's maximum is positive and lies in the region, 0.0 where not (a map <= 0
+    everywhere, whose positive part is blank, misses), nan where the region is empty; maps (N, 1 or none, *s)."""
+    flat = maps.reshape(len(maps), -1)
+    inside = masks.reshape(len(masks), -1).bool()
+    hit = (flat.amax(1) > 0) & inside.gather(1, flat.argmax(1, keepdim=True))[:, 0]
+    return torch.where(inside.any(1), hit.to(flat.dtype), torch.full_like(flat[:, 0], float("nan")))
 
 
 def input_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
@@ -84,7 +95,8 @@ def selection_key(selection: "Selection", checks: dict[str, float], baselines: d
     Grad-CAM beats the centre's pointing game by 0.10 and has twice the prior's energy in the box come first (for an
     input guide, whose gradient x input also beats the centre; for a transformer, whose attention rollout and
     transformer attribution also do). With the rule "pixel": among those, epochs at or above
-    `val_accuracy_floor` first, then the higher of the gradient x input and integrated-gradients pointing game."""
+    `val_accuracy_floor` first, then the higher of the gradient x input and integrated-gradients pointing game; with
+    "picture", the picture pointing game of Grad-CAM's positive part before that."""
     if not checks:
         return (False, val_accuracy, -val_loss)
     meets = checks["pointing_game"] >= baselines["centre pointing_game"] + 0.10 \
@@ -92,20 +104,25 @@ def selection_key(selection: "Selection", checks: dict[str, float], baselines: d
     for pixel_or_token in ("input", "rollout", "attribution"):
         if f"{pixel_or_token}_pointing_game" in checks:
             meets = meets and checks[f"{pixel_or_token}_pointing_game"] > baselines["centre pointing_game"]
-    if selection.rule != "pixel":
+    if selection.rule not in ("pixel", "picture"):
         return (meets, val_accuracy, -val_loss)
     pixel = max(checks["input_pointing_game"], checks.get("integrated_pointing_game", 0.0))
-    return (meets, val_accuracy >= float(selection.val_accuracy_floor), pixel, val_accuracy, -val_loss)
+    floor = val_accuracy >= float(selection.val_accuracy_floor)
+    if selection.rule == "picture":
+        return (meets, floor, checks["picture_pointing_game"], pixel, val_accuracy, -val_loss)
+    return (meets, floor, pixel, val_accuracy, -val_loss)
 
 
 def selection_text(selection: "Selection", guided: bool, averaged: bool = True, transformer: bool = False) -> str:
     """The rule of selection_key in words, for the run's metrics (`averaged`: the run keeps a weight average;
     `transformer`: its rollout and transformer attribution are checked too)."""
     kept = "the weight average of the epoch" if averaged else "the epoch"
-    if selection.rule == "pixel":
+    if selection.rule in ("pixel", "picture"):
+        first = ("the highest validation pointing game of Grad-CAM's positive part (a blank picture misses), then "
+                 if selection.rule == "picture" else "")
         return (f"{kept}, among those that pass the Grad-CAM and gradient x input checks and reach "
-                "the validation accuracy floor, with the highest validation pointing game of gradient x input or "
-                "integrated gradients")
+                f"the validation accuracy floor, with {first}the highest validation pointing game of gradient x input "
+                "or integrated gradients")
     return f"{kept} with the best validation accuracy" + (
         " among those whose validation Grad-CAM beats the centre baseline's pointing game by 0.10 and has twice the "
         "prior's energy in the box" + (" and whose attention rollout and transformer attribution beat the centre's "

@@ -101,3 +101,29 @@ class WeightAverage:
     def copy_to(self, model: nn.Module) -> None:
         """Load the average into `model` (a network of the same architecture)."""
         model.load_state_dict(self.state)
+
+
+def shared_head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze every weight but the last linear layer's (`model.fc`) and return it: the parameters of a run that trains
+    only the component its classes share (see `share_head_gradient`).
+
+    Raises:
+        InputError: the model has no linear `fc` head.
+    """
+    head = getattr(model, "fc", None)
+    if not isinstance(head, nn.Linear):
+        raise InputError(f"tune 'shared-head' needs a model whose last layer is a linear `fc`; {type(model).__name__} "
+                         f"has none.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head.weight.requires_grad_(True)
+    return [head.weight]
+
+
+def share_head_gradient(model: nn.Module) -> None:
+    """Replace the head's weight gradient by its mean over the classes (each row gets the same): Adam then moves every
+    class's weights by the same vector u, every logit by u . features, so the softmax and the predictions stay the
+    same while the class activation maps (and every map of a logit) change by u . A."""
+    grad = model.fc.weight.grad
+    if grad is not None:
+        grad.copy_(grad.mean(0, keepdim=True).expand_as(grad))
