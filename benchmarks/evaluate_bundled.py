@@ -64,9 +64,15 @@ def _brain(args, part: str) -> None:
         methods, metrics, limit = _fast_methods(), [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
     else:
         methods, metrics, limit = PERTURBATION, [m for m in _all_metrics() if m not in REEXPLAINING], args.limit_slow
-    out = Path(args.out) / part if args.model == "brain-tumor-mri" else Path(args.out) / args.model / part
+    out = results_folder(Path(args.out), args.model, part)
     evaluate(model, args.data, methods=methods, metrics=metrics, limit=limit, seed=args.seed,
              out=out, include=test, progress=True)
+
+
+def results_folder(out: Path, model: str, part: str) -> Path:
+    """Where a brain part's results go: OUT/<part> for the default `brain-tumor-mri`, OUT/<model>/<part> for any other
+    name (the earlier models, among them `brain-tumor-mri-v4`, the default until 7 Dec 2026)."""
+    return out / part if model == "brain-tumor-mri" else out / model / part
 
 
 def _phantom_samples(name: str, n: int, marker_masks: bool = False) -> list[dict]:
@@ -196,7 +202,7 @@ def localisation_comparison(out: Path, models: list[str], metrics: tuple[str, ..
     values: dict[str, dict[tuple[str, str], float]] = {}
     counts: dict[str, int] = {}
     for model in models:
-        folder = out / "brain-localisation" if model == "brain-tumor-mri" else out / model / "brain-localisation"
+        folder = results_folder(out, model, "brain-localisation")
         with open(folder / "metrics.csv") as fh:
             for row in csv.DictReader(fh):
                 if row["target"] == "all" and row["metric"] in metrics:
@@ -255,16 +261,21 @@ def main() -> None:
             summarise(Path(args.out))
             continue
         if part == "compare-brain":
-            models = ["brain-tumor-mri-v1", "brain-tumor-mri-v2", "brain-tumor-mri-v3", "brain-tumor-mri"]
-            # brain-tumor-mri-v3 is no longer bundled: its column comes from the results kept when it was the default
-            models = [m for m in models if m == "brain-tumor-mri" or (Path(args.out) / m / "brain-localisation").is_dir()]
+            models = ["brain-tumor-mri-v1", "brain-tumor-mri-v2", "brain-tumor-mri-v3", "brain-tumor-mri-v4",
+                      "brain-tumor-mri"]
+            # a column for each model whose results are in OUT (brain-tumor-mri-v3 is no longer bundled: its column
+            # comes from the results kept when it was the default; v4's were taken while it was the default, under
+            # OUT/brain-localisation, and moved to OUT/brain-tumor-mri-v4/ when it was renamed)
+            models = [m for m in models if (results_folder(Path(args.out), m, "brain-localisation") / "metrics.csv").is_file()]
+            if not models:
+                raise SystemExit(f"compare-brain: no brain-localisation results under {args.out}: run the "
+                                 f"brain-localisation part first (once per --model).")
             print(localisation_comparison(Path(args.out), models))
             continue
         t0 = time.perf_counter()
         (_brain if part.startswith("brain") else _phantom)(args, part)
         seconds = time.perf_counter() - t0
-        where = Path(args.out, part) if args.model == "brain-tumor-mri" or not part.startswith("brain") \
-            else Path(args.out, args.model, part)
+        where = results_folder(Path(args.out), args.model, part) if part.startswith("brain") else Path(args.out, part)
         where.mkdir(parents=True, exist_ok=True)
         Path(where, "wall.json").write_text(json.dumps({"part": part, "seconds": seconds}) + "\n")
         print(f"{part}: {seconds / 60:.1f} min")

@@ -6,8 +6,9 @@ for input x gradient; and how much of the background sits exactly at the scale's
     python benchmarks/ig_background_sources.py --data PATH/brain-tumor-figshare --limit 6
 
 The figures in docs/evaluation.md were taken with the reference of their time (the scale's black: run it with a
-checkout before the air reference, or pass --spec-black for the scale's black). Input x gradient is computed here by
-its definition from the same reference. One torch thread.
+checkout before the air reference, or pass --spec-black for the scale's black), on `brain-tumor-mri-v4` (the default
+until 7 Dec 2026: `--model brain-tumor-mri-v4`). Input x gradient is computed here by its definition from the same
+reference. One torch thread.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--limit", type=int, default=6, help="the first slices of the 30-slice seeded subset")
     p.add_argument("--spec-black", action="store_true", help="the scale's black as reference (the first pass's)")
+    p.add_argument("--model", default="brain-tumor-mri", help="a bundled brain model (default: brain-tumor-mri)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    model = medlens.load_model("brain-tumor-mri")
+    model = medlens.load_model(args.model)
     black = float(scan_black(model).reshape(-1)[0])
     slices = scan_folder(args.data, splits=["test"])
     chosen = sorted(random.Random(0).sample(range(len(slices)), 30))[: args.limit]
