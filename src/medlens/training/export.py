@@ -25,7 +25,7 @@ def is_brain(name: str) -> bool:
 
 
 VIT_DESCRIPTION = ("Brain tumour type (pituitary / meningioma / glioma) from one T1 contrast-enhanced MRI slice; a small "
-                   "hybrid vision transformer (a convolutional stem whose weights started from brain-tumor-mri's first "
+                   "hybrid vision transformer (a convolutional stem whose weights started from brain-tumor-mri-v4's first "
                    "stages, then 4 transformer blocks on an 8 x 8 token grid at 128 px), trained on the figshare set.")
 
 
