@@ -15,7 +15,7 @@ Parts (each writes metrics.csv, metrics.md, run.json and plots to OUT/<part>/):
 - phantom-shortcut: the shortcut model on lesion cases of its own kind (marker present), localisation scored
   twice: against the burned-in marker (a method that exposes the shortcut scores high) and against the lesion.
 
-    python benchmarks/evaluate_bundled.py brain-fast --data ../shared/data/brain-tumor-figshare --limit 40
+    python benchmarks/evaluate_bundled.py brain-fast --data PATH/brain-tumor-figshare --limit 40
     python benchmarks/evaluate_bundled.py phantom-lesion phantom-shortcut
 
 Run parts in parallel processes on a multi-core machine; each uses one torch thread.
@@ -34,9 +34,10 @@ REEXPLAINING = {"randomization", "max_sensitivity"}
 
 
 def _fast_methods() -> list[str]:
+    """The registry's methods that cost a few passes and apply to a CNN (not the attention family's)."""
     import medlens
 
-    return [m for m in medlens.methods() if m not in PERTURBATION]
+    return [m for m in medlens.methods() if m not in PERTURBATION and not medlens.method_info(m).get("needs_attention")]
 
 
 def _all_metrics() -> list[str]:

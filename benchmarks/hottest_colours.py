@@ -40,6 +40,16 @@ BAR = 50  # the captioned colour bar under the map area, in pixels
 BAND = 12  # the hottest colours: the top 5% of the 256 colour levels, below the highest level the picture shows
 
 
+def _weights_sha(model: str) -> str:
+    """The SHA-256 of a bundled model's weights file (models.json), so a record says which weights it measured."""
+    import hashlib
+
+    from medlens.models import zoo
+
+    info = zoo.bundled_models().get(model)
+    return hashlib.sha256(info["weights"].read_bytes()).hexdigest() if info else "not bundled"
+
+
 def levels_of(rgb: np.ndarray, gray: np.ndarray, cmap: str) -> np.ndarray:
     """Per pixel the colour-scale level 0-255 whose colour, composed over `gray` (in [0, 1]), is nearest `rgb`."""
     lut = colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0  # (256, 3)
@@ -134,7 +144,7 @@ def summarise(args: argparse.Namespace, rows: list[dict], t0: float) -> dict:
     summary["mean_hottest_inside_share"] = float(np.mean([r["hottest_inside_share"] for r in rows]))
     summary["correct_predictions"] = sum(r["target"] == r["label"] for r in rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"n": len(rows), "seed": args.seed, "output": args.explain_output, "load": os.getloadavg()[0],
+        Path(args.out).write_text(json.dumps({"model": args.model, "weights_sha256": _weights_sha(args.model), "n": len(rows), "seed": args.seed, "output": args.explain_output, "load": os.getloadavg()[0],
                                               "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
                                               "rows": rows}, indent=1, default=bool))
     return summary

@@ -64,7 +64,12 @@ def bundled_entry(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
                                "ResNet-18 layout at half width, 1 grayscale channel, trained on the figshare set"
                                + (f", {kwargs.get('last_stride', 2) == 1 and '10 x 10 last stage, ' or ''}taught to look at "
                                   f"the tumour (training boxes, {r['guide']} guidance, crops that keep the tumour)."
-                                  if guided else "."),
+                                  if guided else ".") + (
+                                   f" A last stage on {r['init']} trained only the component its classes share in the "
+                                   f"last layer, with a term that asks Grad-CAM's peak in the box to be positive: "
+                                   f"{r['init']}'s probabilities and predictions, and a Grad-CAM picture (its positive "
+                                   f"part) that is no longer blank on a third of the slices (see "
+                                   f"docs/case-study-brain.md)." if r.get("tune") == "shared-head" else ""),
                 "test_accuracy": metrics["test"]["accuracy"]}
     r = metrics["recipe"]
     spec = InputSpec(
