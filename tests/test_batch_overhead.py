@@ -151,6 +151,7 @@ def test_a_mini_batch_that_fails_while_written_is_rerun_one_by_one_on_the_explai
 def test_the_manifest_syncs_beside_the_caller_and_once_more_on_close(tmp_path: Path, monkeypatch) -> None:
     import json
     import threading
+    import time
 
     from medlens.batch import manifest
 
@@ -167,6 +168,9 @@ def test_the_manifest_syncs_beside_the_caller_and_once_more_on_close(tmp_path: P
     with manifest.ManifestWriter(path) as writer:
         for i in range(20):
             writer.append({"id": str(i), "status": "done"})
+        deadline = time.monotonic() + 10  # let the syncer thread run once before closing (a close first may beat it)
+        while not synced_on and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [str(i) for i in range(20)]
     assert synced_on[-1] == threading.current_thread().name  # the last sync, on close, by the caller
     assert set(synced_on[:-1]) == {"medlens-manifest-sync"} and synced_on[:-1]  # the periodic ones beside it
