@@ -17,27 +17,18 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import medlens
 from medlens.data.figshare import minmax_scale
 from medlens.evaluation.localisation import energy_in_box, pointing_game
-from medlens.training.guided import class_activation_maps, features_and_logits
 from medlens.training.recipes import BRAIN_RECIPES
 from medlens.training.splits import load_data
-from medlens.training.validation import picture_pointing
+from medlens.training.validation import cam_maps, picture_pointing
 
 
 def rows_for(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     """The figures of one model on prepared slices `x` with their labels and box masks."""
-    maps, logits = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), 64):
-            features, out = features_and_logits(model, x[i: i + 64])
-            cams = class_activation_maps(features, model.fc, labels[i: i + 64])
-            maps.append(F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False))
-            logits.append(out)
-    m, z = torch.cat(maps), torch.cat(logits)
+    m, z = cam_maps(model, x, labels, tuple(masks.shape[-2:]))
     flat = m.flatten(1)
     strict = masks.flatten(1).gather(1, flat.argmax(1, keepdim=True))[:, 0]
     return {"accuracy": float((z.argmax(1) == labels).float().mean()),

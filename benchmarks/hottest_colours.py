@@ -144,7 +144,9 @@ def summarise(args: argparse.Namespace, rows: list[dict], t0: float) -> dict:
     summary["mean_hottest_inside_share"] = float(np.mean([r["hottest_inside_share"] for r in rows]))
     summary["correct_predictions"] = sum(r["target"] == r["label"] for r in rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "weights_sha256": _weights_sha(args.model), "n": len(rows), "seed": args.seed, "output": args.explain_output, "load": os.getloadavg()[0],
+        Path(args.out).write_text(json.dumps({"model": args.model, "weights_sha256": _weights_sha(args.model),
+                                              "n": len(rows), "seed": args.seed, "output": args.explain_output,
+                                              "load": os.getloadavg()[0],
                                               "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
                                               "rows": rows}, indent=1, default=bool))
     return summary

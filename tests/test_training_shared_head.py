@@ -103,3 +103,20 @@ def test_a_shared_head_recipe_with_weight_decay_or_moving_batchnorm_is_refused()
         dataclasses.replace(recipe, optimiser=dataclasses.replace(recipe.optimiser, freeze_batchnorm=False))
     with pytest.raises(InputError, match="linear `fc`"):
         shared_head_parameters(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+
+
+def test_the_weight_average_keeps_a_frozen_tensor_exactly_and_averages_a_moved_one():
+    from medlens.training.weights import WeightAverage
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(7, 3)
+    frozen = model.bias.detach().clone()
+    average = WeightAverage(model, decay=0.99)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(50):
+        average.update(model)
+    assert torch.equal(average.state["bias"], frozen)  # 0.99 * b + 0.01 * b would round it
+    expected = model.weight.detach() - 0.99 ** 50 * (model.weight.detach() - start)
+    assert torch.allclose(average.state["weight"], expected, atol=1e-5)

@@ -127,6 +127,8 @@ def load(source: Any, options: LoadOptions) -> LoadedModel:
     was_enabled = bars.is_progress_bar_enabled()
     bars.disable_progress_bar()  # no "Loading weights" bar on the user's terminal; restored below
     try:
+        # `folder` is a local save_pretrained folder the user named (checked above): local_files_only=True means
+        # transformers reads only its files and never downloads; trust_remote_code=False runs no code from it
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = transformers.AutoModelForImageClassification.from_pretrained(
             folder, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True)

@@ -24,16 +24,25 @@ def cam_localisation(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, m
     """Mean pointing game and energy in the box of the target class's CAM (= Grad-CAM at the last stage), upsampled
     bilinearly to the input: the validation check of a guided run; and "picture_pointing_game", the share of images
     whose positive part (Grad-CAM's picture, after its ReLU) exists and peaks in the box (a blank picture misses)."""
-    model.eval()
-    maps = []
-    for i in range(0, len(x), 64):
-        features, _ = features_and_logits(model, x[i: i + 64])
-        cams = class_activation_maps(features, model.fc, targets[i: i + 64])
-        maps.append(F.interpolate(cams[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False))
-    maps = torch.cat(maps)
+    maps, _ = cam_maps(model, x, targets, tuple(masks.shape[-2:]))
     return {"pointing_game": float(pointing_game(maps, masks).nanmean()),
             "energy_in_box": float(energy_in_box(maps, masks).nanmean()),
             "picture_pointing_game": float(picture_pointing(maps, masks).nanmean())}
+
+
+@torch.no_grad()
+def cam_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+             size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the target class's CAM of each image upsampled bilinearly to `size`, (N, 1, *size); the logits (N, K)), in
+    eval mode, 64 images per pass."""
+    model.eval()
+    maps, logits = [], []
+    for i in range(0, len(x), 64):
+        features, out = features_and_logits(model, x[i: i + 64])
+        cams = class_activation_maps(features, model.fc, targets[i: i + 64])
+        maps.append(F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False))
+        logits.append(out)
+    return torch.cat(maps), torch.cat(logits)
 
 
 def picture_pointing(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -94,10 +94,9 @@ class WeightAverage:
         """Move the average towards the model's current weights (integer buffers are copied). A tensor that has not
         moved from the average is left exactly as it is (the multiply-add would round a frozen weight)."""
         for k, v in model.state_dict().items():
-            if v.is_floating_point() and torch.equal(self.state[k], v):
-                continue
             if v.is_floating_point():
-                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+                if not torch.equal(self.state[k], v):
+                    self.state[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
             else:
                 self.state[k].copy_(v)
 
