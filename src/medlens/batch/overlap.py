@@ -8,11 +8,15 @@ Order and safety are unchanged: mini-batches finish in order, and a mini-batch's
 files are written (the driver then appends them to the manifest), so a kill or Ctrl-C loses at most the mini-batches
 under way, which simply run again on resume. An exception in the reader (Ctrl-C while reading, a bug) is raised here
 after the records already written are yielded.
+The reader and the writer use one torch thread each: a fresh thread's BLAS and OpenMP calls would otherwise start a
+thread team as large as the machine for it (one more busy thread per side thread, measured in issue 28).
 """
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+
+import torch
 
 Read = TypeVar("Read")
 Explained = TypeVar("Explained")
@@ -27,8 +31,8 @@ def overlapped(chunks: Iterable[Sequence[Any]], read: Callable[[Sequence[Any]], 
     chunk behind. Whatever `read` or `write` raises is raised here (after the records of earlier chunks are yielded).
     """
     source = iter(chunks)
-    with ThreadPoolExecutor(1, thread_name_prefix="medlens-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="medlens-write") as writer:
+    with ThreadPoolExecutor(1, thread_name_prefix="medlens-read", initializer=one_torch_thread) as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="medlens-write", initializer=one_torch_thread) as writer:
         ahead: Optional[Future] = _submit_next(reader, source, read)
         behind: Optional[Future] = None
         try:
@@ -52,6 +56,13 @@ def overlapped(chunks: Iterable[Sequence[Any]], read: Callable[[Sequence[Any]], 
             for future in (ahead, behind):
                 if future is not None:
                     future.cancel()
+
+
+def one_torch_thread() -> None:
+    """Give the calling (side) thread one torch thread, its OpenMP and BLAS calls included. The threads that have
+    already run torch keep their own counts (OpenMP's are per thread); the process-wide count that threads started
+    later inherit becomes 1, which `run_batch` puts back when the run ends."""
+    torch.set_num_threads(1)
 
 
 def _submit_next(reader: ThreadPoolExecutor, source: Iterator[Sequence[Any]],

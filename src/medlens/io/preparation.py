@@ -97,16 +97,30 @@ def _box_weights(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def box_resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """t: (N, C, *spatial) -> (N, C, *size) by Pillow's BOX filter, axis by axis (2-D and 3-D), in float."""
-    out = t
-    for axis, n_out in enumerate(size):
-        dim = 2 + axis
-        n_in = out.shape[dim]
-        if n_in == n_out:
+    """t: (N, C, *spatial) -> (N, C, *size) by Pillow's BOX filter, axis by axis (2-D and 3-D), in float.
+
+    Each output pixel is the mean of a run of input pixels (`box_weights`' non-zero run), taken as a difference of
+    float64 running sums: a few operations per input pixel instead of a dense matrix product, and no BLAS call (whose
+    thread team, on a reader thread, would be one more thread per run)."""
+    out = t.double()
+    for axis in reversed(range(len(size))):  # the last (contiguous) axis first: the later ones have less to sum
+        dim, n_out = 2 + axis, int(size[axis])
+        if out.shape[dim] == n_out:
             continue
-        w = _box_weights(int(n_in), int(n_out), out.dtype).to(out.device)  # kept: never modified
-        out = torch.movedim(torch.movedim(out, dim, -1) @ w.T, -1, dim)
-    return out.contiguous()
+        first, last, count = (v.to(out.device) for v in _box_windows(int(out.shape[dim]), n_out))
+        sums = out.cumsum(dim)  # window sum = sums[last] - sums[first] + out[first]
+        out = (sums.index_select(dim, last) - sums.index_select(dim, first) + out.index_select(dim, first)) \
+            / count.view([-1] + [1] * (out.dim() - 1 - dim))
+    return out.to(t.dtype).contiguous()
+
+
+@lru_cache(maxsize=64)
+def _box_windows(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output pixel: the first and the last input pixel of its box window, and their count (float64)."""
+    inside = _box_weights(n_in, n_out, torch.float64) > 0
+    count = inside.sum(dim=1)
+    first = inside.to(torch.int8).argmax(dim=1)
+    return first, first + count - 1, count.to(torch.float64)
 
 
 def _resize(t: torch.Tensor, size: tuple[int, ...], resample: str = "bilinear") -> torch.Tensor:
