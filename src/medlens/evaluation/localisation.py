@@ -38,18 +38,23 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: Optional[f
     corner. Higher is better; compare with `baseline:center`."""
     masks = _check(maps, masks)
     B, T = maps.shape[:2]
-    spatial = maps.shape[2:]
+    spatial = tuple(maps.shape[2:])
     flat = torch.nan_to_num(maps.flatten(2), nan=float("-inf"))
     # argmax on the first occurrence, made explicit (torch documents first-index ties only for some devices)
     peak = flat.amax(dim=2, keepdim=True)
-    idx = torch.arange(flat.shape[2], device=flat.device).expand_as(flat)
-    first = torch.where(flat == peak, idx, torch.full_like(idx, flat.shape[2])).amin(dim=2)  # (B, T)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=maps.device, dtype=torch.float32) for n in spatial],
-                                      indexing="ij"), dim=-1).reshape(-1, len(spatial))  # (P, d)
-    point = grid[first]  # (B, T, d)
-    d2 = ((grid[None, None] - point[:, :, None]) ** 2).sum(-1)  # (B, T, P)
-    inside = masks.flatten(1)[:, None, :].expand_as(d2)
-    nearest = torch.where(inside, d2, torch.full_like(d2, float("inf"))).amin(dim=2)
+    idx = torch.arange(flat.shape[2], device=flat.device)
+    first = torch.where(flat == peak, idx, flat.shape[2]).amin(dim=2)  # (B, T)
+    # squared distance from each map's peak to every pixel, summed axis by axis: (B, T, *spatial), exact in float32
+    d2 = torch.zeros((B, T) + (1,) * len(spatial), device=maps.device)
+    rest = first
+    for axis in reversed(range(len(spatial))):
+        n = spatial[axis]
+        coord, rest = rest % n, rest // n
+        along = (torch.arange(n, device=maps.device, dtype=torch.float32) - coord[..., None].float()) ** 2
+        shape = [B, T] + [1] * len(spatial)
+        shape[2 + axis] = n
+        d2 = d2 + along.view(shape)
+    nearest = torch.where(masks[:, None], d2, float("inf")).flatten(2).amin(dim=2)
     tol = 15.0 * max(spatial) / 224.0 if tolerance is None else float(tolerance)
     hit = (nearest <= tol ** 2 + 1e-9).float()
     return _nan_where_empty(hit, masks)

@@ -4,10 +4,11 @@ prediction, the region (when given) and its pointing-game and energy scores, wha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class Outcome:
     source: Optional[Path] = None  # the file (or DICOM series folder) it came from
     region: Optional[torch.Tensor] = None  # boolean mask on the input's grid
     region_on_scan: Optional[torch.Tensor] = None  # the same region on the scan's own plane (2-D), for pictures
+    region_on_scan_of: Optional[Callable[[], torch.Tensor]] = field(default=None, repr=False)  # makes it when asked
     region_source: Optional[Path] = None
     region_scores: Optional[dict[str, dict[str, dict[str, float]]]] = None  # method -> target name -> metric -> value
     notes: list[str] = field(default_factory=list)  # what reading, preparing and the region lookup noted
@@ -69,6 +71,13 @@ class Outcome:
 
     def target_names(self) -> list[str]:
         return self.result.target_names()[0]
+
+    def picture_region(self) -> Optional[torch.Tensor]:
+        """The region on the scan's own plane, where pictures are drawn (made on first use: only pictures need it),
+        or None."""
+        if self.region_on_scan is None and self.region_on_scan_of is not None:
+            self.region_on_scan, self.region_on_scan_of = self.region_on_scan_of(), None
+        return self.region_on_scan
 
     def region_provenance(self) -> Optional[dict[str, Any]]:
         """What provenance.json says of the region: its file, its size on the input's grid, and the scores."""
@@ -243,7 +252,8 @@ def _add_region(plan: Plan, outcome: Outcome, found: Any, read_shape: Optional[t
     outcome.region_source = found.source
     plane = tuple(one.scan.spatial_shape)
     if len(grid) == 2 and len(plane) == 2:  # pictures are drawn on the scan's plane: the region there, exactly
-        outcome.region_on_scan = region_mask(found, read_shape or plane, plane, slice_index=plan.request.slice_index)
+        outcome.region_on_scan_of = functools.partial(region_mask, found, read_shape or plane, plane,
+                                                      slice_index=plan.request.slice_index)
     outcome.region_scores = score_region(result, outcome.region)
 
 
