@@ -1,5 +1,5 @@
 """What the writer's and reader's speed-ups keep exactly (issue 28, fourth round): medlens's own PNG encoder gives
-back every pixel (read with Pillow), `blend` by blocks of rows equals the whole-plane formula byte for byte, the
+back every pixel (read with Pillow), `blend` one colour plane at a time equals the (H, W, 3) formula byte for byte, the
 pointing game's axis-by-axis distances equal a brute-force search, the box resize by running sums equals the dense
 weights, and the reader and writer threads start no thread team of their own."""
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _blend_whole(image, amap, scale, alpha=render.OVERLAY_ALPHA):
 
 
 @pytest.mark.parametrize("scale", [("inferno", 0.0, 2.5), ("RdBu_r", -2.0, 2.0), ("inferno", 0.0, 0.0)])
-def test_blend_by_blocks_equals_the_whole_plane_formula(scale) -> None:
+def test_blend_plane_by_plane_equals_the_whole_formula_byte_for_byte(scale) -> None:
     rng = np.random.default_rng(1)
     image = rng.random((300, 170), dtype=np.float32) * 1.2 - 0.1  # more rows than one block, a ragged last block
     amap = (rng.standard_normal((300, 170)) * 3).astype(np.float32)

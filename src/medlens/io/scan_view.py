@@ -12,6 +12,7 @@ and say so.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -28,10 +29,20 @@ class ScanView:
     """Where pictures are drawn: the scan's plane (at most MAX_SIDE a side) and how maps get there."""
 
     shape: tuple[int, int]  # the picture's (H, W): the scan's plane, or the model's grid when the view is not inverted
-    display: np.ndarray  # grayscale (H, W) in [0, 1]
-    region: Optional[np.ndarray]  # boolean (H, W), or None
+    display_source: Any  # grayscale (H, W) in [0, 1], or a function that makes it when a picture is first drawn
+    region_source: Any  # boolean (H, W), None, or a function that makes one of them when first asked
     inverted: bool  # True when maps are taken back onto the scan's plane
     note: str  # what provenance says of the picture's grid
+
+    @functools.cached_property
+    def display(self) -> np.ndarray:
+        """The grayscale picture (H, W) in [0, 1] (made on first use: outputs without pictures never pay for it)."""
+        return self.display_source() if callable(self.display_source) else self.display_source
+
+    @functools.cached_property
+    def region(self) -> Optional[np.ndarray]:
+        """The region (H, W) to outline, or None (made on first use)."""
+        return self.region_source() if callable(self.region_source) else self.region_source
 
     def maps(self, values: np.ndarray) -> np.ndarray:
         """(..., h, w) maps on the model's grid -> (..., H, W) on the picture's grid (bilinear, align_corners=False)."""
@@ -102,13 +113,22 @@ def scan_view(scan: Any, grid: Sequence[int], display: np.ndarray, region: Optio
     shape = (int(plane.shape[0]), int(plane.shape[1]))
     if scan_region is not None and tuple(scan_region.shape) != shape:
         scan_region = None
-    if scan_region is None and region is not None:
-        t = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None, None]
-        scan_region = F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy() >= 0.5
     if shape == grid:
         note = "drawn on the scan's own grid (the model takes it at this size)"
     else:
         shrunk = f", shrunk from {read_shape[0]} x {read_shape[1]} to at most {MAX_SIDE} a side" if shape != read_shape else ""
         note = (f"the map ({grid[0]} x {grid[1]}, the model's grid) taken back through the preparation's resize onto the "
                 f"scan's plane ({shape[0]} x {shape[1]}{shrunk}), bilinear")
-    return ScanView(shape, _unit(plane), None if scan_region is None else np.asarray(scan_region, bool), True, note)
+    return ScanView(shape, functools.partial(_unit, plane), functools.partial(_region_on, shape, region, scan_region),
+                    True, note)
+
+
+def _region_on(shape: tuple[int, int], region: Optional[np.ndarray], scan_region: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The region on the picture's plane: `scan_region` as given, else `region` (on the model's grid) enlarged to
+    it (nearest), else None."""
+    if scan_region is not None:
+        return np.asarray(scan_region, bool)
+    if region is None:
+        return None
+    t = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy() >= 0.5
