@@ -176,22 +176,21 @@ def _wrapped(lines: tuple[str, ...], width: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _tile(rgb: np.ndarray, lines: Sequence[str], min_side: int = MIN_TILE_SIDE, n_lines: int = 0) -> Any:
-    """A PIL image: the enlarged overlay under a header with `lines` of text (wrapped to the tile's width;
-    padded to `n_lines` so the tiles of a panel row line up)."""
+def _tile(rgb: np.ndarray, lines: Sequence[str], min_side: int = MIN_TILE_SIDE, n_lines: int = 0) -> np.ndarray:
+    """uint8 RGB (h, w, 3): the enlarged overlay under a header with `lines` of text (wrapped to the tile's width;
+    padded to `n_lines` so the tiles of a panel row line up). Pictures are put together as arrays (`_stack`): only
+    the text goes through Pillow."""
     from PIL import Image, ImageDraw
 
-    body = Image.fromarray(_enlarge(rgb, min_side))
+    body = _enlarge(rgb, min_side)
     font = _font()
-    lines = _wrap(lines, body.width)
+    lines = _wrap(lines, body.shape[1])
     lines = lines + [""] * max(0, n_lines - len(lines))
-    header = 6 + 17 * len(lines)
-    tile = Image.new("RGB", (body.width, body.height + header), "white")
-    draw = ImageDraw.Draw(tile)
+    header = Image.new("RGB", (body.shape[1], 6 + 17 * len(lines)), "white")
+    draw = ImageDraw.Draw(header)
     for n, line in enumerate(lines):
         draw.text((4, 3 + 17 * n), line, fill="black", font=font)
-    tile.paste(body, (0, header))
-    return tile
+    return np.concatenate([np.asarray(header), body], axis=0)
 
 
 def _colour_bar(width: int, scale: tuple[str, float, float], label: str = "") -> Any:
@@ -225,20 +224,19 @@ def _ramp(cmap: str, width: int) -> Any:
     return Image.fromarray(np.repeat(ramp[None], 12, axis=0))
 
 
-def _stack(parts: Sequence[Any]) -> Any:
-    from PIL import Image
-
-    width = max(p.width for p in parts)
-    out = Image.new("RGB", (width, sum(p.height for p in parts)), "white")
+def _stack(parts: Sequence[Any]) -> np.ndarray:
+    """The parts (uint8 RGB arrays or PIL images) one under the other, left-aligned, on white."""
+    arrays = [np.asarray(p) for p in parts]
+    out = np.full((sum(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays), 3), 255, dtype=np.uint8)
     y = 0
-    for p in parts:
-        out.paste(p, (0, y))
-        y += p.height
+    for a in arrays:
+        out[y:y + a.shape[0], :a.shape[1]] = a
+        y += a.shape[0]
     return out
 
 
 def _png(img: Any) -> bytes:
-    return encode_png(img)  # an RGB PIL image (medlens's own encoder: see medlens.io.png_encode)
+    return encode_png(img)  # uint8 RGB (medlens's own encoder: see medlens.io.png_encode)
 
 
 def outline_of(mask: np.ndarray) -> np.ndarray:
@@ -250,10 +248,9 @@ def outline_of(mask: np.ndarray) -> np.ndarray:
 
 
 def _with_outline(rgb: np.ndarray, region: Optional[np.ndarray]) -> np.ndarray:
-    if region is None:
-        return rgb
-    rgb = rgb.copy()
-    rgb[outline_of(region)] = OUTLINE_RGB
+    """`rgb` (an overlay just blended, owned by the caller) with the region's outline drawn on it, in place."""
+    if region is not None:
+        rgb[outline_of(region)] = OUTLINE_RGB
     return rgb
 
 
@@ -294,7 +291,7 @@ def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, f
     """PNG bytes: an overlay already drawn (uint8 RGB, e.g. by `blend`), enlarged under its title `lines`, with the
     colour bar of `scale` (captioned `label`) below it (the app draws thresholded overlays this way)."""
     tile = _tile(rgb, lines)
-    return _png(_stack([tile, _colour_bar(tile.width, scale, label)]))
+    return _png(_stack([tile, _colour_bar(tile.shape[1], scale, label)]))
 
 
 def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequence[str], *,
@@ -304,8 +301,6 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
     """PNG bytes: a grid of methods (rows) x targets (columns), `maps[method]` being (T, *spatial) raw maps; each row
     has one colour scale (shared by its targets) shown under it, drawn as `displays[method]` says (default signed).
     `drawn[method][target]`: the cells already blended by `overlay_cell` with the same scale and region (reused)."""
-    from PIL import Image
-
     rows = []
     for name, raw in maps.items():
         display = (displays or {}).get(name, "signed")
@@ -322,15 +317,15 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
             cells.append((rgb, lines, len(_wrap(lines, _enlarge(rgb, MIN_PANEL_TILE_SIDE).shape[1]))))
         n_lines = max(c[2] for c in cells)
         tiles = [_tile(rgb, lines, MIN_PANEL_TILE_SIDE, n_lines) for rgb, lines, _ in cells]
-        width = sum(t.width for t in tiles) + 4 * (len(tiles) - 1)
-        row = Image.new("RGB", (width, max(t.height for t in tiles)), "white")
+        width = sum(t.shape[1] for t in tiles) + 4 * (len(tiles) - 1)
+        row = np.full((max(t.shape[0] for t in tiles), width, 3), 255, dtype=np.uint8)
         x = 0
         for t in tiles:
-            row.paste(t, (x, 0))
-            x += t.width + 4
-        rows.append(_stack([row, _colour_bar(tiles[0].width, scale, display_label(display, scale))]))
+            row[:t.shape[0], x:x + t.shape[1]] = t
+            x += t.shape[1] + 4
+        rows.append(_stack([row, _colour_bar(tiles[0].shape[1], scale, display_label(display, scale))]))
     if not rows:
-        return _png(Image.new("RGB", (1, 1), "white"))
+        return _png(np.full((1, 1, 3), 255, dtype=np.uint8))
     return _png(_stack(rows))
 
 
