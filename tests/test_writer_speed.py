@@ -106,3 +106,17 @@ def test_the_reader_and_writer_threads_start_no_thread_team_of_their_own() -> No
         seen.append(len(os.listdir("/proc/self/task")))
     assert max(seen) - before <= 2  # the reader and the writer, and no thread team beside them
     assert torch.get_num_threads() == threads_before  # the caller's own count is its own
+
+
+def test_an_overlay_png_holds_the_blended_pixels_under_its_header_and_above_its_colour_bar() -> None:
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (240, 230, 3), dtype=np.uint8)  # above the minimum tile side: drawn 1:1
+    scale = ("RdBu_r", -1.5, 1.5)
+    with Image.open(io.BytesIO(render.render_rgb(rgb, ["one line"], scale, label="signed"))) as png:
+        got = np.asarray(png)
+    header = 6 + 17  # one line of text
+    assert got.shape == (header + 240 + 50, 230, 3)  # the colour bar with a caption is 50 px high
+    assert np.array_equal(got[header:header + 240], rgb)
+    assert (got[:3] == 255).all()  # the header's margin is white
+    bar_row = got[header + 240 + 2 + 6, 8:222]  # the middle of the ramp: the colour map from left to right
+    assert np.array_equal(bar_row[0], render._lut("RdBu_r")[0].astype(np.uint8))
