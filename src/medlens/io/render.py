@@ -42,12 +42,16 @@ def _lut(cmap: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _font(size: int = 13) -> Any:
+    """The default font at `size`, its rendered text kept: a batch draws the same labels, names and numbers on every
+    picture, and rasterising a line costs about 0.2 ms (ImageDraw takes the kept mask exactly as a fresh one)."""
     from PIL import ImageFont
 
     try:
-        return ImageFont.load_default(size=size)
+        font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
+    font.getmask2 = functools.lru_cache(maxsize=2048)(font.getmask2)  # masks are only read, never changed
+    return font
 
 
 SCALE_PERCENTILE = 99.5  # maps of many values are coloured up to this percentile of |map| (higher ones saturate)
