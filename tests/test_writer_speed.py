@@ -56,6 +56,8 @@ def test_blend_plane_by_plane_equals_the_whole_formula_byte_for_byte(scale) -> N
     amap = (rng.standard_normal((300, 170)) * 3).astype(np.float32)
     amap[3, 4], amap[250, 7] = np.nan, np.inf
     assert np.array_equal(render.blend(image, amap, scale), _blend_whole(image, amap, scale))
+    wide = image.astype(np.float64)  # a float64 grayscale: the sums in float64, as the formula promotes them
+    assert np.array_equal(render.blend(wide, amap, scale), _blend_whole(wide, amap, scale))
 
 
 def _pointing_brute_force(amap: torch.Tensor, mask: torch.Tensor, tol: float) -> float:

@@ -149,7 +149,7 @@ def blend(image: np.ndarray, amap: np.ndarray, scale: tuple[str, float, float], 
     for channel in range(3):
         plane = np.take(table[:, channel], index)
         np.multiply(plane, weight, out=plane)
-        np.add(plane, under, out=plane)
+        plane = np.add(plane, under, out=plane if plane.dtype == under.dtype else None)  # float64 for such an image
         np.add(plane, 0.5, out=plane)
         out[..., channel] = np.clip(plane, 0, 255, out=plane)
     return out
