@@ -93,6 +93,18 @@ def test_the_box_resize_by_running_sums_equals_the_dense_weights_in_2d_and_3d() 
     assert torch.allclose(box_resize(v, (4, 10, 5)), expected, atol=1e-12)
 
 
+def test_a_volume_above_the_running_sums_limit_is_resized_by_the_same_weights(monkeypatch) -> None:
+    from medlens.io import preparation
+
+    v = torch.rand(1, 2, 9, 10, 12, generator=torch.Generator().manual_seed(3))
+    by_sums = box_resize(v, (4, 3, 5))
+    monkeypatch.setattr(preparation, "RUNNING_SUMS_UP_TO", v.numel() - 1)  # the large-volume path on a small one
+    by_products = box_resize(v, (4, 3, 5))
+    wz, wy, wx = box_weights(9, 4), box_weights(10, 3), box_weights(12, 5)
+    expected = torch.einsum("zd,yh,xw,bcdhw->bczyx", wz, wy, wx, v.double()).float()
+    assert torch.allclose(by_sums, expected, atol=1e-6) and torch.allclose(by_products, expected, atol=1e-6)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
                     reason="counts the process's threads in /proc (Linux), and a 1-core machine starts no team")
 def test_the_reader_and_writer_threads_start_no_thread_team_of_their_own() -> None:
