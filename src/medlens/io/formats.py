@@ -38,7 +38,7 @@ class ImageResult:
     @classmethod
     def build(cls, result: Any, index: int, display: Optional[np.ndarray], region: Optional[np.ndarray],
               input_file: Any, scan: Any, signed: bool = False,
-              scan_region: Optional[np.ndarray] = None) -> "ImageResult":
+              scan_region: Any = None) -> "ImageResult":
         """One image of `result`; pictures draw each method as its registry entry says (`signed`: the raw signed maps),
         on the scan's own plane when the preparation can be inverted (`scan_region`: the region on that plane)."""
         raw = {m: result[m][index].detach().float().cpu().numpy() for m in result}

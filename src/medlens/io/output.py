@@ -35,7 +35,7 @@ def write_explanation(
     scan: Any = None,
     signed: bool = False,
     notes_out: Optional[list[str]] = None,
-    scan_region: Optional[np.ndarray] = None,
+    scan_region: Any = None,
     segmentation_logits: Any = None,
 ) -> list[Path]:
     """Write one image's results into `out_dir` in `formats` (see `medlens.io.formats.FORMATS`; by default
@@ -48,7 +48,7 @@ def write_explanation(
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
     signed instead of as its method is defined (Grad-CAM's positive part). Pictures are drawn on the scan's own plane
     (the maps taken back through the preparation's resize) when `scan` holds one, with `scan_region` (the region on
-    that plane) outlined. `segmentation_logits` (a segmentation model's per-pixel logits (K, *spatial)) give the
+    that plane, or a function that makes it when a picture is drawn) outlined. `segmentation_logits` (a segmentation model's per-pixel logits (K, *spatial)) give the
     `dicom` format its Segmentation of the predicted mask. A format or DICOM object that cannot be made for this input is skipped, with the reason in
     provenance and appended to `notes_out` (the batch manifest's notes). Returns the paths.
     """

@@ -87,7 +87,7 @@ def _shrink(plane: np.ndarray) -> np.ndarray:
 
 
 def scan_view(scan: Any, grid: Sequence[int], display: np.ndarray, region: Optional[np.ndarray] = None,
-              scan_region: Optional[np.ndarray] = None) -> ScanView:
+              scan_region: Any = None) -> ScanView:
     """The view pictures are drawn on for maps of spatial shape `grid`.
 
     Args:
@@ -95,7 +95,8 @@ def scan_view(scan: Any, grid: Sequence[int], display: np.ndarray, region: Optio
         grid: the maps' spatial shape (the model's input grid).
         display: the grayscale display image on `grid`, in [0, 1] (used when the maps stay on the grid).
         region: the region on `grid`, or None.
-        scan_region: the region on the scan's plane, or None (then `region` is enlarged to it, nearest).
+        scan_region: the region on the scan's plane (an array, or a function that makes it when a picture is
+            first drawn), or None (then `region` is enlarged to it, nearest).
 
     Returns:
         A `ScanView` on the scan's plane when the preparation can be inverted (a 2-D map of a single plane), else
@@ -111,8 +112,6 @@ def scan_view(scan: Any, grid: Sequence[int], display: np.ndarray, region: Optio
     read_shape = tuple(plane.shape)
     plane = _shrink(plane)
     shape = (int(plane.shape[0]), int(plane.shape[1]))
-    if scan_region is not None and tuple(scan_region.shape) != shape:
-        scan_region = None
     if shape == grid:
         note = "drawn on the scan's own grid (the model takes it at this size)"
     else:
@@ -123,10 +122,14 @@ def scan_view(scan: Any, grid: Sequence[int], display: np.ndarray, region: Optio
                     True, note)
 
 
-def _region_on(shape: tuple[int, int], region: Optional[np.ndarray], scan_region: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """The region on the picture's plane: `scan_region` as given, else `region` (on the model's grid) enlarged to
-    it (nearest), else None."""
-    if scan_region is not None:
+def _region_on(shape: tuple[int, int], region: Optional[np.ndarray], scan_region: Any) -> Optional[np.ndarray]:
+    """The region on the picture's plane: `scan_region` (an array or tensor, or a function returning one or None)
+    when it has the plane's shape, else `region` (on the model's grid) enlarged to it (nearest), else None."""
+    if callable(scan_region):
+        scan_region = scan_region()
+    if isinstance(scan_region, torch.Tensor):
+        scan_region = scan_region.cpu().numpy()
+    if scan_region is not None and tuple(scan_region.shape) == shape:
         return np.asarray(scan_region, bool)
     if region is None:
         return None

@@ -9,16 +9,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from medlens.io.output import write_explanation
 from medlens.pipeline.run import Outcome
 
-PICTURE_FORMATS = frozenset({"png", "dicom"})  # the formats that draw the maps on the scan (overlays, DICOM captures)
-
 
 def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Optional[Sequence[str]] = None,
                   model_source: Optional[Mapping[str, Any]] = None,
                   extra_provenance: Optional[Mapping[str, Any]] = None) -> list[Path]:
     """Write one explained input into `folder` (formats default to the request's); returns the paths written."""
     extra = dict(extra_provenance or {})
-    formats = tuple(formats if formats is not None else outcome.formats)
-    on_scan = outcome.picture_region() if PICTURE_FORMATS & set(formats) else None  # only pictures draw it
     region = outcome.region_provenance()
     if region is not None:
         extra["region"] = region
@@ -31,12 +27,12 @@ def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Option
         loading_notes=outcome.notes,
         model_source=model_source,
         extra_provenance=extra,
-        formats=formats,
+        formats=formats if formats is not None else outcome.formats,
         region=outcome.region.cpu().numpy() if outcome.region is not None else None,
         scan=outcome.prepared.scan,
         signed=outcome.signed,
         notes_out=outcome.notes,  # formats or DICOM objects skipped for this input: in the batch manifest too
-        scan_region=on_scan.cpu().numpy() if on_scan is not None else None,
+        scan_region=outcome.picture_region,  # made only if a picture is drawn
         segmentation_logits=outcome.segmentation_logits,  # the DICOM Segmentation's predicted mask
     )
 
