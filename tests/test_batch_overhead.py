@@ -106,15 +106,15 @@ def test_an_input_whose_region_cannot_be_scored_fails_alone_on_the_writer_thread
     from medlens.errors import InputError
     from medlens.pipeline import run
 
-    real, threads = run._add_region, set()
+    real, threads = run.region_mask, set()
 
-    def add_region(plan, outcome, found, read_shape, targets):
+    def region_mask(found, *args, **kwargs):  # the mask on the input's grid, made for a mini-batch's regions at once
         threads.add(threading.current_thread().name)
-        if found is not None:  # case000 has a box file beside it
+        if "case000" in str(found.source):  # case000 has a box file beside it
             raise InputError("case000: the region cannot be scored")
-        return real(plan, outcome, found, read_shape, targets)
+        return real(found, *args, **kwargs)
 
-    monkeypatch.setattr(run, "_add_region", add_region)
+    monkeypatch.setattr(run, "region_mask", region_mask)
     summary = _run(tmp_path)
     assert [Path(p).name for p, _ in summary.failures] == ["case000.png"] and summary.done == 3
     assert "region cannot be scored" in summary.failures[0][1]

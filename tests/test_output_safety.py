@@ -208,3 +208,28 @@ def test_deferred_fsync_skips_the_per_file_sync_and_the_manifest_syncs_outputs_b
     with ManifestWriter(tmp_path / "manifest.jsonl") as manifest:
         manifest.append({"id": "x", "status": "done"})
     assert calls[-2:] == ["sync", "fsync"]
+
+
+def test_files_in_the_staging_folder_are_written_in_place_and_fsynced_others_by_rename(tmp_path, monkeypatch):
+    """Inside `write_explanation`'s staging folder the set is atomic as a whole, so its files skip their own temporary
+    name and rename; they are still fsynced (outside the batch) and 0644; a file elsewhere keeps the atomic rename."""
+    from medlens.io import files
+
+    renames, syncs = [], []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda a, b: renames.append((Path(a).name, Path(b).name)) or real_replace(a, b))
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd) or real_fsync(fd))
+    old = os.umask(0o077)
+    try:
+        written = write_explanation(_result(2, ["normal", "lesion"]), tmp_path / "out",
+                                    display=np.zeros((8, 8), np.float32), formats=["png", "npz"])
+        elsewhere = files.atomic_write(tmp_path / "other.txt", "x")
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in written)
+    assert [b for a, b in renames if b in names] == [p.name for p in written]  # each moved in once, by name
+    assert not any(a.endswith(".tmp") for a, b in renames if b in names)  # no temporary file of its own
+    assert any(a.startswith(".other.txt.") for a, b in renames if b == "other.txt")
+    assert len(syncs) == len(written) + 1
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in written + [elsewhere])
+    assert _tree(tmp_path / "out") == set(names)

@@ -90,6 +90,38 @@ def test_region_scores_equal_the_evaluation_metrics(model, scan):
         assert got == {"pointing_game": pg, "energy_in_region": pytest.approx(energy, abs=1e-7)}
 
 
+
+def test_a_mini_batchs_regions_are_scored_at_once_as_each_input_alone(model, tmp_path):
+    # three inputs of one mini-batch: two with box files (different boxes), one without; scored in one call
+    from medlens.pipeline.run import explain_pending, read_with_shape
+
+    rng = np.random.RandomState(5)
+    boxes = {"a": BOX, "b": "0 0.7 0.3 0.2 0.2\n", "c": None}
+    paths = []
+    for name, box in boxes.items():
+        pixels = rng.randint(0, 255, (48, 48)).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        if box:
+            (tmp_path / f"{name}.txt").write_text(box)
+        paths.append(tmp_path / f"{name}.png")
+    plan = plan_for(model, ExplainRequest.build("gradcam,saliency", targets="all"))
+    reads = [read_with_shape(plan, p) for p in paths]
+    pending = explain_pending(plan, [r[0] for r in reads], sources=paths, region="auto",
+                              read_shapes=[r[1] for r in reads])
+    outcomes = pending.outcomes()
+    assert outcomes[2].region is None and outcomes[2].region_scores is None
+    for name, outcome in zip("ab", outcomes[:2]):
+        expected_mask = box_mask(tmp_path / f"{name}.txt", (64, 64))
+        assert torch.equal(outcome.region, expected_mask)
+        for m in ("gradcam", "saliency"):
+            for j, target in enumerate(outcome.target_names()):
+                alone = outcome.result[m][:, j:j + 1]
+                got = outcome.region_scores[m][target]
+                assert got["pointing_game"] == float(pointing_game(alone, expected_mask[None])[0, 0])
+                assert got["energy_in_region"] == pytest.approx(float(energy_in_box(alone, expected_mask[None])[0, 0]),
+                                                                abs=1e-7)
+    assert outcomes[0].region_scores != outcomes[1].region_scores  # each input its own box
+
 def test_cli_region_outline_and_provenance(capsys, scan, tmp_path):
     out = tmp_path / "out"
     code, _, err = run(capsys, "explain", scan, "--model", "phantom-lesion", "--methods", "gradcam", "--out", out)

@@ -93,6 +93,18 @@ def test_the_box_resize_by_running_sums_equals_the_dense_weights_in_2d_and_3d() 
     assert torch.allclose(box_resize(v, (4, 10, 5)), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_in, n_out", [((512, 512), (160, 160)), ((37, 53), (11, 80)), ((20, 9), (64, 9)),
+                                          ((7, 300), (3, 1))])
+def test_a_float32_image_resized_by_pillow_equals_the_dense_weights_to_float32_rounding(n_in, n_out) -> None:
+    # the reader's path (2-D float32 on the CPU): Pillow's BOX filter, several images and channels, a strided view
+    x = torch.rand(3, 2, n_in[0], n_in[1] * 2, generator=torch.Generator().manual_seed(4))[..., ::2]
+    got = box_resize(x, n_out)
+    assert got.dtype == torch.float32 and got.shape == (3, 2, *n_out)
+    wy, wx = box_weights(n_in[0], n_out[0]), box_weights(n_in[1], n_out[1])
+    expected = wy @ x.double() @ wx.T
+    assert torch.allclose(got.double(), expected, rtol=0, atol=1.2e-7)  # half a float32 step near 1: the rounding
+
+
 def test_a_volume_above_the_running_sums_limit_is_resized_by_the_same_weights(monkeypatch) -> None:
     from medlens.io import preparation
 
@@ -134,3 +146,38 @@ def test_an_overlay_png_holds_the_blended_pixels_under_its_header_and_above_its_
     assert (got[:3] == 255).all()  # the header's margin is white
     bar_row = got[header + 240 + 2 + 6, 8:222]  # the middle of the ramp: the colour map from left to right
     assert np.array_equal(bar_row[0], render._lut("RdBu_r")[0].astype(np.uint8))
+
+
+def test_outputs_without_pictures_make_no_colour_scale_and_record_none(tmp_path, monkeypatch) -> None:
+    # npz alone draws nothing: no colour scale is computed, and provenance says nothing of pictures; png records them
+    import json
+
+    import medlens
+    from medlens.io import formats
+    from medlens.io.output import write_explanation
+
+    model = medlens.load_model("phantom-lesion")
+    x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(6))
+    result = medlens.explain(model, x, methods=["gradcam", "saliency"])
+    calls = []
+    real = formats.color_scale
+    monkeypatch.setattr(formats, "color_scale", lambda maps: calls.append(1) or real(maps))
+    write_explanation(result, tmp_path / "npz", formats=["npz"])
+    assert calls == [] and "rendering" not in json.loads((tmp_path / "npz" / "provenance.json").read_text())
+    write_explanation(result, tmp_path / "png", formats=["png", "npz"])
+    rendering = json.loads((tmp_path / "png" / "provenance.json").read_text())["rendering"]
+    assert len(calls) == 2 and set(rendering["colour_maps"]) == {"gradcam", "saliency"}
+
+
+def test_the_outline_drawn_by_flat_indices_equals_the_masked_assignment_also_on_a_strided_picture() -> None:
+    rng = np.random.default_rng(7)
+    region = np.zeros((40, 50), bool)
+    region[5:20, 10:33] = True
+    region[30:38, 2:6] = True
+    expected = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    contiguous, wide = expected.copy(), np.repeat(expected, 2, axis=1)
+    expected[render.outline_of(region)] = render.OUTLINE_RGB
+    assert np.array_equal(render._with_outline(contiguous, region), expected)
+    strided = wide[:, ::2]  # a view: drawn into the caller's array, not a copy
+    render._with_outline(strided, region)
+    assert np.array_equal(wide[:, ::2], expected)

@@ -60,6 +60,8 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]])
     Either the whole new file is there afterwards, or (on any error) the old state: never half a file.
     """
     path = Path(path)
+    if _STAGING.get() == path.parent:
+        return _write_staged(path, data)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
@@ -85,6 +87,40 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]])
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder and free space.") from None
         raise
+    return path
+
+
+_STAGING: contextvars.ContextVar = contextvars.ContextVar("medlens_staging_folder", default=None)
+
+
+@contextlib.contextmanager
+def staging_folder(folder: PathLike) -> Iterator[None]:
+    """Inside the block, `atomic_write` writes the files of `folder` (a private, fresh staging folder whose owner moves
+    its files in as a set, or removes it whole on an error: `medlens.io.output`) straight to their names: the
+    folder already makes the set atomic, so each file's temporary name and rename are not needed (0.2 ms a file)."""
+    token = _STAGING.set(Path(folder))
+    try:
+        yield
+    finally:
+        _STAGING.reset(token)
+
+
+def _write_staged(path: Path, data: Union[bytes, str, Callable[[Any], None]]) -> Path:
+    """`atomic_write` in a staging folder: the file written in place, 0644 and fsynced as atomic writes are."""
+    try:
+        with open(path, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)
+            if isinstance(data, str):
+                fh.write(data.encode("utf-8"))
+            elif isinstance(data, (bytes, bytearray)):
+                fh.write(data)
+            else:
+                data(fh)
+            fh.flush()
+            if _FSYNC_EACH_FILE.get():
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder and free space.") from None
     return path
 
 

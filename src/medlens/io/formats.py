@@ -3,6 +3,7 @@ and the app read. A new format is a writer `(ImageResult, folder) -> [paths]` an
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -25,7 +26,6 @@ class ImageResult:
     display: np.ndarray  # grayscale (*spatial) in [0, 1]
     titles: list[str]  # per target: "name (p=0.93)", for region targets "name (score=41.2)"
     file_parts: list[str]  # per target: a unique, file-name-safe name
-    scales: dict[str, tuple[str, float, float]]  # method -> colour scale shared by its targets (of what is drawn)
     region: Optional[np.ndarray] = None  # boolean (*spatial) region, outlined on overlays
     input_file: Optional[Path] = None
     scan: Any = None  # the ScanImage read from input_file, when known (affines, DICOM references)
@@ -52,21 +52,27 @@ class ImageResult:
         targets = result.targets[index].tolist()
         names = result.target_names()[index]
         displays = {m: "signed" if signed else _registry_display(m) for m in raw}
-        scales = {m: color_scale(shown(raw[m], displays[m])) for m in raw}
         titles = [f"{n} (p={float(probs[t]):.2f})" for n, t in zip(names, targets)]
         if _region_targets(result):  # a region or box score is a sum, not a probability
             titles = [f"{n} (score={float(result.logits[index, t]):.3g})" for n, t in zip(names, targets)]
-        job = cls(result, index, raw, image, titles,
-                  target_file_names(result, index), scales, region, Path(input_file) if input_file is not None else None,
-                  scan, displays=displays, view=scan_view(scan, spatial, image, region, scan_region))
-        job.provenance["rendering"] = {
-            "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2], "display": displays[m]} for m, s in scales.items()},
+        return cls(result, index, raw, image, titles, target_file_names(result, index), region,
+                   Path(input_file) if input_file is not None else None, scan, displays=displays,
+                   view=scan_view(scan, spatial, image, region, scan_region))
+
+    @functools.cached_property
+    def scales(self) -> dict[str, tuple[str, float, float]]:
+        """method -> the colour scale shared by its targets (of what is drawn), set when a picture is first drawn,
+        and recorded in provenance ("rendering"); outputs without pictures (npz, NIfTI) neither make nor record it."""
+        scales = {m: color_scale(shown(raw, self.displays[m])) for m, raw in self.raw.items()}
+        self.provenance["rendering"] = {
+            "colour_maps": {m: {"cmap": s[0], "vmin": s[1], "vmax": s[2], "display": self.displays[m]}
+                            for m, s in scales.items()},
             "note": "one colour scale per method shared by its targets, up to the 99.5th percentile of |map| for maps of "
                     "1024 values or more (higher values saturate); each method drawn as defined (display: its positive "
                     "part, |map|, or signed; --signed draws every map signed); maps.npz holds the raw, unnormalised values",
-            "grid": job.view.note if job.view is not None else "the model's grid",
+            "grid": self.view.note if self.view is not None else "the model's grid",
         }
-        return job
+        return scales
 
 
 def _region_targets(result: Any) -> bool:

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from medlens.errors import OutputError
-from medlens.io.files import PathLike, atomic_write, ensure_writable, file_sha256, jsonable, safe_name
+from medlens.io.files import (PathLike, atomic_write, ensure_writable, file_sha256, jsonable, safe_name,
+                               staging_folder)
 from medlens.io.formats import DEFAULT_FORMATS, FORMATS, ImageResult, check_formats
 from medlens.version import __version__
 
@@ -62,9 +63,10 @@ def write_explanation(
         job.model_source = dict(model_source) if model_source is not None else None
         job.segmentation_logits = segmentation_logits
         staged: list[Path] = []
-        for name in names:
-            staged += _write_format(name, job, staging)
-        staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance))
+        with staging_folder(staging):  # written straight to their names there: the folder is moved in as a set
+            for name in names:
+                staged += _write_format(name, job, staging)
+            staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance))
         written = _move_in(staging, staged, folder)
         if notes_out is not None:
             notes_out.extend(_skip_notes(job.provenance))

@@ -260,8 +260,13 @@ def outline_of(mask: np.ndarray) -> np.ndarray:
 
 def _with_outline(rgb: np.ndarray, region: Optional[np.ndarray]) -> np.ndarray:
     """`rgb` (an overlay just blended, owned by the caller) with the region's outline drawn on it, in place."""
-    if region is not None:
-        rgb[outline_of(region)] = OUTLINE_RGB
+    if region is None:
+        return rgb
+    edge = outline_of(region)
+    if rgb.flags.c_contiguous:  # by the outline's flat indices: a boolean-mask assignment walks every pixel (0.4 ms)
+        rgb.reshape(-1, 3)[np.flatnonzero(edge)] = OUTLINE_RGB
+    else:
+        rgb[edge] = OUTLINE_RGB
     return rgb
 
 

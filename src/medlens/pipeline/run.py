@@ -125,15 +125,24 @@ def _resolve_region(region: RegionArg, source: Optional[Path], notes: list[str])
 
 def score_region(result: ExplanationResult, mask: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
     """Pointing game and energy in the region of every map (method, target), as `medlens evaluate` computes them."""
-    names = result.target_names()[0]
-    masks = mask[None].to(next(iter(result.values())).device) if len(result) else mask[None]
-    scores: dict[str, dict[str, dict[str, float]]] = {}
+    return score_regions(result, mask[None], [0])[0]
+
+
+def score_regions(result: ExplanationResult, masks: torch.Tensor,
+                  rows: Sequence[int]) -> list[dict[str, dict[str, dict[str, float]]]]:
+    """`score_region` of several images of one result at once: image `rows[k]` against `masks[k]` (one call per
+    method for them all: a mini-batch's regions cost one scoring, not one per input)."""
+    names = result.target_names()
+    if len(result):
+        masks = masks.to(next(iter(result.values())).device)
+    index = torch.as_tensor(list(rows), dtype=torch.long)
+    scores: list[dict[str, dict[str, dict[str, float]]]] = [{} for _ in rows]
     for method in result:
-        maps = result[method][:1]
-        hits = pointing_game(maps, masks)[0].tolist()
-        energy = energy_in_box(maps, masks)[0].tolist()
-        scores[method] = {name: {"pointing_game": float(h), "energy_in_region": float(e)}
-                          for name, h, e in zip(names, hits, energy)}
+        maps = result[method].index_select(0, index.to(result[method].device))
+        hits, energy = pointing_game(maps, masks).tolist(), energy_in_box(maps, masks).tolist()
+        for k, row in enumerate(rows):
+            scores[k][method] = {name: {"pointing_game": float(h), "energy_in_region": float(e)}
+                                 for name, h, e in zip(names[row], hits[k], energy[k])}
     return scores
 
 
@@ -185,6 +194,17 @@ class PendingOutcomes:
     notes: Sequence[list[str]] = ()
     targets: Any = None
     share: float = 0.0
+    file_regions: Optional[list[Any]] = None  # per input: (mask on its grid, scores), None, or what making it raised
+
+    def file_region(self, i: int) -> Optional[tuple[torch.Tensor, dict]]:
+        """Input `i`'s region file as a mask on its grid and its scores (None without a file). The masks are made
+        one by one (what one raises is that input's alone), the scores of the whole mini-batch in one call."""
+        if self.file_regions is None:
+            self.file_regions = _score_file_regions(self)
+        made = self.file_regions[i]
+        if isinstance(made, BaseException):
+            raise made
+        return made
 
     def outcomes(self) -> list[Outcome]:
         """One `Outcome` per input, in order."""
@@ -232,29 +252,46 @@ def _outcome(pending: PendingOutcomes, i: int) -> Outcome:
     result = whole if len(pending.prepared) == 1 else split_result(whole, i, one.tensor)
     outcome = Outcome(result, one, pending.sources[i], notes=pending.notes[i], seconds={"explain": pending.share},
                       formats=plan.formats, signed=bool(getattr(plan.request, "signed", False)))
-    _add_region(plan, outcome, pending.found[i], pending.read_shapes[i], pending.targets)
+    _add_region(pending, outcome, i)
     if "dicom" in plan.formats:  # a segmentation model's predicted mask, filed as a DICOM Segmentation
         outcome.segmentation_logits = segmentation_output(plan, one.tensor, pending.targets)
     return outcome
 
 
-def _add_region(plan: Plan, outcome: Outcome, found: Any, read_shape: Optional[tuple[int, ...]], targets: Any) -> None:
+def _add_region(pending: PendingOutcomes, outcome: Outcome, i: int) -> None:
     """The outcome's region (outlined, scored): a region file's mask on the input's grid and on the scan's plane, or
     the region a segmentation target explains."""
-    one, result = outcome.prepared, outcome.result
+    plan, found, read_shape, one = pending.plan, pending.found[i], pending.read_shapes[i], outcome.prepared
     grid = tuple(one.tensor.shape[2:])
     if found is None:
-        explained = explained_region(plan, one.tensor, targets)
+        explained = explained_region(plan, one.tensor, pending.targets)
         if explained is not None:  # a segmentation target: its region is outlined and scored
-            outcome.region, outcome.region_scores = explained, score_region(result, explained)
+            outcome.region, outcome.region_scores = explained, score_region(outcome.result, explained)
         return
-    outcome.region = region_mask(found, read_shape or one.scan.spatial_shape, grid, slice_index=plan.request.slice_index)
+    outcome.region, outcome.region_scores = pending.file_region(i)
     outcome.region_source = found.source
     plane = tuple(one.scan.spatial_shape)
     if len(grid) == 2 and len(plane) == 2:  # pictures are drawn on the scan's plane: the region there, exactly
         outcome.region_on_scan_of = functools.partial(region_mask, found, read_shape or plane, plane,
                                                       slice_index=plan.request.slice_index)
-    outcome.region_scores = score_region(result, outcome.region)
+
+
+def _score_file_regions(pending: PendingOutcomes) -> list[Any]:
+    """`PendingOutcomes.file_region` of every input: the masks one by one, the scores in one `score_regions` call."""
+    made: list[Any] = []
+    for found, read_shape, one in zip(pending.found, pending.read_shapes, pending.prepared):
+        try:
+            made.append(None if found is None else region_mask(
+                found, read_shape or one.scan.spatial_shape, tuple(one.tensor.shape[2:]),
+                slice_index=pending.plan.request.slice_index))
+        except Exception as exc:  # noqa: BLE001 - raised again for this input alone (`file_region`)
+            made.append(exc)
+    rows = [i for i, mask in enumerate(made) if isinstance(mask, torch.Tensor)]
+    if rows:
+        scores = score_regions(pending.whole, torch.stack([made[i] for i in rows]), rows)
+        for i, scored in zip(rows, scores):
+            made[i] = (made[i], scored)
+    return made
 
 
 def split_result(result: ExplanationResult, i: int, x: torch.Tensor) -> ExplanationResult:
