@@ -247,12 +247,15 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"needs {DATA} (the shared brain-tumor-figshare data)")
+    from medlens.core.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()  # as `medlens batch` and its workers do (the in-process runs measure what the CLI does)
     inputs = pick_inputs(args.n)
     model = medlens.load_model("brain-tumor-mri")
     if not args.legacy:
         sections = args.sections.split(",")
         results = {"n": len(inputs), "methods": args.methods, "formats": args.formats, "cpu_count": os.cpu_count(),
-                   "load_before": os.getloadavg()}
+                   "load_before": os.getloadavg(), "allocator_keeps_freed_memory": kept}
         if "startup" in sections:
             results["startup"] = startup(args, inputs[0])
         if "cli" in sections:

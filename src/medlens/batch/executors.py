@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from medlens.batch.work import (RAY_HINT, ExecutorError, TaskFactory, _call, _call_many,  # noqa: F401 - re-exported
                                  load_ray)
+from medlens.core.allocator import keep_freed_memory
 from medlens.errors import MedlensError, short_message
 
 EXECUTORS = ("serial", "processes", "ray")
@@ -61,6 +62,7 @@ class SerialExecutor:
 
 def _worker_main(factory: TaskFactory, conn: Connection) -> None:
     """A worker process: build the task once, then answer (index, item) messages until told to stop (None)."""
+    keep_freed_memory()  # a long run: freed memory reused, not faulted in again (medlens.core.allocator)
     try:
         task = factory()
     except BaseException as exc:  # noqa: BLE001 - said to the driver, which stops the run with the message

@@ -27,6 +27,9 @@ class RayWorker:
     """An actor's state: the task built once from the factory (the model loaded here), then mini-batches of items."""
 
     def __init__(self, factory: TaskFactory) -> None:
+        from medlens.core.allocator import keep_freed_memory
+
+        keep_freed_memory()  # a long run: freed memory reused, not faulted in again
         self.factory = factory
         self.task = factory()
 

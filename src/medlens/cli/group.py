@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
+from medlens.core.allocator import keep_freed_memory
 from medlens.errors import MedlensError
 
 
@@ -93,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any("\0" in str(a) for a in args):  # the OS refuses such paths with a ValueError deep inside click
         click.echo("medlens: error: an argument contains a NUL character, which no file name or option can hold.", err=True)
         return 2
+    keep_freed_memory()  # medlens's own process: freed memory reused, not faulted in again (medlens.core.allocator)
     try:
         with sigterm_unwinds():
             cli.main(args=args, prog_name="medlens", standalone_mode=False)
