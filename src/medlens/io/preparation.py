@@ -99,13 +99,12 @@ def _box_weights(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
 def box_resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """t: (N, C, *spatial) -> (N, C, *size) by Pillow's BOX filter, axis by axis (2-D and 3-D), in float.
 
-    Each output pixel is the mean of a run of input pixels (`box_weights`' non-zero run), taken as a difference of
-    float64 running sums: a few operations per input pixel instead of a dense matrix product (2.2 against about 4 ms
-    for 512 x 512 -> 160 x 160 on one thread). Above `RUNNING_SUMS_UP_TO` values (large volumes) the float64 copies
-    would take 4x the input's memory, so the weights are applied as float matrix products there, axis by axis.
-    A 2-D float32 image on the CPU (every scan `medlens batch` reads) goes to Pillow's own BOX filter, whose weights
-    these are, plane by plane: sums in double, in C, without the GIL (0.4 against 1.3-2.4 ms for 512 x 512 ->
-    160 x 160, issue 28)."""
+    Each output pixel is the mean of a run of input pixels (`box_weights`' non-zero run). A 2-D float32 image on the
+    CPU (every scan `medlens batch` reads) goes to Pillow's own BOX filter, whose weights these are, plane by plane:
+    sums in double, in C, without the GIL (0.4 ms for 512 x 512 -> 160 x 160 on one thread, against 1.3 for float32
+    matrix products and 1.6-2.4 for the running sums; issue 28). Other inputs (volumes, float64) take differences of
+    float64 running sums, a few operations per input pixel; above `RUNNING_SUMS_UP_TO` values (large volumes) those
+    copies would take 4x the input's memory, so the weights are applied as float matrix products, axis by axis."""
     if len(size) == 2 and t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4:
         return _box_resize_pillow(t, size)
     if t.numel() > RUNNING_SUMS_UP_TO:
