@@ -175,3 +175,20 @@ def test_the_manifest_syncs_beside_the_caller_and_once_more_on_close(tmp_path: P
     assert synced_on[-1] == threading.current_thread().name  # the last sync, on close, by the caller
     assert set(synced_on[:-1]) == {"medlens-manifest-sync"} and synced_on[:-1]  # the periodic ones beside it
     assert not any(t.name == "medlens-manifest-sync" for t in threading.enumerate())
+
+
+def test_the_batch_records_the_digest_it_found_each_input_with_without_reading_it_again(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    import json
+
+    from medlens.io import files, output
+
+    read_again = []
+    monkeypatch.setattr(output, "input_digest", lambda path: read_again.append(path))  # provenance's own digest
+    summary = _run(tmp_path)
+    assert summary.done == 4 and read_again == []
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    for record in records:
+        provenance = json.loads((tmp_path / "out" / record["outputs"][-1]).read_text())
+        source = Path(provenance["input_file"]["path"])
+        assert provenance["input_file"]["sha256"] == record["digest"] == files.file_sha256(source)

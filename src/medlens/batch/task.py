@@ -180,7 +180,8 @@ class BatchTask:
         try:
             with deferred_fsync():  # made durable by the manifest's sync, once a second instead of once per file
                 written = write_outcome(outcome, self.out / item.folder, model_source=self.model_source,
-                                        extra_provenance={"batch": {"id": item.id, "settings": self.factory.settings_digest}})
+                                        extra_provenance={"batch": {"id": item.id, "settings": self.factory.settings_digest}},
+                                        input_sha256=item.digest if item.digest != "unreadable" else None)
         except CAUGHT as exc:
             return self._failed(item, exc, "its results could not be written", t0)
         write_s = time.perf_counter() - t1

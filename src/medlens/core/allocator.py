@@ -3,9 +3,9 @@ explanation is kept for the next one instead of being handed back to the system 
 
 Why: glibc's malloc returns freed blocks above its thresholds to the system (munmap, heap trimming), so every
 mini-batch's tensors and every picture's arrays were faulted in afresh: in a `medlens batch` run (gradcam + lrp,
-160 x 160, png + npz) the explaining thread took about 860 page faults per input, 3-7 ms of its 45-50 ms (issue 28;
-docs/batch.md). With the thresholds below it takes about 15. Freed memory stays with the process (at most
-TRIM_THRESHOLD at the top of each heap), as PyTorch's own caching allocators do on GPUs.
+160 x 160, png + npz) the explaining thread took 860-1,070 page faults per input and the run 6-7 ms of system time
+per input (issue 28; docs/batch.md). With the thresholds below: 0-40 faults, 4-4.6 ms. Freed memory stays with the
+process (at most TRIM_THRESHOLD at the top of each heap), as PyTorch's own caching allocators do on GPUs.
 """
 from __future__ import annotations
 

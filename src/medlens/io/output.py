@@ -38,6 +38,7 @@ def write_explanation(
     notes_out: Optional[list[str]] = None,
     scan_region: Any = None,
     segmentation_logits: Any = None,
+    input_sha256: Optional[str] = None,
 ) -> list[Path]:
     """Write one image's results into `out_dir` in `formats` (see `medlens.io.formats.FORMATS`; by default
     `<method>_<target>.png` per method and target, `panel.png`, and `maps.npz`), and `provenance.json` last.
@@ -51,7 +52,9 @@ def write_explanation(
     (the maps taken back through the preparation's resize) when `scan` holds one, with `scan_region` (the region on
     that plane, or a function that makes it when a picture is drawn) outlined. `segmentation_logits` (a segmentation model's per-pixel logits (K, *spatial)) give the
     `dicom` format its Segmentation of the predicted mask. A format or DICOM object that cannot be made for this input is skipped, with the reason in
-    provenance and appended to `notes_out` (the batch manifest's notes). Returns the paths.
+    provenance and appended to `notes_out` (the batch manifest's notes). `input_sha256`: the input's digest
+    (`input_digest`) when the caller already has it (the batch runner, from when it found the input; a DICOM series
+    is not read twice), else it is computed here. Returns the paths.
     """
     names = check_formats(formats)
     created = not Path(out_dir).exists()
@@ -66,7 +69,8 @@ def write_explanation(
         with staging_folder(staging):  # written straight to their names there: the folder is moved in as a set
             for name in names:
                 staged += _write_format(name, job, staging)
-            staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance))
+            staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance,
+                                            input_sha256))
         written = _move_in(staging, staged, folder)
         if notes_out is not None:
             notes_out.extend(_skip_notes(job.provenance))
@@ -104,14 +108,15 @@ def _skip_notes(provenance: Mapping[str, Any]) -> list[str]:
 
 
 def _write_provenance(job: "ImageResult", folder: Path, staged: Sequence[Path], loading_notes: Sequence[str],
-                      model_source: Optional[Mapping[str, Any]], extra: Optional[Mapping[str, Any]]) -> Path:
+                      model_source: Optional[Mapping[str, Any]], extra: Optional[Mapping[str, Any]],
+                      input_sha256: Optional[str] = None) -> Path:
     provenance = job.result.provenance
     provenance.update(job.provenance)  # what the formats recorded (colour scales, affines, references)
     provenance["medlens_version"] = __version__
     provenance["image_index"] = job.index
     if job.input_file is not None:
         path = Path(job.input_file)
-        provenance["input_file"] = {"path": str(path.resolve()), "sha256": input_digest(path)}
+        provenance["input_file"] = {"path": str(path.resolve()), "sha256": input_sha256 or input_digest(path)}
     provenance["loading_notes"] = list(loading_notes)
     if model_source is not None:
         provenance["model_source"] = dict(model_source)

@@ -12,8 +12,10 @@ from medlens.pipeline.run import Outcome
 
 def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Optional[Sequence[str]] = None,
                   model_source: Optional[Mapping[str, Any]] = None,
-                  extra_provenance: Optional[Mapping[str, Any]] = None) -> list[Path]:
-    """Write one explained input into `folder` (formats default to the request's); returns the paths written."""
+                  extra_provenance: Optional[Mapping[str, Any]] = None,
+                  input_sha256: Optional[str] = None) -> list[Path]:
+    """Write one explained input into `folder` (formats default to the request's); returns the paths written.
+    `input_sha256`: the source's digest when the caller already has it (see `write_explanation`)."""
     extra = dict(extra_provenance or {})
     region = outcome.region_provenance()
     if region is not None:
@@ -34,5 +36,6 @@ def write_outcome(outcome: Outcome, folder: Union[str, Path], *, formats: Option
         notes_out=outcome.notes,  # formats or DICOM objects skipped for this input: in the batch manifest too
         scan_region=outcome.picture_region,  # made only if a picture is drawn
         segmentation_logits=outcome.segmentation_logits,  # the DICOM Segmentation's predicted mask
+        input_sha256=input_sha256,
     )
 
