@@ -68,15 +68,7 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]])
         raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder.") from None
     try:
         with os.fdopen(fd, "wb") as fh:
-            if isinstance(data, str):
-                fh.write(data.encode("utf-8"))
-            elif isinstance(data, (bytes, bytearray)):
-                fh.write(data)
-            else:
-                data(fh)
-            fh.flush()
-            if _FSYNC_EACH_FILE.get():
-                os.fsync(fh.fileno())
+            _write_data(fh, data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -88,6 +80,19 @@ def atomic_write(path: PathLike, data: Union[bytes, str, Callable[[Any], None]])
             raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder and free space.") from None
         raise
     return path
+
+
+def _write_data(fh: Any, data: Union[bytes, str, Callable[[Any], None]]) -> None:
+    """Bytes, text (UTF-8) or what `data(fh)` writes, flushed, and fsynced unless the caller defers it."""
+    if isinstance(data, str):
+        fh.write(data.encode("utf-8"))
+    elif isinstance(data, (bytes, bytearray)):
+        fh.write(data)
+    else:
+        data(fh)
+    fh.flush()
+    if _FSYNC_EACH_FILE.get():
+        os.fsync(fh.fileno())
 
 
 _STAGING: contextvars.ContextVar = contextvars.ContextVar("medlens_staging_folder", default=None)
@@ -110,15 +115,7 @@ def _write_staged(path: Path, data: Union[bytes, str, Callable[[Any], None]]) ->
     try:
         with open(path, "wb") as fh:
             os.fchmod(fh.fileno(), 0o644)
-            if isinstance(data, str):
-                fh.write(data.encode("utf-8"))
-            elif isinstance(data, (bytes, bytearray)):
-                fh.write(data)
-            else:
-                data(fh)
-            fh.flush()
-            if _FSYNC_EACH_FILE.get():
-                os.fsync(fh.fileno())
+            _write_data(fh, data)
     except OSError as exc:
         raise OutputError(f"cannot write {path} ({exc.strerror or exc}); check the output folder and free space.") from None
     return path
