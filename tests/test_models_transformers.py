@@ -4,6 +4,7 @@ exactly the maps of the same module called directly.
 """
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 
@@ -89,3 +90,42 @@ def test_a_timm_transformer_with_local_weights_loads_with_its_size_and_normalisa
     assert spec.mean == pytest.approx((sum(cfg["mean"]) / 3,)) and spec.std == pytest.approx((sum(cfg["std"]) / 3,))
     x = torch.randn(2, 1, 48, 48, generator=torch.Generator().manual_seed(1))
     _same_maps(loaded, module, x)
+
+
+def test_a_huggingface_folder_loads_with_the_network_cut_off(tmp_path, monkeypatch):
+    # the folder's own files only: with every socket connection refused, the same model loads, to the last bit
+    import socket
+
+    module, folder = _hf_folder(tmp_path)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("medlens tried to reach the network while loading a local folder")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    loaded = medlens.load_model(folder)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, module(x).logits, rtol=0, atol=0)
+
+
+def test_sharded_weights_load_and_weights_of_another_model_are_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    module, folder = _hf_folder(tmp_path)
+    sharded = tmp_path / "sharded"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module.save_pretrained(sharded, max_shard_size="20KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(medlens.load_model(sharded)(x).logits, module(x).logits, rtol=0, atol=0)
+    # a config beside weights of another model: transformers would fill the rest at random (and only log it);
+    # medlens refuses, naming what does not fit
+    config = json.loads((folder / "config.json").read_text())
+    for changed, message in (({"num_hidden_layers": 3}, r"lack 16 tensor\(s\).*layers\.2\."),
+                             ({"num_hidden_layers": 1}, r"hold 16 tensor\(s\) the config's model does not have.*layers\.1\."),
+                             ({"num_labels": 4, "id2label": None, "label2id": None}, "classifier")):
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in {**config, **changed}.items() if v is not None}))
+        with pytest.raises(ModelError, match=message):
+            medlens.load_model(folder)

@@ -104,6 +104,20 @@ def input_spec(folder: Path, config: Any) -> InputSpec:
                      std=tuple(float(s) for s in std), labels=tuple(_labels(config)))
 
 
+_INCOMPLETE = {"missing_keys": "lack {n} tensor(s) of the config's model",
+               "mismatched_keys": "have another shape for {n} tensor(s) of the config's model",
+               "unexpected_keys": "hold {n} tensor(s) the config's model does not have"}
+
+
+def _check_weights_complete(report: dict[str, Any]) -> None:
+    """Refuse a load in which transformers would fill a weight at random (missing from the files, or of another
+    shape) or leave a tensor of the files unused: it only logs those, and the model would explain with random layers."""
+    for key, what in _INCOMPLETE.items():
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in report.get(key) or ())
+        if names:
+            raise ValueError(f"the weights {what.format(n=len(names))}, e.g. {names[0]}")
+
+
 def load(source: Any, options: LoadOptions) -> LoadedModel:
     """A HuggingFace image classifier from a local folder (`AutoModelForImageClassification`, local files only).
 
@@ -123,22 +137,27 @@ def load(source: Any, options: LoadOptions) -> LoadedModel:
         import transformers  # type: ignore[import-not-found]  # optional, heavy
     except ImportError:
         raise ModelError(f"{folder}: HuggingFace models need the transformers package: {INSTALL_HINT}") from None
-    bars = transformers.utils.logging
-    was_enabled = bars.is_progress_bar_enabled()
-    bars.disable_progress_bar()  # no "Loading weights" bar on the user's terminal; restored below
+    logs = transformers.utils.logging
+    was_enabled, verbosity = logs.is_progress_bar_enabled(), logs.get_verbosity()
+    logs.disable_progress_bar()  # no "Loading weights" bar or load report on the user's terminal; restored below
+    logs.set_verbosity_error()
     try:
-        # `folder` is a local save_pretrained folder the user named (checked above): local_files_only=True means
-        # transformers reads only its files and never downloads; trust_remote_code=False runs no code from it
+        # `folder` is a local save_pretrained folder the user named (checked above). These read that folder's own
+        # files only: local_files_only=True never contacts the hub (offline is the only mode), and
+        # trust_remote_code=False runs no code from the folder; a hub name was refused above.
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            folder, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True)
-    except (ValueError, OSError, KeyError) as exc:
+        model, report = transformers.AutoModelForImageClassification.from_pretrained(
+            folder, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+            output_loading_info=True)
+        _check_weights_complete(report)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{folder}: transformers cannot load this folder as an image classifier ({first}); give a "
                          f"save_pretrained folder of an AutoModelForImageClassification model.") from None
     finally:
+        logs.set_verbosity(verbosity)
         if was_enabled:
-            bars.enable_progress_bar()
+            logs.enable_progress_bar()
     if options.map_location not in (None, "cpu"):
         model = model.to(options.map_location)
     weights = sorted(folder.glob("*.safetensors"))
