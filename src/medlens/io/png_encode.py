@@ -3,8 +3,8 @@ deflated at level 1 (with Intel's ISA-L deflate, the `isal` package, where it is
 
 Why not Pillow's encoder: it tries each PNG filter on every row and keeps the best, which costs more than the
 compression itself; on a 512 x 512 RGB overlay Pillow at level 1 took 16.3 ms, this 7.8 ms with zlib and 2.0 ms with
-ISA-L, files within 1.4 % of Pillow's size (`benchmarks/bench_png.py`); both deflates run without the GIL, so a
-batch's writer thread leaves the explaining thread alone. The files are plain PNG (IHDR, one IDAT, IEND; no
+ISA-L, files within 1.4 % of Pillow's size (`benchmarks/bench_png.py`); both deflates run without the GIL (the
+batch writer thread's other work still takes it: docs/batch.md). The files are plain PNG (IHDR, one IDAT, IEND; no
 metadata): `tests/test_writer_speed.py` reads them back with Pillow pixel for pixel.
 """
 from __future__ import annotations
@@ -60,4 +60,5 @@ def encode_png(pixels: Any, level: int = 1) -> bytes:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    crc = zlib.crc32(data, zlib.crc32(kind))  # over type and data, without first joining them (the IDAT is large)
+    return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc & 0xFFFFFFFF)))
