@@ -12,7 +12,8 @@ import numpy as np
 
 from medlens.errors import OutputError
 from medlens.io.files import atomic_write, safe_name
-from medlens.io.render import color_scale, overlay_cell, render_panel, render_rgb, shown
+from medlens.io.png_encode import deflate_rows, encode_stacked, png_from_parts
+from medlens.io.render import color_scale, overlay_cell, overlay_picture, panel_picture, shown
 from medlens.io.scan_view import ScanView, scan_view
 
 
@@ -113,17 +114,20 @@ def write_png(job: ImageResult, folder: Path) -> list[Path]:
     view = job.view or ScanView(tuple(job.display.shape), job.display, job.region, False, "")
     drawn = {m: view.maps(maps) for m, maps in job.raw.items()}  # on the scan's plane where the preparation inverts
     cells: dict[str, list[np.ndarray]] = {}  # each map blended once, for its overlay and for the panel
+    pictures = []  # each overlay's picture and deflated rows: a panel of one target per method is them stacked
     for m, maps in drawn.items():
         for j, part in enumerate(job.file_parts):
             rgb, lines, scale, label = overlay_cell(view.display, maps[j], title=f"{m}: {job.titles[j]}",
                                                     scale=job.scales[m], region=view.region,
                                                     display=job.displays.get(m, "signed"))
             cells.setdefault(m, []).append(rgb)
-            written.append(atomic_write(folder / overlay_name(m, part), render_rgb(rgb, lines, scale, label=label)))
+            picture = overlay_picture(rgb, lines, scale, label)
+            pictures.append((picture, deflate_rows(picture)))
+            written.append(atomic_write(folder / overlay_name(m, part), png_from_parts([pictures[-1][1]])))
     if job.raw:
-        written.append(atomic_write(folder / "panel.png",
-                                    render_panel(view.display, drawn, job.titles, scales=job.scales, region=view.region,
-                                                 displays=job.displays, drawn=cells)))
+        panel = panel_picture(view.display, drawn, job.titles, scales=job.scales, region=view.region,
+                              displays=job.displays, drawn=cells)
+        written.append(atomic_write(folder / "panel.png", encode_stacked(panel, pictures)))
     return written
 
 

@@ -1,30 +1,94 @@
-"""PNG encoding for medlens's pictures: 8-bit gray, RGB or RGBA arrays to PNG bytes, every row "Up"-filtered and
-deflated at level 1 (with Intel's ISA-L deflate, the `isal` package, where it is installed; else zlib).
+"""PNG encoding for medlens's pictures: 8-bit gray, RGB or RGBA arrays to PNG bytes, every row "Up"-filtered (the
+first "None") and deflated at level 1 (with Intel's ISA-L deflate, the `isal` package, where it is installed; else zlib).
 
 Why not Pillow's encoder: it tries each PNG filter on every row and keeps the best, which costs more than the
 compression itself; on a 512 x 512 RGB overlay Pillow at level 1 took 16.3 ms, this 7.8 ms with zlib and 2.0 ms with
 ISA-L, files within 1.4 % of Pillow's size (`benchmarks/bench_png.py`); both deflates run without the GIL (the
-batch writer thread's other work still takes it: docs/batch.md). The files are plain PNG (IHDR, one IDAT, IEND; no
+batch writer thread's other work still takes it: docs/batch.md). A picture is deflated as a `DeflatedRows` part,
+ended on a byte boundary, so a picture made of others stacked (a panel of one-target overlays) is written from
+their parts without deflating its rows again (`png_from_parts`). The files are plain PNG (IHDR, one IDAT, IEND; no
 metadata): `tests/test_writer_speed.py` reads them back with Pillow pixel for pixel.
 """
 from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
 from medlens.errors import OutputError
 
 try:  # the same deflate format as zlib's, 4-5x faster at level 1; the pixels are the same either way
-    from isal.isal_zlib import compress as _deflate
+    from isal import isal_zlib as _zlib
 except ImportError:  # pragma: no cover - platforms without an isal wheel
-    from zlib import compress as _deflate
+    _zlib = zlib
 
 _COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: gray, RGB, RGBA
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_UP = 2  # PNG filter type "Up": each byte minus the byte above it
+_NONE, _UP = 0, 2  # PNG filter types: the bytes as they are; each byte minus the byte above it
+_ZLIB_HEADER = b"\x78\x01"  # deflate, 32 KiB window, no preset dictionary (a multiple of 31, as RFC 1950 asks)
+_LAST_BLOCK = b"\x03\x00"  # an empty final block (fixed codes): ends a deflate stream of parts ended by sync flushes
+_ADLER_BASE = 65521
+
+
+@dataclass(frozen=True)
+class DeflatedRows:
+    """One picture's filtered rows, deflated as a run of blocks ended on a byte boundary (not a whole stream), so
+    that the parts of pictures of one width and kind follow each other in one stream; with their Adler-32 and length.
+    """
+
+    width: int
+    height: int
+    channels: int
+    deflated: bytes
+    adler32: int
+    length: int
+
+
+def deflate_rows(pixels: Any, level: int = 1) -> DeflatedRows:
+    """`pixels` (as `encode_png` takes them) filtered and deflated as a part of a PNG's image data.
+
+    The first row is filtered "None" (its bytes as they are, what "Up" gives over the zero row above a picture's
+    first), so a part is the same wherever it stands in a stack.
+
+    Raises:
+        OutputError: for an image that is not 8-bit gray, RGB or RGBA, or empty.
+    """
+    array = np.asarray(pixels)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in _COLOUR_TYPES or 0 in array.shape:
+        raise OutputError(f"a PNG picture must be an 8-bit gray, RGB or RGBA image; got an array of shape "
+                          f"{array.shape} and type {array.dtype}.")
+    height, width, channels = array.shape
+    rows = np.ascontiguousarray(array).reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[0, 0], filtered[1:, 0] = _NONE, _UP
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8: modulo 256, as the filter is defined
+    compressor = _zlib.compressobj(level, _zlib.DEFLATED, -15)  # raw deflate: the zlib wrapper is added per file
+    deflated = compressor.compress(filtered) + compressor.flush(_zlib.Z_SYNC_FLUSH)
+    return DeflatedRows(width, height, channels, deflated, _zlib.adler32(filtered), filtered.size)
+
+
+def png_from_parts(parts: Sequence[DeflatedRows]) -> bytes:
+    """PNG bytes of the pictures of `parts` one under the other (all of one width and kind), their deflated rows
+    joined in one stream without deflating them again.
+
+    Raises:
+        OutputError: for no parts, or parts of different widths or kinds.
+    """
+    if not parts or any((p.width, p.channels) != (parts[0].width, parts[0].channels) for p in parts):
+        raise OutputError("a PNG is made of one or more parts of one width and kind.")
+    checksum, length = 1, 0
+    for part in parts:
+        checksum, length = _adler32_combine(checksum, part.adler32, part.length), length + part.length
+    data = b"".join([_ZLIB_HEADER, *(p.deflated for p in parts), _LAST_BLOCK, struct.pack(">I", checksum)])
+    header = struct.pack(">IIBBBBB", parts[0].width, sum(p.height for p in parts), 8,
+                         _COLOUR_TYPES[parts[0].channels], 0, 0, 0)
+    return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", data), _chunk(b"IEND", b"")))
 
 
 def encode_png(pixels: Any, level: int = 1) -> bytes:
@@ -42,21 +106,41 @@ def encode_png(pixels: Any, level: int = 1) -> bytes:
     Raises:
         OutputError: for an image that is not 8-bit gray, RGB or RGBA, or empty.
     """
-    array = np.asarray(pixels)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in _COLOUR_TYPES or 0 in array.shape:
-        raise OutputError(f"a PNG picture must be an 8-bit gray, RGB or RGBA image; got an array of shape "
-                          f"{array.shape} and type {array.dtype}.")
-    height, width, channels = array.shape
-    rows = np.ascontiguousarray(array).reshape(height, width * channels)
-    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
-    filtered[:, 0] = _UP
-    filtered[0, 1:] = rows[0]  # the row above the first is zeros
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8: modulo 256, as the filter is defined
-    header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPES[channels], 0, 0, 0)
-    return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", _deflate(filtered, level)),
-                     _chunk(b"IEND", b"")))
+    return png_from_parts([deflate_rows(pixels, level)])
+
+
+def encode_stacked(picture: np.ndarray, pieces: Sequence[tuple[np.ndarray, DeflatedRows]], level: int = 1) -> bytes:
+    """PNG bytes of `picture` (uint8, as `encode_png` takes it); when it is exactly the `pieces`' pictures one under
+    the other (each with its `deflate_rows` part), it is written from their parts: its rows are not deflated again.
+
+    Raises:
+        OutputError: for an image that is not 8-bit gray, RGB or RGBA, or empty.
+    """
+    if pieces and _is_stack(np.asarray(picture), [p for p, _ in pieces]):
+        return png_from_parts([part for _, part in pieces])
+    return encode_png(picture, level)
+
+
+def _is_stack(picture: np.ndarray, pieces: Sequence[np.ndarray]) -> bool:
+    """Whether `picture` is `pieces` one under the other, pixel for pixel (same width and channels)."""
+    if picture.ndim != 3 or any(p.shape[1:] != picture.shape[1:] or p.dtype != picture.dtype for p in pieces):
+        return False
+    if sum(p.shape[0] for p in pieces) != picture.shape[0]:
+        return False
+    top = 0
+    for piece in pieces:
+        if not np.array_equal(picture[top:top + piece.shape[0]], piece):
+            return False
+        top += piece.shape[0]
+    return True
+
+
+def _adler32_combine(first: int, second: int, second_length: int) -> int:
+    """The Adler-32 of two byte strings one after the other, from each one's and the second's length (as zlib's
+    `adler32_combine`: the sum of the second's bytes is offset by the first's sum once per byte of the second)."""
+    low = (first & 0xFFFF) + (second & 0xFFFF) - 1
+    high = (first >> 16) + (second >> 16) + (second_length % _ADLER_BASE) * (first & 0xFFFF) - (second_length % _ADLER_BASE)
+    return (low % _ADLER_BASE) | ((high % _ADLER_BASE) << 16)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

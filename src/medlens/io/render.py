@@ -104,7 +104,9 @@ def empty_note(raw: np.ndarray, display: str) -> list[str]:
     """A title line for a positive-part picture of a map with no positive value (drawn blank, as defined)."""
     if display != "positive":
         return []
-    top = float(np.max(raw, where=np.isfinite(raw), initial=-np.inf))  # the largest finite value (-inf: none)
+    top = float(np.max(raw)) if raw.size else -np.inf
+    if not np.isfinite(top):  # a NaN or infinity somewhere: the largest finite value (-inf: none)
+        top = float(np.max(raw, where=np.isfinite(raw), initial=-np.inf))
     if np.isfinite(top) and top <= 0:
         return ["no positive part: the map is <= 0 everywhere (--signed draws it)"]
     return []
@@ -151,7 +153,9 @@ def blend(image: np.ndarray, amap: np.ndarray, scale: tuple[str, float, float], 
         np.multiply(plane, weight, out=plane)
         plane = np.add(plane, under, out=plane if plane.dtype == under.dtype else None)  # float64 for such an image
         np.add(plane, 0.5, out=plane)
-        out[..., channel] = np.clip(plane, 0, 255, out=plane)
+        if not 0.0 <= alpha <= 1.0:  # else a mix of two values in [0, 255], + 0.5: the cast's truncation rounds it
+            np.clip(plane, 0, 255, out=plane)
+        out[..., channel] = plane
     return out
 
 
@@ -306,8 +310,13 @@ def overlay_cell(image: np.ndarray, amap: np.ndarray, *, title: str = "", scale:
 def render_rgb(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, float], label: str = "") -> bytes:
     """PNG bytes: an overlay already drawn (uint8 RGB, e.g. by `blend`), enlarged under its title `lines`, with the
     colour bar of `scale` (captioned `label`) below it (the app draws thresholded overlays this way)."""
+    return _png(overlay_picture(rgb, lines, scale, label))
+
+
+def overlay_picture(rgb: np.ndarray, lines: Sequence[str], scale: tuple[str, float, float], label: str = "") -> np.ndarray:
+    """What `render_rgb` encodes: the uint8 RGB picture of the overlay under its title, over its colour bar."""
     tile = _tile(rgb, lines)
-    return _png(_stack([tile, _colour_bar(tile.shape[1], scale, label)]))
+    return _stack([tile, _colour_bar(tile.shape[1], scale, label)])
 
 
 def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequence[str], *,
@@ -317,19 +326,31 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
     """PNG bytes: a grid of methods (rows) x targets (columns), `maps[method]` being (T, *spatial) raw maps; each row
     has one colour scale (shared by its targets) shown under it, drawn as `displays[method]` says (default signed).
     `drawn[method][target]`: the cells already blended by `overlay_cell` with the same scale and region (reused)."""
+    return _png(panel_picture(image, maps, titles, scales=scales, region=region, displays=displays, drawn=drawn))
+
+
+def panel_picture(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequence[str], *,
+                  scales: Optional[Mapping[str, tuple[str, float, float]]] = None, region: Optional[np.ndarray] = None,
+                  displays: Optional[Mapping[str, str]] = None,
+                  drawn: Optional[Mapping[str, Sequence[np.ndarray]]] = None) -> np.ndarray:
+    """What `render_panel` encodes: the panel's uint8 RGB picture (same arguments)."""
     rows = []
     for name, raw in maps.items():
         display = (displays or {}).get(name, "signed")
         per_target = shown(raw, display)
         scale = (scales or {}).get(name) or color_scale(per_target)
         cells = []
+        done = (drawn or {}).get(name)
         for col in range(len(per_target)):
             amap = per_target[col]
-            img2d, map2d, k = _plane(_display_ready(image, amap.shape), amap)
+            k = best_slice(amap) if amap.ndim == 3 else None
             lines = ([f"{name}: {titles[col]}"] + empty_note(raw[col], display)
                      + ([f"slice {k} (largest map mass)"] if k is not None else []))
-            done = (drawn or {}).get(name)
-            rgb = done[col] if done is not None else _with_outline(blend(img2d, map2d, scale), _region_plane(region, k))
+            if done is not None:  # blended by overlay_cell already: the grayscale is not needed again
+                rgb = done[col]
+            else:
+                img2d, map2d, _ = _plane(_display_ready(image, amap.shape), amap)
+                rgb = _with_outline(blend(img2d, map2d, scale), _region_plane(region, k))
             cells.append((rgb, lines, len(_wrap(lines, _enlarge(rgb, MIN_PANEL_TILE_SIDE).shape[1]))))
         n_lines = max(c[2] for c in cells)
         tiles = [_tile(rgb, lines, MIN_PANEL_TILE_SIDE, n_lines) for rgb, lines, _ in cells]
@@ -341,8 +362,8 @@ def render_panel(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Sequ
             x += t.shape[1] + 4
         rows.append(_stack([row, _colour_bar(tiles[0].shape[1], scale, display_label(display, scale))]))
     if not rows:
-        return _png(np.full((1, 1, 3), 255, dtype=np.uint8))
-    return _png(_stack(rows))
+        return np.full((1, 1, 3), 255, dtype=np.uint8)
+    return _stack(rows)
 
 
 def _display_ready(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
