@@ -1,6 +1,6 @@
 """PNGs made of deflated parts (issue 28, sixth round): pictures stacked from their parts decode to the stack pixel
-for pixel with a checksum zlib accepts, the Adler-32 of joined parts equals zlib's of the joined bytes, a picture that
-is not the stack of its pieces is deflated afresh, and a panel of one-target overlays is written from their parts."""
+for pixel with a checksum zlib accepts, the Adler-32 of joined parts equals zlib's of the joined bytes, and a panel of
+one target per method is its overlays one under the other, as the grid drawing makes it, written from their parts."""
 from __future__ import annotations
 
 import io
@@ -15,7 +15,7 @@ from PIL import Image
 
 from medlens.errors import OutputError
 from medlens.io import png_encode
-from medlens.io.png_encode import deflate_rows, encode_png, encode_stacked, png_from_parts
+from medlens.io.png_encode import deflate_rows, encode_png, png_from_parts
 
 
 def _idat(png: bytes) -> bytes:
@@ -61,41 +61,35 @@ def test_the_adler32_of_joined_parts_equals_zlibs_of_the_joined_bytes() -> None:
         assert joined == zlib.adler32(first + second), (len(first), len(second))
 
 
-def test_a_picture_that_is_not_its_pieces_stacked_is_deflated_afresh() -> None:
-    rng = np.random.default_rng(4)
-    top, bottom = (rng.integers(0, 256, (h, 11, 3), dtype=np.uint8) for h in (5, 8))
-    pieces = [(top, deflate_rows(top)), (bottom, deflate_rows(bottom))]
-    stack = np.concatenate([top, bottom])
-    assert encode_stacked(stack, pieces) == png_from_parts([p for _, p in pieces])
-    changed = stack.copy()
-    changed[9, 3, 1] ^= 1
-    for picture in (changed, stack[:12], np.concatenate([bottom, top])):
-        png = encode_stacked(picture, pieces)
-        assert png == encode_png(picture)
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), picture)
-
-
-def test_a_panel_of_one_target_per_method_is_written_from_the_overlays_parts(tmp_path, monkeypatch) -> None:
+def test_a_panel_of_one_target_per_method_is_its_overlays_stacked_as_the_grid_draws_it(tmp_path, monkeypatch) -> None:
+    # written from the overlays' deflated rows, the panel must still be what the grid drawing makes of the same maps
     import medlens
-    from medlens.io import formats
+    from medlens.io import formats, render
     from medlens.io.output import write_explanation
+    from medlens.io.scan_view import ScanView
 
     model = medlens.load_model("phantom-lesion")
     x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(8))
+    region = np.zeros((64, 64), bool)
+    region[20:40, 10:30] = True
     deflated = []
     real = png_encode.deflate_rows
     for module in (png_encode, formats):  # the overlays' (formats) and any picture encoded whole (encode_png)
         monkeypatch.setattr(module, "deflate_rows", lambda *a, **k: deflated.append(1) or real(*a, **k))
     one = medlens.explain(model, x, methods=["gradcam", "saliency"])
-    write_explanation(one, tmp_path / "one", formats=["png"])
+    write_explanation(one, tmp_path / "one", formats=["png"], region=region)
+    assert len(deflated) == 2  # the overlays' rows only: the panel's are not deflated again
     overlays = [np.asarray(Image.open(tmp_path / "one" / name)) for name in
                 sorted(p.name for p in (tmp_path / "one").glob("*.png") if p.name != "panel.png")]
     panel = np.asarray(Image.open(tmp_path / "one" / "panel.png"))
-    assert len(overlays) == 2 and np.array_equal(panel, np.concatenate(overlays))
-    assert len(deflated) == 2  # the overlays' rows only: the panel's are not deflated again
-    both = medlens.explain(model, x, methods=["gradcam"], targets=[0, 1])  # targets side by side: deflated afresh
+    job = formats.ImageResult.build(one, 0, None, region, None, None)
+    view = job.view or ScanView(tuple(job.display.shape), job.display, job.region, False, "")
+    grid = render.panel_picture(view.display, {m: view.maps(v) for m, v in job.raw.items()}, job.titles,
+                                scales=job.scales, region=view.region, displays=job.displays)
+    assert len(overlays) == 2 and np.array_equal(panel, np.concatenate(overlays))  # gradcam, then saliency
+    assert np.array_equal(panel, grid)
+    both = medlens.explain(model, x, methods=["gradcam"], targets=[0, 1])  # targets side by side: drawn as a grid
     write_explanation(both, tmp_path / "both", formats=["png"])
-    n_targets = both.targets.shape[1]
     with Image.open(tmp_path / "both" / "panel.png") as back:
-        assert n_targets > 1 and back.width > overlays[0].shape[1]
-    assert len(deflated) == 2 + n_targets + 1  # this result's overlays, and its panel as a whole
+        assert back.width > overlays[0].shape[1]
+    assert len(deflated) == 2 + 2 + 1  # this result's two overlays, and its panel as a whole

@@ -12,7 +12,7 @@ import numpy as np
 
 from medlens.errors import OutputError
 from medlens.io.files import atomic_write, safe_name
-from medlens.io.png_encode import deflate_rows, encode_stacked, png_from_parts
+from medlens.io.png_encode import deflate_rows, encode_png, png_from_parts
 from medlens.io.render import color_scale, overlay_cell, overlay_picture, panel_picture, shown
 from medlens.io.scan_view import ScanView, scan_view
 
@@ -125,10 +125,19 @@ def write_png(job: ImageResult, folder: Path) -> list[Path]:
             pictures.append((picture, deflate_rows(picture)))
             written.append(atomic_write(folder / overlay_name(m, part), png_from_parts([pictures[-1][1]])))
     if job.raw:
-        panel = panel_picture(view.display, drawn, job.titles, scales=job.scales, region=view.region,
-                              displays=job.displays, drawn=cells)
-        written.append(atomic_write(folder / "panel.png", encode_stacked(panel, pictures)))
+        written.append(atomic_write(folder / "panel.png", _panel_png(job, view, drawn, cells, pictures)))
     return written
+
+
+def _panel_png(job: ImageResult, view: ScanView, drawn: dict[str, np.ndarray], cells: dict[str, list[np.ndarray]],
+               pictures: list) -> bytes:
+    """`panel.png`: with one target per method on a plane, the methods' overlays one under the other (what
+    `panel_picture` draws then, `tests/test_png_parts.py`), written from their deflated rows; else drawn as a grid."""
+    if len(job.file_parts) == 1 and all(maps.ndim == 3 for maps in drawn.values()) and \
+            len({picture.shape[1:] for picture, _ in pictures}) == 1:
+        return png_from_parts([part for _, part in pictures])
+    return encode_png(panel_picture(view.display, drawn, job.titles, scales=job.scales, region=view.region,
+                                    displays=job.displays, drawn=cells))
 
 
 def write_npz(job: ImageResult, folder: Path) -> list[Path]:

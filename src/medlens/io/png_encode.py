@@ -5,8 +5,8 @@ Why not Pillow's encoder: it tries each PNG filter on every row and keeps the be
 compression itself; on a 512 x 512 RGB overlay Pillow at level 1 took 16.3 ms, this 7.8 ms with zlib and 2.0 ms with
 ISA-L, files within 1.4 % of Pillow's size (`benchmarks/bench_png.py`); both deflates run without the GIL (the
 batch writer thread's other work still takes it: docs/batch.md). A picture is deflated as a `DeflatedRows` part,
-ended on a byte boundary, so a picture made of others stacked (a panel of one-target overlays) is written from
-their parts without deflating its rows again (`png_from_parts`). The files are plain PNG (IHDR, one IDAT, IEND; no
+ended on a byte boundary, so a picture made of others one under the other (the panel of one-target overlays) is
+written from their parts without deflating its rows again (`png_from_parts`). The files are plain PNG (IHDR, one IDAT, IEND; no
 metadata): `tests/test_writer_speed.py` reads them back with Pillow pixel for pixel.
 """
 from __future__ import annotations
@@ -107,32 +107,6 @@ def encode_png(pixels: Any, level: int = 1) -> bytes:
         OutputError: for an image that is not 8-bit gray, RGB or RGBA, or empty.
     """
     return png_from_parts([deflate_rows(pixels, level)])
-
-
-def encode_stacked(picture: np.ndarray, pieces: Sequence[tuple[np.ndarray, DeflatedRows]], level: int = 1) -> bytes:
-    """PNG bytes of `picture` (uint8, as `encode_png` takes it); when it is exactly the `pieces`' pictures one under
-    the other (each with its `deflate_rows` part), it is written from their parts: its rows are not deflated again.
-
-    Raises:
-        OutputError: for an image that is not 8-bit gray, RGB or RGBA, or empty.
-    """
-    if pieces and _is_stack(np.asarray(picture), [p for p, _ in pieces]):
-        return png_from_parts([part for _, part in pieces])
-    return encode_png(picture, level)
-
-
-def _is_stack(picture: np.ndarray, pieces: Sequence[np.ndarray]) -> bool:
-    """Whether `picture` is `pieces` one under the other, pixel for pixel (same width and channels)."""
-    if picture.ndim != 3 or any(p.shape[1:] != picture.shape[1:] or p.dtype != picture.dtype for p in pieces):
-        return False
-    if sum(p.shape[0] for p in pieces) != picture.shape[0]:
-        return False
-    top = 0
-    for piece in pieces:
-        if not np.array_equal(picture[top:top + piece.shape[0]], piece):
-            return False
-        top += piece.shape[0]
-    return True
 
 
 def _adler32_combine(first: int, second: int, second_length: int) -> int:

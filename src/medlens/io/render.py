@@ -333,7 +333,9 @@ def panel_picture(image: np.ndarray, maps: Mapping[str, np.ndarray], titles: Seq
                   scales: Optional[Mapping[str, tuple[str, float, float]]] = None, region: Optional[np.ndarray] = None,
                   displays: Optional[Mapping[str, str]] = None,
                   drawn: Optional[Mapping[str, Sequence[np.ndarray]]] = None) -> np.ndarray:
-    """What `render_panel` encodes: the panel's uint8 RGB picture (same arguments)."""
+    """What `render_panel` encodes: the panel's uint8 RGB picture (same arguments). With one target per method on a
+    plane it is the methods' overlays (`overlay_picture`) one under the other, which `medlens.io.formats` writes
+    from the overlays' own PNG rows."""
     rows = []
     for name, raw in maps.items():
         display = (displays or {}).get(name, "signed")
