@@ -1,13 +1,15 @@
 """PNG encoding for medlens's pictures: 8-bit gray, RGB or RGBA arrays to PNG bytes, every row "Up"-filtered (the
-first "None") and deflated at level 1 (with Intel's ISA-L deflate, the `isal` package, where it is installed; else zlib).
+first "None") and deflated at level 1 (with Intel's ISA-L deflate, the `isal` package, where it is installed; else
+zlib).
 
 Why not Pillow's encoder: it tries each PNG filter on every row and keeps the best, which costs more than the
 compression itself; on a 512 x 512 RGB overlay Pillow at level 1 took 16.3 ms, this 7.8 ms with zlib and 2.0 ms with
 ISA-L, files within 1.4 % of Pillow's size (`benchmarks/bench_png.py`); both deflates run without the GIL (the
 batch writer thread's other work still takes it: docs/batch.md). A picture is deflated as a `DeflatedRows` part,
 ended on a byte boundary, so a picture made of others one under the other (the panel of one-target overlays) is
-written from their parts without deflating its rows again (`png_from_parts`). The files are plain PNG (IHDR, one IDAT, IEND; no
-metadata): `tests/test_writer_speed.py` reads them back with Pillow pixel for pixel.
+written from their parts without deflating its rows again (`png_from_parts`). The files are plain PNG (IHDR, one
+IDAT, IEND; no metadata): `tests/test_writer_speed.py` and `tests/test_png_parts.py` read them back with Pillow
+pixel for pixel.
 """
 from __future__ import annotations
 
@@ -113,7 +115,8 @@ def _adler32_combine(first: int, second: int, second_length: int) -> int:
     """The Adler-32 of two byte strings one after the other, from each one's and the second's length (as zlib's
     `adler32_combine`: the sum of the second's bytes is offset by the first's sum once per byte of the second)."""
     low = (first & 0xFFFF) + (second & 0xFFFF) - 1
-    high = (first >> 16) + (second >> 16) + (second_length % _ADLER_BASE) * (first & 0xFFFF) - (second_length % _ADLER_BASE)
+    rest = second_length % _ADLER_BASE
+    high = (first >> 16) + (second >> 16) + rest * (first & 0xFFFF) - rest
     return (low % _ADLER_BASE) | ((high % _ADLER_BASE) << 16)
 
 
