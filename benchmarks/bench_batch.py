@@ -18,7 +18,8 @@ rate / runner rate - 1; as the wall-clock figures move with the load, the CPU ti
 the explaining thread alone; of this process only, so for 2 workers the driver's) is recorded too: runner CPU / pure
 CPU is the work the serial runner adds. Both run in this process with one torch thread, after the same warm-up; neither includes
 importing torch or loading the model; the runner's reader and writer threads may use a second core. The load
-average is recorded before every run.
+average is recorded before every run. Before every timed run the earlier runs' files are synced to disk, so no
+configuration pays for another's writeback.
 --legacy runs the earlier single-pass comparison (serial, processes, ray with --n0 for the marginal rate).
 Figures go to docs/batch.md.
 """
@@ -50,6 +51,13 @@ def pick_inputs(n: int) -> list[Path]:
     files = sorted(DATA.rglob("*.jpg"))
     step = max(1, len(files) // n)
     return files[::step][:n]
+
+
+def settle() -> None:
+    """Before each timed run: the files earlier runs left in the page cache written out (`os.sync`), so that the
+    kernel's writeback of one configuration's files (on this VM's ext4, 3.75 s of kworker CPU during one 240-input
+    processes run with pictures: about 15 ms per input) does not run on the cores while the next one is timed."""
+    os.sync()
 
 
 def timed_run(inputs: list[Path], out: Path, model, executor: str, formats: str, methods: str,
@@ -101,6 +109,7 @@ def sweep(args: argparse.Namespace, inputs: list[Path], model) -> dict:
         for r in range(args.rounds):
             for kind, b, workers in configs:
                 key = f"{kind} b={b} w={workers}"
+                settle()
                 if kind == "pure":
                     load = os.getloadavg()[0]
                     rate, cpu = pure_rate(plan, tensors, b)
@@ -204,6 +213,7 @@ def whole_commands(args: argparse.Namespace, inputs: list[Path]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-cli-") as tmp:
         for r in range(args.rounds):
             for name in names:
+                settle()
                 extra = () if name == "serial" else ("--executor", name, "--workers", "2")
                 runs.setdefault(name, []).append(cli_run(inputs, Path(tmp) / f"{name}-{r}", args, *extra))
                 print(json.dumps({"round": r, "cli": name, **runs[name][-1]}), flush=True)
