@@ -55,6 +55,13 @@ def deflate_rows(pixels: Any, level: int = 1) -> DeflatedRows:
     The first row is filtered "None" (its bytes as they are, what "Up" gives over the zero row above a picture's
     first), so a part is the same wherever it stands in a stack.
 
+    Args:
+        pixels: the image: uint8 (H, W), (H, W, 3) or (H, W, 4), or a PIL image in mode L, RGB or RGBA.
+        level: the deflate level (see `encode_png`).
+
+    Returns:
+        The part: its size and kind, the deflated rows, their Adler-32 and their length before deflating.
+
     Raises:
         OutputError: for an image that is not 8-bit gray, RGB or RGBA, or empty.
     """
@@ -78,6 +85,12 @@ def deflate_rows(pixels: Any, level: int = 1) -> DeflatedRows:
 def png_from_parts(parts: Sequence[DeflatedRows]) -> bytes:
     """PNG bytes of the pictures of `parts` one under the other (all of one width and kind), their deflated rows
     joined in one stream without deflating them again.
+
+    Args:
+        parts: `deflate_rows` parts, top first.
+
+    Returns:
+        The PNG file's bytes (one IDAT; its zlib checksum over all the parts' rows).
 
     Raises:
         OutputError: for no parts, or parts of different widths or kinds.
