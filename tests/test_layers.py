@@ -4,6 +4,8 @@ Also the role predicates (matched by isinstance, so subclasses of torch layers c
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -34,6 +36,21 @@ def test_automatic_layer_is_the_last_feature_map_before_global_pooling(arch, exp
     # It is spatial (more than one position) and the global pooling right after it is not chosen.
     out = layer_output(model, layer.module, x)
     assert out.dim() == 4 and out.shape[2] * out.shape[3] > 1
+
+
+def test_the_remembered_automatic_layer_follows_a_replaced_or_removed_module():
+    model = torchvision_model("resnet18", num_classes=3)
+    x = torch.randn(1, 3, 64, 64)
+    assert resolve_target_layer(model, x).module is model.layer4
+    model.layer4 = nn.Sequential(nn.Conv2d(256, 8, 3, padding=1), nn.ReLU())  # same name, a new module
+    model.fc = nn.Linear(8, 3)
+    layer = resolve_target_layer(model, x)
+    assert layer.module is model.layer4 and layer.name == "layer4"
+    convs = nn.Sequential(OrderedDict(
+        a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(4, 4, 3), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, 3)))
+    assert resolve_target_layer(convs, x).name == "b"
+    del convs.b  # the remembered name is gone: the layer is found again
+    assert resolve_target_layer(convs, x).name == "a"
 
 
 def test_a_model_without_a_spatial_layer_gets_a_clear_error():

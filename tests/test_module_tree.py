@@ -37,3 +37,38 @@ def test_the_digest_changes_when_a_parameter_changes_in_place_or_is_replaced():
     assert model_digest(model) == first  # the same values again: the same digest, recomputed
     model.register_buffer("extra", torch.zeros(2))
     assert model_digest(model) != first
+
+
+def test_an_explanation_call_walks_the_model_once_and_its_digest_equals_a_fresh_one(monkeypatch):
+    """The borrow's walk serves the layer pass and the digest's cache key: one walk per call, the same results."""
+    import medlens
+    from medlens.core import context, digests, model_state
+
+    model = make_tiny2d(0)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = medlens.explain(model, x, ["gradcam", "eigengradcam"], targets=[0, 1])
+    walks = []
+    real = model_state.module_tree
+
+    def counted(m):
+        walks.append(m)
+        return real(m)
+
+    monkeypatch.setattr(model_state, "module_tree", counted)
+    monkeypatch.setattr(digests, "module_tree", counted)
+    monkeypatch.setattr(context, "module_tree", counted)
+    again = medlens.explain(model, x, ["gradcam", "eigengradcam"], targets=[0, 1])
+    assert [m for m in walks if m is model] == [model]
+    for method in ("gradcam", "eigengradcam"):
+        assert torch.equal(again[method], expected[method])
+    digests._DIGESTS.clear()
+    assert again.provenance["model"]["sha256"] == model_digest(model)
+
+
+def test_the_hooks_of_a_borrow_walk_any_other_model_afresh():
+    from medlens.core.model_state import borrowed_model
+
+    model, other = make_tiny2d(0), make_tiny2d(1)
+    with borrowed_model(model) as hooks:
+        assert hooks.modules_of(model) == list(model.modules())
+        assert [id(m) for m in hooks.modules_of(other)] == [id(m) for m in other.modules()]

@@ -155,7 +155,7 @@ def test_explain_maps_do_not_depend_on_the_unrecorded_region(monkeypatch):
     for layer in ("a", "twice"):
         fast = medlens.explain(model, x, methods, targets=[0, 2], layer=layer)
         recorded = context._layer_pass
-        monkeypatch.setattr(context, "_layer_pass", lambda m, x_, l, g, unrecorded_below: recorded(m, x_, l, g, False))
+        monkeypatch.setattr(context, "_layer_pass", lambda m, x_, l, g, unrecorded_below, **kw: recorded(m, x_, l, g, False, **kw))
         slow = medlens.explain(model, x, methods, targets=[0, 2], layer=layer)
         monkeypatch.undo()
         for method in methods:

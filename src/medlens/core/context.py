@@ -150,7 +150,9 @@ class ExplainContext:
     def layer_pass(self) -> LayerPass:
         """The cached forward pass with the target layer captured (with a graph above it if any method needs one)."""
         if self._layer_pass is None:
-            self._layer_pass = run_layer_pass(self.model, self.x, self.layer.module, self.hooks, self._need_layer_graph)
+            layer = self.layer
+            self._layer_pass = run_layer_pass(self.model, self.x, layer.module, self.hooks, self._need_layer_graph,
+                                              layer_name=layer.name)
             if self._layer_pass.inplace_relu:
                 self.notes.append(
                     f"an in-place ReLU follows the target layer {self.layer.name} (as DenseNet's functional ReLU); "
@@ -218,7 +220,8 @@ class _RecordBelow(Exception):
 
 
 def run_layer_pass(
-    model: nn.Module, x: torch.Tensor, layer: nn.Module, hooks: HookSet, with_graph: bool
+    model: nn.Module, x: torch.Tensor, layer: nn.Module, hooks: Optional[HookSet], with_graph: bool,
+    layer_name: Optional[str] = None,
 ) -> LayerPass:
     """The forward pass with `layer`'s output captured; with `with_graph`, its output is a leaf of the graph above it.
 
@@ -227,16 +230,22 @@ def run_layer_pass(
     layer's hook switches back to the call's mode for the layers above it. Tensors made below the layer are then
     inference tensors; where the model uses one in a way autograd refuses above the layer (saved for the backward
     of a product with the layer's output, changed in place) or its own grad-mode blocks span the layer, the pass
-    runs again in the call's mode throughout: the same values, at the cost of one more forward.
+    runs again in the call's mode throughout: the same values, at the cost of one more forward. The layer's dotted
+    name (`layer_name`, found when not given) and the borrow's walk of the modules (`hooks`) are reused.
     """
+    if layer_name is None:
+        layer_name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__) or "<model>"
+    modules = hooks.modules_of(model) if hooks is not None else module_tree(model)[0]
     try:
-        return _layer_pass(model, x, layer, with_graph, unrecorded_below=True)
+        return _layer_pass(model, x, layer, with_graph, unrecorded_below=True, layer_name=layer_name, modules=modules)
     except _RecordBelow:
-        return _layer_pass(model, x, layer, with_graph, unrecorded_below=False)
+        return _layer_pass(model, x, layer, with_graph, unrecorded_below=False, layer_name=layer_name, modules=modules)
 
 
-def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph: bool, unrecorded_below: bool) -> LayerPass:
-    layer_name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__) or "<model>"
+def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph: bool, unrecorded_below: bool,
+                layer_name: Optional[str] = None, modules: Optional[list[nn.Module]] = None) -> LayerPass:
+    if layer_name is None:
+        layer_name = next((n for n, m in model.named_modules() if m is layer), type(layer).__name__) or "<model>"
     captured: dict[str, Any] = {}
     linear_inputs: list[tuple[nn.Module, torch.Tensor]] = []
     below = _UnrecordedBelow()
@@ -270,7 +279,7 @@ def _layer_pass(model: nn.Module, x: torch.Tensor, layer: nn.Module, with_graph:
     local = HookSet()
     try:
         local.forward(layer, capture)
-        for m in module_tree(model)[0]:
+        for m in modules if modules is not None else module_tree(model)[0]:
             if is_linear(m):
                 local.forward_pre(m, capture_linear)
         # no_grad rather than inference mode above the layer without a graph: the copy handed on must keep a

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,12 +13,21 @@ from medlens.core.model_state import module_tree
 _DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, str]]" = weakref.WeakKeyDictionary()
 
 
-def model_digest(model: nn.Module) -> str:
+def model_digest(model: nn.Module, modules: Optional[Sequence[nn.Module]] = None) -> str:
     """sha256 of the model's parameters and buffers (its state dict), cached until one of them changes.
 
     The cache key is every parameter's and buffer's storage, version and shape, read straight from the modules (the
-    state dict's names are only built when the digest is computed again): about 2 ms less a call on DenseNet121."""
-    modules, _ = module_tree(model)
+    state dict's names are only built when the digest is computed again): about 2 ms less a call on DenseNet121.
+
+    Args:
+        model: the model.
+        modules: its modules, when the caller has walked them already (an explanation call's borrow has).
+
+    Returns:
+        The hex digest.
+    """
+    if modules is None:
+        modules, _ = module_tree(model)
     key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for m in modules
                 for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
     cached = _DIGESTS.get(model)

@@ -342,7 +342,7 @@ def _provenance(call: _Call, done: _Done, timings: dict[str, float]) -> dict[str
         "layer": done.layer_info,
         "output": done.output_record,
         "seed": call.seed,
-        "model": {"class": type(inner).__name__, "sha256": model_digest(inner), "mode_during_call": "eval"},
+        "model": {"class": type(inner).__name__, "sha256": model_digest(inner, done.ctx.hooks.modules_of(inner)), "mode_during_call": "eval"},
         "input": {"shape": list(call.x.shape), "dtype": str(call.x.dtype), "sha256": call.input_digest},
         "notes": list(done.ctx.notes),
         **({"sliding_window": call.window.record()} if call.window is not None else {}),

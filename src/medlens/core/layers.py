@@ -123,12 +123,22 @@ def resolve_target_layer(model: nn.Module, x: torch.Tensor, layer: LayerSpec = N
 
     key = (x.dim(), tuple(x.shape[2:]))
     cached = _AUTO_CACHE.get(model, {}).get(key)
-    modules = dict(model.named_modules())
-    if cached is not None and cached[0] in modules:
-        return TargetLayer(modules[cached[0]], cached[0], True, cached[1])
+    if cached is not None:
+        found = _submodule(model, cached[0])  # the dotted path walked, not every module named
+        if found is not None:
+            return TargetLayer(found, cached[0], True, cached[1])
     name, reason = _find_auto_layer(model, x)
     _AUTO_CACHE.setdefault(model, {})[key] = (name, reason)
-    return TargetLayer(modules[name], name, True, reason)
+    return TargetLayer(model.get_submodule(name), name, True, reason)
+
+
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The module at a dotted name, or None when the model no longer has one there."""
+    try:
+        found = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return found if isinstance(found, nn.Module) else None
 
 
 def _is_attention(m: nn.Module) -> bool:

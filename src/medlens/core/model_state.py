@@ -4,7 +4,7 @@
 handle, and on exit (also on error) removes them and restores modes, `requires_grad` flags and `.grad`.
 Borrowing is serialised per model: calls on one model wait for each other, calls on two models run at once.
 `override_forward()` gives modules a temporary instance `forward` for one block (LRP, integrated gradients).
-`module_tree()` lists a model's modules and parameters in one walk (the borrow and the digest's cache key use it).
+`module_tree()` lists a model's modules and parameters in one walk, which the borrow's hooks keep for the call.
 """
 from __future__ import annotations
 
@@ -17,10 +17,18 @@ from torch import nn
 
 
 class HookSet:
-    """The hook handles of one call; `remove()` detaches them all."""
+    """The hook handles of one call; `remove()` detaches them all. A borrow's set also knows the borrowed model's
+    modules as walked when it was borrowed (`modules_of`), so the call's later steps need not walk them again."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: Any = None, modules: Any = None) -> None:
         self._handles: list[Any] = []
+        self._model, self._modules = model, modules
+
+    def modules_of(self, model: nn.Module) -> list[nn.Module]:
+        """`model`'s modules, itself first: the borrow's walk for the borrowed model, a new walk for any other."""
+        if model is self._model and self._modules is not None:
+            return self._modules
+        return module_tree(model)[0]
 
     def forward(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         self._handles.append(module.register_forward_hook(hook))
@@ -158,7 +166,7 @@ def _borrowed(model: nn.Module, eval_mode: bool, modules: list[nn.Module], param
     modes = [(m, m.training) for m in modules]
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    hooks = HookSet()
+    hooks = HookSet(model, modules)
     # Only what differs is written (Module.__setattr__ is slow: on DenseNet121 writing every flag twice cost
     # about 2 ms a call); a model already in eval mode is not asked again.
     try:

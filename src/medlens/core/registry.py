@@ -150,12 +150,12 @@ def all_specs() -> Mapping[str, MethodSpec]:
 
 
 def get_spec(name: str) -> MethodSpec:
-    specs = all_specs()
+    _load_families()
     key = name.strip().lower()
-    if key not in specs:
-        known = ", ".join(sorted(specs))
+    if key not in _REGISTRY:  # looked up directly: all_specs() sorts every method, which each call need not pay for
+        known = ", ".join(sorted(all_specs()))
         raise MethodError(f"unknown method {name!r}. Known methods: {known}. See `medlens methods`.")
-    return specs[key]
+    return _REGISTRY[key]
 
 
 def methods() -> list[str]:
