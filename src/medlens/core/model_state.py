@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from torch import nn
 
@@ -20,7 +20,7 @@ class HookSet:
     """The hook handles of one call; `remove()` detaches them all. A borrow's set also knows the borrowed model's
     modules as walked when it was borrowed (`modules_of`), so the call's later steps need not walk them again."""
 
-    def __init__(self, model: Any = None, modules: Any = None) -> None:
+    def __init__(self, model: Optional[nn.Module] = None, modules: Optional[list[nn.Module]] = None) -> None:
         self._handles: list[Any] = []
         self._model, self._modules = model, modules
 
