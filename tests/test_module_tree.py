@@ -72,3 +72,27 @@ def test_the_hooks_of_a_borrow_walk_any_other_model_afresh():
     with borrowed_model(model) as hooks:
         assert hooks.modules_of(model) == list(model.modules())
         assert [id(m) for m in hooks.modules_of(other)] == [id(m) for m in other.modules()]
+
+
+def test_the_digest_sees_an_optimizer_step_a_loaded_state_and_an_init():
+    """What changes weights through torch bumps their version counters, so the cached digest is computed again and
+    equals a fresh one (writes through `.data` are not seen: docs/api.md says so)."""
+    from medlens.core import digests
+
+    def fresh(m):
+        digests._DIGESTS.pop(m, None)
+        return model_digest(m)
+
+    model = make_tiny2d(0)
+    before = model_digest(model)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 1, 16, 16)).sum().backward()
+    optimizer.step()
+    stepped = model_digest(model)
+    assert stepped != before and stepped == fresh(model)
+    model.load_state_dict(saved)
+    assert model_digest(model) == before
+    nn.init.zeros_(next(m for m in model.modules() if isinstance(m, nn.Linear)).weight)
+    initialised = model_digest(model)
+    assert initialised not in (before, stepped) and initialised == fresh(model)
