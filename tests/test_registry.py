@@ -114,16 +114,25 @@ def test_several_methods_in_one_call_equal_separate_calls():
         assert torch.allclose(together[n], alone, atol=1e-6), n
 
 
+@pytest.fixture(scope="module")
+def scripted_tiny2d() -> bytes:
+    """The `tiny2d` model (the same seed) scripted and saved once for the module: each test loads its own copy.
+    (Scripting it anew for every method compiled torch's Conv2d some forty times, and once in many runs the
+    deprecated TorchScript compiler failed inside torch's own conv.py with "builtin cannot be used as a value".)"""
+    import io
+
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(make_tiny2d(0)), buffer)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("name", medlens.methods())
-def test_torchscript_model_gives_the_eager_result_or_a_clear_refusal(tiny2d, name):
+def test_torchscript_model_gives_the_eager_result_or_a_clear_refusal(tiny2d, scripted_tiny2d, name):
     """A method that only calls the model must give the same maps on the TorchScript version of it; one that
     hooks a layer or patches functions must refuse up front with a MethodError (never a silent plain gradient)."""
     import io
 
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(tiny2d), buffer)
-    buffer.seek(0)
-    scripted = torch.jit.load(buffer)
+    scripted = torch.jit.load(io.BytesIO(scripted_tiny2d))
     x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(3))
     if medlens.method_info(name)["supports_torchscript"]:
         eager = medlens.explain(tiny2d, x, name, targets=[1], seed=5, **_options(name))[name]
