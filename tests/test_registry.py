@@ -122,7 +122,13 @@ def scripted_tiny2d() -> bytes:
     import io
 
     buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(make_tiny2d(0)), buffer)
+    try:
+        scripted = torch.jit.script(make_tiny2d(0))
+    except RuntimeError as error:  # that compiler failure, once more only: what is tested here is medlens
+        if "builtin cannot be used as a value" not in str(error):
+            raise
+        scripted = torch.jit.script(make_tiny2d(0))
+    torch.jit.save(scripted, buffer)
     return buffer.getvalue()
 
 
