@@ -117,7 +117,7 @@ def test_several_methods_in_one_call_equal_separate_calls():
 @pytest.fixture(scope="module")
 def scripted_tiny2d() -> bytes:
     """The `tiny2d` model (the same seed) scripted and saved once for the module: each test loads its own copy.
-    (Scripting it anew for every method compiled torch's Conv2d some forty times, and once in many runs the
+    (Scripting it anew for every method ran the compiler 23 times, and once in many runs the
     deprecated TorchScript compiler failed inside torch's own conv.py with "builtin cannot be used as a value".)"""
     import io
 
