@@ -1,9 +1,11 @@
 """Finding a batch's inputs: files and folders searched recursively (a folder holding one DICOM series is one
-input), `--include`/`--exclude` patterns and `--limit`, each with a stable id (relative path + content digest).
+input), `--include`/`--exclude` patterns and `--limit`, each with a stable id (relative path + content digest) and a
+results folder of its own under OUT.
 """
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,11 +57,19 @@ def _is_scan_file(path: Path) -> bool:
 
 def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ()) -> list[Path]:
     """Scan files and series folders under `folder`, sorted, hidden entries and `leave_out` (the batch's own output
-    folder, when it sits among the inputs) left out."""
+    folder, when it sits among the inputs) left out. Linked folders are followed, each real folder searched once (a
+    link back up the tree is not a loop)."""
     found: list[Path] = []
     left_out = {p.resolve() for p in leave_out}
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(root) / d).resolve() not in left_out)
+    visited = {folder.resolve()}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            real = (Path(root) / d).resolve()
+            if not d.startswith(".") and real not in left_out and real not in visited:
+                visited.add(real)
+                kept.append(d)
+        dirs[:] = kept
         here = Path(root)
         scans = []
         for name in sorted(files):
@@ -87,8 +97,25 @@ def _base_of(paths: Sequence[Path]) -> Path:
 def result_folder(relative: str) -> str:
     """The results folder of an input, relative to OUT: `maps/<relative path, dots of the name as _>`."""
     parts = Path(relative).parts
-    name = parts[-1] if parts else "input"
+    if not parts or Path(relative).is_absolute() or ".." in parts:  # discover() makes paths below the base
+        raise InputError(f"{relative}: an input's path must lie below the folder the inputs are searched from.")
+    name = parts[-1]
     return str(Path("maps", *parts[:-1], name.replace(".", "_") or "input").as_posix())
+
+
+def _unique_folders(items: list[WorkItem]) -> list[WorkItem]:
+    """Inputs whose results folders would be one (`a.1.png` and `a_1.png`, or names that differ only in case, one
+    folder on a case-insensitive file system) each get the folder with a suffix from their own relative path."""
+    groups: dict[str, int] = {}
+    for item in items:
+        groups[item.folder.casefold()] = groups.get(item.folder.casefold(), 0) + 1
+    out = []
+    for item in items:
+        if groups[item.folder.casefold()] > 1:
+            tag = hashlib.sha256(item.relative.encode()).hexdigest()[:8]
+            item = WorkItem(item.id, item.path, item.relative, item.digest, f"{item.folder}-{tag}", item.kind)
+        out.append(item)
+    return out
 
 
 def _matches(relative: str, patterns: Sequence[str]) -> bool:
@@ -102,7 +129,7 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
 
     Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`). Folders in
     `leave_out` (the run's --out) are not searched. A missing argument raises InputError before any work."""
-    paths = [Path(a).expanduser().absolute() for a in arguments]
+    paths = [Path(os.path.abspath(Path(a).expanduser())) for a in arguments]  # "..": the base is then truly common
     for given, path in zip(arguments, paths):
         if not path.exists():
             raise InputError(f"{given}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
@@ -133,7 +160,7 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
         digest = _digest(path)
         items.append(WorkItem(f"{relative}@{digest[:DIGEST_CHARS]}", str(path), relative, digest,
                               result_folder(relative), "dicom-series" if path.is_dir() else "file"))
-    return Discovery(items, skipped, excluded, beyond)
+    return Discovery(_unique_folders(items), skipped, excluded, beyond)
 
 
 def _digest(path: Path) -> str:
