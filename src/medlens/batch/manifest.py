@@ -26,7 +26,7 @@ FSYNC_SECONDS = 1.0
 
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """The records of a manifest in order; a last line cut off by a kill (no newline, or not JSON) is left out."""
+    """The records of a manifest in order; a last line cut off by a kill (not a whole JSON record) is left out."""
     if not path.is_file():
         return []
     records: list[dict[str, Any]] = []
@@ -101,14 +101,24 @@ class ManifestWriter:
 
 
 def _cut_torn_tail(path: Path) -> None:
-    """Drop a last line without its newline (a record torn by a kill), so the next record starts on its own line."""
+    """End the manifest on a line break: a last line without one is a record torn by a kill and is dropped, unless
+    it is a whole record (`read_manifest` counts it), which gets its line break; the next record starts on its own
+    line either way."""
     if not path.is_file() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as fh:
         data = fh.read()
         if data.endswith(b"\n"):
             return
-        fh.truncate(data.rfind(b"\n") + 1)
+        start = data.rfind(b"\n") + 1
+        try:
+            whole = isinstance(json.loads(data[start:]), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            fh.write(b"\n")
+        else:
+            fh.truncate(start)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -121,6 +131,7 @@ class ResumePlan:
     done: list[WorkItem] = field(default_factory=list)  # already done with these settings
     failed_kept: list[WorkItem] = field(default_factory=list)  # failed before, not retried (no --retry-failed)
     retried: list[WorkItem] = field(default_factory=list)  # failed before, run again
+    changed: list[WorkItem] = field(default_factory=list)  # done before, but its results are no longer there: run again
 
 
 def latest_records(records: Iterable[dict[str, Any]], digest: str) -> dict[str, dict[str, Any]]:
@@ -133,20 +144,38 @@ def latest_records(records: Iterable[dict[str, Any]], digest: str) -> dict[str, 
 
 
 def plan_resume(items: Sequence[WorkItem], records: Sequence[dict[str, Any]], digest: str,
-                retry_failed: bool = False) -> ResumePlan:
+                retry_failed: bool = False, out: Optional[Path] = None) -> ResumePlan:
     """Skip inputs done under the same settings; inputs with no record (never run, or cut off) run; `failed` ones run
-    again only with `retry_failed`."""
+    again only with `retry_failed`. With `out`, a `done` record counts only while its results are still there: every
+    output it lists, and a provenance.json in the input's folder written for this input under these settings (a
+    later run of other settings with --force, or another input given the same folder, wrote over them: run again)."""
     latest = latest_records(records, digest)
     plan = ResumePlan([])
     for item in items:
         record: Optional[dict[str, Any]] = latest.get(item.id)
         status = record.get("status") if record else None
-        if status == DONE:
+        if status == DONE and (out is None or results_intact(out, item, record, digest)):
             plan.done.append(item)
         elif status == FAILED and not retry_failed:
             plan.failed_kept.append(item)
         else:
             if status == FAILED:
                 plan.retried.append(item)
+            elif status == DONE:
+                plan.changed.append(item)
             plan.todo.append(item)
     return plan
+
+
+def results_intact(out: Path, item: WorkItem, record: dict[str, Any], digest: str) -> bool:
+    """Whether OUT still holds what `record` says was written for `item`: each listed output, and the folder's
+    provenance.json naming this input (its id: path and content digest) and these settings."""
+    try:
+        provenance = json.loads((out / item.folder / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return False
+    batch = provenance.get("batch") if isinstance(provenance, dict) else None
+    if not isinstance(batch, dict) or batch.get("id") != item.id or batch.get("settings") != digest:
+        return False
+    outputs = record.get("outputs")
+    return isinstance(outputs, list) and all(isinstance(o, str) and (out / o).is_file() for o in outputs)

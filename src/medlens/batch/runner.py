@@ -68,7 +68,9 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     if batch_size < 1:
         raise InputError(f"--batch-size must be 1 or more, not {batch_size}.")
     plan = plan_for(model, request)
-    found = discover(inputs, include=include, exclude=exclude, limit=limit, leave_out=[Path(out)])
+    # the results never searched as inputs: the whole OUT where it sits among the inputs, its maps/ where OUT is
+    # itself the folder searched
+    found = discover(inputs, include=include, exclude=exclude, limit=limit, leave_out=[Path(out), Path(out) / "maps"])
     if not found.items:
         passed = ", ".join(f"{n} {suffix}" for suffix, n in sorted(found.skipped.items()))
         raise InputError(f"no inputs found in {', '.join(map(str, inputs))}"
@@ -80,7 +82,7 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     settings = run_settings(plan, model_source)
     claim_folder(out, settings, force)
     manifest_path = out / MANIFEST_FILE
-    resume = plan_resume(found.items, read_manifest(manifest_path), settings["digest"], retry_failed)
+    resume = plan_resume(found.items, read_manifest(manifest_path), settings["digest"], retry_failed, out=out)
     _say_what(log, found, resume)
     factory_threads = threads if threads is not None else default_threads(executor, workers, ray_address)
     recipe = WorkerRecipe(model_source, dict(model_options or {}), request, device, factory_threads,
@@ -108,6 +110,9 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
     write_summary(out, records)
     write_report(out, records, f"medlens batch: {out.name}", settings)
     failures = [(str(r.get("path")), str(r.get("error"))) for r in records if r.get("status") != DONE]
+    recorded = {r.get("id") for r in records}
+    failures += [(item.relative, f"{item.relative}: no result was recorded; run the same command again")
+                 for item in found.items if item.id not in recorded]
     return BatchSummary(out, len(found.items), len(resume.todo), len(resume.done), failures,
                         time.perf_counter() - t0, found)
 
@@ -150,6 +155,8 @@ def _say_what(log: Callable[[str], None], found: Discovery, resume: Any) -> None
         parts.append(f"{len(resume.failed_kept)} failed before (not retried; --retry-failed to run them again)")
     if resume.retried:
         parts.append(f"{len(resume.retried)} failed before, retried")
+    if resume.changed:
+        parts.append(f"{len(resume.changed)} done before but their results were written over or removed, run again")
     parts.append(f"{len(resume.todo)} to run")
     if found.excluded:
         parts.append(f"{found.excluded} left out by --include/--exclude")
