@@ -8,9 +8,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -45,7 +46,8 @@ def write_explanation(
 
     The set is written as one: every file is first written to a staging folder, then the files are moved in
     (those they replace set aside until all are in, and put back on an error), so on an error the folder keeps
-    what it had. Files of an earlier run in the folder that this run does not write are removed. `display` is
+    what it had; a process killed while moving leaves the folder without provenance.json (incomplete), and the next
+    write there removes what it left. Files of an earlier run in the folder that this run does not write are removed. `display` is
     the grayscale image in [0, 1] at the maps' size; `region` a boolean mask of that size, outlined on overlays;
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
     signed instead of as its method is defined (Grad-CAM's positive part). Pictures are drawn on the scan's own plane
@@ -59,7 +61,8 @@ def write_explanation(
     names = check_formats(formats)
     created = not Path(out_dir).exists()
     folder = ensure_writable(out_dir)
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".medlens-staging-"))
+    left_behind = remove_dead_staging(folder) if not created else set()
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=staging_prefix()))
     try:
         job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed,
                                 scan_region=scan_region)
@@ -71,7 +74,7 @@ def write_explanation(
                 staged += _write_format(name, job, staging)
             staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance,
                                             input_sha256))
-        written = _move_in(staging, staged, folder)
+        written = _move_in(staging, staged, folder, left_behind)
         if notes_out is not None:
             notes_out.extend(_skip_notes(job.provenance))
         return written
@@ -136,12 +139,20 @@ def input_digest(path: Path) -> Optional[str]:
     return file_sha256(path) if path.is_file() else None
 
 
-def _move_in(staging: Path, staged: Sequence[Path], folder: Path) -> list[Path]:
-    earlier = _files_of_earlier_run(folder)
+def _move_in(staging: Path, staged: Sequence[Path], folder: Path, left_behind: Collection[str] = ()) -> list[Path]:
+    """Move the staged files in, provenance.json last. The earlier provenance.json is set aside first: a process
+    killed between two moves leaves a folder without one, which says that its set is incomplete (the batch runner
+    then explains that input again, and the next write here removes what the dead process left: `left_behind`, the
+    files its staging folder's two provenance records list)."""
+    earlier = _files_of_earlier_run(folder) | set(left_behind)
     previous = staging / ".previous"  # files this run replaces wait here until every new file is in place
     written: list[Path] = []
     set_aside: list[Path] = []
     try:
+        if (folder / "provenance.json").exists():
+            previous.mkdir()
+            os.replace(folder / "provenance.json", previous / "provenance.json")
+            set_aside.append(folder / "provenance.json")
         for path in staged:
             target = folder / path.name
             if target.exists():
@@ -172,6 +183,50 @@ def _move_in(staging: Path, staged: Sequence[Path], folder: Path) -> list[Path]:
         if name.casefold() not in kept and stale.is_file() and stale.parent == folder:
             stale.unlink()
     return written
+
+
+STAGING = ".medlens-staging-"  # + "<pid>@<host>-<random>": a folder's files being written, before they are moved in
+
+
+def staging_prefix() -> str:
+    """The name a staging folder starts with: this process's id and machine, so a later write can tell a folder left
+    by a killed process from one still being written."""
+    host = "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname())
+    return f"{STAGING}{os.getpid()}@{host}-"
+
+
+def remove_dead_staging(folder: Path) -> set[str]:
+    """Remove the staging folders in `folder` that processes of this machine which no longer run left behind (killed
+    while writing); those of running processes, of other machines and of older versions' names are left alone.
+
+    Returns:
+        The files that the dead writes' sets list (the set they were writing, in its staged provenance.json, and the
+        earlier set they replaced, in the provenance.json they had set aside): the next write removes those it does
+        not write itself, as it does an earlier run's.
+    """
+    host = staging_prefix()[:-1].split("@", 1)[1]  # sanitised: no "-", nor in mkdtemp's random part
+    try:
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(STAGING) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return set()
+    listed: set[str] = set()
+    for name in entries:
+        pid, _, rest = name[len(STAGING):].partition("@")
+        if not pid.isdigit() or rest.rpartition("-")[0] != host or _running(int(pid)):
+            continue
+        listed |= _files_of_earlier_run(folder / name) | _files_of_earlier_run(folder / name / ".previous")
+        shutil.rmtree(folder / name, ignore_errors=True)
+    return listed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
 
 
 def _remove_staging(staging: Path) -> None:
