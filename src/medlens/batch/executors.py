@@ -61,7 +61,16 @@ class SerialExecutor:
 
 
 def _worker_main(factory: TaskFactory, conn: Connection) -> None:
-    """A worker process: build the task once, then answer (index, item) messages until told to stop (None)."""
+    """A worker process: build the task once, then answer (index, item) messages until told to stop (None). Ctrl-C
+    reaches every process of the terminal's group: a worker then just ends (the files it was writing are removed on
+    the way out), and the driver says that the run stopped."""
+    try:
+        _serve(factory, conn)
+    except KeyboardInterrupt:
+        return
+
+
+def _serve(factory: TaskFactory, conn: Connection) -> None:
     keep_freed_memory()  # a long run: freed memory reused, not faulted in again (medlens.core.allocator)
     try:
         task = factory()
