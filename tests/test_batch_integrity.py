@@ -1,0 +1,203 @@
+"""`medlens batch` keeps each input's results its own: nothing written outside OUT for `..` in the arguments, one
+folder per input even when names collide, a resume that re-checks what a `done` record points at, OUT never read
+back as inputs, linked folders followed once, a kill between two moves marked and cleaned up, a whole last manifest
+record kept, and a worker that ends quietly on Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batch_helpers import SRC, manifest, phantom_folder, run_cli
+from medlens.batch.executors import _worker_main
+from medlens.batch.inputs import discover
+from medlens.batch.manifest import read_manifest
+from medlens.io.output import STAGING
+
+ARGS = ("--model", "phantom-lesion", "--methods", "gradcam", "--formats", "png,npz", "--threads", "1", "-q")
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four phantom slices: 0 and 1 differ in content (and, for this model, in their predicted class)."""
+    folder = phantom_folder(tmp_path_factory.mktemp("slices"), 4)
+    return sorted(folder.rglob("case*.png"))
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _provenance(out: Path, record: dict) -> dict:
+    folder = Path(next(o for o in record["outputs"] if o.endswith("provenance.json"))).parent
+    return json.loads((out / folder / "provenance.json").read_text())
+
+
+def test_inputs_given_with_dot_dot_write_nothing_outside_out(slices: list[Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "work" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "work" / "data").mkdir()
+    shutil.copy(slices[0], tmp_path / "work" / "data" / "x.png")
+    shutil.copy(slices[1], tmp_path / "work" / "a" / "b" / "y.png")
+    monkeypatch.chdir(tmp_path / "work" / "a" / "b")
+    before = _files_under(tmp_path)
+    assert run_cli("batch", "../../data/x.png", "y.png", "--out", "res", *ARGS) == 0
+    out = tmp_path / "work" / "a" / "b" / "res"
+    new = _files_under(tmp_path) - before
+    assert new and all(out in p.parents for p in new), sorted(map(str, new - _files_under(out)))
+    records = manifest(out)
+    assert sorted(r["path"] for r in records) == ["a/b/y.png", "data/x.png"]  # below their true common folder
+    assert all(".." not in o for r in records for o in r["outputs"])
+
+
+def test_inputs_whose_folder_names_collide_each_get_their_own(slices: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slices[0], folder / "a.1.png")
+    shutil.copy(slices[1], folder / "a_1.png")  # "a_1_png" for both, before
+    out = tmp_path / "out"
+    assert run_cli("batch", folder, "--out", out, *ARGS) == 0
+    records = manifest(out)
+    folders = {Path(r["outputs"][0]).parent for r in records}
+    assert len(records) == 2 and len(folders) == 2
+    for record in records:  # each folder's files are its own input's, all of them there
+        assert all((out / o).is_file() for o in record["outputs"])
+        assert _provenance(out, record)["batch"]["id"] == record["id"]
+    found = discover([folder])  # the same folders on every run: from each input's own relative path
+    assert {item.folder for item in found.items} == {f.as_posix() for f in folders}
+
+
+def test_a_resume_runs_again_an_input_whose_results_were_written_over(slices: list[Path], tmp_path: Path) -> None:
+    for name, source in (("A", slices[0]), ("B", slices[1])):
+        (tmp_path / name).mkdir()
+        shutil.copy(source, tmp_path / name / "x.png")  # one relative path, two contents: two ids, one folder
+    out = tmp_path / "out"
+    for name in ("A", "B"):
+        assert run_cli("batch", tmp_path / name, "--out", out, *ARGS) == 0
+    assert run_cli("batch", tmp_path / "A", "--out", out, *ARGS) == 0  # A's record says done; B wrote over it
+    records = manifest(out)
+    assert len(records) == 3, "A's input was skipped although its folder held B's results"
+    assert _provenance(out, records[-1])["batch"]["id"] == records[0]["id"]
+    assert all((out / o).is_file() for o in records[-1]["outputs"])
+    assert run_cli("batch", tmp_path / "A", "--out", out, *ARGS) == 0  # intact now: skipped
+    assert len(manifest(out)) == 3
+
+
+def test_the_output_folder_searched_itself_is_not_read_back(slices: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "same"
+    folder.mkdir()
+    for s in slices[:2]:
+        shutil.copy(s, folder / s.name)
+    for extra in (("--force",), ()):  # --force: the folder holds the scans (the second run finds its own run there)
+        assert run_cli("batch", folder, "--out", folder, *ARGS, *extra) == 0
+    records = manifest(folder)
+    assert sorted(r["path"] for r in records) == sorted(s.name for s in slices[:2])  # no overlay taken as a scan
+
+
+def test_linked_folders_are_searched_once_and_a_loop_ends(slices: list[Path], tmp_path: Path) -> None:
+    real = tmp_path / "real" / "p1"
+    real.mkdir(parents=True)
+    shutil.copy(slices[0], real / "s.png")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(slices[1], archive / "t.png")
+    (archive / "p1").symlink_to(real, target_is_directory=True)
+    (archive / "again").symlink_to(archive, target_is_directory=True)  # a link back up the tree
+    found = discover([archive])
+    assert sorted(item.relative for item in found.items) == ["p1/s.png", "t.png"]
+
+
+def _kill_between_moves(folder: Path, result_script: str) -> None:
+    """A child process writes a result into `folder` and is killed (os._exit) right after its second move."""
+    script = f"""
+import os, sys
+sys.path.insert(0, {SRC!r})
+import medlens.io.output as output
+moves, real = [0], os.replace
+def replace(a, b):
+    real(a, b)
+    if str(b).startswith({str(folder)!r}) and not str(b).startswith({str(folder / STAGING)!r}):
+        moves[0] += 1
+        if moves[0] == 2:
+            os._exit(9)
+output.os.replace = replace
+{result_script}
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 9, done.stderr[-2000:]
+
+
+RESULT = """
+import torch
+from medlens.core.result import ExplanationResult
+from medlens.io.output import write_explanation
+maps = torch.full((1, 1, 8, 8), {value})
+result = ExplanationResult({{"{method}": maps}}, torch.zeros(1, 2), torch.tensor([[1]]), {{"methods": {{}}}},
+                           labels=["a", "b"])
+write_explanation(result, {folder!r}, formats=("png", "npz"))
+"""
+
+
+def test_a_kill_between_moves_leaves_no_provenance_and_the_next_write_cleans_up(tmp_path: Path) -> None:
+    folder = tmp_path / "result"
+    exec(RESULT.format(value=1.0, method="gradcam", folder=str(folder)))  # noqa: S102 - the earlier, whole set
+    earlier = set(json.loads((folder / "provenance.json").read_text())["files"])
+    _kill_between_moves(folder, RESULT.format(value=2.0, method="lrp", folder=str(folder)))
+    assert not (folder / "provenance.json").exists()  # the mixed set says it is incomplete
+    assert any(p.name.startswith(STAGING) for p in folder.iterdir())  # what the killed process left
+    exec(RESULT.format(value=3.0, method="lrp", folder=str(folder)))  # noqa: S102 - the next write there
+    files = set(json.loads((folder / "provenance.json").read_text())["files"])
+    assert {p.name for p in folder.iterdir()} == files != earlier  # the new set alone: no staging, nothing stale
+    with np.load(folder / "maps.npz") as data:
+        assert set(data.files) >= {"lrp"} and "gradcam" not in data.files and float(data["lrp"].max()) == 3.0
+
+
+def test_a_whole_last_record_without_its_line_break_is_kept(slices: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for s in slices[:2]:
+        shutil.copy(s, folder / s.name)
+    out = tmp_path / "out"
+    assert run_cli("batch", folder, "--out", out, *ARGS) == 0
+    path = out / "manifest.jsonl"
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # as an editor may save it
+    shutil.copy(slices[2], folder / slices[2].name)
+    assert run_cli("batch", folder, "--out", out, *ARGS) == 0
+    records = read_manifest(path)
+    assert sorted(r["path"] for r in records) == sorted(s.name for s in slices[:3])  # one run each, none lost
+    assert len((out / "summary.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_a_worker_ends_quietly_on_ctrl_c() -> None:
+    class Interrupted:
+        sent: list = []
+
+        def send(self, message) -> None:
+            self.sent.append(message)
+
+        def recv(self):
+            raise KeyboardInterrupt
+
+    conn = Interrupted()
+    try:
+        _worker_main(lambda: object(), conn)  # returns: no traceback printed by the worker process
+    except KeyboardInterrupt:
+        pytest.fail("the worker let Ctrl-C out (its process prints a traceback)")
+    assert conn.sent == [("ready", None, None)]
+
+
+def test_images_of_other_content_under_one_name_are_told_apart(tmp_path: Path) -> None:
+    """Two inputs of one relative path and different contents have different ids (the resume's first check)."""
+    for name, value in (("A", 10), ("B", 200)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((16, 16), value, np.uint8)).save(tmp_path / name / "x.png")
+    ids = {discover([tmp_path / name]).items[0].id for name in ("A", "B")}
+    assert len(ids) == 2
