@@ -201,3 +201,16 @@ def test_images_of_other_content_under_one_name_are_told_apart(tmp_path: Path) -
         Image.fromarray(np.full((16, 16), value, np.uint8)).save(tmp_path / name / "x.png")
     ids = {discover([tmp_path / name]).items[0].id for name in ("A", "B")}
     assert len(ids) == 2
+
+
+def test_a_done_record_whose_output_is_empty_runs_again(slices: list[Path], tmp_path: Path) -> None:
+    """After a power cut a file whose data never reached the disk can be there, empty: its input runs again."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slices[0], folder / slices[0].name)
+    out = tmp_path / "out"
+    assert run_cli("batch", folder, "--out", out, *ARGS) == 0
+    npz = next(o for o in manifest(out)[0]["outputs"] if o.endswith(".npz"))
+    (out / npz).write_bytes(b"")
+    assert run_cli("batch", folder, "--out", out, *ARGS) == 0
+    assert len(manifest(out)) == 2 and (out / npz).stat().st_size > 0

@@ -46,7 +46,8 @@ _FSYNC_EACH_FILE = contextvars.ContextVar("medlens_fsync_each_file", default=Tru
 def deferred_fsync() -> Iterator[None]:
     """Inside the block, atomic writes skip their per-file fsync: still atomic (a killed process leaves the whole file
     or none), durable against a power cut only once the caller syncs (the batch runner: `os.sync()` before each
-    fsync of its manifest, so no manifest line on disk names a file that is not)."""
+    fsync of its manifest; a line the kernel wrote out before that may name files lost by a power cut, which the
+    resume's check of each record's outputs finds)."""
     token = _FSYNC_EACH_FILE.set(False)
     try:
         yield
