@@ -1,7 +1,7 @@
 """`medlens batch` keeps each input's results its own: nothing written outside OUT for `..` in the arguments, one
 folder per input even when names collide, a resume that re-checks what a `done` record points at, OUT never read
 back as inputs, linked folders followed once, a kill between two moves marked and cleaned up, a whole last manifest
-record kept, and a worker that ends quietly on Ctrl-C."""
+record kept, a worker that ends quietly on Ctrl-C, and one run at a time on a folder."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from PIL import Image
 
 from batch_helpers import SRC, manifest, phantom_folder, run_cli
 from medlens.batch.executors import _worker_main
+from medlens.batch.folder_lock import folder_lock
 from medlens.batch.inputs import discover
 from medlens.batch.manifest import read_manifest
 from medlens.io.output import STAGING
@@ -214,3 +215,18 @@ def test_a_done_record_whose_output_is_empty_runs_again(slices: list[Path], tmp_
     (out / npz).write_bytes(b"")
     assert run_cli("batch", folder, "--out", out, *ARGS) == 0
     assert len(manifest(out)) == 2 and (out / npz).stat().st_size > 0
+
+
+def test_a_second_run_on_a_folder_being_written_is_refused(slices: list[Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slices[0], folder / slices[0].name)
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out):  # a run writing there now (a lock of its own open file: it conflicts in one process too)
+        assert run_cli("batch", folder, "--out", out, *ARGS) == 2
+        assert "another medlens batch run is writing to" in capsys.readouterr().err
+        assert not (out / "manifest.jsonl").exists()
+    assert run_cli("batch", folder, "--out", out, *ARGS) == 0  # released: the run goes ahead
+    assert len(manifest(out)) == 1

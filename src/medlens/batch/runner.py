@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from medlens.batch.executors import BATCH_SIZE, make_executor  # BATCH_SIZE defined there, torch-free for the CLI
+from medlens.batch.folder_lock import folder_lock
 from medlens.batch.inputs import Discovery, discover
 from medlens.batch.manifest import DONE, ManifestWriter, latest_records, plan_resume, read_manifest
 from medlens.batch.report import write_report, write_summary
@@ -79,42 +80,49 @@ def run_batch(inputs: Sequence[Path], out: Path, *, model: Any, model_source: st
                          + f". medlens reads {SUPPORTED}.")
     runner = make_executor(executor, workers, ray_address)
     out = ensure_writable(out)
-    settings = run_settings(plan, model_source)
-    claim_folder(out, settings, force)
-    manifest_path = out / MANIFEST_FILE
-    resume = plan_resume(found.items, read_manifest(manifest_path), settings["digest"], retry_failed, out=out)
-    _say_what(log, found, resume)
-    factory_threads = threads if threads is not None else default_threads(executor, workers, ray_address)
-    recipe = WorkerRecipe(model_source, dict(model_options or {}), request, device, factory_threads,
-                          model=model if executor == "serial" else None)
-    factory = BatchTaskFactory(recipe, str(out), settings["digest"], region=region)
-    threads_before = torch.get_num_threads()  # a serial run sets this process's torch threads: given back after
-    try:
+    with folder_lock(out):
+        settings = run_settings(plan, model_source)
+        claim_folder(out, settings, force)
+        manifest_path = out / MANIFEST_FILE
+        resume = plan_resume(found.items, read_manifest(manifest_path), settings["digest"], retry_failed, out=out)
+        _say_what(log, found, resume)
+        factory_threads = threads if threads is not None else default_threads(executor, workers, ray_address)
+        recipe = WorkerRecipe(model_source, dict(model_options or {}), request, device, factory_threads,
+                              model=model if executor == "serial" else None)
+        factory = BatchTaskFactory(recipe, str(out), settings["digest"], region=region)
         if resume.todo:
-            bar = tqdm(total=len(resume.todo), desc="explaining", unit="input", file=sys.stderr,
-                       disable=not progress or None, dynamic_ncols=True)
-            failed_now = 0
-            with ManifestWriter(manifest_path) as manifest:
-                for record in runner.run(factory, resume.todo, batch_size):
-                    manifest.append(record)
-                    if on_record is not None:
-                        on_record(record)
-                    if record.get("status") != DONE:
-                        failed_now += 1
-                        bar.set_postfix_str(f"{failed_now} failed", refresh=False)
-                    bar.update(1)
-            bar.close()
-    finally:
-        torch.set_num_threads(threads_before)
-    records = _current_records(manifest_path, found, settings["digest"])
-    write_summary(out, records)
-    write_report(out, records, f"medlens batch: {out.name}", settings)
+            _explain_all(runner, factory, resume.todo, batch_size, manifest_path, progress, on_record)
+        records = _current_records(manifest_path, found, settings["digest"])
+        write_summary(out, records)
+        write_report(out, records, f"medlens batch: {out.name}", settings)
     failures = [(str(r.get("path")), str(r.get("error"))) for r in records if r.get("status") != DONE]
     recorded = {r.get("id") for r in records}
     failures += [(item.relative, f"{item.relative}: no result was recorded; run the same command again")
                  for item in found.items if item.id not in recorded]
     return BatchSummary(out, len(found.items), len(resume.todo), len(resume.done), failures,
                         time.perf_counter() - t0, found)
+
+
+def _explain_all(runner: Any, factory: BatchTaskFactory, todo: Sequence[Any], batch_size: int, manifest_path: Path,
+                 progress: bool, on_record: Optional[Callable[[dict], None]]) -> None:
+    """Send `todo` to the executor and append each record to the manifest as it arrives, under a progress bar."""
+    threads_before = torch.get_num_threads()  # a serial run sets this process's torch threads: given back after
+    bar = tqdm(total=len(todo), desc="explaining", unit="input", file=sys.stderr,
+               disable=not progress or None, dynamic_ncols=True)
+    failed_now = 0
+    try:
+        with ManifestWriter(manifest_path) as manifest:
+            for record in runner.run(factory, todo, batch_size):
+                manifest.append(record)
+                if on_record is not None:
+                    on_record(record)
+                if record.get("status") != DONE:
+                    failed_now += 1
+                    bar.set_postfix_str(f"{failed_now} failed", refresh=False)
+                bar.update(1)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads_before)
 
 
 def usable_cores() -> int:
