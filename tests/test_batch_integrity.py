@@ -230,3 +230,13 @@ def test_a_second_run_on_a_folder_being_written_is_refused(slices: list[Path], t
         assert not (out / "manifest.jsonl").exists()
     assert run_cli("batch", folder, "--out", out, *ARGS) == 0  # released: the run goes ahead
     assert len(manifest(out)) == 1
+
+
+def test_dot_dot_after_a_linked_folder_is_taken_as_the_system_takes_it(slices: list[Path], tmp_path: Path) -> None:
+    """`link/../x.png` is the x.png beside the link's target (as `open` finds it), not the one beside the link."""
+    (tmp_path / "far" / "sub").mkdir(parents=True)
+    shutil.copy(slices[0], tmp_path / "far" / "x.png")
+    shutil.copy(slices[1], tmp_path / "x.png")  # the file a lexical ".." would pick
+    (tmp_path / "link").symlink_to(tmp_path / "far" / "sub", target_is_directory=True)
+    found = discover([tmp_path / "link" / ".." / "x.png"])
+    assert Path(found.items[0].path).read_bytes() == slices[0].read_bytes()

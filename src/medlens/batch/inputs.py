@@ -129,7 +129,7 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
 
     Patterns are shell globs matched against the relative path and the file name (`*.dcm`, `glioma/*`). Folders in
     `leave_out` (the run's --out) are not searched. A missing argument raises InputError before any work."""
-    paths = [Path(os.path.abspath(Path(a).expanduser())) for a in arguments]  # "..": the base is then truly common
+    paths = [_plain(Path(a)) for a in arguments]
     for given, path in zip(arguments, paths):
         if not path.exists():
             raise InputError(f"{given}: no such file or folder. Check the path (relative paths start from {Path.cwd()}).")
@@ -161,6 +161,14 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
         items.append(WorkItem(f"{relative}@{digest[:DIGEST_CHARS]}", str(path), relative, digest,
                               result_folder(relative), "dicom-series" if path.is_dir() else "file"))
     return Discovery(_unique_folders(items), skipped, excluded, beyond)
+
+
+def _plain(argument: Path) -> Path:
+    """The argument as an absolute path without "..", so that the inputs' common folder is truly common (their
+    results then lie inside OUT). A path with ".." is resolved as the system does (through links, not by dropping
+    the part before it); others keep their links' names."""
+    path = argument.expanduser().absolute()
+    return Path(os.path.realpath(path)) if ".." in path.parts else path
 
 
 def _digest(path: Path) -> str:
