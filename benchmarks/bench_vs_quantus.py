@@ -84,10 +84,15 @@ def _cases(model, x, masks, maps, targets, logits, steps: int, samples: int, rad
         np.put_along_axis(out, indices, np.take_along_axis(original, indices, axis=1), axis=1)
         return out
 
-    # max-sensitivity: both libraries get the same noisy copies (uniform in +-radius * span, drawn by medlens's seed)
-    gen = torch.Generator().manual_seed(0)
+    # max-sensitivity: both libraries get the same noisy copies (uniform in +-radius * span, drawn as medlens draws
+    # them: each image's from its own generator seeded with the seed, 0)
     span = (x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True))
-    noisy = [x + (torch.rand(x.shape, generator=gen) * 2 - 1) * radius * span for _ in range(samples)]
+    u = torch.empty((samples,) + tuple(x.shape))
+    for b in range(x.shape[0]):
+        gen = torch.Generator().manual_seed(0)
+        for k in range(samples):
+            u[k, b] = torch.rand(x.shape[1:], generator=gen)
+    noisy = [x + (u[k] * 2 - 1) * radius * span for k in range(samples)]
     feed = {"i": 0}
 
     def next_copy(arr, indices, indexed_axes=None, **_):

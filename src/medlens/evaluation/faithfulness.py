@@ -111,13 +111,14 @@ def _jobs(B: int, T: int, K: int, device: torch.device) -> torch.Tensor:
 
 def _scored_steps(
     model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor, order: str,
-    output: str, chunk: int, make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    output: str, chunk: int, make: Callable[..., torch.Tensor],
     ends: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     known: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
 ) -> torch.Tensor:
     """Scores (B, T, K) of the target: for each (image b, target t, step k) the first counts[k] pixels of the map
     in `order` are `removed`, and `make(bs, removed)` builds the (n, C, *s) inputs of a chunk of such jobs.
-    Up to `chunk` jobs (several images, targets and steps) go through the model in one batch.
+    Up to `chunk` jobs (several images, targets and steps) go through the model in one batch; `make` also gets the
+    jobs' target slots and steps (ROAD draws each job's noise from a generator of its own).
 
     `ends=(start, fill)`: a step that removes nothing is `start[b]` and one that removes everything `fill[b]`,
     whatever the map: those are scored once per distinct image (once for all images when the fill is a
@@ -143,7 +144,7 @@ def _scored_steps(
         for i in range(0, jobs.shape[0], step):
             bs, ts, ks = jobs[i:i + step].unbind(1)
             removed = (rank[bs, ts] < counts[ks][:, None]).view(bs.numel(), *x.shape[2:])
-            s = score(make(bs, removed))
+            s = score(make(bs, removed, ts, ks))
             scores[bs, ts, ks] = s.gather(1, targets[bs, ts][:, None]).squeeze(1)
     return scores
 
@@ -156,7 +157,7 @@ def _perturbation_curve(
     """Scores (B, T, K): at step k the first counts[k] pixels in `order` take their value from `fill`,
     the others from `start` (`known`: see `_scored_steps`)."""
     return _scored_steps(model, x, maps, targets, counts, order, output, chunk,
-                         lambda bs, removed: torch.where(removed[:, None], fill[bs], start[bs]), ends=(start, fill),
+                         lambda bs, removed, *_: torch.where(removed[:, None], fill[bs], start[bs]), ends=(start, fill),
                          known=known)
 
 
@@ -246,7 +247,7 @@ def linear_impute(
     x: torch.Tensor,
     removed: torch.Tensor,
     noise: float = 0.01,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
     tol: float = 1e-5,
     max_iter: int = 2000,
 ) -> torch.Tensor:
@@ -256,7 +257,8 @@ def linear_impute(
     sparse symmetric positive-definite system; it is solved by Jacobi-preconditioned conjugate gradients
     (relative residual <= tol, float32 unless x is float64), batched over images, then Gaussian noise of standard deviation `noise` is added to the removed pixels.
     x: (N, C, *s); removed: (N, *s) or (N, 1, *s) boolean. When every pixel is removed there is nothing to
-    interpolate from and the removed pixels become 0 (plus noise)."""
+    interpolate from and the removed pixels become 0 (plus noise). `generator`: one for the whole batch, or one per
+    image (its row of noise drawn from it alone)."""
     N, C = x.shape[:2]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     u = removed.reshape(N, 1, *x.shape[2:]).to(dtype)
@@ -296,7 +298,11 @@ def linear_impute(
         rz = rz_new
     out = torch.where(uu > 0, sol, xd).to(x.dtype)
     if noise:
-        eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu").to(out.device)
+        if isinstance(generator, (list, tuple)):
+            eps = torch.stack([torch.randn(out.shape[1:], generator=g, dtype=out.dtype, device="cpu") for g in generator])
+        else:
+            eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu")
+        eps = eps.to(out.device)
         out = out + noise * eps * uu.to(out.dtype)
     return out
 
@@ -316,7 +322,9 @@ def road(
     """ROAD: Remove And Debias (Rong et al., 2022). For each fraction f, remove the top-f (order="morf",
     most relevant first) or bottom-f (order="lerf", least relevant first) pixels of the map, fill them by
     noisy linear imputation, and score the target. The value is the mean score over the fractions.
-    MoRF: lower is better; LeRF: higher is better. Noise is drawn from a generator seeded with `seed`."""
+    MoRF: lower is better; LeRF: higher is better. The noise of each image, target slot and fraction comes from a
+    generator of its own, seeded from `seed`, the slot and the fraction's place (alike for every image): an image's
+    value does not depend on the other images of the batch, nor on its place there."""
     check_batch(x, maps, targets)
     if order not in ("morf", "lerf"):
         raise InputError(f"order must be 'morf' or 'lerf', not {order!r}.")
@@ -324,14 +332,18 @@ def road(
     if fr.numel() == 0 or (fr < 0).any() or (fr > 1).any():
         raise InputError(f"fractions must lie in [0, 1]; got {list(fractions)}.")
     P = int(torch.tensor(x.shape[2:]).prod())
-    gen = torch.Generator().manual_seed(int(seed))
-
-    def make(bs: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-        return linear_impute(x[bs], removed, noise=noise, generator=gen)
+    def make(bs: torch.Tensor, removed: torch.Tensor, ts: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(job_seed(seed, t, k)) for t, k in zip(ts.tolist(), ks.tolist())]
+        return linear_impute(x[bs], removed, noise=noise, generator=generators)
 
     scores = _scored_steps(model, x, maps, targets, _counts(fr, P), order, output, chunk, make)
     return CurveResult(scores.mean(dim=2), scores, fr.float(), f"noisy linear imputation (noise={noise:g})",
                        {"order": order, "output": output, "seed": int(seed)})
+
+
+def job_seed(seed: int, slot: int, step: int) -> int:
+    """The noise seed of one ROAD job: the call's seed, the target slot and the fraction's place."""
+    return (int(seed) * 1_000_003 + int(slot) * 10_007 + int(step)) % (2**63)
 
 
 def road_morf(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, **kw: Any) -> CurveResult:

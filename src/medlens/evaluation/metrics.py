@@ -28,8 +28,8 @@ class MetricCall:
     method: str
     options: Mapping[str, Any] = field(default_factory=dict)
     layer: Any = None
-    seed: int = 0  # the run's seed (methods re-explained inside a metric use it, as the maps were made with it)
-    batch_seed: int = 0  # seed + batch number: metrics that draw noise per batch
+    seed: int = 0  # the run's seed: methods re-explained inside a metric use it (as the maps were made with it), and
+    # metrics that draw noise seed each image's (or job's) generator alike from it: a value depends on the image alone
     logits: Optional[torch.Tensor] = None  # the model's (B, K) logits on x when the caller has them (saves passes)
 
 
@@ -118,7 +118,7 @@ def _curve(name: str) -> Callable[[MetricCall], MetricScore]:
 
 def _road(name: str) -> Callable[[MetricCall], MetricScore]:
     def score(c: MetricCall) -> MetricScore:
-        res = getattr(F, name)(c.model, c.x, c.maps, c.targets, **{"seed": c.batch_seed, **c.options})
+        res = getattr(F, name)(c.model, c.x, c.maps, c.targets, **{"seed": c.seed, **c.options})
         return MetricScore(res.values, note={"imputation": res.baseline, "fractions": res.fractions.tolist()})
     return score
 

@@ -246,19 +246,22 @@ def max_sensitivity(
     """Max-sensitivity (Yeh et al., 2019): max over `samples` uniform perturbations
     |delta| <= radius * (max(x) - min(x)) of ||e(x + delta) - e(x)|| / ||e(x)|| (Frobenius norms, same
     targets). Lower is better. When e(x) is all zero the denominator is 1 (the absolute change).
+    Each image's perturbations come from a generator of its own, seeded alike with `seed`: its value does not depend
+    on the other images of the batch, nor on its place there.
     The noisy copies of all images are explained in one call (the method batches its own passes), or
     `chunk` inputs (rounded to whole sets of the B images) at a time when memory asks for it."""
     check_batch(x, None, targets)
     base = original if original is not None else explain_maps(model, x, targets, method, layer, seed, options)
     B, T = targets.shape
-    gen = torch.Generator().manual_seed(int(seed))
     dims = tuple(range(1, x.dim()))
     span = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-    noisy = []
-    for _ in range(int(samples)):
-        u = torch.rand(x.shape, generator=gen, dtype=torch.float32).to(x) * 2 - 1
-        noisy.append(x + u * radius * span)
-    xs = torch.cat(noisy)  # (S*B, C, *s)
+    u = torch.empty((int(samples),) + tuple(x.shape), dtype=torch.float32)
+    for b in range(B):
+        gen = torch.Generator().manual_seed(int(seed))
+        for k in range(int(samples)):
+            u[k, b] = torch.rand(x.shape[1:], generator=gen, dtype=torch.float32)
+    u = u.to(x) * 2 - 1
+    xs = (x[None] + u * radius * span[None]).reshape(-1, *x.shape[1:])  # (S*B, C, *s), sample-major
     ts = targets.repeat(int(samples), 1)
     per = xs.shape[0] if chunk is None else max(1, int(chunk) // max(1, B)) * B
     outs = [explain_maps(model, xs[i:i + per], ts[i:i + per], method, layer, seed, options) for i in range(0, xs.shape[0], per)]

@@ -52,13 +52,13 @@ class EvaluateTask:
     def __call__(self, item: tuple[int, list[int]]) -> dict[str, Any]:
         first_batch, indices = item
         f = self.factory
-        tally = score_images(self.plan, self.data, indices, f.metrics, f.options, f.prior, f.batch_size,
-                             first_batch=first_batch)
+        tally = score_images(self.plan, self.data, indices, f.metrics, f.options, f.prior, f.batch_size)
         return {"first_batch": first_batch, "indices": indices, "tally": tally.to_record()}
 
 
 def work_items(order: Sequence[int], batch_size: int) -> list[tuple[int, list[int]]]:
-    """(number of the first batch, image indices) per item: whole batches, so seeds and batches match a serial run."""
+    """(number of the first batch, image indices) per item: whole batches, so the batches match a serial run's and the
+    tallies merge in its order."""
     step = batch_size * BATCHES_PER_ITEM
     return [(start // batch_size, list(order[start:start + step])) for start in range(0, len(order), step)]
 

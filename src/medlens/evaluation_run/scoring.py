@@ -110,9 +110,9 @@ def region_prior(plan: Plan, data: Any, order: Sequence[int]) -> tuple[Optional[
 
 def score_images(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[str], options: dict[str, dict[str, Any]],
                  prior: tuple[Optional[torch.Tensor], int], batch_size: int = 8,
-                 on_images: Optional[Callable[[int], None]] = None, first_batch: int = 0) -> Tally:
-    """Explain and score the images `order` of `data` in batches; `on_images(n)` after each batch (progress).
-    `first_batch`: the number of the first batch in the whole run (its noise seed is the run's seed plus it)."""
+                 on_images: Optional[Callable[[int], None]] = None) -> Tally:
+    """Explain and score the images `order` of `data` in batches; `on_images(n)` after each batch (progress). The
+    values do not depend on the batch size: the metrics that draw noise draw each image's from its own generator."""
     model, seed, layer = plan.model, int(plan.request.seed or 0), plan.request.layer
     methods = [s.name for s in plan.specs]
     labels = list(describe(model).labels)
@@ -120,7 +120,7 @@ def score_images(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[
     tally = Tally(seconds={m: 0.0 for m in methods})
     prior_total, prior_count = prior
     batches = [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
-    for bi, batch in enumerate(batches, start=first_batch):
+    for batch in batches:
         groups: dict[tuple, list[Sample]] = {}
         for s in (as_sample(data[i]) for i in batch):
             groups.setdefault(tuple(s.x.shape), []).append(s)  # images of one shape share a batch
@@ -140,8 +140,7 @@ def score_images(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[
                 maps = explain_batch(plan, x, targets, methods=[m])[m]
                 tally.seconds[m] += time.perf_counter() - t0
                 for metric in metrics:
-                    call = MetricCall(model, x, maps, targets, masks, m, options[metric], layer, seed, seed + bi,
-                                      logits)
+                    call = MetricCall(model, x, maps, targets, masks, m, options[metric], layer, seed, logits)
                     tally.add(m, metric, names, get_metric(metric).score(call))
             baselines = {}
             if region_metrics:
@@ -150,7 +149,7 @@ def score_images(plan: Plan, data: Any, order: Sequence[int], metrics: Sequence[
                     baselines["baseline:prior"] = L.prior_maps(masks, prior_total.to(x.device), prior_count)
             for name, maps in baselines.items():
                 for metric in region_metrics:
-                    call = MetricCall(model, x, maps, targets, masks, name, options[metric], layer, seed, seed + bi)
+                    call = MetricCall(model, x, maps, targets, masks, name, options[metric], layer, seed)
                     tally.add(name, metric, names, get_metric(metric).score(call))
         if on_images is not None:
             on_images(len(batch))

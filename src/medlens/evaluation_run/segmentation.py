@@ -87,7 +87,7 @@ def score_segmentation(plan: Plan, data: Any, order: Sequence[int], metrics: Seq
     tally = Tally(seconds={m: 0.0 for m in methods}, target_rules={"predicted region": 0})
     empty: dict[str, int] = {}
     batches = [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
-    for bi, batch in enumerate(batches):
+    for batch in batches:
         groups: dict[tuple, list[Sample]] = {}
         for s in (as_sample(data[i]) for i in batch):
             groups.setdefault(tuple(s.x.shape), []).append(s)
@@ -103,7 +103,7 @@ def score_segmentation(plan: Plan, data: Any, order: Sequence[int], metrics: Seq
                 if keep.any():
                     tally.target_rules["predicted region"] += int(keep.sum())
                     _score_class(plan, tally, x[keep], regions[keep], truth[keep], k, label, methods, metrics,
-                                 options, prior, (layer, seed, seed + bi))
+                                 options, prior, (layer, seed))
         if on_images is not None:
             on_images(len(batch))
     tally.notes["segmentation"] = {
@@ -117,9 +117,9 @@ def score_segmentation(plan: Plan, data: Any, order: Sequence[int], metrics: Seq
 
 def _score_class(plan: Plan, tally: Tally, x: torch.Tensor, regions: torch.Tensor, truth: torch.Tensor, k: int,
                  label: str, methods: Sequence[str], metrics: Sequence[str], options: dict[str, dict[str, Any]],
-                 prior: tuple[Optional[torch.Tensor], int], seeds: tuple[Any, int, int]) -> None:
+                 prior: tuple[Optional[torch.Tensor], int], seeds: tuple[Any, int]) -> None:
     """One class on the images where it is predicted: each method's maps of the region score, every metric."""
-    layer, seed, batch_seed = seeds
+    layer, seed = seeds
     scorer = region_scorer(plan.model, k, regions)
     columns = torch.arange(x.shape[0], device=x.device)[:, None]  # image b's score is column b
     names = [label] * x.shape[0]
@@ -130,7 +130,7 @@ def _score_class(plan: Plan, tally: Tally, x: torch.Tensor, regions: torch.Tenso
         tally.seconds[m] += time.perf_counter() - t0
         for metric in metrics:
             opts = {**options[metric], "output": "logit"} if metric in CURVES else options[metric]
-            call = MetricCall(scorer, x, maps, columns, truth, m, opts, layer, seed, batch_seed)
+            call = MetricCall(scorer, x, maps, columns, truth, m, opts, layer, seed)
             tally.add(m, metric, names, get_metric(metric).score(call))
     region_metrics = [m for m in metrics if m in LOCALISATION]
     if not region_metrics:
@@ -141,7 +141,7 @@ def _score_class(plan: Plan, tally: Tally, x: torch.Tensor, regions: torch.Tenso
         baselines["baseline:prior"] = L.prior_maps(truth, total.to(x.device), count)
     for name, maps in baselines.items():
         for metric in region_metrics:
-            call = MetricCall(scorer, x, maps, columns, truth, name, options[metric], layer, seed, batch_seed)
+            call = MetricCall(scorer, x, maps, columns, truth, name, options[metric], layer, seed)
             tally.add(name, metric, names, get_metric(metric).score(call))
 
 
