@@ -177,6 +177,18 @@ def test_a_whole_last_record_without_its_line_break_is_kept(slices: list[Path], 
     assert len((out / "summary.csv").read_text().splitlines()) == 1 + 3
 
 
+def test_a_worker_ends_quietly_when_its_driver_is_gone() -> None:
+    """A killed driver closes the pipe: the worker's next send fails, and it ends without a traceback."""
+    class Gone:
+        def send(self, message) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    try:
+        _worker_main(lambda: object(), Gone())
+    except BrokenPipeError:
+        pytest.fail("the worker let the broken pipe out (its process prints a traceback)")
+
+
 def test_a_worker_ends_quietly_on_ctrl_c() -> None:
     class Interrupted:
         sent: list = []

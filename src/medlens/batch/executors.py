@@ -63,10 +63,11 @@ class SerialExecutor:
 def _worker_main(factory: TaskFactory, conn: Connection) -> None:
     """A worker process: build the task once, then answer (index, item) messages until told to stop (None). Ctrl-C
     reaches every process of the terminal's group: a worker then just ends (the files it was writing are removed on
-    the way out), and the driver says that the run stopped."""
+    the way out), and the driver says that the run stopped. A driver that is gone (killed) closes the pipe: the worker
+    ends at its next message, without a traceback."""
     try:
         _serve(factory, conn)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError, ConnectionResetError):
         return
 
 
