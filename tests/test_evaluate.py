@@ -314,3 +314,21 @@ def test_noise_drawing_metrics_score_an_image_alike_in_any_batch():
         road_alone = F.road(model, x[i:i + 1], maps[i:i + 1], targets[i:i + 1], fractions=(0.25, 0.5), noise=0.05,
                             seed=4).values
         assert torch.allclose(road_alone, road[i:i + 1], rtol=1e-5, atol=1e-7)
+
+
+def test_a_refused_evaluation_leaves_no_folder_and_a_new_one_no_stale_plots(tmp_path, monkeypatch):
+    from medlens.cli.group import main
+
+    data = write_folder(tmp_path / "data", per_class=1)
+    base = ["evaluate", "--model", "phantom-lesion", "--data", str(data)]
+    for bad in (["--methods", "nosuch"], ["--methods", "gradcam", "--batch-size", "0"],
+                ["--methods", "gradcam", "--workers", "0"]):
+        fresh = tmp_path / "fresh"
+        assert main(base + bad + ["--metrics", "sparseness", "--out", str(fresh)]) == 2
+        assert not fresh.exists()
+    out = tmp_path / "out"
+    assert main(base + ["--methods", "gradcam", "--metrics", "deletion,sparseness", "--out", str(out)]) == 0
+    assert (out / "deletion_curves.png").is_file()
+    assert main(base + ["--methods", "gradcam", "--metrics", "sparseness", "--out", str(out)]) == 0
+    plots = json.loads((out / "run.json").read_text())["plots"]
+    assert not (out / "deletion_curves.png").exists() and all((out / p).is_file() for p in plots)

@@ -4,6 +4,8 @@ It loads the model as `medlens explain` does, calls `medlens.evaluation_run.eval
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -45,17 +47,25 @@ def evaluate_command(model_source: str, weights: Optional[str], labels: Optional
                      include_file: Optional[str], allow_pickle: bool, executor: str, workers: int,
                      ray_address: Optional[str]) -> None:
     """Score explanation methods on a dataset: faithfulness, localisation (with baselines) and trust."""
-    ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     if batch_size < 1:
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
     if workers < 1:
         raise MethodError(f"--workers must be at least 1, got {workers}.")
+    created = not Path(out_dir).exists()
+    ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     model_options = {k: v for k, v in dict(weights=weights, labels=labels, allow_pickle=allow_pickle or None).items()
                      if v is not None}  # what worker processes load the model with, too
-    model = load_model_for_cli(model_source, **model_options)
-    rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
-                    batch_size=batch_size, layer=layer, progress=True, include=include_file, executor=executor,
-                    workers=workers, ray_address=ray_address, model_source=model_source, model_options=model_options)
+    try:
+        model = load_model_for_cli(model_source, **model_options)
+        rows = evaluate(model, data_dir, methods, metrics, limit=limit, seed=seed, out=out_dir,
+                        batch_size=batch_size, layer=layer, progress=True, include=include_file, executor=executor,
+                        workers=workers, ray_address=ray_address, model_source=model_source,
+                        model_options=model_options)
+    except BaseException:
+        if created:  # a folder made for this run and left empty (an unknown method, a model that failed) goes too
+            with contextlib.suppress(OSError):
+                Path(out_dir).rmdir()
+        raise
     click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")
 
 

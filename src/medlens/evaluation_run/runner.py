@@ -3,6 +3,7 @@ it per method (timed), every registered metric scored, the localisation baseline
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -177,10 +178,13 @@ def _with_bar(total: int, progress: bool, work: Callable[[Optional[Callable[[int
 
 
 def _write(out_dir: Path, rows: list[dict[str, Any]], tally: Tally, settings: dict[str, Any]) -> None:
+    """metrics.csv, metrics.md, the plots and run.json (last); an earlier evaluation's plots that this one does not
+    draw are removed, so the folder holds one evaluation's files."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {out_dir}: {exc}") from None
+    earlier = _earlier_plots(out_dir)
     atomic_write(out_dir / "metrics.csv", rows_to_csv(rows))
     atomic_write(out_dir / "metrics.md", rows_to_markdown(rows, settings["seconds_per_image"], settings))
     # lazy: matplotlib takes seconds to import, and every CLI command imports this module
@@ -188,6 +192,18 @@ def _write(out_dir: Path, rows: list[dict[str, Any]], tally: Tally, settings: di
 
     settings["plots"] = write_plots(out_dir, rows, tally.curves)
     atomic_write(out_dir / "run.json", json.dumps(settings, indent=2, default=str))
+    for name in earlier - set(settings["plots"]):
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink()
+
+
+def _earlier_plots(out_dir: Path) -> set[str]:
+    """The plot files an earlier evaluation's run.json in `out_dir` lists (plain names in that folder only)."""
+    try:
+        plots = json.loads((out_dir / "run.json").read_text()).get("plots") or []
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {p for p in plots if isinstance(p, str) and p == Path(p).name and p.endswith(".png")}
 
 
 __all__ = ["BASELINES", "Tally", "evaluate", "region_prior", "score_images"]
