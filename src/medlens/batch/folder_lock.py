@@ -1,5 +1,5 @@
-"""One batch run per output folder at a time: an advisory lock on `OUT/.medlens-batch.lock`, held for the run, so
-that a second run started on the same folder is refused instead of explaining the same inputs beside the first.
+"""One batch run per output folder at a time: an advisory lock on the OUT folder itself, held for the run, so that a
+second run started on the same folder is refused instead of explaining the same inputs beside the first.
 """
 from __future__ import annotations
 
@@ -10,40 +10,39 @@ from typing import Iterator
 
 from medlens.errors import OutputError
 
-LOCK_FILE = ".medlens-batch.lock"  # hidden: not one of the run's results, and not counted as someone else's file
-
 
 @contextlib.contextmanager
 def folder_lock(out: Path) -> Iterator[None]:
-    """Hold OUT's lock for the block (released when the process ends, however it ends).
+    """Hold OUT's lock for the block (`flock` on the folder: no file is added, and the lock goes with the process
+    however it ends).
 
     Args:
         out: the run's output folder (it exists).
 
     Raises:
-        OutputError: another process holds the lock (a batch run writing there now), named by its process id.
+        OutputError: another process holds the lock (a batch run writing there now).
 
-    Where `fcntl` is missing (Windows) or the file system does not lock (some network shares), the block runs
-    without a lock.
+    Where `fcntl` is missing (Windows) or the file system does not lock folders (some network shares), the block
+    runs without a lock.
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # cannot be opened for a lock: run as before (the writes themselves are checked)
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise OutputError(f"another medlens batch run is writing to {out}"
-                              + (f" (process {holder})" if holder.isdigit() else "")
-                              + "; wait for it to finish, or choose another folder with --out.") from None
+            raise OutputError(f"another medlens batch run is writing to {out} now; wait for it to finish, or choose "
+                              f"another folder with --out.") from None
         except OSError:  # a file system without locks: run as before
             pass
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # the lock goes with the descriptor

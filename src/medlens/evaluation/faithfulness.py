@@ -299,7 +299,8 @@ def linear_impute(
     out = torch.where(uu > 0, sol, xd).to(x.dtype)
     if noise:
         if isinstance(generator, (list, tuple)):
-            eps = torch.stack([torch.randn(out.shape[1:], generator=g, dtype=out.dtype, device="cpu") for g in generator])
+            eps = torch.stack([torch.randn(out.shape[1:], generator=g, dtype=out.dtype, device="cpu")
+                               for g in generator])
         else:
             eps = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu")
         eps = eps.to(out.device)

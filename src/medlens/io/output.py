@@ -47,8 +47,8 @@ def write_explanation(
     The set is written as one: every file is first written to a staging folder, then the files are moved in
     (those they replace set aside until all are in, and put back on an error), so on an error the folder keeps
     what it had; a process killed while moving leaves the folder without provenance.json (incomplete), and the next
-    write there removes what it left. Files of an earlier run in the folder that this run does not write are removed. `display` is
-    the grayscale image in [0, 1] at the maps' size; `region` a boolean mask of that size, outlined on overlays;
+    write there removes what it left. Files of an earlier run in the folder that this run does not write are removed.
+    `display` is the grayscale image in [0, 1] at the maps' size; `region` a boolean mask of that size, outlined on overlays;
     `scan` the `ScanImage` read from `input_file` (formats that reference the source use it); `signed` draws every map
     signed instead of as its method is defined (Grad-CAM's positive part). Pictures are drawn on the scan's own plane
     (the maps taken back through the preparation's resize) when `scan` holds one, with `scan_region` (the region on
