@@ -168,8 +168,9 @@ def plan_resume(items: Sequence[WorkItem], records: Sequence[dict[str, Any]], di
 
 
 def results_intact(out: Path, item: WorkItem, record: dict[str, Any], digest: str) -> bool:
-    """Whether OUT still holds what `record` says was written for `item`: each listed output (not empty), and the
-    folder's provenance.json naming this input (its id: path and content digest) and these settings."""
+    """Whether OUT still holds what `record` says was written for `item`: each listed output (not empty, in the
+    input's results folder), and that folder's provenance.json naming this input (its id: path and content digest)
+    and these settings."""
     try:
         provenance = json.loads((out / item.folder / "provenance.json").read_text())
     except (OSError, ValueError):
@@ -178,7 +179,9 @@ def results_intact(out: Path, item: WorkItem, record: dict[str, Any], digest: st
     if not isinstance(batch, dict) or batch.get("id") != item.id or batch.get("settings") != digest:
         return False
     outputs = record.get("outputs")
-    return isinstance(outputs, list) and all(isinstance(o, str) and _non_empty_file(out / o) for o in outputs)
+    inside = item.folder.rstrip("/") + "/"  # in the folder this input has now (a colliding name's can change)
+    return isinstance(outputs, list) and all(isinstance(o, str) and o.startswith(inside) and _non_empty_file(out / o)
+                                             for o in outputs)
 
 
 def _non_empty_file(path: Path) -> bool:
