@@ -17,6 +17,7 @@ from medlens.io.readers import kind_of
 from medlens.io.scan import image_suffix
 
 DIGEST_CHARS = 16  # of the content sha256 in an input's id: enough to tell files apart, short enough to read
+LINKED_FOLDER = "linked folder(s), not followed (name them as inputs to include them)"  # a `skipped` entry
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,20 @@ def _is_scan_file(path: Path) -> bool:
 
 def _walk(folder: Path, skipped: dict[str, int], leave_out: Sequence[Path] = ()) -> list[Path]:
     """Scan files and series folders under `folder`, sorted, hidden entries and `leave_out` (the batch's own output
-    folder, when it sits among the inputs) left out. Linked folders are followed, each real folder searched once (a
-    link back up the tree is not a loop)."""
+    folder, when it sits among the inputs) left out. Linked folders inside are not followed (an input's id and results
+    folder would then depend on which path reached a folder first), but counted in `skipped`; linked files are read."""
     found: list[Path] = []
     left_out = {p.resolve() for p in leave_out}
-    visited = {folder.resolve()}
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder):
         kept = []
         for d in sorted(dirs):
-            real = (Path(root) / d).resolve()
-            if not d.startswith(".") and real not in left_out and real not in visited:
-                visited.add(real)
-                kept.append(d)
+            path = Path(root) / d
+            if d.startswith(".") or path.resolve() in left_out:
+                continue
+            if path.is_symlink():
+                skipped[LINKED_FOLDER] = skipped.get(LINKED_FOLDER, 0) + 1
+                continue
+            kept.append(d)
         dirs[:] = kept
         here = Path(root)
         scans = []
@@ -165,10 +168,14 @@ def discover(arguments: Sequence[Path], *, include: Sequence[str] = (), exclude:
 
 def _plain(argument: Path) -> Path:
     """The argument as an absolute path without "..", so that the inputs' common folder is truly common (their
-    results then lie inside OUT). A path with ".." is resolved as the system does (through links, not by dropping
-    the part before it); others keep their links' names."""
+    results then lie inside OUT). The folder part of a path with ".." is resolved as the system does (through links,
+    not by dropping the part before it); the file's own name, and paths without "..", are kept as given."""
     path = argument.expanduser().absolute()
-    return Path(os.path.realpath(path)) if ".." in path.parts else path
+    if ".." not in path.parts:
+        return path
+    if path.name == "..":
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name  # a linked file keeps its own name
 
 
 def _digest(path: Path) -> str:
