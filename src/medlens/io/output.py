@@ -61,7 +61,7 @@ def write_explanation(
     names = check_formats(formats)
     created = not Path(out_dir).exists()
     folder = ensure_writable(out_dir)
-    left_behind = remove_dead_staging(folder) if not created else set()
+    dead, left_behind = dead_staging(folder) if not created else ([], set())
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=staging_prefix()))
     try:
         job = ImageResult.build(result, image_index, display, region, input_file, scan, signed=signed,
@@ -75,6 +75,8 @@ def write_explanation(
             staged.append(_write_provenance(job, staging, staged, loading_notes, model_source, extra_provenance,
                                             input_sha256))
         written = _move_in(staging, staged, folder, left_behind)
+        for path in dead:  # only now: a write that fails or is killed before this leaves them for the next one
+            shutil.rmtree(path, ignore_errors=True)
         if notes_out is not None:
             notes_out.extend(_skip_notes(job.provenance))
         return written
@@ -195,28 +197,30 @@ def staging_prefix() -> str:
     return f"{STAGING}{os.getpid()}@{host}-"
 
 
-def remove_dead_staging(folder: Path) -> set[str]:
-    """Remove the staging folders in `folder` that processes of this machine which no longer run left behind (killed
-    while writing); those of running processes, of other machines and of older versions' names are left alone.
+def dead_staging(folder: Path) -> tuple[list[Path], set[str]]:
+    """The staging folders in `folder` that processes of this machine which no longer run left behind (killed while
+    writing), to be removed once the next write there is in; those of running processes, of other machines and of
+    older versions' names are left alone.
 
     Returns:
-        The files that the dead writes' sets list (the set they were writing, in its staged provenance.json, and the
-        earlier set they replaced, in the provenance.json they had set aside): the next write removes those it does
-        not write itself, as it does an earlier run's.
+        The folders, and the files that the dead writes' sets list (the set they were writing, in its staged
+        provenance.json, and the earlier set they replaced, in the provenance.json they had set aside): the next
+        write removes those it does not write itself, as it does an earlier run's.
     """
     host = staging_prefix()[:-1].split("@", 1)[1]  # sanitised: no "-", nor in mkdtemp's random part
     try:
         entries = [e.name for e in os.scandir(folder) if e.name.startswith(STAGING) and e.is_dir(follow_symlinks=False)]
     except OSError:
-        return set()
+        return [], set()
+    dead: list[Path] = []
     listed: set[str] = set()
     for name in entries:
         pid, _, rest = name[len(STAGING):].partition("@")
         if not pid.isdigit() or rest.rpartition("-")[0] != host or _running(int(pid)):
             continue
+        dead.append(folder / name)
         listed |= _files_of_earlier_run(folder / name) | _files_of_earlier_run(folder / name / ".previous")
-        shutil.rmtree(folder / name, ignore_errors=True)
-    return listed
+    return dead, listed
 
 
 def _running(pid: int) -> bool:
