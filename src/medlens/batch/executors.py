@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import threading
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Iterator, Optional, Sequence
@@ -63,12 +64,29 @@ class SerialExecutor:
 def _worker_main(factory: TaskFactory, conn: Connection) -> None:
     """A worker process: build the task once, then answer (index, item) messages until told to stop (None). Ctrl-C
     reaches every process of the terminal's group: a worker then just ends (the files it was writing are removed on
-    the way out), and the driver says that the run stopped. A driver that is gone (killed) closes the pipe: the worker
-    ends at its next message, without a traceback."""
+    the way out), and the driver says that the run stopped. A driver that is gone (killed) takes the worker with it at
+    once (`_end_with_driver`), not left to finish its mini-batch beside a run resumed at once."""
+    _end_with_driver()
     try:
         _serve(factory, conn)
     except (KeyboardInterrupt, BrokenPipeError, ConnectionResetError):
         return
+
+
+def _end_with_driver() -> None:
+    """End this worker process as soon as the driver that started it ends (killed, or gone for any reason): a daemon
+    thread waits on the driver's sentinel, which the system closes with the driver. (The forkserver that forked the
+    worker lives on while any worker does, so its end cannot be what stops them.) Files the worker was staging stay
+    behind in a staging folder named after it, which the next write to that results folder removes."""
+    driver = multiprocessing.parent_process()
+    if driver is None or driver.sentinel is None:
+        return
+
+    def watch() -> None:
+        wait([driver.sentinel])
+        os._exit(1)  # no clean-up: the driver that would record this worker's results is gone
+
+    threading.Thread(target=watch, name="medlens-driver-watch", daemon=True).start()
 
 
 def _serve(factory: TaskFactory, conn: Connection) -> None:
