@@ -51,7 +51,7 @@ def evaluate_command(model_source: str, weights: Optional[str], labels: Optional
         raise MethodError(f"--batch-size must be at least 1, got {batch_size}.")
     if workers < 1:
         raise MethodError(f"--workers must be at least 1, got {workers}.")
-    created = not Path(out_dir).exists()
+    made = _missing_folders(Path(out_dir))
     ensure_writable(out_dir)  # before any work: a wrong --out is found in a second, not after the whole run
     model_options = {k: v for k, v in dict(weights=weights, labels=labels, allow_pickle=allow_pickle or None).items()
                      if v is not None}  # what worker processes load the model with, too
@@ -62,11 +62,20 @@ def evaluate_command(model_source: str, weights: Optional[str], labels: Optional
                         workers=workers, ray_address=ray_address, model_source=model_source,
                         model_options=model_options)
     except BaseException:
-        if created:  # a folder made for this run and left empty (an unknown method, a model that failed) goes too
+        for folder in made:  # folders made for this run and left empty (an unknown method, a model that failed) go too
             with contextlib.suppress(OSError):
-                Path(out_dir).rmdir()
+                folder.rmdir()
         raise
     click.echo(f"wrote {len(rows)} rows to {out_dir}/metrics.csv (and metrics.md, run.json, plots)")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first (what creating it makes)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 COMMANDS = [evaluate_command]
