@@ -100,3 +100,19 @@ class KillOnceFactory(BatchTaskFactory):
 
 def ids(records: Sequence[dict]) -> list[str]:
     return [r["id"] for r in records]
+
+
+def beat_until_the_driver_ends(path: str) -> None:
+    """A worker-like process body: `_end_with_driver`, then a heartbeat line every 20 ms into `path`, for ever."""
+    import time
+
+    from medlens.batch.executors import _end_with_driver
+
+    _end_with_driver()
+    with open(path, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        while True:
+            fh.write(f"{time.time()}\n")
+            fh.flush()
+            time.sleep(0.02)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from batch_helpers import SRC, manifest, phantom_folder, run_cli
 from medlens.batch.executors import _worker_main
 from medlens.batch.folder_lock import folder_lock
-from medlens.batch.inputs import discover
+from medlens.batch.inputs import LINKED_FOLDER, discover
 from medlens.batch.manifest import read_manifest
 from medlens.io.output import STAGING
 
@@ -75,6 +76,24 @@ def test_inputs_whose_folder_names_collide_each_get_their_own(slices: list[Path]
     assert {item.folder for item in found.items} == {f.as_posix() for f in folders}
 
 
+def test_a_resume_takes_no_record_whose_outputs_are_in_another_inputs_folder(slices: list[Path],
+                                                                          tmp_path: Path) -> None:
+    """Colliding names get their suffix only while both are in the run: records of runs that held one of them point
+    into the plain folder, which the other then wrote over; a run of both must not take those records as its own."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slices[0], folder / "a.1.png")
+    shutil.copy(slices[0], folder / "a_1.png")  # the same content: the same predicted class, the same file names
+    out = tmp_path / "out"
+    for extra in ((), ("--exclude", "a_1.png"), ("--exclude", "a.1.png"), ()):
+        assert run_cli("batch", folder, "--out", out, *ARGS, *extra) == 0
+    latest = {r["id"]: r for r in manifest(out)}
+    assert len(latest) == 2
+    for record in latest.values():  # each input's last record points into its own folder, which names it
+        assert _provenance(out, record)["batch"]["id"] == record["id"]
+        assert all((out / o).is_file() for o in record["outputs"])
+
+
 def test_a_resume_runs_again_an_input_whose_results_were_written_over(slices: list[Path], tmp_path: Path) -> None:
     for name, source in (("A", slices[0]), ("B", slices[1])):
         (tmp_path / name).mkdir()
@@ -102,7 +121,9 @@ def test_the_output_folder_searched_itself_is_not_read_back(slices: list[Path], 
     assert sorted(r["path"] for r in records) == sorted(s.name for s in slices[:2])  # no overlay taken as a scan
 
 
-def test_linked_folders_are_searched_once_and_a_loop_ends(slices: list[Path], tmp_path: Path) -> None:
+def test_linked_folders_are_counted_not_followed_and_searched_when_named(slices: list[Path], tmp_path: Path) -> None:
+    """A linked folder inside an input folder is passed over and counted (following it made an input's id depend on
+    which path reached its folder first); named as an input it is searched."""
     real = tmp_path / "real" / "p1"
     real.mkdir(parents=True)
     shutil.copy(slices[0], real / "s.png")
@@ -112,7 +133,22 @@ def test_linked_folders_are_searched_once_and_a_loop_ends(slices: list[Path], tm
     (archive / "p1").symlink_to(real, target_is_directory=True)
     (archive / "again").symlink_to(archive, target_is_directory=True)  # a link back up the tree
     found = discover([archive])
-    assert sorted(item.relative for item in found.items) == ["p1/s.png", "t.png"]
+    assert [item.relative for item in found.items] == ["t.png"]
+    assert found.skipped[LINKED_FOLDER] == 2
+    assert [item.relative for item in discover([archive / "p1"]).items] == ["s.png"]
+
+
+def test_dot_dot_keeps_a_linked_files_own_name(slices: list[Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`../ds/sub-02.png`, a link into an annex store (datalad, git-annex, DVC), stays `sub-02.png`."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "work").mkdir()
+    shutil.copy(slices[0], tmp_path / "store" / "blob")
+    (tmp_path / "ds" / "sub-02.png").symlink_to(tmp_path / "store" / "blob")
+    monkeypatch.chdir(tmp_path / "work")
+    found = discover([Path("../ds/sub-02.png")])
+    assert [item.relative for item in found.items] == ["sub-02.png"]
 
 
 def _kill_between_moves(folder: Path, result_script: str) -> None:
@@ -159,6 +195,60 @@ def test_a_kill_between_moves_leaves_no_provenance_and_the_next_write_cleans_up(
     assert {p.name for p in folder.iterdir()} == files != earlier  # the new set alone: no staging, nothing stale
     with np.load(folder / "maps.npz") as data:
         assert set(data.files) >= {"lrp"} and "gradcam" not in data.files and float(data["lrp"].max()) == 3.0
+
+
+def test_what_a_killed_write_left_is_removed_even_after_another_write_failed(tmp_path: Path) -> None:
+    folder = tmp_path / "result"
+    exec(RESULT.format(value=1.0, method="gradcam", folder=str(folder)))  # noqa: S102 - the earlier, whole set
+    _kill_between_moves(folder, RESULT.format(value=2.0, method="lrp", folder=str(folder)))
+    failing = RESULT.format(value=3.0, method="lrp", folder=str(folder)).replace(
+        'formats=("png", "npz"))', 'formats=("png", "npz"), model_source=object())')  # fails while staging
+    with pytest.raises(TypeError):
+        exec(failing)  # noqa: S102
+    exec(RESULT.format(value=4.0, method="lrp", folder=str(folder)))  # noqa: S102
+    files = set(json.loads((folder / "provenance.json").read_text())["files"])
+    assert {p.name for p in folder.iterdir()} == files and "gradcam_b.png" not in files
+
+
+def test_a_worker_ends_as_soon_as_its_driver_is_killed(tmp_path: Path) -> None:
+    """A processes worker does not finish its mini-batch beside a run resumed at once: it ends with its driver."""
+    beat = tmp_path / "beat.txt"
+    driver = f"""
+import multiprocessing, sys, time
+sys.path[:0] = [{SRC!r}, {str(Path(__file__).parent)!r}]
+import batch_helpers
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("forkserver").Process(target=batch_helpers.beat_until_the_driver_ends,
+                                                               args=({str(beat)!r},))
+    worker.start()
+    time.sleep(600)
+"""
+    script = tmp_path / "driver.py"
+    script.write_text(driver)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(beat.read_text().splitlines() if beat.exists() else []) < 5:
+            time.sleep(0.05)
+        worker = int(beat.read_text().splitlines()[0])
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.05)
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, 9)
+    assert not alive, "the worker kept running after its driver was killed"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_whole_last_record_without_its_line_break_is_kept(slices: list[Path], tmp_path: Path) -> None:

@@ -324,7 +324,7 @@ def test_a_refused_evaluation_leaves_no_folder_and_a_new_one_no_stale_plots(tmp_
     for bad in (["--methods", "nosuch"], ["--methods", "gradcam", "--batch-size", "0"],
                 ["--methods", "gradcam", "--workers", "0"]):
         fresh = tmp_path / "fresh"
-        assert main(base + bad + ["--metrics", "sparseness", "--out", str(fresh)]) == 2
+        assert main(base + bad + ["--metrics", "sparseness", "--out", str(fresh / "a" / "b")]) == 2
         assert not fresh.exists()
     out = tmp_path / "out"
     assert main(base + ["--methods", "gradcam", "--metrics", "deletion,sparseness", "--out", str(out)]) == 0
