@@ -11,6 +11,7 @@ from medlens.errors import InputError
 from medlens.evaluation import faithfulness as F
 from medlens.evaluation import localisation as L
 from medlens.evaluation import trust as TR
+from medlens.evaluation.noise import image_key, noise_generator
 from medlens.evaluation.stats import bootstrap_ci
 from medlens.core.model_state import hook_count
 
@@ -317,7 +318,7 @@ def test_max_sensitivity_by_hand():
     model = LinearToy([1, 1, 1, 1])
     identity = lambda m, xx, tt: xx[:, :1].clone()  # noqa: E731  the map is the input itself
     value = TR.max_sensitivity(model, x, t, identity, radius=0.1, samples=4, seed=5)
-    g = torch.Generator().manual_seed(5)
+    g = noise_generator(5, image_key(x[0]))  # the image's own generator (medlens.evaluation.noise)
     norms = [float(((torch.rand(x.shape, generator=g) * 2 - 1) * 0.1 * 3).norm()) for _ in range(4)]
     assert float(value) == pytest.approx(max(norms) / float(x.norm()), rel=1e-5)
     const = lambda m, xx, tt: torch.ones(xx.shape[0], 1, 2, 2)  # noqa: E731
@@ -471,3 +472,16 @@ def test_every_metric_is_finite_on_zero_and_constant_maps(fill, dims):
     area = float(masks[0].float().mean())
     for name in ("energy_in_box", "auprc"):  # a map that prefers no pixel scores chance level: the area fraction
         torch.testing.assert_close(values[name], torch.full_like(values[name], area))
+
+
+def test_noise_seeds_follow_the_image_not_its_place() -> None:
+    """The same image gets the same generator in any batch; other images, other seeds, or other parts other ones."""
+    from medlens.evaluation.noise import image_key, noise_generator
+
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    draw = lambda g: torch.rand(4, generator=g)  # noqa: E731
+    same = draw(noise_generator(3, image_key(x[0]))), draw(noise_generator(3, image_key(x[0].clone())))
+    assert torch.equal(*same)
+    others = [draw(noise_generator(3, image_key(x[1]))), draw(noise_generator(4, image_key(x[0]))),
+              draw(noise_generator(3, image_key(x[0]), 1)), draw(noise_generator(3, image_key(x[0].double())))]
+    assert all(not torch.equal(same[0], o) for o in others)

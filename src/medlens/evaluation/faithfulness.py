@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from medlens.core.baselines import gaussian_blur
 from medlens.errors import InputError
+from medlens.evaluation.noise import image_key, noise_generator
 from medlens.evaluation.forwards import (  # noqa: F401 - re-exported: these lived here before forwards.py
     FOLD_FROM, FORWARD_BATCH, distinct_rows, given_scores, model_scores, pick, scoring,
 )
@@ -324,8 +325,9 @@ def road(
     most relevant first) or bottom-f (order="lerf", least relevant first) pixels of the map, fill them by
     noisy linear imputation, and score the target. The value is the mean score over the fractions.
     MoRF: lower is better; LeRF: higher is better. The noise of each image, target slot and fraction comes from a
-    generator of its own, seeded from `seed`, the slot and the fraction's place (alike for every image): an image's
-    value does not depend on the other images of the batch, nor on its place there."""
+    generator of its own, seeded from `seed`, the image's values, the slot and the fraction's place
+    (`medlens.evaluation.noise`): an image's value does not depend on the other images of the batch, nor on its place
+    there, and different images get independent noise."""
     check_batch(x, maps, targets)
     if order not in ("morf", "lerf"):
         raise InputError(f"order must be 'morf' or 'lerf', not {order!r}.")
@@ -333,18 +335,16 @@ def road(
     if fr.numel() == 0 or (fr < 0).any() or (fr > 1).any():
         raise InputError(f"fractions must lie in [0, 1]; got {list(fractions)}.")
     P = int(torch.tensor(x.shape[2:]).prod())
+    keys = [image_key(image) for image in x] if noise else []
+
     def make(bs: torch.Tensor, removed: torch.Tensor, ts: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
-        generators = [torch.Generator().manual_seed(job_seed(seed, t, k)) for t, k in zip(ts.tolist(), ks.tolist())]
+        generators = [noise_generator(int(seed), keys[b], t, k)
+                      for b, t, k in zip(bs.tolist(), ts.tolist(), ks.tolist())] if noise else None
         return linear_impute(x[bs], removed, noise=noise, generator=generators)
 
     scores = _scored_steps(model, x, maps, targets, _counts(fr, P), order, output, chunk, make)
     return CurveResult(scores.mean(dim=2), scores, fr.float(), f"noisy linear imputation (noise={noise:g})",
                        {"order": order, "output": output, "seed": int(seed)})
-
-
-def job_seed(seed: int, slot: int, step: int) -> int:
-    """The noise seed of one ROAD job: the call's seed, the target slot and the fraction's place."""
-    return (int(seed) * 1_000_003 + int(slot) * 10_007 + int(step)) % (2**63)
 
 
 def road_morf(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, **kw: Any) -> CurveResult:

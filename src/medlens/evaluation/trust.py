@@ -18,6 +18,7 @@ from medlens.errors import InputError
 from medlens.core.baselines import resolve_baseline, scan_black
 from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline
 from medlens.evaluation.forwards import distinct_rows, given_scores, model_scores, pick
+from medlens.evaluation.noise import image_key, noise_generator
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -246,8 +247,9 @@ def max_sensitivity(
     """Max-sensitivity (Yeh et al., 2019): max over `samples` uniform perturbations
     |delta| <= radius * (max(x) - min(x)) of ||e(x + delta) - e(x)|| / ||e(x)|| (Frobenius norms, same
     targets). Lower is better. When e(x) is all zero the denominator is 1 (the absolute change).
-    Each image's perturbations come from a generator of its own, seeded alike with `seed`: its value does not depend
-    on the other images of the batch, nor on its place there.
+    Each image's perturbations come from a generator of its own, seeded from `seed` and the image's values
+    (`medlens.evaluation.noise`): its value does not depend on the other images of the batch, nor on its place there,
+    and different images get independent noise.
     The noisy copies of all images are explained in one call (the method batches its own passes), or
     `chunk` inputs (rounded to whole sets of the B images) at a time when memory asks for it."""
     check_batch(x, None, targets)
@@ -257,7 +259,7 @@ def max_sensitivity(
     span = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
     u = torch.empty((int(samples),) + tuple(x.shape), dtype=torch.float32)
     for b in range(B):
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = noise_generator(int(seed), image_key(x[b]))
         for k in range(int(samples)):
             u[k, b] = torch.rand(x.shape[1:], generator=gen, dtype=torch.float32)
     u = u.to(x) * 2 - 1
