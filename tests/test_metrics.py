@@ -485,3 +485,5 @@ def test_noise_seeds_follow_the_image_not_its_place() -> None:
     others = [draw(noise_generator(3, image_key(x[1]))), draw(noise_generator(4, image_key(x[0]))),
               draw(noise_generator(3, image_key(x[0]), 1)), draw(noise_generator(3, image_key(x[0].double())))]
     assert all(not torch.equal(same[0], o) for o in others)
+    for seed in (2**63, 2**64 - 1, -1):  # every seed `torch.Generator.manual_seed` takes (and a negative one)
+        draw(noise_generator(seed, image_key(x[0]), 2))

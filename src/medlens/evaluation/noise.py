@@ -20,7 +20,8 @@ def image_key(image: torch.Tensor) -> bytes:
 def noise_generator(seed: int, key: bytes, *parts: int) -> torch.Generator:
     """A generator seeded from the call's `seed`, an image's `image_key` and `parts` (a target slot, a step)."""
     h = hashlib.sha256(key)
-    h.update(struct.pack(f"<{1 + len(parts)}q", int(seed), *map(int, parts)))
+    # any integer seed (a 64-bit one as torch takes it, a negative one): each number as its 64-bit pattern
+    h.update(struct.pack(f"<{1 + len(parts)}Q", *(int(v) % 2**64 for v in (seed, *parts))))
     return torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") & (2**63 - 1))
 
 
