@@ -150,18 +150,20 @@ def _move_in(staging: Path, staged: Sequence[Path], folder: Path, left_behind: C
     previous = staging / ".previous"  # files this run replaces wait here until every new file is in place
     written: list[Path] = []
     set_aside: list[Path] = []
-    try:
-        if (folder / "provenance.json").exists():
+
+    def put_aside(target: Path) -> None:
+        if not set_aside:  # made only when something is replaced (a fresh folder has nothing to set aside)
             previous.mkdir()
-            os.replace(folder / "provenance.json", previous / "provenance.json")
-            set_aside.append(folder / "provenance.json")
+        os.replace(target, previous / target.name)
+        set_aside.append(target)
+
+    try:
+        if (folder / "provenance.json").exists():  # first: without it, the folder says its set is incomplete
+            put_aside(folder / "provenance.json")
         for path in staged:
             target = folder / path.name
             if target.exists():
-                if not set_aside:  # made only when something is replaced (a fresh folder has nothing to set aside)
-                    previous.mkdir()
-                os.replace(target, previous / path.name)
-                set_aside.append(target)
+                put_aside(target)
             os.replace(path, target)
             written.append(target)
     except BaseException as exc:  # a file held open by a viewer (Windows), a full disk, Ctrl-C: put the earlier set back
