@@ -71,7 +71,7 @@ def _cases(model, x, masks, maps, targets, logits, steps: int, samples: int, rad
     import medlens.evaluation.faithfulness as F
     import medlens.evaluation.localisation as L
     import medlens.evaluation.trust as TR
-    from medlens.evaluation.noise import image_key, noise_generator
+    from medlens.evaluation.noise import uniform_per_image
 
     B = x.shape[0]
     P = int(np.prod(x.shape[2:]))
@@ -88,11 +88,7 @@ def _cases(model, x, masks, maps, targets, logits, steps: int, samples: int, rad
     # max-sensitivity: both libraries get the same noisy copies (uniform in +-radius * span, drawn as medlens draws
     # them: each image's from its own generator, seeded from the seed, 0, and the image's values)
     span = (x.amax(dim=(1, 2, 3), keepdim=True) - x.amin(dim=(1, 2, 3), keepdim=True))
-    u = torch.empty((samples,) + tuple(x.shape))
-    for b in range(x.shape[0]):
-        gen = noise_generator(0, image_key(x[b]))
-        for k in range(samples):
-            u[k, b] = torch.rand(x.shape[1:], generator=gen)
+    u = uniform_per_image(x, samples, 0)
     noisy = [x + (u[k] * 2 - 1) * radius * span for k in range(samples)]
     feed = {"i": 0}
 

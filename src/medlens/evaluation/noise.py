@@ -25,4 +25,24 @@ def noise_generator(seed: int, key: bytes, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") & (2**63 - 1))
 
 
-__all__ = ["image_key", "noise_generator"]
+def uniform_per_image(x: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """`samples` draws of uniform [0, 1) noise shaped like each image of `x`, each image's from its own generator
+    (`noise_generator(seed, image_key(image))`, the draws of one image in sample order).
+
+    Args:
+        x: (B, C, *s) images.
+        samples: how many draws per image.
+        seed: the call's seed.
+
+    Returns:
+        (samples, B, C, *s) float32 on the CPU.
+    """
+    u = torch.empty((int(samples),) + tuple(x.shape), dtype=torch.float32)
+    for b in range(x.shape[0]):
+        gen = noise_generator(int(seed), image_key(x[b]))
+        for k in range(int(samples)):
+            u[k, b] = torch.rand(x.shape[1:], generator=gen, dtype=torch.float32)
+    return u
+
+
+__all__ = ["image_key", "noise_generator", "uniform_per_image"]

@@ -18,7 +18,7 @@ from medlens.errors import InputError
 from medlens.core.baselines import resolve_baseline, scan_black
 from medlens.evaluation.faithfulness import Baseline, check_batch, make_baseline
 from medlens.evaluation.forwards import distinct_rows, given_scores, model_scores, pick
-from medlens.evaluation.noise import image_key, noise_generator
+from medlens.evaluation.noise import uniform_per_image
 
 MethodLike = Union[str, Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -257,12 +257,7 @@ def max_sensitivity(
     B, T = targets.shape
     dims = tuple(range(1, x.dim()))
     span = (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-    u = torch.empty((int(samples),) + tuple(x.shape), dtype=torch.float32)
-    for b in range(B):
-        gen = noise_generator(int(seed), image_key(x[b]))
-        for k in range(int(samples)):
-            u[k, b] = torch.rand(x.shape[1:], generator=gen, dtype=torch.float32)
-    u = u.to(x) * 2 - 1
+    u = uniform_per_image(x, int(samples), int(seed)).to(x) * 2 - 1
     xs = (x[None] + u * radius * span[None]).reshape(-1, *x.shape[1:])  # (S*B, C, *s), sample-major
     ts = targets.repeat(int(samples), 1)
     per = xs.shape[0] if chunk is None else max(1, int(chunk) // max(1, B)) * B
